@@ -1,0 +1,3 @@
+from postmux.cli import main
+
+main()

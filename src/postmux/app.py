@@ -1,0 +1,161 @@
+"""Composition root: builds the components from the settings, starts them in order, stops them in reverse.
+
+Shutdown: stop accepting (SMTP), let attempts in flight finish for a while, then close the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+import structlog
+from prometheus_client.core import GaugeMetricFamily
+
+from postmux.balancing.member import Member
+from postmux.balancing.pool import Pool
+from postmux.config import Settings
+from postmux.delivery.relay import RelayTransport
+from postmux.delivery.transport import MemberTransport
+from postmux.events.bus import EventBus
+from postmux.events.log import JsonLinesLog
+from postmux.events.metrics import Metrics
+from postmux.events.types import Event, EventType
+from postmux.ingress.acceptor import Acceptor
+from postmux.ingress.http import HttpServer, make_http_app
+from postmux.ingress.smtp import start_smtp_server
+from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
+from postmux.scheduling.router import Router
+from postmux.spool.factory import make_spool
+
+log = structlog.get_logger("postmux.app")
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        limits: DispatchLimits | None = None,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.drain_timeout_s = drain_timeout_s
+        self.bus = EventBus()
+        self.metrics = Metrics()
+        self.event_log = JsonLinesLog(settings.events.log)
+        self.bus.subscribe(self.event_log)
+        self.bus.subscribe(self.metrics)
+        self.spool = make_spool(settings.spool)
+        self.router = Router(settings)
+        self.pools = {p.name: Pool(p, self._member_changed) for p in settings.pool}
+        self.transports: dict[tuple[str, str], MemberTransport] = {
+            (pool.name, m.name): RelayTransport(
+                m.settings, settings.delivery, settings.delivery.ehlo_hostname or settings.smtp.hostname
+            )
+            for pool in self.pools.values()
+            for m in pool.members
+        }
+        self.dispatcher = Dispatcher(
+            settings,
+            self.spool,
+            self.pools,
+            self.transports,
+            self.router,
+            self.bus,
+            observe_attempt=self.metrics.observe_attempt,
+            clock=clock,
+            limits=limits or DispatchLimits(),
+        )
+        self.acceptor = Acceptor(
+            self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
+        )
+        self.http = HttpServer(settings.http, make_http_app(self.metrics))
+        self.metrics.add_live(self._live_gauges)
+        self._smtp: asyncio.Server | None = None
+        self._queue_counts: dict[str, int] = {}
+        self._counter: asyncio.Task[None] | None = None
+        self.recovered = 0
+
+    @property
+    def smtp_port(self) -> int:
+        assert self._smtp is not None
+        return int(self._smtp.sockets[0].getsockname()[1])
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self.recovered = await self.spool.open()
+        if self.recovered:
+            log.info("recovered unfinished work", recipients=self.recovered)
+        await self.event_log.start()
+        await self.dispatcher.start()
+        await self.http.start()
+        self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
+        self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)
+
+    async def stop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            await self._smtp.wait_closed()
+            self._smtp = None
+        await self.dispatcher.stop(self.drain_timeout_s)
+        if self._counter is not None:
+            self._counter.cancel()
+            await asyncio.gather(self._counter, return_exceptions=True)
+        await self.http.stop()
+        await self.spool.close()
+        await self.event_log.stop()
+
+    # -- watching ------------------------------------------------------------------------------------
+
+    def _member_changed(self, member: Member, up: bool) -> None:
+        kind = EventType.MEMBER_UP if up else EventType.MEMBER_DOWN
+        log.warning("member up" if up else "member ejected", pool=member.pool, member=member.name)
+        self.bus.emit(Event(kind, pool=member.pool, member=member.name, timestamp=self.clock()))
+
+    async def _count_queue(self) -> None:
+        while True:
+            try:
+                self._queue_counts = await self.spool.counts()
+            except Exception as e:
+                log.warning("queue count failed", error=str(e))
+            await asyncio.sleep(2.0)
+
+    def _live_gauges(self) -> Iterable[GaugeMetricFamily]:
+        queue = GaugeMetricFamily(
+            "postmux_queue_messages", "Recipients in the spool by state", labels=["state"]
+        )
+        for state, n in self._queue_counts.items():
+            queue.add_metric([state], n)
+        up = GaugeMetricFamily(
+            "postmux_member_up", "1 when the member may be picked", labels=["pool", "member"]
+        )
+        conns = GaugeMetricFamily(
+            "postmux_member_connections", "Open connections to the member", labels=["pool", "member"]
+        )
+        in_flight = GaugeMetricFamily(
+            "postmux_member_in_flight", "Attempts running on the member", labels=["pool", "member"]
+        )
+        now = self.clock()
+        for pool in self.pools.values():
+            for m in pool.members:
+                labels = [pool.name, m.name]
+                up.add_metric(labels, 0 if (m.draining or m.ejected(now)) else 1)
+                conns.add_metric(labels, self.transports[(pool.name, m.name)].connections)
+                in_flight.add_metric(labels, m.in_flight)
+        return [queue, up, conns, in_flight]

@@ -1,0 +1,148 @@
+"""Balancing policies. Each picks one member from candidates that are already usable and have capacity.
+
+One Protocol, one class per policy; a policy keeps only its own bookkeeping (a cursor, current weights,
+a ring), never health or capacity, which the pool has already applied.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+from postmux.balancing.member import Member
+from postmux.config import PoolSettings
+
+
+class Policy(Protocol):
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        """Choose among `candidates` (non-empty, all usable, all with capacity).
+
+        `everyone` is the whole usable set, busy members included, for policies whose decision depends
+        on load across the pool (hash with bounded load). Cost: O(len(candidates)) at most.
+        """
+        ...
+
+
+class RoundRobinPolicy:
+    """Members in turn, ignoring weight; a member that is out is simply skipped."""
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        member = candidates[self._turn % len(candidates)]
+        self._turn += 1
+        return member
+
+
+class WeightedPolicy:
+    """Smooth weighted round-robin (nginx): weights 3:1:1 give a a b a c a ..., never long runs of one."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, int] = {}
+
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        total = 0
+        best: Member | None = None
+        best_weight = 0
+        for m in candidates:
+            if m.weight <= 0:
+                continue
+            w = self._current.get(m.name, 0) + m.weight
+            self._current[m.name] = w
+            total += m.weight
+            if best is None or w > best_weight:
+                best, best_weight = m, w
+        if best is not None:
+            self._current[best.name] = best_weight - total
+        return best
+
+
+class LeastConnectionsPolicy:
+    """Fewest attempts in flight per unit of weight; ties go round-robin so idle pools still spread."""
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        weighted = [m for m in candidates if m.weight > 0]
+        if not weighted:
+            return None
+        best_load = min(m.in_flight / m.weight for m in weighted)
+        tied = [m for m in weighted if m.in_flight / m.weight == best_load]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+class HashPolicy:
+    """Consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam 2016).
+
+    Each member holds points on a ring in proportion to its weight. A key goes to the first member
+    clockwise from its hash whose load is under `factor` x the mean load, so a key stays with its member
+    while that member is healthy and not swamped, and only keys of a lost member move.
+    """
+
+    POINTS_PER_WEIGHT = 40
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self._ring: list[tuple[int, str]] = []
+        self._hashes: list[int] = []
+        self._signature: tuple[tuple[str, int], ...] = ()
+
+    @staticmethod
+    def _hash(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+    def _build(self, members: Sequence[Member]) -> None:
+        signature = tuple((m.name, m.weight) for m in members)
+        if signature == self._signature:
+            return
+        ring = [
+            (self._hash(f"{m.name}#{i}"), m.name)
+            for m in members
+            for i in range(m.weight * self.POINTS_PER_WEIGHT)
+        ]
+        ring.sort()
+        self._ring, self._hashes, self._signature = ring, [h for h, _ in ring], signature
+
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        by_name = {m.name: m for m in candidates}
+        # The ring is built over every usable member so that a busy member keeps its keys.
+        self._build(sorted(everyone, key=lambda m: m.name))
+        if not self._ring:
+            return None
+        total = sum(m.in_flight for m in everyone) + 1
+        bound = math.ceil(self.factor * total / max(1, len(everyone)))
+        start = bisect.bisect_left(self._hashes, self._hash(key)) % len(self._ring)
+        seen: set[str] = set()
+        fallback: Member | None = None
+        for i in range(len(self._ring)):
+            name = self._ring[(start + i) % len(self._ring)][1]
+            if name in seen:
+                continue
+            seen.add(name)
+            member = by_name.get(name)
+            if member is None:
+                continue
+            if member.in_flight + 1 <= bound:
+                return member
+            fallback = fallback or member
+            if len(seen) == len(everyone):
+                break
+        return fallback
+
+
+def make_policy(settings: PoolSettings) -> Policy:
+    match settings.policy:
+        case "round_robin":
+            return RoundRobinPolicy()
+        case "weighted" | "priority":
+            return WeightedPolicy()
+        case "least_connections":
+            return LeastConnectionsPolicy()
+        case "hash":
+            return HashPolicy(settings.hash_balance_factor)

@@ -1,0 +1,1 @@
+"""Delivery: SMTP transactions toward members, connections, DSNs."""

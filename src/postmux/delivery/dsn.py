@@ -1,0 +1,250 @@
+"""Delivery status notifications (RFC 3464) for recipients that failed for good.
+
+The report is assembled by hand as bytes, not with ``email.message``: the third part must carry the
+original header block exactly as received (RFC 3462 text/rfc822-headers), and re-serialising it
+through the ``email`` package would re-fold and re-encode headers the sender may want to inspect.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Final
+
+from postmux.envelope import Envelope
+from postmux.reply import Reply
+
+CRLF: Final = "\r\n"
+# RFC 5322 2.1.1: a line MUST NOT exceed 998 octets (CRLF excluded) and SHOULD NOT exceed 78.
+MAX_LINE: Final = 998
+SOFT_LINE: Final = 78
+_TRUNCATED: Final = "..."
+# RFC 3464 2.3.4 takes an RFC 3463 status-code; anything else falls back to the generic failure.
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+# The first empty line ends the header block (RFC 5322 2.1); tolerate bare LF from sloppy clients.
+_HEADER_END = re.compile(rb"(\r?\n)\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# CR, LF and other controls in a value would end a line early or smuggle in a header field.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+SUBJECT: Final = "Undelivered Mail Returned to Sender"
+EXPIRED_SUBJECT: Final = f"Delivery expired: {SUBJECT}"
+GENERIC_FAILURE: Final = "5.0.0"
+# RFC 3463 3.5: X.4.7 "delivery time expired"; the class stays 4 as the last reply was transient.
+EXPIRED_STATUS: Final = "4.4.7"
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRecipient:
+    address: str
+    reply: Reply
+    remote_mta: str = ""  # member/host that gave the reply; "" when the failure was local (timeout, expiry)
+
+
+def build_dsn(
+    *,
+    original_sender: str,
+    original_message: bytes,
+    message_id: str,
+    failed: Sequence[FailedRecipient],
+    reporting_mta: str,
+    arrival: float,
+    now: float,
+    expired: bool = False,
+) -> Envelope | None:
+    """The non-delivery report to send back to ``original_sender``, or None when none may be sent.
+
+    RFC 5321 6.1 / RFC 3464 (and 4.2.5 of RFC 5321): a message from the null sender is itself a
+    notification, and answering it could loop forever, so it never gets a DSN.
+    """
+    if not original_sender or not failed:
+        return None
+    text = _human_part(reporting_mta, failed, arrival, expired)
+    status = _status_part(reporting_mta, message_id, failed, arrival, now, expired)
+    headers = original_headers(original_message)
+    boundary = _boundary((text, status, headers))
+    head = _top_headers(original_sender, reporting_mta, now, expired, boundary)
+    data = _assemble(head, boundary, text, status, headers)
+    # RFC 6531 3.2 / RFC 6532 3: UTF-8 in an address or header field needs SMTPUTF8 on the way back;
+    # UTF-8 only in the human text body needs no more than 8BITMIME (RFC 6152).
+    smtputf8 = not all(part.isascii() for part in (head, status, headers))
+    return Envelope(sender="", recipients=(original_sender,), data=data, smtputf8=smtputf8)
+
+
+def status_code(reply: Reply, *, expired: bool) -> str:
+    """The RFC 3464 2.3.4 Status for a recipient whose last reply was ``reply``."""
+    if expired and (reply.is_transient or reply.enhanced_code.startswith("4.")):
+        return EXPIRED_STATUS
+    if _STATUS.match(reply.enhanced_code):
+        return reply.enhanced_code
+    return GENERIC_FAILURE
+
+
+def original_headers(message: bytes) -> bytes:
+    """The header block of ``message`` as received, ending in CRLF, without the blank line or body.
+
+    Only the headers go back (RFC 3462 text/rfc822-headers): the body may be large or private.
+    Bytes are copied unchanged except that bare LF line ends become CRLF, because a DSN sent over
+    SMTP must not contain bare LF (RFC 5321 2.3.8).
+    """
+    if message.startswith((b"\r\n", b"\n")):
+        return b""  # an empty header block: the message is all body
+    match = _HEADER_END.search(message)
+    block = message[: match.end(1)] if match else message  # no separator: it is all headers
+    if block and not block.endswith(b"\n"):
+        block += b"\r\n"
+    return _BARE_LF.sub(b"\r\n", block)
+
+
+def _top_headers(sender: str, reporting_mta: str, now: float, expired: bool, boundary: str) -> bytes:
+    mta = _clean(reporting_mta)
+    lines = [
+        *_field("From", f'"Mail Delivery System" <MAILER-DAEMON@{mta}>'),
+        *_field("To", f"<{_clean(sender)}>"),
+        *_field("Subject", EXPIRED_SUBJECT if expired else SUBJECT),
+        f"Date: {formatdate(now)}",
+        *_field("Message-ID", f"<{uuid.uuid4().hex}.dsn@{mta}>"),
+        # RFC 3834 5: marks the DSN as automatic so that auto-responders do not answer it.
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        # RFC 3462 (RFC 6522) 3: the report type names the machine-readable second part.
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+    ]
+    return _lines(lines)
+
+
+def _human_part(
+    reporting_mta: str, failed: Sequence[FailedRecipient], arrival: float, expired: bool
+) -> bytes:
+    lines = [
+        f"This is the mail system at {_clean(reporting_mta)}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+    ]
+    if expired:
+        lines.append(f"It was retried since {formatdate(arrival)} until its delivery time expired.")
+    lines += ["Its headers are attached below; the body is not returned.", ""]
+    for recipient in failed:
+        lines.append(_clip(f"<{_clean(recipient.address)}>"))
+        lines += textwrap.wrap(
+            _explanation(recipient),
+            width=SOFT_LINE - 2,
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,  # keeps enhanced codes and host names in one piece
+        )
+    return _lines(lines)
+
+
+def _explanation(recipient: FailedRecipient) -> str:
+    reply = _truncate(_clean(str(recipient.reply)), MAX_LINE // 2)
+    if recipient.remote_mta:
+        return f"host {_clean(recipient.remote_mta)} said: {reply}"
+    return f"{reply} (reported by this mail system)"
+
+
+def _status_part(
+    reporting_mta: str,
+    message_id: str,
+    failed: Sequence[FailedRecipient],
+    arrival: float,
+    now: float,
+    expired: bool,
+) -> bytes:
+    # RFC 3464 2.2: per-message fields in the grammar's order, extension (X-) fields last.
+    lines = [
+        *_field("Reporting-MTA", f"dns; {_clean(reporting_mta)}"),
+        f"Arrival-Date: {formatdate(arrival)}",
+        *_field("X-Postmux-Queue-ID", _clean(message_id)),
+    ]
+    for recipient in failed:
+        lines.append("")  # RFC 3464 2.1: each per-recipient group follows a blank line
+        lines += _recipient_fields(recipient, now, expired)
+    return _lines(lines)
+
+
+def _recipient_fields(recipient: FailedRecipient, now: float, expired: bool) -> list[str]:
+    # RFC 3464 2.3: fields in the grammar's order; Will-Retry-Until is left out as no retry follows.
+    lines = [
+        *_field("Final-Recipient", f"rfc822; {_clean(recipient.address)}"),
+        "Action: failed",
+        f"Status: {status_code(recipient.reply, expired=expired)}",
+    ]
+    if recipient.remote_mta:
+        # RFC 3464 2.3.5/2.3.6: only a reply that really came from a remote server is an SMTP
+        # diagnostic; local failures (timeouts, expiry) are explained in the human-readable part.
+        lines += _field("Remote-MTA", f"dns; {_clean(recipient.remote_mta)}")
+        lines += _field("Diagnostic-Code", f"smtp; {_clean(str(recipient.reply))}")
+    lines.append(f"Last-Attempt-Date: {formatdate(now)}")
+    return lines
+
+
+def _assemble(head: bytes, boundary: str, text: bytes, status: bytes, headers: bytes) -> bytes:
+    parts = (
+        ("text/plain; charset=utf-8", "Notification", text),
+        ("message/delivery-status", "Delivery report", status),
+        ("text/rfc822-headers", "Undelivered Message Headers", headers),
+    )
+    out = [head, b"\r\n", b"This is a MIME-encapsulated message.\r\n"]
+    for content_type, description, body in parts:
+        part_head = [
+            f"Content-Type: {content_type}",
+            f"Content-Description: {description}",
+            # RFC 2045 6.2: declare 8bit when UTF-8 is present so relays do not assume 7bit.
+            f"Content-Transfer-Encoding: {'7bit' if body.isascii() else '8bit'}",
+        ]
+        # RFC 2046 5.1.1: the CRLF before a delimiter belongs to it, so each body keeps its own
+        # final line end by being followed by one more CRLF.
+        out += [f"\r\n--{boundary}\r\n".encode(), _lines(part_head), b"\r\n", body]
+    out.append(f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(out)
+
+
+def _boundary(bodies: Sequence[bytes]) -> str:
+    # RFC 2046 5.1.1: the boundary must not occur in any encapsulated part; "=_" never appears in
+    # quoted-printable and 96 random bits make a collision with plain text negligible, but check.
+    while True:
+        boundary = f"=_postmux-dsn-{os.urandom(12).hex()}"
+        if not any(boundary.encode() in body for body in bodies):
+            return boundary
+
+
+def _field(name: str, value: str) -> list[str]:
+    """One header-style field, truncated to MAX_LINE octets and folded at spaces (RFC 5322 2.2.3)."""
+    line = _truncate(f"{name}: {value}", MAX_LINE)
+    if len(line) <= SOFT_LINE:
+        return [line]
+    first, *words = line.split(" ")
+    lines = [first]
+    for word in words:
+        if len(lines[-1]) + 1 + len(word) > SOFT_LINE and lines[-1].strip():
+            lines.append(f" {word}")  # a fold: CRLF followed by the space it replaces
+        else:
+            lines[-1] += f" {word}"
+    return lines
+
+
+def _clean(value: str) -> str:
+    """Control characters (CR and LF above all) replaced by a space, runs of space collapsed."""
+    return " ".join(_CONTROL.sub(" ", value).split())
+
+
+def _truncate(value: str, limit: int) -> str:
+    """``value`` cut to at most ``limit`` UTF-8 octets, without splitting a character."""
+    raw = value.encode()
+    if len(raw) <= limit:
+        return value
+    return raw[: limit - len(_TRUNCATED)].decode(errors="ignore") + _TRUNCATED
+
+
+def _clip(line: str) -> str:
+    return _truncate(line, MAX_LINE)
+
+
+def _lines(lines: Sequence[str]) -> bytes:
+    return "".join(f"{line}{CRLF}" for line in lines).encode()

@@ -1,0 +1,39 @@
+"""Envelope, recipients and message ids: the words every other module speaks."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+
+def new_message_id() -> str:
+    """A sortable, unique queue id: 12 hex digits of microseconds since the epoch, then 8 random."""
+    return f"{time.time_ns() // 1000:012x}{os.urandom(4).hex()}"
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of an address; an address without one has the empty domain."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a client handed us: sender, recipients and the message bytes exactly as received.
+
+    The bytes are never re-serialised (a re-encoded header breaks DKIM signatures made upstream).
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    client_ip: str = ""
+    smtputf8: bool = False
+    helo: str = ""
+    protocol: str = "ESMTP"
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sender_domain(self) -> str:
+        return domain_of(self.sender)

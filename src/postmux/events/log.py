@@ -1,0 +1,52 @@
+"""The event log: one JSON object per line, buffered and flushed in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import IO
+
+from postmux.events.types import Event
+
+
+class JsonLinesLog:
+    """Appends events to a file. Lines are buffered and written every `flush_interval_s`, and at close."""
+
+    def __init__(self, path: str | Path, flush_interval_s: float = 0.2) -> None:
+        self.path = Path(path)
+        self.flush_interval_s = flush_interval_s
+        self._pending: list[str] = []
+        self._file: IO[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, event: Event) -> None:
+        self._pending.append(json.dumps(event.as_record(), separators=(",", ":"), ensure_ascii=False))
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._task = asyncio.create_task(self._flusher(), name="event-log")
+
+    def flush(self) -> None:
+        if self._pending and self._file is not None:
+            lines, self._pending = self._pending, []
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            self.flush()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

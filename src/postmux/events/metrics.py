@@ -1,0 +1,70 @@
+"""Prometheus metrics fed from the event stream. Never a recipient or a message id as a label."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from postmux.events.types import Event, EventType
+
+_RESULT = {
+    EventType.DELIVERY: "delivered",
+    EventType.TRANSIENT_FAILURE: "deferred",
+    EventType.BOUNCE: "bounced",
+    EventType.EXPIRATION: "expired",
+}
+
+
+class _LiveGauges(Collector):
+    """Gauges read at scrape time from whoever owns the state (queue counts, member state)."""
+
+    def __init__(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        self._sample = sample
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        return self._sample()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.received = Counter(
+            "postmux_messages_received", "Messages accepted (answered 250)", registry=self.registry
+        )
+        self.recipients_received = Counter(
+            "postmux_recipients_received", "Recipients accepted", registry=self.registry
+        )
+        self.deliveries = Counter(
+            "postmux_deliveries",
+            "Recipient outcomes per attempt",
+            ["pool", "member", "result"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "postmux_delivery_duration_seconds",
+            "Time of one delivery attempt (one SMTP transaction)",
+            ["pool", "member"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+
+    def add_live(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        self.registry.register(_LiveGauges(sample))
+
+    def __call__(self, event: Event) -> None:
+        if event.type is EventType.RECEPTION:
+            self.received.inc()
+            return
+        result = _RESULT.get(event.type)
+        if result is None:
+            return
+        self.deliveries.labels(event.pool, event.member, result).inc()
+
+    def observe_attempt(self, pool: str, member: str, seconds: float) -> None:
+        self.duration.labels(pool, member).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Ingress: SMTP and HTTP in, one accept path to the spool."""

@@ -1,0 +1,374 @@
+"""The dispatcher: takes ready work per queue, asks the pool for a member, runs the attempt, records it.
+
+Work arrives two ways: straight from the acceptor (already leased, bytes in memory: the hot path) and
+from the spool when deferred work falls due (the scanner). Deciding (pool.pick, retry.next_due) stays in
+plain functions; this module only moves work between them and the transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from postmux.balancing.member import Member
+from postmux.balancing.pool import Pool
+from postmux.config import Settings
+from postmux.delivery.dsn import FailedRecipient, build_dsn
+from postmux.delivery.transport import AttemptOutcome, MemberTransport
+from postmux.envelope import domain_of
+from postmux.events.bus import EventBus
+from postmux.events.types import Event, EventType
+from postmux.reply import Reply
+from postmux.scheduling.retry import RetrySchedule
+from postmux.scheduling.router import Router
+from postmux.spool.base import RecipientState, Settlement, Spool, SpoolError, WorkItem, WorkRecipient
+
+log = structlog.get_logger("postmux.dispatcher")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchLimits:
+    # Work held in memory at most; above it, new mail is stored as queued and read back when there is room,
+    # so memory stays flat however large the backlog (bodies stay on disk).
+    max_ready: int = 20_000
+    scan_batch: int = 500
+    scan_interval_s: float = 1.0
+    reap_interval_s: float = 1.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        pools: Mapping[str, Pool],
+        transports: Mapping[tuple[str, str], MemberTransport],
+        router: Router,
+        bus: EventBus,
+        *,
+        observe_attempt: Callable[[str, str, float], None] | None = None,
+        clock: Clock = time.time,
+        limits: DispatchLimits | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.pools = pools
+        self.transports = transports
+        self.router = router
+        self.bus = bus
+        self.retry = RetrySchedule(settings.retry)
+        self.clock = clock
+        self.limits = limits or DispatchLimits()
+        self._observe = observe_attempt or (lambda pool, member, seconds: None)
+        self._queues: dict[str, deque[WorkItem]] = {}
+        self._ready = 0
+        self._wake = asyncio.Event()
+        self._scan_now = asyncio.Event()
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._accepting_work = True
+
+    # -- intake --------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> int:
+        return self._ready
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._attempts)
+
+    def has_room(self) -> bool:
+        return self._ready < self.limits.max_ready
+
+    def submit(self, items: Iterable[WorkItem], *, front: bool = False) -> None:
+        for item in items:
+            q = self._queues.get(item.queue)
+            if q is None:
+                q = self._queues[item.queue] = deque()
+            if front:
+                q.appendleft(item)
+            else:
+                q.append(item)
+            self._ready += 1
+        self._wake.set()
+
+    def scan_soon(self) -> None:
+        self._scan_now.set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._scan_loop(), name="scan"),
+            asyncio.create_task(self._reap_loop(), name="reap"),
+        ]
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking work, let attempts in flight finish for up to `timeout_s`, then cancel the rest.
+
+        Work still in memory stays leased in the spool and is recovered at the next start.
+        """
+        self._accepting_work = False
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._attempts:
+            _, pending = await asyncio.wait(set(self._attempts), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(t.close() for t in self.transports.values()), return_exceptions=True)
+
+    # -- the loops -----------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            self._dispatch_ready()
+            # Wake on new work or a finished attempt; the timeout lets ejected members come back.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+
+    async def _scan_loop(self) -> None:
+        while True:
+            if self._ready < self.limits.max_ready // 2:
+                try:
+                    items = await self.spool.lease_due(self.clock(), self.limits.scan_batch)
+                except SpoolError as e:
+                    log.error("spool scan failed", error=str(e))
+                    items = []
+                if items:
+                    self.submit(items)
+                if len(items) >= self.limits.scan_batch:
+                    continue
+            self._scan_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._scan_now.wait(), timeout=self.limits.scan_interval_s)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.reap_interval_s)
+            now = time.monotonic()
+            for transport in self.transports.values():
+                transport.reap_idle(now)
+
+    def _dispatch_ready(self) -> None:
+        now = self.clock()
+        for name in list(self._queues):
+            q = self._queues[name]
+            while q and self._accepting_work:
+                item = q[0]
+                pool = self._pool_of(item)
+                member = pool.pick(self._hash_key(pool, item), now, item.tried)
+                if member is None:
+                    if pool.can_serve(now, item.tried):
+                        break  # every usable member is busy: this queue waits, the next may go
+                    q.popleft()
+                    self._ready -= 1
+                    self._spawn(self._no_member(item, pool))
+                    continue
+                q.popleft()
+                self._ready -= 1
+                member.in_flight += 1
+                self._spawn(self._attempt(item, pool, member))
+            if not q:
+                del self._queues[name]
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    def _pool_of(self, item: WorkItem) -> Pool:
+        pool = self.pools.get(item.pool)
+        if pool is None:
+            # The pool was removed from the config while this work waited: the default pool takes it.
+            pool = self.pools[self.settings.default_pool]
+            item.pool = pool.name
+        return pool
+
+    @staticmethod
+    def _hash_key(pool: Pool, item: WorkItem) -> str:
+        match pool.settings.hash_key:
+            case "sender_domain":
+                return domain_of(item.sender)
+            case "recipient_domain":
+                return item.domain
+            case "client_ip":
+                return item.client_ip
+
+    # -- one attempt and what follows from it --------------------------------------------------------
+
+    async def _attempt(self, item: WorkItem, pool: Pool, member: Member) -> None:
+        started = time.monotonic()
+        transport = self.transports[(pool.name, member.name)]
+        try:
+            outcome = await transport.deliver(item)
+        except Exception as e:  # a bug must not lose mail: treat it as a transient local failure
+            log.exception("delivery attempt crashed", member=member.name, message=item.message_id)
+            reply = Reply(451, "4.3.0", f"internal error: {type(e).__name__}")
+            outcome = AttemptOutcome({r.rid: reply for r in item.recipients}, True, member.settings.address)
+        finally:
+            member.in_flight -= 1
+            self._wake.set()
+        self._observe(pool.name, member.name, time.monotonic() - started)
+        now = self.clock()
+        member.attempts += 1
+        if outcome.member_failed:
+            pool.record_failure(member, now)
+        else:
+            pool.record_success(member, now)
+        item.tried.add(member.name)
+        await self._settle(item, pool, member, outcome, now)
+
+    async def _no_member(self, item: WorkItem, pool: Pool) -> None:
+        """Every usable member was tried (or none is usable): the work waits for its next retry."""
+        reply = Reply(451, "4.4.5", f"no usable member in pool {pool.name}")
+        now = self.clock()
+        await self._record(
+            self._defer_or_expire(item, pool, item.recipients, reply, now, attempted=False), now
+        )
+
+    async def _settle(
+        self, item: WorkItem, pool: Pool, member: Member, outcome: AttemptOutcome, now: float
+    ) -> None:
+        delivered: list[WorkRecipient] = []
+        bounced: list[tuple[WorkRecipient, Reply]] = []
+        deferred: list[tuple[WorkRecipient, Reply]] = []
+        for r in item.recipients:
+            reply = outcome.replies.get(r.rid) or Reply(451, "4.3.0", "no reply recorded")
+            bumped = WorkRecipient(r.rid, r.address, r.attempts + 1)
+            if reply.is_success:
+                delivered.append(bumped)
+                self._emit(EventType.DELIVERY, item, bumped, pool, member.name, reply, now)
+            elif reply.is_permanent:
+                bounced.append((bumped, reply))
+                self._emit(EventType.BOUNCE, item, bumped, pool, member.name, reply, now)
+            else:
+                deferred.append((bumped, reply))
+                self._emit(EventType.TRANSIENT_FAILURE, item, bumped, pool, member.name, reply, now)
+        member.delivered += len(delivered)
+        member.bounced += len(bounced)
+        member.deferred += len(deferred)
+
+        settlements: list[Settlement] = []
+        if delivered:
+            attempts = max(r.attempts for r in delivered)
+            settlements.append(
+                Settlement(
+                    item.message_id, [r.rid for r in delivered], RecipientState.DELIVERED, attempts=attempts
+                )
+            )
+        if bounced:
+            settlements.append(self._final(item, bounced, RecipientState.BOUNCED, outcome.remote, now))
+        if deferred:
+            retry_now = [r for r, _ in deferred]
+            if pool.can_serve(now, item.tried):
+                # RFC 5321 4.5.4.1 asks for a wait before retrying the *same* server; another member of the
+                # pool is another server, so the work goes there at once, at the front of its queue.
+                item.recipients = retry_now
+                self.submit([item], front=True)
+            else:
+                settlements.extend(self._defer_or_expire(item, pool, retry_now, deferred[-1][1], now))
+        await self._record(settlements, now)
+
+    def _defer_or_expire(
+        self,
+        item: WorkItem,
+        pool: Pool,
+        recipients: list[WorkRecipient],
+        reply: Reply,
+        now: float,
+        attempted: bool = True,
+    ) -> list[Settlement]:
+        attempts = max((r.attempts for r in recipients), default=0)
+        due = self.retry.next_due(attempts, item.created, now)
+        if due is None:
+            for r in recipients:
+                self._emit(EventType.EXPIRATION, item, r, pool, "", reply, now)
+            return [self._final(item, [(r, reply) for r in recipients], RecipientState.EXPIRED, "", now)]
+        if not attempted:
+            for r in recipients:
+                self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, "", reply, now)
+        rids = [r.rid for r in recipients]
+        return [Settlement(item.message_id, rids, RecipientState.QUEUED, str(reply), due, attempts=attempts)]
+
+    def _final(
+        self,
+        item: WorkItem,
+        failed: list[tuple[WorkRecipient, Reply]],
+        state: RecipientState,
+        remote: str,
+        now: float,
+    ) -> Settlement:
+        dsn = build_dsn(
+            original_sender=item.sender,
+            original_message=item.data,
+            message_id=item.message_id,
+            failed=[FailedRecipient(r.address, reply, remote) for r, reply in failed],
+            reporting_mta=self.settings.smtp.hostname,
+            arrival=item.created,
+            now=now,
+            expired=state is RecipientState.EXPIRED,
+        )
+        dsn_pool = self.router.pool_for("", domain_of(item.sender), "") if dsn else ""
+        return Settlement(
+            item.message_id,
+            [r.rid for r, _ in failed],
+            state,
+            str(failed[-1][1]),
+            attempts=max(r.attempts for r, _ in failed),
+            dsn=dsn,
+            dsn_pool=dsn_pool,
+        )
+
+    async def _record(self, settlements: list[Settlement], now: float) -> None:
+        if not settlements:
+            return
+        for attempt in range(5):
+            try:
+                await self.spool.settle(settlements, now)
+                break
+            except SpoolError as e:
+                # Until this is recorded the work stays leased, so it is retried after a restart at worst.
+                log.error("recording outcome failed", error=str(e), attempt=attempt + 1)
+                await asyncio.sleep(0.2 * 2**attempt)
+        if any(s.dsn is not None for s in settlements):
+            self.scan_soon()
+
+    def _emit(
+        self,
+        kind: EventType,
+        item: WorkItem,
+        r: WorkRecipient,
+        pool: Pool,
+        member: str,
+        reply: Reply,
+        now: float,
+    ) -> None:
+        self.bus.emit(
+            Event(
+                kind,
+                id=item.message_id,
+                sender=item.sender,
+                recipient=r.address,
+                queue=item.queue,
+                pool=pool.name,
+                member=member,
+                response=reply,
+                num_attempts=r.attempts,
+                latency_s=now - item.created,
+                size=len(item.data),
+                timestamp=now,
+            )
+        )

@@ -1,0 +1,114 @@
+"""The spool seam: one Protocol, so SQLite (one node) and PostgreSQL (several nodes) are interchangeable."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from postmux.envelope import Envelope
+
+
+class SpoolError(Exception):
+    """The spool could not do what was asked; nothing of the request was stored."""
+
+
+class RecipientState(enum.StrEnum):
+    QUEUED = "queued"  # waiting for its due time
+    LEASED = "leased"  # taken by a node for delivery right now
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+
+
+FINAL_STATES = frozenset({RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRecipient:
+    rid: int
+    address: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One message's recipients that share a pool and a domain, leased for one delivery transaction."""
+
+    message_id: str
+    sender: str
+    pool: str
+    domain: str
+    recipients: list[WorkRecipient]
+    data: bytes
+    created: float
+    client_ip: str = ""
+    smtputf8: bool = False
+    # Members already tried in this round, so an immediate retry goes elsewhere.
+    tried: set[str] = field(default_factory=set)
+
+    @property
+    def queue(self) -> str:
+        return f"{self.pool}/{self.domain}"
+
+    @property
+    def attempts(self) -> int:
+        return max((r.attempts for r in self.recipients), default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What became of some recipients of one message, recorded in one transaction.
+
+    state QUEUED with `due` means deferred; a final state ends them. A `dsn` envelope (for bounces and
+    expiries) is queued in the same transaction, so a bounce can never be recorded without its DSN.
+    """
+
+    message_id: str
+    rids: Sequence[int]
+    state: RecipientState
+    reply: str = ""
+    due: float = 0.0
+    attempts: int = 0  # tries so far, in memory retries included
+    dsn: Envelope | None = None
+    dsn_pool: str = ""
+
+
+class Spool(Protocol):
+    """Durable message storage with per-recipient state.
+
+    Every method is one round trip to the store and resolves only once the change is durable
+    (fsync'd); concurrent callers share commits (group commit), so latency is one commit, not a queue.
+    """
+
+    async def open(self) -> int:
+        """Create or open the store and recover: work leased by a process that died is queued again.
+
+        Returns how many recipients were recovered.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+    async def store(
+        self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
+    ) -> list[WorkItem]:
+        """Store a message durably under `message_id`; `pools` maps each recipient to its pool.
+
+        Returns, with `lease`, the message's work already leased to this process so the
+        caller can deliver it at once without reading it back; without, the work is queued and due now.
+        """
+        ...
+
+    async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
+        """Record outcomes; a message whose recipients are all final is removed."""
+        ...
+
+    async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
+        """Lease up to `limit` recipients that are due, grouped into work items with their bytes."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """Recipients per state, for metrics and the admin API."""
+        ...

@@ -1,0 +1,183 @@
+"""Test helpers: real SMTP servers on loopback, a config builder, wait_until. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+
+from postmux.config import Settings, settings_from_dict
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    peer: str
+
+    @property
+    def test_id(self) -> str:
+        msg = email.message_from_bytes(self.data)
+        return str(msg.get("X-Test-Id", ""))
+
+
+# A behaviour decides the reply to DATA: None means accept (250); a string is the reply to send.
+Behaviour = Callable[["Upstream", SmtpEnvelope], Awaitable[str | None]]
+
+
+async def accept(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+    return None
+
+
+def fail_ratio(ratio: float, reply: str = "451 4.3.0 try again later", seed: int = 7) -> Behaviour:
+    rng = random.Random(seed)
+
+    async def behaviour(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        return reply if rng.random() < ratio else None
+
+    return behaviour
+
+
+def always(reply: str) -> Behaviour:
+    async def behaviour(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        return reply
+
+    return behaviour
+
+
+def delay(seconds: float) -> Behaviour:
+    async def behaviour(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        await asyncio.sleep(seconds)
+        return None
+
+    return behaviour
+
+
+class _Handler:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        up = self.upstream
+        up.data_commands += 1
+        reply = await up.behaviour(up, envelope)
+        if reply is not None:
+            return reply
+        data = envelope.original_content or b""
+        up.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), session.peer[0]))
+        return "250 2.0.0 Ok: stored"
+
+
+class Upstream:
+    """An aiosmtpd server on 127.0.0.1, port 0, in the test's event loop, recording what it accepts."""
+
+    def __init__(self, name: str = "up", behaviour: Behaviour = accept, host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.host = host
+        self.received: list[Received] = []
+        self.data_commands = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, port: int = 0) -> Upstream:
+        handler = _Handler(self)
+
+        def factory() -> Any:
+            self.connections += 1
+            return SMTP(handler, hostname=f"{self.name}.test", enable_SMTPUTF8=True, decode_data=False)
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, host=self.host, port=port, reuse_address=True)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(tmp_path: Path, pools: list[dict[str, Any]], **sections: Any) -> Settings:
+    data: dict[str, Any] = {
+        "smtp": {"listen": "127.0.0.1:0", "hostname": "postmux.test"},
+        "http": {"listen": "127.0.0.1:0"},
+        "spool": {"path": str(tmp_path / "spool.db")},
+        "events": {"log": str(tmp_path / "events.jsonl")},
+        "retry": {"intervals": ["1s"], "max_age": "1h", "jitter": 0},
+        "delivery": {"connect_timeout": "2s", "command_timeout": "5s", "data_timeout": "5s"},
+        "pool": pools,
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return settings_from_dict(data)
+
+
+def message(test_id: str, sender: str = "app@example.com", to: str = "user@dest.test", size: int = 0) -> bytes:
+    body = ("x" * 70 + "\r\n") * (size // 72) if size else "hello\r\n"
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: test {test_id}\r\nX-Test-Id: {test_id}\r\n"
+        f"Message-ID: <{test_id}@example.com>\r\n\r\n{body}"
+    ).encode()
+
+
+async def send(port: int, test_id: str, sender: str = "app@example.com", to: list[str] | None = None) -> str:
+    """Send one message over SMTP to postmux; returns the 250 reply text."""
+    rcpts = to or ["user@dest.test"]
+    errors, reply = await aiosmtplib.send(
+        message(test_id, sender, rcpts[0]), sender=sender, recipients=rcpts, hostname="127.0.0.1", port=port
+    )
+    assert not errors, errors
+    return reply
+
+
+async def send_many(port: int, ids: list[str], concurrency: int = 10, **kwargs: Any) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: str) -> None:
+        async with sem:
+            await send(port, i, **kwargs)
+
+    await asyncio.gather(*(one(i) for i in ids))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Farm:
+    upstreams: list[Upstream] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        for u in self.upstreams:
+            await u.stop()
