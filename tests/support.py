@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import Settings, settings_from_dict
 
@@ -74,7 +75,8 @@ class _Handler:
         if reply is not None:
             return reply
         data = envelope.original_content or b""
-        up.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), session.peer[0]))
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+        up.received.append(Received(sender, list(envelope.rcpt_tos), bytes(data), session.peer[0]))
         return "250 2.0.0 Ok: stored"
 
 
@@ -89,6 +91,7 @@ class Upstream:
         self.data_commands = 0
         self.connections = 0
         self._server: asyncio.Server | None = None
+        self._sessions: list[SMTP] = []
 
     @property
     def port(self) -> int:
@@ -104,16 +107,23 @@ class Upstream:
 
         def factory() -> Any:
             self.connections += 1
-            return SMTP(handler, hostname=f"{self.name}.test", enable_SMTPUTF8=True, decode_data=False)
+            protocol = SMTP(handler, hostname=f"{self.name}.test", enable_SMTPUTF8=True, decode_data=False)
+            self._sessions.append(protocol)
+            return protocol
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(factory, host=self.host, port=port, reuse_address=True)
         return self
 
     async def stop(self) -> None:
+        """Stop listening and drop every open session, as a crashed server would."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        for session in self._sessions:
+            if session.transport is not None:
+                session.transport.close()
+        self._sessions.clear()
 
 
 def free_port() -> int:
@@ -138,7 +148,9 @@ def make_settings(tmp_path: Path, pools: list[dict[str, Any]], **sections: Any) 
     return settings_from_dict(data)
 
 
-def message(test_id: str, sender: str = "app@example.com", to: str = "user@dest.test", size: int = 0) -> bytes:
+def message(
+    test_id: str, sender: str = "app@example.com", to: str = "user@dest.test", size: int = 0
+) -> bytes:
     body = ("x" * 70 + "\r\n") * (size // 72) if size else "hello\r\n"
     return (
         f"From: {sender}\r\nTo: {to}\r\nSubject: test {test_id}\r\nX-Test-Id: {test_id}\r\n"
@@ -150,7 +162,12 @@ async def send(port: int, test_id: str, sender: str = "app@example.com", to: lis
     """Send one message over SMTP to postmux; returns the 250 reply text."""
     rcpts = to or ["user@dest.test"]
     errors, reply = await aiosmtplib.send(
-        message(test_id, sender, rcpts[0]), sender=sender, recipients=rcpts, hostname="127.0.0.1", port=port
+        message(test_id, sender, rcpts[0]),
+        sender=sender,
+        recipients=rcpts,
+        hostname="127.0.0.1",
+        port=port,
+        local_hostname="client.test",  # never ask the resolver for our own name
     )
     assert not errors, errors
     return reply
@@ -181,3 +198,11 @@ class Farm:
     async def stop(self) -> None:
         for u in self.upstreams:
             await u.stop()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

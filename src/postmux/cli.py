@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer

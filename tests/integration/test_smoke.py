@@ -8,7 +8,9 @@ from tests.support import Upstream, make_settings, send, wait_until
 
 async def test_one_message_goes_through(tmp_path: Path) -> None:
     up = await Upstream("a").start()
-    settings = make_settings(tmp_path, [{"name": "default", "members": [{"name": "a", "address": up.address}]}])
+    settings = make_settings(
+        tmp_path, [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
+    )
     async with App(settings) as app:
         reply = await send(app.smtp_port, "m1")
         assert "queued as" in reply

@@ -68,8 +68,9 @@ class IngressHandler:
         data = envelope.original_content if envelope.original_content is not None else envelope.content
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
+        sender = envelope.mail_from or ""
         message = Envelope(
-            sender=envelope.mail_from or "",
+            sender="" if sender == "<>" else sender,  # the null reverse-path (RFC 5321 4.5.5)
             recipients=tuple(envelope.rcpt_tos),
             data=bytes(data or b""),
             client_ip=_peer_ip(session),

@@ -1,0 +1,323 @@
+"""Crash test: kill -9 `postmux serve` mid-traffic, start it again, and check what was promised.
+
+Every message that got a 250 is delivered; none that got a refusal is; duplicates come only from
+deliveries in flight at the kill (delivered upstream, outcome not yet committed to the spool).
+A message whose connection broke after DATA was sent but before the reply (the two-generals window)
+is "in doubt": delivered or not, both are allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from tests.support import Behaviour, Upstream, accept, delay, free_port, wait_until
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+SENDER = "app@example.com"
+RECIPIENT = "user@dest.test"
+CLIENTS = 10  # concurrent SMTP sessions, one message per connection
+ACKED_BEFORE_KILL = 300
+DOWN_FOR_S = 0.7  # the client keeps trying while postmux is dead: all of these are refused
+ACKED_AFTER_RESTART = 100
+DELIVERY_TIMEOUT_S = 60.0
+
+# One Received: header, possibly folded onto continuation lines, and nothing else.
+RECEIVED_HEADER = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+LISTENING = re.compile(r"postmux: smtp on port (\d+), http on port (\d+)")
+
+
+def build_message(test_id: str, n: int) -> bytes:
+    """A message whose size and shape vary with n, with dot-leading lines to exercise transparency."""
+    lines = [f"line {i} of {test_id}: " + "abcdefghij" * (i % 7) for i in range(5 + (n * 37) % 60)]
+    if n % 3 == 0:
+        lines.insert(1, ".a line that starts with a dot")
+    if n % 5 == 0:
+        lines.insert(2, "..")
+    body = "".join(line + "\r\n" for line in lines)
+    return (
+        f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: crash {test_id}\r\nX-Test-Id: {test_id}\r\n"
+        f"Message-ID: <{test_id}@example.com>\r\n\r\n{body}"
+    ).encode()
+
+
+def tracking(behaviour: Behaviour, active: list[int]) -> Behaviour:
+    """Wrap a behaviour to count the DATA transactions an upstream is working on right now."""
+
+    async def wrapped(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        active[0] += 1
+        try:
+            return await behaviour(upstream, envelope)
+        finally:
+            active[0] -= 1
+
+    return wrapped
+
+
+@dataclass
+class Traffic:
+    port: int
+    sent: dict[str, bytes] = field(default_factory=dict)
+    acked: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    in_doubt: list[str] = field(default_factory=list)
+    stop: bool = False
+    _n: int = 0
+
+    def next_id(self) -> tuple[str, int]:
+        self._n += 1
+        return f"crash-{self._n:05d}", self._n
+
+    async def send_one(self, test_id: str, data: bytes) -> str:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=self.port, local_hostname="client.test", timeout=10, start_tls=False
+        )
+        try:
+            try:
+                await client.connect()
+                await client.ehlo()
+                await client.mail(SENDER)
+                await client.rcpt(RECIPIENT)
+            except (aiosmtplib.SMTPException, OSError):
+                return "refused"  # DATA was never sent
+            try:
+                await client.data(data)
+            except aiosmtplib.SMTPResponseException:
+                return "refused"  # a definite non-2xx reply (to DATA or to the final dot)
+            except (aiosmtplib.SMTPException, OSError):
+                # The connection broke somewhere after DATA was sent and before the final reply.
+                return "in_doubt"
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+            return "acked"
+        finally:
+            client.close()
+
+    async def worker(self) -> None:
+        while not self.stop:
+            test_id, n = self.next_id()
+            data = build_message(test_id, n)
+            self.sent[test_id] = data
+            outcome = await self.send_one(test_id, data)
+            getattr(self, outcome).append(test_id)
+            if outcome != "acked":
+                await asyncio.sleep(0.02)  # do not spin while postmux is down
+
+
+def write_config(tmp_path: Path, smtp_port: int, http_port: int, members: list[tuple[str, str, int]]) -> Path:
+    member_tables = "".join(
+        f'\n[[pool.members]]\nname = "{name}"\naddress = "{address}"\nmax_connections = {conns}\n'
+        for name, address, conns in members
+    )
+    cfg = tmp_path / "postmux.toml"
+    cfg.write_text(
+        f"""
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+hostname = "postmux.test"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[spool]
+path = "{tmp_path / "spool.db"}"
+
+[events]
+log = "{tmp_path / "events.jsonl"}"
+
+[retry]
+intervals = ["1s"]
+max_age = "1h"
+jitter = 0
+
+[delivery]
+connect_timeout = "2s"
+command_timeout = "5s"
+data_timeout = "5s"
+
+[[pool]]
+name = "default"
+policy = "round_robin"
+{member_tables}"""
+    )
+    return cfg
+
+
+async def start_serve(cfg: Path, log_path: Path, smtp_port: int) -> asyncio.subprocess.Process:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
+    }
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "postmux",
+            "serve",
+            "-c",
+            str(cfg),
+            cwd=SRC.parent,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    deadline = time.monotonic() + 20
+    while True:
+        m = LISTENING.search(log_path.read_text(errors="replace"))
+        if m:
+            assert int(m.group(1)) == smtp_port, log_path.read_text(errors="replace")
+            return proc
+        if proc.returncode is not None or time.monotonic() > deadline:
+            output = log_path.read_text(errors="replace")
+            raise AssertionError(f"postmux serve did not start (exit {proc.returncode}):\n{output}")
+        await asyncio.sleep(0.02)
+
+
+def recovered_at_start(log_path: Path) -> int:
+    """How many leased recipients the restarted process reclaimed, from its JSON log line."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == "recovered unfinished work":
+                return int(entry["recipients"])
+    return 0
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.mark.slow
+async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    slow_active = [0]
+    upstreams = [
+        await Upstream("fast1", accept).start(),
+        await Upstream("fast2", accept).start(),
+        await Upstream("slow", tracking(delay(0.03), slow_active)).start(),
+    ]
+    members = [(u.name, u.address, 4) for u in upstreams]
+    max_in_flight = sum(conns for _, _, conns in members)
+    smtp_port, http_port = free_port(), free_port()
+    cfg = write_config(tmp_path, smtp_port, http_port, members)
+    logs = [tmp_path / "serve-1.log", tmp_path / "serve-2.log"]
+
+    procs: list[asyncio.subprocess.Process] = []
+    traffic = Traffic(smtp_port)
+    workers: list[asyncio.Task[None]] = []
+    try:
+        procs.append(await start_serve(cfg, logs[0], smtp_port))
+        workers = [asyncio.create_task(traffic.worker()) for _ in range(CLIENTS)]
+
+        await wait_until(lambda: len(traffic.acked) >= ACKED_BEFORE_KILL, timeout=15)
+        # Kill only while the slow upstream is inside a DATA transaction: deliveries are in flight.
+        await wait_until(lambda: slow_active[0] > 0, timeout=5, interval=0.001)
+        in_flight_at_kill = slow_active[0]
+        os.kill(procs[0].pid, signal.SIGKILL)
+        acked_at_kill = len(traffic.acked)
+        await asyncio.wait_for(procs[0].wait(), timeout=10)
+        assert procs[0].returncode == -signal.SIGKILL
+
+        refused_before_down = len(traffic.refused)
+        await asyncio.sleep(DOWN_FOR_S)
+        refused_while_down = len(traffic.refused) - refused_before_down
+        # Everything received so far came from the first process; everything later, from the second.
+        first_copies = {u.name: len(u.received) for u in upstreams}
+
+        procs.append(await start_serve(cfg, logs[1], smtp_port))
+        acked_at_restart = len(traffic.acked)
+        await wait_until(lambda: len(traffic.acked) >= acked_at_restart + ACKED_AFTER_RESTART, timeout=15)
+        traffic.stop = True
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=15)
+
+        acked = set(traffic.acked)
+        refused = set(traffic.refused)
+        in_doubt = set(traffic.in_doubt)
+        assert not (acked & refused or acked & in_doubt or refused & in_doubt)
+
+        def delivered_ids() -> set[str]:
+            return {r.test_id for u in upstreams for r in u.received}
+
+        try:
+            await wait_until(lambda: acked <= delivered_ids(), timeout=DELIVERY_TIMEOUT_S, interval=0.05)
+        except AssertionError:
+            missing = sorted(acked - delivered_ids())
+            raise AssertionError(
+                f"{len(missing)} acknowledged messages never delivered: {missing[:20]}\n"
+                f"--- serve-1 ---\n{tail(logs[0])}\n--- serve-2 ---\n{tail(logs[1])}"
+            ) from None
+        # Give recovered in-doubt work and possible strays a moment to show up before judging.
+        await asyncio.sleep(1.0)
+
+        received = [(u.name, i, r) for u in upstreams for i, r in enumerate(u.received)]
+        copies = Counter(r.test_id for _, _, r in received)
+        delivered = set(copies)
+
+        unknown = delivered - set(traffic.sent)
+        assert not unknown, f"upstreams received messages nobody sent (DSNs?): {sorted(unknown)[:10]}"
+        wrongly_delivered = sorted(delivered & refused)
+        assert not wrongly_delivered, f"refused messages were delivered: {wrongly_delivered[:20]}"
+
+        for name, _, r in received:
+            sent = traffic.sent[r.test_id]
+            assert r.data.endswith(sent), f"{r.test_id} via {name}: body changed in transit"
+            prefix = r.data[: len(r.data) - len(sent)]
+            assert RECEIVED_HEADER.fullmatch(prefix), f"{r.test_id}: unexpected prefix {prefix!r}"
+            body_hash = hashlib.sha256(r.data[len(prefix) :]).hexdigest()
+            assert body_hash == hashlib.sha256(sent).hexdigest()
+            assert r.sender == SENDER and r.recipients == [RECIPIENT], r
+
+        # A duplicate is one copy from the killed process and one from its successor, never more.
+        duplicates = {tid: n for tid, n in copies.items() if n > 1}
+        for tid, n in duplicates.items():
+            before = sum(1 for name, i, r in received if r.test_id == tid and i < first_copies[name])
+            assert n == 2 and before == 1, f"{tid}: {n} copies, {before} from the killed process"
+        assert len(duplicates) <= max_in_flight, (
+            f"{len(duplicates)} duplicates, more than the {max_in_flight} deliveries that can be in flight"
+        )
+
+        recovered = recovered_at_start(logs[1])
+        print(
+            f"\ncrash test: acked={len(acked)} (at kill {acked_at_kill}) refused={len(refused)}"
+            f" (while down {refused_while_down}) in_doubt={len(in_doubt)}"
+            f" (delivered {len(in_doubt & delivered)}) delivered={len(delivered)}"
+            f" receptions={len(received)} duplicates={len(duplicates)} (bound {max_in_flight})"
+            f" slow_in_flight_at_kill={in_flight_at_kill}"
+            f" recovered={recovered}"
+            f" per_upstream={ {u.name: len(u.received) for u in upstreams} }"
+        )
+        if duplicates:
+            print(f"duplicates: {sorted(duplicates)}")
+
+        os.kill(procs[1].pid, signal.SIGTERM)
+        await asyncio.wait_for(procs[1].wait(), timeout=20)
+        assert procs[1].returncode == 0, tail(logs[1])
+    finally:
+        traffic.stop = True
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        for u in upstreams:
+            await u.stop()

@@ -1,0 +1,234 @@
+"""The pool's policies and health, end to end: real SMTP servers on loopback, postmux in the same loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from postmux.app import App
+from tests.support import (
+    Upstream,
+    always,
+    free_port,
+    make_settings,
+    read_events,
+    send,
+    send_many,
+    wait_until,
+)
+
+
+def member(name: str, address: str, **extra: object) -> dict[str, object]:
+    return {"name": name, "address": address, **extra}
+
+
+def total_received(*ups: Upstream) -> int:
+    return sum(len(u.received) for u in ups)
+
+
+@pytest.mark.slow
+async def test_weights_3_1_1_give_shares_within_5_points(tmp_path: Path) -> None:
+    ups = [await Upstream(n).start() for n in ("a", "b", "c")]
+    pool = {
+        "name": "default",
+        "policy": "weighted",
+        # Room enough that no member is ever full: a full member is skipped (as nginx and HAProxy do),
+        # which is the right thing for mail but would blur what this test measures.
+        "members": [
+            member(u.name, u.address, weight=w, max_connections=50)
+            for u, w in zip(ups, (3, 1, 1), strict=True)
+        ],
+    }
+    async with App(make_settings(tmp_path, [pool])) as app:
+        n = 3000
+        await send_many(app.smtp_port, [f"w{i}" for i in range(n)], concurrency=20)
+        await wait_until(lambda: total_received(*ups) == n, timeout=60)
+    shares = [len(u.received) / n for u in ups]
+    for share, expected in zip(shares, (0.6, 0.2, 0.2), strict=True):
+        assert abs(share - expected) <= 0.05, shares
+    for u in ups:
+        await u.stop()
+
+
+async def test_refusing_member_is_ejected_and_its_share_moves(tmp_path: Path) -> None:
+    a, b = await Upstream("a").start(), await Upstream("b").start()
+    dead = f"127.0.0.1:{free_port()}"
+    pool = {
+        "name": "default",
+        "policy": "round_robin",
+        "members": [member("a", a.address), member("b", b.address), member("dead", dead)],
+        "health": {"consecutive_failures": 3, "base_ejection_time": "1h"},
+    }
+    settings = make_settings(tmp_path, [pool])
+    async with App(settings) as app:
+        first = [f"r{i}" for i in range(60)]
+        await send_many(app.smtp_port, first, concurrency=5)
+        await wait_until(lambda: total_received(a, b) == 60)
+        dead_member = app.pools["default"].member("dead")
+        attempts_at_ejection = dead_member.attempts
+        assert dead_member.ejected(app.clock())
+        second = [f"s{i}" for i in range(90)]
+        await send_many(app.smtp_port, second, concurrency=5)
+        await wait_until(lambda: total_received(a, b) == 150)
+        # Once ejected, the dead member gets no new attempts: a and b share everything.
+        assert dead_member.attempts == attempts_at_ejection
+        assert abs(len(a.received) - len(b.received)) <= 10
+    events = read_events(tmp_path / "events.jsonl")
+    downs = [e for e in events if e["type"] == "MemberDown"]
+    assert [(e["pool"], e["member"]) for e in downs] == [("default", "dead")]
+    failures = [e for e in events if e["type"] == "TransientFailure" and e["member"] == "dead"]
+    assert failures and all(e["response"]["enhanced_code"] == "4.4.1" for e in failures)
+    assert len(failures) == attempts_at_ejection
+    for u in (a, b):
+        await u.stop()
+
+
+async def test_message_deferred_by_one_member_is_delivered_by_another(tmp_path: Path) -> None:
+    deferring = await Upstream("deferring", always("451 4.7.1 greylisted, try again later")).start()
+    good = await Upstream("good").start()
+    pool = {
+        "name": "default",
+        "policy": "round_robin",
+        "members": [member("deferring", deferring.address), member("good", good.address)],
+        "health": {"consecutive_failures": 1000},
+    }
+    async with App(make_settings(tmp_path, [pool])) as app:
+        await send_many(app.smtp_port, [f"d{i}" for i in range(20)], concurrency=4)
+        await wait_until(lambda: len(good.received) == 20)
+    assert deferring.received == []
+    assert deferring.data_commands > 0
+    events = read_events(tmp_path / "events.jsonl")
+    deferred_ids = {e["id"] for e in events if e["type"] == "TransientFailure"}
+    delivered = {e["id"]: e for e in events if e["type"] == "Delivery"}
+    assert deferred_ids and deferred_ids <= set(delivered)
+    for message_id in deferred_ids:
+        assert delivered[message_id]["member"] == "good"
+        assert delivered[message_id]["num_attempts"] == 2
+    for u in (deferring, good):
+        await u.stop()
+
+
+async def test_5xx_gives_exactly_one_dsn_to_the_sender(tmp_path: Path) -> None:
+    rejecting = await Upstream("rejecting", always("550 5.1.1 mailbox unavailable")).start()
+    bounces = await Upstream("bounces").start()
+    pools = [
+        {"name": "default", "members": [member("rejecting", rejecting.address)]},
+        # DSNs go to the sender's domain, routed here so the test can read them.
+        {"name": "return", "members": [member("bounces", bounces.address)]},
+    ]
+    route = [{"match": {"recipient_domain": "example.com"}, "pool": "return"}]
+    settings = make_settings(tmp_path, pools)
+    settings = settings.model_copy(update={"route": tuple(make_route(r) for r in route)})
+    async with App(settings) as app:
+        await send(app.smtp_port, "b1", sender="app@example.com", to=["x@dest.test", "y@dest.test"])
+        await wait_until(lambda: len(bounces.received) == 1)
+        await asyncio.sleep(1.5)  # a second DSN, if there were one, would have come by now
+        assert app.dispatcher.ready == 0
+    assert len(bounces.received) == 1
+    dsn = bounces.received[0]
+    assert dsn.sender == "" and dsn.recipients == ["app@example.com"]
+    assert b"multipart/report; report-type=delivery-status" in dsn.data
+    assert b"Final-Recipient: rfc822; x@dest.test" in dsn.data
+    assert b"Final-Recipient: rfc822; y@dest.test" in dsn.data
+    assert b"Status: 5.1.1" in dsn.data
+    assert b"X-Test-Id: b1" in dsn.data  # the original headers ride along
+    events = read_events(tmp_path / "events.jsonl")
+    assert sorted(e["recipient"] for e in events if e["type"] == "Bounce") == ["x@dest.test", "y@dest.test"]
+    for u in (rejecting, bounces):
+        await u.stop()
+
+
+def make_route(data: dict[str, object]) -> object:
+    from postmux.config import RouteSettings
+
+    return RouteSettings.model_validate(data)
+
+
+async def test_hash_policy_keeps_each_sender_domain_on_one_member(tmp_path: Path) -> None:
+    ups = [await Upstream(n).start() for n in ("a", "b", "c")]
+    pool = {
+        "name": "default",
+        "policy": "hash",
+        "hash_key": "sender_domain",
+        "members": [member(u.name, u.address) for u in ups],
+    }
+    domains = [f"sender{i}.example" for i in range(8)]
+    async with App(make_settings(tmp_path, [pool])) as app:
+        for round_ in range(5):
+            for d in domains:
+                await send(app.smtp_port, f"{d}-{round_}", sender=f"app@{d}")
+        await wait_until(lambda: total_received(*ups) == 40)
+    homes: dict[str, set[str]] = {}
+    for u in ups:
+        for r in u.received:
+            homes.setdefault(r.sender.split("@")[1], set()).add(u.name)
+    assert all(len(members) == 1 for members in homes.values()), homes
+    assert len({next(iter(m)) for m in homes.values()}) >= 2  # the keys do spread over members
+    for u in ups:
+        await u.stop()
+
+
+async def test_hash_policy_moves_only_the_keys_of_a_dead_member(tmp_path: Path) -> None:
+    ups = [await Upstream(n).start() for n in ("a", "b", "c")]
+    pool = {
+        "name": "default",
+        "policy": "hash",
+        "members": [member(u.name, u.address) for u in ups],
+        "health": {"consecutive_failures": 1, "base_ejection_time": "1h"},
+    }
+    domains = [f"s{i}.example" for i in range(12)]
+    async with App(make_settings(tmp_path, [pool])) as app:
+        for d in domains:
+            await send(app.smtp_port, f"{d}-before", sender=f"app@{d}")
+        await wait_until(lambda: total_received(*ups) == 12)
+        before = {r.sender.split("@")[1]: u.name for u in ups for r in u.received}
+        busiest = Counter(before.values()).most_common(1)[0][0]
+        victim = next(u for u in ups if u.name == busiest)
+        await victim.stop()
+        for d in domains:
+            await send(app.smtp_port, f"{d}-after", sender=f"app@{d}")
+        await wait_until(lambda: total_received(*ups) == 24)
+    after = {r.sender.split("@")[1]: u.name for u in ups for r in u.received if r.test_id.endswith("after")}
+    for d in domains:
+        if before[d] != victim.name:
+            assert after[d] == before[d], (d, before[d], after[d])
+        else:
+            assert after[d] != victim.name
+    for u in ups:
+        await u.stop()
+
+
+async def test_priority_pool_uses_backup_only_while_primaries_are_down(tmp_path: Path) -> None:
+    p1, p2, backup = [await Upstream(n).start() for n in ("p1", "p2", "backup")]
+    pool = {
+        "name": "default",
+        "policy": "priority",
+        "members": [
+            member("p1", p1.address),
+            member("p2", p2.address),
+            member("backup", backup.address, backup=True),
+        ],
+        "health": {"consecutive_failures": 2, "base_ejection_time": "1s", "max_ejection_time": "1s"},
+    }
+    async with App(make_settings(tmp_path, [pool])) as app:
+        await send_many(app.smtp_port, [f"up{i}" for i in range(30)], concurrency=3)
+        await wait_until(lambda: total_received(p1, p2) == 30)
+        assert backup.received == []
+
+        ports = (p1.port, p2.port)
+        await p1.stop()
+        await p2.stop()
+        await send_many(app.smtp_port, [f"down{i}" for i in range(30)], concurrency=3)
+        await wait_until(lambda: len(backup.received) == 30)
+
+        await p1.start(port=ports[0])
+        await p2.start(port=ports[1])
+        await asyncio.sleep(1.2)  # the ejection (1 s) runs out; the primaries are picked again
+        await send_many(app.smtp_port, [f"back{i}" for i in range(30)], concurrency=3)
+        await wait_until(lambda: sum(r.test_id.startswith("back") for r in p1.received + p2.received) == 30)
+    assert {r.test_id[:4] for r in backup.received} == {"down"}
+    for u in (p1, p2, backup):
+        await u.stop()
