@@ -152,8 +152,11 @@ def clean_workdir(workdir: Path) -> None:
 
 
 def demo_settings(farm: list[DemoUpstream], workdir: Path) -> Settings:
+    # A member's connections should match its weight: a member at max_connections is skipped (as in nginx and
+    # HAProxy), so a weight-3 member with a third of the connections it needs would get less than its share.
     members = [
-        {"name": u.name, "address": u.address, "weight": u.weight, "max_connections": 10} for u in farm
+        {"name": u.name, "address": u.address, "weight": u.weight, "max_connections": 10 * u.weight}
+        for u in farm
     ]
     return settings_from_dict(
         {
@@ -213,7 +216,10 @@ async def send_one(client: aiosmtplib.SMTP, n: int, tally: Tally) -> None:
 
 async def client_session(port: int, numbers: Iterator[int], tally: Tally) -> None:
     """One SMTP session sending until no numbers are left; the sessions share one iterator."""
-    async with aiosmtplib.SMTP(hostname=HOST, port=port, start_tls=False) as client:
+    # local_hostname: aiosmtplib would otherwise ask the resolver for this machine's name (getfqdn).
+    async with aiosmtplib.SMTP(
+        hostname=HOST, port=port, start_tls=False, local_hostname="client.demo.test"
+    ) as client:
         for n in numbers:
             await send_one(client, n, tally)
 
