@@ -123,7 +123,8 @@ class RelayTransport:
     async def _transaction(self, conn: _Connection, work: WorkItem) -> tuple[dict[int, Reply], bool]:
         client = conn.client
         try:
-            await client.mail(work.sender, options=self._mail_options(client, work))
+            encoding = "utf-8" if work.smtputf8 else "ascii"
+            await client.mail(work.sender, options=self._mail_options(client, work), encoding=encoding)
         except aiosmtplib.SMTPSenderRefused as e:
             await self._reset(client)
             reply = Reply.parse(e.code, e.message)

@@ -1,0 +1,144 @@
+"""The SQLite spool against real files: durability promises, group commit, recovery, atomic bounces."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from postmux.envelope import Envelope, new_message_id
+from postmux.spool.base import RecipientState, Settlement, SpoolError
+from postmux.spool.sqlite import SqliteSpool
+
+
+def envelope(*rcpts: str, data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> Envelope:
+    return Envelope("app@example.com", tuple(rcpts or ("a@one.test",)), data)
+
+
+async def open_spool(path: Path, **kw: object) -> SqliteSpool:
+    spool = SqliteSpool(path, **kw)  # type: ignore[arg-type]
+    await spool.open()
+    return spool
+
+
+async def test_store_keeps_bytes_exactly_and_groups_work_by_pool_and_domain(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    raw = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Odd:   spaced  \r\n\r\n\xc3\xa9 8bit body\r\n"
+    env = envelope("a@one.test", "b@one.test", "c@two.test", data=raw)
+    pools = {"a@one.test": "default", "b@one.test": "default", "c@two.test": "bulk"}
+    work = await spool.store(new_message_id(), env, pools, now=100.0)
+    groups = {(w.pool, w.domain): [r.address for r in w.recipients] for w in work}
+    assert groups == {
+        ("default", "one.test"): ["a@one.test", "b@one.test"],
+        ("bulk", "two.test"): ["c@two.test"],
+    }
+    assert all(w.data == raw for w in work)
+    assert await spool.counts() == {"queued": 0, "leased": 3, "delivered": 0, "bounced": 0, "expired": 0}
+    await spool.close()
+    row = sqlite3.connect(tmp_path / "s.db").execute("SELECT data FROM message").fetchone()
+    assert row[0] == raw
+
+
+async def test_concurrent_stores_share_commits(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    before = spool.commits
+    await asyncio.gather(
+        *(spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0) for _ in range(200))
+    )
+    grouped = spool.commits - before
+    await spool.close()
+    single = await open_spool(tmp_path / "t.db", group_commit=False)
+    before = single.commits
+    await asyncio.gather(
+        *(single.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0) for _ in range(50))
+    )
+    assert single.commits - before == 50  # one fsync per message without group commit
+    await single.close()
+    assert grouped < 200 / 4, grouped
+
+
+async def test_open_recovers_work_leased_by_a_process_that_died(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    await spool.store(
+        new_message_id(), envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 5
+    )
+    await spool.close()  # as if the process died: the work was never settled
+
+    again = SqliteSpool(tmp_path / "s.db")
+    assert await again.open() == 2
+    work = await again.lease_due(now=10, limit=100)
+    assert sorted(r.address for w in work for r in w.recipients) == ["a@one.test", "b@two.test"]
+    assert await again.lease_due(now=10, limit=100) == []  # leased now: not handed out twice
+    await again.close()
+
+
+async def test_deferred_work_is_due_only_at_its_time_and_finished_messages_are_removed(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = work.recipients
+    await spool.settle(
+        [
+            Settlement(mid, [a.rid], RecipientState.DELIVERED, "250 ok", attempts=1),
+            Settlement(mid, [b.rid], RecipientState.QUEUED, "451 later", due=60, attempts=1),
+        ],
+        now=1,
+    )
+    assert await spool.lease_due(now=59, limit=10) == []
+    [again] = await spool.lease_due(now=60, limit=10)
+    assert [(r.address, r.attempts) for r in again.recipients] == [("b@one.test", 1)]
+    await spool.settle([Settlement(mid, [b.rid], RecipientState.DELIVERED, "250 ok", attempts=2)], now=61)
+    assert sum((await spool.counts()).values()) == 0
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT count(*) FROM message").fetchone() == (0,)
+
+
+async def test_a_bounce_and_its_dsn_are_recorded_together(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
+    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
+    rid = work.recipients[0].rid
+    await spool.settle([Settlement(mid, [rid], RecipientState.BOUNCED, "550", dsn=dsn, dsn_pool="p")], now=1)
+    [dsn_work] = await spool.lease_due(now=1, limit=10)
+    assert dsn_work.sender == "" and [r.address for r in dsn_work.recipients] == ["app@example.com"]
+    assert dsn_work.data == dsn.data
+    await spool.close()
+
+
+async def test_a_failing_store_leaves_nothing_half_stored(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    # A real SQLite error raised half-way through the store: the message row is written, the recipient not.
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute(
+        "CREATE TRIGGER fail BEFORE INSERT ON recipient WHEN NEW.address LIKE 'fail%'"
+        " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
+    db.commit()
+    ok = spool.store(new_message_id(), envelope("a@one.test"), {"a@one.test": "p"}, 0)
+    bad = spool.store(
+        new_message_id(),
+        envelope("b@one.test", "fail@one.test"),
+        {"b@one.test": "p", "fail@one.test": "p"},
+        0,
+    )
+    results = await asyncio.gather(ok, bad, return_exceptions=True)
+    assert isinstance(results[1], SpoolError)
+    assert not isinstance(results[0], BaseException)  # the other request in the same batch stands
+    await spool.close()
+    rows = db.execute("SELECT address FROM recipient").fetchall()
+    assert rows == [("a@one.test",)]
+    assert db.execute("SELECT count(*) FROM message").fetchone() == (1,)
+
+
+async def test_calls_on_a_closed_spool_fail_clearly(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    with pytest.raises(SpoolError, match="not open"):
+        await spool.counts()
