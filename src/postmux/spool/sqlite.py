@@ -87,6 +87,7 @@ class SqliteSpool:
         while True:
             first = self._jobs.get()
             if first is _STOP:
+                self._refuse_late_jobs()
                 conn.close()
                 return
             batch: list[_Job] = [first]  # type: ignore[list-item]
@@ -102,8 +103,19 @@ class SqliteSpool:
                 batch.append(nxt)  # type: ignore[arg-type]
             self._commit_batch(conn, batch)
             if stop:
+                self._refuse_late_jobs()
                 conn.close()
                 return
+
+    def _refuse_late_jobs(self) -> None:
+        """Requests queued behind the stop get a clear error instead of waiting forever."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                job[1].set_exception(SpoolError("spool is closing"))  # type: ignore[index]
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
