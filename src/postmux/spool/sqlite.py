@@ -68,6 +68,7 @@ class SqliteSpool:
         self.max_batch = max_batch if group_commit else 1
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closing = False
         self.commits = 0  # how many fsyncs were paid, to show what group commit buys
 
     # -- the writer thread -------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class SqliteSpool:
                 fut.set_exception(err)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None:
+        if self._thread is None or self._closing:
             raise SpoolError("spool is not open")
         fut: Future[T] = Future()
         self._jobs.put((fn, fut))
@@ -161,11 +162,13 @@ class SqliteSpool:
         conn = await asyncio.to_thread(self._connect)
         self._thread = threading.Thread(target=self._run, args=(conn,), name="postmux-spool", daemon=True)
         self._thread.start()
+        self._closing = False
         return await self._call(_recover)
 
     async def close(self) -> None:
         if self._thread is None:
             return
+        self._closing = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
