@@ -29,7 +29,9 @@ async def test_metrics_count_receptions_deliveries_and_member_state(tmp_path: Pa
         "health": {"consecutive_failures": 1, "base_ejection_time": "1h"},
     }
     async with App(make_settings(tmp_path, [pool])) as app:
-        await send_many(app.smtp_port, [f"m{i}" for i in range(10)], concurrency=2)
+        await send_many(
+            app.smtp_port, [f"m{i}" for i in range(10)], concurrency=2, to=["u@dest.test", "v@dest.test"]
+        )
         await wait_until(lambda: len(up.received) == 10)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
             response = await client.get("/metrics")
@@ -37,8 +39,9 @@ async def test_metrics_count_receptions_deliveries_and_member_state(tmp_path: Pa
     assert response.headers["content-type"].startswith("text/plain")
     got = samples(response.text)
     assert got[("postmux_messages_received_total", ())] == 10
+    assert got[("postmux_recipients_received_total", ())] == 20
     delivered = (("member", "a"), ("pool", "default"), ("result", "delivered"))
-    assert got[("postmux_deliveries_total", delivered)] == 10
+    assert got[("postmux_deliveries_total", delivered)] == 20  # per recipient
     assert (
         got[("postmux_deliveries_total", (("member", "dead"), ("pool", "default"), ("result", "deferred")))]
         >= 1

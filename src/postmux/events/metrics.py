@@ -50,13 +50,18 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self._last_reception = ""
 
     def add_live(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
         self.registry.register(_LiveGauges(sample))
 
     def __call__(self, event: Event) -> None:
         if event.type is EventType.RECEPTION:
-            self.received.inc()
+            # Reception events come one per recipient, back to back per message: a new id is a new message.
+            self.recipients_received.inc()
+            if event.id != self._last_reception:
+                self._last_reception = event.id
+                self.received.inc()
             return
         result = _RESULT.get(event.type)
         if result is None:
