@@ -32,6 +32,8 @@ class Received:
         return str(msg.get("X-Test-Id", ""))
 
 
+DROP = "DROP"  # a behaviour's reply that makes the server hang up instead of answering
+
 # A behaviour decides the reply to DATA: None means accept (250); a string is the reply to send.
 Behaviour = Callable[["Upstream", SmtpEnvelope], Awaitable[str | None]]
 
@@ -71,7 +73,16 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         up = self.upstream
         up.data_commands += 1
-        reply = await up.behaviour(up, envelope)
+        up.active += 1
+        up.peak_active = max(up.peak_active, up.active)
+        try:
+            reply = await up.behaviour(up, envelope)
+        finally:
+            up.active -= 1
+        if reply == DROP:
+            # Hang up after the data arrived and before answering: the sender cannot know the outcome.
+            server.transport.close()
+            return "421 4.3.0 gone"
         if reply is not None:
             return reply
         data = envelope.original_content or b""
@@ -90,6 +101,8 @@ class Upstream:
         self.received: list[Received] = []
         self.data_commands = 0
         self.connections = 0
+        self.active = 0  # DATA commands being answered right now
+        self.peak_active = 0
         self._server: asyncio.Server | None = None
         self._sessions: list[SMTP] = []
 
@@ -126,6 +139,9 @@ class Upstream:
         self._sessions.clear()
 
 
+StartUpstream = Callable[..., Awaitable[Upstream]]  # the `upstream` fixture (tests/conftest.py)
+
+
 def free_port() -> int:
     """A loopback port with nothing listening on it (connections to it are refused)."""
     with socket.socket() as s:
@@ -159,18 +175,20 @@ def message(
 
 
 async def send(port: int, test_id: str, sender: str = "app@example.com", to: list[str] | None = None) -> str:
-    """Send one message over SMTP to postmux; returns the 250 reply text."""
+    """Send one message over SMTP to postmux; returns the 250 reply text. sender "" is the null sender."""
     rcpts = to or ["user@dest.test"]
-    errors, reply = await aiosmtplib.send(
-        message(test_id, sender, rcpts[0]),
-        sender=sender,
-        recipients=rcpts,
-        hostname="127.0.0.1",
-        port=port,
-        local_hostname="client.test",  # never ask the resolver for our own name
-    )
-    assert not errors, errors
-    return reply
+    # local_hostname: aiosmtplib would otherwise ask the resolver for this machine's name.
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="client.test", start_tls=False)
+    await client.connect()
+    try:
+        await client.mail(sender)
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        response = await client.data(message(test_id, sender, rcpts[0]))
+        await client.quit()
+    finally:
+        client.close()
+    return response.message
 
 
 async def send_many(port: int, ids: list[str], concurrency: int = 10, **kwargs: Any) -> None:

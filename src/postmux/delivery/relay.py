@@ -184,6 +184,7 @@ class RelayTransport:
 
     async def _quit_now(self, conn: _Connection) -> None:
         if not conn.client.is_connected:
+            conn.client.close()
             return
         try:
             await conn.client.quit(timeout=5)
