@@ -103,6 +103,8 @@ class App:
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
         await self.event_log.start()
+        for pool in self.pools.values():
+            pool.start_sweeping(self.clock())
         await self.dispatcher.start()
         await self.http.start()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
@@ -123,10 +125,13 @@ class App:
 
     # -- watching ------------------------------------------------------------------------------------
 
-    def _member_changed(self, member: Member, up: bool) -> None:
+    def _member_changed(self, member: Member, up: bool, reason: str) -> None:
         kind = EventType.MEMBER_UP if up else EventType.MEMBER_DOWN
-        log.warning("member up" if up else "member ejected", pool=member.pool, member=member.name)
-        self.bus.emit(Event(kind, pool=member.pool, member=member.name, timestamp=self.clock()))
+        log.warning("member up" if up else "member down", pool=member.pool, member=member.name, reason=reason)
+        event = Event(
+            kind, pool=member.pool, member=member.name, timestamp=self.clock(), tags={"reason": reason}
+        )
+        self.bus.emit(event)
 
     async def _count_queue(self) -> None:
         while True:
@@ -155,7 +160,7 @@ class App:
         for pool in self.pools.values():
             for m in pool.members:
                 labels = [pool.name, m.name]
-                up.add_metric(labels, 0 if (m.draining or m.ejected(now)) else 1)
+                up.add_metric(labels, 0 if (m.draining or not m.healthy(now)) else 1)
                 conns.add_metric(labels, self.transports[(pool.name, m.name)].connections)
                 in_flight.add_metric(labels, m.in_flight)
         return [queue, up, conns, in_flight]

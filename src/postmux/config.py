@@ -91,6 +91,8 @@ class SmtpSettings(_Frozen):
 
 class HttpSettings(_Frozen):
     listen: str = "127.0.0.1:8025"
+    # Bearer token for the admin API (/api/v1/...); without one the admin API refuses every call.
+    admin_token: str | None = Field(default=None, min_length=16)
 
     @field_validator("listen")
     @classmethod
@@ -159,19 +161,41 @@ class MemberSettings(_Frozen):
         return split_hostport(self.address)[1]
 
 
-PolicyName = Literal["round_robin", "weighted", "least_connections", "hash", "priority"]
+PolicyName = Literal["round_robin", "weighted", "least_connections", "least_latency", "hash", "priority"]
 HashKey = Literal["sender_domain", "recipient_domain", "client_ip"]
 
 
 class HealthSettings(_Frozen):
-    """Passive health (outlier ejection on Envoy's model)."""
+    """Passive health: outlier ejection from real traffic, on Envoy's model."""
 
+    # Local failures in a row (refused, timeout, reset, dropped): the member is unreachable or broken.
     consecutive_failures: int = Field(default=5, gt=0)
+    # Attempts in a row answered only with 4xx (421, 451 to everything): up, but not taking mail.
+    consecutive_4xx: int = Field(default=10, gt=0)
+    # Success-rate rule (Envoy's success_rate outlier detection): every `success_rate_interval`, members
+    # with at least `success_rate_min_attempts` attempts in that interval whose success rate is below
+    # mean - stdev_factor x stdev of the pool's rates are ejected. Needs `success_rate_min_members`.
+    success_rate_interval: Duration = 10.0
+    success_rate_min_attempts: int = Field(default=50, gt=0)
+    success_rate_min_members: int = Field(default=3, gt=1)
+    success_rate_stdev_factor: float = Field(default=1.9, gt=0)
+    # At most this share of a pool's members is ejected at once (at least one may always be).
+    max_ejection_percent: float = Field(default=50.0, ge=0.0, le=100.0)
     base_ejection_time: Duration = 30.0
     max_ejection_time: Duration = 300.0
     # Below this share of usable members, every member is used: better some failed attempts than
     # piling all mail on the last one standing because of a burst of false ejections.
     panic_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class CheckSettings(_Frozen):
+    """Active health checks, in HAProxy's `check inter rise fall timeout` words: connect, EHLO, NOOP, QUIT."""
+
+    enabled: bool = False
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    rise: int = Field(default=2, gt=0)  # passes in a row to bring a member back
+    fall: int = Field(default=3, gt=0)  # failures in a row to take it out
 
 
 class PoolSettings(_Frozen):
@@ -182,6 +206,11 @@ class PoolSettings(_Frozen):
     hash_balance_factor: float = Field(default=1.25, ge=1.0)
     members: tuple[MemberSettings, ...] = Field(min_length=1)
     health: HealthSettings = HealthSettings()
+    check: CheckSettings = CheckSettings()
+    # A member that comes back (or is added) ramps its weight and connections up over this time.
+    slow_start: Duration = 0.0
+    # least_latency: how fast the latency average forgets (Finagle's peak EWMA decay time).
+    latency_decay: Duration = 10.0
 
     @model_validator(mode="after")
     def _unique_members(self) -> PoolSettings:

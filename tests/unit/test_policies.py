@@ -101,7 +101,7 @@ def test_hash_bounded_load_keeps_one_hot_key_from_swamping_a_member() -> None:
 def test_pool_ejects_after_consecutive_failures_and_returns_after_the_ejection_time() -> None:
     changes: list[tuple[str, bool]] = []
     p = pool()
-    p._on_change = lambda m, up: changes.append((m.name, up))
+    p._on_change = lambda m, up, reason: changes.append((m.name, up))
     a = p.member("a")
     p.record_failure(a, now=0)
     assert not a.ejected(0)
@@ -130,14 +130,14 @@ def test_ejection_time_grows_and_is_capped() -> None:
 
 
 def test_panic_uses_every_member_when_most_are_ejected() -> None:
-    p = pool(panic_threshold=0.5)
+    p = pool(panic_threshold=0.5, max_ejection_percent=100)
     for name in ("a", "b"):
         m = p.member(name)
         p.record_failure(m, 0)
         p.record_failure(m, 0)
     assert p.in_panic(1)
     assert {m.name for m in p.usable(1)} == {"a", "b", "c"}
-    calm = pool(panic_threshold=0.0)
+    calm = pool(panic_threshold=0.0, max_ejection_percent=100)
     for name in ("a", "b"):
         m = calm.member(name)
         calm.record_failure(m, 0)
@@ -156,7 +156,7 @@ def test_backup_tier_is_used_only_when_no_primary_is_usable_and_keeps_the_pool_o
                     {"name": "b", "address": "127.0.0.1:2"},
                     {"name": "spare", "address": "127.0.0.1:3", "backup": True},
                 ],
-                "health": {"consecutive_failures": 1},
+                "health": {"consecutive_failures": 1, "max_ejection_percent": 100},
             }
         )
     )

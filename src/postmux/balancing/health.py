@@ -1,13 +1,27 @@
-"""Passive health: outlier ejection from the outcomes of real attempts (Envoy's consecutive-failure rule)."""
+"""Passive health: outlier detection from the outcomes of real attempts, on Envoy's model.
+
+Three rules eject a member: local failures in a row (refused, timeout, reset), attempts in a row that got
+only 4xx replies, and a success rate far below the pool's (mean - factor x stdev, over an interval).
+Ejections last longer each time, and never take out more than max_ejection_percent of the pool.
+"""
 
 from __future__ import annotations
+
+import enum
+import statistics
+from collections.abc import Sequence
 
 from postmux.balancing.member import Member
 from postmux.config import HealthSettings
 
 
+class FailureKind(enum.StrEnum):
+    LOCAL = "local"  # refused, timeout, connection lost: nothing usable came back
+    REPLY_4XX = "4xx"  # the member answered, but only with transient refusals
+
+
 class PassiveHealth:
-    """Decides when a member is ejected and when it may return. Plain functions of (member, now)."""
+    """Decides ejections. Plain functions of (member state, now); the pool applies them."""
 
     def __init__(self, settings: HealthSettings) -> None:
         self.settings = settings
@@ -16,21 +30,50 @@ class PassiveHealth:
         """Each ejection in a row lasts longer: base x n, capped (Envoy's base_ejection_time rule)."""
         return min(self.settings.base_ejection_time * max(1, ejections), self.settings.max_ejection_time)
 
-    def record_success(self, member: Member, now: float) -> bool:
-        """Returns True when this success ends a streak of ejections (the member is trusted again)."""
+    def record_success(self, member: Member, now: float) -> None:
         member.consecutive_failures = 0
+        member.consecutive_4xx = 0
+        member.window_attempts += 1
+        member.window_successes += 1
         if member.ejections and not member.ejected(now):
-            member.ejections = 0
-            return True
-        return False
+            member.ejections = 0  # trusted again: the next ejection starts from the base time
 
-    def record_failure(self, member: Member, now: float) -> bool:
-        """Count a failure of the member as a whole; returns True when it ejects the member now."""
-        member.consecutive_failures += 1
-        if member.ejected(now) or member.consecutive_failures < self.settings.consecutive_failures:
-            return False
+    def record_failure(self, member: Member, kind: FailureKind) -> str | None:
+        """Count a failed attempt; returns the reason when a consecutive-failure rule now says eject."""
+        member.window_attempts += 1
+        if kind is FailureKind.LOCAL:
+            member.consecutive_failures += 1
+            if member.consecutive_failures >= self.settings.consecutive_failures:
+                return f"{member.consecutive_failures} local failures in a row"
+        else:
+            member.consecutive_4xx += 1
+            if member.consecutive_4xx >= self.settings.consecutive_4xx:
+                return f"{member.consecutive_4xx} attempts in a row refused with 4xx"
+        return None
+
+    def eject(self, member: Member, now: float) -> None:
         member.ejections += 1
         member.ejected_until = now + self.ejection_time(member.ejections)
-        # Back from ejection, a member gets a fresh count: one failure alone does not re-eject it.
+        # Back from ejection, a member starts with clean counts: one failure alone does not re-eject it.
         member.consecutive_failures = 0
-        return True
+        member.consecutive_4xx = 0
+
+    def success_rate_outliers(self, members: Sequence[Member]) -> list[tuple[Member, str]]:
+        """Members whose success rate over the last interval is far below the pool's; resets the window."""
+        s = self.settings
+        rated = [
+            (m, m.window_successes / m.window_attempts)
+            for m in members
+            if m.window_attempts >= s.success_rate_min_attempts
+        ]
+        for m in members:
+            m.window_attempts = m.window_successes = 0
+        if len(rated) < s.success_rate_min_members:
+            return []
+        rates = [rate for _, rate in rated]
+        floor = statistics.fmean(rates) - s.success_rate_stdev_factor * statistics.pstdev(rates)
+        return [
+            (m, f"success rate {rate:.0%} below the pool's floor {floor:.0%}")
+            for m, rate in rated
+            if rate < floor
+        ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import random
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -42,18 +43,18 @@ class WeightedPolicy:
     """Smooth weighted round-robin (nginx): weights 3:1:1 give a a b a c a ..., never long runs of one."""
 
     def __init__(self) -> None:
-        self._current: dict[str, int] = {}
+        self._current: dict[str, float] = {}
 
     def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
-        total = 0
+        total = 0.0
         best: Member | None = None
-        best_weight = 0
+        best_weight = 0.0
         for m in candidates:
-            if m.weight <= 0:
+            if m.effective_weight <= 0:
                 continue
-            w = self._current.get(m.name, 0) + m.weight
+            w = self._current.get(m.name, 0.0) + m.effective_weight
             self._current[m.name] = w
-            total += m.weight
+            total += m.effective_weight
             if best is None or w > best_weight:
                 best, best_weight = m, w
         if best is not None:
@@ -68,11 +69,11 @@ class LeastConnectionsPolicy:
         self._turn = 0
 
     def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
-        weighted = [m for m in candidates if m.weight > 0]
+        weighted = [m for m in candidates if m.effective_weight > 0]
         if not weighted:
             return None
-        best_load = min(m.in_flight / m.weight for m in weighted)
-        tied = [m for m in weighted if m.in_flight / m.weight == best_load]
+        best_load = min(m.in_flight / m.effective_weight for m in weighted)
+        tied = [m for m in weighted if m.in_flight / m.effective_weight == best_load]
         self._turn += 1
         return tied[self._turn % len(tied)]
 
@@ -136,6 +137,29 @@ class HashPolicy:
         return fallback
 
 
+class LeastLatencyPolicy:
+    """Power of two choices over a peak EWMA of latency, weighted by outstanding attempts (Finagle, Linkerd).
+
+    Two candidates drawn at random; the one with the lower expected wait, latency x (in flight + 1) /
+    weight, wins. Random pairs keep a fast member from taking everything the moment it looks fastest
+    (the herd effect of a pure "pick the fastest"), and slow members get proportionally less.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    @staticmethod
+    def cost(m: Member) -> float:
+        return m.ewma_latency_s * (m.in_flight + 1) / max(m.effective_weight, 1e-9)
+
+    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+        weighted = [m for m in candidates if m.effective_weight > 0]
+        if len(weighted) <= 1:
+            return weighted[0] if weighted else None
+        a, b = self._rng.sample(weighted, 2)
+        return a if self.cost(a) <= self.cost(b) else b
+
+
 def make_policy(settings: PoolSettings) -> Policy:
     match settings.policy:
         case "round_robin":
@@ -144,5 +168,7 @@ def make_policy(settings: PoolSettings) -> Policy:
             return WeightedPolicy()
         case "least_connections":
             return LeastConnectionsPolicy()
+        case "least_latency":
+            return LeastLatencyPolicy()
         case "hash":
             return HashPolicy(settings.hash_balance_factor)

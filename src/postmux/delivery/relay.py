@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 import structlog
 
+from postmux.balancing.health import FailureKind
 from postmux.config import DeliverySettings, MemberSettings
-from postmux.delivery.transport import AttemptOutcome
+from postmux.delivery.transport import AttemptOutcome, judge
 from postmux.reply import Reply
 from postmux.spool.base import WorkItem
 
@@ -70,7 +71,13 @@ class RelayTransport:
             try:
                 conn = await self._connect()
             except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
-                return self._all(work, self._connect_reply(e), member_failed=True)
+                reply = self._connect_reply(e)
+                kind = (
+                    FailureKind.REPLY_4XX
+                    if isinstance(e, aiosmtplib.SMTPResponseException)
+                    else FailureKind.LOCAL
+                )
+                return self._all(work, reply, kind)
             outcome = await self._attempt(conn, work, fresh_retry_allowed=False)
             assert outcome is not None
             return outcome
@@ -87,7 +94,7 @@ class RelayTransport:
             if fresh_retry_allowed and lost.stage == "at MAIL FROM":
                 return None
             where = f"{lost.stage} with {self.member.address}"
-            return self._all(work, local_reply(lost.error, where), member_failed=True)
+            return self._all(work, local_reply(lost.error, where), FailureKind.LOCAL)
 
     def _connect_reply(self, error: BaseException) -> Reply:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
@@ -111,16 +118,16 @@ class RelayTransport:
         return _Connection(client)
 
     async def _deliver_on(self, conn: _Connection, work: WorkItem) -> AttemptOutcome:
-        replies, member_failed = await self._transaction(conn, work)
+        replies = await self._transaction(conn, work)
         conn.messages += 1
         if conn.client.is_connected and conn.messages < self.max_messages:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             self._quit(conn)
-        return AttemptOutcome(replies, member_failed, self.member.address)
+        return AttemptOutcome(replies, judge(replies), self.member.address)
 
-    async def _transaction(self, conn: _Connection, work: WorkItem) -> tuple[dict[int, Reply], bool]:
+    async def _transaction(self, conn: _Connection, work: WorkItem) -> dict[int, Reply]:
         client = conn.client
         try:
             encoding = "utf-8" if work.smtputf8 else "ascii"
@@ -128,7 +135,7 @@ class RelayTransport:
         except aiosmtplib.SMTPSenderRefused as e:
             await self._reset(client)
             reply = Reply.parse(e.code, e.message)
-            return {r.rid: reply for r in work.recipients}, reply.is_transient
+            return {r.rid: reply for r in work.recipients}
         except _LOCAL_ERRORS as e:
             raise _ConnectionLost(e, "at MAIL FROM") from e
         replies: dict[int, Reply] = {}
@@ -143,7 +150,7 @@ class RelayTransport:
                 raise _ConnectionLost(e, "at RCPT TO") from e
         if not accepted:
             await self._reset(client)
-            return replies, any(rep.code == 421 for rep in replies.values())
+            return replies
         try:
             response = await client.data(work.data, timeout=self.delivery.data_timeout)
             reply = Reply.parse(response.code, response.message)
@@ -154,7 +161,7 @@ class RelayTransport:
             raise _ConnectionLost(e, "during DATA") from e
         for rid in accepted:
             replies[rid] = reply
-        return replies, reply.code == 421
+        return replies
 
     @staticmethod
     def _mail_options(client: aiosmtplib.SMTP, work: WorkItem) -> list[str]:
@@ -174,8 +181,8 @@ class RelayTransport:
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS):
             client.close()
 
-    def _all(self, work: WorkItem, reply: Reply, member_failed: bool) -> AttemptOutcome:
-        return AttemptOutcome({r.rid: reply for r in work.recipients}, member_failed, self.member.address)
+    def _all(self, work: WorkItem, reply: Reply, failure: FailureKind) -> AttemptOutcome:
+        return AttemptOutcome({r.rid: reply for r in work.recipients}, failure, self.member.address)
 
     def _quit(self, conn: _Connection) -> None:
         task = asyncio.create_task(self._quit_now(conn))

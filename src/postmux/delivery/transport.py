@@ -5,22 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from postmux.balancing.health import FailureKind
 from postmux.reply import Reply
 from postmux.spool.base import WorkItem
 
 
 @dataclass(frozen=True, slots=True)
 class AttemptOutcome:
-    """What one attempt gave: a reply per recipient id, and whether the member as a whole failed.
+    """What one attempt gave: a reply per recipient id, and whether it counts against the member.
 
-    `member_failed` is true for local failures (refused, timeout, dropped connection) and for replies to
-    the connection as a whole (a 421, a 4xx to MAIL FROM): those count against the member's health,
-    while a reply about one recipient does not.
+    `failure` is LOCAL for refused, timed out or dropped connections, REPLY_4XX when the member answered
+    but took nothing (only 4xx replies, a 421 at any step, a refusing greeting), and None otherwise: a
+    5xx about one recipient is a verdict on the address, not on the member.
     """
 
     replies: dict[int, Reply]
-    member_failed: bool
+    failure: FailureKind | None
     remote: str
+
+    @property
+    def member_failed(self) -> bool:
+        return self.failure is not None
+
+
+def judge(replies: dict[int, Reply]) -> FailureKind | None:
+    """Whether a completed transaction counts against the member: only 4xx back, or a 421 anywhere."""
+    values = list(replies.values())
+    if values and (all(r.is_transient for r in values) or any(r.code == 421 for r in values)):
+        return FailureKind.REPLY_4XX
+    return None
 
 
 class MemberTransport(Protocol):

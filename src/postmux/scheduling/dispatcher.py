@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from postmux.balancing.health import FailureKind
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.config import Settings
@@ -126,7 +127,9 @@ class Dispatcher:
             _, pending = await asyncio.wait(set(self._attempts), timeout=timeout_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                # Bounded: shutdown must end even if an attempt were to swallow its cancellation.
+                await asyncio.wait(pending, timeout=5.0)
         await asyncio.gather(*(t.close() for t in self.transports.values()), return_exceptions=True)
 
     # -- the loops -----------------------------------------------------------------------------------
@@ -217,15 +220,19 @@ class Dispatcher:
         except Exception as e:  # a bug must not lose mail: treat it as a transient local failure
             log.exception("delivery attempt crashed", member=member.name, message=item.message_id)
             reply = Reply(451, "4.3.0", f"internal error: {type(e).__name__}")
-            outcome = AttemptOutcome({r.rid: reply for r in item.recipients}, True, member.settings.address)
+            replies = {r.rid: reply for r in item.recipients}
+            outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.address)
         finally:
             member.in_flight -= 1
             self._wake.set()
-        self._observe(pool.name, member.name, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._observe(pool.name, member.name, elapsed)
         now = self.clock()
         member.attempts += 1
-        if outcome.member_failed:
-            pool.record_failure(member, now)
+        member.observe_latency(elapsed, now, pool.settings.latency_decay)
+        if outcome.failure is not None:
+            member.last_error = str(next(iter(outcome.replies.values()), ""))
+            pool.record_failure(member, now, outcome.failure)
         else:
             pool.record_success(member, now)
         item.tried.add(member.name)
