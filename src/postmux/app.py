@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily
 
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
+from postmux.balancing.probes import HealthChecker
 from postmux.config import Settings
+from postmux.control import Control, ReloadResult
 from postmux.delivery.relay import RelayTransport
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
@@ -40,6 +44,7 @@ class App:
         clock: Callable[[], float] = time.time,
         limits: DispatchLimits | None = None,
         drain_timeout_s: float = 10.0,
+        config_path: str | Path | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -51,7 +56,7 @@ class App:
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
         self.router = Router(settings)
-        self.pools = {p.name: Pool(p, self._member_changed) for p in settings.pool}
+        self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
         self.transports: dict[tuple[str, str], MemberTransport] = {
             (pool.name, m.name): RelayTransport(
                 m.settings, settings.delivery, settings.delivery.ehlo_hostname or settings.smtp.hostname
@@ -73,11 +78,16 @@ class App:
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
         )
-        self.http = HttpServer(settings.http, make_http_app(self.metrics))
+        self.control = Control(self, config_path)
+        self.checkers: dict[str, HealthChecker] = {}
+        self.http = HttpServer(
+            settings.http, make_http_app(self.metrics, self.control, settings.http.admin_token)
+        )
         self.metrics.add_live(self._live_gauges)
         self._smtp: asyncio.Server | None = None
         self._queue_counts: dict[str, int] = {}
         self._counter: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.recovered = 0
 
     @property
@@ -106,6 +116,7 @@ class App:
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         await self.dispatcher.start()
+        self.sync_checkers()
         await self.http.start()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)
@@ -115,6 +126,8 @@ class App:
             self._smtp.close()
             await self._smtp.wait_closed()
             self._smtp = None
+        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
+        self.checkers.clear()
         await self.dispatcher.stop(self.drain_timeout_s)
         if self._counter is not None:
             self._counter.cancel()
@@ -125,7 +138,37 @@ class App:
 
     # -- watching ------------------------------------------------------------------------------------
 
-    def _member_changed(self, member: Member, up: bool, reason: str) -> None:
+    # -- live changes --------------------------------------------------------------------------------
+
+    def sync_checkers(self) -> None:
+        """One active health checker per pool with checks enabled, following reloads."""
+        hostname = self.settings.delivery.ehlo_hostname or self.settings.smtp.hostname
+        for name, pool in self.pools.items():
+            checker = self.checkers.get(name)
+            if checker is None or checker.pool is not pool:
+                if checker is not None:
+                    self._background(checker.stop())
+                checker = self.checkers[name] = HealthChecker(pool, hostname, self.clock)
+                self._background(checker.start())
+            else:
+                checker.sync()
+        for name in [n for n in self.checkers if n not in self.pools]:
+            self._background(self.checkers.pop(name).stop())
+
+    def retire_transport(self, transport: MemberTransport) -> None:
+        """A member's address or limits changed: the old connections end after the work in flight."""
+        transport.retire()
+        self._background(transport.close())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> ReloadResult:
+        return self.control.reload()
+
+    def member_changed(self, member: Member, up: bool, reason: str) -> None:
         kind = EventType.MEMBER_UP if up else EventType.MEMBER_DOWN
         log.warning("member up" if up else "member down", pool=member.pool, member=member.name, reason=reason)
         event = Event(

@@ -8,11 +8,14 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from postmux.config import ConfigError, Settings, load_config
+from postmux.config import ConfigError, Settings, load_config, split_hostport
+
+if TYPE_CHECKING:
+    from postmux.admin_client import AdminClient
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="postmux: an outbound email gateway.")
 
@@ -53,17 +56,19 @@ def serve(config: ConfigOption) -> None:
     from postmux.logs import configure_logging
 
     configure_logging()
-    run_loop(_serve(settings))
+    run_loop(_serve(settings, config))
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, config_path: Path) -> None:
     from postmux.app import App
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(settings) as running:
+    async with App(settings, config_path=config_path) as running:
+        # SIGHUP reloads the configuration, as every Unix daemon does; a bad file changes nothing.
+        loop.add_signal_handler(signal.SIGHUP, running.control.reload)
         print(
             f"postmux: smtp on port {running.smtp_port}, http on port {running.http_port}",
             file=sys.stderr,
@@ -84,6 +89,77 @@ def demo(
 
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(run_demo(messages, workdir))
+
+
+# -- admin verbs over the HTTP admin API ----------------------------------------------------------------
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="POSTMUX_URL", help="The admin API's base URL; default: [http] listen of -c."
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="POSTMUX_ADMIN_TOKEN", help="Bearer token; default: [http] admin_token of -c."
+    ),
+]
+OptionalConfig = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Read the URL and token from this configuration file.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON output (the default when not on a terminal).")]
+
+
+def _admin(config: Path | None, url: str | None, token: str | None) -> AdminClient:
+    from postmux.admin_client import AdminClient
+
+    if config is not None:
+        settings = _load_or_exit(config)
+        host, port = split_hostport(settings.http.listen)
+        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        token = token or settings.http.admin_token
+    return AdminClient(url or "http://127.0.0.1:8025", token)
+
+
+@app.command()
+def members(
+    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+) -> None:
+    """Every member of every pool: state, weight, connections, in flight, latency, recent errors."""
+    _admin(config, url, token).show_members(as_json=json or not sys.stdout.isatty())
+
+
+@app.command()
+def drain(
+    name: str,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Stop giving a member new work; what it has in flight finishes."""
+    _admin(config, url, token).post(f"/members/{name}/drain", as_json=json or not sys.stdout.isatty())
+
+
+@app.command()
+def enable(
+    name: str,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Give a drained member work again."""
+    _admin(config, url, token).post(f"/members/{name}/enable", as_json=json or not sys.stdout.isatty())
+
+
+@app.command()
+def reload(
+    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+) -> None:
+    """Make the running postmux read its configuration file again (as SIGHUP does)."""
+    _admin(config, url, token).post("/reload", as_json=json or not sys.stdout.isatty())
 
 
 def main() -> None:

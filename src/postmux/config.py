@@ -177,7 +177,9 @@ class HealthSettings(_Frozen):
     # mean - stdev_factor x stdev of the pool's rates are ejected. Needs `success_rate_min_members`.
     success_rate_interval: Duration = 10.0
     success_rate_min_attempts: int = Field(default=50, gt=0)
-    success_rate_min_members: int = Field(default=3, gt=1)
+    # Envoy's default: with fewer members one outlier cannot fall 1.9 stdev below the mean (at most
+    # sqrt(n - 1) stdev), so the rule could never fire.
+    success_rate_min_members: int = Field(default=5, gt=1)
     success_rate_stdev_factor: float = Field(default=1.9, gt=0)
     # At most this share of a pool's members is ejected at once (at least one may always be).
     max_ejection_percent: float = Field(default=50.0, ge=0.0, le=100.0)

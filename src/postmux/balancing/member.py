@@ -30,7 +30,8 @@ class Member:
     effective_weight: float = 0.0  # weight after slow start, set by the pool before each pick
     # least_latency: peak EWMA of attempt latency
     ewma_latency_s: float = 0.0
-    ewma_at: float = 0.0
+    ewma_at: float | None = None  # None: no sample yet
+    latency_now_s: float = 0.0  # the average decayed to now, set by the pool before each pick
     # counters for the demo, the admin API and tests
     attempts: int = 0
     delivered: int = 0
@@ -81,9 +82,19 @@ class Member:
 
     def observe_latency(self, seconds: float, now: float, decay_s: float) -> None:
         """Peak EWMA (Finagle): a slower sample counts at once, faster ones pull the average down slowly."""
-        if self.ewma_at == 0.0 or seconds > self.ewma_latency_s:
+        if self.ewma_at is None or seconds > self.ewma_latency_s:
             self.ewma_latency_s = seconds
         else:
-            keep = math.exp(-max(0.0, now - self.ewma_at) / decay_s) if decay_s > 0 else 0.0
+            keep = self._keep(now, decay_s)
             self.ewma_latency_s = self.ewma_latency_s * keep + seconds * (1.0 - keep)
         self.ewma_at = now
+
+    def _keep(self, now: float, decay_s: float) -> float:
+        if self.ewma_at is None or decay_s <= 0:
+            return 0.0
+        return math.exp(-max(0.0, now - self.ewma_at) / decay_s)
+
+    def latency_at(self, now: float, decay_s: float) -> float:
+        """The average as of now: it fades while no sample comes (Finagle decays toward 0 on read), so a
+        member that was slow once is tried again instead of being starved forever in a quiet pool."""
+        return self.ewma_latency_s * self._keep(now, decay_s)

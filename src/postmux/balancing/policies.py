@@ -148,9 +148,16 @@ class LeastLatencyPolicy:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    @staticmethod
-    def cost(m: Member) -> float:
-        return m.ewma_latency_s * (m.in_flight + 1) / max(m.effective_weight, 1e-9)
+    # Finagle's penalty: a member with no latency yet but attempts in flight must not win every pair
+    # until its first answer (it could be hanging); one second is slow for a relay on a LAN.
+    UNKNOWN_LATENCY_S = 1.0
+
+    @classmethod
+    def cost(cls, m: Member) -> float:
+        latency = m.latency_now_s
+        if latency == 0.0 and m.in_flight > 0:
+            latency = cls.UNKNOWN_LATENCY_S
+        return latency * (m.in_flight + 1) / max(m.effective_weight, 1e-9)
 
     def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
         weighted = [m for m in candidates if m.effective_weight > 0]

@@ -42,7 +42,8 @@ class Pool:
         for m in self.members:
             if m.name in self._ejected and not m.ejected(now):
                 self._ejected.discard(m.name)
-                self._back(m, now, "ejection time over")
+                if m.check_up:  # still failing its checks: it comes back when they pass
+                    self._back(m, now, "ejection time over")
 
     def _back(self, m: Member, now: float, reason: str) -> None:
         if self.settings.slow_start > 0:
@@ -62,9 +63,11 @@ class Pool:
         limit = max(1, math.floor(len(self.members) * self.settings.health.max_ejection_percent / 100))
         if sum(m.ejected(now) for m in self.members) >= limit:
             return
+        was_healthy = member.healthy(now)
         self.health.eject(member, now)
         self._ejected.add(member.name)
-        self._on_change(member, False, f"ejected: {reason}")
+        if was_healthy:  # a member already out (failing checks) is not announced twice
+            self._on_change(member, False, f"ejected: {reason}")
 
     def sweep(self, now: float) -> None:
         """The periodic success-rate rule; called on each pick once its interval has passed."""
@@ -85,12 +88,17 @@ class Pool:
             member.check_streak = max(member.check_streak, 0) + 1
             if not member.check_up and member.check_streak >= check.rise:
                 member.check_up = True
-                self._back(member, now, f"{member.check_streak} checks passed")
+                if not member.ejected(now):  # else it is announced when the ejection ends
+                    self._back(member, now, f"{member.check_streak} checks passed")
         else:
             member.check_streak = min(member.check_streak, 0) - 1
             if member.check_up and -member.check_streak >= check.fall:
+                was_healthy = member.healthy(now)
                 member.check_up = False
-                self._on_change(member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": "))
+                if was_healthy:
+                    self._on_change(
+                        member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": ")
+                    )
 
     # -- choosing ------------------------------------------------------------------------------------
 
@@ -117,6 +125,7 @@ class Pool:
         tier = [m for m in members if m.tier == best]
         for m in tier:
             m.effective_weight = m.weight * m.ramp(now, self.settings.slow_start)
+            m.latency_now_s = m.latency_at(now, self.settings.latency_decay)
         return tier
 
     def usable(self, now: float) -> list[Member]:
@@ -151,3 +160,49 @@ class Pool:
         if any(m.name not in exclude for m in self.usable(now)):
             return True
         return bool(self._untried_any_tier(now, exclude))
+
+    # -- live changes --------------------------------------------------------------------------------
+
+    def reconfigure(self, settings: PoolSettings, now: float) -> list[str]:
+        """Apply a reloaded pool: add, reweight and remove members without touching work in flight.
+
+        A removed member stays listed (marked removed, picked no more) until its attempts end; an added
+        member ramps up under slow start. Returns what changed, in words for the operator.
+        """
+        changes: list[str] = []
+        wanted = {m.name: m for m in settings.members}
+        for m in self.members:
+            new = wanted.get(m.name)
+            if new is None:
+                if not m.removed:
+                    m.removed = True
+                    changes.append(f"{self.name}/{m.name}: removed")
+            elif new != m.settings:
+                changes.append(f"{self.name}/{m.name}: {_diff(m.settings.model_dump(), new.model_dump())}")
+                m.settings, m.removed = new, False
+        known = {m.name for m in self.members}
+        for new in settings.members:
+            if new.name not in known:
+                member = Member(new, self.name)
+                if settings.slow_start > 0:
+                    member.ramp_started = now
+                self.members.append(member)
+                changes.append(f"{self.name}/{new.name}: added")
+        if (
+            settings.policy != self.settings.policy
+            or settings.hash_balance_factor != self.settings.hash_balance_factor
+        ):
+            self.policy = make_policy(settings)
+            changes.append(f"{self.name}: policy {settings.policy}")
+        self.settings = settings
+        self.health = PassiveHealth(settings.health)
+        self.prune()
+        return changes
+
+    def prune(self) -> None:
+        """Forget removed members once their last attempt has ended."""
+        self.members = [m for m in self.members if not (m.removed and m.in_flight == 0)]
+
+
+def _diff(old: dict[str, object], new: dict[str, object]) -> str:
+    return ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])

@@ -54,6 +54,7 @@ class RelayTransport:
         self._idle: list[_Connection] = []
         self._busy = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self._retired = False
 
     @property
     def connections(self) -> int:
@@ -120,7 +121,7 @@ class RelayTransport:
     async def _deliver_on(self, conn: _Connection, work: WorkItem) -> AttemptOutcome:
         replies = await self._transaction(conn, work)
         conn.messages += 1
-        if conn.client.is_connected and conn.messages < self.max_messages:
+        if conn.client.is_connected and conn.messages < self.max_messages and not self._retired:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -206,6 +207,9 @@ class RelayTransport:
             else:
                 keep.append(conn)
         self._idle = keep
+
+    def retire(self) -> None:
+        self._retired = True
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -49,6 +49,10 @@ class MemberTransport(Protocol):
         """QUIT every idle connection; called at shutdown after attempts in flight have ended."""
         ...
 
+    def retire(self) -> None:
+        """No more reuse: connections are closed as their attempts end (a reload replaced this transport)."""
+        ...
+
     @property
     def connections(self) -> int:
         """Open connections, busy and idle."""

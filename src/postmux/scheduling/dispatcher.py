@@ -102,6 +102,10 @@ class Dispatcher:
             self._ready += 1
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at the queues again now (a member was enabled, the configuration changed)."""
+        self._wake.set()
+
     def scan_soon(self) -> None:
         self._scan_now.set()
 
@@ -224,6 +228,8 @@ class Dispatcher:
             outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.address)
         finally:
             member.in_flight -= 1
+            if member.removed:
+                pool.prune()
             self._wake.set()
         elapsed = time.monotonic() - started
         self._observe(pool.name, member.name, elapsed)

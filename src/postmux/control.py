@@ -1,0 +1,175 @@
+"""Live control of a running postmux: member state, drain and enable, configuration reload.
+
+The admin HTTP API and SIGHUP both come here; deciding what a reload changes lives in Pool.reconfigure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from postmux.balancing.pool import Pool
+from postmux.config import ConfigError, Settings, load_config
+from postmux.delivery.relay import RelayTransport
+from postmux.scheduling.retry import RetrySchedule
+from postmux.scheduling.router import Router
+
+if TYPE_CHECKING:
+    from postmux.app import App
+
+log = structlog.get_logger("postmux.control")
+
+# Keys that a running process cannot change: they need a restart.
+_RESTART_ONLY = (("smtp", "listen"), ("http", "listen"), ("spool", "path"), ("events", "log"))
+
+
+class UnknownMember(KeyError):
+    pass
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    changes: list[str] = field(default_factory=list)
+    needs_restart: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "changes": self.changes,
+            "needs_restart": self.needs_restart,
+            "problems": [{"key": k, "reason": r} for k, r in self.problems],
+        }
+
+
+class Control:
+    def __init__(self, app: App, config_path: str | Path | None) -> None:
+        self.app = app
+        self.config_path = Path(config_path) if config_path else None
+
+    # -- members -------------------------------------------------------------------------------------
+
+    def members(self) -> list[dict[str, Any]]:
+        now = self.app.clock()
+        return [self._describe(pool, m, now) for pool in self.app.pools.values() for m in pool.members]
+
+    def _describe(self, pool: Pool, m: Any, now: float) -> dict[str, Any]:
+        transport = self.app.transports.get((pool.name, m.name))
+        return {
+            "pool": pool.name,
+            "member": m.name,
+            "address": m.settings.address,
+            "state": member_state(m, now),
+            "weight": m.weight,
+            "effective_weight": round(m.weight * m.ramp(now, pool.settings.slow_start), 2),
+            "max_connections": m.max_connections,
+            "connections": transport.connections if transport else 0,
+            "in_flight": m.in_flight,
+            "ewma_latency_ms": round(m.ewma_latency_s * 1000, 2),
+            "attempts": m.attempts,
+            "delivered": m.delivered,
+            "deferred": m.deferred,
+            "bounced": m.bounced,
+            "recent_error": m.last_error,
+            "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
+        }
+
+    def set_draining(self, name: str, draining: bool) -> list[dict[str, Any]]:
+        """Drain (finish work in flight, take nothing new) or enable a member, in every pool that has it."""
+        found = [(pool, m) for pool in self.app.pools.values() for m in pool.members if m.name == name]
+        if not found:
+            raise UnknownMember(name)
+        now = self.app.clock()
+        for _, m in found:
+            if m.draining != draining:
+                m.draining = draining
+                self.app.member_changed(
+                    m, not draining, "enabled by operator" if not draining else "drained by operator"
+                )
+        self.app.dispatcher.wake()
+        return [self._describe(pool, m, now) for pool, m in found]
+
+    # -- reload --------------------------------------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Read the configuration file again; a file with any error changes nothing."""
+        if self.config_path is None:
+            return ReloadResult(False, problems=[("(file)", "this process was not started from a file")])
+        try:
+            settings = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused", problems=e.problems)
+            return ReloadResult(False, problems=e.problems)
+        result = ReloadResult(True, needs_restart=self._restart_only(settings))
+        result.changes = self.apply(settings)
+        log.info("configuration reloaded", changes=result.changes, needs_restart=result.needs_restart)
+        return result
+
+    def _restart_only(self, new: Settings) -> list[str]:
+        old = self.app.settings
+        return [
+            f"{section}.{key}"
+            for section, key in _RESTART_ONLY
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+        ]
+
+    def apply(self, settings: Settings) -> list[str]:
+        app, now = self.app, self.app.clock()
+        changes: list[str] = []
+        for pool_settings in settings.pool:
+            pool = app.pools.get(pool_settings.name)
+            if pool is None:
+                pool = app.pools[pool_settings.name] = Pool(pool_settings, app.member_changed)
+                pool.start_sweeping(now)
+                changes.append(f"{pool.name}: added")
+            else:
+                changes.extend(pool.reconfigure(pool_settings, now))
+        for name in [n for n in app.pools if n not in {p.name for p in settings.pool}]:
+            for m in app.pools[name].members:
+                m.removed = True
+            del app.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
+            changes.append(f"{name}: removed")
+        self._sync_transports(settings)
+        router = Router(settings)
+        app.router = app.acceptor.router = app.dispatcher.router = router
+        app.dispatcher.settings = settings
+        app.dispatcher.retry = RetrySchedule(settings.retry)
+        app.settings = settings
+        app.sync_checkers()
+        app.dispatcher.wake()
+        return changes
+
+    def _sync_transports(self, settings: Settings) -> None:
+        app = self.app
+        hostname = settings.delivery.ehlo_hostname or settings.smtp.hostname
+        for pool in app.pools.values():
+            for m in pool.members:
+                key = (pool.name, m.name)
+                old = app.transports.get(key)
+                if (
+                    isinstance(old, RelayTransport)
+                    and old.member == m.settings
+                    and old.delivery == settings.delivery
+                ):
+                    continue
+                app.transports[key] = RelayTransport(m.settings, settings.delivery, hostname)
+                if old is not None:
+                    app.retire_transport(old)
+
+
+def member_state(m: Any, now: float) -> str:
+    if m.removed:
+        return "removed"
+    if m.draining:
+        return "draining"
+    if m.ejected(now):
+        return "ejected"
+    if not m.check_up:
+        return "check-failed"
+    if m.ramp_started is not None:
+        return "ramping"
+    return "up"
