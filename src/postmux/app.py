@@ -80,6 +80,7 @@ class App:
         )
         self.control = Control(self, config_path)
         self.checkers: dict[str, HealthChecker] = {}
+        self._checks_on: dict[str, bool] = {}
         self.http = HttpServer(
             settings.http, make_http_app(self.metrics, self.control, settings.http.admin_token)
         )
@@ -145,10 +146,15 @@ class App:
         hostname = self.settings.delivery.ehlo_hostname or self.settings.smtp.hostname
         for name, pool in self.pools.items():
             checker = self.checkers.get(name)
-            if checker is None or checker.pool is not pool:
+            enabled = pool.settings.check.enabled
+            if checker is None or checker.pool is not pool or self._checks_on.get(name) != enabled:
                 if checker is not None:
                     self._background(checker.stop())
+                if not enabled:
+                    for m in pool.members:  # no checks, no verdict: a member is not held out by old ones
+                        m.check_up, m.check_streak = True, 0
                 checker = self.checkers[name] = HealthChecker(pool, hostname, self.clock)
+                self._checks_on[name] = enabled
                 self._background(checker.start())
             else:
                 checker.sync()

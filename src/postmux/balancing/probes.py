@@ -148,7 +148,7 @@ class HealthChecker:
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                await self._converse(client, progress)
+                await self._converse(client, progress, deadline)
             await _quit(client, deadline)
             return True, "ok"
         except (aiosmtplib.SMTPException, OSError) as error:
@@ -156,23 +156,28 @@ class HealthChecker:
         finally:
             client.close()
 
-    async def _converse(self, client: aiosmtplib.SMTP, progress: _Progress) -> None:
-        """Greeting 220, EHLO (or HELO) 250, NOOP 250; aiosmtplib raises on any other reply."""
+    async def _converse(self, client: aiosmtplib.SMTP, progress: _Progress, deadline: float) -> None:
+        """Greeting 220, EHLO (or HELO) 250, NOOP 250; aiosmtplib raises on any other reply.
+
+        Each step also gets only what is left of the budget as its own timeout: on Python 3.11 the
+        cancel from asyncio.timeout can be lost inside aiosmtplib (see _cancel_and_wait), and then
+        these inner timeouts are what keeps the probe near its deadline.
+        """
         # "connect" spans the TCP handshake and the greeting: aiosmtplib does both in one call, and a
         # cancelled connect() has already forgotten whether the handshake had finished.
-        await client.connect()
+        await client.connect(timeout=_left_s(deadline))
         # STARTTLS goes here, between EHLO and NOOP, once members have TLS settings (issue 5).
         progress.stage = "EHLO"
         try:
-            await client.ehlo()
+            await client.ehlo(timeout=_left_s(deadline))
         except aiosmtplib.SMTPHeloError:
             if not client.is_connected:  # 421 at EHLO: aiosmtplib has already hung up
                 raise
             # RFC 5321 3.2: a server that does not know EHLO must still take HELO.
             progress.stage = "HELO"
-            await client.helo()
+            await client.helo(timeout=_left_s(deadline))
         progress.stage = "NOOP"
-        await client.noop()
+        await client.noop(timeout=_left_s(deadline))
 
 
 async def _cancel_and_wait(tasks: set[asyncio.Task[None]], wait_s: float) -> set[asyncio.Task[None]]:
@@ -192,11 +197,15 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]], wait_s: float) -> set
     return pending
 
 
+def _left_s(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
 async def _quit(client: aiosmtplib.SMTP, deadline: float) -> None:
     """Say goodbye within what is left of the probe's time; the answer does not change the verdict."""
     try:
         async with asyncio.timeout_at(deadline):
-            await client.quit()
+            await client.quit(timeout=_left_s(deadline))
     except (aiosmtplib.SMTPException, OSError):
         pass  # TimeoutError is an OSError; a server that fumbles QUIT has still proved it is alive
 
