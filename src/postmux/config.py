@@ -194,8 +194,8 @@ class CheckSettings(_Frozen):
     """Active health checks, in HAProxy's `check inter rise fall timeout` words: connect, EHLO, NOOP, QUIT."""
 
     enabled: bool = False
-    interval: Duration = 5.0
-    timeout: Duration = 2.0
+    interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
+    timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 2.0
     rise: int = Field(default=2, gt=0)  # passes in a row to bring a member back
     fall: int = Field(default=3, gt=0)  # failures in a row to take it out
 
