@@ -30,5 +30,9 @@ unit: setup
 bench: setup
 	$(BIN)/python bench/throughput.py
 
+.PHONY: bench-balance
+bench-balance: setup
+	$(BIN)/python bench/balance.py
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -69,6 +69,7 @@ STARTUP_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 30.0  # after the last message is sent, wait at most this long for every delivery
 STOP_TIMEOUT_S = 30.0
 LAG_TICK_S = 0.02
+LATENCY_DECAY_S = 10.0  # postmux's default [pool] latency_decay, which this bench does not change
 
 
 class BenchError(Exception):
@@ -431,7 +432,9 @@ class Raw:
 
 
 async def run_policy(policy: str, opts: Options, base: Path) -> Raw:
-    upstreams = {name: Upstream(name, mode) for name, mode in zip(MEMBERS, ("accept", "slow", "flaky"))}
+    upstreams = {
+        name: Upstream(name, mode) for name, mode in zip(MEMBERS, ("accept", "slow", "flaky"), strict=True)
+    }
     for u in upstreams.values():
         await u.start()
     workdir = Path(tempfile.mkdtemp(prefix=f"postmux-balance-{policy}-", dir=base))
@@ -440,7 +443,8 @@ async def run_policy(policy: str, opts: Options, base: Path) -> Raw:
         settings = postmux_settings(policy, {n: u.address for n, u in upstreams.items()}, workdir)
         async with postmux_process(settings, workdir) as (port, conn):
             lag.start()
-            tally, marks = Tally(), {}
+            tally = Tally()
+            marks: dict[str, float] = {}
             t0 = time.time() + 0.2
             cpu_before = _cpu_s()
             timeline = asyncio.create_task(flaky_timeline(upstreams[FLAKY], t0, marks))
@@ -495,7 +499,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def outage(
     attempts: list[dict[str, Any]], events: list[dict[str, Any]], start: float, end: float
 ) -> dict[str, Any]:
-    """The flaky member between `start` (its death) and `end`: attempts started on it, and when it went out."""
+    """The flaky member from `start` (its death) to `end`: attempts started on it, when it went out."""
     mine = sorted(a["start"] for a in attempts if a["member"] == FLAKY and start <= a["start"] < end)
     caught = [a for a in attempts if a["member"] == FLAKY and a["start"] < start < a["end"]]
     downs = [e for e in events if e["type"] == "MemberDown" and start <= e["timestamp"] < end]
@@ -531,6 +535,79 @@ def ramp(deliveries: list[dict[str, Any]], events: list[dict[str, Any]], healthy
         "first_delivery_s": round(first - healthy, 3) if first is not None else None,
         "share_per_second": shares,
     }
+
+
+def replay_least_latency(attempts: list[dict[str, Any]], until: float) -> dict[str, Any]:
+    """What least_latency saw of fast and slow at each pick, replayed from the recorded attempts.
+
+    The same rules as Member.observe_latency / latency_at (peak EWMA, LATENCY_DECAY_S) and
+    LeastLatencyPolicy.cost (latency x (in flight + 1) / weight; fast and slow never ramp, weight 1).
+    Only picks before `until` (the flaky member's death), so the outages do not blur the picture.
+    """
+    ewma = dict.fromkeys(MEMBERS, 0.0)
+    ewma_at: dict[str, float | None] = dict.fromkeys(MEMBERS, None)
+    in_flight = dict.fromkeys(MEMBERS, 0)
+
+    def now_latency(m: str, t: float) -> float:
+        at = ewma_at[m]
+        return 0.0 if at is None else ewma[m] * math.exp(-max(0.0, t - at) / LATENCY_DECAY_S)
+
+    timeline = sorted(
+        [(a["end"], 0, a) for a in attempts] + [(a["start"], 1, a) for a in attempts], key=lambda x: x[:2]
+    )
+    seen: dict[str, list[float]] = {"fast": [], "slow": [], "fast_in_flight": [], "slow_in_flight": []}
+    slow_cheaper = 0
+    for t, is_start, a in timeline:
+        m = a["member"]
+        if is_start:
+            if t < until:
+                lat = {x: now_latency(x, t) for x in ("fast", "slow")}
+                cost = {x: lat[x] * (in_flight[x] + 1) for x in ("fast", "slow")}
+                seen["fast"].append(lat["fast"])
+                seen["slow"].append(lat["slow"])
+                seen["fast_in_flight"].append(in_flight["fast"])
+                seen["slow_in_flight"].append(in_flight["slow"])
+                slow_cheaper += cost["slow"] <= cost["fast"]
+            in_flight[m] += 1
+            continue
+        in_flight[m] -= 1
+        sample = a["end"] - a["start"]
+        at = ewma_at[m]
+        if at is None or sample > ewma[m]:
+            ewma[m] = sample  # peak: a slower sample counts at once
+        else:
+            keep = math.exp(-max(0.0, t - at) / LATENCY_DECAY_S)
+            ewma[m] = ewma[m] * keep + sample * (1.0 - keep)
+        ewma_at[m] = t
+    picks = len(seen["fast"]) or 1
+    fast_samples = [a["end"] - a["start"] for a in attempts if a["member"] == "fast" and a["start"] < until]
+    return {
+        "picks": len(seen["fast"]),
+        "fast_attempt_p50_ms": 1000 * percentile(fast_samples, 50),
+        "fast_attempt_p90_ms": 1000 * percentile(fast_samples, 90),
+        "fast_ewma_p50_ms": 1000 * percentile(seen["fast"], 50),
+        "slow_ewma_p50_ms": 1000 * percentile(seen["slow"], 50),
+        "fast_in_flight_mean": sum(seen["fast_in_flight"]) / picks,
+        "slow_in_flight_mean": sum(seen["slow_in_flight"]) / picks,
+        "slow_cost_not_above_fast": slow_cheaper / picks,
+    }
+
+
+def share_by_phase(deliveries: list[dict[str, Any]], t0: float, end_s: float) -> dict[str, dict[str, float]]:
+    """Each member's share of the deliveries in each phase of the flaky member's timeline."""
+    edges = {
+        "0-6 s flaky 451s": (0.0, REFUSE_AT_S),
+        "6-12 s flaky refuses": (REFUSE_AT_S, HANG_AT_S),
+        "12-18 s flaky hangs": (HANG_AT_S, HEALTHY_AT_S),
+        f"18-{end_s:.0f} s flaky healthy": (HEALTHY_AT_S, end_s),
+    }
+    out = {}
+    for label, (lo, hi) in edges.items():
+        inside = [d for d in deliveries if lo <= d["timestamp"] - t0 < hi]
+        out[label] = {
+            m: round(sum(d["member"] == m for d in inside) / (len(inside) or 1), 3) for m in MEMBERS
+        }
+    return out
 
 
 def analyse(raw: Raw) -> dict[str, Any]:
@@ -569,6 +646,7 @@ def analyse(raw: Raw) -> dict[str, Any]:
         "over_slow": sum(x > SLOW_DELAY_S for x in latencies),
         "share": {m: by_member[m] / total for m in MEMBERS},
         "deliveries_per_member": by_member,
+        "share_by_phase": share_by_phase(deliveries, raw.t0, raw.load_s),
         "received_per_member": {m: len(recs) for m, recs in raw.upstreams.items()},
         "retried_deliveries_per_member": after_ok,
         "attempt_p50_ms": {m: 1000 * percentile(v, 50) for m, v in durations.items()},
@@ -576,6 +654,7 @@ def analyse(raw: Raw) -> dict[str, Any]:
         "refuse": outage(raw.attempts, raw.events, raw.marks["refuse"], raw.marks["hang"]),
         "hang": outage(raw.attempts, raw.events, raw.marks["hang"], raw.marks["healthy"]),
         "ramp": ramp(deliveries, raw.events, raw.marks["healthy"]),
+        "least_latency_view": replay_least_latency(raw.attempts, raw.marks["refuse"]),
         "load_s": raw.load_s,
         "sender_behind_s": raw.tally.behind_s,
         "drain_wait_s": raw.drain_wait_s,
@@ -612,21 +691,25 @@ RAMP_SHOWN = (1, 3, 5, 7, 9)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """One row per policy, ready for bench/README.md. Times are seconds after the event named."""
     print(
-        "\n| policy | delivered | lost | dup | p50 ms | p99 ms | p99 ms before t=6 s | share fast / slow / flaky %"
-        " | refuse: last new attempt s (attempts) | hang: last new attempt s (attempts)"
-        " | back: flaky share % at +" + " / +".join(str(k) for k in RAMP_SHOWN) + " s |"
+        "\n| policy | delivered | lost | dup | p50 ms | p99 ms | p99 ms, accepted before t=6"
+        " | share fast / slow / flaky %"
+        " | refused at t=6: last new attempt (attempts) | hung at t=12: let in, last new attempt (attempts)"
+        " | healthy at t=18: let in; flaky share % at +" + "/+".join(str(k) for k in RAMP_SHOWN) + " s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for r in rows:
         share = " / ".join(f"{100 * r['share'][m]:.1f}" for m in MEMBERS)
-        ref, hang, back = r["refuse"], r["hang"], r["ramp"]["share_per_second"]
+        ref, hang, back = r["refuse"], r["hang"], r["ramp"]
+        hang_in = hang["member_up_s"][0] if hang["member_up_s"] else None
+        shares = " / ".join(_pct(back["share_per_second"][k]) for k in RAMP_SHOWN)
         print(
             f"| {r['policy']} | {r['delivered']} | {r['lost']} | {r['duplicates']} | {r['p50_ms']:.1f}"
             f" | {r['p99_ms']:.0f} | {r['before_refuse_p99_ms']:.0f} | {share}"
-            f" | {_s(ref['last_attempt_s'])} ({ref['attempts_started']})"
-            f" | {_s(hang['last_attempt_s'])} ({hang['attempts_started']})"
-            f" | {' / '.join(_pct(back[k]) for k in RAMP_SHOWN)} |"
+            f" | +{_s(ref['last_attempt_s'] or 0.0)} s ({ref['attempts_started']})"
+            f" | +{_s(hang_in)} s, +{_s(hang['last_attempt_s'])} s ({hang['attempts_started']})"
+            f" | +{_s(back['member_up_s'])} s; {shares} |"
         )
 
 
@@ -650,6 +733,8 @@ def print_details(rows: list[dict[str, Any]]) -> None:
         print(f"  refuse: {r['refuse']}", file=sys.stderr)
         print(f"  hang: {r['hang']}", file=sys.stderr)
         print(f"  ramp: {r['ramp']}", file=sys.stderr)
+        print(f"  least_latency_view: {r['least_latency_view']}", file=sys.stderr)
+        print(f"  share_by_phase: {r['share_by_phase']}", file=sys.stderr)
         for e in r["member_events"]:
             print(f"    t={e['t_s']:6.2f} {e['type']:10} {e['member']}: {e['reason']}", file=sys.stderr)
 
@@ -662,9 +747,8 @@ def problems_of(rows: list[dict[str, Any]]) -> list[str]:
         if r["duplicates"]:
             problems.append(f"{r['policy']}: {r['duplicates']} duplicate deliveries")
         if r["client_errors"] or r["refused_at_ingress"]:
-            problems.append(
-                f"{r['policy']}: ingress refused {r['refused_at_ingress']}, client errors {len(r['client_errors'])}"
-            )
+            refused, errors = r["refused_at_ingress"], len(r["client_errors"])
+            problems.append(f"{r['policy']}: ingress refused {refused}, client errors {errors}")
     return problems
 
 

@@ -48,6 +48,9 @@ class Pool:
     def _back(self, m: Member, now: float, reason: str) -> None:
         if self.settings.slow_start > 0:
             m.ramp_started = now
+        # What it measured before it went out says little about it now: it starts afresh, held back by
+        # slow start and by the unknown-latency penalty once it has attempts in flight.
+        m.ewma_latency_s, m.ewma_at = 0.0, None
         self._on_change(m, True, reason)
 
     def record_success(self, member: Member, now: float) -> None:

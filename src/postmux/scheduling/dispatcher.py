@@ -235,7 +235,11 @@ class Dispatcher:
         self._observe(pool.name, member.name, elapsed)
         now = self.clock()
         member.attempts += 1
-        member.observe_latency(elapsed, now, pool.settings.latency_decay)
+        if outcome.failure is not FailureKind.LOCAL:
+            # Only answered attempts say how fast a member works. A timeout or a refusal is the health
+            # rules' business; counted as latency it would keep a recovered member starved long after
+            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks).
+            member.observe_latency(elapsed, now, pool.settings.latency_decay)
         if outcome.failure is not None:
             member.last_error = str(next(iter(outcome.replies.values()), ""))
             pool.record_failure(member, now, outcome.failure)
