@@ -130,28 +130,37 @@ def members(
     _admin(config, url, token).show_members(as_json=json or not sys.stdout.isatty())
 
 
+NameArgument = Annotated[str, typer.Argument(help="The member's name (in every pool that has it).")]
+
+
 @app.command()
 def drain(
-    name: str,
+    name: NameArgument,
     config: OptionalConfig = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonOption = False,
 ) -> None:
     """Stop giving a member new work; what it has in flight finishes."""
-    _admin(config, url, token).post(f"/members/{name}/drain", as_json=json or not sys.stdout.isatty())
+    _member_verb("drain", name, config, url, token, json)
 
 
 @app.command()
 def enable(
-    name: str,
+    name: NameArgument,
     config: OptionalConfig = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonOption = False,
 ) -> None:
     """Give a drained member work again."""
-    _admin(config, url, token).post(f"/members/{name}/enable", as_json=json or not sys.stdout.isatty())
+    _member_verb("enable", name, config, url, token, json)
+
+
+def _member_verb(
+    verb: str, name: str, config: Path | None, url: str | None, token: str | None, json: bool
+) -> None:
+    _admin(config, url, token).post(f"/members/{name}/{verb}", as_json=json or not sys.stdout.isatty())
 
 
 @app.command()
