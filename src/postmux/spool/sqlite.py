@@ -102,7 +102,11 @@ class SqliteSpool:
                     stop = True
                     break
                 batch.append(nxt)  # type: ignore[arg-type]
-            self._commit_batch(conn, batch)
+            # A caller that gave up (its task was cancelled) before its turn is not run at all; the rest
+            # are marked running, which makes them uncancellable, so their results can always be set.
+            batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
+            if batch:
+                self._commit_batch(conn, batch)
             if stop:
                 self._refuse_late_jobs()
                 conn.close()
@@ -115,7 +119,7 @@ class SqliteSpool:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not _STOP:
+            if job is not _STOP and job[1].set_running_or_notify_cancel():  # type: ignore[index]
                 job[1].set_exception(SpoolError("spool is closing"))  # type: ignore[index]
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:

@@ -142,3 +142,21 @@ async def test_calls_on_a_closed_spool_fail_clearly(tmp_path: Path) -> None:
     spool = SqliteSpool(tmp_path / "s.db")
     with pytest.raises(SpoolError, match="not open"):
         await spool.counts()
+
+
+async def test_a_caller_cancelled_while_waiting_does_not_stop_the_spool(tmp_path: Path) -> None:
+    # A cancelled waiter (a client gone, a shutdown) once killed the writer thread with InvalidStateError
+    # when its result arrived, and every later request then waited forever.
+    spool = await open_spool(tmp_path / "s.db")
+    waiters = [
+        asyncio.ensure_future(spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 0))
+        for _ in range(50)
+    ]
+    await asyncio.sleep(0)
+    for w in waiters[::2]:
+        w.cancel()
+    await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), timeout=5)
+    counts = await asyncio.wait_for(spool.counts(), timeout=5)
+    assert 25 <= counts["leased"] <= 50  # the cancelled ones may or may not have been stored
+    assert spool._thread is not None and spool._thread.is_alive()
+    await spool.close()
