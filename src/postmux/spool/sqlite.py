@@ -106,11 +106,20 @@ class SqliteSpool:
             # are marked running, which makes them uncancellable, so their results can always be set.
             batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
             if batch:
-                self._commit_batch(conn, batch)
+                self._commit_safely(conn, batch)
             if stop:
                 self._refuse_late_jobs()
                 conn.close()
                 return
+
+    def _commit_safely(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """The one writer must outlive any surprise: a batch that breaks fails its callers, the next runs."""
+        try:
+            self._commit_batch(conn, batch)
+        except Exception as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(SpoolError(f"spool writer failed: {e}"))
 
     def _refuse_late_jobs(self) -> None:
         """Requests queued behind the stop get a clear error instead of waiting forever."""
