@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import structlog
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
@@ -190,7 +190,7 @@ class App:
                 log.warning("queue count failed", error=str(e))
             await asyncio.sleep(2.0)
 
-    def _live_gauges(self) -> Iterable[GaugeMetricFamily]:
+    def _live_gauges(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         queue = GaugeMetricFamily(
             "postmux_queue_messages", "Recipients in the spool by state", labels=["state"]
         )
@@ -212,4 +212,9 @@ class App:
                 up.add_metric(labels, 0 if (m.draining or not m.healthy(now)) else 1)
                 conns.add_metric(labels, self.transports[(pool.name, m.name)].connections)
                 in_flight.add_metric(labels, m.in_flight)
-        return [queue, up, conns, in_flight]
+        commits = CounterMetricFamily(
+            "postmux_spool_commits",
+            "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
+        )
+        commits.add_metric([], self.spool.commits)
+        return [queue, up, conns, in_flight, commits]

@@ -51,6 +51,7 @@ async def test_metrics_count_receptions_deliveries_and_member_state(tmp_path: Pa
     assert ("postmux_member_connections", (("member", "a"), ("pool", "default"))) in got
     assert got[("postmux_delivery_duration_seconds_count", (("member", "a"), ("pool", "default")))] == 10
     assert any(name == "postmux_queue_messages" for name, _ in got)
+    assert 1 <= got[("postmux_spool_commits_total", ())] <= 40  # 10 stores and their outcomes, grouped
     # never a message id or a recipient as a label
     assert "m1" not in response.text and "user@dest.test" not in response.text
     await up.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from postmux.events.types import Event, EventType
@@ -21,10 +21,10 @@ _RESULT = {
 class _LiveGauges(Collector):
     """Gauges read at scrape time from whoever owns the state (queue counts, member state)."""
 
-    def __init__(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+    def __init__(self, sample: Callable[[], Iterable[Metric]]) -> None:
         self._sample = sample
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         return self._sample()
 
 
@@ -52,7 +52,7 @@ class Metrics:
         )
         self._last_reception = ""
 
-    def add_live(self, sample: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+    def add_live(self, sample: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_LiveGauges(sample))
 
     def __call__(self, event: Event) -> None:

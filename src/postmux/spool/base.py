@@ -82,6 +82,8 @@ class Spool(Protocol):
     (fsync'd); concurrent callers share commits (group commit), so latency is one commit, not a queue.
     """
 
+    commits: int  # transactions committed so far: each one fsync
+
     async def open(self) -> int:
         """Create or open the store and recover: work leased by a process that died is queued again.
 
