@@ -230,6 +230,8 @@ class RouteMatch(_Frozen):
     sender_domain: str | None = None
     recipient_domain: str | None = None
     client_network: str | None = None
+    # The value of the message's X-Postmux-Pool header (which postmux removes before delivery).
+    pool_header: str | None = None
 
     @field_validator("client_network")
     @classmethod
@@ -243,8 +245,10 @@ class RouteMatch(_Frozen):
 
     @model_validator(mode="after")
     def _something(self) -> RouteMatch:
-        if not (self.sender_domain or self.recipient_domain or self.client_network):
-            raise ValueError("a route needs at least one of sender_domain, recipient_domain, client_network")
+        if not (self.sender_domain or self.recipient_domain or self.client_network or self.pool_header):
+            raise ValueError(
+                "a route needs at least one of sender_domain, recipient_domain, client_network, pool_header"
+            )
         return self
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from postmux.app import App
@@ -14,6 +15,7 @@ from tests.support import (
     always,
     free_port,
     make_settings,
+    message,
     read_events,
     send,
     send_many,
@@ -231,4 +233,34 @@ async def test_priority_pool_uses_backup_only_while_primaries_are_down(tmp_path:
         await wait_until(lambda: sum(r.test_id.startswith("back") for r in p1.received + p2.received) == 30)
     assert {r.test_id[:4] for r in backup.received} == {"down"}
     for u in (p1, p2, backup):
+        await u.stop()
+
+
+async def test_pool_header_routes_the_message_and_never_reaches_the_member(tmp_path: Path) -> None:
+    main, bulk = await Upstream("main").start(), await Upstream("bulk").start()
+    pools = [
+        {"name": "default", "members": [member("main", main.address)]},
+        {"name": "bulk", "members": [member("bulk", bulk.address)]},
+    ]
+    settings = make_settings(tmp_path, pools)
+    route = make_route({"match": {"pool_header": "Bulk"}, "pool": "bulk"})
+    settings = settings.model_copy(update={"route": (route,)})
+    async with App(settings) as app:
+        for test_id, header in (("h1", "bulk"), ("h2", "other"), ("h3", "")):
+            data = message(test_id)
+            if header:
+                data = data.replace(b"Subject:", f"X-Postmux-Pool: {header}\r\nSubject:".encode(), 1)
+            await aiosmtplib.send(
+                data,
+                sender="app@example.com",
+                recipients=["u@dest.test"],
+                hostname="127.0.0.1",
+                port=app.smtp_port,
+                local_hostname="client.test",
+            )
+        await wait_until(lambda: total_received(main, bulk) == 3)
+    assert [r.test_id for r in bulk.received] == ["h1"]
+    assert sorted(r.test_id for r in main.received) == ["h2", "h3"]
+    assert all(b"x-postmux-pool" not in r.data.lower() for r in main.received + bulk.received)
+    for u in (main, bulk):
         await u.stop()

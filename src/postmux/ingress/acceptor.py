@@ -13,9 +13,12 @@ from email.utils import formatdate
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.headers import take_header
 from postmux.scheduling.dispatcher import Dispatcher
 from postmux.scheduling.router import Router
 from postmux.spool.base import Spool
+
+POOL_HEADER = "X-Postmux-Pool"
 
 
 class Acceptor:
@@ -38,8 +41,13 @@ class Acceptor:
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not."""
         sender_domain = envelope.sender_domain
+        # The pool header is a request to postmux, not part of the mail: it never reaches a member.
+        data, requested = take_header(envelope.data, POOL_HEADER)
+        if requested:
+            envelope = replace(envelope, data=data)
+        pool_header = requested[-1] if requested else ""
         pools = {
-            rcpt: self.router.pool_for(sender_domain, domain_of(rcpt), envelope.client_ip)
+            rcpt: self.router.pool_for(sender_domain, domain_of(rcpt), envelope.client_ip, pool_header)
             for rcpt in envelope.recipients
         }
         now = self.clock()

@@ -14,8 +14,11 @@ class _Rule:
     sender_domain: str | None
     recipient_domain: str | None
     client_network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    pool_header: str | None
 
-    def matches(self, sender_domain: str, recipient_domain: str, client_ip: str) -> bool:
+    def matches(self, sender_domain: str, recipient_domain: str, client_ip: str, pool_header: str) -> bool:
+        if self.pool_header is not None and pool_header.lower() != self.pool_header:
+            return False
         if self.sender_domain is not None and sender_domain != self.sender_domain:
             return False
         if self.recipient_domain is not None and recipient_domain != self.recipient_domain:
@@ -36,6 +39,7 @@ def _rule(route: RouteSettings) -> _Rule:
         sender_domain=m.sender_domain.lower() if m.sender_domain else None,
         recipient_domain=m.recipient_domain.lower() if m.recipient_domain else None,
         client_network=ipaddress.ip_network(m.client_network, strict=False) if m.client_network else None,
+        pool_header=m.pool_header.lower() if m.pool_header else None,
     )
 
 
@@ -44,8 +48,10 @@ class Router:
         self._rules = [_rule(r) for r in settings.route]
         self.default_pool = settings.default_pool
 
-    def pool_for(self, sender_domain: str, recipient_domain: str, client_ip: str = "") -> str:
+    def pool_for(
+        self, sender_domain: str, recipient_domain: str, client_ip: str = "", pool_header: str = ""
+    ) -> str:
         for rule in self._rules:
-            if rule.matches(sender_domain, recipient_domain, client_ip):
+            if rule.matches(sender_domain, recipient_domain, client_ip, pool_header):
                 return rule.pool
         return self.default_pool
