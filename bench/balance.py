@@ -184,18 +184,10 @@ def postmux_settings(policy: str, addresses: dict[str, str], workdir: Path) -> d
 
 def child_main(settings: dict[str, Any], workdir: str, conn: Connection) -> None:
     """Entry point of the postmux process: run the App until the parent says stop."""
-    import structlog
+    from postmux.logs import configure_logging
 
     log_file = Path(workdir, "postmux.log").open("a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=log_file),
-    )
+    configure_logging(file=log_file)
     uvloop.run(_child(settings, Path(workdir), conn))
 
 

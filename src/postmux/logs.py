@@ -1,13 +1,15 @@
-"""structlog set-up: one JSON object per line on stderr for operators' log shippers."""
+"""structlog set-up: one JSON object per line (stderr by default) for operators' log shippers."""
 
 from __future__ import annotations
 
 import logging
+import sys
+from typing import TextIO
 
-import structlog
 
+def configure_logging(level: int = logging.INFO, file: TextIO | None = None) -> None:
+    import structlog
 
-def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     structlog.configure(
         processors=[
@@ -17,6 +19,6 @@ def configure_logging(level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=__import__("sys").stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stderr),
         cache_logger_on_first_use=True,
     )
