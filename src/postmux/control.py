@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from postmux.balancing.pool import Pool
-from postmux.config import ConfigError, Settings, load_config
+from postmux.config import ConfigError, MemberSettings, Settings, load_config
 from postmux.delivery.relay import RelayTransport
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
@@ -150,15 +150,21 @@ class Control:
             for m in pool.members:
                 key = (pool.name, m.name)
                 old = app.transports.get(key)
-                if (
-                    isinstance(old, RelayTransport)
-                    and old.member == m.settings
-                    and old.delivery == settings.delivery
-                ):
+                if isinstance(old, RelayTransport) and _same_connections(old, m.settings, settings):
+                    old.member = m.settings  # weight and limits live on the member; connections stay
                     continue
                 app.transports[key] = RelayTransport(m.settings, settings.delivery, hostname)
                 if old is not None:
                     app.retire_transport(old)
+
+
+def _same_connections(transport: RelayTransport, member: MemberSettings, settings: Settings) -> bool:
+    """Whether the open connections still fit: same place, same per-connection limit, same timeouts."""
+    return (
+        transport.member.address == member.address
+        and transport.member.max_messages_per_connection == member.max_messages_per_connection
+        and transport.delivery == settings.delivery
+    )
 
 
 def member_state(m: Any, now: float) -> str:

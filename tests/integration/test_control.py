@@ -110,8 +110,10 @@ async def test_reload_with_new_weights_changes_the_shares(tmp_path: Path, upstre
         await send_many(app.smtp_port, [f"x{i}" for i in range(40)], concurrency=4)
         await wait_until(lambda: len(a.received) + len(b.received) == 40)
         assert len(a.received) == len(b.received) == 20
+        transport = app.transports[("default", "a")]
         write_config(cfg, tmp_path, [("a", a.address, 4), ("b", b.address, 1)])
         response = await client.post("/reload")
+        assert app.transports[("default", "a")] is transport  # a new weight keeps the open connections
         assert response.status_code == 200, response.text
         assert response.json()["changes"] == ["default/a: weight 1 -> 4"]
         await send_many(app.smtp_port, [f"y{i}" for i in range(100)], concurrency=4)
