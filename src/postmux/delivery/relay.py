@@ -113,9 +113,13 @@ class RelayTransport:
         )
         await client.connect(timeout=self.delivery.connect_timeout)
         try:
-            await client.ehlo()
-        except aiosmtplib.SMTPHeloError:
-            await client.helo()
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+        except BaseException:
+            client.close()
+            raise
         return _Connection(client)
 
     async def _deliver_on(self, conn: _Connection, work: WorkItem) -> AttemptOutcome:
