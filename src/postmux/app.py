@@ -20,7 +20,6 @@ from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
 from postmux.config import Settings
 from postmux.control import Control, ReloadResult
-from postmux.delivery.relay import RelayTransport
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
@@ -57,13 +56,8 @@ class App:
         self.spool = make_spool(settings.spool)
         self.router = Router(settings)
         self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
-        self.transports: dict[tuple[str, str], MemberTransport] = {
-            (pool.name, m.name): RelayTransport(
-                m.settings, settings.delivery, settings.delivery.ehlo_hostname or settings.smtp.hostname
-            )
-            for pool in self.pools.values()
-            for m in pool.members
-        }
+        # Filled by Control.sync_transports below, the same path a reload takes.
+        self.transports: dict[tuple[str, str], MemberTransport] = {}
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -79,6 +73,7 @@ class App:
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
         )
         self.control = Control(self, config_path)
+        self.control.sync_transports(settings)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.http = HttpServer(
@@ -143,7 +138,7 @@ class App:
 
     def sync_checkers(self) -> None:
         """One active health checker per pool with checks enabled, following reloads."""
-        hostname = self.settings.delivery.ehlo_hostname or self.settings.smtp.hostname
+        hostname = self.settings.ehlo_hostname
         for name, pool in self.pools.items():
             checker = self.checkers.get(name)
             enabled = pool.settings.check.enabled

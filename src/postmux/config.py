@@ -281,6 +281,11 @@ class Settings(_Frozen):
         return self
 
     @property
+    def ehlo_hostname(self) -> str:
+        """The name postmux gives itself toward members: [delivery] ehlo_hostname, else [smtp] hostname."""
+        return self.delivery.ehlo_hostname or self.smtp.hostname
+
+    @property
     def default_pool(self) -> str:
         return "default" if any(p.name == "default" for p in self.pool) else self.pool[0].name
 

@@ -65,7 +65,7 @@ class Control:
             "address": m.settings.address,
             "state": member_state(m, now),
             "weight": m.weight,
-            "effective_weight": round(m.weight * m.ramp(now, pool.settings.slow_start), 2),
+            "effective_weight": round(pool.effective_weight(m, now), 2),
             "max_connections": m.max_connections,
             "connections": transport.connections if transport else 0,
             "in_flight": m.in_flight,
@@ -133,7 +133,7 @@ class Control:
                 m.removed = True
             del app.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
             changes.append(f"{name}: removed")
-        self._sync_transports(settings)
+        self.sync_transports(settings)
         router = Router(settings)
         app.router = app.acceptor.router = app.dispatcher.router = router
         app.dispatcher.settings = settings
@@ -143,9 +143,10 @@ class Control:
         app.dispatcher.wake()
         return changes
 
-    def _sync_transports(self, settings: Settings) -> None:
+    def sync_transports(self, settings: Settings) -> None:
+        """One transport per pool member; kept while its connections still fit, else replaced."""
         app = self.app
-        hostname = settings.delivery.ehlo_hostname or settings.smtp.hostname
+        hostname = settings.ehlo_hostname
         for pool in app.pools.values():
             for m in pool.members:
                 key = (pool.name, m.name)

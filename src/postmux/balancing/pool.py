@@ -127,7 +127,7 @@ class Pool:
         best = min(m.tier for m in members)
         tier = [m for m in members if m.tier == best]
         for m in tier:
-            m.effective_weight = m.weight * m.ramp(now, self.settings.slow_start)
+            m.effective_weight = self.effective_weight(m, now)
             m.latency_now_s = m.latency_at(now, self.settings.latency_decay)
         return tier
 
@@ -138,6 +138,10 @@ class Pool:
         if not self.in_panic(now):
             live = [m for m in live if m.healthy(now)]
         return self._best_tier(live, now)
+
+    def effective_weight(self, m: Member, now: float) -> float:
+        """Weight after slow start."""
+        return m.weight * m.ramp(now, self.settings.slow_start)
 
     def max_connections(self, m: Member, now: float) -> int:
         """Slow start ramps connections too (as HAProxy's slowstart does with maxconn)."""
