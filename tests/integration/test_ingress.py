@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 
 from postmux.app import App
-from tests.support import Upstream, make_settings, message, wait_until
+from tests.support import Upstream, make_settings, message, send, wait_until
 
 
 async def dialogue(port: int, lines: list[bytes], pipelined: bool = False) -> list[str]:
@@ -144,27 +144,13 @@ async def test_spool_failure_gives_451_and_nothing_is_stored(app: App, tmp_path:
     )
     db.commit()
     with pytest.raises(aiosmtplib.SMTPDataError) as caught:
-        await aiosmtplib.send(
-            message("f1"),
-            sender="a@example.com",
-            recipients=["u@dest.test"],
-            hostname="127.0.0.1",
-            port=app.smtp_port,
-            local_hostname="c.test",
-        )
+        await send(app.smtp_port, "f1", sender="a@example.com", to=["u@dest.test"])
     assert caught.value.code == 451 and caught.value.message.startswith("4.3.0")
     assert queued(tmp_path) == 0
     db.execute("DROP TRIGGER fail")
     db.commit()
-    reply = await aiosmtplib.send(
-        message("f2"),
-        sender="a@example.com",
-        recipients=["u@dest.test"],
-        hostname="127.0.0.1",
-        port=app.smtp_port,
-        local_hostname="c.test",
-    )
-    assert "queued as" in reply[1]
+    reply = await send(app.smtp_port, "f2", sender="a@example.com", to=["u@dest.test"])
+    assert "queued as" in reply
 
 
 async def test_smtputf8_message_is_accepted_and_delivered_as_utf8(app: App) -> None:
