@@ -132,11 +132,11 @@ class RecordingTransport:
         self.member = member
         self.attempts = attempts
 
-    async def deliver(self, work: Any) -> Any:
+    async def deliver(self, work: Any, *, per_connection: int | None = None) -> Any:
         start = time.time()
         result = "crash"
         try:
-            outcome = await self.inner.deliver(work)
+            outcome = await self.inner.deliver(work, per_connection=per_connection)
             result = "ok" if outcome.failure is None else str(outcome.failure)
             return outcome
         finally:

@@ -20,6 +20,7 @@ from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
 from postmux.config import Settings
 from postmux.control import Control, ReloadResult
+from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
@@ -29,7 +30,9 @@ from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
+from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
+from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.factory import make_spool
 
 log = structlog.get_logger("postmux.app")
@@ -56,6 +59,7 @@ class App:
         self.spool = make_spool(settings.spool)
         self.router = Router(settings)
         self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
+        self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
         # Filled by Control.sync_transports below, the same path a reload takes.
         self.transports: dict[tuple[str, str], MemberTransport] = {}
         self.dispatcher = Dispatcher(
@@ -68,6 +72,8 @@ class App:
             observe_attempt=self.metrics.observe_attempt,
             clock=clock,
             limits=limits or DispatchLimits(),
+            resolver=self.resolver,
+            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.json")),
         )
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock

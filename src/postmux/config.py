@@ -9,6 +9,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -137,28 +138,100 @@ class EventSettings(_Frozen):
     log: str = "var/events.jsonl"
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_rate(value: Any) -> float:
+    """'300/min', '10000/h', '5/s' -> messages per second."""
+    m = _RATE.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"{value!r} is not a rate such as '300/min', '10000/h' or '5/s'")
+    per_s = float(m.group(1)) / _RATE_UNITS[m.group(2)[0]]
+    if per_s <= 0:
+        raise ValueError("a rate must be above 0")
+    return per_s
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+
+
+class WarmupSettings(_Frozen):
+    """IP warm-up: day N of the schedule (day 1 is `start`) allows `days[N-1]` messages; after the
+    last day the member is warm and has no cap. `provider` gives some providers a schedule of their own."""
+
+    start: date
+    days: tuple[int, ...] = Field(min_length=1)
+    provider: dict[str, tuple[int, ...]] = {}
+    # Where mail goes once every member that could take it is at its cap; none: the pool's other members.
+    overflow_pool: str | None = None
+
+    @field_validator("days")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 0 for n in v):
+            raise ValueError("a day's cap cannot be negative")
+        return v
+
+
+MemberKind = Literal["relay", "source"]
+
+
 class MemberSettings(_Frozen):
     name: str = Field(min_length=1)
-    address: str
+    # relay: hand mail to the SMTP server at `address`; source: deliver straight to each domain's MX,
+    # connecting from the local `source_address`.
+    kind: MemberKind = "relay"
+    address: str | None = None
+    source_address: str | None = None
+    # The EHLO name this member gives (a source IP's name should match its PTR record); else [delivery]'s.
+    ehlo_hostname: str | None = None
     weight: int = Field(default=1, ge=0, le=10_000)
     max_connections: int = Field(default=10, gt=0)
     max_messages_per_connection: int | None = Field(default=None, gt=0)
     backup: bool = False
     priority: int = Field(default=0, ge=0)
+    warmup: WarmupSettings | None = None
 
     @field_validator("address")
     @classmethod
-    def _address(cls, v: str) -> str:
-        split_hostport(v)
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
         return v
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> MemberSettings:
+        if self.kind == "relay" and self.address is None:
+            raise ValueError("a relay member needs an address (host:port)")
+        if self.kind == "source" and self.source_address is None:
+            raise ValueError("a source member needs a source_address (a local IP to send from)")
+        if self.kind == "source" and self.address is not None:
+            raise ValueError("a source member delivers to each domain's MX: it takes no address")
+        return self
+
+    @property
+    def target(self) -> str:
+        """Where this member sends: its relay's host:port, or 'MX from <source address>'."""
+        return self.address or f"MX from {self.source_address}"
 
     @property
     def host(self) -> str:
-        return split_hostport(self.address)[0]
+        return split_hostport(self.address or "")[0]
 
     @property
     def port(self) -> int:
-        return split_hostport(self.address)[1]
+        return split_hostport(self.address or "")[1]
 
 
 PolicyName = Literal["round_robin", "weighted", "least_connections", "least_latency", "hash", "priority"]
@@ -223,7 +296,14 @@ class PoolSettings(_Frozen):
             seen.add(m.name)
         if not any(m.weight > 0 for m in self.members):
             raise ValueError("at least one member needs a weight above 0")
+        if len({m.kind for m in self.members}) > 1:
+            # A relay and a source IP reach different places for the same mail; one pool, one kind.
+            raise ValueError("a pool's members are all relays or all sources, not both")
         return self
+
+    @property
+    def kind(self) -> MemberKind:
+        return self.members[0].kind
 
 
 class RouteMatch(_Frozen):
@@ -232,6 +312,8 @@ class RouteMatch(_Frozen):
     client_network: str | None = None
     # The value of the message's X-Postmux-Pool header (which postmux removes before delivery).
     pool_header: str | None = None
+    # The user the client authenticated as (SMTP AUTH); unauthenticated mail never matches.
+    auth_user: str | None = None
 
     @field_validator("client_network")
     @classmethod
@@ -245,9 +327,16 @@ class RouteMatch(_Frozen):
 
     @model_validator(mode="after")
     def _something(self) -> RouteMatch:
-        if not (self.sender_domain or self.recipient_domain or self.client_network or self.pool_header):
+        if not (
+            self.sender_domain
+            or self.recipient_domain
+            or self.client_network
+            or self.pool_header
+            or self.auth_user
+        ):
             raise ValueError(
-                "a route needs at least one of sender_domain, recipient_domain, client_network, pool_header"
+                "a route needs at least one of sender_domain, recipient_domain, client_network, "
+                "pool_header, auth_user"
             )
         return self
 
@@ -255,6 +344,124 @@ class RouteMatch(_Frozen):
 class RouteSettings(_Frozen):
     match: RouteMatch
     pool: str
+
+
+class DnsSettings(_Frozen):
+    """How source members find a domain's mail servers."""
+
+    # Resolvers to ask, "ip" or "ip:port"; empty: the system's (/etc/resolv.conf).
+    nameservers: tuple[str, ...] = ()
+    timeout: Duration = 5.0
+    # Answers are cached for their TTL, but at least min_ttl and at most max_ttl.
+    min_ttl: Duration = 30.0
+    max_ttl: Duration = 3600.0
+    # A domain that does not exist is remembered this long (RFC 2308's negative caching).
+    negative_ttl: Duration = 300.0
+    # The port MX hosts listen on (25; another for tests and private networks).
+    mx_port: int = Field(default=25, gt=0, le=65535)
+    # domain -> the mail servers to use instead of asking DNS, "host:port", best first.
+    overrides: dict[str, tuple[str, ...]] = {}
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in v:
+            host = split_hostport(ns)[0] if ns.count(":") == 1 or ns.startswith("[") else ns
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{ns!r}: a nameserver is an IP address, optionally with :port") from None
+        return v
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k.lower().rstrip("."): [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _hostports(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for domain, hosts in v.items():
+            if not hosts:
+                raise ValueError(f"{domain}: at least one host:port is needed")
+            for h in hosts:
+                split_hostport(h)
+        return v
+
+
+class ProviderSettings(_Frozen):
+    """A mailbox provider: destinations whose MX hosts end in one of `mx_suffixes` share one queue and one
+    set of limits (as KumoMTA's sites do); `domains` names its own domains, so relay pools, which never
+    look up MX records, can tell them too."""
+
+    name: str = Field(min_length=1)
+    mx_suffixes: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+
+class ShapingRule(_Frozen):
+    """Limits for traffic from a member to a destination. More specific rules win key by key:
+    member and destination, then destination, then member, then '*'."""
+
+    destination: str = "*"  # a provider's name, a domain, or '*' for every destination
+    pool: str | None = None
+    member: str | None = None
+    max_connections: int | None = Field(default=None, gt=0)
+    max_messages_per_connection: int | None = Field(default=None, gt=0)
+    max_recipients: int | None = Field(default=None, gt=0)
+    rate: Rate | None = None
+    # Messages that may go at once before the rate applies; 1 spaces them evenly.
+    burst: int = Field(default=1, gt=0)
+
+
+ReactionAction = Literal["suspend", "throttle"]
+
+
+class ReactionRule(_Frozen):
+    """What to do when a receiver answers a certain way (PowerMTA's backoff, KumoMTA's TSA rules).
+    Every given field must match: code, enhanced_code, text (a case-insensitive regex)."""
+
+    code: int | None = Field(default=None, ge=200, le=599)
+    enhanced_code: str | None = None
+    text: str | None = None
+    destination: str = "*"
+    # suspend: this member sends nothing to this destination for `duration`; its mail goes to the other
+    # members. throttle: the allowed rate and connections are multiplied by `factor`.
+    action: ReactionAction = "suspend"
+    duration: Duration = 300.0
+    factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+    @field_validator("text")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> ReactionRule:
+        if self.code is None and self.enhanced_code is None and self.text is None:
+            raise ValueError("a reaction needs at least one of code, enhanced_code, text")
+        return self
+
+
+class ShapingSettings(_Frozen):
+    default_providers: bool = True  # the shipped table of large mailbox providers
+    default_reactions: bool = True
+    # Automatic backoff: a deferral halves the allowed connections and rate of that member x destination;
+    # each delivery adds `aimd_increase` back, up to the configured limits, never below the floors.
+    aimd: bool = True
+    aimd_increase: Rate = 1 / 60
+    min_connections: int = Field(default=1, gt=0)
+    min_rate: Rate = 1 / 60
+    rule: tuple[ShapingRule, ...] = ()
+    reaction: tuple[ReactionRule, ...] = ()
+    provider: tuple[ProviderSettings, ...] = ()
 
 
 class Settings(_Frozen):
@@ -266,6 +473,8 @@ class Settings(_Frozen):
     events: EventSettings = EventSettings()
     pool: tuple[PoolSettings, ...] = Field(min_length=1)
     route: tuple[RouteSettings, ...] = ()
+    dns: DnsSettings = DnsSettings()
+    shaping: ShapingSettings = ShapingSettings()
 
     @model_validator(mode="after")
     def _pools(self) -> Settings:
@@ -278,6 +487,14 @@ class Settings(_Frozen):
                 raise ValueError(f"route[{i}].pool: no pool named {r.pool!r}")
         if len(self.pool) > 1 and "default" not in names:
             raise ValueError("with several pools, one must be named 'default' to take mail no route matches")
+        for p in self.pool:
+            for m in p.members:
+                overflow = m.warmup.overflow_pool if m.warmup else None
+                if overflow is not None and (overflow not in names or overflow == p.name):
+                    raise ValueError(f"pool {p.name!r}, member {m.name!r}: no other pool named {overflow!r}")
+        for i, rule in enumerate(self.shaping.rule):
+            if rule.pool is not None and rule.pool not in names:
+                raise ValueError(f"shaping.rule[{i}].pool: no pool named {rule.pool!r}")
         return self
 
     @property

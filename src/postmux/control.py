@@ -13,7 +13,8 @@ import structlog
 
 from postmux.balancing.pool import Pool
 from postmux.config import ConfigError, MemberSettings, Settings, load_config
-from postmux.delivery.relay import RelayTransport
+from postmux.delivery.smtp_client import SmtpTransport
+from postmux.scheduling.providers import Providers
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 
@@ -62,7 +63,7 @@ class Control:
         return {
             "pool": pool.name,
             "member": m.name,
-            "address": m.settings.address,
+            "address": m.settings.target,
             "state": member_state(m, now),
             "weight": m.weight,
             "effective_weight": round(pool.effective_weight(m, now), 2),
@@ -133,6 +134,8 @@ class Control:
                 m.removed = True
             del app.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
             changes.append(f"{name}: removed")
+        app.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        app.dispatcher.shaper.configure(settings.shaping)
         self.sync_transports(settings)
         router = Router(settings)
         app.router = app.acceptor.router = app.dispatcher.router = router
@@ -151,18 +154,21 @@ class Control:
             for m in pool.members:
                 key = (pool.name, m.name)
                 old = app.transports.get(key)
-                if isinstance(old, RelayTransport) and _same_connections(old, m.settings, settings):
+                if isinstance(old, SmtpTransport) and _same_connections(old, m.settings, settings):
                     old.member = m.settings  # weight and limits live on the member; connections stay
                     continue
-                app.transports[key] = RelayTransport(m.settings, settings.delivery, hostname)
+                resolver = app.resolver if m.settings.kind == "source" else None
+                app.transports[key] = SmtpTransport(m.settings, settings.delivery, hostname, resolver)
                 if old is not None:
                     app.retire_transport(old)
 
 
-def _same_connections(transport: RelayTransport, member: MemberSettings, settings: Settings) -> bool:
+def _same_connections(transport: SmtpTransport, member: MemberSettings, settings: Settings) -> bool:
     """Whether the open connections still fit: same place, same per-connection limit, same timeouts."""
     return (
         transport.member.address == member.address
+        and transport.member.source_address == member.source_address
+        and transport.member.ehlo_hostname == member.ehlo_hostname
         and transport.member.max_messages_per_connection == member.max_messages_per_connection
         and transport.delivery == settings.delivery
     )

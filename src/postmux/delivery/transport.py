@@ -22,6 +22,9 @@ class AttemptOutcome:
     replies: dict[int, Reply]
     failure: FailureKind | None
     remote: str
+    # The replies were made up here (no connection, timeout, DNS), not said by the receiver: shaping's
+    # reactions and AIMD listen only to what receivers say.
+    local: bool = False
 
     @property
     def member_failed(self) -> bool:
@@ -37,8 +40,11 @@ def judge(replies: dict[int, Reply]) -> FailureKind | None:
 
 
 class MemberTransport(Protocol):
-    async def deliver(self, work: WorkItem) -> AttemptOutcome:
-        """Run one transaction; never raises for anything the network or the server does."""
+    async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
+        """Run one transaction; never raises for anything the network or the server does.
+
+        `per_connection` caps messages per connection for this attempt's destination (shaping).
+        """
         ...
 
     def reap_idle(self, now: float) -> None:

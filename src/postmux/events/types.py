@@ -20,6 +20,7 @@ class EventType(enum.StrEnum):
     EXPIRATION = "Expiration"
     MEMBER_DOWN = "MemberDown"
     MEMBER_UP = "MemberUp"
+    SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
 
 
 _PREFIX = os.urandom(3).hex()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -21,13 +23,17 @@ from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.config import Settings
 from postmux.delivery.dsn import FailedRecipient, build_dsn
+from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import AttemptOutcome, MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
+from postmux.scheduling.providers import Providers
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
+from postmux.scheduling.shaping import Admission, Lane, Shaper
+from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import RecipientState, Settlement, Spool, SpoolError, WorkItem, WorkRecipient
 
 log = structlog.get_logger("postmux.dispatcher")
@@ -45,6 +51,22 @@ class DispatchLimits:
     reap_interval_s: float = 1.0
 
 
+@dataclass(slots=True)
+class _Gate:
+    """Which members shaping keeps from one destination right now, and until when."""
+
+    closed: set[str] = field(default_factory=set)  # may not start an attempt now, for any reason
+    away: set[str] = field(default_factory=set)  # suspended or at their warm-up cap: not worth waiting for
+    capped: list[Member] = field(default_factory=list)
+    next_turn: float = math.inf  # when a rate-limited lane may send again
+    reopen: float = math.inf  # when the first of the `away` members may send again
+
+
+def _next_utc_midnight(now: float) -> float:
+    tomorrow = datetime.fromtimestamp(now, UTC).date() + timedelta(days=1)
+    return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC).timestamp()
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -58,6 +80,8 @@ class Dispatcher:
         observe_attempt: Callable[[str, str, float], None] | None = None,
         clock: Clock = time.time,
         limits: DispatchLimits | None = None,
+        resolver: MxResolver | None = None,
+        warmup: WarmupLedger | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -76,6 +100,12 @@ class Dispatcher:
         self._attempts: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._accepting_work = True
+        self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
+        self.shaper = Shaper(settings.shaping)
+        self.warmup = warmup or WarmupLedger(None)
+        # Work for source pools whose domain's MX is being looked up, by (pool, domain).
+        self._parked: dict[tuple[str, str], list[WorkItem]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
 
     # -- intake --------------------------------------------------------------------------------------
 
@@ -92,6 +122,12 @@ class Dispatcher:
 
     def submit(self, items: Iterable[WorkItem], *, front: bool = False) -> None:
         for item in items:
+            if not item.destination:
+                destination = self._destination(item)
+                if destination is None:
+                    self._park(item)
+                    continue
+                item.destination = destination
             q = self._queues.get(item.queue)
             if q is None:
                 q = self._queues[item.queue] = deque()
@@ -101,6 +137,35 @@ class Dispatcher:
                 q.append(item)
             self._ready += 1
         self._wake.set()
+
+    def _destination(self, item: WorkItem) -> str | None:
+        """The item's shaping key; None while a source pool's MX answer is not known yet."""
+        if self._pool_of(item).settings.kind == "relay":
+            return self.resolver.providers.destination(item.domain)
+        plan = self.resolver.cached(item.domain)
+        return plan.destination if plan is not None else None
+
+    def _park(self, item: WorkItem) -> None:
+        key = (item.pool, item.domain)
+        self._ready += 1
+        waiting = self._parked.setdefault(key, [])
+        waiting.append(item)
+        if len(waiting) == 1:
+            task = asyncio.create_task(self._look_up(key), name=f"mx {item.domain}")
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _look_up(self, key: tuple[str, str]) -> None:
+        try:
+            destination = (await self.resolver.resolve(key[1])).destination
+        except Exception:  # the attempt will meet the same failure and say what it is
+            log.exception("MX lookup crashed", domain=key[1])
+            destination = key[1]
+        items = self._parked.pop(key, [])
+        self._ready -= len(items)
+        for item in items:
+            item.destination = destination
+        self.submit(items)
 
     def wake(self) -> None:
         """Look at the queues again now (a member was enabled, the configuration changed)."""
@@ -124,9 +189,10 @@ class Dispatcher:
         Work still in memory stays leased in the spool and is recovered at the next start.
         """
         self._accepting_work = False
-        for task in self._loops:
+        for task in [*self._loops, *self._lookups]:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._lookups, return_exceptions=True)
+        self.warmup.flush()
         if self._attempts:
             _, pending = await asyncio.wait(set(self._attempts), timeout=timeout_s)
             for task in pending:
@@ -141,10 +207,12 @@ class Dispatcher:
     async def _dispatch_loop(self) -> None:
         while True:
             self._wake.clear()
-            self._dispatch_ready()
-            # Wake on new work or a finished attempt; the timeout lets ejected members come back.
+            next_turn = self._dispatch_ready()
+            # Wake on new work, a finished attempt or a rate-limited lane's next turn; the timeout also
+            # lets ejected members come back.
+            timeout = min(0.5, max(0.001, next_turn - self.clock()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
     async def _scan_loop(self) -> None:
         while True:
@@ -168,28 +236,96 @@ class Dispatcher:
             now = time.monotonic()
             for transport in self.transports.values():
                 transport.reap_idle(now)
+            self.shaper.prune(self.clock())
+            self.warmup.flush()
 
-    def _dispatch_ready(self) -> None:
+    def _dispatch_ready(self) -> float:
+        """Start every attempt that may start now; returns when a rate-limited lane may go next."""
         now = self.clock()
+        next_turn = math.inf
         for name in list(self._queues):
             q = self._queues[name]
             while q and self._accepting_work:
                 item = q[0]
                 pool = self._pool_of(item)
-                member = pool.pick(self._hash_key(pool, item), now, item.tried)
+                gate = self._gate(pool, item.destination, now)
+                member = pool.pick(self._hash_key(pool, item), now, item.tried | gate.closed)
                 if member is None:
-                    if pool.can_serve(now, item.tried):
-                        break  # every usable member is busy: this queue waits, the next may go
+                    if pool.can_serve(now, item.tried | gate.away):
+                        next_turn = min(next_turn, gate.next_turn)
+                        break  # every member that may take it is busy or waits its turn: the queue waits
                     q.popleft()
                     self._ready -= 1
-                    self._spawn(self._no_member(item, pool))
+                    if gate.away and pool.can_serve(now, item.tried):
+                        self._hold_back(item, pool, gate, now)
+                    else:
+                        self._spawn(self._no_member(item, pool))
                     continue
                 q.popleft()
                 self._ready -= 1
-                member.in_flight += 1
-                self._spawn(self._attempt(item, pool, member))
+                self._start(item, pool, member, now, q)
             if not q:
                 del self._queues[name]
+        return next_turn
+
+    def _gate(self, pool: Pool, destination: str, now: float) -> _Gate:
+        gate = _Gate()
+        for m in pool.members:
+            if m.removed:
+                continue
+            lane = self.shaper.lane(pool.name, m.settings, destination, now)
+            admission, at = lane.admission(now)
+            if admission is Admission.OPEN and not self.warmup.allows(
+                pool.name, m.settings, destination, now
+            ):
+                gate.capped.append(m)
+                admission, at = Admission.SUSPENDED, _next_utc_midnight(now)
+            if admission is Admission.OPEN:
+                continue
+            gate.closed.add(m.name)
+            if admission is Admission.SUSPENDED:
+                gate.away.add(m.name)
+                gate.reopen = min(gate.reopen, at)
+            elif admission is Admission.RATE:
+                gate.next_turn = min(gate.next_turn, at)
+        return gate
+
+    def _start(self, item: WorkItem, pool: Pool, member: Member, now: float, q: deque[WorkItem]) -> None:
+        lane = self.shaper.lane(pool.name, member.settings, item.destination, now)
+        limit = lane.ceiling.max_recipients
+        if limit is not None and len(item.recipients) > limit:
+            # One transaction carries at most `limit` recipients; the rest waits at the queue's head.
+            rest = replace(item, recipients=item.recipients[limit:], tried=set(item.tried))
+            item.recipients = item.recipients[:limit]
+            q.appendleft(rest)
+            self._ready += 1
+        lane.start(now)
+        self.warmup.count(pool.name, member.settings, item.destination, now)
+        member.in_flight += 1
+        self._spawn(self._attempt(item, pool, member, lane))
+
+    def _hold_back(self, item: WorkItem, pool: Pool, gate: _Gate, now: float) -> None:
+        """Only suspended or warm-up-capped members could take this: overflow, or wait until one can."""
+        overflow = next((m.settings.warmup.overflow_pool for m in gate.capped if m.settings.warmup), None)
+        if overflow is not None and overflow in self.pools:
+            item.pool, item.destination, item.tried = overflow, "", set()
+            self.submit([item])
+            return
+        reply = Reply(451, "4.7.0", f"{pool.name}: every member is held back from {item.destination}")
+        self._spawn(self._postpone(item, pool, reply, gate.reopen, now))
+
+    async def _postpone(self, item: WorkItem, pool: Pool, reply: Reply, due: float, now: float) -> None:
+        """Wait for a suspension or a warm-up day to end: not an attempt, so no retry step is used up."""
+        if now - item.created >= self.settings.retry.max_age:
+            await self._record(self._defer_or_expire(item, pool, item.recipients, reply, now), now)
+            return
+        for r in item.recipients:
+            self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, "", reply, now)
+        rids = [r.rid for r in item.recipients]
+        settlement = Settlement(
+            item.message_id, rids, RecipientState.QUEUED, str(reply), due, attempts=item.attempts
+        )
+        await self._record([settlement], now)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
@@ -216,18 +352,20 @@ class Dispatcher:
 
     # -- one attempt and what follows from it --------------------------------------------------------
 
-    async def _attempt(self, item: WorkItem, pool: Pool, member: Member) -> None:
+    async def _attempt(self, item: WorkItem, pool: Pool, member: Member, lane: Lane) -> None:
         started = time.monotonic()
+        started_at = self.clock()
         transport = self.transports[(pool.name, member.name)]
         try:
-            outcome = await transport.deliver(item)
+            outcome = await transport.deliver(item, per_connection=lane.ceiling.max_messages_per_connection)
         except Exception as e:  # a bug must not lose mail: treat it as a transient local failure
             log.exception("delivery attempt crashed", member=member.name, message=item.message_id)
             reply = Reply(451, "4.3.0", f"internal error: {type(e).__name__}")
             replies = {r.rid: reply for r in item.recipients}
-            outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.address)
+            outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.target, local=True)
         finally:
             member.in_flight -= 1
+            lane.finish(self.clock())
             if member.removed:
                 pool.prune()
             self._wake.set()
@@ -246,7 +384,31 @@ class Dispatcher:
         else:
             pool.record_success(member, now)
         item.tried.add(member.name)
+        if not outcome.local:
+            self._react(lane, outcome, started_at, now)
         await self._settle(item, pool, member, outcome, now)
+
+    def _react(self, lane: Lane, outcome: AttemptOutcome, started_at: float, now: float) -> None:
+        """Let shaping hear what the receiver said; a change of limits is an event of its own."""
+        reply = _telling_reply(list(outcome.replies.values()))
+        if reply is None:
+            return
+        change = self.shaper.react(lane, reply, started_at, now)
+        if change is None:
+            return
+        log.info(
+            "shaping changed", pool=lane.pool, member=lane.member, destination=lane.destination, change=change
+        )
+        self.bus.emit(
+            Event(
+                EventType.SHAPING_CHANGED,
+                queue=f"{lane.pool}/{lane.destination}",
+                pool=lane.pool,
+                member=lane.member,
+                response=Reply(reply.code, reply.enhanced_code, change),
+                timestamp=now,
+            )
+        )
 
     async def _no_member(self, item: WorkItem, pool: Pool) -> None:
         """Every usable member was tried (or none is usable): the work waits for its next retry."""
@@ -389,3 +551,16 @@ class Dispatcher:
                 timestamp=now,
             )
         )
+
+
+def _telling_reply(replies: list[Reply]) -> Reply | None:
+    """The reply that says most about the receiver's mood: a 421, else a deferral of everything, else a
+    success, else a refusal (which reaction rules may still match, e.g. a blocklist listing)."""
+    if not replies:
+        return None
+    for r in replies:
+        if r.code == 421:
+            return r
+    if all(r.is_transient for r in replies):
+        return replies[0]
+    return next((r for r in replies if r.is_success), replies[0])

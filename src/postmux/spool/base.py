@@ -47,10 +47,12 @@ class WorkItem:
     smtputf8: bool = False
     # Members already tried in this round, so an immediate retry goes elsewhere.
     tried: set[str] = field(default_factory=set)
+    # The shaping key (provider, else domain), set by the dispatcher; not stored.
+    destination: str = ""
 
     @property
     def queue(self) -> str:
-        return f"{self.pool}/{self.domain}"
+        return f"{self.pool}/{self.destination or self.domain}"
 
     @property
     def attempts(self) -> int:

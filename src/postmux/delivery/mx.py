@@ -1,0 +1,186 @@
+"""Where a domain's mail goes: MX lookup (RFC 5321 5.1) with dnspython's async resolver, cached by TTL.
+
+- MX records, best (lowest) preference first, equal preferences in random order (RFC 5321 5.1);
+- no MX record: the domain's own address records are its implicit MX (RFC 5321 5.1);
+- a null MX, "0 .", means the domain takes no mail: bounce at once (RFC 7505 3);
+- a domain that does not exist bounces; a lookup that fails (timeout, SERVFAIL) defers;
+- [dns] overrides answer for listed domains without asking DNS (tests, private networks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from postmux.config import DnsSettings, split_hostport
+from postmux.reply import Reply
+from postmux.scheduling.providers import Providers
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class MxHost:
+    name: str
+    preference: int
+    addresses: tuple[tuple[str, int], ...]  # (ip, port)
+
+
+@dataclass(frozen=True, slots=True)
+class MxPlan:
+    """The answer for one domain: hosts to try in order, or the reply every recipient gets instead."""
+
+    domain: str
+    destination: str  # the shaping key: provider, else the domain
+    hosts: tuple[MxHost, ...] = ()
+    error: Reply | None = None
+    expires: float = 0.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _nameserver(spec: str) -> dns.nameserver.Nameserver:
+    if spec.count(":") == 1 or spec.startswith("["):
+        host, port = split_hostport(spec)
+        return dns.nameserver.Do53Nameserver(host, port)
+    return dns.nameserver.Do53Nameserver(spec, 53)
+
+
+class MxResolver:
+    def __init__(self, settings: DnsSettings, providers: Providers, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.clock = clock
+        self._cache: dict[str, MxPlan] = {}
+        self._pending: dict[str, asyncio.Future[MxPlan]] = {}
+        self._resolver: dns.asyncresolver.Resolver | None = None
+
+    def reconfigure(self, settings: DnsSettings, providers: Providers) -> None:
+        """New settings (a reload): what was learnt under the old ones is forgotten."""
+        if settings != self.settings:
+            self._resolver = None
+        self.settings, self.providers = settings, providers
+        self._cache.clear()
+
+    def _dns(self) -> dns.asyncresolver.Resolver:
+        # Built on first use: a node with only relay members never reads /etc/resolv.conf.
+        if self._resolver is None:
+            if self.settings.nameservers:
+                r = dns.asyncresolver.Resolver(configure=False)
+                r.nameservers = [_nameserver(ns) for ns in self.settings.nameservers]
+            else:
+                r = dns.asyncresolver.Resolver()
+            r.lifetime = self.settings.timeout
+            r.cache = None  # postmux keeps its own cache, with its own TTL bounds
+            self._resolver = r
+        return self._resolver
+
+    def cached(self, domain: str) -> MxPlan | None:
+        plan = self._cache.get(domain.lower())
+        return plan if plan is not None and plan.expires > self.clock() else None
+
+    async def resolve(self, domain: str) -> MxPlan:
+        """The plan for `domain`, from the cache when fresh; concurrent callers share one lookup."""
+        domain = domain.lower().rstrip(".")
+        plan = self.cached(domain)
+        if plan is not None:
+            return plan
+        pending = self._pending.get(domain)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(domain))
+            self._pending[domain] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(domain, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, domain: str) -> MxPlan:
+        override = self.settings.overrides.get(domain)
+        if override is not None:
+            plan = await self._from_override(domain, override)
+        else:
+            plan = await self._from_dns(domain)
+        self._cache[domain] = plan
+        return plan
+
+    def _ttl(self, ttl: float) -> float:
+        return self.clock() + min(self.settings.max_ttl, max(self.settings.min_ttl, ttl))
+
+    async def _from_override(self, domain: str, hosts: tuple[str, ...]) -> MxPlan:
+        mx: list[MxHost] = []
+        for i, spec in enumerate(hosts):
+            host, port = split_hostport(spec)
+            addresses = [host] if _is_ip(host) else await self._addresses(host)
+            mx.append(MxHost(host, i * 10, tuple((a, port) for a in addresses)))
+        dest = self.providers.destination(domain, (h.name for h in mx if not _is_ip(h.name)))
+        return MxPlan(domain, dest, tuple(mx), expires=self._ttl(self.settings.max_ttl))
+
+    async def _from_dns(self, domain: str) -> MxPlan:
+        try:
+            answer = await self._dns().resolve(domain, "MX", search=False)
+        except dns.resolver.NXDOMAIN:
+            reply = Reply(550, "5.1.2", f"domain {domain} does not exist")
+            return self._failed(domain, reply, self.settings.negative_ttl)
+        except dns.resolver.NoAnswer:
+            return await self._implicit_mx(domain)
+        except (dns.exception.DNSException, OSError) as e:
+            reply = Reply(451, "4.4.3", f"MX lookup for {domain} failed: {type(e).__name__}")
+            return self._failed(domain, reply, 5.0)  # a short memory: do not hammer a sick resolver
+        records = sorted(
+            ((r.preference, random.random(), r.exchange.to_text(omit_final_dot=True)) for r in answer),
+        )
+        if any(name in ("", ".") for _, _, name in records):
+            # RFC 7505 3: a null MX says the domain accepts no mail; bounce without trying.
+            reply = Reply(556, "5.1.10", f"domain {domain} accepts no mail (null MX)")
+            return self._failed(domain, reply, answer.rrset.ttl if answer.rrset else 0)
+        hosts = await asyncio.gather(*(self._host(name, pref) for pref, _, name in records))
+        ttl = answer.rrset.ttl if answer.rrset else 0
+        return self._plan(domain, [h for h in hosts if h.addresses], ttl)
+
+    async def _implicit_mx(self, domain: str) -> MxPlan:
+        host = await self._host(domain, 0)
+        if not host.addresses:
+            reply = Reply(550, "5.1.2", f"domain {domain} has no MX and no address records")
+            return self._failed(domain, reply, self.settings.negative_ttl)
+        return self._plan(domain, [host], self.settings.min_ttl)
+
+    def _plan(self, domain: str, hosts: list[MxHost], ttl: float) -> MxPlan:
+        if not hosts:
+            reply = Reply(451, "4.4.4", f"no address for any MX host of {domain}")
+            return self._failed(domain, reply, 5.0)
+        dest = self.providers.destination(domain, (h.name for h in hosts))
+        return MxPlan(domain, dest, tuple(hosts), expires=self._ttl(ttl))
+
+    def _failed(self, domain: str, reply: Reply, ttl: float) -> MxPlan:
+        expires = self.clock() + max(0.0, min(self.settings.max_ttl, ttl))
+        return MxPlan(domain, self.providers.destination(domain), error=reply, expires=expires)
+
+    async def _host(self, name: str, preference: int) -> MxHost:
+        return MxHost(
+            name, preference, tuple((a, self.settings.mx_port) for a in await self._addresses(name))
+        )
+
+    async def _addresses(self, name: str) -> list[str]:
+        """A and AAAA records of an MX host; a host whose lookups fail is skipped (the next MX is tried)."""
+        out: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._dns().resolve(name, rdtype, search=False)
+            except (dns.exception.DNSException, OSError):
+                continue
+            out.extend(r.to_text() for r in answer)
+        return out

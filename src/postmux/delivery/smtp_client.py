@@ -1,0 +1,320 @@
+"""SMTP delivery over reused connections (aiosmtplib), for both kinds of member.
+
+A relay member always connects to its one upstream. A source member connects from its own local address
+to the recipient domain's MX hosts, best first, moving to the next host when one cannot be reached or
+greets with a refusal (RFC 5321 5.1); once a host has answered a transaction, its answer stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import structlog
+
+from postmux.balancing.health import FailureKind
+from postmux.config import DeliverySettings, MemberSettings
+from postmux.delivery.mx import MxResolver
+from postmux.delivery.transport import AttemptOutcome, judge
+from postmux.reply import Reply
+from postmux.spool.base import WorkItem
+
+log = structlog.get_logger("postmux.delivery")
+
+# A lost connection says nothing about the message: these are transient, local replies (RFC 3463 4.4.x).
+_LOCAL_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
+
+
+def local_reply(error: BaseException, where: str) -> Reply:
+    if isinstance(error, aiosmtplib.SMTPConnectTimeoutError | aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return Reply(451, "4.4.2", f"timeout {where}")
+    if isinstance(error, aiosmtplib.SMTPConnectError | ConnectionRefusedError):
+        return Reply(451, "4.4.1", f"connection refused {where}")
+    return Reply(451, "4.4.2", f"connection lost {where}: {error}".rstrip(": "))
+
+
+Target = tuple[str, int]  # (host, port) one connection goes to
+
+
+@dataclass(slots=True)
+class _Connection:
+    client: aiosmtplib.SMTP
+    target: Target
+    messages: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+class _ConnectionLost(Exception):
+    def __init__(self, error: BaseException, stage: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.stage = stage
+
+
+class _Unreachable(Exception):
+    """No connection could be made to any target; carries the reply the recipients get."""
+
+    def __init__(self, reply: Reply, failure: FailureKind | None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.failure = failure
+
+
+def _cannot_bind(error: BaseException) -> bool:
+    """The local source address is not on this host: the member itself is broken, not the receiver."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno == errno.EADDRNOTAVAIL:
+            return True
+    return False
+
+
+class SmtpTransport:
+    """Delivers for one member, keeping up to max_connections reusable connections per target."""
+
+    def __init__(
+        self,
+        member: MemberSettings,
+        delivery: DeliverySettings,
+        ehlo_hostname: str,
+        resolver: MxResolver | None = None,
+    ) -> None:
+        if member.kind == "source" and resolver is None:
+            raise ValueError(f"member {member.name}: a source member needs an MX resolver")
+        self.member = member
+        self.delivery = delivery
+        self.ehlo_hostname = member.ehlo_hostname or ehlo_hostname
+        self.resolver = resolver
+        self._idle: dict[Target, list[_Connection]] = {}
+        self._busy = 0
+        self._closing: set[asyncio.Task[None]] = set()
+        self._retired = False
+
+    @property
+    def max_messages(self) -> int:
+        return self.member.max_messages_per_connection or self.delivery.max_messages_per_connection
+
+    @property
+    def connections(self) -> int:
+        return self._busy + sum(len(idle) for idle in self._idle.values())
+
+    async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
+        """One transaction for `work`; `per_connection` is the lane's limit of messages per connection."""
+        self._busy += 1
+        try:
+            targets = await self._targets(work)
+            if isinstance(targets, Reply):
+                return self._all(work, targets, None, "", local=True)
+            return await self._deliver_to(targets, work, per_connection)
+        finally:
+            self._busy -= 1
+
+    async def _targets(self, work: WorkItem) -> list[tuple[str, Target]] | Reply:
+        """(name for the DSN's Remote-MTA, (host, port)) in the order to try, or the reply for everyone."""
+        if self.resolver is None:
+            return [(self.member.target, (self.member.host, self.member.port))]
+        plan = await self.resolver.resolve(work.domain)
+        if plan.error is not None:
+            return plan.error
+        v6 = ":" in (self.member.source_address or "")
+        return [
+            (host.name, address)
+            for host in plan.hosts
+            for address in host.addresses
+            if (":" in address[0]) == v6  # a v4 source address reaches only v4 hosts, and v6 only v6
+        ] or Reply(451, "4.4.4", f"no MX host of {work.domain} reachable from {self.member.source_address}")
+
+    async def _deliver_to(
+        self, targets: list[tuple[str, Target]], work: WorkItem, per_connection: int | None
+    ) -> AttemptOutcome:
+        unreachable: _Unreachable | None = None
+        for name, target in targets:
+            idle = self._idle.get(target)
+            if idle:
+                # A reused connection the server has dropped meanwhile fails at MAIL before anything was
+                # said about this message: not the member's fault, so try once more on a fresh one.
+                outcome = await self._attempt(
+                    idle.pop(), work, name, per_connection, fresh_retry_allowed=True
+                )
+                if outcome is not None:
+                    return outcome
+            try:
+                conn = await self._connect(target)
+            except _Unreachable as e:
+                unreachable = e
+                if e.failure is FailureKind.LOCAL and self.resolver is not None:
+                    break
+                continue  # RFC 5321 5.1: try the next MX host
+            outcome = await self._attempt(conn, work, name, per_connection, fresh_retry_allowed=False)
+            assert outcome is not None
+            return outcome
+        assert unreachable is not None
+        return self._all(work, unreachable.reply, unreachable.failure, targets[-1][0], local=True)
+
+    async def _attempt(
+        self,
+        conn: _Connection,
+        work: WorkItem,
+        remote: str,
+        per_connection: int | None,
+        *,
+        fresh_retry_allowed: bool,
+    ) -> AttemptOutcome | None:
+        try:
+            replies = await self._transaction(conn, work)
+        except _ConnectionLost as lost:
+            conn.client.close()
+            if fresh_retry_allowed and lost.stage == "at MAIL FROM":
+                return None
+            reply = local_reply(lost.error, f"{lost.stage} with {remote}")
+            return self._all(work, reply, self._local_failure(), remote, local=True)
+        conn.messages += 1
+        limit = min(self.max_messages, per_connection or self.max_messages)
+        if conn.client.is_connected and conn.messages < limit and not self._retired:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.target, []).append(conn)
+        else:
+            self._quit(conn)
+        return AttemptOutcome(replies, self._judge(replies), remote)
+
+    def _judge(self, replies: dict[int, Reply]) -> FailureKind | None:
+        # A receiver's 4xx to a source IP is about this destination only: shaping reacts to it, and it
+        # must not take the IP out of service for every other destination.
+        return judge(replies) if self.resolver is None else None
+
+    def _local_failure(self) -> FailureKind | None:
+        return FailureKind.LOCAL if self.resolver is None else None
+
+    async def _connect(self, target: Target) -> _Connection:
+        host, port = target
+        source = self.member.source_address
+        client = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            local_hostname=self.ehlo_hostname,
+            source_address=(source, 0) if source else None,
+            timeout=self.delivery.command_timeout,
+            start_tls=False,
+        )
+        try:
+            await client.connect(timeout=self.delivery.connect_timeout)
+            try:
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+            except BaseException:
+                client.close()
+                raise
+        except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
+            raise self._unreachable(e, f"{host}:{port}") from e
+        return _Connection(client, target)
+
+    def _unreachable(self, error: BaseException, where: str) -> _Unreachable:
+        if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
+            # A 421 or 554 greeting: the server is up but will not take mail now.
+            reply = Reply.parse(error.code if error.code < 500 else 451, error.message)
+            return _Unreachable(reply, FailureKind.REPLY_4XX if self.resolver is None else None)
+        if _cannot_bind(error):
+            reply = Reply(451, "4.4.0", f"cannot send from {self.member.source_address}: {error}")
+            return _Unreachable(reply, FailureKind.LOCAL)
+        return _Unreachable(local_reply(error, f"connecting to {where}"), self._local_failure())
+
+    async def _transaction(self, conn: _Connection, work: WorkItem) -> dict[int, Reply]:
+        client = conn.client
+        try:
+            encoding = "utf-8" if work.smtputf8 else "ascii"
+            await client.mail(work.sender, options=self._mail_options(client, work), encoding=encoding)
+        except aiosmtplib.SMTPSenderRefused as e:
+            await self._reset(client)
+            reply = Reply.parse(e.code, e.message)
+            return {r.rid: reply for r in work.recipients}
+        except _LOCAL_ERRORS as e:
+            raise _ConnectionLost(e, "at MAIL FROM") from e
+        replies: dict[int, Reply] = {}
+        accepted = []
+        for r in work.recipients:
+            try:
+                await client.rcpt(r.address, encoding="utf-8" if work.smtputf8 else "ascii")
+                accepted.append(r.rid)
+            except aiosmtplib.SMTPRecipientRefused as e:
+                replies[r.rid] = Reply.parse(e.code, e.message)
+            except _LOCAL_ERRORS as e:
+                raise _ConnectionLost(e, "at RCPT TO") from e
+        if not accepted:
+            await self._reset(client)
+            return replies
+        try:
+            response = await client.data(work.data, timeout=self.delivery.data_timeout)
+            reply = Reply.parse(response.code, response.message)
+        except aiosmtplib.SMTPDataError as e:
+            reply = Reply.parse(e.code, e.message)
+            await self._reset(client)
+        except _LOCAL_ERRORS as e:
+            raise _ConnectionLost(e, "during DATA") from e
+        for rid in accepted:
+            replies[rid] = reply
+        return replies
+
+    @staticmethod
+    def _mail_options(client: aiosmtplib.SMTP, work: WorkItem) -> list[str]:
+        options = []
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(work.data)}")
+        # RFC 6152: say so when the body is not 7-bit, where the server offers 8BITMIME.
+        if client.supports_extension("8bitmime") and not work.data.isascii():
+            options.append("BODY=8BITMIME")
+        if work.smtputf8 and client.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+        return options
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, *_LOCAL_ERRORS):
+            client.close()
+
+    @staticmethod
+    def _all(
+        work: WorkItem, reply: Reply, failure: FailureKind | None, remote: str, *, local: bool = False
+    ) -> AttemptOutcome:
+        return AttemptOutcome({r.rid: reply for r in work.recipients}, failure, remote, local=local)
+
+    def _quit(self, conn: _Connection) -> None:
+        task = asyncio.create_task(self._quit_now(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _quit_now(self, conn: _Connection) -> None:
+        if not conn.client.is_connected:
+            conn.client.close()
+            return
+        try:
+            await conn.client.quit(timeout=5)
+        except (aiosmtplib.SMTPException, *_LOCAL_ERRORS):
+            conn.client.close()
+
+    def reap_idle(self, now: float) -> None:
+        for target, idle in list(self._idle.items()):
+            keep = []
+            for conn in idle:
+                if now - conn.idle_since >= self.delivery.idle_timeout or not conn.client.is_connected:
+                    self._quit(conn)
+                else:
+                    keep.append(conn)
+            if keep:
+                self._idle[target] = keep
+            else:
+                del self._idle[target]
+
+    def retire(self) -> None:
+        self._retired = True
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conn in (c for conns in idle.values() for c in conns):
+            self._quit(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,272 @@
+"""Traffic shaping: what each member may send to each destination, and how receivers' replies change it.
+
+A *lane* is one member x one destination (a provider, else a domain). It has a ceiling (the configured
+limits) and what is allowed now, which reactions and AIMD move between the floors and the ceiling:
+
+- a reaction rule that matches a reply suspends the lane or cuts it by a factor;
+- otherwise, with AIMD on, a deferral halves the allowed connections and rate and each delivery adds a
+  little back (TCP's congestion control, applied to a receiver's patience). Only replies to attempts that
+  started after the last cut count toward another cut, as TCP cuts once per window: a burst of 421s
+  answering mail sent at the old rate says nothing about the new one.
+
+Everything here is plain state and arithmetic on `now`: the dispatcher does the I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+from postmux.config import MemberSettings, ReactionRule, ShapingRule, ShapingSettings
+from postmux.reply import Reply
+
+# Receivers' well-known ways of saying "slow down". Config reactions are tried first.
+DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
+    # Gmail: "Our system has detected an unusual rate of unsolicited mail" - keep away for a while.
+    ReactionRule(enhanced_code="4.7.28", action="suspend", duration=900.0),
+    ReactionRule(text=r"too many (concurrent )?(connections|sessions)", action="throttle", factor=0.5),
+)
+
+_OBSERVE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int
+    max_messages_per_connection: int | None = None
+    max_recipients: int | None = None
+    rate: float | None = None  # messages per second
+    burst: int = 1
+
+
+class Admission(enum.Enum):
+    OPEN = "open"
+    BUSY = "busy"  # every allowed connection is in use: wait for one to end
+    RATE = "rate"  # over the rate: wait until the next message's turn
+    SUSPENDED = "suspended"  # a reaction keeps this member away from this destination for a while
+
+
+@dataclass(slots=True)
+class Lane:
+    pool: str
+    member: str
+    destination: str
+    ceiling: Limits
+    connections: float = 0.0  # allowed now, AIMD-adjusted (a float so additive increase can be gradual)
+    rate: float | None = None  # allowed now, messages per second; None: no limit
+    in_flight: int = 0
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    suspended_until: float = 0.0
+    cut_at: float = -math.inf
+    last_change: str = ""
+    last_change_at: float = 0.0
+    started: deque[float] = field(default_factory=deque)  # start times in the last minute
+    first_start: float | None = None
+    delivered: int = 0
+    deferred: int = 0
+    touched_at: float = 0.0
+
+    @property
+    def allowed_connections(self) -> int:
+        return max(1, math.floor(self.connections))
+
+    def admission(self, now: float) -> tuple[Admission, float]:
+        """Whether an attempt may start now; if not, the earliest time worth asking again (0: unknown)."""
+        if now < self.suspended_until:
+            return Admission.SUSPENDED, self.suspended_until
+        if self.in_flight >= self.allowed_connections:
+            return Admission.BUSY, 0.0
+        if self.rate is not None:
+            self._refill(now)
+            if self.tokens < 1.0:
+                return Admission.RATE, now + (1.0 - self.tokens) / self.rate
+        return Admission.OPEN, 0.0
+
+    def _refill(self, now: float) -> None:
+        assert self.rate is not None
+        self.tokens = min(float(self.ceiling.burst), self.tokens + (now - self.refilled_at) * self.rate)
+        self.refilled_at = now
+
+    def start(self, now: float) -> None:
+        self.in_flight += 1
+        self.touched_at = now
+        if self.rate is not None:
+            self._refill(now)
+            self.tokens -= 1.0
+        self.started.append(now)
+        if self.first_start is None:
+            self.first_start = now
+        while self.started and self.started[0] <= now - _OBSERVE_WINDOW_S:
+            self.started.popleft()
+
+    def finish(self, now: float) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        self.touched_at = now
+
+    def observed_rate(self, now: float) -> float:
+        """Attempts per second over the last minute (or since the first, if that is sooner)."""
+        if self.first_start is None:
+            return 0.0
+        span = min(_OBSERVE_WINDOW_S, max(1.0, now - self.first_start))
+        return sum(1 for t in self.started if t > now - _OBSERVE_WINDOW_S) / span
+
+    def _note(self, what: str, now: float) -> str:
+        self.last_change, self.last_change_at = what, now
+        return what
+
+
+def _rate_words(per_s: float | None) -> str:
+    return "unlimited" if per_s is None else f"{per_s * 60:.4g}/min"
+
+
+@dataclass(frozen=True, slots=True)
+class _Reaction:
+    rule: ReactionRule
+    text: re.Pattern[str] | None
+
+    def matches(self, reply: Reply, destination: str) -> bool:
+        r = self.rule
+        return (
+            (r.destination in ("*", destination))
+            and (r.code is None or r.code == reply.code)
+            and (r.enhanced_code is None or r.enhanced_code == reply.enhanced_code)
+            and (self.text is None or self.text.search(reply.text) is not None)
+        )
+
+
+class Shaper:
+    """Every lane, created on first use from the rules, kept while it has state worth keeping."""
+
+    def __init__(self, settings: ShapingSettings) -> None:
+        self.lanes: dict[tuple[str, str, str], Lane] = {}
+        self.configure(settings)
+
+    def configure(self, settings: ShapingSettings) -> None:
+        """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts."""
+        self.settings = settings
+        rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
+        self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
+        for lane in self.lanes.values():
+            lane.ceiling = self._limits(
+                lane.pool, lane.member, lane.destination, lane.ceiling.max_connections
+            )
+            lane.connections = min(lane.connections, lane.ceiling.max_connections)
+            if lane.ceiling.rate is not None:
+                lane.rate = min(lane.rate or lane.ceiling.rate, lane.ceiling.rate)
+
+    # -- limits --------------------------------------------------------------------------------------
+
+    def _limits(self, pool: str, member: str, destination: str, member_max_connections: int) -> Limits:
+        """Merge the matching rules key by key, the most specific rule (then the later one) winning."""
+
+        def specificity(rule: ShapingRule) -> int:
+            return (2 if rule.destination != "*" else 0) + (1 if rule.member is not None else 0)
+
+        matching = [
+            (specificity(r), i, r)
+            for i, r in enumerate(self.settings.rule)
+            if r.destination in ("*", destination) and r.member in (None, member) and r.pool in (None, pool)
+        ]
+        merged: dict[str, object] = {"max_connections": member_max_connections}
+        for _, _, rule in sorted(matching, key=lambda t: (t[0], t[1])):
+            for key in ("max_connections", "max_messages_per_connection", "max_recipients", "rate", "burst"):
+                value = getattr(rule, key)
+                if value is not None and key in rule.model_fields_set:
+                    merged[key] = value
+        # A lane never has more connections than its member.
+        merged["max_connections"] = min(int(merged["max_connections"]), member_max_connections)  # type: ignore[call-overload]
+        return Limits(**merged)  # type: ignore[arg-type]
+
+    def lane(self, pool: str, member: MemberSettings, destination: str, now: float) -> Lane:
+        key = (pool, member.name, destination)
+        lane = self.lanes.get(key)
+        if lane is None:
+            limits = self._limits(pool, member.name, destination, member.max_connections)
+            lane = Lane(
+                pool,
+                member.name,
+                destination,
+                limits,
+                connections=float(limits.max_connections),
+                rate=limits.rate,
+                tokens=float(limits.burst),
+                refilled_at=now,
+                touched_at=now,
+            )
+            self.lanes[key] = lane
+        return lane
+
+    # -- reactions -----------------------------------------------------------------------------------
+
+    def react(self, lane: Lane, reply: Reply, started_at: float, now: float) -> str | None:
+        """Apply what a receiver's reply says to the lane; returns what changed, in words, if anything."""
+        for reaction in self._reactions:
+            if reaction.matches(reply, lane.destination):
+                return self._apply(lane, reaction.rule, reply, now)
+        if reply.is_success:
+            lane.delivered += 1
+            if self.settings.aimd:
+                self._increase(lane, now)
+            return None
+        if reply.is_transient:
+            lane.deferred += 1
+            if self.settings.aimd and started_at >= lane.cut_at:
+                return self._cut(lane, 0.5, f"deferred ({reply})", now)
+        return None
+
+    def _apply(self, lane: Lane, rule: ReactionRule, reply: Reply, now: float) -> str | None:
+        if not reply.is_success:
+            lane.deferred += 1
+        if rule.action == "suspend":
+            if now + rule.duration <= lane.suspended_until:
+                return None
+            lane.suspended_until = now + rule.duration
+            return lane._note(f"suspended for {rule.duration:g}s after '{reply}'", now)
+        return self._cut(lane, rule.factor, f"throttled after '{reply}'", now)
+
+    def _cut(self, lane: Lane, factor: float, why: str, now: float) -> str:
+        """Multiplicative decrease of both connections and rate, never below the floors."""
+        before = (lane.allowed_connections, lane.rate)
+        lane.connections = max(float(self.settings.min_connections), lane.connections * factor)
+        base = lane.rate if lane.rate is not None else max(lane.observed_rate(now), self.settings.min_rate)
+        lane.rate = max(self.settings.min_rate, base * factor)
+        if before[1] is None:
+            lane.tokens, lane.refilled_at = min(lane.tokens, 1.0), now
+        lane.cut_at = now
+        return lane._note(
+            f"{why}: connections {before[0]} -> {lane.allowed_connections}, "
+            f"rate {_rate_words(before[1])} -> {_rate_words(lane.rate)}",
+            now,
+        )
+
+    def _increase(self, lane: Lane, now: float) -> None:
+        """Additive increase per delivery: +1 connection per window of deliveries, + aimd_increase rate."""
+        ceiling = lane.ceiling
+        lane.connections = min(float(ceiling.max_connections), lane.connections + 1.0 / lane.connections)
+        if lane.rate is None:
+            return
+        lane.rate += self.settings.aimd_increase
+        if ceiling.rate is not None:
+            lane.rate = min(lane.rate, ceiling.rate)
+        elif lane.rate > 2.0 * lane.observed_rate(now) + self.settings.aimd_increase * 60:
+            # No configured rate and the cut one no longer binds: back to no limit.
+            lane.rate = None
+            lane._note("recovered: rate unlimited", now)
+
+    # -- housekeeping --------------------------------------------------------------------------------
+
+    def prune(self, now: float, idle_s: float = 3600.0) -> None:
+        """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same."""
+        for key, lane in list(self.lanes.items()):
+            if (
+                lane.in_flight == 0
+                and now >= lane.suspended_until
+                and now - lane.touched_at > idle_s
+                and lane.rate == lane.ceiling.rate
+                and lane.allowed_connections >= lane.ceiling.max_connections
+            ):
+                del self.lanes[key]
