@@ -32,6 +32,7 @@ class Envelope:
     smtputf8: bool = False
     helo: str = ""
     protocol: str = "ESMTP"
+    auth_user: str = ""  # who the client authenticated as (SMTP AUTH); empty: not authenticated
     tags: dict[str, str] = field(default_factory=dict)
 
     @property

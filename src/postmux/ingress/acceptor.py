@@ -47,7 +47,9 @@ class Acceptor:
             envelope = replace(envelope, data=data)
         pool_header = requested[-1] if requested else ""
         pools = {
-            rcpt: self.router.pool_for(sender_domain, domain_of(rcpt), envelope.client_ip, pool_header)
+            rcpt: self.router.pool_for(
+                sender_domain, domain_of(rcpt), envelope.client_ip, pool_header, envelope.auth_user
+            )
             for rcpt in envelope.recipients
         }
         now = self.clock()

@@ -15,9 +15,14 @@ class _Rule:
     recipient_domain: str | None
     client_network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     pool_header: str | None
+    auth_user: str | None
 
-    def matches(self, sender_domain: str, recipient_domain: str, client_ip: str, pool_header: str) -> bool:
+    def matches(
+        self, sender_domain: str, recipient_domain: str, client_ip: str, pool_header: str, auth_user: str
+    ) -> bool:
         if self.pool_header is not None and pool_header.lower() != self.pool_header:
+            return False
+        if self.auth_user is not None and auth_user != self.auth_user:
             return False
         if self.sender_domain is not None and sender_domain != self.sender_domain:
             return False
@@ -40,6 +45,7 @@ def _rule(route: RouteSettings) -> _Rule:
         recipient_domain=m.recipient_domain.lower() if m.recipient_domain else None,
         client_network=ipaddress.ip_network(m.client_network, strict=False) if m.client_network else None,
         pool_header=m.pool_header.lower() if m.pool_header else None,
+        auth_user=m.auth_user,
     )
 
 
@@ -49,9 +55,14 @@ class Router:
         self.default_pool = settings.default_pool
 
     def pool_for(
-        self, sender_domain: str, recipient_domain: str, client_ip: str = "", pool_header: str = ""
+        self,
+        sender_domain: str,
+        recipient_domain: str,
+        client_ip: str = "",
+        pool_header: str = "",
+        auth_user: str = "",
     ) -> str:
         for rule in self._rules:
-            if rule.matches(sender_domain, recipient_domain, client_ip, pool_header):
+            if rule.matches(sender_domain, recipient_domain, client_ip, pool_header, auth_user):
                 return rule.pool
         return self.default_pool

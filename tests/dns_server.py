@@ -1,0 +1,58 @@
+"""A DNS server on loopback (dnslib), so tests exercise dnspython's real resolver path without ever
+asking the machine's own resolver anything."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from dnslib import QTYPE, RCODE, RR, DNSRecord
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+
+class _Zone(BaseResolver):  # type: ignore[misc]
+    def __init__(self, zone: str) -> None:
+        self.records = RR.fromZone(zone)
+        self.queries: Counter[tuple[str, str]] = Counter()
+        self.fail: set[str] = set()  # names answered with SERVFAIL
+
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        reply = request.reply()
+        qname, qtype = request.q.qname, QTYPE[request.q.qtype]
+        self.queries[(str(qname).rstrip("."), qtype)] += 1
+        if str(qname).rstrip(".") in self.fail:
+            reply.header.rcode = RCODE.SERVFAIL
+            return reply
+        named = [rr for rr in self.records if rr.rname == qname]
+        if not named:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for rr in named:
+            if QTYPE[rr.rtype] == qtype:
+                reply.add_answer(rr)
+        return reply
+
+
+class LoopbackDns:
+    """Serves a zone (master-file text, absolute names) over UDP on 127.0.0.1, on a free port."""
+
+    def __init__(self, zone: str) -> None:
+        self.zone = _Zone(zone)
+        self._server = DNSServer(self.zone, address="127.0.0.1", port=0, logger=DNSLogger("-request,-reply"))
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server.server_address
+        return f"{host}:{port}"
+
+    @property
+    def queries(self) -> Counter[tuple[str, str]]:
+        return self.zone.queries
+
+    def __enter__(self) -> LoopbackDns:
+        self._server.start_thread()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+        self._server.server.server_close()

@@ -1,0 +1,108 @@
+"""MX resolution against a real DNS server on loopback: order, implicit MX, null MX, NXDOMAIN, TTLs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from postmux.config import DnsSettings, ShapingSettings
+from postmux.delivery.mx import MxResolver
+from postmux.scheduling.providers import Providers
+from tests.dns_server import LoopbackDns
+
+ZONE = """
+multi.test.        300 IN MX 20 mx-b.multi.test.
+multi.test.        300 IN MX 10 mx-a.multi.test.
+multi.test.        300 IN MX 30 mx-c.multi.test.
+mx-a.multi.test.   300 IN A 127.0.0.11
+mx-b.multi.test.   300 IN A 127.0.0.12
+mx-c.multi.test.   300 IN A 127.0.0.13
+mx-c.multi.test.   300 IN AAAA ::1
+nomx.test.         300 IN A 127.0.0.20
+nomx.test.         300 IN TXT "v=spf1 -all"
+nullmx.test.       300 IN MX 0 .
+shortttl.test.     40 IN MX 10 mx.shortttl.test.
+mx.shortttl.test.  40 IN A 127.0.0.30
+hosted.test.       300 IN MX 5 alt1.aspmx.l.google.com.
+alt1.aspmx.l.google.com. 300 IN A 127.0.0.40
+dangling.test.     300 IN MX 10 missing.dangling.test.
+dangling.test.     300 IN TXT "exists"
+broken.test.       300 IN MX 10 mx.broken.test.
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def dns_server() -> Iterator[LoopbackDns]:
+    with LoopbackDns(ZONE) as server:
+        yield server
+
+
+def resolver(server: LoopbackDns, clock: Clock | None = None, **dns: object) -> MxResolver:
+    settings = DnsSettings.model_validate({"nameservers": [server.address], "mx_port": 2525, **dns})
+    return MxResolver(settings, Providers(ShapingSettings()), clock or Clock())
+
+
+async def test_mx_hosts_come_in_preference_order_with_their_addresses(dns_server: LoopbackDns) -> None:
+    plan = await resolver(dns_server).resolve("Multi.Test")
+    assert plan.error is None
+    assert [h.name for h in plan.hosts] == ["mx-a.multi.test", "mx-b.multi.test", "mx-c.multi.test"]
+    assert plan.hosts[0].addresses == (("127.0.0.11", 2525),)
+    assert set(plan.hosts[2].addresses) == {("127.0.0.13", 2525), ("::1", 2525)}
+    assert plan.destination == "multi.test"
+
+
+async def test_no_mx_falls_back_to_the_domains_own_address(dns_server: LoopbackDns) -> None:
+    plan = await resolver(dns_server).resolve("nomx.test")  # RFC 5321 5.1: the implicit MX
+    assert [(h.name, h.addresses) for h in plan.hosts] == [("nomx.test", (("127.0.0.20", 2525),))]
+
+
+async def test_null_mx_nxdomain_and_failures_give_the_right_replies(dns_server: LoopbackDns) -> None:
+    r = resolver(dns_server)
+    null = await r.resolve("nullmx.test")
+    assert null.error is not None and (null.error.code, null.error.enhanced_code) == (556, "5.1.10")
+    gone = await r.resolve("nowhere.test")
+    assert gone.error is not None and (gone.error.code, gone.error.enhanced_code) == (550, "5.1.2")
+    dangling = await r.resolve("dangling.test")  # its only MX host has no address: try again later
+    assert dangling.error is not None and dangling.error.code == 451
+    dns_server.zone.fail.add("broken.test")
+    broken = await r.resolve("broken.test")
+    assert broken.error is not None and (broken.error.code, broken.error.enhanced_code) == (451, "4.4.3")
+
+
+async def test_answers_are_cached_for_their_ttl_within_bounds(dns_server: LoopbackDns) -> None:
+    clock = Clock()
+    r = resolver(dns_server, clock, min_ttl="60s")
+    await r.resolve("shortttl.test")
+    await r.resolve("shortttl.test")
+    assert dns_server.queries[("shortttl.test", "MX")] == 1
+    clock.now += 50  # the record's TTL (40 s) is past, but min_ttl (60 s) is not
+    await r.resolve("shortttl.test")
+    assert dns_server.queries[("shortttl.test", "MX")] == 1
+    clock.now += 11
+    await r.resolve("shortttl.test")
+    assert dns_server.queries[("shortttl.test", "MX")] == 2
+    # NXDOMAIN is remembered for negative_ttl.
+    await r.resolve("nowhere.test")
+    await r.resolve("nowhere.test")
+    assert dns_server.queries[("nowhere.test", "MX")] == 1
+
+
+async def test_a_domain_hosted_by_a_provider_takes_the_providers_name(dns_server: LoopbackDns) -> None:
+    plan = await resolver(dns_server).resolve("hosted.test")
+    assert plan.destination == "google"
+
+
+async def test_overrides_answer_without_asking_dns(dns_server: LoopbackDns) -> None:
+    r = resolver(dns_server, overrides={"Private.Test": ["127.0.0.5:2601", "127.0.0.6:2602"]})
+    plan = await r.resolve("private.test")
+    assert [h.addresses for h in plan.hosts] == [(("127.0.0.5", 2601),), (("127.0.0.6", 2602),)]
+    assert not dns_server.queries

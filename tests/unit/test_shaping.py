@@ -1,0 +1,227 @@
+"""Shaping lanes on a manual clock: limits, rates, reactions, AIMD, providers and warm-up."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from postmux.config import MemberSettings, ShapingSettings, WarmupSettings
+from postmux.reply import Reply
+from postmux.scheduling.providers import Providers
+from postmux.scheduling.shaping import Admission, Lane, Shaper
+from postmux.scheduling.warmup import WarmupLedger, day_cap
+
+MEMBER = MemberSettings(name="ip1", kind="source", source_address="127.0.0.2", max_connections=10)
+OK = Reply(250, "2.0.0", "ok")
+DEFER = Reply(451, "4.3.0", "try later")
+
+
+def shaping(**kw: object) -> ShapingSettings:
+    return ShapingSettings.model_validate(kw)
+
+
+def run_for(lane: Lane, seconds: float, start: float = 0.0, step: float = 0.01) -> list[float]:
+    """Start an attempt whenever the lane admits one, each ending at once; return the start times."""
+    starts, now = [], start
+    while now < start + seconds:
+        if lane.admission(now)[0] is Admission.OPEN:
+            lane.start(now)
+            lane.finish(now)
+            starts.append(now)
+        now += step
+    return starts
+
+
+def test_a_rate_of_60_per_minute_holds_over_a_clocked_minute_and_spares_other_destinations() -> None:
+    shaper = Shaper(shaping(rule=[{"destination": "google", "rate": "60/min"}]))
+    google = shaper.lane("direct", MEMBER, "google", 0.0)
+    other = shaper.lane("direct", MEMBER, "example.org", 0.0)
+    starts = run_for(google, 60.0)
+    assert 60 <= len(starts) <= 61  # one every second: within 10% of 60 over the minute
+    assert max(b - a for a, b in itertools.pairwise(starts)) < 1.05
+    assert len(run_for(other, 1.0)) == 100  # no rule for it: every 10 ms step may start one
+
+
+def test_rate_waits_say_when_the_next_turn_is() -> None:
+    lane = Shaper(shaping(rule=[{"rate": "2/s"}])).lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    admission, at = lane.admission(0.1)
+    assert admission is Admission.RATE
+    assert at == pytest.approx(0.5)
+
+
+def test_more_specific_rules_win_key_by_key() -> None:
+    shaper = Shaper(
+        shaping(
+            rule=[
+                {"destination": "*", "max_connections": 8, "max_recipients": 50},
+                {"destination": "google", "max_connections": 3, "rate": "600/h"},
+                {"destination": "google", "member": "ip1", "max_messages_per_connection": 20},
+                {"member": "ip1", "max_connections": 5},
+            ]
+        )
+    )
+    limits = shaper.lane("direct", MEMBER, "google", 0.0).ceiling
+    assert (limits.max_connections, limits.max_recipients, limits.max_messages_per_connection) == (3, 50, 20)
+    assert limits.rate == pytest.approx(600 / 3600)
+    assert shaper.lane("direct", MEMBER, "example.org", 0.0).ceiling.max_connections == 5
+    # A lane never gets more connections than its member has.
+    big = Shaper(shaping(rule=[{"max_connections": 99}])).lane("p", MEMBER, "d", 0.0)
+    assert big.ceiling.max_connections == 10
+
+
+def test_connections_are_a_lane_limit() -> None:
+    lane = Shaper(shaping(rule=[{"max_connections": 2}])).lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    lane.start(0.0)
+    assert lane.admission(0.0)[0] is Admission.BUSY
+    lane.finish(0.0)
+    assert lane.admission(0.0)[0] is Admission.OPEN
+
+
+def test_a_matching_reaction_suspends_only_that_lane_for_its_duration() -> None:
+    shaper = Shaper(
+        shaping(reaction=[{"code": 421, "enhanced_code": "4.7.0", "action": "suspend", "duration": "5m"}])
+    )
+    lane = shaper.lane("p", MEMBER, "google", 0.0)
+    other = shaper.lane("p", MEMBER, "yahoo", 0.0)
+    change = shaper.react(lane, Reply(421, "4.7.0", "slow down"), started_at=0.0, now=10.0)
+    assert change is not None and "suspended for 300s" in change
+    assert lane.admission(11.0) == (Admission.SUSPENDED, 310.0)
+    assert other.admission(11.0)[0] is Admission.OPEN
+    assert lane.admission(310.0)[0] is Admission.OPEN
+    assert lane.last_change == change
+
+
+def test_reactions_match_on_text_regex_and_default_ones_can_be_turned_off() -> None:
+    text = Reply(421, "4.7.0", "Too many concurrent connections from your IP")
+    shaper = Shaper(shaping(aimd=False))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    assert "throttled" in (shaper.react(lane, text, 0.0, 1.0) or "")
+    assert lane.allowed_connections == 5
+    quiet = Shaper(shaping(aimd=False, default_reactions=False))
+    assert quiet.react(quiet.lane("p", MEMBER, "d", 0.0), text, 0.0, 1.0) is None
+
+
+def test_aimd_halves_on_a_deferral_once_per_window_and_adds_back_per_delivery() -> None:
+    shaper = Shaper(shaping(aimd_increase="6/min", rule=[{"rate": "120/min"}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    assert shaper.react(lane, DEFER, started_at=0.0, now=1.0) is not None
+    assert lane.rate == pytest.approx(1.0)  # 2/s -> 1/s
+    assert lane.allowed_connections == 5
+    # Replies to attempts sent before the cut say nothing about the new rate: no second cut.
+    assert shaper.react(lane, DEFER, started_at=0.5, now=1.2) is None
+    assert lane.rate == pytest.approx(1.0)
+    shaper.react(lane, DEFER, started_at=1.5, now=2.0)
+    assert lane.rate == pytest.approx(0.5)
+    for _ in range(10):
+        shaper.react(lane, OK, started_at=2.0, now=3.0)
+    assert lane.rate == pytest.approx(0.5 + 10 * 0.1)
+    for _ in range(100):
+        shaper.react(lane, OK, started_at=2.0, now=3.0)
+    assert lane.rate == pytest.approx(2.0)  # never above the configured ceiling
+    assert lane.allowed_connections == 10
+
+
+def test_aimd_never_cuts_below_the_floors() -> None:
+    shaper = Shaper(shaping(min_connections=2, min_rate="30/min", rule=[{"rate": "60/min"}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    for i in range(10):
+        shaper.react(lane, DEFER, started_at=float(i), now=float(i))
+    assert lane.allowed_connections == 2
+    assert lane.rate == pytest.approx(0.5)
+
+
+def test_without_a_rate_a_cut_starts_from_the_observed_rate_and_recovers_to_unlimited() -> None:
+    shaper = Shaper(shaping(aimd_increase="60/min"))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    assert lane.rate is None
+    run_for(lane, 10.0, step=0.1)  # 10/s observed
+    shaper.react(lane, DEFER, started_at=10.0, now=10.0)
+    assert lane.rate == pytest.approx(5.0, rel=0.05)
+    for _ in range(200):
+        shaper.react(lane, OK, started_at=10.0, now=70.5)  # a quiet minute later: nothing observed
+    assert lane.rate is None
+    assert "unlimited" in lane.last_change
+
+
+def test_reconfigure_keeps_suspensions_and_applies_new_ceilings() -> None:
+    shaper = Shaper(shaping(reaction=[{"code": 421, "action": "suspend", "duration": "1h"}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    shaper.react(lane, Reply(421, "4.7.0", "no"), 0.0, 0.0)
+    shaper.configure(shaping(rule=[{"max_connections": 2, "rate": "10/min"}]))
+    assert lane.suspended_until == 3600.0
+    assert lane.ceiling.max_connections == 2
+    assert lane.allowed_connections == 2
+    assert lane.rate == pytest.approx(10 / 60)
+
+
+def test_idle_lanes_at_their_ceiling_are_forgotten() -> None:
+    shaper = Shaper(shaping(reaction=[{"code": 421, "action": "suspend", "duration": "2h"}]))
+    quiet, suspended = shaper.lane("p", MEMBER, "a", 0.0), shaper.lane("p", MEMBER, "b", 0.0)
+    shaper.react(suspended, Reply(421, "", "no"), 0.0, 0.0)
+    shaper.prune(now=3601.0)
+    assert ("p", "ip1", "a") not in shaper.lanes
+    assert ("p", "ip1", "b") in shaper.lanes
+    assert quiet.pool == "p"
+
+
+def test_providers_group_by_mx_suffix_on_label_boundaries_and_config_overrides() -> None:
+    providers = Providers(ShapingSettings())
+    assert providers.destination("example.org", ["aspmx.l.google.com"]) == "google"
+    assert providers.destination("example.org", ["mx.notgoogle.com"]) == "example.org"
+    assert providers.destination("GMail.com") == "google"  # relay pools: by the provider's own domains
+    assert providers.destination("corp.test", ["corp-test.mail.protection.outlook.com"]) == "microsoft"
+    custom = Providers(
+        ShapingSettings.model_validate(
+            {
+                "default_providers": False,
+                "provider": [{"name": "hosted", "mx_suffixes": ["mx.hoster.test"], "domains": ["a.test"]}],
+            }
+        )
+    )
+    assert custom.destination("x.test", ["in1.mx.hoster.test"]) == "hosted"
+    assert custom.destination("gmail.com") == "gmail.com"
+    assert custom.names == {"hosted"}
+
+
+def test_warmup_caps_by_day_and_provider_then_ends() -> None:
+    warm = MemberSettings(
+        name="new",
+        kind="source",
+        source_address="127.0.0.3",
+        warmup=WarmupSettings(start=date(2026, 11, 1), days=(100, 200), provider={"google": (10,)}),
+    )
+    assert day_cap(warm, "*", date(2026, 10, 30)) == 100  # before the start: still day 1
+    assert day_cap(warm, "*", date(2026, 11, 2)) == 200
+    assert day_cap(warm, "google", date(2026, 11, 1)) == 10
+    assert day_cap(warm, "google", date(2026, 11, 2)) is None
+    assert day_cap(warm, "*", date(2026, 11, 3)) is None
+    assert day_cap(MEMBER, "*", date(2026, 11, 1)) is None
+
+
+def test_warmup_ledger_counts_persist_and_roll_over_at_utc_midnight(tmp_path: Path) -> None:
+    warm = MemberSettings(
+        name="new",
+        kind="source",
+        source_address="127.0.0.3",
+        warmup=WarmupSettings(start=date(2026, 11, 28), days=(3,)),
+    )
+    day1 = datetime(2026, 11, 28, 23, 0, tzinfo=UTC).timestamp()
+    ledger = WarmupLedger(tmp_path / "warmup.json")
+    for _ in range(3):
+        assert ledger.allows("p", warm, "google", day1)
+        ledger.count("p", warm, "google", day1)
+    assert not ledger.allows("p", warm, "yahoo", day1)
+    ledger.flush()
+    again = WarmupLedger(tmp_path / "warmup.json")  # a restart does not grant a fresh allowance
+    assert not again.allows("p", warm, "google", day1)
+    assert again.sent_today("p", "new") == 3
+    # Day 2 is past the schedule: warm, no cap.
+    assert again.allows("p", warm, "google", day1 + 3600)
+    (tmp_path / "warmup.json").write_text("{not json")
+    # A damaged ledger does not stop the node: the day starts afresh.
+    assert WarmupLedger(tmp_path / "warmup.json").allows("p", warm, "google", day1)
