@@ -25,6 +25,8 @@ class Received:
     recipients: list[str]
     data: bytes
     peer: str
+    helo: str = ""
+    at: float = 0.0  # time.time() when it was accepted
 
     @property
     def test_id(self) -> str:
@@ -87,7 +89,11 @@ class _Handler:
             return reply
         data = envelope.original_content or b""
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
-        up.received.append(Received(sender, list(envelope.rcpt_tos), bytes(data), session.peer[0]))
+        up.received.append(
+            Received(
+                sender, list(envelope.rcpt_tos), bytes(data), session.peer[0], session.host_name, time.time()
+            )
+        )
         return "250 2.0.0 Ok: stored"
 
 
@@ -174,17 +180,34 @@ def message(
     ).encode()
 
 
-async def send(port: int, test_id: str, sender: str = "app@example.com", to: list[str] | None = None) -> str:
-    """Send one message over SMTP to postmux; returns the 250 reply text. sender "" is the null sender."""
+async def send(
+    port: int,
+    test_id: str,
+    sender: str = "app@example.com",
+    to: list[str] | None = None,
+    *,
+    source_address: str | None = None,
+    headers: str = "",
+) -> str:
+    """Send one message over SMTP to postmux; returns the 250 reply text. sender "" is the null sender.
+
+    `source_address` sends from another loopback address; `headers` are put before the others.
+    """
     rcpts = to or ["user@dest.test"]
     # local_hostname: aiosmtplib would otherwise ask the resolver for this machine's name.
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="client.test", start_tls=False)
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        local_hostname="client.test",
+        start_tls=False,
+        source_address=(source_address, 0) if source_address else None,
+    )
     await client.connect()
     try:
         await client.mail(sender)
         for rcpt in rcpts:
             await client.rcpt(rcpt)
-        response = await client.data(message(test_id, sender, rcpts[0]))
+        response = await client.data(headers.encode() + message(test_id, sender, rcpts[0]))
         await client.quit()
     finally:
         client.close()

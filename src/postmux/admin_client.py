@@ -44,6 +44,13 @@ class AdminClient:
             return
         Console().print(members_table(body["members"]))
 
+    def show_shaping(self, *, as_json: bool) -> None:
+        body = self._call("GET", "/shaping")
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+            return
+        Console().print(shaping_table(body["lanes"]))
+
     def post(self, path: str, *, as_json: bool) -> None:
         body = self._call("POST", path)
         if as_json:
@@ -89,5 +96,48 @@ def members_table(members: list[dict[str, Any]]) -> Table:
             str(m["in_flight"]),
             f"{m['ewma_latency_ms']:.1f}",
             m["recent_error"][:60],
+        )
+    return table
+
+
+def _per_min(now: float | None, ceiling: float | None) -> str:
+    if now is None and ceiling is None:
+        return "-"
+    words = "-" if now is None else f"{now:g}"
+    return words if now == ceiling else f"{words}/{'-' if ceiling is None else f'{ceiling:g}'}"
+
+
+def shaping_table(lanes: list[dict[str, Any]]) -> Table:
+    table = Table(title="shaping: member x destination (now/configured)")
+    for column in (
+        "pool",
+        "member",
+        "destination",
+        "state",
+        "connections",
+        "rate/min",
+        "warm-up",
+        "last change",
+    ):
+        table.add_column(column, justify="right" if column in ("connections", "rate/min") else "left")
+    for lane in lanes:
+        state = lane["state"]
+        if lane["suspended_for_s"]:
+            state += f" {lane['suspended_for_s']:.0f}s"
+        warm = lane.get("warmup")
+        change = lane["last_change"] or ""
+        if change:
+            change = f"{lane['last_change_age_s']:.0f}s ago: {change}"
+        table.add_row(
+            lane["pool"],
+            lane["member"],
+            lane["destination"],
+            state,
+            f"{lane['in_flight']} of {lane['connections']}/{lane['max_connections']}",
+            _per_min(lane["rate_per_min"], lane["max_rate_per_min"]),
+            f"{warm['sent_today']}/{warm['cap_today'] if warm['cap_today'] is not None else '-'}"
+            if warm
+            else "",
+            change[:80],
         )
     return table

@@ -130,6 +130,14 @@ def members(
     _admin(config, url, token).show_members(as_json=json or not sys.stdout.isatty())
 
 
+@app.command()
+def shaping(
+    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+) -> None:
+    """Effective limits per member x destination (provider or domain), and what last changed each."""
+    _admin(config, url, token).show_shaping(as_json=json or not sys.stdout.isatty())
+
+
 NameArgument = Annotated[str, typer.Argument(help="The member's name (in every pool that has it).")]
 
 

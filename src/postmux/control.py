@@ -17,6 +17,8 @@ from postmux.delivery.smtp_client import SmtpTransport
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
+from postmux.scheduling.shaping import describe_lane
+from postmux.scheduling.warmup import day_cap, today_utc
 
 if TYPE_CHECKING:
     from postmux.app import App
@@ -77,6 +79,38 @@ class Control:
             "bounced": m.bounced,
             "recent_error": m.last_error,
             "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
+        }
+
+    # -- shaping -------------------------------------------------------------------------------------
+
+    def shaping(self) -> list[dict[str, Any]]:
+        """Every member x destination lane: its limits now and configured, and what last changed them."""
+        now = self.app.clock()
+        dispatcher = self.app.dispatcher
+        lanes = sorted(dispatcher.shaper.lanes.values(), key=lambda x: (x.pool, x.member, x.destination))
+        return [
+            {
+                **describe_lane(lane, now),
+                "warmup": self._warmup(lane.pool, lane.member, lane.destination, now),
+            }
+            for lane in lanes
+        ]
+
+    def _warmup(
+        self, pool_name: str, member_name: str, destination: str, now: float
+    ) -> dict[str, Any] | None:
+        pool = self.app.pools.get(pool_name)
+        member = next((m for m in pool.members if m.name == member_name), None) if pool else None
+        if member is None or member.settings.warmup is None:
+            return None
+        ledger = self.app.dispatcher.warmup
+        today = today_utc(now)
+        return {
+            "sent_today": ledger.sent_today(pool_name, member_name),
+            "cap_today": day_cap(member.settings, "*", today),
+            "provider_cap_today": day_cap(member.settings, destination, today)
+            if destination in member.settings.warmup.provider
+            else None,
         }
 
     def set_draining(self, name: str, draining: bool) -> list[dict[str, Any]]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from pathlib import Path
 
 import httpx
+from rich.console import Console
 from typer.testing import CliRunner
 
+from postmux.admin_client import shaping_table
 from postmux.app import App
 from postmux.cli import app as cli
 from postmux.config import load_config
@@ -195,3 +199,15 @@ async def test_cli_members_drain_enable_reload(tmp_path: Path, upstream: StartUp
         assert code == 1 and "no member named 'zz'" in err
         code, out, _ = await asyncio.to_thread(run, "reload")
         assert code == 0 and '"ok": true' in out
+        await send(app.smtp_port, "lane")
+        await wait_until(lambda: len(a.received) == 1)
+        code, out, _ = await asyncio.to_thread(run, "shaping")
+        assert code == 0
+        lanes = json.loads(out)["lanes"]
+    assert [(x["member"], x["destination"], x["state"], x["delivered"]) for x in lanes] == [
+        ("a", "dest.test", "open", 1)
+    ]
+    console = Console(width=200, file=io.StringIO())
+    console.print(shaping_table([{**lanes[0], "suspended_for_s": 42.0, "state": "suspended"}]))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "dest.test" in text and "suspended 42s" in text and "0 of 20/20" in text

@@ -81,6 +81,10 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     async def members() -> dict[str, Any]:
         return {"members": control.members()}
 
+    @app.get(f"{ADMIN_PREFIX}/shaping")
+    async def shaping() -> dict[str, Any]:
+        return {"lanes": control.shaping()}
+
     def set_draining(name: str, draining: bool) -> Any:
         try:
             return {"members": control.set_draining(name, draining)}

@@ -270,3 +270,26 @@ class Shaper:
                 and lane.allowed_connections >= lane.ceiling.max_connections
             ):
                 del self.lanes[key]
+
+
+def describe_lane(lane: Lane, now: float) -> dict[str, object]:
+    """A lane as the admin API and `postmux shaping` show it (rates per minute, times as ages)."""
+    admission, _ = lane.admission(now)
+    return {
+        "pool": lane.pool,
+        "member": lane.member,
+        "destination": lane.destination,
+        "state": admission.value,
+        "in_flight": lane.in_flight,
+        "connections": lane.allowed_connections,
+        "max_connections": lane.ceiling.max_connections,
+        "rate_per_min": None if lane.rate is None else round(lane.rate * 60, 2),
+        "max_rate_per_min": None if lane.ceiling.rate is None else round(lane.ceiling.rate * 60, 2),
+        "max_messages_per_connection": lane.ceiling.max_messages_per_connection,
+        "max_recipients": lane.ceiling.max_recipients,
+        "suspended_for_s": round(max(0.0, lane.suspended_until - now), 1),
+        "delivered": lane.delivered,
+        "deferred": lane.deferred,
+        "last_change": lane.last_change,
+        "last_change_age_s": round(now - lane.last_change_at, 1) if lane.last_change else None,
+    }

@@ -1,0 +1,85 @@
+"""Source members delivering straight to MX hosts from their own addresses (issue 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from postmux.app import App
+from tests.dns_server import LoopbackDns
+from tests.support import Upstream, make_settings, read_events, send, send_many, wait_until
+
+SOURCES = [
+    {"name": "ip2", "kind": "source", "source_address": "127.0.0.2", "ehlo_hostname": "mta2.example.test"},
+    {"name": "ip3", "kind": "source", "source_address": "127.0.0.3", "ehlo_hostname": "mta3.example.test"},
+]
+
+
+def direct_pool(**extra: Any) -> dict[str, Any]:
+    return {"name": "default", "policy": "round_robin", "members": SOURCES, **extra}
+
+
+async def test_source_members_send_from_their_own_address_and_name(tmp_path: Path) -> None:
+    mx = await Upstream("mx").start()
+    settings = make_settings(tmp_path, [direct_pool()], dns={"overrides": {"dest.test": mx.address}})
+    async with App(settings) as app:
+        await send_many(app.smtp_port, [f"m{i}" for i in range(20)])
+        await wait_until(lambda: len(mx.received) == 20)
+    seen = {(r.peer, r.helo) for r in mx.received}
+    assert seen == {("127.0.0.2", "mta2.example.test"), ("127.0.0.3", "mta3.example.test")}
+    await mx.stop()
+
+
+ZONE = """
+pref.test.       300 IN MX 10 mx-a.pref.test.
+pref.test.       300 IN MX 20 mx-b.pref.test.
+mx-a.pref.test.  300 IN A 127.0.0.11
+mx-b.pref.test.  300 IN A 127.0.0.12
+plain.test.      300 IN A 127.0.0.13
+nullmx.test.     300 IN MX 0 .
+example.com.     300 IN MX 10 mx.example.com.
+mx.example.com.  300 IN A 127.0.0.14
+"""
+
+
+async def test_mx_preference_order_and_fallback_through_a_real_resolver(tmp_path: Path) -> None:
+    backup = await Upstream("mx-b", host="127.0.0.12").start()
+    port = backup.port
+    plain = await Upstream("plain", host="127.0.0.13").start(port=port)
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(
+            tmp_path, [direct_pool()], dns={"nameservers": [dns.address], "mx_port": port, "min_ttl": "1s"}
+        )
+        async with App(settings) as app:
+            # The preferred MX (127.0.0.11) refuses connections: the next one takes the mail.
+            await send(app.smtp_port, "fallback", to=["u@pref.test"])
+            await wait_until(lambda: len(backup.received) == 1)
+            primary = await Upstream("mx-a", host="127.0.0.11").start(port=port)
+            await send(app.smtp_port, "preferred", to=["u@pref.test"])
+            await wait_until(lambda: len(primary.received) == 1)
+            # No MX record: the domain's own address is its mail server (RFC 5321 5.1).
+            await send(app.smtp_port, "implicit", to=["u@plain.test"])
+            await wait_until(lambda: len(plain.received) == 1)
+    assert [r.test_id for r in backup.received] == ["fallback"]
+    assert [r.test_id for r in primary.received] == ["preferred"]
+    for u in (backup, primary, plain):
+        await u.stop()
+
+
+async def test_null_mx_bounces_at_once_with_one_dsn(tmp_path: Path) -> None:
+    bounces = await Upstream("bounces", host="127.0.0.14").start()
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(
+            tmp_path, [direct_pool()], dns={"nameservers": [dns.address], "mx_port": bounces.port}
+        )
+        async with App(settings) as app:
+            await send(app.smtp_port, "nomail", to=["a@nullmx.test", "b@nullmx.test"])
+            await wait_until(lambda: len(bounces.received) == 1)
+            await wait_until(
+                lambda: sum(e["type"] == "Bounce" for e in read_events(tmp_path / "events.jsonl")) == 2
+            )
+    dsn = bounces.received[0]
+    assert dsn.sender == "" and dsn.recipients == ["app@example.com"]
+    assert b"5.1.10" in dsn.data and b"a@nullmx.test" in dsn.data and b"b@nullmx.test" in dsn.data
+    assert sum(e["type"] == "Delivery" for e in read_events(tmp_path / "events.jsonl")) == 1  # the DSN itself
+    await bounces.stop()

@@ -1,0 +1,136 @@
+"""Shaping end to end: rates per provider, reactions to receivers, recipients per message, warm-up."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from postmux.app import App
+from postmux.config import RouteSettings
+from tests.support import Upstream, make_settings, read_events, send, send_many, wait_until
+
+PROVIDERS = [
+    {"name": "slowprov", "domains": ["slow.test"]},
+    {"name": "fastprov", "domains": ["fast.test"]},
+]
+
+
+def relay(name: str, up: Upstream, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "address": up.address, **extra}
+
+
+async def test_a_providers_rate_holds_while_another_provider_is_not_slowed(tmp_path: Path) -> None:
+    up = await Upstream("up").start()
+    shaping = {"aimd": False, "provider": PROVIDERS, "rule": [{"destination": "slowprov", "rate": "360/min"}]}
+    settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
+    async with App(settings) as app:
+        start = time.time()
+        await send_many(app.smtp_port, [f"s{i}" for i in range(50)], to=["u@slow.test"])
+        await send_many(app.smtp_port, [f"f{i}" for i in range(50)], to=["u@fast.test"])
+        await wait_until(lambda: sum(r.test_id.startswith("f") for r in up.received) == 50, timeout=5)
+        fast_done = time.time() - start
+        await wait_until(lambda: len(up.received) == 100, timeout=15)
+    slow = sorted(r.at for r in up.received if r.test_id.startswith("s"))
+    # 360/min is one every 1/6 s, evenly spaced: 50 take about 49/6 = 8.2 s, never faster.
+    span = slow[-1] - slow[0]
+    assert 49 / 6 * 0.9 <= span <= 49 / 6 * 1.1 + 0.5, span
+    assert all(b - a >= 1 / 6 * 0.8 for a, b in itertools.pairwise(slow))
+    assert fast_done < 4.0  # the other provider went at full speed meanwhile
+    await up.stop()
+
+
+def refuse_domain(domain: str, reply: str) -> Any:
+    async def behaviour(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        return reply if any(r.endswith("@" + domain) for r in envelope.rcpt_tos) else None
+
+    return behaviour
+
+
+async def test_a_421_suspends_only_that_member_and_provider_and_its_mail_moves(tmp_path: Path) -> None:
+    a = await Upstream("a", refuse_domain("slow.test", "421 4.7.0 Try again later, too fast")).start()
+    b = await Upstream("b").start()
+    pool = {
+        "name": "default",
+        "policy": "priority",
+        "members": [relay("a", a), relay("b", b, backup=True)],
+    }
+    shaping = {
+        "provider": PROVIDERS,
+        "reaction": [{"code": 421, "enhanced_code": "4.7.0", "action": "suspend", "duration": "10m"}],
+    }
+    async with App(make_settings(tmp_path, [pool], shaping=shaping)) as app:
+        for i in range(5):
+            await send(app.smtp_port, f"s{i}", to=["u@slow.test"])
+            await send(app.smtp_port, f"f{i}", to=["u@fast.test"])
+        await wait_until(lambda: len(a.received) + len(b.received) == 10)
+        lanes = {(lane["member"], lane["destination"]): lane for lane in app.control.shaping()}
+    assert sorted(r.test_id for r in b.received) == [f"s{i}" for i in range(5)]
+    assert sorted(r.test_id for r in a.received) == [f"f{i}" for i in range(5)]
+    assert a.data_commands == 6  # one slow.test message met the 421; the rest never went to a
+    suspended = lanes[("a", "slowprov")]
+    assert suspended["state"] == "suspended" and suspended["suspended_for_s"] > 500
+    assert "421 4.7.0" in suspended["last_change"]
+    assert lanes[("a", "fastprov")]["state"] == "open"
+    changes = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "ShapingChanged"]
+    assert [(e["member"], e["queue"]) for e in changes] == [("a", "default/slowprov")]
+    for u in (a, b):
+        await u.stop()
+
+
+async def test_max_recipients_splits_a_message_into_transactions(tmp_path: Path) -> None:
+    up = await Upstream("up").start()
+    shaping = {"rule": [{"destination": "dest.test", "max_recipients": 2}]}
+    settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
+    async with App(settings) as app:
+        await send(app.smtp_port, "many", to=[f"u{i}@dest.test" for i in range(5)])
+        await wait_until(lambda: sum(len(r.recipients) for r in up.received) == 5)
+    assert sorted(len(r.recipients) for r in up.received) == [1, 2, 2]
+    await up.stop()
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+async def test_a_warming_member_sends_its_days_cap_and_the_rest_overflows(tmp_path: Path) -> None:
+    new, old = await Upstream("new").start(), await Upstream("old").start()
+    warmup = {"start": today(), "days": [100, 1000], "overflow_pool": "default"}
+    pools = [
+        {"name": "default", "members": [relay("old", old)]},
+        {"name": "warm", "members": [relay("new", new, warmup=warmup)]},
+    ]
+    settings = make_settings(tmp_path, pools)
+    route = RouteSettings.model_validate({"match": {"sender_domain": "example.com"}, "pool": "warm"})
+    settings = settings.model_copy(update={"route": (route,)})
+    async with App(settings) as app:
+        await send_many(app.smtp_port, [f"w{i}" for i in range(150)], concurrency=10)
+        await wait_until(lambda: len(new.received) + len(old.received) == 150, timeout=20)
+    assert len(new.received) == 100
+    assert len(old.received) == 50
+    ledger = (tmp_path / "warmup.json").read_text()
+    assert '"warm/new/*": 100' in ledger
+    for u in (new, old):
+        await u.stop()
+
+
+async def test_a_capped_member_leaves_the_rest_to_its_pool_mates(tmp_path: Path) -> None:
+    new, old = await Upstream("new").start(), await Upstream("old").start()
+    pool = {
+        "name": "default",
+        "policy": "weighted",
+        "members": [
+            relay("new", new, weight=100, warmup={"start": today(), "days": [30]}),
+            relay("old", old),
+        ],
+    }
+    async with App(make_settings(tmp_path, [pool])) as app:
+        await send_many(app.smtp_port, [f"w{i}" for i in range(60)], concurrency=5)
+        await wait_until(lambda: len(new.received) + len(old.received) == 60, timeout=20)
+    assert len(new.received) == 30
+    for u in (new, old):
+        await u.stop()
