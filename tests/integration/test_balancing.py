@@ -264,3 +264,35 @@ async def test_pool_header_routes_the_message_and_never_reaches_the_member(tmp_p
     assert all(b"x-postmux-pool" not in r.data.lower() for r in main.received + bulk.received)
     for u in (main, bulk):
         await u.stop()
+
+
+async def test_each_route_kind_picks_its_pool_first_match_winning(tmp_path: Path) -> None:
+    names = ("default", "by_sender", "by_recipient", "by_network", "by_header")
+    ups = {n: await Upstream(n).start() for n in names}
+    pools = [{"name": n, "members": [member(n, ups[n].address)]} for n in names]
+    routes = [
+        make_route({"match": {"pool_header": "urgent"}, "pool": "by_header"}),
+        make_route({"match": {"sender_domain": "news.example.com"}, "pool": "by_sender"}),
+        make_route({"match": {"recipient_domain": "corp.test"}, "pool": "by_recipient"}),
+        make_route({"match": {"client_network": "127.0.0.9/32"}, "pool": "by_network"}),
+    ]
+    settings = make_settings(tmp_path, pools).model_copy(update={"route": tuple(routes)})
+    async with App(settings) as app:
+        port = app.smtp_port
+        await send(port, "sender", sender="x@news.example.com")
+        await send(port, "recipient", to=["boss@corp.test"])
+        await send(port, "network", source_address="127.0.0.9")
+        await send(port, "header", sender="x@news.example.com", headers="X-Postmux-Pool: Urgent\r\n")
+        await send(port, "rest")
+        await wait_until(lambda: sum(len(u.received) for u in ups.values()) == 5)
+    got = {name: [r.test_id for r in u.received] for name, u in ups.items()}
+    assert got == {
+        "default": ["rest"],
+        "by_sender": ["sender"],
+        "by_recipient": ["recipient"],
+        "by_network": ["network"],
+        "by_header": ["header"],  # the first matching rule wins over the sender rule below it
+    }
+    assert all(b"x-postmux-pool" not in r.data.lower() for u in ups.values() for r in u.received)
+    for u in ups.values():
+        await u.stop()
