@@ -126,6 +126,20 @@ def test_aimd_halves_on_a_deferral_once_per_window_and_adds_back_per_delivery() 
     assert lane.allowed_connections == 10
 
 
+def test_cuts_stop_at_half_of_what_the_receiver_accepted_last_minute() -> None:
+    shaper = Shaper(shaping(rule=[{"rate": "240/min"}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    for i in range(120):  # it took 2/s for the last minute, then refuses everything
+        shaper.react(lane, OK, started_at=i / 2, now=i / 2)
+    for i in range(10):
+        t = 60.0 + i / 100
+        shaper.react(lane, DEFER, started_at=t, now=t)
+    assert lane.rate == pytest.approx(1.0, rel=0.02)  # 4/s -> 2/s -> 1/s, then held at half of 2/s
+    for t in range(130, 140):  # a minute later with nothing accepted, the cuts go on
+        shaper.react(lane, DEFER, started_at=float(t), now=float(t))
+    assert lane.rate == pytest.approx(1 / 60)
+
+
 def test_aimd_never_cuts_below_the_floors() -> None:
     shaper = Shaper(shaping(min_connections=2, min_rate="30/min", rule=[{"rate": "60/min"}]))
     lane = shaper.lane("p", MEMBER, "d", 0.0)

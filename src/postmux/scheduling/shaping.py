@@ -65,6 +65,7 @@ class Lane:
     last_change: str = ""
     last_change_at: float = 0.0
     started: deque[float] = field(default_factory=deque)  # start times in the last minute
+    accepted: deque[float] = field(default_factory=deque)  # delivery times in the last minute
     first_start: float | None = None
     delivered: int = 0
     deferred: int = 0
@@ -113,6 +114,16 @@ class Lane:
             return 0.0
         span = min(_OBSERVE_WINDOW_S, max(1.0, now - self.first_start))
         return sum(1 for t in self.started if t > now - _OBSERVE_WINDOW_S) / span
+
+    def record_delivery(self, now: float) -> None:
+        self.delivered += 1
+        self.accepted.append(now)
+        while self.accepted and self.accepted[0] <= now - _OBSERVE_WINDOW_S:
+            self.accepted.popleft()
+
+    def accepted_rate(self, now: float) -> float:
+        """Deliveries per second over the last minute: what the receiver has shown it will take."""
+        return sum(1 for t in self.accepted if t > now - _OBSERVE_WINDOW_S) / _OBSERVE_WINDOW_S
 
     def _note(self, what: str, now: float) -> str:
         self.last_change, self.last_change_at = what, now
@@ -208,7 +219,7 @@ class Shaper:
             if reaction.matches(reply, lane.destination):
                 return self._apply(lane, reaction.rule, reply, now)
         if reply.is_success:
-            lane.delivered += 1
+            lane.record_delivery(now)
             if self.settings.aimd:
                 self._increase(lane, now)
             return None
@@ -228,15 +239,22 @@ class Shaper:
             return lane._note(f"suspended for {rule.duration:g}s after '{reply}'", now)
         return self._cut(lane, rule.factor, f"throttled after '{reply}'", now)
 
-    def _cut(self, lane: Lane, factor: float, why: str, now: float) -> str:
-        """Multiplicative decrease of both connections and rate, never below the floors."""
+    def _cut(self, lane: Lane, factor: float, why: str, now: float) -> str | None:
+        """Multiplicative decrease of both connections and rate, never below the floors.
+
+        Nor below `factor` x what the receiver accepted over the last minute: a receiver that counts
+        per minute refuses everything until its minute has passed, whatever we send meanwhile, and
+        halving on each of those refusals would drive the rate to the floor for nothing.
+        """
         before = (lane.allowed_connections, lane.rate)
         lane.connections = max(float(self.settings.min_connections), lane.connections * factor)
         base = lane.rate if lane.rate is not None else max(lane.observed_rate(now), self.settings.min_rate)
-        lane.rate = max(self.settings.min_rate, base * factor)
+        lane.rate = max(self.settings.min_rate, base * factor, min(base, lane.accepted_rate(now) * factor))
         if before[1] is None:
             lane.tokens, lane.refilled_at = min(lane.tokens, 1.0), now
         lane.cut_at = now
+        if (lane.allowed_connections, lane.rate) == before:
+            return None  # already at the floors: nothing to announce
         return lane._note(
             f"{why}: connections {before[0]} -> {lane.allowed_connections}, "
             f"rate {_rate_words(before[1])} -> {_rate_words(lane.rate)}",
