@@ -136,11 +136,19 @@ class _GuardedReader(asyncio.StreamReader):
     """
 
     on_data_line: Callable[[], None]
+    overrun = False  # the rest of an over-long line is being read to be thrown away, not to be judged
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
-        line = await super().readuntil(separator)
+        try:
+            line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            self.overrun = True
+            raise
         if separator != b"\n":
             self.on_data_line()
+            return line
+        if self.overrun:
+            self.overrun = False
             return line
         refusal = command_line_refusal(line)
         if refusal is not None:
