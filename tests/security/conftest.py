@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from postmux.app import App
 from tests.support import Upstream, make_settings
@@ -38,3 +40,26 @@ def stored(tmp_path: Path) -> int:
     """Messages in the spool right now (delivered ones are removed, so pair this with upstream.received)."""
     with sqlite3.connect(tmp_path / "spool.db") as db:
         return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    """[smtp.tls] keys for a certificate of postmux.test that `client_tls` trusts."""
+    cert = ca.issue_cert("postmux.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    for i, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(str(cert_file), append=i > 0)
+    cert.private_key_pem.write_to_path(str(key_file))
+    return {"cert_file": str(cert_file), "key_file": str(key_file)}
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context

@@ -179,7 +179,8 @@ class PostmuxSMTP(SMTP):
         self.settings = settings
         self.limits = limits
         self.errors = 0
-        self.auth_failures = 0
+        # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
+        self.failed_logins = 0
         self.client_ip = ""
         self._refused: str | None = "421 4.3.2 not yet admitted"
         self._session_timer: asyncio.TimerHandle | None = None
@@ -317,15 +318,15 @@ class PostmuxSMTP(SMTP):
         if await self._verify(name, offered.password):
             log.info("client authenticated", client=self.client_ip, user=name)
             return AuthResult(success=True, auth_data=name)
-        self.auth_failures += 1
-        log.warning("authentication failed", client=self.client_ip, user=name, failures=self.auth_failures)
+        self.failed_logins += 1
+        log.warning("authentication failed", client=self.client_ip, user=name, failures=self.failed_logins)
         # A pause before each "no" makes guessing slow; a client that keeps guessing is shown the door.
         await asyncio.sleep(self.settings.auth_failure_delay)
-        if self.auth_failures >= self.settings.max_auth_failures:
-            await SMTP.push(self, "535 5.7.8 Authentication credentials invalid")
+        if self.failed_logins >= self.settings.max_auth_failures:
+            await SMTP.push(self, _INVALID_CREDENTIALS)
             self._hang_up(f"421 4.7.0 {self.hostname} Error: too many failed authentications")
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message=_INVALID_CREDENTIALS)
 
     async def _verify(self, name: str, password: bytes) -> bool:
         users = {u.name: u.password_hash for u in self.settings.users}
@@ -335,6 +336,7 @@ class PostmuxSMTP(SMTP):
         return ok and name in users
 
 
+_INVALID_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
 _DECOY: list[str] = []
 
 
