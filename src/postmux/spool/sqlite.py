@@ -258,10 +258,12 @@ WHERE state NOT IN ('queued', 'leased', 'delivered', 'bounced', 'expired')
 def _quarantine(conn: sqlite3.Connection, now: float) -> int:
     """Move unusable rows to the quarantine table, so one bad row cannot stop the recovery of the rest.
 
-    A bad message takes its recipients along (they cannot be delivered without it); a bad recipient
-    goes alone, and its message, if left without recipients, follows at the next open.
+    A bad recipient goes alone (recipients first, so a message it leaves without recipients follows in
+    the same pass); a bad message takes its recipients along (they cannot be delivered without it).
     """
     moved = 0
+    for rid, reason in conn.execute(_BAD_RECIPIENTS).fetchall():
+        moved += _quarantine_recipient(conn, rid, reason, now)
     for message_id, reason in conn.execute(_BAD_MESSAGES).fetchall():
         row = conn.execute(
             "SELECT id, sender, client_ip, smtputf8, created, data FROM message WHERE id = ?", (message_id,)
@@ -274,8 +276,6 @@ def _quarantine(conn: sqlite3.Connection, now: float) -> int:
             moved += _quarantine_recipient(conn, rid, reason_r, now)
         conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
         moved += 1
-    for rid, reason in conn.execute(_BAD_RECIPIENTS).fetchall():
-        moved += _quarantine_recipient(conn, rid, reason, now)
     return moved
 
 
