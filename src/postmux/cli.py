@@ -78,6 +78,24 @@ async def _serve(settings: Settings, config_path: Path) -> None:
 
 
 @app.command()
+def passwd() -> None:
+    """Print a scrypt hash for [[smtp.users]] password_hash; the password is read from the terminal or stdin.
+
+    Never from the command line: arguments show in `ps` and in shell history.
+    """
+    from postmux.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        typer.echo("postmux passwd: empty password", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    typer.echo(hash_password(password))
+
+
+@app.command()
 def demo(
     messages: Annotated[int, typer.Option(help="How many messages to send through the farm.")] = 3000,
     workdir: Annotated[Path, typer.Option(help="Where the demo keeps its spool and event log.")] = Path(

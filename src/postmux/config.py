@@ -62,13 +62,64 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class SmtpUser(_Frozen):
+    """An SMTP AUTH user: a name and a scrypt hash made by `postmux passwd` (never the password itself)."""
+
+    name: str = Field(min_length=1)
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        from postmux.passwords import parse_hash
+
+        parse_hash(v)
+        return v
+
+
+class SmtpTlsSettings(_Frozen):
+    """STARTTLS on the listener (RFC 3207): a PEM certificate chain and its private key."""
+
+    cert_file: str
+    key_file: str
+    # Refuse every command but EHLO, STARTTLS, NOOP and QUIT until the client has started TLS.
+    required: bool = False
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"{v!r} is not a readable file")
+        return v
+
+
 class SmtpSettings(_Frozen):
     listen: str = "127.0.0.1:2525"
     hostname: str = "postmux.localdomain"
     max_message_size: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=1000, gt=0)
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    timeout: Duration = 300.0
+    timeout: PositiveDuration = 300.0
+    # A whole connection, however busy, ends after this long (a client dribbling bytes resets `timeout`).
+    session_timeout: PositiveDuration = 3600.0
+    # "reject" refuses a message or command with a bare CR or LF (SMTP smuggling); "normalize" repairs
+    # the message's line ends to CRLF instead. Command lines are always held to CRLF.
+    line_endings: Literal["reject", "normalize"] = "reject"
+    # A message that already passed this many relays (Received fields) is looping (RFC 5321 6.3).
+    max_hops: int = Field(default=50, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+    max_connections_per_ip: int = Field(default=100, gt=0)
+    # Error replies (4xx, 5xx) one connection may earn before it is closed with 421.
+    max_errors: int = Field(default=20, gt=0)
+    users: tuple[SmtpUser, ...] = ()
+    # AUTH is offered only inside TLS unless this is false (RFC 4954 4: never send passwords in clear).
+    auth_require_tls: bool = True
+    auth_failure_delay: Duration = 1.0
+    max_auth_failures: int = Field(default=3, gt=0)
+    tls: SmtpTlsSettings | None = None
 
     @field_validator("listen")
     @classmethod
@@ -88,6 +139,15 @@ class SmtpSettings(_Frozen):
 
     def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, v: tuple[SmtpUser, ...]) -> tuple[SmtpUser, ...]:
+        names = [u.name for u in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"user names must be unique; repeated: {', '.join(dupes)}")
+        return v
 
 
 class HttpSettings(_Frozen):

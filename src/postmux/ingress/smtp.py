@@ -1,19 +1,40 @@
-"""SMTP ingress on aiosmtpd, in postmux's own event loop."""
+"""SMTP ingress on aiosmtpd, in postmux's own event loop, hardened against bad and hostile clients.
+
+aiosmtpd 1.4.6 already ends DATA only at CRLF.CRLF (its fix for CVE-2024-27305), discards a message's text
+once it is too big (memory stays flat), limits command lines to 512 octets and text lines to 1000, and
+discards plaintext pipelined behind STARTTLS (CVE-2011-0411). `PostmuxSMTP` adds what it lacks: command
+lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits, an error budget,
+a whole-session timeout, a 421 on timeouts, scrypt AUTH checked off the event loop with a delay after each
+failure, and enhanced status codes (RFC 3463) on every error reply.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+import re
+import ssl
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Acceptor
+from postmux.ingress.hygiene import (
+    HOPS_EXCEEDED,
+    Role,
+    address_refusal,
+    command_line_refusal,
+    data_refusal,
+    normalize_line_endings,
+    received_count,
+)
+from postmux.passwords import hash_password, verify_password
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.smtp")
@@ -36,6 +57,295 @@ def _peer_ip(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else ""
 
 
+class SmtpRefusal(Exception):
+    """Raised anywhere in a command's handling to answer it with `reply` (IngressHandler.handle_exception)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+# aiosmtpd's own error replies carry no enhanced status code; RFC 3463 / RFC 2034 want one on each.
+_ENHANCED_REPLIES = {
+    "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": (
+        "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+    ),
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for system",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+}
+_DEFAULT_ENHANCED = {
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "538": "5.7.11",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+
+
+def enhanced(reply: str) -> str:
+    """The same reply with an enhanced status code, if it is an error reply that has none."""
+    if reply in _ENHANCED_REPLIES:
+        return _ENHANCED_REPLIES[reply]
+    if reply[:1] not in ("4", "5") or _HAS_ENHANCED.match(reply):
+        return reply
+    code = _DEFAULT_ENHANCED.get(reply[:3], f"{reply[0]}.0.0")
+    return f"{reply[:3]} {code} {reply[4:]}"
+
+
+class ConnectionLimits:
+    """Open connections, overall and per client IP, shared by every session of one listener."""
+
+    def __init__(self, total: int, per_ip: int, hostname: str) -> None:
+        self.total, self.per_ip, self.hostname = total, per_ip, hostname
+        self.open: Counter[str] = Counter()
+
+    def admit(self, ip: str) -> str | None:
+        """None and the connection counts, or the 421 to close it with."""
+        if self.open.total() >= self.total:
+            return f"421 4.7.0 {self.hostname} Too many connections, try again later"
+        if self.open[ip] >= self.per_ip:
+            return f"421 4.7.0 {self.hostname} Too many connections from your address, try again later"
+        self.open[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.open[ip] -= 1
+        if self.open[ip] <= 0:
+            del self.open[ip]
+
+
+class _GuardedReader(asyncio.StreamReader):
+    """aiosmtpd's own stream reader with a check on each command line (see PostmuxSMTP._cb_client_connected).
+
+    aiosmtpd reads command lines up to a bare LF and strips any CRs before it, so `MAIL FROM:<a>\\n` or a
+    CR in the middle of a line would pass. Its DATA reader asks for lines up to CRLF; those only reset the
+    idle timer here (a client sending a big message is not idle), their content is judged after the dot.
+    """
+
+    on_data_line: Callable[[], None]
+    overrun = False  # the rest of an over-long line is being read to be thrown away, not to be judged
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        try:
+            line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            self.overrun = True
+            raise
+        if separator != b"\n":
+            self.on_data_line()
+            return line
+        if self.overrun:
+            self.overrun = False
+            return line
+        refusal = command_line_refusal(line)
+        if refusal is not None:
+            raise SmtpRefusal(refusal)
+        return line
+
+
+def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
+    """An overriding smtp_* method keeps the @syntax help text aiosmtpd's HELP reads from the original."""
+
+    def decorate(method: Any) -> Any:
+        method.__dict__.update(original.__dict__)
+        return method
+
+    return decorate
+
+
+class PostmuxSMTP(SMTP):
+    """One client connection."""
+
+    def __init__(
+        self,
+        handler: IngressHandler,
+        settings: SmtpSettings,
+        limits: ConnectionLimits,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.errors = 0
+        # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
+        self.failed_logins = 0
+        self.client_ip = ""
+        self._refused: str | None = "421 4.3.2 not yet admitted"
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._address_role = Role.SENDER
+        self._offered: LoginPassword | None = None
+        super().__init__(
+            handler,
+            hostname=settings.hostname,
+            ident="postmux",
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=settings.timeout,
+            tls_context=tls_context,
+            require_starttls=settings.tls is not None and settings.tls.required,
+            auth_require_tls=settings.auth_require_tls,
+            # Without users there is nothing to log in as: AUTH is not offered.
+            auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            authenticator=self._take_credentials,
+        )
+
+    # -- connection life -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # a second call comes when STARTTLS swaps in the TLS transport
+        super().connection_made(transport)
+        if first:
+            assert self.session is not None
+            self.client_ip = _peer_ip(self.session)
+            self._refused = self.limits.admit(self.client_ip)
+            self._session_timer = self.loop.call_later(
+                self.settings.session_timeout,
+                self._hang_up,
+                f"421 4.4.2 {self.hostname} Error: session time limit exceeded",
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            if self._refused is None:
+                self.limits.release(self.client_ip)
+            self._session_timer = None
+        super().connection_lost(error)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # aiosmtpd builds its StreamReader in its constructor; giving that very object the checking class
+        # keeps every attribute aiosmtpd relies on (STARTTLS clears its buffer), with no copy to keep in step.
+        reader.__class__ = _GuardedReader
+        assert isinstance(reader, _GuardedReader)
+        reader.on_data_line = self._reset_timeout
+        super()._cb_client_connected(reader, writer)
+
+    async def _handle_client(self) -> None:
+        if self._refused is not None:
+            # Instead of the greeting (RFC 5321 3.1): the client may try again later.
+            await super().push(self._refused)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: a server that times out should say so (421) rather than just hang up.
+        self._hang_up(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _hang_up(self, reply: str) -> None:
+        """Say `reply` and close, from inside the session's task or from a timer."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.info("closing connection", client=self.client_ip, reply=reply)
+        self._writer.write(reply.encode() + b"\r\n")
+        self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):  # AUTH challenges (334)
+            await super().push(status)
+            return
+        reply = enhanced(status)
+        await super().push(reply)
+        if reply[:1] in ("4", "5") and not reply.startswith("421"):
+            self.errors += 1
+            if self.errors >= self.settings.max_errors:
+                # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
+                self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    # -- commands --------------------------------------------------------------------------------------
+
+    @_keeps_syntax(SMTP.smtp_STARTTLS)
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")  # RFC 3207 4.2: no second STARTTLS
+            return
+        await super().smtp_STARTTLS(arg)
+
+    def _strip_command_keyword(self, keyword: str, arg: str) -> str | None:
+        # aiosmtpd strips FROM: or TO: just before it parses the address: the one place that knows which.
+        self._address_role = Role.RECIPIENT if keyword == "TO:" else Role.SENDER
+        result: str | None = super()._strip_command_keyword(keyword, arg)
+        return result
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, rest = super()._getaddr(arg)
+        if address and address != "<>":
+            refusal = address_refusal(arg, address, self._address_role)
+            if refusal is not None:
+                raise SmtpRefusal(refusal)
+        return address, rest
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------------------------------
+
+    def _take_credentials(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        # aiosmtpd's PLAIN and LOGIN parse the exchange and call this synchronously. scrypt costs tens of
+        # milliseconds of CPU by design, too long for the event loop: the check runs in a thread below.
+        self._offered = data
+        return AuthResult(success=False, handled=True)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._check_offered(await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._check_offered(await super().auth_LOGIN(server, args))
+
+    async def _check_offered(self, parsed: AuthResult) -> AuthResult:
+        offered, self._offered = self._offered, None
+        if offered is None:
+            # The exchange itself failed (bad base64, '*'): aiosmtpd has answered it already.
+            return AuthResult(success=False, handled=True)
+        name = offered.login.decode("utf-8", "replace")
+        if await self._verify(name, offered.password):
+            log.info("client authenticated", client=self.client_ip, user=name)
+            return AuthResult(success=True, auth_data=name)
+        self.failed_logins += 1
+        log.warning("authentication failed", client=self.client_ip, user=name, failures=self.failed_logins)
+        # A pause before each "no" makes guessing slow; a client that keeps guessing is shown the door.
+        await asyncio.sleep(self.settings.auth_failure_delay)
+        if self.failed_logins >= self.settings.max_auth_failures:
+            await SMTP.push(self, _INVALID_CREDENTIALS)
+            self._hang_up(f"421 4.7.0 {self.hostname} Error: too many failed authentications")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=_INVALID_CREDENTIALS)
+
+    async def _verify(self, name: str, password: bytes) -> bool:
+        users = {u.name: u.password_hash for u in self.settings.users}
+        # An unknown user costs as much as a known one, so the time taken does not tell which names exist.
+        encoded = users.get(name) or _decoy_hash()
+        ok = await asyncio.to_thread(verify_password, password, encoded)
+        return ok and name in users
+
+
+_INVALID_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
+_DECOY: list[str] = []
+
+
+def _decoy_hash() -> str:
+    if not _DECOY:
+        _DECOY.append(hash_password("decoy"))
+    return _DECOY[0]
+
+
 class IngressHandler:
     """aiosmtpd hooks: relay policy at RCPT, the durable accept at the final dot."""
 
@@ -44,18 +354,26 @@ class IngressHandler:
         self.acceptor = acceptor
         self.trusted_networks = settings.trusted()
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, SmtpRefusal):
+            return error.reply
+        # Never a traceback or an exception's text to the client: they are for the log.
+        log.exception("smtp session error", error=repr(error))
+        return "451 4.3.0 Requested action aborted: local error in processing"
+
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        offered = [r for r in responses[:-1] if r.strip() != "250-AUTH"]  # AUTH with no mechanism left
         # aiosmtpd reads pipelined commands in order but does not advertise it (RFC 2920).
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*offered, "250-PIPELINING", responses[-1]]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if not is_trusted(_peer_ip(session), self.trusted_networks):
-            # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted clients may relay.
+        if not (session.authenticated or is_trusted(_peer_ip(session), self.trusted_networks)):
+            # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -68,40 +386,64 @@ class IngressHandler:
         data = envelope.original_content if envelope.original_content is not None else envelope.content
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
-        sender = envelope.mail_from or ""
-        message = Envelope(
-            sender="" if sender == "<>" else sender,  # the null reverse-path (RFC 5321 4.5.5)
-            recipients=tuple(envelope.rcpt_tos),
-            data=bytes(data or b""),
-            client_ip=_peer_ip(session),
-            smtputf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options),
-            helo=session.host_name or "",
-            protocol="ESMTP" if session.extended_smtp else "SMTP",
-        )
+        data = bytes(data or b"")
+        normalize = self.settings.line_endings == "normalize"
+        refusal = data_refusal(data, normalize=normalize)
+        if refusal is not None:
+            log.warning("message refused", client=_peer_ip(session), reply=refusal)
+            return refusal
+        if normalize:
+            data = normalize_line_endings(data)
+        if received_count(data) >= self.settings.max_hops:
+            return HOPS_EXCEEDED
+        message = self._envelope(session, envelope, data)
         try:
-            queue_id = await self.acceptor.accept(message)
+            # Shielded: a client that hangs up (or times out) while the spool commits must not cancel a
+            # store that may already be durable; the message is then delivered, never half-stored.
+            queue_id = await asyncio.shield(self.acceptor.accept(message))
         except SpoolError as e:
-            log.error("spool refused a message", error=str(e))
+            log.error("spool refused a message", error=str(e), disk_full=e.disk_full)
+            if e.disk_full:
+                return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Requested action aborted: local error in processing"
         except Exception:
             log.exception("accept failed")
             return "451 4.3.0 Requested action aborted: local error in processing"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
+    def _envelope(self, session: Session, envelope: SmtpEnvelope, data: bytes) -> Envelope:
+        sender = envelope.mail_from or ""
+        # RFC 3848: ESMTPS with TLS, ESMTPA after AUTH, ESMTPSA with both.
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.extended_smtp:
+            protocol += ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
+        return Envelope(
+            sender="" if sender == "<>" else sender,  # the null reverse-path (RFC 5321 4.5.5)
+            recipients=tuple(envelope.rcpt_tos),
+            data=data,
+            client_ip=_peer_ip(session),
+            smtputf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options),
+            helo=session.host_name or "",
+            protocol=protocol,
+            auth_user=str(session.auth_data) if session.authenticated else "",
+        )
+
+
+def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    if settings.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2 at least, no client certs
+    context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    return context
+
 
 async def start_smtp_server(settings: SmtpSettings, acceptor: Acceptor) -> asyncio.Server:
     handler = IngressHandler(settings, acceptor)
+    limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip, settings.hostname)
+    context = tls_context(settings)
     host, port = split_hostport(settings.listen)
 
-    def factory() -> Any:
-        return SMTP(
-            handler,
-            hostname=settings.hostname,
-            ident="postmux",
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            timeout=settings.timeout,
-        )
+    def factory() -> PostmuxSMTP:
+        return PostmuxSMTP(handler, settings, limits, context)
 
     return await asyncio.get_running_loop().create_server(factory, host=host, port=port, reuse_address=True)

@@ -11,7 +11,14 @@ from postmux.envelope import Envelope
 
 
 class SpoolError(Exception):
-    """The spool could not do what was asked; nothing of the request was stored."""
+    """The spool could not do what was asked; nothing of the request was stored.
+
+    `disk_full` tells a full disk (ask the client to retry later, 452 4.3.1) from other failures.
+    """
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 class RecipientState(enum.StrEnum):

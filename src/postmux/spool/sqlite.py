@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
 
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.spool.base import (
@@ -30,6 +34,7 @@ from postmux.spool.base import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("postmux.spool")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -53,6 +58,16 @@ CREATE TABLE IF NOT EXISTS recipient (
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+-- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
+CREATE TABLE IF NOT EXISTS quarantine (
+    qid         INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    quarantined REAL NOT NULL,
+    fields      TEXT NOT NULL,
+    data        BLOB
+);
 """
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], Future[Any]]
@@ -70,6 +85,7 @@ class SqliteSpool:
         self._thread: threading.Thread | None = None
         self._closing = False
         self.commits = 0  # how many fsyncs were paid, to show what group commit buys
+        self.quarantined = 0  # rows moved to the quarantine table at the last open
 
     # -- the writer thread -------------------------------------------------------------------------
 
@@ -167,7 +183,7 @@ class SqliteSpool:
         try:
             return await asyncio.wrap_future(fut)
         except sqlite3.Error as e:
-            raise SpoolError(str(e)) from e
+            raise SpoolError(str(e), disk_full=_is_disk_full(e)) from e
 
     # -- the Spool protocol ------------------------------------------------------------------------
 
@@ -176,6 +192,9 @@ class SqliteSpool:
         self._thread = threading.Thread(target=self._run, args=(conn,), name="postmux-spool", daemon=True)
         self._thread.start()
         self._closing = False
+        self.quarantined = await self._call(lambda c: _quarantine(c, time.time()))
+        if self.quarantined:
+            log.error("spool rows quarantined at open", rows=self.quarantined, table="quarantine")
         return await self._call(_recover)
 
     async def close(self) -> None:
@@ -201,7 +220,86 @@ class SqliteSpool:
         return await self._call(_counts)
 
 
+def _is_disk_full(e: sqlite3.Error) -> bool:
+    # SQLITE_FULL (13): the disk or the file system quota is full; the primary code is the low byte.
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
 # -- what the writer thread runs (plain functions of a connection) -----------------------------------
+
+# Rows no delivery could use: each query names the rows and why. Typed checks because SQLite stores any
+# type in any column (a damaged or hand-edited file can hold text where the message bytes should be).
+_BAD_MESSAGES = """
+SELECT id, CASE
+    WHEN typeof(data) != 'blob' THEN 'message data is ' || typeof(data) || ', not bytes'
+    WHEN typeof(sender) != 'text' THEN 'sender is ' || typeof(sender) || ', not text'
+    WHEN typeof(created) NOT IN ('real', 'integer') THEN 'created is ' || typeof(created) || ', not a time'
+    ELSE 'message has no recipients' END
+FROM message m
+WHERE typeof(data) != 'blob' OR typeof(sender) != 'text' OR typeof(created) NOT IN ('real', 'integer')
+   OR NOT EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = m.id)
+"""
+_BAD_RECIPIENTS = """
+SELECT rid, CASE
+    WHEN state NOT IN ('queued', 'leased', 'delivered', 'bounced', 'expired')
+        THEN 'unknown state ' || quote(state)
+    WHEN typeof(address) != 'text' OR address = '' THEN 'address is not a non-empty text'
+    WHEN typeof(pool) != 'text' OR typeof(domain) != 'text' THEN 'pool or domain is not text'
+    WHEN typeof(due) NOT IN ('real', 'integer') THEN 'due is not a time'
+    ELSE 'its message is missing' END
+FROM recipient r
+WHERE state NOT IN ('queued', 'leased', 'delivered', 'bounced', 'expired')
+   OR typeof(address) != 'text' OR address = '' OR typeof(pool) != 'text' OR typeof(domain) != 'text'
+   OR typeof(due) NOT IN ('real', 'integer')
+   OR NOT EXISTS (SELECT 1 FROM message m WHERE m.id = r.message_id)
+"""
+
+
+def _quarantine(conn: sqlite3.Connection, now: float) -> int:
+    """Move unusable rows to the quarantine table, so one bad row cannot stop the recovery of the rest.
+
+    A bad recipient goes alone (recipients first, so a message it leaves without recipients follows in
+    the same pass); a bad message takes its recipients along (they cannot be delivered without it).
+    """
+    moved = 0
+    for rid, reason in conn.execute(_BAD_RECIPIENTS).fetchall():
+        moved += _quarantine_recipient(conn, rid, reason, now)
+    for message_id, reason in conn.execute(_BAD_MESSAGES).fetchall():
+        row = conn.execute(
+            "SELECT id, sender, client_ip, smtputf8, created, data FROM message WHERE id = ?", (message_id,)
+        ).fetchone()
+        data = row[5] if isinstance(row[5], bytes) else None
+        _quarantine_row(conn, "message", str(message_id), reason, now, row[:5], data)
+        for rid, reason_r in conn.execute(
+            "SELECT rid, 'its message was quarantined' FROM recipient WHERE message_id = ?", (message_id,)
+        ).fetchall():
+            moved += _quarantine_recipient(conn, rid, reason_r, now)
+        conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+        moved += 1
+    return moved
+
+
+def _quarantine_recipient(conn: sqlite3.Connection, rid: int, reason: str, now: float) -> int:
+    row = conn.execute("SELECT * FROM recipient WHERE rid = ?", (rid,)).fetchone()
+    _quarantine_row(conn, "recipient", str(rid), reason, now, tuple(row), None)
+    conn.execute("DELETE FROM recipient WHERE rid = ?", (rid,))
+    return 1
+
+
+def _quarantine_row(
+    conn: sqlite3.Connection,
+    source: str,
+    key: str,
+    reason: str,
+    now: float,
+    fields: tuple[Any, ...],
+    data: bytes | None,
+) -> None:
+    text = json.dumps([f if isinstance(f, str | int | float | None) else repr(f) for f in fields])
+    conn.execute(
+        "INSERT INTO quarantine (source, key, reason, quarantined, fields, data) VALUES (?, ?, ?, ?, ?, ?)",
+        (source, key, reason, now, text, data),
+    )
 
 
 def _recover(conn: sqlite3.Connection) -> int:

@@ -1,0 +1,192 @@
+"""Limits (RFC 5321 4.5.3): line lengths, message size, recipients, hops, connections, time and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tracemalloc
+from pathlib import Path
+
+from tests.security.client import RawClient
+from tests.security.conftest import StartGateway, stored
+from tests.support import Upstream, send, wait_until
+
+TOO_LONG_COMMAND = "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)"
+
+
+async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) -> None:
+    app = await gateway()
+    client = await RawClient.connect(app.smtp_port)
+    assert (await client.cmd("EHLO client.test")).startswith("250")
+    assert await client.cmd("NOOP " + "x" * 600) == TOO_LONG_COMMAND
+    assert await client.cmd("NOOP " + "x" * 5000) == TOO_LONG_COMMAND  # beyond the reader's buffer, too
+    assert await client.cmd("NOOP") == "250 OK"
+    await client.close()
+
+
+async def test_text_line_over_1000_octets_refuses_the_message(gateway: StartGateway, tmp_path: Path) -> None:
+    app = await gateway()
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(b"Subject: long\r\n\r\n" + b"y" * 1001 + b"\r\nshort\r\n.\r\n")
+    assert reply == "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+    await client.close()
+    assert stored(tmp_path) == 0
+
+
+async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -> None:
+    app = await gateway(max_message_size=10_000)
+    client = await RawClient.connect(app.smtp_port)
+    assert "250-SIZE 10000" in await client.cmd("EHLO client.test")
+    reply = await client.cmd("MAIL FROM:<a@example.com> SIZE=10001")
+    assert reply == "552 5.3.4 Message size exceeds fixed maximum message size"
+    assert (await client.cmd("MAIL FROM:<a@example.com> SIZE=10000")).startswith("250")
+    await client.close()
+
+
+async def test_message_too_big_is_refused_after_data_with_memory_flat(
+    gateway: StartGateway, tmp_path: Path
+) -> None:
+    app = await gateway(max_message_size=100_000)
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    line = b"z" * 998 + b"\r\n"
+    tracemalloc.start()
+    try:
+        await client.send(b"Subject: big\r\n\r\n")
+        for _ in range(200):  # 20 MB, 200 times the limit, in 100 kB writes
+            await client.send(line * 100)
+        reply = await client.cmd(b".\r\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply == "552 5.3.4 Message too big for system"
+    assert peak < 3_000_000, f"peak {peak} bytes while 20 MB went through"
+    assert (await client.cmd("NOOP")) == "250 OK"
+    await client.close()
+    assert stored(tmp_path) == 0
+
+
+async def test_recipients_beyond_the_limit_get_452(gateway: StartGateway) -> None:
+    app = await gateway(max_recipients=2)
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("RCPT TO:<b@dest.test>")).startswith("250")
+    assert await client.cmd("RCPT TO:<c@dest.test>") == "452 4.5.3 Too many recipients"
+    await client.close()
+
+
+async def test_message_at_the_hop_limit_is_refused(gateway: StartGateway, tmp_path: Path) -> None:
+    app = await gateway(max_hops=3)
+    client = await RawClient.connect(app.smtp_port)
+    hop = b"Received: from a.test by b.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(hop * 3 + b"X-Test-Id: loop\r\n\r\nagain\r\n.\r\n")
+    assert reply == "554 5.4.6 Too many hops: routing loop detected (RFC 5321 6.3)"
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    assert (await client.cmd(hop * 2 + b"X-Test-Id: ok\r\n\r\nfine\r\n.\r\n")).startswith("250 ")
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: [r.test_id for r in up.received] == ["ok"])
+
+
+async def test_connections_over_the_total_get_421_and_are_closed(gateway: StartGateway) -> None:
+    app = await gateway(max_connections=3)
+    clients = [await RawClient.connect(app.smtp_port) for _ in range(3)]
+    refused = await RawClient.connect(app.smtp_port)
+    assert refused.greeting == "421 4.7.0 postmux.test Too many connections, try again later"
+    assert await refused.closed()
+    await clients.pop().close()
+    await asyncio.sleep(0.1)
+    again = await RawClient.connect(app.smtp_port)
+    assert again.greeting.startswith("220 ")
+    for c in [*clients, again, refused]:
+        await c.close()
+
+
+async def test_connections_over_the_per_ip_limit_get_421_other_clients_are_served(
+    gateway: StartGateway,
+) -> None:
+    app = await gateway(max_connections_per_ip=2)
+    clients = [await RawClient.connect(app.smtp_port, local_addr="127.0.0.2") for _ in range(2)]
+    refused = await RawClient.connect(app.smtp_port, local_addr="127.0.0.2")
+    expected = "421 4.7.0 postmux.test Too many connections from your address, try again later"
+    assert refused.greeting == expected
+    assert await refused.closed()
+    assert "queued as" in await send(app.smtp_port, "other-ip")
+    for c in [*clients, refused]:
+        await c.close()
+
+
+async def test_idle_client_gets_421_after_the_command_timeout(gateway: StartGateway) -> None:
+    app = await gateway(timeout=0.3)
+    client = await RawClient.connect(app.smtp_port)
+    started = time.monotonic()
+    assert await client.reply() == "421 4.4.2 postmux.test Error: timeout exceeded"
+    assert 0.25 < time.monotonic() - started < 2
+    assert await client.closed()
+    await client.close()
+
+
+async def test_slow_message_is_not_cut_by_the_command_timeout(gateway: StartGateway) -> None:
+    app = await gateway(timeout=0.4)
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    for i in range(5):  # 1.25 s in all, never 0.4 s without a line
+        await client.send(f"X-Line-{i}: slow\r\n".encode())
+        await asyncio.sleep(0.25)
+    assert (await client.cmd(b"\r\nbody\r\n.\r\n")).startswith("250 ")
+    await client.close()
+
+
+async def test_busy_client_is_closed_at_the_session_time_limit(gateway: StartGateway) -> None:
+    app = await gateway(session_timeout=0.8)
+    client = await RawClient.connect(app.smtp_port)
+    started = time.monotonic()
+    replies = []
+    while len(replies) < 50:
+        reply = await client.cmd("NOOP")
+        replies.append(reply)
+        if reply != "250 OK":
+            break
+        await asyncio.sleep(0.1)
+    assert replies[-1] == "421 4.4.2 postmux.test Error: session time limit exceeded"
+    assert 0.7 < time.monotonic() - started < 3
+    assert await client.closed()
+    await client.close()
+
+
+async def test_too_many_errors_close_the_connection_with_421(gateway: StartGateway) -> None:
+    app = await gateway(max_errors=3)
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL")).startswith("501 5.5.4 Syntax: MAIL FROM: <address>")
+    assert (await client.cmd("RCPT TO:<a@dest.test>")).startswith("503 5.5.1")
+    assert (await client.cmd("MAIL")).startswith("501 5.5.4")
+    assert await client.reply() == "421 4.7.0 postmux.test Error: too many errors"
+    assert await client.closed()
+    await client.close()
+
+
+async def test_slowloris_idle_connections_do_not_starve_a_normal_client(gateway: StartGateway) -> None:
+    app = await gateway(timeout=1.5, max_connections_per_ip=150)
+    idle = []
+    for _ in range(150):  # each sends half a command and then nothing
+        c = await RawClient.connect(app.smtp_port, local_addr="127.0.0.3")
+        await c.send(b"EH")
+        idle.append(c)
+    started = time.monotonic()
+    assert "queued as" in await send(app.smtp_port, "while-idle")
+    assert time.monotonic() - started < 1.0
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: [r.test_id for r in up.received] == ["while-idle"])
+    # And the idle ones are shown the door by the command timeout.
+    replies = await asyncio.gather(*(c.reply(timeout=5) for c in idle))
+    assert set(replies) == {"421 4.4.2 postmux.test Error: timeout exceeded"}
+    for c in idle:
+        await c.close()
