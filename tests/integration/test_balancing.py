@@ -10,6 +10,7 @@ import aiosmtplib
 import pytest
 
 from postmux.app import App
+from postmux.passwords import hash_password
 from tests.support import (
     Upstream,
     always,
@@ -295,4 +296,33 @@ async def test_each_route_kind_picks_its_pool_first_match_winning(tmp_path: Path
     }
     assert all(b"x-postmux-pool" not in r.data.lower() for u in ups.values() for r in u.received)
     for u in ups.values():
+        await u.stop()
+
+
+async def test_a_route_on_the_authenticated_user_picks_its_pool(tmp_path: Path) -> None:
+    main, billing = await Upstream("main").start(), await Upstream("billing").start()
+    pools = [
+        {"name": "default", "members": [member("main", main.address)]},
+        {"name": "billing", "members": [member("billing", billing.address)]},
+    ]
+    smtp = {
+        "users": [{"name": "billing-app", "password_hash": hash_password("pw", n=2**10)}],
+        "auth_require_tls": False,  # loopback only; the TLS cases are in tests/security
+    }
+    settings = make_settings(tmp_path, pools, smtp=smtp)
+    route = make_route({"match": {"auth_user": "billing-app"}, "pool": "billing"})
+    settings = settings.model_copy(update={"route": (route,)})
+    async with App(settings) as app:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=app.smtp_port, local_hostname="client.test", start_tls=False
+        )
+        await client.connect()
+        await client.login("billing-app", "pw")
+        await client.sendmail("app@example.com", ["u@dest.test"], message("authed"))
+        await client.quit()
+        await send(app.smtp_port, "anonymous")  # a trusted network, no AUTH: the default pool
+        await wait_until(lambda: total_received(main, billing) == 2)
+    assert [r.test_id for r in billing.received] == ["authed"]
+    assert [r.test_id for r in main.received] == ["anonymous"]
+    for u in (main, billing):
         await u.stop()
