@@ -69,6 +69,7 @@ async def test_a_421_suspends_only_that_member_and_provider_and_its_mail_moves(t
             await send(app.smtp_port, f"f{i}", to=["u@fast.test"])
         await wait_until(lambda: len(a.received) + len(b.received) == 10)
         lanes = {(lane["member"], lane["destination"]): lane for lane in app.control.shaping()}
+        metrics = app.metrics.render().decode()
     assert sorted(r.test_id for r in b.received) == [f"s{i}" for i in range(5)]
     assert sorted(r.test_id for r in a.received) == [f"f{i}" for i in range(5)]
     assert a.data_commands == 6  # one slow.test message met the 421; the rest never went to a
@@ -78,6 +79,7 @@ async def test_a_421_suspends_only_that_member_and_provider_and_its_mail_moves(t
     assert lanes[("a", "fastprov")]["state"] == "open"
     changes = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "ShapingChanged"]
     assert [(e["member"], e["queue"]) for e in changes] == [("a", "default/slowprov")]
+    assert 'postmux_shaping_changes_total{member="a",pool="default"} 1.0' in metrics
     for u in (a, b):
         await u.stop()
 
@@ -90,6 +92,18 @@ async def test_max_recipients_splits_a_message_into_transactions(tmp_path: Path)
         await send(app.smtp_port, "many", to=[f"u{i}@dest.test" for i in range(5)])
         await wait_until(lambda: sum(len(r.recipients) for r in up.received) == 5)
     assert sorted(len(r.recipients) for r in up.received) == [1, 2, 2]
+    await up.stop()
+
+
+async def test_messages_per_connection_is_a_lane_limit(tmp_path: Path) -> None:
+    up = await Upstream("up").start()
+    shaping = {"rule": [{"destination": "dest.test", "max_messages_per_connection": 2}]}
+    settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
+    async with App(settings) as app:
+        for i in range(6):
+            await send(app.smtp_port, f"m{i}")
+            await wait_until(lambda: len(up.received) == i + 1)
+    assert up.connections == 3
     await up.stop()
 
 

@@ -50,6 +50,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self.shaping_changes = Counter(
+            "postmux_shaping_changes",
+            "Suspensions, cuts and recoveries of a member's lanes (the destination is in the event log)",
+            ["pool", "member"],
+            registry=self.registry,
+        )
         self._last_reception = ""
 
     def add_live(self, sample: Callable[[], Iterable[Metric]]) -> None:
@@ -62,6 +68,9 @@ class Metrics:
             if event.id != self._last_reception:
                 self._last_reception = event.id
                 self.received.inc()
+            return
+        if event.type is EventType.SHAPING_CHANGED:
+            self.shaping_changes.labels(event.pool, event.member).inc()
             return
         result = _RESULT.get(event.type)
         if result is None:
