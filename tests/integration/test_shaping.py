@@ -148,3 +148,33 @@ async def test_a_capped_member_leaves_the_rest_to_its_pool_mates(tmp_path: Path)
     assert len(new.received) == 30
     for u in (new, old):
         await u.stop()
+
+
+async def test_pools_overflowing_into_each_other_pass_work_once_then_it_waits_for_tomorrow(
+    tmp_path: Path,
+) -> None:
+    a, b = await Upstream("a").start(), await Upstream("b").start()
+    pools = [
+        {
+            "name": "default",
+            "members": [relay("a", a, warmup={"start": today(), "days": [2], "overflow_pool": "warm"})],
+        },
+        {
+            "name": "warm",
+            "members": [relay("b", b, warmup={"start": today(), "days": [2], "overflow_pool": "default"})],
+        },
+    ]
+    settings = make_settings(tmp_path, pools)
+    route = RouteSettings.model_validate({"match": {"sender_domain": "example.com"}, "pool": "warm"})
+    settings = settings.model_copy(update={"route": (route,)})
+    async with App(settings) as app:
+        await send_many(app.smtp_port, [f"w{i}" for i in range(6)], concurrency=1)
+        await wait_until(lambda: len(a.received) + len(b.received) == 4)
+        await wait_until(lambda: app.dispatcher.ready == 0 and app.dispatcher.in_flight == 0)
+        counts = await app.spool.counts()
+    assert (len(a.received), len(b.received)) == (2, 2)
+    assert counts.get("queued") == 2  # held until the next UTC day, not bounced, not spinning
+    held = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "TransientFailure"]
+    assert {e["response"]["enhanced_code"] for e in held} == {"4.7.0"}
+    for u in (a, b):
+        await u.stop()

@@ -307,7 +307,9 @@ class Dispatcher:
     def _hold_back(self, item: WorkItem, pool: Pool, gate: _Gate, now: float) -> None:
         """Only suspended or warm-up-capped members could take this: overflow, or wait until one can."""
         overflow = next((m.settings.warmup.overflow_pool for m in gate.capped if m.settings.warmup), None)
-        if overflow is not None and overflow in self.pools:
+        # Once only: two pools that overflow into each other must not pass the work back and forth.
+        if overflow is not None and overflow in self.pools and not item.overflowed_from:
+            item.overflowed_from = item.pool
             item.pool, item.destination, item.tried = overflow, "", set()
             self.submit([item])
             return

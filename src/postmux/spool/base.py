@@ -56,6 +56,8 @@ class WorkItem:
     tried: set[str] = field(default_factory=set)
     # The shaping key (provider, else domain), set by the dispatcher; not stored.
     destination: str = ""
+    # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.
+    overflowed_from: str = ""
 
     @property
     def queue(self) -> str:
