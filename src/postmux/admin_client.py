@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -37,19 +38,14 @@ class AdminClient:
             raise typer.Exit(EXIT_FAILED)
         return body
 
-    def show_members(self, *, as_json: bool) -> None:
-        body = self._call("GET", "/members")
+    def show(self, path: str, *, as_json: bool) -> None:
+        """GET a listing (/members, /shaping) and print it as its table, or as JSON."""
+        body = self._call("GET", path)
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return
-        Console().print(members_table(body["members"]))
-
-    def show_shaping(self, *, as_json: bool) -> None:
-        body = self._call("GET", "/shaping")
-        if as_json:
-            typer.echo(json.dumps(body, indent=2))
-            return
-        Console().print(shaping_table(body["lanes"]))
+        key, table = _TABLES[path]
+        Console().print(table(body[key]))
 
     def post(self, path: str, *, as_json: bool) -> None:
         body = self._call("POST", path)
@@ -141,3 +137,9 @@ def shaping_table(lanes: list[dict[str, Any]]) -> Table:
             change[:80],
         )
     return table
+
+
+_TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Table]]] = {
+    "/members": ("members", members_table),
+    "/shaping": ("lanes", shaping_table),
+}

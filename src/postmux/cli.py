@@ -145,7 +145,7 @@ def members(
     config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
 ) -> None:
     """Every member of every pool: state, weight, connections, in flight, latency, recent errors."""
-    _admin(config, url, token).show_members(as_json=json or not sys.stdout.isatty())
+    _admin(config, url, token).show("/members", as_json=json or not sys.stdout.isatty())
 
 
 @app.command()
@@ -153,7 +153,7 @@ def shaping(
     config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
 ) -> None:
     """Effective limits per member x destination (provider or domain), and what last changed each."""
-    _admin(config, url, token).show_shaping(as_json=json or not sys.stdout.isatty())
+    _admin(config, url, token).show("/shaping", as_json=json or not sys.stdout.isatty())
 
 
 NameArgument = Annotated[str, typer.Argument(help="The member's name (in every pool that has it).")]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -58,6 +59,14 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host, port
 
 
+def _hostport(value: str) -> str:
+    split_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_hostport)]  # "host:port" or "[v6]:port", checked at load
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -97,7 +106,7 @@ class SmtpTlsSettings(_Frozen):
 
 
 class SmtpSettings(_Frozen):
-    listen: str = "127.0.0.1:2525"
+    listen: HostPort = "127.0.0.1:2525"
     hostname: str = "postmux.localdomain"
     max_message_size: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=1000, gt=0)
@@ -120,12 +129,6 @@ class SmtpSettings(_Frozen):
     auth_failure_delay: Duration = 1.0
     max_auth_failures: int = Field(default=3, gt=0)
     tls: SmtpTlsSettings | None = None
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        split_hostport(v)
-        return v
 
     @field_validator("trusted_networks")
     @classmethod
@@ -151,15 +154,9 @@ class SmtpSettings(_Frozen):
 
 
 class HttpSettings(_Frozen):
-    listen: str = "127.0.0.1:8025"
+    listen: HostPort = "127.0.0.1:8025"
     # Bearer token for the admin API (/api/v1/...); without one the admin API refuses every call.
     admin_token: str | None = Field(default=None, min_length=16)
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        split_hostport(v)
-        return v
 
 
 class SpoolSettings(_Frozen):
@@ -242,7 +239,7 @@ class MemberSettings(_Frozen):
     # relay: hand mail to the SMTP server at `address`; source: deliver straight to each domain's MX,
     # connecting from the local `source_address`.
     kind: MemberKind = "relay"
-    address: str | None = None
+    address: HostPort | None = None
     source_address: str | None = None
     # The EHLO name this member gives (a source IP's name should match its PTR record); else [delivery]'s.
     ehlo_hostname: str | None = None
@@ -252,13 +249,6 @@ class MemberSettings(_Frozen):
     backup: bool = False
     priority: int = Field(default=0, ge=0)
     warmup: WarmupSettings | None = None
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str | None) -> str | None:
-        if v is not None:
-            split_hostport(v)
-        return v
 
     @field_validator("source_address")
     @classmethod
@@ -420,7 +410,7 @@ class DnsSettings(_Frozen):
     # The port MX hosts listen on (25; another for tests and private networks).
     mx_port: int = Field(default=25, gt=0, le=65535)
     # domain -> the mail servers to use instead of asking DNS, "host:port", best first.
-    overrides: dict[str, tuple[str, ...]] = {}
+    overrides: dict[str, tuple[HostPort, ...]] = {}
 
     @field_validator("nameservers")
     @classmethod
@@ -446,8 +436,6 @@ class DnsSettings(_Frozen):
         for domain, hosts in v.items():
             if not hosts:
                 raise ValueError(f"{domain}: at least one host:port is needed")
-            for h in hosts:
-                split_hostport(h)
         return v
 
 
