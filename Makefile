@@ -34,5 +34,11 @@ bench: setup
 bench-balance: setup
 	$(BIN)/python bench/balance.py
 
+# The AIMD curve needs matplotlib for its plot (the figures print without it).
+.PHONY: bench-aimd
+bench-aimd: setup
+	$(BIN)/pip install -q matplotlib
+	$(BIN)/python bench/aimd.py
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
