@@ -293,6 +293,13 @@ consecutive_failures = 3
 base_ejection_time = "1s"
 max_ejection_time = "2s"
 
+# AIMD stays on, but a run of 451s cannot take a lane below 10/s. With the default floor of 1/min, a
+# second of 451s from a member cuts its lanes to a few per minute (one cut per attempt started after the
+# last cut; a restarted process has no accepted rate to hold the cut up), and +1/min per delivery takes
+# many minutes to climb back: the run would end at its deadline with the backlog still queued.
+[shaping]
+min_rate = "600/min"
+
 [[pool]]
 name = "bounces"
 members = [
