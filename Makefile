@@ -27,6 +27,13 @@ test: lint
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
+# The full chaos run (tests/chaos, marker `chaos`; make test runs only its 200-message guard). It prints
+# `chaos: sent=... unfinished=0`. The run has its own deadline; `timeout` is the backstop (SIGINT lets
+# pytest clean up the postmux process and the upstreams).
+chaos: setup
+	timeout -s INT -k 30 420 $(BIN)/python -m pytest -q -p no:cacheprovider -s -m chaos \
+		-o faulthandler_timeout=400 tests/chaos
+
 bench: setup
 	$(BIN)/python bench/throughput.py
 

@@ -27,6 +27,7 @@ class Received:
     peer: str
     helo: str = ""
     at: float = 0.0  # time.time() when it was accepted
+    dropped: bool = False  # stored, then the connection was cut before the reply (DROP_AFTER_STORE)
 
     @property
     def test_id(self) -> str:
@@ -35,6 +36,12 @@ class Received:
 
 
 DROP = "DROP"  # a behaviour's reply that makes the server hang up instead of answering
+# Stores the message, then hangs up before answering: the sender cannot know it was taken, so a copy sent
+# again elsewhere is a duplicate no sender can avoid (RFC 1047).
+DROP_AFTER_STORE = "DROP_AFTER_STORE"
+# Never answers: the server sits on the message until the client gives up and hangs up. Nothing is stored.
+HANG = "HANG"
+HANG_LIMIT_S = 60.0  # only so that a test cannot hang on it; aiosmtpd cancels the wait when the client leaves
 
 # A behaviour decides the reply to DATA: None means accept (250); a string is the reply to send.
 Behaviour = Callable[["Upstream", SmtpEnvelope], Awaitable[str | None]]
@@ -85,20 +92,44 @@ class _Handler:
             # Hang up after the data arrived and before answering: the sender cannot know the outcome.
             server.transport.close()
             return "421 4.3.0 gone"
-        if reply is not None:
-            return reply
+        if reply == HANG:
+            await asyncio.sleep(HANG_LIMIT_S)
+            return "451 4.4.2 too late"
         data = envelope.original_content or b""
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
-        up.received.append(
-            Received(
-                sender, list(envelope.rcpt_tos), bytes(data), session.peer[0], session.host_name, time.time()
-            )
+        received = Received(
+            sender, list(envelope.rcpt_tos), bytes(data), session.peer[0], session.host_name, time.time()
         )
+        if reply == DROP_AFTER_STORE:
+            received.dropped = True
+            up.received.append(received)
+            server.transport.close()
+            return "421 4.3.0 gone"
+        if reply is not None:
+            return reply
+        up.received.append(received)
         return "250 2.0.0 Ok: stored"
 
 
+class _GreetingRefusal(asyncio.Protocol):
+    """A server that is up but takes no mail: it greets with a 4xx/5xx and hangs up (RFC 5321 3.1)."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(f"{self.reply}\r\n".encode())
+        transport.close()
+
+
 class Upstream:
-    """An aiosmtpd server on 127.0.0.1, port 0, in the test's event loop, recording what it accepts."""
+    """An aiosmtpd server on 127.0.0.1, port 0, in the test's event loop, recording what it accepts.
+
+    Faults besides the behaviours: `greeting_refusal` (e.g. "421 4.3.2 busy") answers every new connection
+    with that reply and hangs up; `close_listener` / `reopen_listener` close the port for a while (new
+    connections are refused, sessions already open carry on).
+    """
 
     def __init__(self, name: str = "up", behaviour: Behaviour = accept, host: str = "127.0.0.1") -> None:
         self.name = name
@@ -109,12 +140,17 @@ class Upstream:
         self.connections = 0
         self.active = 0  # DATA commands being answered right now
         self.peak_active = 0
+        self.greeting_refusal: str | None = None
+        self.refused_greetings = 0
         self._server: asyncio.Server | None = None
+        self._bound_port = 0
         self._sessions: list[SMTP] = []
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        if self._server is None:
+            assert self._bound_port, f"upstream {self.name} was never started"
+            return self._bound_port  # the port stays this upstream's while the listener is closed
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
@@ -126,13 +162,32 @@ class Upstream:
 
         def factory() -> Any:
             self.connections += 1
+            if self.greeting_refusal is not None:
+                self.refused_greetings += 1
+                return _GreetingRefusal(self.greeting_refusal)
             protocol = SMTP(handler, hostname=f"{self.name}.test", enable_SMTPUTF8=True, decode_data=False)
             self._sessions.append(protocol)
             return protocol
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(factory, host=self.host, port=port, reuse_address=True)
+        self._bound_port = self.port
         return self
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def close_listener(self) -> None:
+        """Close the port: new connections are refused, sessions already open carry on."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def reopen_listener(self) -> None:
+        """Listen again on the same port (raises OSError if something took the port meanwhile)."""
+        if self._server is None:
+            await self.start(self._bound_port)
 
     async def stop(self) -> None:
         """Stop listening and drop every open session, as a crashed server would."""
