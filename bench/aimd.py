@@ -76,7 +76,8 @@ def settings(workdir: Path, receiver_port: int, aimd_increase: str) -> dict[str,
         "spool": {"path": str(workdir / "spool.db")},
         "events": {"log": str(workdir / "events.jsonl")},
         "retry": {"intervals": ["30s"], "max_age": "1d", "jitter": 0.2},
-        "shaping": {"aimd": True, "aimd_increase": aimd_increase},
+        # A relay member stands in for a receiver's MX here, so its lane adapts too.
+        "shaping": {"aimd": "all", "aimd_increase": aimd_increase, "min_rate": "1/min"},
         "pool": [
             {
                 "name": "default",

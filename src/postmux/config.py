@@ -503,10 +503,12 @@ class ShapingSettings(_Frozen):
     default_reactions: bool = True
     # Automatic backoff: a deferral halves the allowed connections and rate of that member x destination;
     # each delivery adds `aimd_increase` back, up to the configured limits, never below the floors.
-    aimd: bool = True
+    # "sources": only lanes of source members, whose 4xx come from receivers; a relay's 4xx is more often
+    # about the relay itself, which passive health handles. "all" adapts relay lanes too.
+    aimd: Literal["off", "sources", "all"] = "sources"
     aimd_increase: Rate = 1 / 60
     min_connections: int = Field(default=1, gt=0)
-    min_rate: Rate = 1 / 60
+    min_rate: Rate = 10 / 60
     rule: tuple[ShapingRule, ...] = ()
     reaction: tuple[ReactionRule, ...] = ()
     provider: tuple[ProviderSettings, ...] = ()

@@ -26,7 +26,7 @@ def relay(name: str, up: Upstream, **extra: Any) -> dict[str, Any]:
 
 async def test_a_providers_rate_holds_while_another_provider_is_not_slowed(tmp_path: Path) -> None:
     up = await Upstream("up").start()
-    shaping = {"aimd": False, "provider": PROVIDERS, "rule": [{"destination": "slowprov", "rate": "360/min"}]}
+    shaping = {"aimd": "off", "provider": PROVIDERS, "rule": [{"destination": "slowprov", "rate": "360/min"}]}
     settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
     async with App(settings) as app:
         start = time.time()
@@ -102,7 +102,7 @@ async def test_messages_per_connection_is_a_lane_limit(tmp_path: Path) -> None:
     async with App(settings) as app:
         for i in range(6):
             await send(app.smtp_port, f"m{i}")
-            await wait_until(lambda: len(up.received) == i + 1)
+            await wait_until(lambda n=i + 1: len(up.received) == n)
     assert up.connections == 3
     await up.stop()
 

@@ -98,11 +98,11 @@ def test_a_matching_reaction_suspends_only_that_lane_for_its_duration() -> None:
 
 def test_reactions_match_on_text_regex_and_default_ones_can_be_turned_off() -> None:
     text = Reply(421, "4.7.0", "Too many concurrent connections from your IP")
-    shaper = Shaper(shaping(aimd=False))
+    shaper = Shaper(shaping(aimd="off"))
     lane = shaper.lane("p", MEMBER, "d", 0.0)
     assert "throttled" in (shaper.react(lane, text, 0.0, 1.0) or "")
     assert lane.allowed_connections == 5
-    quiet = Shaper(shaping(aimd=False, default_reactions=False))
+    quiet = Shaper(shaping(aimd="off", default_reactions=False))
     assert quiet.react(quiet.lane("p", MEMBER, "d", 0.0), text, 0.0, 1.0) is None
 
 
@@ -135,9 +135,20 @@ def test_cuts_stop_at_half_of_what_the_receiver_accepted_last_minute() -> None:
         t = 60.0 + i / 100
         shaper.react(lane, DEFER, started_at=t, now=t)
     assert lane.rate == pytest.approx(1.0, rel=0.02)  # 4/s -> 2/s -> 1/s, then held at half of 2/s
-    for t in range(130, 140):  # a minute later with nothing accepted, the cuts go on
+    for t in range(130, 140):  # a minute later with nothing accepted, the cuts go on to min_rate
         shaper.react(lane, DEFER, started_at=float(t), now=float(t))
-    assert lane.rate == pytest.approx(1 / 60)
+    assert lane.rate == pytest.approx(10 / 60)
+
+
+def test_aimd_adapts_source_lanes_by_default_and_relay_lanes_only_when_asked() -> None:
+    relay = MemberSettings(name="r", address="127.0.0.1:2601")
+    by_default = Shaper(shaping(rule=[{"rate": "60/min"}]))
+    assert by_default.react(by_default.lane("p", relay, "d", 0.0), DEFER, 0.0, 1.0) is None
+    assert by_default.react(by_default.lane("p", MEMBER, "d", 0.0), DEFER, 0.0, 1.0) is not None
+    everything = Shaper(shaping(aimd="all", rule=[{"rate": "60/min"}]))
+    assert everything.react(everything.lane("p", relay, "d", 0.0), DEFER, 0.0, 1.0) is not None
+    by_default.configure(shaping(aimd="all"))
+    assert by_default.lanes[("p", "r", "d")].adaptive
 
 
 def test_aimd_never_cuts_below_the_floors() -> None:
@@ -160,6 +171,24 @@ def test_without_a_rate_a_cut_starts_from_the_observed_rate_and_recovers_to_unli
         shaper.react(lane, OK, started_at=10.0, now=70.5)  # a quiet minute later: nothing observed
     assert lane.rate is None
     assert "unlimited" in lane.last_change
+
+
+def test_a_throttle_on_a_lane_aimd_does_not_raise_ends_after_its_duration() -> None:
+    relay = MemberSettings(name="r", address="127.0.0.1:2601")
+    shaper = Shaper(shaping(reaction=[{"code": 421, "action": "throttle", "factor": 0.5, "duration": "1m"}]))
+    lane = shaper.lane("p", relay, "d", 0.0)
+    shaper.react(lane, Reply(421, "4.7.0", "slow"), 0.0, 0.0)
+    assert lane.allowed_connections == 5 and "throttled for 60s" in lane.last_change
+    assert lane.admission(59.0)[0] is Admission.OPEN and lane.allowed_connections == 5
+    lane.admission(60.0)
+    assert lane.allowed_connections == 10 and lane.rate is None
+
+
+def test_a_reload_can_raise_a_lanes_connections_back_to_the_members() -> None:
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    shaper.configure(shaping())
+    assert lane.ceiling.max_connections == 10
 
 
 def test_reconfigure_keeps_suspensions_and_applies_new_ceilings() -> None:

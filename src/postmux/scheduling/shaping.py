@@ -55,6 +55,9 @@ class Lane:
     member: str
     destination: str
     ceiling: Limits
+    kind: str = "relay"
+    member_connections: int = 1  # the member's own max_connections, above every lane's ceiling
+    adaptive: bool = True  # AIMD applies to this lane ([shaping] aimd and the member's kind)
     connections: float = 0.0  # allowed now, AIMD-adjusted (a float so additive increase can be gradual)
     rate: float | None = None  # allowed now, messages per second; None: no limit
     in_flight: int = 0
@@ -62,6 +65,7 @@ class Lane:
     refilled_at: float = 0.0
     suspended_until: float = 0.0
     cut_at: float = -math.inf
+    restore_at: float = 0.0  # when a throttle ends on a lane that AIMD does not raise by itself
     last_change: str = ""
     last_change_at: float = 0.0
     started: deque[float] = field(default_factory=deque)  # start times in the last minute
@@ -79,6 +83,8 @@ class Lane:
         """Whether an attempt may start now; if not, the earliest time worth asking again (0: unknown)."""
         if now < self.suspended_until:
             return Admission.SUSPENDED, self.suspended_until
+        if self.restore_at and now >= self.restore_at:
+            self.restore()
         if self.in_flight >= self.allowed_connections:
             return Admission.BUSY, 0.0
         if self.rate is not None:
@@ -86,6 +92,14 @@ class Lane:
             if self.tokens < 1.0:
                 return Admission.RATE, now + (1.0 - self.tokens) / self.rate
         return Admission.OPEN, 0.0
+
+    def restore(self) -> None:
+        """Back to the ceiling: the end of a throttle's duration on a lane AIMD does not adapt."""
+        self.connections, self.rate, self.restore_at = (
+            float(self.ceiling.max_connections),
+            self.ceiling.rate,
+            0.0,
+        )
 
     def _refill(self, now: float) -> None:
         assert self.rate is not None
@@ -162,12 +176,17 @@ class Shaper:
         rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
         self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
         for lane in self.lanes.values():
-            lane.ceiling = self._limits(
-                lane.pool, lane.member, lane.destination, lane.ceiling.max_connections
-            )
-            lane.connections = min(lane.connections, lane.ceiling.max_connections)
-            if lane.ceiling.rate is not None:
-                lane.rate = min(lane.rate or lane.ceiling.rate, lane.ceiling.rate)
+            old = lane.ceiling
+            lane.ceiling = self._limits(lane.pool, lane.member, lane.destination, lane.member_connections)
+            lane.adaptive = self._adaptive(lane.kind)
+            cut = lane.allowed_connections < old.max_connections or lane.rate != old.rate
+            if cut and lane.adaptive:
+                # Keep what receivers taught it, within the new ceiling; deliveries raise it from there.
+                lane.connections = min(lane.connections, lane.ceiling.max_connections)
+                if lane.ceiling.rate is not None:
+                    lane.rate = min(lane.rate or lane.ceiling.rate, lane.ceiling.rate)
+            else:
+                lane.restore()
 
     # -- limits --------------------------------------------------------------------------------------
 
@@ -192,6 +211,9 @@ class Shaper:
         merged["max_connections"] = min(int(merged["max_connections"]), member_max_connections)  # type: ignore[call-overload]
         return Limits(**merged)  # type: ignore[arg-type]
 
+    def _adaptive(self, kind: str) -> bool:
+        return self.settings.aimd == "all" or (self.settings.aimd == "sources" and kind == "source")
+
     def lane(self, pool: str, member: MemberSettings, destination: str, now: float) -> Lane:
         key = (pool, member.name, destination)
         lane = self.lanes.get(key)
@@ -202,6 +224,9 @@ class Shaper:
                 member.name,
                 destination,
                 limits,
+                kind=member.kind,
+                member_connections=member.max_connections,
+                adaptive=self._adaptive(member.kind),
                 connections=float(limits.max_connections),
                 rate=limits.rate,
                 tokens=float(limits.burst),
@@ -220,12 +245,12 @@ class Shaper:
                 return self._apply(lane, reaction.rule, reply, now)
         if reply.is_success:
             lane.record_delivery(now)
-            if self.settings.aimd:
+            if lane.adaptive:
                 self._increase(lane, now)
             return None
         if reply.is_transient:
             lane.deferred += 1
-            if self.settings.aimd and started_at >= lane.cut_at:
+            if lane.adaptive and started_at >= lane.cut_at:
                 return self._cut(lane, 0.5, f"deferred ({reply})", now)
         return None
 
@@ -237,7 +262,10 @@ class Shaper:
                 return None
             lane.suspended_until = now + rule.duration
             return lane._note(f"suspended for {rule.duration:g}s after '{reply}'", now)
-        return self._cut(lane, rule.factor, f"throttled after '{reply}'", now)
+        change = self._cut(lane, rule.factor, f"throttled for {rule.duration:g}s after '{reply}'", now)
+        if not lane.adaptive:
+            lane.restore_at = now + rule.duration  # nothing else would ever raise it again
+        return change
 
     def _cut(self, lane: Lane, factor: float, why: str, now: float) -> str | None:
         """Multiplicative decrease of both connections and rate, never below the floors.
