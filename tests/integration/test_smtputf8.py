@@ -128,3 +128,22 @@ async def test_utf8_mail_waits_while_the_only_member_offering_smtputf8_is_draine
         app.control.set_draining("wide", False)
         await wait_until(lambda: len(wide.received) == 1)  # at the next retry, 1 s later
     assert events(tmp_path, "Bounce") == [] and narrow.data_commands == 0
+
+
+async def test_an_mx_host_without_smtputf8_bounces_at_once_whatever_the_source_ip(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    narrow, wide = await two_upstreams(upstream)
+    sources = [
+        {"name": "ip2", "kind": "source", "source_address": "127.0.0.2"},
+        {"name": "ip3", "kind": "source", "source_address": "127.0.0.3"},
+    ]
+    # Every source IP reaches the same MX: its lack of SMTPUTF8 is the destination's, not the member's.
+    overrides = {"dest.test": narrow.address, "example.com": wide.address}
+    pools = [{"name": "default", "members": sources}]
+    async with App(make_settings(tmp_path, pools, dns={"overrides": overrides})) as app:
+        await send_utf8(app.smtp_port, "mx1")
+        await wait_until(lambda: len(wide.received) == 1)  # the DSN, to app@example.com
+    (bounce,) = events(tmp_path, "Bounce")
+    assert (bounce["response"]["code"], bounce["response"]["enhanced_code"]) == (553, "5.6.7")
+    assert events(tmp_path, "TransientFailure") == [] and narrow.data_commands == 0

@@ -15,6 +15,7 @@ import trustme
 
 from postmux.app import App
 from postmux.config import ConfigError
+from tests.dns_server import LoopbackDns
 from tests.support import StartUpstream, Upstream, make_settings, read_events, send, wait_until
 
 
@@ -285,3 +286,43 @@ def test_the_password_never_shows_in_a_repr(tmp_path: Path) -> None:
         tmp_path, pool({"name": "m", "address": "127.0.0.1:25", "username": "u", "password": "hunter2"})
     )
     assert "hunter2" not in repr(settings)
+
+
+# -- source members: the MX host's own name --------------------------------------------------------
+
+SOURCES = [
+    {"name": "ip2", "kind": "source", "source_address": "127.0.0.2"},
+    {"name": "ip3", "kind": "source", "source_address": "127.0.0.3"},
+]
+ZONE = """
+tls.test.      300 IN MX 10 mx.tls.test.
+mx.tls.test.   300 IN A 127.0.0.21
+"""
+
+
+@pytest.mark.parametrize(("certified", "delivered"), [("mx.tls.test", True), ("other.tls.test", False)])
+async def test_a_source_member_verifies_the_mx_host_name_dns_gave(
+    tmp_path: Path, ca: trustme.CA, certified: str, delivered: bool
+) -> None:
+    mx = await Upstream("mx", host="127.0.0.21", tls=server_tls(ca, certified)).start()
+    try:
+        with LoopbackDns(ZONE) as dns:
+            verify = {"tls": "verify", "tls_ca_file": ca_file(ca, tmp_path)}
+            members = [{**m, **verify} for m in SOURCES]
+            settings = make_settings(
+                tmp_path,
+                [{"name": "default", "members": members}],
+                dns={"nameservers": [dns.address], "mx_port": mx.port},
+            )
+            async with App(settings) as app:
+                await send(app.smtp_port, "mx1", to=["u@tls.test"])
+                kind = "Delivery" if delivered else "TransientFailure"
+                await wait_until(lambda: bool(events(tmp_path, kind)))
+    finally:
+        await mx.stop()
+    if delivered:
+        assert mx.received[0].tls
+    else:
+        assert mx.received == []
+        response = events(tmp_path, "TransientFailure")[0]["response"]
+        assert response["enhanced_code"] == "4.7.5" and "Hostname mismatch" in response["text"]

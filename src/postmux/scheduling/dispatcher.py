@@ -377,10 +377,11 @@ class Dispatcher:
         self._observe(pool.name, member.name, elapsed)
         now = self.clock()
         member.attempts += 1
-        if outcome.failure is not FailureKind.LOCAL:
+        if outcome.failure is not FailureKind.LOCAL and not outcome.unfit:
             # Only answered attempts say how fast a member works. A timeout or a refusal is the health
             # rules' business; counted as latency it would keep a recovered member starved long after
-            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks).
+            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks). An unfit
+            # attempt sent nothing: its near-zero time would flatter the member.
             member.observe_latency(elapsed, now, pool.settings.latency_decay)
         if outcome.failure is not None:
             member.last_error = str(next(iter(outcome.replies.values()), ""))
