@@ -299,7 +299,12 @@ class SmtpTransport:
             reply = Reply(451, "4.7.5", f"TLS handshake with {where} failed: {e}")
             raise _Unreachable(reply, self._local_failure()) from e
         # RFC 3207 4.2: everything learnt before TLS is forgotten; ask for the extensions again.
-        await client.ehlo()
+        try:
+            await client.ehlo()
+        except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
+            if opportunistic:  # a server whose TLS dies right after the handshake: as a failed one
+                raise _TlsFallback(str(e)) from e
+            raise
         return describe_tls(client)
 
     def _server_name(self, name: str) -> str:
