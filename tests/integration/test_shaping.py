@@ -102,7 +102,7 @@ async def test_messages_per_connection_is_a_lane_limit(tmp_path: Path) -> None:
     async with App(settings) as app:
         for i in range(6):
             await send(app.smtp_port, f"m{i}")
-            await wait_until(lambda: len(up.received) == i + 1)
+            await wait_until(lambda n=i + 1: len(up.received) == n)
     assert up.connections == 3
     await up.stop()
 
