@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import trustme
+from rich.console import Console
 
+from postmux.admin_client import members_table
 from postmux.app import App
 from postmux.config import ConfigError
 from tests.dns_server import LoopbackDns
@@ -326,3 +328,43 @@ async def test_a_source_member_verifies_the_mx_host_name_dns_gave(
         assert mx.received == []
         response = events(tmp_path, "TransientFailure")[0]["response"]
         assert response["enhanced_code"] == "4.7.5" and "Hostname mismatch" in response["text"]
+
+
+# -- operators' view -------------------------------------------------------------------------------
+
+
+async def test_a_reload_that_changes_tls_replaces_the_members_connections(
+    tmp_path: Path, upstream: StartUpstream, ca: trustme.CA
+) -> None:
+    up = await upstream("up", tls=server_tls(ca))
+    async with App(make_settings(tmp_path, pool({"name": "m", "address": up.address, "tls": "none"}))) as app:
+        await send(app.smtp_port, "before")
+        await wait_until(lambda: len(up.received) == 1)
+        changes = app.control.apply(
+            make_settings(tmp_path, pool({"name": "m", "address": up.address, "tls": "required"}))
+        )
+        assert changes == ["default/m: tls none -> required"]
+        await send(app.smtp_port, "after")
+        await wait_until(lambda: len(up.received) == 2)
+    assert [(r.test_id, r.tls) for r in up.received] == [("before", False), ("after", True)]
+
+
+def test_the_members_table_shows_the_mode_and_what_the_last_connection_used() -> None:
+    row = {
+        "pool": "default",
+        "member": "m",
+        "state": "up",
+        "weight": 1,
+        "effective_weight": 1,
+        "connections": 1,
+        "max_connections": 10,
+        "in_flight": 0,
+        "ewma_latency_ms": 1.0,
+        "recent_error": "",
+    }
+    console = Console(width=200, record=True)
+    console.print(members_table([{**row, "tls_mode": "verify", "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384"}]))
+    console.print(members_table([{**row, "tls_mode": "opportunistic", "tls": "none"}]))
+    console.print(members_table([{**row, "tls_mode": "required", "tls": ""}]))
+    text = console.export_text()
+    assert "verify TLSv1.3" in text and "opportunistic none" in text and " required " in text
