@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,8 @@ async def upstream() -> AsyncIterator[StartUpstream]:
     """Start upstream SMTP servers that are stopped (sockets closed) even when the test fails."""
     started: list[Upstream] = []
 
-    async def start(name: str = "up", behaviour: Behaviour = accept) -> Upstream:
-        up = await Upstream(name, behaviour).start()
+    async def start(name: str = "up", behaviour: Behaviour = accept, **options: Any) -> Upstream:
+        up = await Upstream(name, behaviour, **options).start()
         started.append(up)
         return up
 

@@ -6,6 +6,7 @@ import asyncio
 import email
 import random
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import Settings, settings_from_dict
@@ -28,6 +29,8 @@ class Received:
     helo: str = ""
     at: float = 0.0  # time.time() when it was accepted
     dropped: bool = False  # stored, then the connection was cut before the reply (DROP_AFTER_STORE)
+    tls: bool = False  # the session had started TLS
+    user: str = ""  # the name the client authenticated as
 
     @property
     def test_id(self) -> str:
@@ -98,7 +101,14 @@ class _Handler:
         data = envelope.original_content or b""
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         received = Received(
-            sender, list(envelope.rcpt_tos), bytes(data), session.peer[0], session.host_name, time.time()
+            sender,
+            list(envelope.rcpt_tos),
+            bytes(data),
+            session.peer[0],
+            session.host_name,
+            time.time(),
+            tls=session.ssl is not None,
+            user=str(session.auth_data or ""),
         )
         if reply == DROP_AFTER_STORE:
             received.dropped = True
@@ -131,10 +141,26 @@ class Upstream:
     connections are refused, sessions already open carry on).
     """
 
-    def __init__(self, name: str = "up", behaviour: Behaviour = accept, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        name: str = "up",
+        behaviour: Behaviour = accept,
+        host: str = "127.0.0.1",
+        *,
+        tls: ssl.SSLContext | None = None,
+        smtputf8: bool = True,
+        users: dict[str, str] | None = None,
+        auth_require_tls: bool = True,
+    ) -> None:
+        """`tls` offers STARTTLS with that server context; `users` (name -> password) offers AUTH."""
         self.name = name
         self.behaviour = behaviour
         self.host = host
+        self.tls = tls
+        self.smtputf8 = smtputf8
+        self.users = users
+        self.auth_require_tls = auth_require_tls
+        self.logins = 0  # AUTH exchanges that reached the authenticator, right or wrong
         self.received: list[Received] = []
         self.data_commands = 0
         self.connections = 0
@@ -165,7 +191,15 @@ class Upstream:
             if self.greeting_refusal is not None:
                 self.refused_greetings += 1
                 return _GreetingRefusal(self.greeting_refusal)
-            protocol = SMTP(handler, hostname=f"{self.name}.test", enable_SMTPUTF8=True, decode_data=False)
+            protocol = SMTP(
+                handler,
+                hostname=f"{self.name}.test",
+                enable_SMTPUTF8=self.smtputf8,
+                decode_data=False,
+                tls_context=self.tls,
+                authenticator=self._authenticate if self.users is not None else None,
+                auth_require_tls=self.auth_require_tls,
+            )
             self._sessions.append(protocol)
             return protocol
 
@@ -188,6 +222,18 @@ class Upstream:
         """Listen again on the same port (raises OSError if something took the port meanwhile)."""
         if self._server is None:
             await self.start(self._bound_port)
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        self.logins += 1
+        ok = (
+            isinstance(data, LoginPassword)
+            and self.users is not None
+            and self.users.get(data.login.decode()) == data.password.decode()
+        )
+        # handled=False: aiosmtpd answers a failure with its own 535 5.7.8 (handled=True would stay silent).
+        return AuthResult(success=ok, handled=False, auth_data=data.login.decode() if ok else None)
 
     async def stop(self) -> None:
         """Stop listening and drop every open session, as a crashed server would."""

@@ -70,12 +70,13 @@ def members_table(members: list[dict[str, Any]]) -> Table:
         "connections",
         "in_flight",
         "ewma_latency_ms",
+        "tls",
         "recent_error",
     ]
     for column in columns:
         table.add_column(
             column.replace("_", " "),
-            justify="right" if column not in ("pool", "member", "state", "recent_error") else "left",
+            justify="right" if column not in ("pool", "member", "state", "tls", "recent_error") else "left",
         )
     for m in members:
         weight = (
@@ -91,9 +92,16 @@ def members_table(members: list[dict[str, Any]]) -> Table:
             f"{m['connections']}/{m['max_connections']}",
             str(m["in_flight"]),
             f"{m['ewma_latency_ms']:.1f}",
+            _tls_cell(m),
             m["recent_error"][:60],
         )
     return table
+
+
+def _tls_cell(m: dict[str, Any]) -> str:
+    """The mode, and what the last connection used: "verify TLSv1.3", "opportunistic none", "none"."""
+    mode, used = m.get("tls_mode", ""), m.get("tls", "")
+    return f"{mode} {used.split()[0]}" if used and mode != "none" else mode
 
 
 def _per_min(now: float | None, ceiling: float | None) -> str:

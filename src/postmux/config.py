@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -232,6 +233,9 @@ class WarmupSettings(_Frozen):
 
 
 MemberKind = Literal["relay", "source"]
+# Outbound STARTTLS toward a member (RFC 3207), in the spirit of Postfix's smtp_tls_security_level:
+# opportunistic = "may", required = "encrypt", verify = "secure" (certificate and name checked).
+MemberTls = Literal["none", "opportunistic", "required", "verify"]
 
 
 class MemberSettings(_Frozen):
@@ -249,6 +253,22 @@ class MemberSettings(_Frozen):
     backup: bool = False
     priority: int = Field(default=0, ge=0)
     warmup: WarmupSettings | None = None
+    # Unset: "opportunistic", or "required" for a member with credentials (never AUTH in clear).
+    tls: MemberTls | None = None
+    # "verify": trust only the CAs in this PEM file instead of the system's.
+    tls_ca_file: str | None = None
+    # "verify": the name the certificate must carry, when it is not the relay's host (an IP, say).
+    tls_server_name: str | None = Field(default=None, min_length=1)
+    # SMTP AUTH (RFC 4954) toward a relay that wants it.
+    username: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or a dump
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{v!r} is not a readable file")
+        return v
 
     @field_validator("source_address")
     @classmethod
@@ -268,7 +288,31 @@ class MemberSettings(_Frozen):
             raise ValueError("a source member needs a source_address (a local IP to send from)")
         if self.kind == "source" and self.address is not None:
             raise ValueError("a source member delivers to each domain's MX: it takes no address")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.username is not None and self.kind == "source":
+            raise ValueError("a source member delivers to MX hosts, which take no AUTH: no username")
+        if self.username is not None and self.tls == "opportunistic":
+            # RFC 4954 4: a password must not cross the network in clear; opportunistic TLS may not happen.
+            raise ValueError(
+                'a member with a username needs tls = "required" or "verify" (or "none" to send the '
+                "password in clear on a private network)"
+            )
+        if self.tls != "verify" and (self.tls_ca_file is not None or self.tls_server_name is not None):
+            raise ValueError('tls_ca_file and tls_server_name apply only with tls = "verify"')
+        if self.kind == "source" and self.tls_server_name is not None:
+            raise ValueError("a source member checks each MX host's own name: no tls_server_name")
+
+    @property
+    def tls_mode(self) -> MemberTls:
+        """The effective mode: opportunistic unless set, required when a password must be protected."""
+        if self.tls is not None:
+            return self.tls
+        return "required" if self.username is not None else "opportunistic"
 
     @property
     def target(self) -> str:

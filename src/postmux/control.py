@@ -78,6 +78,8 @@ class Control:
             "deferred": m.deferred,
             "bounced": m.bounced,
             "recent_error": m.last_error,
+            "tls_mode": m.settings.tls_mode,
+            "tls": m.tls,
             "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
         }
 
@@ -198,12 +200,18 @@ class Control:
 
 
 def _same_connections(transport: SmtpTransport, member: MemberSettings, settings: Settings) -> bool:
-    """Whether the open connections still fit: same place, same per-connection limit, same timeouts."""
+    """Whether the open connections still fit: same place, per-connection limit, timeouts, TLS, login."""
     return (
         transport.member.address == member.address
         and transport.member.source_address == member.source_address
         and transport.member.ehlo_hostname == member.ehlo_hostname
         and transport.member.max_messages_per_connection == member.max_messages_per_connection
+        # TLS and credentials are settled when a connection opens: a change needs new connections.
+        and transport.member.tls_mode == member.tls_mode
+        and transport.member.tls_ca_file == member.tls_ca_file
+        and transport.member.tls_server_name == member.tls_server_name
+        and transport.member.username == member.username
+        and transport.member.password == member.password
         and transport.delivery == settings.delivery
     )
 

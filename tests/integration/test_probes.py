@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
@@ -283,3 +286,48 @@ async def test_the_answer_to_quit_does_not_matter(scripted: StartScripted) -> No
     started = time.monotonic()
     assert await probe(address) == (True, "ok")
     assert time.monotonic() - started < TIMEOUT_S + 0.2
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def _server_tls(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return context
+
+
+async def tls_probe(address: str, **member: Any) -> tuple[bool, str]:
+    settings = PoolSettings.model_validate(
+        {
+            "name": "default",
+            "members": [{"name": "m0", "address": address, **member}],
+            "check": {"enabled": True, "timeout": 2.0},  # a TLS handshake on a busy test machine
+        }
+    )
+    pool = Pool(settings)
+    return await HealthChecker(pool, "probe.test").check_once(pool.members[0])
+
+
+async def test_a_member_that_requires_tls_fails_its_check_when_starttls_is_not_offered(
+    upstream: StartUpstream,
+) -> None:
+    up: Upstream = await upstream("a")
+    assert await tls_probe(up.address) == (True, "ok")  # opportunistic: plaintext is fine
+    assert await tls_probe(up.address, tls="required") == (False, "STARTTLS not offered at STARTTLS")
+
+
+async def test_a_verify_member_passes_with_a_good_certificate_and_fails_with_a_bad_one(
+    upstream: StartUpstream, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    good: Upstream = await upstream("good", tls=_server_tls(ca, "relay.test"))
+    bad: Upstream = await upstream("bad", tls=_server_tls(trustme.CA(), "relay.test"))
+    member = {"tls": "verify", "tls_ca_file": str(ca_file), "tls_server_name": "relay.test"}
+    assert await tls_probe(good.address, **member) == (True, "ok")
+    assert await tls_probe(bad.address, **member) == (
+        False,
+        "certificate not verified at STARTTLS: unable to get local issuer certificate",
+    )

@@ -38,6 +38,7 @@ class Member:
     deferred: int = 0
     bounced: int = 0
     last_error: str = ""
+    tls: str = ""  # what the last attempt's connection used: "TLSv1.3 <cipher>", "none", "" (not known yet)
 
     def __post_init__(self) -> None:
         self.effective_weight = float(self.settings.weight)

@@ -1,14 +1,16 @@
 """Active health checks: HAProxy's `check inter rise fall timeout`, spoken in SMTP.
 
 Each member of a pool is probed every `interval`: connect, greeting, EHLO (HELO when EHLO is refused),
-NOOP, QUIT. The result goes to `Pool.record_check`, which owns rise/fall and the MemberUp/MemberDown
-events; this module only does the I/O and the timing.
+STARTTLS and EHLO again when the member's `tls` is required or verify, NOOP, QUIT. The result goes to
+`Pool.record_check`, which owns rise/fall and the MemberUp/MemberDown events; this module only does the
+I/O and the timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ import structlog
 
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
-from postmux.config import CheckSettings
+from postmux.config import CheckSettings, MemberSettings
+from postmux.delivery.tls import client_context
 
 log = structlog.get_logger("postmux.probes")
 
@@ -51,6 +54,8 @@ class HealthChecker:
         # old one's name. The Member is kept in the value so its id cannot be recycled while we hold it.
         self._loops: dict[int, tuple[Member, asyncio.Task[None]]] = {}
         self._started = False
+        # One TLS context per member settings: loading the system CAs for every probe would cost CPU.
+        self._contexts: dict[str, tuple[MemberSettings, ssl.SSLContext | None]] = {}
 
     @property
     def _check(self) -> CheckSettings:
@@ -148,7 +153,7 @@ class HealthChecker:
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                await self._converse(client, progress, deadline)
+                await self._converse(client, member, progress, deadline)
             await _quit(client, deadline)
             return True, "ok"
         except (aiosmtplib.SMTPException, OSError) as error:
@@ -156,7 +161,9 @@ class HealthChecker:
         finally:
             client.close()
 
-    async def _converse(self, client: aiosmtplib.SMTP, progress: _Progress, deadline: float) -> None:
+    async def _converse(
+        self, client: aiosmtplib.SMTP, member: Member, progress: _Progress, deadline: float
+    ) -> None:
         """Greeting 220, EHLO (or HELO) 250, NOOP 250; aiosmtplib raises on any other reply.
 
         Each step also gets only what is left of the budget as its own timeout: on Python 3.11 the
@@ -166,7 +173,6 @@ class HealthChecker:
         # "connect" spans the TCP handshake and the greeting: aiosmtplib does both in one call, and a
         # cancelled connect() has already forgotten whether the handshake had finished.
         await client.connect(timeout=_left_s(deadline))
-        # STARTTLS goes here, between EHLO and NOOP, once members have TLS settings (issue 5).
         progress.stage = "EHLO"
         try:
             await client.ehlo(timeout=_left_s(deadline))
@@ -176,8 +182,34 @@ class HealthChecker:
             # RFC 5321 3.2: a server that does not know EHLO must still take HELO.
             progress.stage = "HELO"
             await client.helo(timeout=_left_s(deadline))
+        await self._start_tls(client, member, progress, deadline)
         progress.stage = "NOOP"
         await client.noop(timeout=_left_s(deadline))
+
+    async def _start_tls(
+        self, client: aiosmtplib.SMTP, member: Member, progress: _Progress, deadline: float
+    ) -> None:
+        """A member that must speak TLS passes only if it does: a check that skipped it would bring back
+        a member every one of whose attempts then fails with 4.7.4 or 4.7.5."""
+        settings = member.settings
+        if settings.tls_mode not in ("required", "verify"):
+            return
+        progress.stage = "STARTTLS"
+        if not client.supports_extension("starttls"):
+            raise aiosmtplib.SMTPException("STARTTLS not offered")
+        await client.starttls(
+            server_hostname=settings.tls_server_name or settings.host,
+            tls_context=self._context(member),
+            timeout=_left_s(deadline),
+        )
+        progress.stage = "EHLO after STARTTLS"
+        await client.ehlo(timeout=_left_s(deadline))
+
+    def _context(self, member: Member) -> ssl.SSLContext | None:
+        cached = self._contexts.get(member.name)
+        if cached is None or cached[0] is not member.settings:
+            cached = self._contexts[member.name] = (member.settings, client_context(member.settings))
+        return cached[1]
 
 
 async def _cancel_and_wait(tasks: set[asyncio.Task[None]], wait_s: float) -> set[asyncio.Task[None]]:
@@ -212,6 +244,10 @@ async def _quit(client: aiosmtplib.SMTP, deadline: float) -> None:
 
 def _describe(error: BaseException, stage: str, timeout_s: float) -> str:
     """A short reason for operators: "connection refused", "421 at greeting", "timeout after 2.0s at EHLO"."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate not verified at {stage}: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed at {stage}: {error.reason or error}"
     if isinstance(error, TimeoutError):  # asyncio.timeout's, and aiosmtplib's own timeouts
         return f"timeout after {round(timeout_s, 3)}s at {stage}"
     if isinstance(error, aiosmtplib.SMTPResponseException):

@@ -3,12 +3,16 @@
 A relay member always connects to its one upstream. A source member connects from its own local address
 to the recipient domain's MX hosts, best first, moving to the next host when one cannot be reached or
 greets with a refusal (RFC 5321 5.1); once a host has answered a transaction, its answer stands.
+
+After EHLO each new connection starts TLS as the member's `tls` mode says (postmux.delivery.tls), and
+logs in when the member has credentials; both happen once per connection, never per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +22,7 @@ import structlog
 from postmux.balancing.health import FailureKind
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.tls import client_context, describe_tls
 from postmux.delivery.transport import AttemptOutcome, judge
 from postmux.reply import Reply
 from postmux.spool.base import WorkItem
@@ -43,6 +48,7 @@ Target = tuple[str, int]  # (host, port) one connection goes to
 class _Connection:
     client: aiosmtplib.SMTP
     target: Target
+    tls: str = "none"  # protocol and cipher, or "none"
     messages: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -61,6 +67,10 @@ class _Unreachable(Exception):
         super().__init__(str(reply))
         self.reply = reply
         self.failure = failure
+
+
+class _TlsFallback(Exception):
+    """An opportunistic TLS handshake failed: the connection is unusable, a plaintext one may work."""
 
 
 def _cannot_bind(error: BaseException) -> bool:
@@ -87,6 +97,7 @@ class SmtpTransport:
         self.delivery = delivery
         self.ehlo_hostname = member.ehlo_hostname or ehlo_hostname
         self.resolver = resolver
+        self._tls_context = client_context(member)
         self._idle: dict[Target, list[_Connection]] = {}
         self._busy = 0
         self._closing: set[asyncio.Task[None]] = set()
@@ -141,7 +152,7 @@ class SmtpTransport:
                 if outcome is not None:
                     return outcome
             try:
-                conn = await self._connect(target)
+                conn = await self._connect(name, target)
             except _Unreachable as e:
                 unreachable = e
                 if e.failure is FailureKind.LOCAL and self.resolver is not None:
@@ -162,6 +173,8 @@ class SmtpTransport:
         *,
         fresh_retry_allowed: bool,
     ) -> AttemptOutcome | None:
+        if work.needs_smtputf8 and not conn.client.supports_extension("smtputf8"):
+            return self._unfit(conn, work, remote)
         try:
             replies = await self._transaction(conn, work)
         except _ConnectionLost as lost:
@@ -171,13 +184,35 @@ class SmtpTransport:
             reply = local_reply(lost.error, f"{lost.stage} with {remote}")
             return self._all(work, reply, self._local_failure(), remote, local=True)
         conn.messages += 1
+        self._release(conn, per_connection)
+        return AttemptOutcome(replies, self._judge(replies), remote, tls=conn.tls)
+
+    def _release(self, conn: _Connection, per_connection: int | None) -> None:
+        """Keep the connection for the next message, or say goodbye when it has carried enough."""
         limit = min(self.max_messages, per_connection or self.max_messages)
         if conn.client.is_connected and conn.messages < limit and not self._retired:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.target, []).append(conn)
         else:
             self._quit(conn)
-        return AttemptOutcome(replies, self._judge(replies), remote)
+
+    def _unfit(self, conn: _Connection, work: WorkItem, remote: str) -> AttemptOutcome:
+        """RFC 6531 3.4: mail that needs SMTPUTF8 must not go to a server that does not offer it.
+
+        Nothing was sent, so the connection stays good for other mail. A relay's lack is that relay's
+        alone (another member may offer it: the dispatcher tries it); an MX host's lack is the
+        destination's, the same from every source IP, so it is final (553 5.6.7, RFC 6531 3.5).
+        """
+        self._release(conn, None)
+        reply = Reply(553, "5.6.7", f"SMTPUTF8 required but not offered by {remote}")
+        return AttemptOutcome(
+            {r.rid: reply for r in work.recipients},
+            None,
+            remote,
+            local=True,
+            tls=conn.tls,
+            unfit=self.resolver is None,
+        )
 
     def _judge(self, replies: dict[int, Reply]) -> FailureKind | None:
         # A receiver's 4xx to a source IP is about this destination only: shaping reacts to it, and it
@@ -187,7 +222,17 @@ class SmtpTransport:
     def _local_failure(self) -> FailureKind | None:
         return FailureKind.LOCAL if self.resolver is None else None
 
-    async def _connect(self, target: Target) -> _Connection:
+    async def _connect(self, name: str, target: Target) -> _Connection:
+        try:
+            return await self._open(name, target, use_tls=self._tls_context is not None)
+        except _TlsFallback:
+            # Postfix's "may" level (TLS_README, opportunistic TLS): when the handshake fails, rather
+            # than give up on delivery, retry with TLS off, so a server with a broken TLS stack still
+            # gets its mail. Only this connection goes plain; the next one tries TLS again.
+            log.warning("TLS handshake failed, delivering in plaintext", member=self.member.name, target=name)
+            return await self._open(name, target, use_tls=False)
+
+    async def _open(self, name: str, target: Target, *, use_tls: bool) -> _Connection:
         host, port = target
         source = self.member.source_address
         client = aiosmtplib.SMTP(
@@ -198,19 +243,88 @@ class SmtpTransport:
             timeout=self.delivery.command_timeout,
             start_tls=False,
         )
+        where = f"{host}:{port}"
         try:
             await client.connect(timeout=self.delivery.connect_timeout)
             try:
-                try:
-                    await client.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+                await self._greet(client)
+                tls = await self._start_tls(client, name, where) if use_tls else "none"
+                await self._log_in(client, where)
             except BaseException:
                 client.close()
                 raise
+        except (_TlsFallback, _Unreachable):
+            raise
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
-            raise self._unreachable(e, f"{host}:{port}") from e
-        return _Connection(client, target)
+            raise self._unreachable(e, where) from e
+        return _Connection(client, target, tls)
+
+    @staticmethod
+    async def _greet(client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+
+    async def _start_tls(self, client: aiosmtplib.SMTP, name: str, where: str) -> str:
+        """STARTTLS as the member's mode says; returns "protocol cipher" or "none".
+
+        Codes follow Postfix's: 4.7.4 (RFC 3463 "security features not supported") when TLS is needed
+        and not offered, 4.7.5 ("cryptographic failure") when the handshake or the certificate fails.
+        All are transient: the mail waits or goes to another member, and a relay that keeps failing
+        is ejected like any broken member.
+        """
+        assert self._tls_context is not None
+        opportunistic = self.member.tls_mode == "opportunistic"
+        if not client.supports_extension("starttls"):
+            if opportunistic:
+                return "none"
+            raise _Unreachable(
+                Reply(451, "4.7.4", f"TLS is required, but {where} does not offer STARTTLS"),
+                self._local_failure(),
+            )
+        try:
+            await client.starttls(server_hostname=self._server_name(name), tls_context=self._tls_context)
+        except aiosmtplib.SMTPResponseException as e:
+            if opportunistic and client.is_connected:
+                return "none"  # a 454 leaves the session in plaintext and usable (RFC 3207 4)
+            reply = Reply(451, "4.7.5", f"{where} refused STARTTLS: {e.code} {e.message}")
+            raise _Unreachable(reply, self._local_failure()) from e
+        except ssl.SSLCertVerificationError as e:
+            reply = Reply(451, "4.7.5", f"server certificate not verified ({where}): {e.verify_message}")
+            raise _Unreachable(reply, self._local_failure()) from e
+        except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
+            if opportunistic:
+                raise _TlsFallback(str(e)) from e
+            reply = Reply(451, "4.7.5", f"TLS handshake with {where} failed: {e}")
+            raise _Unreachable(reply, self._local_failure()) from e
+        # RFC 3207 4.2: everything learnt before TLS is forgotten; ask for the extensions again.
+        try:
+            await client.ehlo()
+        except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
+            if opportunistic:  # a server whose TLS dies right after the handshake: as a failed one
+                raise _TlsFallback(str(e)) from e
+            raise
+        return describe_tls(client)
+
+    def _server_name(self, name: str) -> str:
+        """The name the certificate must show: tls_server_name, else the relay's host or the MX's name."""
+        if self.member.tls_server_name:
+            return self.member.tls_server_name
+        return self.member.host if self.resolver is None else name
+
+    async def _log_in(self, client: aiosmtplib.SMTP, where: str) -> None:
+        """SMTP AUTH (RFC 4954) with the member's credentials; config makes sure TLS is on by now."""
+        if self.member.username is None or self.member.password is None:
+            return
+        if not client.supports_extension("auth"):
+            raise _Unreachable(Reply(451, "4.7.4", f"{where} offers no AUTH"), FailureKind.LOCAL)
+        try:
+            await client.login(self.member.username, self.member.password.get_secret_value())
+        except aiosmtplib.SMTPAuthenticationError as e:
+            # Our credentials are wrong, not the recipients': the mail waits or goes to another member.
+            reply = Reply(451, "4.7.8", f"authentication to {where} failed: {e.code} {e.message}")
+            raise _Unreachable(reply, FailureKind.LOCAL) from e
 
     def _unreachable(self, error: BaseException, where: str) -> _Unreachable:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:

@@ -25,6 +25,11 @@ class AttemptOutcome:
     # The replies were made up here (no connection, timeout, DNS), not said by the receiver: shaping's
     # reactions and AIMD listen only to what receivers say.
     local: bool = False
+    # The connection's TLS: "TLSv1.3 TLS_AES_256_GCM_SHA384", "none" for plaintext, "" when none was made.
+    tls: str = ""
+    # This member cannot take this message (its server lacks a needed extension, SMTPUTF8): the replies
+    # are permanent only if no other member can take it either; the dispatcher decides which.
+    unfit: bool = False
 
     @property
     def member_failed(self) -> bool:

@@ -295,7 +295,9 @@ class Dispatcher:
         limit = lane.ceiling.max_recipients
         if limit is not None and len(item.recipients) > limit:
             # One transaction carries at most `limit` recipients; the rest waits at the queue's head.
-            rest = replace(item, recipients=item.recipients[limit:], tried=set(item.tried))
+            rest = replace(
+                item, recipients=item.recipients[limit:], tried=set(item.tried), unfit=set(item.unfit)
+            )
             item.recipients = item.recipients[:limit]
             q.appendleft(rest)
             self._ready += 1
@@ -310,7 +312,7 @@ class Dispatcher:
         # Once only: two pools that overflow into each other must not pass the work back and forth.
         if overflow is not None and overflow in self.pools and not item.overflowed_from:
             item.overflowed_from = item.pool
-            item.pool, item.destination, item.tried = overflow, "", set()
+            item.pool, item.destination, item.tried, item.unfit = overflow, "", set(), set()
             self.submit([item])
             return
         reply = Reply(451, "4.7.0", f"{pool.name}: every member is held back from {item.destination}")
@@ -375,10 +377,11 @@ class Dispatcher:
         self._observe(pool.name, member.name, elapsed)
         now = self.clock()
         member.attempts += 1
-        if outcome.failure is not FailureKind.LOCAL:
+        if outcome.failure is not FailureKind.LOCAL and not outcome.unfit:
             # Only answered attempts say how fast a member works. A timeout or a refusal is the health
             # rules' business; counted as latency it would keep a recovered member starved long after
-            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks).
+            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks). An unfit
+            # attempt sent nothing: its near-zero time would flatter the member.
             member.observe_latency(elapsed, now, pool.settings.latency_decay)
         if outcome.failure is not None:
             member.last_error = str(next(iter(outcome.replies.values()), ""))
@@ -386,8 +389,13 @@ class Dispatcher:
         else:
             pool.record_success(member, now)
         item.tried.add(member.name)
+        if outcome.tls:
+            member.tls = outcome.tls
         if not outcome.local:
             self._react(lane, outcome, started_at, now)
+        if outcome.unfit:
+            await self._unfit(item, pool, member, outcome, now)
+            return
         await self._settle(item, pool, member, outcome, now)
 
     def _react(self, lane: Lane, outcome: AttemptOutcome, started_at: float, now: float) -> None:
@@ -420,6 +428,36 @@ class Dispatcher:
             self._defer_or_expire(item, pool, item.recipients, reply, now, attempted=False), now
         )
 
+    async def _unfit(
+        self, item: WorkItem, pool: Pool, member: Member, outcome: AttemptOutcome, now: float
+    ) -> None:
+        """The member cannot take this message (its server lacks SMTPUTF8): another member, or a verdict.
+
+        Another untried usable member gets it at once. Once every member of the pool has said it cannot,
+        the refusal is final and the sender gets a DSN (RFC 6531 3.5, 5.6.7): retrying would only meet
+        the same servers. While some member that was not asked is out of service (ejected, draining),
+        the mail waits for it on the normal retry schedule instead, up to the queue lifetime.
+        """
+        item.unfit.add(member.name)
+        if pool.can_serve(now, item.tried):
+            for r in item.recipients:
+                reply = outcome.replies[r.rid]
+                self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, member.name, reply, now, outcome.tls)
+            self.submit([item], front=True)
+            return
+        bumped = [WorkRecipient(r.rid, r.address, r.attempts + 1) for r in item.recipients]
+        if {m.name for m in pool.members if not m.removed} <= item.unfit:
+            failed = [(r, outcome.replies[r.rid]) for r in bumped]
+            for r, reply in failed:
+                self._emit(EventType.BOUNCE, item, r, pool, member.name, reply, now, outcome.tls)
+            member.bounced += len(failed)
+            await self._record([self._final(item, failed, RecipientState.BOUNCED, outcome.remote, now)], now)
+            return
+        wait = Reply(451, "4.4.5", f"no usable member offering SMTPUTF8 in pool {pool.name}")
+        for r in bumped:
+            self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, member.name, wait, now, outcome.tls)
+        await self._record(self._defer_or_expire(item, pool, bumped, wait, now), now)
+
     async def _settle(
         self, item: WorkItem, pool: Pool, member: Member, outcome: AttemptOutcome, now: float
     ) -> None:
@@ -431,13 +469,15 @@ class Dispatcher:
             bumped = WorkRecipient(r.rid, r.address, r.attempts + 1)
             if reply.is_success:
                 delivered.append(bumped)
-                self._emit(EventType.DELIVERY, item, bumped, pool, member.name, reply, now)
+                self._emit(EventType.DELIVERY, item, bumped, pool, member.name, reply, now, outcome.tls)
             elif reply.is_permanent:
                 bounced.append((bumped, reply))
-                self._emit(EventType.BOUNCE, item, bumped, pool, member.name, reply, now)
+                self._emit(EventType.BOUNCE, item, bumped, pool, member.name, reply, now, outcome.tls)
             else:
                 deferred.append((bumped, reply))
-                self._emit(EventType.TRANSIENT_FAILURE, item, bumped, pool, member.name, reply, now)
+                self._emit(
+                    EventType.TRANSIENT_FAILURE, item, bumped, pool, member.name, reply, now, outcome.tls
+                )
         member.delivered += len(delivered)
         member.bounced += len(bounced)
         member.deferred += len(deferred)
@@ -536,6 +576,7 @@ class Dispatcher:
         member: str,
         reply: Reply,
         now: float,
+        tls: str = "",
     ) -> None:
         self.bus.emit(
             Event(
@@ -550,6 +591,8 @@ class Dispatcher:
                 num_attempts=r.attempts,
                 latency_s=now - item.created,
                 size=len(item.data),
+                # The attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it made a connection.
+                tags={"tls": tls} if tls else {},
                 timestamp=now,
             )
         )

@@ -54,6 +54,8 @@ class WorkItem:
     smtputf8: bool = False
     # Members already tried in this round, so an immediate retry goes elsewhere.
     tried: set[str] = field(default_factory=set)
+    # Members that cannot take this message at all in this round (no SMTPUTF8), a subset of `tried`.
+    unfit: set[str] = field(default_factory=set)
     # The shaping key (provider, else domain), set by the dispatcher; not stored.
     destination: str = ""
     # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.
@@ -66,6 +68,21 @@ class WorkItem:
     @property
     def attempts(self) -> int:
         return max((r.attempts for r in self.recipients), default=0)
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        """Whether this transaction can only go to a server that offers SMTPUTF8 (RFC 6531).
+
+        SMTPUTF8 at MAIL only says the client may have used UTF-8; what needs the extension is UTF-8 in
+        an address or in the header. All-ASCII mail goes anywhere, as Postfix's SMTPUTF8 support does
+        (a UTF-8 body needs only 8BITMIME).
+        """
+        if not self.smtputf8:
+            return False
+        if not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients):
+            return True
+        end = self.data.find(b"\r\n\r\n")
+        return not self.data[: end if end >= 0 else len(self.data)].isascii()
 
 
 @dataclass(frozen=True, slots=True)
