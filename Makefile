@@ -47,5 +47,15 @@ bench-aimd: setup
 	$(BIN)/pip install -q matplotlib
 	$(BIN)/python bench/aimd.py
 
+.PHONY: bench-vs-postfix bench-policy bench-queue-scale
+bench-vs-postfix: setup
+	$(BIN)/python bench/vs_postfix.py
+
+bench-policy: setup
+	$(BIN)/python bench/policy_pick.py
+
+bench-queue-scale: setup
+	$(BIN)/python bench/queue_scale.py
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

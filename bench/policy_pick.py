@@ -1,0 +1,158 @@
+"""Per-decision cost of each balancing policy for a 16-member pool (issue 6: under 10 µs a pick).
+
+    .venv/bin/python bench/policy_pick.py [--members 16] [--picks 200000] [--rounds 5] [--profile POLICY]
+
+Two figures per policy, both in ns per pick:
+- **policy.pick**: the policy's own `pick(candidates, key, everyone)` on 16 usable members;
+- **Pool.pick**: what the dispatcher pays per decision, `Pool.pick(key, now)`: usable members (health,
+  panic, tier), slow-start weights, decayed latencies, capacity filter, then the policy.
+
+The pool is in a steady state that exercises every branch: weights 1-5, latencies 2-40 ms, and a window
+of 5 attempts per member in flight (each pick takes a connection, the oldest attempt gives one back),
+keys drawn from 1,000 sender domains. Each figure is the median of --rounds rounds of --picks picks,
+minus the cost of the same loop with a no-op pick (the bookkeeping), measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from postmux.balancing.member import Member
+from postmux.balancing.pool import Pool
+from postmux.config import MemberSettings, PoolSettings
+
+POLICIES = ("round_robin", "weighted", "least_connections", "least_latency", "hash")
+TARGET_NS = 10_000
+IN_FLIGHT_PER_MEMBER = 5
+NOW = 1_000_000.0
+
+
+def make_pool(policy: str, members: int, seed: int) -> Pool:
+    rng = random.Random(seed)
+    settings = PoolSettings(
+        name="bench",
+        policy=policy,  # type: ignore[arg-type]
+        members=tuple(
+            MemberSettings(
+                name=f"m{i:02d}",
+                address=f"127.0.0.1:{20000 + i}",
+                weight=rng.randint(1, 5),
+                max_connections=20,
+            )
+            for i in range(members)
+        ),
+    )
+    pool = Pool(settings)
+    for m in pool.members:
+        m.observe_latency(rng.uniform(0.002, 0.040), NOW - 1.0, settings.latency_decay)
+    return pool
+
+
+def noop_pick(candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    return candidates[0]
+
+
+def run_policy_only(pool: Pool, keys: list[str], picks: int, pick: Callable[..., Member | None]) -> int:
+    """ns for `picks` calls of the policy alone, with in_flight moving as in a steady state."""
+    candidates = pool.usable(NOW)
+    window: deque[Member] = deque(candidates[i % len(candidates)] for i in range(len(candidates) * 5))
+    for m in window:
+        m.in_flight += 1
+    nkeys = len(keys)
+    start = time.perf_counter_ns()
+    for i in range(picks):
+        member = pick(candidates, keys[i % nkeys], candidates)
+        assert member is not None
+        member.in_flight += 1
+        window.append(member)
+        window.popleft().in_flight -= 1
+    elapsed = time.perf_counter_ns() - start
+    for m in window:
+        m.in_flight -= 1
+    return elapsed
+
+
+def run_pool(pool: Pool, keys: list[str], picks: int) -> int:
+    """ns for `picks` calls of Pool.pick, the whole decision the dispatcher makes."""
+    window: deque[Member] = deque()
+    for m in pool.members:
+        for _ in range(IN_FLIGHT_PER_MEMBER):
+            m.in_flight += 1
+            window.append(m)
+    nkeys = len(keys)
+    start = time.perf_counter_ns()
+    for i in range(picks):
+        member = pool.pick(keys[i % nkeys], NOW)
+        assert member is not None
+        member.in_flight += 1
+        window.append(member)
+        window.popleft().in_flight -= 1
+    elapsed = time.perf_counter_ns() - start
+    for m in window:
+        m.in_flight -= 1
+    return elapsed
+
+
+def measure(policy: str, members: int, picks: int, rounds: int) -> dict[str, float]:
+    keys = [f"sender{i}.example" for i in range(1000)]
+    policy_ns, pool_ns, base_ns = [], [], []
+    for r in range(rounds):
+        pool = make_pool(policy, members, seed=r)
+        base_ns.append(run_policy_only(pool, keys, picks, noop_pick) / picks)
+        policy_ns.append(run_policy_only(pool, keys, picks, pool.policy.pick) / picks)
+        pool_ns.append(run_pool(make_pool(policy, members, seed=r), keys, picks) / picks)
+    base = statistics.median(base_ns)
+    return {
+        "policy_ns": statistics.median(policy_ns) - base,
+        "pool_ns": statistics.median(pool_ns) - base,
+        "bookkeeping_ns": base,
+    }
+
+
+def profile(policy: str, members: int, picks: int) -> str:
+    pool = make_pool(policy, members, seed=0)
+    keys = [f"sender{i}.example" for i in range(1000)]
+    prof = cProfile.Profile()
+    prof.enable()
+    run_pool(pool, keys, picks)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+    return out.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--picks", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", choices=POLICIES, help="also print a cProfile of Pool.pick for one policy")
+    a = p.parse_args(argv)
+    print(f"{a.members} members, {a.picks} picks x {a.rounds} rounds, Python {sys.version.split()[0]}\n")
+    print("| policy | policy.pick ns | Pool.pick ns | under 10 µs |")
+    print("|---|---:|---:|---|")
+    over = []
+    for policy in POLICIES:
+        r = measure(policy, a.members, a.picks, a.rounds)
+        ok = r["pool_ns"] < TARGET_NS
+        if not ok:
+            over.append(policy)
+        verdict = "yes" if ok else "NO"
+        print(f"| {policy} | {r['policy_ns']:.0f} | {r['pool_ns']:.0f} | {verdict} |", flush=True)
+    print(f"\n(loop bookkeeping, subtracted above: {r['bookkeeping_ns']:.0f} ns a pick)")
+    for policy in [*over, *([a.profile] if a.profile and a.profile not in over else [])]:
+        print(f"\ncProfile of Pool.pick, {policy}:\n{profile(policy, a.members, a.picks // 10)}")
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
