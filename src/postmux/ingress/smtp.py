@@ -169,6 +169,20 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
 class PostmuxSMTP(SMTP):
     """One client connection."""
 
+    # aiosmtpd's SMTP.__init__ finds its auth_* and smtp_* methods with inspect.getmembers(self) and
+    # dir(self), which read every attribute of the new object, on every connection: 11% of postmux's
+    # serial CPU with one message a connection (bench/README.md, profile_hotpath). Listing only those
+    # names, once per class, gives aiosmtpd the same tables (tests/unit/test_ingress_session.py).
+    _method_names: list[str] | None = None
+
+    def __dir__(self) -> list[str]:
+        cls = type(self)
+        if cls._method_names is None:
+            cls._method_names = sorted(
+                name for name in super().__dir__() if name.startswith(("smtp_", "auth_"))
+            )
+        return cls._method_names
+
     def __init__(
         self,
         handler: IngressHandler,
