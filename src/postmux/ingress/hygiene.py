@@ -13,8 +13,19 @@ from postmux.headers import header_section_end
 # RFC 5321 2.3.8 / 4.1.1.4: CR and LF may only appear together, as CRLF. A lone CR or LF is what the SMTP
 # smuggling attacks are made of (SEC Consult 2023; CVE-2023-51764, -51765, -51766, CVE-2024-27305):
 # `\n.\n`, `\n.\r\n`, `\r.\r`, `\r\n.\r` ... end DATA on a lenient server but not on a strict one.
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ANY_LINE_END = re.compile(rb"(\r\n|\r|\n)")
+
+
+def has_bare_cr_or_lf(data: bytes) -> bool:
+    """Whether some CR or LF is not part of a CRLF (the regex `\\r(?!\\n)|(?<!\\r)\\n`), at memchr speed.
+
+    Every CRLF holds one CR and one LF, so all of them pair up exactly when the three counts are equal.
+    The regex, with its look-arounds tried at every byte, cost 11% of postmux's CPU at 50 KB messages
+    (bench/README.md, profile_hotpath): 570 µs for 50 KB, the three counts 60 µs.
+    """
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
 
 BARE_EOL_IN_COMMAND = "500 5.5.2 Bare CR or LF in command line: lines end with CRLF only (RFC 5321 2.3.8)"
 NUL_IN_COMMAND = "500 5.5.2 NUL octet in command line"
@@ -38,7 +49,7 @@ def data_refusal(data: bytes, *, normalize: bool) -> str | None:
     """The message text after the final dot; with `normalize`, bare CR and LF are repaired, not refused."""
     if b"\x00" in data:
         return NUL_IN_DATA
-    if not normalize and _BARE_CR_OR_LF.search(data):
+    if not normalize and has_bare_cr_or_lf(data):
         return BARE_EOL_IN_DATA
     return None
 
@@ -51,7 +62,7 @@ def normalize_line_endings(data: bytes) -> bytes:
     one dot here (RFC 5321 4.5.2); a lone "." stays a line of one dot, never an end of data.
     The result holds only CRLF, and delivery stuffs dots again, so no line of it can end DATA downstream.
     """
-    if not _BARE_CR_OR_LF.search(data):
+    if not has_bare_cr_or_lf(data):
         return data
     parts = _ANY_LINE_END.split(data)  # text, separator, text, separator, ..., text
     out = [parts[0]]
