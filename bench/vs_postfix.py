@@ -243,8 +243,9 @@ def postmux_target(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Target]:
             problems = []
             if received_total(text) != expected:
                 problems.append(f"postmux received {received_total(text)} != {expected}")
-            if int(results.pop("delivered", 0.0)) != expected:
-                problems.append(f"postmux delivered != {expected}")
+            delivered = int(results.pop("delivered", 0.0))
+            if delivered != expected:
+                problems.append(f"postmux delivered {delivered} != {expected}")
             if any(results.values()):
                 problems.append(f"postmux other delivery results {results}")
             return problems
