@@ -209,7 +209,7 @@ def pick_base_dir() -> tuple[Path, str]:
 # -- one postmux run -------------------------------------------------------------------------------------
 
 
-def write_config(workdir: Path, group_commit: bool, sink_ports: Sequence[int]) -> Path:
+def write_config(workdir: Path, group_commit: bool, sink_ports: Sequence[int], workers: int = 0) -> Path:
     members = ",\n".join(
         f'  {{ name = "sink-{i}", address = "127.0.0.1:{port}", max_connections = 20 }}'
         for i, port in enumerate(sink_ports, 1)
@@ -218,6 +218,7 @@ def write_config(workdir: Path, group_commit: bool, sink_ports: Sequence[int]) -
 [smtp]
 listen = "127.0.0.1:0"
 hostname = "postmux.bench.test"
+workers = {workers}
 
 [http]
 listen = "127.0.0.1:0"

@@ -78,6 +78,7 @@ class Options:
     probe_interval_s: float
     delivery_timeout_s: float
     keep: bool
+    workers: int = 0
 
 
 @dataclass
@@ -233,8 +234,8 @@ class Target:
 
 
 @contextmanager
-def postmux_target(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Target]:
-    config = write_config(workdir, True, [s.port for s in sinks])
+def postmux_target(workdir: Path, sinks: Sequence[Sink], workers: int = 0) -> Iterator[Target]:
+    config = write_config(workdir, True, [s.port for s in sinks], workers)
     with running_postmux(config, workdir / "postmux.log") as (proc, smtp_port, http_port):
 
         def check(expected: int) -> list[str]:
@@ -250,7 +251,10 @@ def postmux_target(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Target]:
                 problems.append(f"postmux other delivery results {results}")
             return problems
 
-        yield Target(smtp_port, lambda: [proc.pid], lambda: cpu_seconds(proc.pid), check)
+        # With [smtp] workers, the ingress processes are children of postmux serve: count them too.
+        yield Target(
+            smtp_port, lambda: [proc.pid, *children_of(proc.pid)], lambda: tree_cpu_seconds(proc.pid), check
+        )
 
 
 MASTER_CF = """\
@@ -395,9 +399,6 @@ def postfix_target(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Target]:
         stop_postfix(conf, pid if pid is not None else master_pid(queue))
 
 
-TARGETS = {"postmux": postmux_target, "postfix": postfix_target}
-
-
 # -- load and latency ------------------------------------------------------------------------------------
 
 
@@ -482,7 +483,12 @@ def run_once(system: str, size: int, pair: int, opts: Options, source: str, sink
     load = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix=f"vs-postfix-{system}-", dir=base))
     try:
-        with TARGETS[system](workdir, sinks) as target:
+        target_cm = (
+            postmux_target(workdir, sinks, opts.workers)
+            if system == "postmux"
+            else postfix_target(workdir, sinks)
+        )
+        with target_cm as target:
             before = sink_total(sinks)
             with MemorySampler(target.pids) as memory:
                 start = time.monotonic()
@@ -577,11 +583,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between probe messages")
     p.add_argument("--delivery-timeout", type=float, default=600.0, help="seconds per run (600)")
     p.add_argument("--keep", action="store_true", help="keep each run's directory (configs, logs, queues)")
+    p.add_argument("--workers", type=int, default=0, help="postmux's [smtp] workers (ingress processes)")
     a = p.parse_args(argv)
     sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip())
     if min(a.messages, a.sessions, a.pairs, *sizes) < 1 or a.probe_interval <= 0:
         p.error("--messages, --sessions, --pairs, --sizes and --probe-interval must be positive")
-    return Options(a.messages, a.sessions, sizes, a.pairs, a.probe_interval, a.delivery_timeout, a.keep)
+    return Options(
+        a.messages, a.sessions, sizes, a.pairs, a.probe_interval, a.delivery_timeout, a.keep, a.workers
+    )
 
 
 def ensure_postfix() -> tuple[str, str]:

@@ -29,6 +29,7 @@ from postmux.events.types import Event, EventType
 from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
+from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
@@ -87,6 +88,7 @@ class App:
         )
         self.metrics.add_live(self._live_gauges)
         self._smtp: asyncio.Server | None = None
+        self.workers: IngressWorkers | None = None
         self._queue_counts: dict[str, int] = {}
         self._counter: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,6 +96,8 @@ class App:
 
     @property
     def smtp_port(self) -> int:
+        if self.workers is not None:
+            return self.workers.port
         assert self._smtp is not None
         return int(self._smtp.sockets[0].getsockname()[1])
 
@@ -121,9 +125,16 @@ class App:
         self.sync_checkers()
         await self.http.start()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
-        self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)
+        if self.settings.smtp.workers:
+            self.workers = IngressWorkers(self.settings.smtp, self.acceptor, self.settings.smtp.workers)
+            await self.workers.start()
+        else:
+            self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)
 
     async def stop(self) -> None:
+        if self.workers is not None:
+            await self.workers.stop()
+            self.workers = None
         if self._smtp is not None:
             self._smtp.close()
             await self._smtp.wait_closed()

@@ -108,6 +108,9 @@ class SmtpTlsSettings(_Frozen):
 
 class SmtpSettings(_Frozen):
     listen: HostPort = "127.0.0.1:2525"
+    # SMTP sessions in this many worker processes (0: in the main process). The main process keeps the
+    # spool and delivery; see ingress/workers.py.
+    workers: int = Field(default=0, ge=0, le=64)
     hostname: str = "postmux.localdomain"
     max_message_size: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=1000, gt=0)

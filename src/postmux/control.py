@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("postmux.control")
 
-# Keys that a running process cannot change: they need a restart.
-_RESTART_ONLY = (("smtp", "listen"), ("http", "listen"), ("spool", "path"), ("events", "log"))
+# Keys that a running process cannot change: they need a restart. The SMTP listener (in this process or
+# in ingress workers) is built once from [smtp], so every [smtp] key is one of them.
+_RESTART_ONLY = (("http", "listen"), ("spool", "path"), ("events", "log"))
 
 
 class UnknownMember(KeyError):
@@ -148,11 +149,13 @@ class Control:
 
     def _restart_only(self, new: Settings) -> list[str]:
         old = self.app.settings
-        return [
+        changed = [
             f"{section}.{key}"
             for section, key in _RESTART_ONLY
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
         ]
+        old_smtp, new_smtp = old.smtp.model_dump(), new.smtp.model_dump()
+        return [f"smtp.{k}" for k in new_smtp if old_smtp[k] != new_smtp[k]] + changed
 
     def apply(self, settings: Settings) -> list[str]:
         app, now = self.app, self.app.clock()

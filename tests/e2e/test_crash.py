@@ -119,7 +119,9 @@ class Traffic:
                 await asyncio.sleep(0.02)  # do not spin while postmux is down
 
 
-def write_config(tmp_path: Path, smtp_port: int, http_port: int, members: list[tuple[str, str, int]]) -> Path:
+def write_config(
+    tmp_path: Path, smtp_port: int, http_port: int, members: list[tuple[str, str, int]], workers: int = 0
+) -> Path:
     member_tables = "".join(
         f'\n[[pool.members]]\nname = "{name}"\naddress = "{address}"\nmax_connections = {conns}\n'
         for name, address, conns in members
@@ -130,6 +132,7 @@ def write_config(tmp_path: Path, smtp_port: int, http_port: int, members: list[t
 [smtp]
 listen = "127.0.0.1:{smtp_port}"
 hostname = "postmux.test"
+workers = {workers}
 
 [http]
 listen = "127.0.0.1:{http_port}"
@@ -205,8 +208,24 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit may wait for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 @pytest.mark.slow
-async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ingress_workers", [0, 2], ids=["in-process", "2-ingress-workers"])
+async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_workers: int) -> None:
     slow_active = [0]
     upstreams = [
         await Upstream("fast1", accept).start(),
@@ -216,7 +235,7 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
     members = [(u.name, u.address, 4) for u in upstreams]
     max_in_flight = sum(conns for _, _, conns in members)
     smtp_port, http_port = free_port(), free_port()
-    cfg = write_config(tmp_path, smtp_port, http_port, members)
+    cfg = write_config(tmp_path, smtp_port, http_port, members, ingress_workers)
     logs = [tmp_path / "serve-1.log", tmp_path / "serve-2.log"]
 
     procs: list[asyncio.subprocess.Process] = []
@@ -230,10 +249,14 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
         # Kill only while the slow upstream is inside a DATA transaction: deliveries are in flight.
         await wait_until(lambda: slow_active[0] > 0, timeout=5, interval=0.001)
         in_flight_at_kill = slow_active[0]
+        ingress = children(procs[0].pid)
+        assert len(ingress) == ingress_workers
         os.kill(procs[0].pid, signal.SIGKILL)
         acked_at_kill = len(traffic.acked)
         await asyncio.wait_for(procs[0].wait(), timeout=10)
         assert procs[0].returncode == -signal.SIGKILL
+        # Workers without their spool process stop at once: no 250 without a spool behind it.
+        await wait_until(lambda: not any(running(pid) for pid in ingress), timeout=5)
 
         refused_before_down = len(traffic.refused)
         await asyncio.sleep(DOWN_FOR_S)

@@ -211,3 +211,13 @@ async def test_cli_members_drain_enable_reload(tmp_path: Path, upstream: StartUp
     console.print(shaping_table([{**lanes[0], "suspended_for_s": 42.0, "state": "suspended"}]))
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "dest.test" in text and "suspended 42s" in text and "0 of 20/20" in text
+
+
+async def test_reload_says_smtp_changes_need_a_restart(tmp_path: Path, upstream: StartUpstream) -> None:
+    a = await upstream("a")
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, [("a", a.address, 1)])
+    async with App(load_config(cfg), config_path=cfg) as app:
+        cfg.write_text(cfg.read_text().replace('hostname = "postmux.test"', 'hostname = "renamed.test"'))
+        result = app.control.reload()
+    assert result.ok and result.needs_restart == ["smtp.hostname"]

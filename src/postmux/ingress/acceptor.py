@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from email.utils import formatdate
+from typing import Protocol
 
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
@@ -19,6 +20,14 @@ from postmux.scheduling.router import Router
 from postmux.spool.base import Spool
 
 POOL_HEADER = "X-Postmux-Pool"
+
+
+class Accepts(Protocol):
+    """What ingress hands a complete message to: the Acceptor here, or a worker's link to it."""
+
+    async def accept(self, envelope: Envelope) -> str:
+        """Store durably and return the queue id; raises SpoolError when it could not."""
+        ...
 
 
 class Acceptor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
-from postmux.ingress.acceptor import Acceptor
+from postmux.ingress.acceptor import Accepts
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
     Role,
@@ -376,7 +377,7 @@ def _decoy_hash() -> str:
 class IngressHandler:
     """aiosmtpd hooks: relay policy at RCPT, the durable accept at the final dot."""
 
-    def __init__(self, settings: SmtpSettings, acceptor: Acceptor) -> None:
+    def __init__(self, settings: SmtpSettings, acceptor: Accepts) -> None:
         self.settings = settings
         self.acceptor = acceptor
         self.trusted_networks = settings.trusted()
@@ -464,7 +465,10 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
     return context
 
 
-async def start_smtp_server(settings: SmtpSettings, acceptor: Acceptor) -> asyncio.Server:
+async def start_smtp_server(
+    settings: SmtpSettings, acceptor: Accepts, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket)."""
     handler = IngressHandler(settings, acceptor)
     limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip, settings.hostname)
     context = tls_context(settings)
@@ -473,4 +477,7 @@ async def start_smtp_server(settings: SmtpSettings, acceptor: Acceptor) -> async
     def factory() -> PostmuxSMTP:
         return PostmuxSMTP(handler, settings, limits, context)
 
-    return await asyncio.get_running_loop().create_server(factory, host=host, port=port, reuse_address=True)
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock)
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True)

@@ -1,0 +1,271 @@
+"""SMTP ingress in worker processes: the SMTP work on every core, the spool and delivery in one process.
+
+One Python process runs one core: measured on 2 cores (bench/README.md, profile_hotpath), SMTP parsing in
+aiosmtpd is 56-64% of postmux's CPU a message. With `[smtp] workers = N`, the main process binds the
+listening socket and starts N workers that inherit it: the kernel hands each new connection to whichever
+worker accepts first. A worker speaks SMTP (every check of ingress/smtp.py, AUTH, TLS) and, at the final
+dot, sends the envelope to the main process over a socketpair and waits: the main process runs the one accept
+path (route, Received header, durable store) and answers with the queue id, and only then does the worker
+answer 250. The durability promise is the main process's, unchanged. If the main process dies with messages
+sent to it and not answered, the worker ends at once without replying: those messages may have been stored,
+so the client must see what it would have seen from a crash (a dropped connection), never a 4xx.
+
+The pipe is a socketpair made before the worker starts, so nothing else can connect to it; frames are a
+4-byte length and a pickle of our own dataclasses. A worker whose main process is gone (EOF) stops at once,
+so no 250 can be given without a spool behind it. Connection limits (`max_connections`,
+`max_connections_per_ip`) hold per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from postmux.config import SmtpSettings, split_hostport
+from postmux.envelope import Envelope
+from postmux.ingress.acceptor import Accepts
+from postmux.spool.base import SpoolError
+
+log = structlog.get_logger("postmux.workers")
+
+_LENGTH = struct.Struct("!I")
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    return pickle.loads(await reader.readexactly(length))
+
+
+def _frame(obj: Any) -> bytes:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def listening_socket(listen: str) -> socket.socket:
+    host, port = split_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+# -- the main process's side -------------------------------------------------------------------------
+
+
+class IngressWorkers:
+    """Starts the workers, serves their accept requests, stops them by PID."""
+
+    def __init__(self, settings: SmtpSettings, acceptor: Accepts, count: int) -> None:
+        self.settings = settings
+        self.acceptor = acceptor
+        self.count = count
+        self.socket: socket.socket | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._pipes: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self.socket is not None
+        return int(self.socket.getsockname()[1])
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    async def start(self) -> None:
+        self.socket = listening_socket(self.settings.listen)
+        config = self.settings.model_dump_json().encode()
+        for _ in range(self.count):
+            ours, theirs = socket.socketpair()
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "postmux.ingress.workers",
+                    f"--listen-fd={self.socket.fileno()}",
+                    f"--pipe-fd={theirs.fileno()}",
+                ],
+                stdin=subprocess.PIPE,
+                pass_fds=(self.socket.fileno(), theirs.fileno()),
+            )
+            assert process.stdin is not None
+            process.stdin.write(config)
+            process.stdin.close()
+            theirs.close()
+            self.processes.append(process)
+            self._pipes.append(await asyncio.open_unix_connection(sock=ours))
+        for (reader, writer), process in zip(self._pipes, self.processes, strict=True):
+            await self._ready(reader, process.pid)
+            writer.write(_frame("go"))
+            self._spawn(self._serve(reader, writer, process.pid))
+
+    @staticmethod
+    async def _ready(reader: asyncio.StreamReader, pid: int) -> None:
+        try:
+            hello = await asyncio.wait_for(_read_frame(reader), timeout=30)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            hello = None
+        if hello != "ready":
+            raise RuntimeError(f"ingress worker {pid} did not start (see its log above)")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
+        try:
+            while True:
+                request_id, envelope = await _read_frame(reader)
+                self._spawn(self._accept(writer, request_id, envelope))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if self.socket is not None:  # not a shutdown: a worker died
+                log.error("ingress worker gone", pid=pid)
+
+    async def _accept(self, writer: asyncio.StreamWriter, request_id: int, envelope: Envelope) -> None:
+        try:
+            reply: tuple[Any, ...] = (request_id, "ok", await self.acceptor.accept(envelope), False)
+        except SpoolError as e:
+            reply = (request_id, "spool", str(e), e.disk_full)
+        except Exception:
+            log.exception("accept for an ingress worker failed")
+            reply = (request_id, "error", "", False)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            writer.write(_frame(reply))
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let workers finish the transactions they are in, then end them."""
+        sock, self.socket = self.socket, None
+        if sock is not None:
+            sock.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.to_thread(process.wait, remaining)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait, 5)
+        for _, writer in self._pipes:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.processes.clear()
+        self._pipes.clear()
+
+
+# -- the worker's side -------------------------------------------------------------------------------
+
+
+class RemoteAcceptor:
+    """The worker's acceptor: hands the envelope to the main process and waits for its verdict."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[tuple[str, str, bool]]] = {}
+        self.closed = asyncio.Event()
+
+    async def accept(self, envelope: Envelope) -> str:
+        if self.closed.is_set():  # nothing was sent: a plain refusal is true
+            raise SpoolError("the spool process is gone")
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[str, str, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        self._writer.write(_frame((request_id, envelope)))
+        kind, value, disk_full = await future
+        if kind == "ok":
+            return value
+        if kind == "spool":
+            raise SpoolError(value, disk_full=disk_full)
+        raise RuntimeError("the spool process could not accept the message")
+
+    async def read_replies(self) -> None:
+        try:
+            while True:
+                request_id, kind, value, disk_full = await _read_frame(self._reader)
+                future = self._waiting.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result((kind, value, disk_full))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if self._waiting:
+            # The spool process died with these messages sent to it: each may or may not be stored, so
+            # no reply is true. End now, as the spool process did: the clients see the connection drop
+            # (the message is in doubt, RFC 5321 6.1) instead of a 451 that would say it was not taken.
+            log.error("spool process gone with messages in doubt", in_doubt=len(self._waiting))
+            os._exit(75)  # EX_TEMPFAIL
+        self.closed.set()
+
+
+async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int) -> None:
+    from postmux.ingress.smtp import start_smtp_server
+
+    pipe = socket.socket(fileno=pipe_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=pipe)
+    acceptor = RemoteAcceptor(reader, writer)
+    listener = socket.socket(fileno=listen_fd)
+    listener.setblocking(False)
+    server = await start_smtp_server(settings, acceptor, sock=listener)
+    writer.write(_frame("ready"))
+    if await _read_frame(reader) != "go":
+        return
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the main process decides when we stop
+    replies = asyncio.create_task(acceptor.read_replies())
+    # The main process gone means no spool: stop at once rather than refuse every message with 451.
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), asyncio.create_task(acceptor.closed.wait())],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    server.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), timeout=10)
+    replies.cancel()
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="postmux SMTP ingress worker (started by postmux serve)")
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--pipe-fd", type=int, required=True)
+    args = parser.parse_args()
+    settings = SmtpSettings.model_validate(json.loads(sys.stdin.buffer.read()))
+    from postmux.logs import configure_logging
+
+    configure_logging()
+    try:
+        import uvloop
+
+        uvloop.run(_run_worker(settings, args.listen_fd, args.pipe_fd))
+    except ImportError:
+        asyncio.run(_run_worker(settings, args.listen_fd, args.pipe_fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""SMTP ingress in worker processes: the main process keeps the spool; a worker never says 250 alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from postmux.app import App
+from postmux.config import SmtpSettings
+from postmux.envelope import Envelope
+from postmux.ingress.workers import IngressWorkers
+from postmux.spool.base import SpoolError
+from tests.e2e.test_crash import running
+from tests.support import StartUpstream, make_settings, message, read_events, send, send_many, wait_until
+
+
+async def test_two_workers_take_the_sessions_and_the_main_process_delivers(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    pools = [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
+    async with App(make_settings(tmp_path, pools, smtp={"workers": 2})) as app:
+        assert app.workers is not None and app._smtp is None  # no SMTP in the main process
+        pids = app.workers.pids
+        assert len(pids) == 2 and all(running(p) for p in pids)
+        await send_many(app.smtp_port, [f"m{i}" for i in range(60)])
+        await wait_until(lambda: len(up.received) == 60)
+        # One worker dies: the other still accepts on the shared socket.
+        os.kill(pids[0], signal.SIGKILL)
+        await wait_until(lambda: not running(pids[0]))
+        await send_many(app.smtp_port, [f"after{i}" for i in range(20)])
+        await wait_until(lambda: len(up.received) == 80)
+        await wait_until(lambda: app.dispatcher.in_flight == 0)  # outcomes recorded
+        counts = await app.spool.counts()
+    assert not any(running(p) for p in pids)  # stopped with the app, by PID
+    assert sorted(r.test_id for r in up.received) == sorted(
+        [f"m{i}" for i in range(60)] + [f"after{i}" for i in range(20)]
+    )
+    assert counts["queued"] == counts["leased"] == 0
+
+
+class RefusingSpool:
+    """An acceptor whose spool always fails, the way a full disk does (pure stand-in, no call checks)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def accept(self, envelope: Envelope) -> str:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "reply"),
+    [
+        (SpoolError("disk full", disk_full=True), "452 4.3.1"),
+        (SpoolError("I/O error"), "451 4.3.0"),
+        (RuntimeError("bug"), "451 4.3.0"),
+    ],
+)
+async def test_a_worker_answers_what_the_spool_process_says(error: Exception, reply: str) -> None:
+    workers = IngressWorkers(
+        SmtpSettings(listen="127.0.0.1:0", hostname="postmux.test"), RefusingSpool(error), 1
+    )
+    await workers.start()
+    try:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=workers.port, local_hostname="client.test", start_tls=False
+        )
+        await client.connect()
+        await client.mail("app@example.com")
+        await client.rcpt("u@dest.test")
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.data(message("x"))
+        assert f"{refused.value.code} {refused.value.message}".startswith(reply)
+        await client.quit()
+    finally:
+        await workers.stop()
+
+
+async def test_a_workers_250_carries_the_queue_id_the_main_process_stored(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    pools = [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
+    async with App(make_settings(tmp_path, pools, smtp={"workers": 1})) as app:
+        reply = await send(app.smtp_port, "one")
+        await wait_until(lambda: len(up.received) == 1)
+    receptions = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "Reception"]
+    assert reply == f"2.0.0 Ok: queued as {receptions[0]['id']}"
+    assert f"id {receptions[0]['id']}".encode() in up.received[0].data  # the main process's Received header
