@@ -26,6 +26,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Accepts
+from postmux.ingress.data import BlockDataSMTP
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
     Role,
@@ -132,8 +133,8 @@ class _GuardedReader(asyncio.StreamReader):
     """aiosmtpd's own stream reader with a check on each command line (see PostmuxSMTP._cb_client_connected).
 
     aiosmtpd reads command lines up to a bare LF and strips any CRs before it, so `MAIL FROM:<a>\\n` or a
-    CR in the middle of a line would pass. Its DATA reader asks for lines up to CRLF; those only reset the
-    idle timer here (a client sending a big message is not idle), their content is judged after the dot.
+    CR in the middle of a line would pass. The DATA text is read in blocks (BlockDataSMTP), not here; a
+    read of lines up to CRLF (aiosmtpd's own DATA reader) would only reset the idle timer.
     """
 
     on_data_line: Callable[[], None]
@@ -167,7 +168,7 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     return decorate
 
 
-class PostmuxSMTP(SMTP):
+class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
     # aiosmtpd's SMTP.__init__ finds its auth_* and smtp_* methods with inspect.getmembers(self) and
@@ -249,12 +250,15 @@ class PostmuxSMTP(SMTP):
         reader.on_data_line = self._data_line
         super()._cb_client_connected(reader, writer)
 
+    def data_received_hook(self) -> None:
+        self._data_line()  # called for each block of DATA text (BlockDataSMTP)
+
     def _data_line(self) -> None:
-        """A client sending a message is not idle: push the idle timeout back, but not for every line.
+        """A client sending a message is not idle: push the idle timeout back, but not for every block.
 
         Re-arming the timer (cancel, then call_later) for each line cost 10% of postmux's CPU at 50 KB
         messages (bench/README.md, profile_hotpath). At most every tenth of the timeout (and at least once
-        a second) moves the deadline by that much at worst, and costs one clock read a line.
+        a second) moves the deadline by that much at worst, and costs one clock read a block.
         """
         now = self.loop.time()
         if now - self._data_rearmed >= min(1.0, self._timeout_duration / 10):

@@ -1,0 +1,183 @@
+"""The DATA text read a block at a time, by aiosmtpd 1.4.6's own line rules.
+
+aiosmtpd reads DATA one line at a time (`StreamReader.readuntil(b"\\r\\n")` and a Python loop per line):
+half of postmux's CPU at 50 KB messages (bench/README.md, profile_hotpath). `DataText` applies the same
+rules to whatever has arrived, with bytes operations over the whole block; `BlockDataSMTP.smtp_DATA` feeds
+it. The rules, which tests/unit/test_data_text.py holds to a line-by-line model of aiosmtpd's loop and
+tests/integration/test_data_blocks.py to aiosmtpd itself, byte stream for byte stream:
+
+- The text is a sequence of lines, each ended by CRLF; a CR or LF alone ends nothing (RFC 5321 2.3.8,
+  aiosmtpd's fix for CVE-2024-27305). The first line that is exactly "." ends the text: only CRLF.CRLF
+  (or "." as the first line) ends DATA, so no SMTP smuggling variant (`\\n.\\n`, `\\r.\\r`, ...) does.
+- A line (with its CRLF, dot-stuffed) longer than `line_limit` octets refuses the message (500), and so do
+  more than `size_limit` octets in all (552, counting the stuffed lines with their CRLFs, not the end
+  line); the first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
+  `line_limit + 2` octets before counting it, and checks a shorter one after counting it; so does this.
+- Once refused, the rest is read up to the end and thrown away: memory stays flat, whatever is sent.
+  Nothing is kept of a line longer than `line_limit + 2` either, even unfinished.
+- A line that starts with "." loses that dot (RFC 5321 4.5.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+# aiosmtpd's own replies, which PostmuxSMTP.push gives an enhanced status code.
+LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
+TOO_MUCH_DATA = "552 Error: Too much mail data"
+
+BLOCK = 1 << 16  # bytes taken from the reader at a time: whatever has arrived, up to this much
+
+_CRLF = b"\r\n"
+_END = b"\r\n.\r\n"  # a CRLF ending a line, then the line "."
+
+
+class DataText:
+    """Cuts one message's text out of the bytes that follow the 354, fed to it in blocks of any size."""
+
+    def __init__(self, size_limit: int | None, line_limit: int) -> None:
+        self.size_limit = size_limit
+        self.line_limit = line_limit
+        self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA, once the message is refused
+        self.done = False  # the end-of-data line has been taken
+        self.size = 0  # octets counted against size_limit (while nothing is refused)
+        self._parts: list[bytes] = []  # whole lines, dot-stuffing undone
+        # The line that has begun but not ended: at most line_limit + 2 octets. Past that it is too long
+        # and only its last octet is kept if it is a CR (the CRLF that ends the line may be split).
+        self._partial = b""
+        self._mid_line = False  # _partial is the end of a too-long line, not the start of a line
+
+    @property
+    def content(self) -> bytes:
+        """The message text, once `done` with no `refusal`."""
+        assert self.done and self.refusal is None
+        return b"".join(self._parts)
+
+    def feed(self, block: bytes) -> int:
+        """Takes `block` up to and including the end-of-data line; returns how many octets of it it took.
+
+        Whatever follows the end belongs to the client's next commands and is left to the caller.
+        """
+        assert not self.done
+        carried = len(self._partial)
+        data = self._partial + block if carried else block
+        if not self._mid_line and data.startswith(b".\r\n"):
+            end = 0  # the first line is "." (an empty message, or the end right after a block boundary)
+        else:
+            found = data.find(_END)
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            self._take_lines(data[:end])
+            self._partial, self.done = b"", True
+            return end + 3 - carried
+        last_eol = data.rfind(_CRLF)
+        whole = last_eol + 2 if last_eol >= 0 else 0  # the lines that have ended, if any
+        if whole:
+            self._take_lines(data[:whole])
+            self._mid_line = False
+        self._hold(data[whole:])
+        return len(block)
+
+    def _take_lines(self, lines: bytes) -> None:
+        """Whole lines (each ended by CRLF), the first beginning a line unless `_mid_line`."""
+        if self.refusal is not None or not lines:
+            return
+        size = self.size + len(lines)
+        longest = max(map(len, lines.split(_CRLF))) + 2
+        if (self.size_limit and size > self.size_limit) or longest > self.line_limit:
+            self._refuse_at_first_fault(lines)
+            return
+        self.size = size
+        # RFC 5321 4.5.2: each line that starts with a dot loses it. `lines` ends with CRLF, so every
+        # "\r\n." found is the start of one of its own lines.
+        text = lines.replace(b"\r\n.", _CRLF)
+        self._parts.append(text[1:] if text.startswith(b".") else text)
+
+    def _refuse_at_first_fault(self, lines: bytes) -> None:
+        """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals)."""
+        for line in lines.split(_CRLF)[:-1]:
+            length = len(line) + 2
+            if length > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
+                self._refuse(LINE_TOO_LONG)
+                return
+            self.size += length
+            if self.size_limit and self.size > self.size_limit:
+                self._refuse(TOO_MUCH_DATA)
+                return
+            if length > self.line_limit:
+                self._refuse(LINE_TOO_LONG)
+                return
+        raise AssertionError("a block over a limit has a line over it")  # pragma: no cover
+
+    def _hold(self, partial: bytes) -> None:
+        if len(partial) < self.line_limit + 2:
+            self._partial = partial
+            return
+        # Whatever ends it, this line is longer than line_limit + 2: refused, and not kept.
+        if self.refusal is None:
+            self._refuse(LINE_TOO_LONG)
+        self._partial = b"\r" if partial.endswith(b"\r") else b""
+        self._mid_line = True
+
+    def _refuse(self, reply: str) -> None:
+        self.refusal = reply
+        self._parts.clear()  # memory stays flat: nothing more of this message is kept
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put `data` back at the front of `reader`'s buffer, to be read again before anything else.
+
+    The block taken after the end of data may hold the client's next commands (RFC 2920 pipelining):
+    they go back for aiosmtpd's command loop. StreamReader has no public way to do this; `_buffer` is
+    the bytearray aiosmtpd itself clears on STARTTLS. tests/unit/test_data_text.py fails if it changes.
+    """
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    buffer[:0] = data
+
+
+class BlockDataSMTP(SMTP):
+    """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._decode_data:
+            raise ValueError("BlockDataSMTP keeps the message text as bytes: decode_data must be False")
+
+    def data_received_hook(self) -> None:
+        """Called after each block of DATA text: a subclass can tell that the client is not idle."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # Up to the 354, aiosmtpd 1.4.6's smtp_DATA word for word.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        text = DataText(self.data_size_limit, self.line_length_limit)
+        while not text.done:
+            block = await self._reader.read(BLOCK)
+            if not block:  # EOF: aiosmtpd's eof_received is cancelling this task already
+                raise ConnectionResetError("connection closed during DATA")
+            taken = text.feed(block)
+            if taken < len(block):
+                unread(self._reader, block[taken:])
+            self.data_received_hook()
+        if text.refusal is not None:
+            await self.push(text.refusal)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        # After the text, aiosmtpd's own steps again (decode_data=False: the content stays bytes).
+        self.envelope.content = self.envelope.original_content = text.content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)

@@ -1,0 +1,169 @@
+"""DataText (the DATA text read in blocks) against a line-by-line model of aiosmtpd 1.4.6's smtp_DATA loop.
+
+tests/integration/test_data_blocks.py compares the two readers on real connections; this one is the
+fast, exhaustive side: every way of cutting a stream into blocks must give the model's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postmux.ingress.data import LINE_TOO_LONG, TOO_MUCH_DATA, DataText, unread
+
+LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
+
+
+def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
+    """aiosmtpd 1.4.6's smtp_DATA over a stream: (octets taken, refusal, text), or None before the end.
+
+    Its StreamReader (limit 1001) raises LimitOverrunError for a line of more than 1003 octets before the
+    line is counted; the loop counts a line, then checks the size, then the line's length.
+    """
+    pos, num, refusal, kept = 0, 0, None, []
+    while True:
+        eol = stream.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        line, pos = stream[pos : eol + 2], eol + 2
+        if line == b".\r\n":
+            return pos, refusal, b"".join(kept) if refusal is None else b""
+        if len(line) > LINE_LIMIT + 2 and refusal is None:
+            refusal = LINE_TOO_LONG
+        num += len(line)
+        if refusal is None and size_limit and num > size_limit:
+            refusal = TOO_MUCH_DATA
+        if refusal is None and len(line) > LINE_LIMIT:
+            refusal = LINE_TOO_LONG
+        if refusal is None:
+            kept.append(line[1:] if line.startswith(b".") else line)
+
+
+def read_blocks(
+    stream: bytes, cuts: list[int], size_limit: int | None
+) -> tuple[int, str | None, bytes] | None:
+    """Feed `stream` cut at `cuts` (offsets) to a DataText: what the model returns, or None if not done."""
+    text = DataText(size_limit, LINE_LIMIT)
+    bounds = sorted({c for c in cuts if 0 < c < len(stream)} | {0, len(stream)})
+    taken = 0
+    for start, stop in itertools.pairwise(bounds):
+        used = text.feed(stream[start:stop])
+        assert 0 < used <= stop - start
+        taken += used
+        if text.done:
+            return taken, text.refusal, text.content if text.refusal is None else b""
+        assert used == stop - start
+        assert len(text._partial) <= LINE_LIMIT + 2  # memory stays flat, whatever the line
+    return None
+
+
+# The bytes the rules turn on: line ends whole and bare, dots, the smuggling shapes, lines around the limit.
+PIECES = st.sampled_from(
+    [
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b".",
+        b"..",
+        b"a",
+        b"\x00",
+        b"\r\n.\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\r",
+        b"x" * 997,
+        b"x" * 998,
+        b"x" * 999,
+        b"x" * 1000,
+        b"x" * 1001,
+        b"x" * 1002,
+        b"x" * 2500,
+    ]
+)
+STREAMS = st.lists(PIECES, max_size=30).map(b"".join)
+LIMITS = st.one_of(st.none(), st.integers(min_value=1, max_value=6000))
+
+
+@settings(max_examples=400)
+@given(STREAMS, st.lists(st.integers(min_value=0, max_value=40000), max_size=8), LIMITS, st.booleans())
+def test_any_cutting_gives_aiosmtpds_answer(
+    stream: bytes, cuts: list[int], size_limit: int | None, ended: bool
+) -> None:
+    if ended:
+        stream += b"\r\n.\r\nQUIT\r\n"  # the real end, then a pipelined command that is not the text's
+    assert read_blocks(stream, cuts, size_limit) == aiosmtpd_model(stream, size_limit)
+
+
+@given(STREAMS, LIMITS)
+def test_one_octet_at_a_time(stream: bytes, size_limit: int | None) -> None:
+    stream += b"\r\n.\r\nMAIL FROM:<a@b.test>\r\n"
+    cuts = list(range(len(stream)))
+    assert read_blocks(stream, cuts, size_limit) == aiosmtpd_model(stream, size_limit)
+
+
+MESSAGE = b"Subject: s\r\n\r\n.leading dot\r\n..\r\nbody\r\n"
+STREAM = MESSAGE + b".\r\nQUIT\r\n"
+
+
+def test_the_end_marker_split_at_every_point() -> None:
+    end = len(MESSAGE)
+    for cut in range(end - 2, end + 4):  # inside the CRLF before the dot, at the dot, inside its CRLF
+        assert read_blocks(STREAM, [cut], 1000) == (
+            end + 3,
+            None,
+            b"Subject: s\r\n\r\nleading dot\r\n.\r\nbody\r\n",
+        )
+
+
+def test_a_crlf_split_between_blocks_still_ends_the_line_and_bare_ones_do_not() -> None:
+    text = DataText(None, LINE_LIMIT)
+    assert text.feed(b"a\r") == 2 and not text.done
+    assert text.feed(b"\n.") == 2 and not text.done  # "a\r\n", then a line that starts with "."
+    assert text.feed(b"\r\nQUIT\r\n") == 2 and text.done  # ".\r\n" ends it; QUIT is left over
+    assert text.content == b"a\r\n"
+    for fake in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r\n.\n"):
+        text = DataText(None, LINE_LIMIT)
+        assert text.feed(b"a" + fake[:2]) == 3 and text.feed(fake[2:]) == len(fake) - 2
+        assert not text.done, fake  # no smuggling variant ends DATA, however it is cut
+
+
+def test_lines_of_1000_and_1001_octets_are_taken_1002_refused_across_a_boundary() -> None:
+    for length, refusal in ((1000, None), (1001, None), (1002, LINE_TOO_LONG), (1003, LINE_TOO_LONG)):
+        line = b"." + b"x" * (length - 3) + b"\r\n"  # with its CRLF and a stuffed dot
+        stream = b"head\r\n" + line + b"tail\r\n.\r\n"
+        for cut in (6, 7, 500, 6 + length - 2, 6 + length - 1, 6 + length):
+            result = read_blocks(stream, [cut, cut + 1], 100_000)
+            expected = b"head\r\n" + line[1:] + b"tail\r\n" if refusal is None else b""
+            assert result == (len(stream), refusal, expected), (length, cut)
+
+
+def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:
+    text = DataText(10_000, LINE_LIMIT)
+    for _ in range(300):  # 19 MB with no line end
+        assert text.feed(b"y" * 65536) == 65536
+        assert len(text._partial) <= 1 and not text._parts
+    assert text.refusal == LINE_TOO_LONG
+    assert text.feed(b".\r\n") == 3 and not text.done  # still the too-long line, not a line of its own
+    assert text.feed(b".\r\nRSET\r\n") == 3 and text.done
+
+
+def test_too_much_data_is_refused_and_thrown_away() -> None:
+    text = DataText(100, LINE_LIMIT)
+    assert text.feed(b"z" * 98 + b"\r\n") == 100 and text.refusal is None
+    assert text.feed(b"z\r\n") == 3 and text.refusal == TOO_MUCH_DATA and not text._parts
+    assert text.feed(b"\r\n.\r\n") == 5 and text.done
+
+
+async def test_unread_puts_bytes_back_in_front() -> None:
+    # Fails if asyncio.StreamReader stops keeping its buffer where data.unread expects it.
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"abcdef")
+    assert await reader.read(4) == b"abcd"
+    unread(reader, b"cd")
+    reader.feed_data(b"gh")
+    assert await reader.read(100) == b"cdefgh"
+    unread(reader, b"QUIT\r\n")
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
