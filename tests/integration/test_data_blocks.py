@@ -145,7 +145,7 @@ async def test_block_boundaries_as_aiosmtpd(writes: list[bytes]) -> None:
     assert line_reader[0][-1].startswith("221"), line_reader[0]
 
 
-def test_decoded_text_is_not_offered() -> None:
+async def test_decoded_text_is_not_offered() -> None:  # async: aiosmtpd takes the running loop
     try:
         BlockDataSMTP(Recorder(), decode_data=True)
     except ValueError as e:
