@@ -50,6 +50,11 @@ class Pool:
         member._on_state = self._invalidate
         return member
 
+    @property
+    def version(self) -> int:
+        """Changes whenever a member's state or the configuration does (the dispatcher's lane groups)."""
+        return self._epoch
+
     def _invalidate(self) -> None:
         """Some member's state changed: work out the choice again at the next pick."""
         self._epoch += 1
