@@ -3,35 +3,41 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from postmux.config import MemberSettings
+
+# Called when anything the pool's choice depends on changes: see Pool._invalidate.
+StateChange = Callable[[], None]
 
 
 @dataclass(slots=True)
 class Member:
-    settings: MemberSettings
+    _settings: MemberSettings
     pool: str
     in_flight: int = 0  # attempts running now; never above max_connections
-    draining: bool = False  # set by an operator: finish the work in flight, take nothing new
-    removed: bool = False  # gone from the config after a reload; kept until its work in flight ends
+    # Behind properties below: the pool caches who is usable, so each change must tell it (_on_state).
+    _draining: bool = False  # set by an operator: finish the work in flight, take nothing new
+    _removed: bool = False  # gone from the config after a reload; kept until its work in flight ends
     # passive health (outlier detection)
     consecutive_failures: int = 0
     consecutive_4xx: int = 0
-    ejected_until: float = 0.0
+    _ejected_until: float = 0.0
     ejections: int = 0
     window_attempts: int = 0
     window_successes: int = 0
     # active health checks
-    check_up: bool = True
+    _check_up: bool = True
     check_streak: int = 0  # passes (> 0) or failures (< 0) in a row
     # slow start: when the member last came back or was added (None: not ramping)
-    ramp_started: float | None = None
+    _ramp_started: float | None = None
     effective_weight: float = 0.0  # weight after slow start, set by the pool before each pick
+    connection_cap: int = 0  # max_connections after slow start, set by the pool before each pick
     # least_latency: peak EWMA of attempt latency
     ewma_latency_s: float = 0.0
     ewma_at: float | None = None  # None: no sample yet
-    latency_now_s: float = 0.0  # the average decayed to now, set by the pool before each pick
+    latency_now_s: float = 0.0  # the average decayed to now, set before a least_latency comparison
     # counters for the demo, the admin API and tests
     attempts: int = 0
     delivered: int = 0
@@ -39,43 +45,105 @@ class Member:
     bounced: int = 0
     last_error: str = ""
     tls: str = ""  # what the last attempt's connection used: "TLSv1.3 <cipher>", "none", "" (not known yet)
+    _on_state: StateChange | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.effective_weight = float(self.settings.weight)
+        self.effective_weight = float(self._settings.weight)
+        self.connection_cap = max(1, self._settings.max_connections)
+
+    def _changed(self) -> None:
+        if self._on_state is not None:
+            self._on_state()
+
+    # -- the state the pool's cached choice depends on: every write tells the pool ----------------------
+
+    @property
+    def settings(self) -> MemberSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: MemberSettings) -> None:
+        self._settings = value
+        self._changed()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self._changed()
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    @removed.setter
+    def removed(self, value: bool) -> None:
+        self._removed = value
+        self._changed()
+
+    @property
+    def ejected_until(self) -> float:
+        return self._ejected_until
+
+    @ejected_until.setter
+    def ejected_until(self, value: float) -> None:
+        self._ejected_until = value
+        self._changed()
+
+    @property
+    def check_up(self) -> bool:
+        return self._check_up
+
+    @check_up.setter
+    def check_up(self, value: bool) -> None:
+        self._check_up = value
+        self._changed()
+
+    @property
+    def ramp_started(self) -> float | None:
+        return self._ramp_started
+
+    @ramp_started.setter
+    def ramp_started(self, value: float | None) -> None:
+        self._ramp_started = value
+        self._changed()
 
     @property
     def name(self) -> str:
-        return self.settings.name
+        return self._settings.name
 
     @property
     def weight(self) -> int:
-        return self.settings.weight
+        return self._settings.weight
 
     @property
     def max_connections(self) -> int:
-        return self.settings.max_connections
+        return self._settings.max_connections
 
     @property
     def tier(self) -> tuple[bool, int]:
         """Lower sorts first: non-backup members before backups, then by priority number."""
-        return (self.settings.backup, self.settings.priority)
+        return (self._settings.backup, self._settings.priority)
 
     @property
     def has_capacity(self) -> bool:
-        return self.in_flight < self.settings.max_connections
+        return self.in_flight < self._settings.max_connections
 
     def ejected(self, now: float) -> bool:
-        return now < self.ejected_until
+        return now < self._ejected_until
 
     def healthy(self, now: float) -> bool:
         """Neither ejected by outlier detection nor failing its active checks."""
-        return self.check_up and not self.ejected(now)
+        return self._check_up and not now < self._ejected_until
 
     def ramp(self, now: float, slow_start_s: float) -> float:
         """Slow start: the share of full weight this member has earned since it came back (0.1 to 1)."""
-        if self.ramp_started is None or slow_start_s <= 0:
+        if self._ramp_started is None or slow_start_s <= 0:
             return 1.0
-        progress = (now - self.ramp_started) / slow_start_s
+        progress = (now - self._ramp_started) / slow_start_s
         if progress >= 1.0:
             self.ramp_started = None
             return 1.0

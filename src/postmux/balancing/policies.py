@@ -18,11 +18,15 @@ from postmux.config import PoolSettings
 
 
 class Policy(Protocol):
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
         """Choose among `candidates` (non-empty, all usable, all with capacity).
 
         `everyone` is the whole usable set, busy members included, for policies whose decision depends
-        on load across the pool (hash with bounded load). Cost: O(len(candidates)) at most.
+        on load across the pool (hash with bounded load). `now` is the pool's clock, for policies that
+        read time-decayed state (least_latency); None: the caller has set that state itself.
+        Cost: O(len(candidates)) at most.
         """
         ...
 
@@ -33,7 +37,9 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
         member = candidates[self._turn % len(candidates)]
         self._turn += 1
         return member
@@ -45,7 +51,9 @@ class WeightedPolicy:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
         total = 0.0
         best: Member | None = None
         best_weight = 0.0
@@ -68,7 +76,9 @@ class LeastConnectionsPolicy:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
         weighted = [m for m in candidates if m.effective_weight > 0]
         if not weighted:
             return None
@@ -93,6 +103,13 @@ class HashPolicy:
         self._ring: list[tuple[int, str]] = []
         self._hashes: list[int] = []
         self._signature: tuple[tuple[str, int], ...] = ()
+        # The last `everyone` seen, with its members by name. The pool hands the same list object for
+        # every pick until its membership, health or weights change, and then a new one: checking the
+        # object (and its length, against a caller that appends to its own list) skips the sort and
+        # the signature on each pick.
+        self._everyone: Sequence[Member] = ()
+        self._everyone_len = 0
+        self._by_name: dict[str, Member] = {}
 
     @staticmethod
     def _hash(text: str) -> int:
@@ -110,12 +127,18 @@ class HashPolicy:
         ring.sort()
         self._ring, self._hashes, self._signature = ring, [h for h, _ in ring], signature
 
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
-        by_name = {m.name: m for m in candidates}
-        # The ring is built over every usable member so that a busy member keeps its keys.
-        self._build(sorted(everyone, key=lambda m: m.name))
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
+        if everyone is not self._everyone or len(everyone) != self._everyone_len:
+            # The ring is built over every usable member so that a busy member keeps its keys.
+            self._build(sorted(everyone, key=lambda m: m.name))
+            self._everyone, self._everyone_len = everyone, len(everyone)
+            self._by_name = {m.name: m for m in everyone}
         if not self._ring:
             return None
+        # Candidates are the members of `everyone` with capacity: when they are as many, they are all.
+        by_name = self._by_name if len(candidates) == len(everyone) else {m.name: m for m in candidates}
         total = sum(m.in_flight for m in everyone) + 1
         bound = math.ceil(self.factor * total / max(1, len(everyone)))
         start = bisect.bisect_left(self._hashes, self._hash(key)) % len(self._ring)
@@ -145,8 +168,9 @@ class LeastLatencyPolicy:
     (the herd effect of a pure "pick the fastest"), and slow members get proportionally less.
     """
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, decay_s: float | None = None) -> None:
         self._rng = rng or random.Random()
+        self.decay_s = decay_s  # the pool's latency_decay; None: callers set latency_now_s themselves
 
     # Finagle's penalty: a member with no latency yet but attempts in flight must not win every pair
     # until its first answer (it could be hanging); one second is slow for a relay on a LAN.
@@ -159,11 +183,17 @@ class LeastLatencyPolicy:
             latency = cls.UNKNOWN_LATENCY_S
         return latency * (m.in_flight + 1) / max(m.effective_weight, 1e-9)
 
-    def pick(self, candidates: Sequence[Member], key: str, everyone: Sequence[Member]) -> Member | None:
+    def pick(
+        self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
+    ) -> Member | None:
         weighted = [m for m in candidates if m.effective_weight > 0]
         if len(weighted) <= 1:
             return weighted[0] if weighted else None
         a, b = self._rng.sample(weighted, 2)
+        if now is not None and self.decay_s is not None:
+            # Only the two drawn are compared, so only they need their average decayed to now.
+            a.latency_now_s = a.latency_at(now, self.decay_s)
+            b.latency_now_s = b.latency_at(now, self.decay_s)
         return a if self.cost(a) <= self.cost(b) else b
 
 
@@ -176,6 +206,6 @@ def make_policy(settings: PoolSettings) -> Policy:
         case "least_connections":
             return LeastConnectionsPolicy()
         case "least_latency":
-            return LeastLatencyPolicy()
+            return LeastLatencyPolicy(decay_s=settings.latency_decay)
         case "hash":
             return HashPolicy(settings.hash_balance_factor)

@@ -32,7 +32,7 @@ from postmux.reply import Reply
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
-from postmux.scheduling.shaping import Admission, Lane, Shaper
+from postmux.scheduling.shaping import Admission, Lane, LaneGroup, Shaper
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import RecipientState, Settlement, Spool, SpoolError, WorkItem, WorkRecipient
 
@@ -60,6 +60,10 @@ class _Gate:
     capped: list[Member] = field(default_factory=list)
     next_turn: float = math.inf  # when a rate-limited lane may send again
     reopen: float = math.inf  # when the first of the `away` members may send again
+
+
+# The gate of a decision in which shaping holds no member back; shared, so never mutated.
+_OPEN = _Gate()
 
 
 def _next_utc_midnight(now: float) -> float:
@@ -269,12 +273,18 @@ class Dispatcher:
         return next_turn
 
     def _gate(self, pool: Pool, destination: str, now: float) -> _Gate:
+        group = self._lane_group(pool, destination, now)
+        if not group.attention and not group.warming:
+            return _OPEN  # every lane open, unlimited, with a connection free: nothing to hold back
         gate = _Gate()
         for m in pool.members:
             if m.removed:
                 continue
-            lane = self.shaper.lane(pool.name, m.settings, destination, now)
-            admission, at = lane.admission(now)
+            # A lane outside `attention` is surely open (Lane.surely_open): asking it would say OPEN.
+            lane = group.attention.get(m.name)
+            if lane is None and m.settings.warmup is None:
+                continue
+            admission, at = lane.admission(now) if lane is not None else (Admission.OPEN, 0.0)
             if admission is Admission.OPEN and not self.warmup.allows(
                 pool.name, m.settings, destination, now
             ):
@@ -289,6 +299,13 @@ class Dispatcher:
             elif admission is Admission.RATE:
                 gate.next_turn = min(gate.next_turn, at)
         return gate
+
+    def _lane_group(self, pool: Pool, destination: str, now: float) -> LaneGroup:
+        group = self.shaper.groups.get((pool.name, destination))
+        if group is not None and group.roster == pool.version:
+            return group
+        members = [m.settings for m in pool.members if not m.removed]
+        return self.shaper.group(pool.name, members, destination, pool.version, now)
 
     def _start(self, item: WorkItem, pool: Pool, member: Member, now: float, q: deque[WorkItem]) -> None:
         lane = self.shaper.lane(pool.name, member.settings, item.destination, now)

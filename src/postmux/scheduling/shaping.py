@@ -74,15 +74,44 @@ class Lane:
     delivered: int = 0
     deferred: int = 0
     touched_at: float = 0.0
+    group: LaneGroup | None = field(default=None, repr=False, compare=False)
 
     @property
     def allowed_connections(self) -> int:
         return max(1, math.floor(self.connections))
 
+    @property
+    def surely_open(self) -> bool:
+        """Open now and until its own state changes: no suspension, throttle or rate, a connection free.
+
+        Only such a lane's admission is independent of the clock, so only it may be left out of a gate.
+        """
+        return (
+            self.rate is None
+            and not self.suspended_until
+            and not self.restore_at
+            and self.in_flight < self.allowed_connections
+        )
+
+    def _mark(self) -> None:
+        """Tell the lane's group whether this lane needs looking at on each decision (after any change)."""
+        group = self.group
+        if group is None:
+            return
+        if self.surely_open:
+            group.attention.pop(self.member, None)
+        else:
+            group.attention[self.member] = self
+
     def admission(self, now: float) -> tuple[Admission, float]:
         """Whether an attempt may start now; if not, the earliest time worth asking again (0: unknown)."""
-        if now < self.suspended_until:
-            return Admission.SUSPENDED, self.suspended_until
+        if self.suspended_until:
+            if now < self.suspended_until:
+                return Admission.SUSPENDED, self.suspended_until
+            # Over: forgetting the time changes no answer (it is in the past) and lets the lane be left
+            # out of gates again.
+            self.suspended_until = 0.0
+            self._mark()
         if self.restore_at and now >= self.restore_at:
             self.restore()
         if self.in_flight >= self.allowed_connections:
@@ -100,6 +129,7 @@ class Lane:
             self.ceiling.rate,
             0.0,
         )
+        self._mark()
 
     def _refill(self, now: float) -> None:
         assert self.rate is not None
@@ -117,10 +147,12 @@ class Lane:
             self.first_start = now
         while self.started and self.started[0] <= now - _OBSERVE_WINDOW_S:
             self.started.popleft()
+        self._mark()
 
     def finish(self, now: float) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self.touched_at = now
+        self._mark()
 
     def observed_rate(self, now: float) -> float:
         """Attempts per second over the last minute (or since the first, if that is sooner)."""
@@ -142,6 +174,21 @@ class Lane:
     def _note(self, what: str, now: float) -> str:
         self.last_change, self.last_change_at = what, now
         return what
+
+
+@dataclass(slots=True)
+class LaneGroup:
+    """One pool's lanes toward one destination, and which of them may hold an attempt back.
+
+    The dispatcher asks on every decision which members shaping keeps from the destination. Usually no
+    lane is suspended, throttled, rate-limited or full, and looking at every member's lane each time
+    cost more than the balancing decision itself; a lane tells its group when that changes (_mark).
+    """
+
+    roster: int  # the pool's version when the group was made: members, their settings, removals
+    lanes: list[Lane]
+    warming: bool  # some member has a warm-up schedule: its daily cap must be asked on each decision
+    attention: dict[str, Lane] = field(default_factory=dict)  # by member name: lanes not surely open
 
 
 def _rate_words(per_s: float | None) -> str:
@@ -168,10 +215,18 @@ class Shaper:
 
     def __init__(self, settings: ShapingSettings) -> None:
         self.lanes: dict[tuple[str, str, str], Lane] = {}
+        self.groups: dict[tuple[str, str], LaneGroup] = {}
         self.configure(settings)
+
+    def _forget_groups(self) -> None:
+        """Lanes changed wholesale (new rules, pruning): groups are made afresh when next asked for."""
+        for lane in self.lanes.values():
+            lane.group = None
+        self.groups.clear()
 
     def configure(self, settings: ShapingSettings) -> None:
         """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts."""
+        self._forget_groups()
         self.settings = settings
         rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
         self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
@@ -236,10 +291,36 @@ class Shaper:
             self.lanes[key] = lane
         return lane
 
+    def group(
+        self, pool: str, members: list[MemberSettings], destination: str, roster: int, now: float
+    ) -> LaneGroup:
+        """The lanes of `members` (the pool's members in service, at version `roster`) toward `destination`.
+
+        Made again when the pool's version has moved; every member gets its lane, as a gate always did.
+        """
+        group = self.groups.get((pool, destination))
+        if group is not None and group.roster == roster:
+            return group
+        if group is not None:
+            for lane in group.lanes:
+                lane.group = None
+        lanes = [self.lane(pool, m, destination, now) for m in members]
+        group = LaneGroup(roster, lanes, warming=any(m.warmup is not None for m in members))
+        for lane in lanes:
+            lane.group = group
+            lane._mark()
+        self.groups[(pool, destination)] = group
+        return group
+
     # -- reactions -----------------------------------------------------------------------------------
 
     def react(self, lane: Lane, reply: Reply, started_at: float, now: float) -> str | None:
         """Apply what a receiver's reply says to the lane; returns what changed, in words, if anything."""
+        change = self._react(lane, reply, started_at, now)
+        lane._mark()  # a suspension, cut or increase may open or close it
+        return change
+
+    def _react(self, lane: Lane, reply: Reply, started_at: float, now: float) -> str | None:
         for reaction in self._reactions:
             if reaction.matches(reply, lane.destination):
                 return self._apply(lane, reaction.rule, reply, now)
@@ -307,15 +388,19 @@ class Shaper:
 
     def prune(self, now: float, idle_s: float = 3600.0) -> None:
         """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same."""
-        for key, lane in list(self.lanes.items()):
-            if (
-                lane.in_flight == 0
-                and now >= lane.suspended_until
-                and now - lane.touched_at > idle_s
-                and lane.rate == lane.ceiling.rate
-                and lane.allowed_connections >= lane.ceiling.max_connections
-            ):
-                del self.lanes[key]
+        idle = [
+            key
+            for key, lane in self.lanes.items()
+            if lane.in_flight == 0
+            and now >= lane.suspended_until
+            and now - lane.touched_at > idle_s
+            and lane.rate == lane.ceiling.rate
+            and lane.allowed_connections >= lane.ceiling.max_connections
+        ]
+        if idle:
+            self._forget_groups()
+        for key in idle:
+            del self.lanes[key]
 
 
 def describe_lane(lane: Lane, now: float) -> dict[str, object]:
