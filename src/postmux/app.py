@@ -6,6 +6,7 @@ Shutdown: stop accepting (SMTP), let attempts in flight finish for a while, then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
@@ -137,7 +138,10 @@ class App:
             self.workers = None
         if self._smtp is not None:
             self._smtp.close()
-            await self._smtp.wait_closed()
+            # Bounded: some loops (uvloop) wait here for every client connection to close, and a client
+            # that keeps its session open must not hold up shutdown (stop drains and cancels after this).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._smtp.wait_closed(), timeout=self.drain_timeout_s)
             self._smtp = None
         await asyncio.gather(*(c.stop() for c in self.checkers.values()))
         self.checkers.clear()
