@@ -20,7 +20,6 @@ import argparse
 import collections
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from throughput import (
     ensure_tools,
     inject,
     pick_base_dir,
+    run_main,
     start_sinks,
     stop_process,
     wait_delivered,
@@ -152,8 +152,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

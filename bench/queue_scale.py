@@ -45,6 +45,7 @@ from throughput import (
     machine,
     peak_rss_mb,
     pick_base_dir,
+    run_main,
     running_postmux,
     scrape,
     start_sinks,
@@ -388,8 +389,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -24,11 +24,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 POSTMUX = REPO / ".venv" / "bin" / "postmux"
@@ -516,9 +517,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if problems else 0
 
 
-if __name__ == "__main__":
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Every bench's entry point: its exit code, or 1 with one line (not a traceback) when a run failed."""
     try:
         sys.exit(main())
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)

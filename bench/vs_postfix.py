@@ -52,6 +52,7 @@ from throughput import (
     peak_rss_mb,
     pick_base_dir,
     received_total,
+    run_main,
     running_postmux,
     scrape,
     stop_process,
@@ -652,8 +653,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)
