@@ -374,6 +374,18 @@ class Dispatcher:
     # -- one attempt and what follows from it --------------------------------------------------------
 
     async def _attempt(self, item: WorkItem, pool: Pool, member: Member, lane: Lane) -> None:
+        try:
+            await self._run_attempt(item, pool, member, lane)
+        finally:
+            # The member's slot is held until the outcome is recorded durably, so the attempts counted
+            # in flight are all the deliveries a kill -9 can leave unrecorded: duplicates after a crash
+            # are at most that many (tests/chaos checks the bound).
+            member.in_flight -= 1
+            if member.removed:
+                pool.prune()
+            self._wake.set()
+
+    async def _run_attempt(self, item: WorkItem, pool: Pool, member: Member, lane: Lane) -> None:
         started = time.monotonic()
         started_at = self.clock()
         transport = self.transports[(pool.name, member.name)]
@@ -385,11 +397,7 @@ class Dispatcher:
             replies = {r.rid: reply for r in item.recipients}
             outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.target, local=True)
         finally:
-            member.in_flight -= 1
-            lane.finish(self.clock())
-            if member.removed:
-                pool.prune()
-            self._wake.set()
+            lane.finish(self.clock())  # the connection is free for the lane's next attempt
         elapsed = time.monotonic() - started
         self._observe(pool.name, member.name, elapsed)
         now = self.clock()
