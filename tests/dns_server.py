@@ -15,12 +15,14 @@ class _Zone(BaseResolver):  # type: ignore[misc]
         self.records = RR.fromZone(zone)
         self.queries: Counter[tuple[str, str]] = Counter()
         self.fail: set[str] = set()  # names answered with SERVFAIL
+        self.fail_types: set[tuple[str, str]] = set()  # (name, type) answered with SERVFAIL
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
         qname, qtype = request.q.qname, QTYPE[request.q.qtype]
         self.queries[(str(qname).rstrip("."), qtype)] += 1
-        if str(qname).rstrip(".") in self.fail:
+        name = str(qname).rstrip(".")
+        if name in self.fail or (name, qtype) in self.fail_types:
             reply.header.rcode = RCODE.SERVFAIL
             return reply
         named = [rr for rr in self.records if rr.rname == qname]

@@ -178,3 +178,34 @@ async def test_pools_overflowing_into_each_other_pass_work_once_then_it_waits_fo
     assert {e["response"]["enhanced_code"] for e in held} == {"4.7.0"}
     for u in (a, b):
         await u.stop()
+
+
+async def test_a_refusing_greeting_reaches_the_reactions(tmp_path: Path) -> None:
+    a, b = await Upstream("a").start(), await Upstream("b").start()
+    a.greeting_refusal = "421 4.7.0 Too many connections from your IP"
+    pool = {"name": "default", "policy": "priority", "members": [relay("a", a), relay("b", b, backup=True)]}
+    async with App(make_settings(tmp_path, [pool])) as app:
+        await send(app.smtp_port, "g1")
+        await wait_until(lambda: len(b.received) == 1)
+        lanes = {lane["member"]: lane for lane in app.control.shaping()}
+    assert "throttled" in lanes["a"]["last_change"] and "Too many connections" in lanes["a"]["last_change"]
+    changes = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "ShapingChanged"]
+    assert [e["member"] for e in changes] == ["a"]
+    for u in (a, b):
+        await u.stop()
+
+
+async def test_a_primary_waiting_for_its_rate_keeps_its_mail_from_the_backup(tmp_path: Path) -> None:
+    primary, backup = await Upstream("primary").start(), await Upstream("backup").start()
+    pool = {
+        "name": "default",
+        "policy": "priority",
+        "members": [relay("p", primary), relay("q", backup, backup=True)],
+    }
+    shaping = {"rule": [{"member": "p", "rate": "240/min"}]}  # one every 0.25 s
+    async with App(make_settings(tmp_path, [pool], shaping=shaping)) as app:
+        await send_many(app.smtp_port, [f"r{i}" for i in range(6)], concurrency=6)
+        await wait_until(lambda: len(primary.received) == 6, timeout=10)
+    assert backup.received == []
+    for u in (primary, backup):
+        await u.stop()

@@ -78,6 +78,15 @@ async def test_null_mx_nxdomain_and_failures_give_the_right_replies(dns_server: 
     assert broken.error is not None and (broken.error.code, broken.error.enhanced_code) == (451, "4.4.3")
 
 
+async def test_a_failed_address_lookup_for_an_implicit_mx_defers_instead_of_bouncing(
+    dns_server: LoopbackDns,
+) -> None:
+    # nomx.test has an A record but no MX; if the A query fails, nothing is known: try again later.
+    dns_server.zone.fail_types.add(("nomx.test", "A"))
+    plan = await resolver(dns_server).resolve("nomx.test")
+    assert plan.error is not None and (plan.error.code, plan.error.enhanced_code) == (451, "4.4.3")
+
+
 async def test_answers_are_cached_for_their_ttl_within_bounds(dns_server: LoopbackDns) -> None:
     clock = Clock()
     r = resolver(dns_server, clock, min_ttl="60s")

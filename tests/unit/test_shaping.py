@@ -184,6 +184,16 @@ def test_a_throttle_on_a_lane_aimd_does_not_raise_ends_after_its_duration() -> N
     assert lane.allowed_connections == 10 and lane.rate is None
 
 
+def test_a_lane_follows_its_members_new_connection_limit_after_a_reload() -> None:
+    shaper = Shaper(shaping())
+    small = MemberSettings(name="r", address="127.0.0.1:2601", max_connections=2)
+    lane = shaper.lane("p", small, "d", 0.0)
+    assert lane.ceiling.max_connections == 2
+    bigger = small.model_copy(update={"max_connections": 20})
+    assert shaper.lane("p", bigger, "d", 1.0) is lane
+    assert (lane.ceiling.max_connections, lane.allowed_connections) == (20, 20)
+
+
 def test_a_reload_can_raise_a_lanes_connections_back_to_the_members() -> None:
     shaper = Shaper(shaping(rule=[{"max_connections": 2}]))
     lane = shaper.lane("p", MEMBER, "d", 0.0)

@@ -216,8 +216,15 @@ class Pool:
         """Slow start ramps connections too (as HAProxy's slowstart does with maxconn)."""
         return max(1, math.ceil(m.max_connections * m.ramp(now, self.settings.slow_start)))
 
-    def pick(self, key: str, now: float, exclude: Collection[str] = ()) -> Member | None:
-        """A member for one attempt, or None when every usable member is busy or already tried."""
+    def pick(
+        self, key: str, now: float, exclude: Collection[str] = (), busy: Collection[str] = ()
+    ) -> Member | None:
+        """A member for one attempt, or None when every usable member is busy or already tried.
+
+        `exclude`d members are passed over, so the pick may go down to a lower tier; `busy` ones count as
+        at their connection limit (shaping: a lane full or waiting for its rate's turn), so a busy
+        primary makes the item wait for it rather than spill onto the backups.
+        """
         self._refresh(now)
         choice = self._current(now)
         usable = choice.members
@@ -228,7 +235,7 @@ class Pool:
             usable = self._untried_any_tier(now, exclude)
         elif choice.ramping:
             self._ramp(choice.ramping, now)
-        candidates = [m for m in usable if m.in_flight < m.connection_cap]
+        candidates = [m for m in usable if m.in_flight < m.connection_cap and m.name not in busy]
         if not candidates:
             return None
         return self.policy.pick(candidates, key, usable, now)

@@ -92,7 +92,7 @@ class MxResolver:
         return self._resolver
 
     def cached(self, domain: str) -> MxPlan | None:
-        plan = self._cache.get(domain.lower())
+        plan = self._cache.get(domain.lower().rstrip("."))
         return plan if plan is not None and plan.expires > self.clock() else None
 
     async def resolve(self, domain: str) -> MxPlan:
@@ -152,10 +152,14 @@ class MxResolver:
         return self._plan(domain, [h for h in hosts if h.addresses], ttl)
 
     async def _implicit_mx(self, domain: str) -> MxPlan:
-        host = await self._host(domain, 0)
-        if not host.addresses:
+        addresses, failed = await self._lookup_addresses(domain)
+        if not addresses:
+            if failed:  # a lookup that failed says nothing about the domain: try again later
+                reply = Reply(451, "4.4.3", f"address lookup for {domain} failed")
+                return self._failed(domain, reply, 5.0)
             reply = Reply(550, "5.1.2", f"domain {domain} has no MX and no address records")
             return self._failed(domain, reply, self.settings.negative_ttl)
+        host = MxHost(domain, 0, tuple((a, self.settings.mx_port) for a in addresses))
         return self._plan(domain, [host], self.settings.min_ttl)
 
     def _plan(self, domain: str, hosts: list[MxHost], ttl: float) -> MxPlan:
@@ -176,11 +180,19 @@ class MxResolver:
 
     async def _addresses(self, name: str) -> list[str]:
         """A and AAAA records of an MX host; a host whose lookups fail is skipped (the next MX is tried)."""
+        return (await self._lookup_addresses(name))[0]
+
+    async def _lookup_addresses(self, name: str) -> tuple[list[str], bool]:
+        """(A and AAAA records, whether a lookup failed rather than found nothing)."""
         out: list[str] = []
+        failed = False
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._dns().resolve(name, rdtype, search=False)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
             except (dns.exception.DNSException, OSError):
+                failed = True
                 continue
             out.extend(r.to_text() for r in answer)
-        return out
+        return out, failed

@@ -117,10 +117,13 @@ class _ConnectionLost(Exception):
 class _Unreachable(Exception):
     """No connection could be made to any target; carries the reply the recipients get."""
 
-    def __init__(self, reply: Reply, failure: FailureKind | None) -> None:
+    def __init__(self, reply: Reply, failure: FailureKind | None, *, said: bool = False) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.failure = failure
+        # The server itself said it (a refusing greeting), rather than postmux making the reply up:
+        # shaping's reactions and AIMD hear it ("421 too many connections" comes at the greeting).
+        self.said = said
 
 
 class _TlsFallback(Exception):
@@ -216,7 +219,9 @@ class SmtpTransport:
             assert outcome is not None
             return outcome
         assert unreachable is not None
-        return self._all(work, unreachable.reply, unreachable.failure, targets[-1][0], local=True)
+        return self._all(
+            work, unreachable.reply, unreachable.failure, targets[-1][0], local=not unreachable.said
+        )
 
     async def _attempt(
         self,
@@ -384,7 +389,7 @@ class SmtpTransport:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
             # A 421 or 554 greeting: the server is up but will not take mail now.
             reply = Reply.parse(error.code if error.code < 500 else 451, error.message)
-            return _Unreachable(reply, FailureKind.REPLY_4XX if self.resolver is None else None)
+            return _Unreachable(reply, FailureKind.REPLY_4XX if self.resolver is None else None, said=True)
         if _cannot_bind(error):
             reply = Reply(451, "4.4.0", f"cannot send from {self.member.source_address}: {error}")
             return _Unreachable(reply, FailureKind.LOCAL)

@@ -253,7 +253,9 @@ class Dispatcher:
                 item = q[0]
                 pool = self._pool_of(item)
                 gate = self._gate(pool, item.destination, now)
-                member = pool.pick(self._hash_key(pool, item), now, item.tried | gate.closed)
+                # Suspended or capped members are passed over (their mail may go to a lower tier);
+                # busy or rate-limited ones are waited for, like a member at its connection limit.
+                member = pool.pick(self._hash_key(pool, item), now, item.tried | gate.away, gate.closed)
                 if member is None:
                     if pool.can_serve(now, item.tried | gate.away):
                         next_turn = min(next_turn, gate.next_turn)

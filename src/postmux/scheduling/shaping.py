@@ -266,12 +266,26 @@ class Shaper:
         merged["max_connections"] = min(int(merged["max_connections"]), member_max_connections)  # type: ignore[call-overload]
         return Limits(**merged)  # type: ignore[arg-type]
 
+    def _follow_member(self, lane: Lane, member: MemberSettings) -> None:
+        """A reload changed the member's own connection limit or kind: new ceiling, AIMD or not."""
+        old = lane.ceiling
+        lane.member_connections, lane.kind = member.max_connections, member.kind
+        lane.ceiling = self._limits(lane.pool, lane.member, lane.destination, member.max_connections)
+        lane.adaptive = self._adaptive(member.kind)
+        if lane.allowed_connections >= old.max_connections or not lane.adaptive:
+            lane.restore()  # it was not cut: it takes the new ceiling as it is
+        else:
+            lane.connections = min(lane.connections, lane.ceiling.max_connections)
+            lane._mark()
+
     def _adaptive(self, kind: str) -> bool:
         return self.settings.aimd == "all" or (self.settings.aimd == "sources" and kind == "source")
 
     def lane(self, pool: str, member: MemberSettings, destination: str, now: float) -> Lane:
         key = (pool, member.name, destination)
         lane = self.lanes.get(key)
+        if lane is not None and (lane.member_connections, lane.kind) != (member.max_connections, member.kind):
+            self._follow_member(lane, member)
         if lane is None:
             limits = self._limits(pool, member.name, destination, member.max_connections)
             lane = Lane(
