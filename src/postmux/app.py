@@ -127,7 +127,9 @@ class App:
         await self.http.start()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         if self.settings.smtp.workers:
-            self.workers = IngressWorkers(self.settings.smtp, self.acceptor, self.settings.smtp.workers)
+            self.workers = IngressWorkers(
+                self.settings.smtp, self.acceptor, self.settings.smtp.workers, self.drain_timeout_s
+            )
             await self.workers.start()
         else:
             self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)

@@ -29,11 +29,16 @@ async def test_two_workers_take_the_sessions_and_the_main_process_delivers(
         assert len(pids) == 2 and all(running(p) for p in pids)
         await send_many(app.smtp_port, [f"m{i}" for i in range(60)])
         await wait_until(lambda: len(up.received) == 60)
-        # One worker dies: the other still accepts on the shared socket.
+        # One worker dies: the other still accepts on the shared socket, and a new one takes its place.
         os.kill(pids[0], signal.SIGKILL)
         await wait_until(lambda: not running(pids[0]))
         await send_many(app.smtp_port, [f"after{i}" for i in range(20)])
         await wait_until(lambda: len(up.received) == 80)
+        workers = app.workers
+        await wait_until(lambda: len(workers.pids) == 2 and pids[0] not in workers.pids, timeout=15)
+        replacement = next(p for p in workers.pids if p not in pids)
+        assert running(replacement)
+        pids.append(replacement)
         await wait_until(lambda: app.dispatcher.in_flight == 0)  # outcomes recorded
         counts = await app.spool.counts()
     assert not any(running(p) for p in pids)  # stopped with the app, by PID

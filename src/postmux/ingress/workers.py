@@ -12,8 +12,8 @@ so the client must see what it would have seen from a crash (a dropped connectio
 
 The pipe is a socketpair made before the worker starts, so nothing else can connect to it; frames are a
 4-byte length and a pickle of our own dataclasses. A worker whose main process is gone (EOF) stops at once,
-so no 250 can be given without a spool behind it. Connection limits (`max_connections`,
-`max_connections_per_ip`) hold per worker.
+so no 250 can be given without a spool behind it; a worker that dies is replaced after a second.
+Connection limits (`max_connections`, `max_connections_per_ip`) hold per worker.
 """
 
 from __future__ import annotations
@@ -70,15 +70,20 @@ def listening_socket(listen: str) -> socket.socket:
 
 
 class IngressWorkers:
-    """Starts the workers, serves their accept requests, stops them by PID."""
+    """Starts the workers, serves their accept requests, replaces one that dies, stops them by PID."""
 
-    def __init__(self, settings: SmtpSettings, acceptor: Accepts, count: int) -> None:
+    RESPAWN_DELAY_S = 1.0  # a worker that dies at once must not be restarted in a tight loop
+
+    def __init__(
+        self, settings: SmtpSettings, acceptor: Accepts, count: int, drain_timeout_s: float = 10.0
+    ) -> None:
         self.settings = settings
         self.acceptor = acceptor
         self.count = count
+        self.drain_timeout_s = drain_timeout_s
         self.socket: socket.socket | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
-        self._pipes: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._pipes: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -92,30 +97,37 @@ class IngressWorkers:
 
     async def start(self) -> None:
         self.socket = listening_socket(self.settings.listen)
-        config = self.settings.model_dump_json().encode()
         for _ in range(self.count):
-            ours, theirs = socket.socketpair()
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "postmux.ingress.workers",
-                    f"--listen-fd={self.socket.fileno()}",
-                    f"--pipe-fd={theirs.fileno()}",
-                ],
-                stdin=subprocess.PIPE,
-                pass_fds=(self.socket.fileno(), theirs.fileno()),
-            )
-            assert process.stdin is not None
-            process.stdin.write(config)
-            process.stdin.close()
-            theirs.close()
-            self.processes.append(process)
-            self._pipes.append(await asyncio.open_unix_connection(sock=ours))
-        for (reader, writer), process in zip(self._pipes, self.processes, strict=True):
-            await self._ready(reader, process.pid)
-            writer.write(_frame("go"))
-            self._spawn(self._serve(reader, writer, process.pid))
+            await self._launch()
+
+    async def _launch(self) -> None:
+        """One worker: started, handed its settings, ready, then served."""
+        assert self.socket is not None
+        ours, theirs = socket.socketpair()
+        # The worker finishes its sessions a little before this process gives up on it.
+        drain = max(1.0, self.drain_timeout_s - 2.0)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "postmux.ingress.workers",
+                f"--listen-fd={self.socket.fileno()}",
+                f"--pipe-fd={theirs.fileno()}",
+                f"--drain-timeout={drain}",
+            ],
+            stdin=subprocess.PIPE,
+            pass_fds=(self.socket.fileno(), theirs.fileno()),
+        )
+        assert process.stdin is not None
+        process.stdin.write(self.settings.model_dump_json().encode())
+        process.stdin.close()
+        theirs.close()
+        self.processes.append(process)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self._pipes.append(writer)
+        await self._ready(reader, process.pid)
+        writer.write(_frame("go"))
+        self._spawn(self._serve(reader, writer, process))
 
     @staticmethod
     async def _ready(reader: asyncio.StreamReader, pid: int) -> None:
@@ -131,14 +143,32 @@ class IngressWorkers:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, process: subprocess.Popen[bytes]
+    ) -> None:
         try:
             while True:
                 request_id, envelope = await _read_frame(reader)
                 self._spawn(self._accept(writer, request_id, envelope))
         except (asyncio.IncompleteReadError, ConnectionError):
-            if self.socket is not None:  # not a shutdown: a worker died
-                log.error("ingress worker gone", pid=pid)
+            pass
+        if self.socket is None:
+            return  # a shutdown
+        # A worker died: reap it and start another, so the shared socket always has someone accepting.
+        log.error("ingress worker gone; starting another", pid=process.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(process.wait, 5)
+        writer.close()
+        if process in self.processes:
+            self.processes.remove(process)
+        if writer in self._pipes:
+            self._pipes.remove(writer)
+        await asyncio.sleep(self.RESPAWN_DELAY_S)
+        if self.socket is not None:
+            try:
+                await self._launch()
+            except (OSError, RuntimeError) as e:
+                log.error("ingress worker could not be started again", error=str(e))
 
     async def _accept(self, writer: asyncio.StreamWriter, request_id: int, envelope: Envelope) -> None:
         try:
@@ -151,8 +181,9 @@ class IngressWorkers:
         with contextlib.suppress(ConnectionError, RuntimeError):
             writer.write(_frame(reply))
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
+    async def stop(self) -> None:
         """Stop accepting, let workers finish the transactions they are in, then end them."""
+        timeout_s = self.drain_timeout_s
         sock, self.socket = self.socket, None
         if sock is not None:
             sock.close()
@@ -167,7 +198,7 @@ class IngressWorkers:
             except subprocess.TimeoutExpired:
                 process.kill()
                 await asyncio.to_thread(process.wait, 5)
-        for _, writer in self._pipes:
+        for writer in self._pipes:
             writer.close()
         for task in list(self._tasks):
             task.cancel()
@@ -221,7 +252,7 @@ class RemoteAcceptor:
         self.closed.set()
 
 
-async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int) -> None:
+async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int, drain_timeout_s: float) -> None:
     from postmux.ingress.smtp import start_smtp_server
 
     pipe = socket.socket(fileno=pipe_fd)
@@ -245,7 +276,7 @@ async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int) -> N
     )
     server.close()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(server.wait_closed(), timeout=10)
+        await asyncio.wait_for(server.wait_closed(), timeout=drain_timeout_s)
     replies.cancel()
     writer.close()
 
@@ -254,6 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="postmux SMTP ingress worker (started by postmux serve)")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--pipe-fd", type=int, required=True)
+    parser.add_argument("--drain-timeout", type=float, default=8.0)
     args = parser.parse_args()
     settings = SmtpSettings.model_validate(json.loads(sys.stdin.buffer.read()))
     from postmux.logs import configure_logging
@@ -262,9 +294,9 @@ def main() -> None:
     try:
         import uvloop
 
-        uvloop.run(_run_worker(settings, args.listen_fd, args.pipe_fd))
+        uvloop.run(_run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout))
     except ImportError:
-        asyncio.run(_run_worker(settings, args.listen_fd, args.pipe_fd))
+        asyncio.run(_run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout))
 
 
 if __name__ == "__main__":

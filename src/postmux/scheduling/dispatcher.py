@@ -335,7 +335,11 @@ class Dispatcher:
             self.submit([item])
             return
         reply = Reply(451, "4.7.0", f"{pool.name}: every member is held back from {item.destination}")
-        self._spawn(self._postpone(item, pool, reply, gate.reopen, now))
+        due = gate.reopen
+        if item.tried:
+            # A member already tried may take it again at its next retry, maybe before the others reopen.
+            due = min(due, self.retry.next_due(item.attempts, item.created, now) or due)
+        self._spawn(self._postpone(item, pool, reply, due, now))
 
     async def _postpone(self, item: WorkItem, pool: Pool, reply: Reply, due: float, now: float) -> None:
         """Wait for a suspension or a warm-up day to end: not an attempt, so no retry step is used up."""
@@ -400,9 +404,30 @@ class Dispatcher:
             outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.target, local=True)
         finally:
             lane.finish(self.clock())  # the connection is free for the lane's next attempt
-        elapsed = time.monotonic() - started
-        self._observe(pool.name, member.name, elapsed)
         now = self.clock()
+        item.tried.add(member.name)
+        try:
+            self._learn(item, pool, member, lane, outcome, time.monotonic() - started, started_at, now)
+        except Exception:  # what the attempt taught is lost, never the outcome: it is still recorded
+            log.exception("learning from an attempt failed", member=member.name, message=item.message_id)
+        if outcome.unfit:
+            await self._unfit(item, pool, member, outcome, now)
+            return
+        await self._settle(item, pool, member, outcome, now)
+
+    def _learn(
+        self,
+        item: WorkItem,
+        pool: Pool,
+        member: Member,
+        lane: Lane,
+        outcome: AttemptOutcome,
+        elapsed: float,
+        started_at: float,
+        now: float,
+    ) -> None:
+        """Health, latency and shaping hear how the attempt went."""
+        self._observe(pool.name, member.name, elapsed)
         member.attempts += 1
         if outcome.failure is not FailureKind.LOCAL and not outcome.unfit:
             # Only answered attempts say how fast a member works. A timeout or a refusal is the health
@@ -415,15 +440,10 @@ class Dispatcher:
             pool.record_failure(member, now, outcome.failure)
         else:
             pool.record_success(member, now)
-        item.tried.add(member.name)
         if outcome.tls:
             member.tls = outcome.tls
         if not outcome.local:
             self._react(lane, outcome, started_at, now)
-        if outcome.unfit:
-            await self._unfit(item, pool, member, outcome, now)
-            return
-        await self._settle(item, pool, member, outcome, now)
 
     def _react(self, lane: Lane, outcome: AttemptOutcome, started_at: float, now: float) -> None:
         """Let shaping hear what the receiver said; a change of limits is an event of its own."""
