@@ -99,6 +99,11 @@ async def test_answers_are_cached_for_their_ttl_within_bounds(dns_server: Loopba
     clock.now += 11
     await r.resolve("shortttl.test")
     assert dns_server.queries[("shortttl.test", "MX")] == 2
+    r.prune()  # nothing expired yet: nothing forgotten
+    assert r.cached("shortttl.test") is not None
+    clock.now += 61
+    r.prune()
+    assert "shortttl.test" not in r._cache
     # NXDOMAIN is remembered for negative_ttl.
     await r.resolve("nowhere.test")
     await r.resolve("nowhere.test")

@@ -91,6 +91,12 @@ class MxResolver:
             self._resolver = r
         return self._resolver
 
+    def prune(self) -> None:
+        """Forget expired answers, so the cache holds the domains mail goes to now, not every one ever."""
+        now = self.clock()
+        for domain in [d for d, plan in self._cache.items() if plan.expires <= now]:
+            del self._cache[domain]
+
     def cached(self, domain: str) -> MxPlan | None:
         plan = self._cache.get(domain.lower().rstrip("."))
         return plan if plan is not None and plan.expires > self.clock() else None

@@ -241,6 +241,7 @@ class Dispatcher:
             for transport in self.transports.values():
                 transport.reap_idle(now)
             self.shaper.prune(self.clock())
+            self.resolver.prune()
             self.warmup.flush()
 
     def _dispatch_ready(self) -> float:
