@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import aiosmtplib
 import uvloop
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from throughput import write_json
 
 from postmux.app import App
 from postmux.config import settings_from_dict
@@ -201,12 +201,8 @@ def main() -> int:
             f"from minute 3 on: {mean:.0f} delivered/min ({mean / args.limit:.0%} of the limit), "
             f"{deferred:.1f} deferrals/min"
         )
-    out = Path(__file__).with_name("out")
-    out.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"aimd-{stamp}.json").write_text(
-        json.dumps({"args": vars(args), "minutes": rows, "samples": result["samples"]}, indent=2)
-    )
+    path = write_json({"args": vars(args), "minutes": rows, "samples": result["samples"]}, "aimd")
+    print(f"wrote {path}")
     if plot(result["samples"], receiver, start, args.limit):
         print("plot: bench/aimd.png")
     return 0

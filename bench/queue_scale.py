@@ -37,7 +37,6 @@ from datetime import datetime
 from pathlib import Path
 
 from throughput import (
-    OUT_DIR,
     BenchError,
     delivery_results,
     ensure_tools,
@@ -51,6 +50,7 @@ from throughput import (
     start_sinks,
     stop_process,
     write_config,
+    write_json,
 )
 from throughput import Options as ThroughputOptions
 
@@ -371,9 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [] if left == opts.queued else [f"full spool has {left} queued, not {opts.queued}"]
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / f"queue-scale-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    payload = {
+    payload: dict[str, object] = {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
         "filesystem": kind,
@@ -383,8 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_full_over_empty": ratio,
         "problems": problems,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_json(payload, 'queue-scale')}")
     return 1 if problems else 0
 
 

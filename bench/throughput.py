@@ -426,9 +426,10 @@ def machine() -> dict[str, str | int]:
     return {"nproc": os.cpu_count() or 0, "cpu": model}
 
 
-def write_json(payload: dict[str, object]) -> Path:
+def write_json(payload: dict[str, object], name: str = "throughput") -> Path:
+    """Every bench's full result: bench/out/NAME-<timestamp>.json (git ignores bench/out)."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"throughput-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path = OUT_DIR / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import aiosmtplib
 from throughput import (
-    OUT_DIR,
     BenchError,
     cpu_seconds,
     delivery_results,
@@ -58,6 +56,7 @@ from throughput import (
     stop_process,
     wait_for_port,
     write_config,
+    write_json,
 )
 
 SYSTEMS = ("postmux", "postfix")
@@ -568,13 +567,6 @@ def print_tables(runs: Sequence[Run], sizes: Sequence[int]) -> dict[str, list[fl
     return medians
 
 
-def write_json(payload: dict[str, object]) -> Path:
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"vs-postfix-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=10_000, help="smtp-source messages per run (10000)")
@@ -648,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "problems": problems,
     }
-    print(f"\nwrote {write_json(payload)}")
+    print(f"\nwrote {write_json(payload, 'vs-postfix')}")
     return 1 if problems else 0
 
 
