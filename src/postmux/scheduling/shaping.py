@@ -231,17 +231,22 @@ class Shaper:
         rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
         self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
         for lane in self.lanes.values():
-            old = lane.ceiling
-            lane.ceiling = self._limits(lane.pool, lane.member, lane.destination, lane.member_connections)
-            lane.adaptive = self._adaptive(lane.kind)
-            cut = lane.allowed_connections < old.max_connections or lane.rate != old.rate
-            if cut and lane.adaptive:
-                # Keep what receivers taught it, within the new ceiling; deliveries raise it from there.
-                lane.connections = min(lane.connections, lane.ceiling.max_connections)
-                if lane.ceiling.rate is not None:
-                    lane.rate = min(lane.rate or lane.ceiling.rate, lane.ceiling.rate)
-            else:
-                lane.restore()
+            self._refit(lane)
+
+    def _refit(self, lane: Lane) -> None:
+        """New ceilings for a lane (new rules, or its member's new limit or kind), keeping what AIMD and
+        reactions taught it, within the new ceiling; a lane that was not cut takes the new ceiling as is."""
+        old = lane.ceiling
+        lane.ceiling = self._limits(lane.pool, lane.member, lane.destination, lane.member_connections)
+        lane.adaptive = self._adaptive(lane.kind)
+        cut = lane.allowed_connections < old.max_connections or lane.rate != old.rate
+        if cut and lane.adaptive:
+            lane.connections = min(lane.connections, lane.ceiling.max_connections)
+            if lane.ceiling.rate is not None:
+                lane.rate = min(lane.rate or lane.ceiling.rate, lane.ceiling.rate)
+            lane._mark()
+        else:
+            lane.restore()
 
     # -- limits --------------------------------------------------------------------------------------
 
@@ -266,18 +271,6 @@ class Shaper:
         merged["max_connections"] = min(int(merged["max_connections"]), member_max_connections)  # type: ignore[call-overload]
         return Limits(**merged)  # type: ignore[arg-type]
 
-    def _follow_member(self, lane: Lane, member: MemberSettings) -> None:
-        """A reload changed the member's own connection limit or kind: new ceiling, AIMD or not."""
-        old = lane.ceiling
-        lane.member_connections, lane.kind = member.max_connections, member.kind
-        lane.ceiling = self._limits(lane.pool, lane.member, lane.destination, member.max_connections)
-        lane.adaptive = self._adaptive(member.kind)
-        if lane.allowed_connections >= old.max_connections or not lane.adaptive:
-            lane.restore()  # it was not cut: it takes the new ceiling as it is
-        else:
-            lane.connections = min(lane.connections, lane.ceiling.max_connections)
-            lane._mark()
-
     def _adaptive(self, kind: str) -> bool:
         return self.settings.aimd == "all" or (self.settings.aimd == "sources" and kind == "source")
 
@@ -285,7 +278,9 @@ class Shaper:
         key = (pool, member.name, destination)
         lane = self.lanes.get(key)
         if lane is not None and (lane.member_connections, lane.kind) != (member.max_connections, member.kind):
-            self._follow_member(lane, member)
+            # A reload changed the member's own connection limit or kind.
+            lane.member_connections, lane.kind = member.max_connections, member.kind
+            self._refit(lane)
         if lane is None:
             limits = self._limits(pool, member.name, destination, member.max_connections)
             lane = Lane(
