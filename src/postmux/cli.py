@@ -189,6 +189,24 @@ def _member_verb(
     _admin(config, url, token).post(f"/members/{name}/{verb}", as_json=json or not sys.stdout.isatty())
 
 
+MessageIdArgument = Annotated[str, typer.Argument(help="The message's id (the event log's id field).")]
+
+
+@app.command()
+def release(
+    message_id: MessageIdArgument,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Queue a held message again, due now (mail is held after max_local_errors crashes in a row)."""
+    from urllib.parse import quote
+
+    path = f"/messages/{quote(message_id, safe='')}/release"
+    _admin(config, url, token).post(path, as_json=json or not sys.stdout.isatty())
+
+
 @app.command()
 def reload(
     config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False

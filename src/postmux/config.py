@@ -175,6 +175,9 @@ class RetrySettings(_Frozen):
     max_age: Duration = 5 * 86400.0
     # Each wait is spread by +-jitter so a burst of deferrals does not come back as one burst.
     jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Attempts in a row that crashed postmux's own code before a message is held (set aside until an
+    # operator releases it): a message that breaks the sending code breaks it on every member and day.
+    max_local_errors: int = Field(default=3, gt=0)
 
     @field_validator("intervals")
     @classmethod

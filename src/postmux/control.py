@@ -34,6 +34,10 @@ class UnknownMember(KeyError):
     pass
 
 
+class NothingHeld(KeyError):
+    """No recipient of that message is held (no such message, or it is not held)."""
+
+
 @dataclass
 class ReloadResult:
     ok: bool
@@ -130,6 +134,17 @@ class Control:
                 )
         self.app.dispatcher.wake()
         return [self._describe(pool, m, now) for pool, m in found]
+
+    # -- held mail -----------------------------------------------------------------------------------
+
+    async def release(self, message_id: str) -> dict[str, Any]:
+        """Queue a held message again, due now (the way out of HELD; fuller queue operations come later)."""
+        released = await self.app.spool.release(message_id, self.app.clock())
+        if not released:
+            raise NothingHeld(message_id)
+        log.info("held message released", message=message_id, recipients=released)
+        self.app.dispatcher.scan_soon()
+        return {"id": message_id, "released": released, "changes": [f"{message_id}: {released} released"]}
 
     # -- reload --------------------------------------------------------------------------------------
 

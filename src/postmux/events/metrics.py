@@ -56,7 +56,14 @@ class Metrics:
             ["pool", "member"],
             registry=self.registry,
         )
+        self.held = Counter(
+            "postmux_messages_held",
+            "Messages set aside until an operator releases them (held recipients: postmux_queue_messages)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._last_reception = ""
+        self._last_held = ""
 
     def add_live(self, sample: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_LiveGauges(sample))
@@ -68,6 +75,13 @@ class Metrics:
             if event.id != self._last_reception:
                 self._last_reception = event.id
                 self.received.inc()
+            return
+        if event.type is EventType.HELD:
+            # One event per recipient, back to back and at one time per hold of a message.
+            hold = f"{event.id}@{event.timestamp}"
+            if hold != self._last_held:
+                self._last_held = hold
+                self.held.labels(event.tags.get("reason", "")).inc()
             return
         if event.type is EventType.SHAPING_CHANGED:
             self.shaping_changes.labels(event.pool, event.member).inc()

@@ -21,6 +21,7 @@ class EventType(enum.StrEnum):
     MEMBER_DOWN = "MemberDown"
     MEMBER_UP = "MemberUp"
     SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
+    HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
 
 
 _PREFIX = os.urandom(3).hex()

@@ -74,7 +74,7 @@ def make_http_app(
 
 
 def _admin_routes(app: FastAPI, control: Control) -> None:
-    from postmux.control import UnknownMember
+    from postmux.control import NothingHeld, UnknownMember
 
     # Every admin route is async: it runs in the event loop that owns the state it reads and changes.
     @app.get(f"{ADMIN_PREFIX}/members")
@@ -98,6 +98,13 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     @app.post(f"{ADMIN_PREFIX}/members/{{name}}/enable")
     async def enable(name: str) -> Any:
         return set_draining(name, False)
+
+    @app.post(f"{ADMIN_PREFIX}/messages/{{message_id}}/release")
+    async def release(message_id: str) -> Any:
+        try:
+            return await control.release(message_id)
+        except NothingHeld:
+            return _error(404, f"no held message with id {message_id!r}")
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:

@@ -339,7 +339,9 @@ class Dispatcher:
         due = gate.reopen
         if item.tried:
             # A member already tried may take it again at its next retry, maybe before the others reopen.
-            due = min(due, self.retry.next_due(item.attempts, item.created, now) or due)
+            due = min(
+                due, self.retry.next_due(_rounds_ended(item, item.recipients), item.created, now) or due
+            )
         self._spawn(self._postpone(item, pool, reply, due, now))
 
     async def _postpone(self, item: WorkItem, pool: Pool, reply: Reply, due: float, now: float) -> None:
@@ -351,7 +353,14 @@ class Dispatcher:
             self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, "", reply, now)
         rids = [r.rid for r in item.recipients]
         settlement = Settlement(
-            item.message_id, rids, RecipientState.QUEUED, str(reply), due, attempts=item.attempts
+            item.message_id,
+            rids,
+            RecipientState.QUEUED,
+            str(reply),
+            due,
+            attempts=item.attempts,
+            rounds=_rounds_ended(item, item.recipients),
+            local_errors=item.local_errors,
         )
         await self._record([settlement], now)
 
@@ -396,17 +405,19 @@ class Dispatcher:
         started = time.monotonic()
         started_at = self.clock()
         transport = self.transports[(pool.name, member.name)]
+        outcome: AttemptOutcome | Exception
         try:
             outcome = await transport.deliver(item, per_connection=lane.ceiling.max_messages_per_connection)
-        except Exception as e:  # a bug must not lose mail: treat it as a transient local failure
+        except Exception as e:  # postmux's own code raised (the transport never raises for the network)
             log.exception("delivery attempt crashed", member=member.name, message=item.message_id)
-            reply = Reply(451, "4.3.0", f"internal error: {type(e).__name__}")
-            replies = {r.rid: reply for r in item.recipients}
-            outcome = AttemptOutcome(replies, FailureKind.LOCAL, member.settings.target, local=True)
+            outcome = e
         finally:
             lane.finish(self.clock())  # the connection is free for the lane's next attempt
         now = self.clock()
         item.tried.add(member.name)
+        if isinstance(outcome, Exception):
+            await self._crashed(item, pool, member, outcome, now)
+            return
         try:
             self._learn(item, pool, member, lane, outcome, time.monotonic() - started, started_at, now)
         except Exception:  # what the attempt taught is lost, never the outcome: it is still recorded
@@ -415,6 +426,55 @@ class Dispatcher:
             await self._unfit(item, pool, member, outcome, now)
             return
         await self._settle(item, pool, member, outcome, now)
+
+    async def _crashed(
+        self, item: WorkItem, pool: Pool, member: Member, error: Exception, now: float
+    ) -> None:
+        """postmux's own code raised during the attempt: the message's fault, never the member's.
+
+        The real cases are messages our sending code cannot put on the wire (aiosmtplib raises
+        UnicodeEncodeError for a UTF-8 address without SMTPUTF8, ValueError for an address "not permitted
+        in an SMTP mailbox") and our own bugs. Either way the member did nothing wrong: nothing is
+        learnt (no health, latency or shaping), or a handful of such messages would eject healthy members.
+        A bug may lie in one member's transport, so another member is tried at once, else the work waits
+        its round; after `[retry] max_local_errors` crashes in a row it is held (Postfix's hold queue:
+        kept, never retried nor expired, until an operator releases it) instead of crashing for days.
+        """
+        reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
+        item.recipients = [
+            replace(r, attempts=r.attempts + 1, local_errors=r.local_errors + 1) for r in item.recipients
+        ]
+        if item.local_errors >= self.settings.retry.max_local_errors:
+            await self._hold(item, pool, member, reply, error, now)
+            return
+        tags = {"local_error": type(error).__name__}
+        for r in item.recipients:
+            self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, member.name, reply, now, tags=tags)
+        if pool.can_serve(now, item.tried):
+            self.submit([item], front=True)
+            return
+        await self._record(self._defer_or_expire(item, pool, item.recipients, reply, now), now)
+
+    async def _hold(
+        self, item: WorkItem, pool: Pool, member: Member, reply: Reply, error: Exception, now: float
+    ) -> None:
+        """Set the work aside (HELD) with an event saying why; `postmux release ID` queues it again."""
+        # The full error is for the operator (event log, log); the reply, which a DSN may quote one day,
+        # names only its kind.
+        tags = {"reason": "local_error", "error": f"{type(error).__name__}: {error}"[:300]}
+        log.warning("message held", message=item.message_id, reason="local_error", crashes=item.local_errors)
+        for r in item.recipients:
+            self._emit(EventType.HELD, item, r, pool, member.name, reply, now, tags=tags)
+        settlement = Settlement(
+            item.message_id,
+            [r.rid for r in item.recipients],
+            RecipientState.HELD,
+            str(reply),
+            attempts=item.attempts,
+            rounds=item.rounds,
+            local_errors=item.local_errors,
+        )
+        await self._record([settlement], now)
 
     def _learn(
         self,
@@ -493,7 +553,7 @@ class Dispatcher:
                 self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, member.name, reply, now, outcome.tls)
             self.submit([item], front=True)
             return
-        bumped = [WorkRecipient(r.rid, r.address, r.attempts + 1) for r in item.recipients]
+        bumped = [replace(r, attempts=r.attempts + 1, local_errors=0) for r in item.recipients]
         if {m.name for m in pool.members if not m.removed} <= item.unfit:
             failed = [(r, outcome.replies[r.rid]) for r in bumped]
             for r, reply in failed:
@@ -514,7 +574,7 @@ class Dispatcher:
         deferred: list[tuple[WorkRecipient, Reply]] = []
         for r in item.recipients:
             reply = outcome.replies.get(r.rid) or Reply(451, "4.3.0", "no reply recorded")
-            bumped = WorkRecipient(r.rid, r.address, r.attempts + 1)
+            bumped = replace(r, attempts=r.attempts + 1, local_errors=0)  # answered: not a crash
             if reply.is_success:
                 delivered.append(bumped)
                 self._emit(EventType.DELIVERY, item, bumped, pool, member.name, reply, now, outcome.tls)
@@ -561,7 +621,8 @@ class Dispatcher:
         attempted: bool = True,
     ) -> list[Settlement]:
         attempts = max((r.attempts for r in recipients), default=0)
-        due = self.retry.next_due(attempts, item.created, now)
+        rounds = _rounds_ended(item, recipients)
+        due = self.retry.next_due(rounds, item.created, now)
         if due is None:
             for r in recipients:
                 self._emit(EventType.EXPIRATION, item, r, pool, "", reply, now)
@@ -570,7 +631,19 @@ class Dispatcher:
             for r in recipients:
                 self._emit(EventType.TRANSIENT_FAILURE, item, r, pool, "", reply, now)
         rids = [r.rid for r in recipients]
-        return [Settlement(item.message_id, rids, RecipientState.QUEUED, str(reply), due, attempts=attempts)]
+        local_errors = max((r.local_errors for r in recipients), default=0)
+        return [
+            Settlement(
+                item.message_id,
+                rids,
+                RecipientState.QUEUED,
+                str(reply),
+                due,
+                attempts=attempts,
+                rounds=rounds,
+                local_errors=local_errors,
+            )
+        ]
 
     def _final(
         self,
@@ -625,6 +698,8 @@ class Dispatcher:
         reply: Reply,
         now: float,
         tls: str = "",
+        *,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         self.bus.emit(
             Event(
@@ -640,10 +715,20 @@ class Dispatcher:
                 latency_s=now - item.created,
                 size=len(item.data),
                 # The attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it made a connection.
-                tags={"tls": tls} if tls else {},
+                tags={**({"tls": tls} if tls else {}), **(tags or {})},
                 timestamp=now,
             )
         )
+
+
+def _rounds_ended(item: WorkItem, recipients: list[WorkRecipient]) -> int:
+    """The rounds these recipients will have ended once they go back to the spool to wait.
+
+    A round ends when members were tried and none is left to try at once; work that waits without any
+    try (no usable member, every member held back) uses up no round, as a wait for a suspension never did.
+    """
+    rounds = max((r.rounds for r in recipients), default=0)
+    return rounds + 1 if item.tried else rounds
 
 
 def _telling_reply(replies: list[Reply]) -> Reply | None:

@@ -24,6 +24,9 @@ class SpoolError(Exception):
 class RecipientState(enum.StrEnum):
     QUEUED = "queued"  # waiting for its due time
     LEASED = "leased"  # taken by a node for delivery right now
+    # Set aside until an operator releases it: never leased, never expires, kept across restarts (as
+    # Postfix's hold queue). Work that crashed postmux's own code `[retry] max_local_errors` times in a row.
+    HELD = "held"
     DELIVERED = "delivered"
     BOUNCED = "bounced"
     EXPIRED = "expired"
@@ -36,7 +39,12 @@ FINAL_STATES = frozenset({RecipientState.DELIVERED, RecipientState.BOUNCED, Reci
 class WorkRecipient:
     rid: int
     address: str
-    attempts: int
+    attempts: int  # tries so far, one per member tried
+    # Rounds ended so far: times the recipient went back to the spool to wait after members were tried.
+    # The retry schedule counts these, not attempts (a round tries every usable member once).
+    rounds: int = 0
+    # Attempts in a row that crashed postmux's own code (the message's fault, not the member's).
+    local_errors: int = 0
 
 
 @dataclass(slots=True)
@@ -70,6 +78,14 @@ class WorkItem:
         return max((r.attempts for r in self.recipients), default=0)
 
     @property
+    def rounds(self) -> int:
+        return max((r.rounds for r in self.recipients), default=0)
+
+    @property
+    def local_errors(self) -> int:
+        return max((r.local_errors for r in self.recipients), default=0)
+
+    @property
     def needs_smtputf8(self) -> bool:
         """Whether this transaction can only go to a server that offers SMTPUTF8 (RFC 6531).
 
@@ -89,8 +105,11 @@ class WorkItem:
 class Settlement:
     """What became of some recipients of one message, recorded in one transaction.
 
-    state QUEUED with `due` means deferred; a final state ends them. A `dsn` envelope (for bounces and
-    expiries) is queued in the same transaction, so a bounce can never be recorded without its DSN.
+    state QUEUED with `due` means deferred; HELD sets them aside until released; a final state ends them.
+    `rounds` never goes down (the larger of the stored and the given count is kept); `local_errors` is
+    written as given, so any outcome that was not a crash starts the count again. A `dsn` envelope (for
+    bounces and expiries) is queued in the same transaction, so a bounce can never be recorded without its
+    DSN.
     """
 
     message_id: str
@@ -99,6 +118,8 @@ class Settlement:
     reply: str = ""
     due: float = 0.0
     attempts: int = 0  # tries so far, in memory retries included
+    rounds: int = 0
+    local_errors: int = 0
     dsn: Envelope | None = None
     dsn_pool: str = ""
 
@@ -141,4 +162,12 @@ class Spool(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Recipients per state, for metrics and the admin API."""
+        ...
+
+    async def release(self, message_id: str, now: float) -> int:
+        """Queue a message's held recipients again, due at `now`, with their count of crashes cleared.
+
+        Returns how many were released (0: no such message, or nothing of it held). The full queue
+        operations (hold, release, flush by filter) are a later issue's; this is the way out of HELD.
+        """
         ...

@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS recipient (
     state       TEXT NOT NULL,
     due         REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    last_reply  TEXT NOT NULL DEFAULT ''
+    last_reply  TEXT NOT NULL DEFAULT '',
+    rounds      INTEGER NOT NULL DEFAULT 0,
+    local_errors INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
@@ -69,6 +71,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
     data        BLOB
 );
 """
+
+# Columns added after the first schema: a spool file written by an older postmux gets them at open
+# (ADD COLUMN fills every existing row with the default). Existing deferred work starts at round 0, so it
+# waits the first interval after its next round: a few early retries, never a longer wait than before.
+_ADDED_COLUMNS = (
+    ("recipient", "rounds", "INTEGER NOT NULL DEFAULT 0"),
+    ("recipient", "local_errors", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], Future[Any]]
 _STOP = object()
@@ -98,6 +108,7 @@ class SqliteSpool:
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        _migrate(conn)
         return conn
 
     def _run(self, conn: sqlite3.Connection) -> None:
@@ -216,6 +227,9 @@ class SqliteSpool:
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         return await self._call(lambda c: _lease_due(c, now, limit))
 
+    async def release(self, message_id: str, now: float) -> int:
+        return await self._call(lambda c: _release(c, message_id, now))
+
     async def counts(self) -> dict[str, int]:
         """Counted on a connection of its own in a worker thread: WAL lets it read while the writer
         writes, and a count over a million rows (bench/queue_scale: 36 ms) must not hold up accepts."""
@@ -233,6 +247,14 @@ class SqliteSpool:
             return fn(conn)
         finally:
             conn.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            log.info("spool schema upgraded", table=table, column=column)
 
 
 def _is_disk_full(e: sqlite3.Error) -> bool:
@@ -256,16 +278,19 @@ WHERE typeof(data) != 'blob' OR typeof(sender) != 'text' OR typeof(created) NOT 
 """
 _BAD_RECIPIENTS = """
 SELECT rid, CASE
-    WHEN state NOT IN ('queued', 'leased', 'delivered', 'bounced', 'expired')
+    WHEN state NOT IN ('queued', 'leased', 'held', 'delivered', 'bounced', 'expired')
         THEN 'unknown state ' || quote(state)
     WHEN typeof(address) != 'text' OR address = '' THEN 'address is not a non-empty text'
     WHEN typeof(pool) != 'text' OR typeof(domain) != 'text' THEN 'pool or domain is not text'
     WHEN typeof(due) NOT IN ('real', 'integer') THEN 'due is not a time'
+    WHEN typeof(attempts) != 'integer' OR typeof(rounds) != 'integer' OR typeof(local_errors) != 'integer'
+        THEN 'attempts, rounds or local_errors is not an integer'
     ELSE 'its message is missing' END
 FROM recipient r
-WHERE state NOT IN ('queued', 'leased', 'delivered', 'bounced', 'expired')
+WHERE state NOT IN ('queued', 'leased', 'held', 'delivered', 'bounced', 'expired')
    OR typeof(address) != 'text' OR address = '' OR typeof(pool) != 'text' OR typeof(domain) != 'text'
    OR typeof(due) NOT IN ('real', 'integer')
+   OR typeof(attempts) != 'integer' OR typeof(rounds) != 'integer' OR typeof(local_errors) != 'integer'
    OR NOT EXISTS (SELECT 1 FROM message m WHERE m.id = r.message_id)
 """
 
@@ -319,6 +344,7 @@ def _quarantine_row(
 
 def _recover(conn: sqlite3.Connection) -> int:
     # One process owns a SQLite spool, so every lease found at open was held by a process that died.
+    # Held work stays held: only an operator's release queues it again.
     cur = conn.execute("UPDATE recipient SET state = 'queued' WHERE state = 'leased'")
     return cur.rowcount
 
@@ -361,9 +387,9 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
     touched: set[str] = set()
     for s in settlements:
         conn.executemany(
-            "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?"
-            " WHERE rid = ?",
-            [(s.state.value, s.due, s.attempts, s.reply, rid) for rid in s.rids],
+            "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
+            " rounds = max(rounds, ?), local_errors = ? WHERE rid = ?",
+            [(s.state.value, s.due, s.attempts, s.reply, s.rounds, s.local_errors, rid) for rid in s.rids],
         )
         if s.dsn is not None:
             dsn_id = new_message_id()
@@ -378,7 +404,7 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
             touched.add(s.message_id)
     for message_id in touched:
         (open_count,) = conn.execute(
-            "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased')",
+            "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
             (message_id,),
         ).fetchone()
         if open_count == 0:
@@ -388,7 +414,7 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
 
 def _lease_due(conn: sqlite3.Connection, now: float, limit: int) -> list[WorkItem]:
     rows = conn.execute(
-        "SELECT rid, message_id, address, pool, domain, attempts FROM recipient"
+        "SELECT rid, message_id, address, pool, domain, attempts, rounds, local_errors FROM recipient"
         " WHERE state = 'queued' AND due <= ? ORDER BY due LIMIT ?",
         (now, limit),
     ).fetchall()
@@ -396,8 +422,8 @@ def _lease_due(conn: sqlite3.Connection, now: float, limit: int) -> list[WorkIte
         return []
     conn.executemany("UPDATE recipient SET state = 'leased' WHERE rid = ?", [(r[0],) for r in rows])
     groups: dict[tuple[str, str, str], list[WorkRecipient]] = defaultdict(list)
-    for rid, message_id, address, pool, domain, attempts in rows:
-        groups[(message_id, pool, domain)].append(WorkRecipient(rid, address, attempts))
+    for rid, message_id, address, pool, domain, attempts, rounds, local_errors in rows:
+        groups[(message_id, pool, domain)].append(WorkRecipient(rid, address, attempts, rounds, local_errors))
     messages: dict[str, tuple[str, str, int, float, bytes]] = {}
     for message_id in {k[0] for k in groups}:
         row = conn.execute(
@@ -428,3 +454,16 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     for state, n in conn.execute("SELECT state, count(*) FROM recipient GROUP BY state"):
         counts[state] = n
     return counts
+
+
+def _release(conn: sqlite3.Connection, message_id: str, now: float) -> int:
+    # The crash count starts again: the operator released it because the fault is believed fixed, and a
+    # message that still crashes gets the full count before it is held again. Rounds are kept, so the
+    # retry schedule and max_age go on where they were (mail past max_age gets one try, then expires,
+    # as Postfix does with mail released from its hold queue).
+    cur = conn.execute(
+        "UPDATE recipient SET state = 'queued', due = ?, local_errors = 0"
+        " WHERE message_id = ? AND state = 'held'",
+        (now, message_id),
+    )
+    return cur.rowcount

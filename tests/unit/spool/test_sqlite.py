@@ -36,7 +36,14 @@ async def test_store_keeps_bytes_exactly_and_groups_work_by_pool_and_domain(tmp_
         ("bulk", "two.test"): ["c@two.test"],
     }
     assert all(w.data == raw for w in work)
-    assert await spool.counts() == {"queued": 0, "leased": 3, "delivered": 0, "bounced": 0, "expired": 0}
+    assert await spool.counts() == {
+        "queued": 0,
+        "leased": 3,
+        "held": 0,
+        "delivered": 0,
+        "bounced": 0,
+        "expired": 0,
+    }
     await spool.close()
     row = sqlite3.connect(tmp_path / "s.db").execute("SELECT data FROM message").fetchone()
     assert row[0] == raw
