@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import email
+import sqlite3
+import time
 from email import policy
 from pathlib import Path
 
@@ -61,3 +63,58 @@ async def test_deferral_waits_for_the_interval_when_no_other_member_is_left(tmp_
     assert 0.9 <= delivered["timestamp"] - failed["timestamp"] <= 2.5
     assert delivered["num_attempts"] == 2
     await up.stop()
+
+
+def _recipient_row(db: Path) -> tuple[str, float, int]:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT state, due, attempts FROM recipient").fetchone()
+    finally:
+        conn.close()
+    return (str(row[0]), float(row[1]), int(row[2])) if row else ("", 0.0, 0)
+
+
+async def test_each_round_through_every_member_waits_the_next_interval_not_one_per_member(
+    tmp_path: Path,
+) -> None:
+    # Three members refuse: a round tries each once, then the work waits. The first wait is intervals[0]
+    # (5 s), the second intervals[1] (60 s); counting members tried, the first wait was intervals[2].
+    refusing = [await Upstream(n, always("451 4.7.0 try again later")).start() for n in ("a", "b", "c")]
+    pools = [
+        {
+            "name": "default",
+            "policy": "round_robin",
+            "members": [{"name": u.name, "address": u.address} for u in refusing],
+            "health": {"consecutive_4xx": 1000},
+        }
+    ]
+    settings = make_settings(
+        tmp_path, pools, retry={"intervals": ["5s", "60s", "120s"], "max_age": "1d", "jitter": 0}
+    )
+    now = [time.time()]
+    start = now[0]
+    db = tmp_path / "spool.db"
+
+    def waiting_after(tries: int) -> bool:
+        state, _, attempts = _recipient_row(db)
+        return state == "queued" and attempts == tries
+
+    async with App(settings, clock=lambda: now[0]) as app:
+        await send(app.smtp_port, "rounds")
+        await wait_until(lambda: waiting_after(3), timeout=10)
+        assert [u.data_commands for u in refusing] == [1, 1, 1]
+        assert _recipient_row(db)[1] == start + 5
+        now[0] = start + 5  # due: the second round
+        app.dispatcher.scan_soon()
+        await wait_until(lambda: waiting_after(6), timeout=10)
+        assert [u.data_commands for u in refusing] == [2, 2, 2]
+        assert _recipient_row(db)[1] == start + 5 + 60
+        now[0] = start + 65
+        app.dispatcher.scan_soon()
+        await wait_until(lambda: waiting_after(9), timeout=10)
+        assert _recipient_row(db)[1] == start + 65 + 120
+    events = read_events(tmp_path / "events.jsonl")
+    tries = [e["num_attempts"] for e in events if e["type"] == "TransientFailure"]
+    assert tries == list(range(1, 10))  # events still count attempts, one per member tried
+    for u in refusing:
+        await u.stop()
