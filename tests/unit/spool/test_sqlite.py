@@ -184,3 +184,116 @@ async def test_counting_does_not_wait_for_the_writer(tmp_path: Path) -> None:
     assert not writer_busy.done()
     await writer_busy
     await spool.close()
+
+
+async def test_held_work_is_never_leased_nor_recovered_and_release_makes_it_due_at_once(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = work.recipients
+    held = Settlement(
+        mid, [a.rid], RecipientState.HELD, "451 4.3.0 internal error", attempts=3, local_errors=3
+    )
+    await spool.settle(
+        [held, Settlement(mid, [b.rid], RecipientState.DELIVERED, "250 ok", attempts=1)], now=1
+    )
+    assert await spool.lease_due(now=10**12, limit=10) == []
+    # The message stays while a recipient of it is held, though every other one is final.
+    assert (await spool.counts())["held"] == 1
+    await spool.close()
+
+    again = SqliteSpool(tmp_path / "s.db")
+    assert await again.open() == 0  # held is not a lease a dead process left behind
+    assert again.quarantined == 0
+    assert (await again.counts())["held"] == 1
+    assert await again.lease_due(now=10**12, limit=10) == []
+    assert await again.release("no-such-message", now=50) == 0
+    assert await again.release(mid, now=50) == 1
+    assert await again.lease_due(now=49, limit=10) == []
+    [released] = await again.lease_due(now=50, limit=10)
+    assert [(r.address, r.attempts, r.local_errors) for r in released.recipients] == [("a@one.test", 3, 0)]
+    assert await again.release(mid, now=51) == 0  # nothing of it is held any more
+    await again.close()
+
+
+async def test_rounds_and_crashes_in_a_row_are_kept_with_the_recipient_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
+    rid = work.recipients[0].rid
+    await spool.settle(
+        [Settlement(mid, [rid], RecipientState.QUEUED, "451", due=5, attempts=3, rounds=2, local_errors=1)],
+        now=1,
+    )
+    await spool.close()
+    again = await open_spool(tmp_path / "s.db")
+    [item] = await again.lease_due(now=5, limit=10)
+    assert (item.rounds, item.local_errors, item.attempts) == (2, 1, 3)
+    # Rounds never go back; the crash count is written as given (an answered attempt clears it).
+    await again.settle(
+        [Settlement(mid, [rid], RecipientState.QUEUED, "451", due=6, attempts=4, rounds=1, local_errors=0)],
+        now=5,
+    )
+    [item] = await again.lease_due(now=6, limit=10)
+    assert (item.rounds, item.local_errors, item.attempts) == (2, 0, 4)
+    await again.close()
+
+
+_OLD_SCHEMA = """
+CREATE TABLE message (id TEXT PRIMARY KEY, sender TEXT NOT NULL, client_ip TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE recipient (rid INTEGER PRIMARY KEY, message_id TEXT NOT NULL, address TEXT NOT NULL,
+    pool TEXT NOT NULL, domain TEXT NOT NULL, state TEXT NOT NULL, due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, last_reply TEXT NOT NULL DEFAULT '');
+INSERT INTO message VALUES ('m1', 'app@example.com', '', 0, 1.0, x'5375626a6563743a20780d0a0d0a');
+INSERT INTO recipient (message_id, address, pool, domain, state, due, attempts)
+    VALUES ('m1', 'a@one.test', 'p', 'one.test', 'queued', 2.0, 4),
+           ('m1', 'b@one.test', 'p', 'one.test', 'leased', 2.0, 4);
+"""
+
+
+async def test_a_spool_file_from_before_rounds_and_held_is_upgraded_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_OLD_SCHEMA)
+    db.close()
+    spool = SqliteSpool(path)
+    assert await spool.open() == 1
+    assert spool.quarantined == 0
+    [item] = await spool.lease_due(now=2, limit=10)
+    assert sorted((r.address, r.attempts, r.rounds, r.local_errors) for r in item.recipients) == [
+        ("a@one.test", 4, 0, 0),
+        ("b@one.test", 4, 0, 0),
+    ]
+    await spool.close()
+    again = await open_spool(path)  # a second open finds the columns there and leaves them
+    await again.close()
+
+
+async def test_quarantine_keeps_held_rows_and_moves_rows_whose_counters_are_not_numbers(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = work.recipients
+    await spool.settle([Settlement(mid, [a.rid], RecipientState.HELD, "451", local_errors=3)], now=1)
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE recipient SET rounds = 'many' WHERE rid = ?", (b.rid,))
+    db.commit()
+    again = SqliteSpool(tmp_path / "s.db")
+    await again.open()
+    assert again.quarantined == 1
+    assert (await again.counts())["held"] == 1
+    await again.close()
+    [(key, reason)] = db.execute("SELECT key, reason FROM quarantine").fetchall()
+    assert key == str(b.rid) and "rounds" in reason
