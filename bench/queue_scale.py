@@ -67,7 +67,7 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     ("recover (open)", "UPDATE recipient SET state = 'queued' WHERE state = 'leased'", ()),
     (
         "lease_due",
-        "SELECT rid, message_id, address, pool, domain, attempts FROM recipient"
+        "SELECT rid, message_id, address, pool, domain, attempts, rounds, local_errors FROM recipient"
         " WHERE state = 'queued' AND due <= ? ORDER BY due LIMIT ?",
         (time.time(), 500),
     ),
@@ -79,12 +79,13 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     ("lease_due: lease", "UPDATE recipient SET state = 'leased' WHERE rid = ?", (0,)),
     (
         "settle: update",
-        "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ? WHERE rid = ?",
-        ("delivered", 0.0, 1, "", 0),
+        "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
+        " rounds = max(rounds, ?), local_errors = ? WHERE rid = ?",
+        ("delivered", 0.0, 1, "", 0, 0, 0),
     ),
     (
         "settle: open count",
-        "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased')",
+        "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
         ("x",),
     ),
     ("settle: delete recipients", "DELETE FROM recipient WHERE message_id = ?", ("x",)),
