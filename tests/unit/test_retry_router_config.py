@@ -23,9 +23,9 @@ def test_retry_intervals_repeat_the_last_and_jitter_stays_in_bounds() -> None:
     schedule = RetrySchedule(
         RetrySettings(intervals=(60, 300, 900), max_age=86400, jitter=0.2), random.Random(1)
     )
-    for attempts, base in [(1, 60), (2, 300), (3, 900), (9, 900)]:
+    for rounds, base in [(1, 60), (2, 300), (3, 900), (9, 900)]:
         for _ in range(50):
-            assert base * 0.8 <= schedule.interval(attempts) <= base * 1.2
+            assert base * 0.8 <= schedule.interval(rounds) <= base * 1.2
 
 
 def test_last_retry_is_brought_forward_to_max_age_then_expiry() -> None:
@@ -33,6 +33,13 @@ def test_last_retry_is_brought_forward_to_max_age_then_expiry() -> None:
     assert schedule.next_due(1, created=0, now=100) == 3700
     assert schedule.next_due(2, created=0, now=3700) == 5000
     assert schedule.next_due(3, created=0, now=5000) is None
+
+
+def test_max_local_errors_is_three_by_default_and_at_least_one() -> None:
+    assert settings_from_dict(MINIMAL).retry.max_local_errors == 3
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict({**MINIMAL, "retry": {"max_local_errors": 0}}, path="p.toml")
+    assert [key for key, _ in refused.value.problems] == ["retry.max_local_errors"]
 
 
 def test_routes_first_match_wins_and_default_takes_the_rest() -> None:
