@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from postmux.app import App
@@ -19,7 +20,16 @@ from postmux.delivery.smtp_client import SmtpTransport
 from postmux.delivery.transport import AttemptOutcome
 from postmux.envelope import Envelope, new_message_id
 from postmux.spool.base import WorkItem
-from tests.support import StartUpstream, Upstream, make_settings, message, read_events, send, wait_until
+from tests.support import (
+    StartUpstream,
+    Upstream,
+    always,
+    make_settings,
+    message,
+    read_events,
+    send,
+    wait_until,
+)
 
 TOKEN = "t0ken-for-the-tests-only"
 
@@ -189,3 +199,31 @@ async def test_a_held_message_stays_held_across_restarts_until_release_makes_it_
     assert [e["type"] for e in events_of(tmp_path, "Held", bad_id)] == ["Held"]
     assert events_of(tmp_path, "Delivery", bad_id)
     assert not [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "MemberDown"]
+
+
+async def test_a_crash_while_recording_an_outcome_requeues_the_work_and_holds_it_after_max_local_errors(
+    tmp_path: Path, upstream: StartUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from postmux.scheduling import dispatcher as dispatching
+
+    refusing = await upstream("refusing", behaviour=always("550 5.1.1 no such user"))
+    settings = make_settings(tmp_path, pools(refusing), retry={"intervals": ["100ms"], "max_local_errors": 2})
+
+    def broken_dsn(**kwargs: Any) -> Any:
+        raise RuntimeError("a bug in building the DSN")
+
+    # The bounce's DSN is built while the outcome is decided: a bug there used to leave the work leased
+    # (neither retried nor held) until the next restart.
+    monkeypatch.setattr(dispatching, "build_dsn", broken_dsn)
+    async with App(settings) as app:
+        await send(app.smtp_port, "refused")
+
+        async def is_held() -> None:
+            while await held(app) != 1:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(is_held(), timeout=10)
+        assert refusing.data_commands == 2  # tried once more after the first crash, then set aside
+        assert (await app.spool.counts())["leased"] == 0
+    [hold] = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "Held"]
+    assert hold["tags"]["error"] == "RuntimeError: a bug in building the DSN"

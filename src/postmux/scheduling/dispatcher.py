@@ -392,6 +392,9 @@ class Dispatcher:
     async def _attempt(self, item: WorkItem, pool: Pool, member: Member, lane: Lane) -> None:
         try:
             await self._run_attempt(item, pool, member, lane)
+        except Exception as e:
+            log.exception("settling an attempt crashed", member=member.name, message=item.message_id)
+            await self._requeue_after_crash(item, pool, e)
         finally:
             # The member's slot is held until the outcome is recorded durably, so the attempts counted
             # in flight are all the deliveries a kill -9 can leave unrecorded: duplicates after a crash
@@ -475,6 +478,39 @@ class Dispatcher:
             local_errors=item.local_errors,
         )
         await self._record([settlement], now)
+
+    async def _requeue_after_crash(self, item: WorkItem, pool: Pool, error: Exception) -> None:
+        """Deciding or recording an attempt's outcome raised (our bug, e.g. in building a DSN).
+
+        Left alone, the work would stay leased until a restart. It waits a round instead, counted as one
+        of the message's crashes, so a message that keeps doing this is held, as one that crashes the
+        sending code is. Nothing of the outcome was recorded, so recipients this attempt delivered are
+        tried again: a duplicate is better than mail stuck or lost.
+        """
+        now = self.clock()
+        item.recipients = [replace(r, local_errors=r.local_errors + 1) for r in item.recipients]
+        rounds = _rounds_ended(item, item.recipients)
+        held = item.local_errors >= self.settings.retry.max_local_errors
+        reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
+        if held:
+            tags = {"reason": "local_error", "error": f"{type(error).__name__}: {error}"[:300]}
+            for r in item.recipients:
+                self._emit(EventType.HELD, item, r, pool, "", reply, now, tags=tags)
+        settlement = Settlement(
+            item.message_id,
+            [r.rid for r in item.recipients],
+            RecipientState.HELD if held else RecipientState.QUEUED,
+            str(reply),
+            # Not next_due: expiring would build a DSN, which may be the very code that raised.
+            0.0 if held else now + self.retry.interval(rounds),
+            attempts=item.attempts,
+            rounds=rounds,
+            local_errors=item.local_errors,
+        )
+        try:
+            await self._record([settlement], now)
+        except Exception:  # the lease stays; the next start recovers the work
+            log.exception("requeueing crashed work failed", message=item.message_id)
 
     def _learn(
         self,
