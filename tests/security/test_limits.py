@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -24,8 +25,10 @@ async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) ->
     await client.close()
 
 
-async def test_text_line_over_1000_octets_refuses_the_message(gateway: StartGateway, tmp_path: Path) -> None:
-    app = await gateway()
+async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_are_refused(
+    gateway: StartGateway, tmp_path: Path
+) -> None:
+    app = await gateway(long_lines="refuse")
     client = await RawClient.connect(app.smtp_port)
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
@@ -33,6 +36,54 @@ async def test_text_line_over_1000_octets_refuses_the_message(gateway: StartGate
     assert reply == "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
     await client.close()
     assert stored(tmp_path) == 0
+
+
+def thread_references(octets: int) -> bytes:
+    """A References field of at least `octets` octets on one line: message ids with a space between."""
+    ids, field = 0, b"References:"
+    while len(field) < octets:
+        field += b" <%05d.thread@example.test>" % ids
+        ids += 1
+    return field
+
+
+def unwrapped_html(octets: int) -> bytes:
+    """One line of HTML as applications write it, without a line break: at least `octets` octets."""
+    html, i = b"<html><body>", 0
+    while len(html) < octets:
+        html += b'<p class="row"><a href="https://example.test/item/%d">item %d</a></p> ' % (i, i)
+        i += 1
+    return html + b"</body></html>"
+
+
+async def test_long_text_lines_are_taken_and_leave_folded_to_1000_octets(gateway: StartGateway) -> None:
+    app = await gateway()  # [smtp] long_lines = "fold", the default
+    references = thread_references(2_000)
+    html = unwrapped_html(5_000)
+    token = b"T" * 5_000  # no whitespace anywhere: broken after 998 octets, as Postfix does
+    original = b"Subject: long lines\r\n" + references + b"\r\n\r\n" + html + b"\r\n--\r\n" + token + b"\r\nend\r\n"
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(original + b".\r\n")
+    assert reply.startswith("250 2.0.0 Ok: queued as"), reply
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    data = up.received[0].data
+    assert max(len(line) + 2 for line in data.split(b"\r\n")) <= 1000  # octets with the CRLF
+    head, _, body = data.partition(b"\r\n\r\n")
+    # The header field was folded before spaces: RFC 5322 2.2.3 unfolding gives it back octet for octet.
+    assert head.count(b"\r\n ") >= 2
+    assert re.sub(rb"\r\n(?=[ \t])", b"", head).endswith(b"\r\nSubject: long lines\r\n" + references)
+    html_lines, token_lines = body.split(b"\r\n--\r\n")
+    # So was the HTML: each new line starts with the space it was broken before.
+    assert html_lines.count(b"\r\n ") >= 5 and html_lines.replace(b"\r\n ", b" ") == html
+    # The token had nowhere to break: 998 octets, then lines that start with an inserted space.
+    *pieces, end, last = token_lines.split(b"\r\n")
+    assert (end, last) == (b"end", b"")
+    assert len(pieces[0]) == 998 and all(p.startswith(b" ") for p in pieces[1:])
+    assert pieces[0] + b"".join(p[1:] for p in pieces[1:]) == token
 
 
 async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -> None:
