@@ -8,11 +8,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from tests.security.client import RawClient
 from tests.security.conftest import StartGateway, stored
 from tests.support import Upstream, send, wait_until
 
 TOO_LONG_COMMAND = "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)"
+TOO_LONG_TEXT_LINE = "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+TOO_BIG = "552 5.3.4 Message too big for system"
 
 
 async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) -> None:
@@ -33,7 +37,7 @@ async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_ar
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
     reply = await client.cmd(b"Subject: long\r\n\r\n" + b"y" * 1001 + b"\r\nshort\r\n.\r\n")
-    assert reply == "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+    assert reply == TOO_LONG_TEXT_LINE
     await client.close()
     assert stored(tmp_path) == 0
 
@@ -61,7 +65,8 @@ async def test_long_text_lines_are_taken_and_leave_folded_to_1000_octets(gateway
     references = thread_references(2_000)
     html = unwrapped_html(5_000)
     token = b"T" * 5_000  # no whitespace anywhere: broken after 998 octets, as Postfix does
-    original = b"Subject: long lines\r\n" + references + b"\r\n\r\n" + html + b"\r\n--\r\n" + token + b"\r\nend\r\n"
+    header = b"Subject: long lines\r\n" + references + b"\r\n\r\n"
+    original = header + html + b"\r\n--\r\n" + token + b"\r\nend\r\n"
     client = await RawClient.connect(app.smtp_port)
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
@@ -96,24 +101,32 @@ async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -
     await client.close()
 
 
+@pytest.mark.parametrize(
+    ("line", "long_lines", "refusal"),
+    [
+        (b"z" * 998 + b"\r\n", "fold", TOO_BIG),
+        (b"z" * 1000, "fold", TOO_BIG),  # one line of 20 MB: kept as it comes, until over the limit
+        (b"z" * 1000, "refuse", TOO_LONG_TEXT_LINE),
+    ],
+    ids=["short-lines", "one-20-MB-line-folded", "one-20-MB-line-refused"],
+)
 async def test_message_too_big_is_refused_after_data_with_memory_flat(
-    gateway: StartGateway, tmp_path: Path
+    gateway: StartGateway, tmp_path: Path, line: bytes, long_lines: str, refusal: str
 ) -> None:
-    app = await gateway(max_message_size=100_000)
+    app = await gateway(max_message_size=100_000, long_lines=long_lines)
     client = await RawClient.connect(app.smtp_port)
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
-    line = b"z" * 998 + b"\r\n"
     tracemalloc.start()
     try:
         await client.send(b"Subject: big\r\n\r\n")
         for _ in range(200):  # 20 MB, 200 times the limit, in 100 kB writes
             await client.send(line * 100)
-        reply = await client.cmd(b".\r\n")
+        reply = await client.cmd(b"\r\n.\r\n" if not line.endswith(b"\r\n") else b".\r\n")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert reply == "552 5.3.4 Message too big for system"
+    assert reply == refusal
     assert peak < 3_000_000, f"peak {peak} bytes while 20 MB went through"
     assert (await client.cmd("NOOP")) == "250 OK"
     await client.close()

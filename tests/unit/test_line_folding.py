@@ -12,7 +12,7 @@ from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines, line_pieces
 
 # Octets the breaks turn on: whitespace runs, dots, UTF-8 characters, bare CR and LF, words of all sizes.
 OCTETS = st.sampled_from(
-    [b" ", b"\t", b"  ", b".", b"a", b"word", b"x" * 7, b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x93\xa7", b"\r", b"\n"]
+    [b" ", b"\t", b"  ", b".", b"a", b"word", b"x" * 7, "é€📧".encode(), b"\xe2\x82", b"\r", b"\n"]
 )
 LINES = st.lists(OCTETS, max_size=40).map(b"".join)
 TEXTS = st.lists(LINES, max_size=8).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
@@ -25,7 +25,9 @@ def unfold(line: bytes, width: int) -> bytes:
 
 
 @given(TEXTS, WIDTHS)
-def test_folded_lines_fit_and_removing_the_inserted_breaks_gives_the_original(text: bytes, width: int) -> None:
+def test_folded_lines_fit_and_removing_the_inserted_breaks_gives_the_original(
+    text: bytes, width: int
+) -> None:
     folded = fold_long_lines(text, width)
     assert all(len(line) <= width for line in folded.split(b"\r\n"))
     originals = text.split(b"\r\n")
