@@ -91,6 +91,22 @@ async def test_long_text_lines_are_taken_and_leave_folded_to_1000_octets(gateway
     assert pieces[0] + b"".join(p[1:] for p in pieces[1:]) == token
 
 
+async def test_lf_only_mail_is_repaired_not_broken_with_line_endings_normalize(gateway: StartGateway) -> None:
+    app = await gateway(line_endings="normalize")  # and long_lines = "fold"
+    # To SMTP, mail with LF line ends is one line of 3,000 octets; its own lines are short.
+    head = b"Received: from a.test\n\tby b.test; Mon, 1 Jan 2024 00:00:00 +0000\nSubject: lf\n\n"
+    message = head + b"a short line\n" * 230
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    assert (await client.cmd(message + b"\r\n.\r\n")).startswith("250 2.0.0 Ok: queued as")
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    # Only the line ends were repaired: no break, so no blank line that would end the header section.
+    assert up.received[0].data.endswith(message.replace(b"\n", b"\r\n") + b"\r\n")
+
+
 async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -> None:
     app = await gateway(max_message_size=10_000)
     client = await RawClient.connect(app.smtp_port)

@@ -18,12 +18,14 @@ sender wrote. The sender who needs long lines kept must encode them (quoted-prin
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 FOLD_WIDTH = 998  # RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1: octets in a line, the CRLF not counted
 
 _CRLF = b"\r\n"
 _WSP = b" \t"  # RFC 5322 2.2.3: folding whitespace
+_BARE_LINE_END = re.compile(rb"(\r|\n)")  # in a line split at CRLF, every CR or LF left is bare
 
 
 class Piece(NamedTuple):
@@ -79,8 +81,17 @@ def fold_long_lines(text: bytes, width: int = FOLD_WIDTH) -> bytes:
     lines = text.split(_CRLF)
     for i, line in enumerate(lines):
         if len(line) > width:
-            lines[i] = _CRLF.join(
-                b" " + line[p.start : p.stop] if p.spaced else line[p.start : p.stop]
-                for p in line_pieces(line, width)
-            )
+            lines[i] = _fold(line, width)
     return _CRLF.join(lines)
+
+
+def _fold(line: bytes, width: int) -> bytes:
+    if b"\r" in line or b"\n" in line:
+        # A bare CR or LF is a line end once [smtp] line_endings = "normalize" repairs it into CRLF (else
+        # the message is refused): fold the lines between them, or a break just after one would become a
+        # blank line, which ends a message's header section (RFC 5322 2.1).
+        parts = _BARE_LINE_END.split(line)  # line, bare end, line, ..., line
+        parts[::2] = [_fold(part, width) if len(part) > width else part for part in parts[::2]]
+        return b"".join(parts)
+    pieces = line_pieces(line, width)
+    return _CRLF.join(b" " * p.spaced + line[p.start : p.stop] for p in pieces)
