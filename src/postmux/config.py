@@ -133,6 +133,9 @@ class SmtpSettings(_Frozen):
     auth_failure_delay: Duration = 1.0
     max_auth_failures: int = Field(default=3, gt=0)
     tls: SmtpTlsSettings | None = None
+    # A text line over 1000 octets (RFC 5321 4.5.3.1.6): "fold" takes the message and breaks the line as
+    # Postfix's smtp_line_length_limit does (ingress/folding.py); "refuse" answers 500 5.5.2 after the dot.
+    long_lines: Literal["fold", "refuse"] = "fold"
 
     @field_validator("trusted_networks")
     @classmethod

@@ -59,10 +59,10 @@ async def test_end_of_data_across_the_block_boundary(gateway: StartGateway, shif
 
 @pytest.mark.parametrize(("length", "taken"), [(1000, True), (1001, True), (1002, False)])
 @pytest.mark.parametrize("split", [BLOCK - 500, BLOCK - 1, BLOCK])
-async def test_a_line_at_the_length_limit_across_the_block_boundary(
+async def test_a_line_at_the_length_limit_across_the_block_boundary_when_long_lines_are_refused(
     gateway: StartGateway, tmp_path: Path, length: int, taken: bool, split: int
 ) -> None:
-    app = await gateway()
+    app = await gateway(long_lines="refuse")
     start = split - 600  # the long line starts before the boundary and ends after it
     line = b"L" * (length - 2) + b"\r\n"  # octets with its CRLF
     replies = await transaction(app.smtp_port, HEAD + filler_to(start) + line + b"end\r\n.\r\nQUIT\r\n")
@@ -75,6 +75,30 @@ async def test_a_line_at_the_length_limit_across_the_block_boundary(
         assert replies[0] == TOO_LONG
         await asyncio.sleep(0.2)
         assert stored(tmp_path) == 0 and delivered(app) == []
+
+
+def broken_as_postfix(octets: int) -> bytes:
+    """A line of `octets` "L"s (no whitespace) as Postfix sends it: 998, then SPACE and 997 a line."""
+    first, rest = min(octets, 998), max(octets - 998, 0)
+    lines = [b"L" * first] + [b" " + b"L" * min(997, rest - done) for done in range(0, rest, 997)]
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+@pytest.mark.parametrize("length", [1000, 1001, 1002, 1003, 1995, 1996, 3 * BLOCK])
+@pytest.mark.parametrize("split", [BLOCK - 500, BLOCK - 1, BLOCK])
+async def test_a_long_line_across_the_block_boundary_is_taken_and_folded(
+    gateway: StartGateway, length: int, split: int
+) -> None:
+    app = await gateway()  # [smtp] long_lines = "fold", the default
+    start = split - 600  # the long line starts before the boundary and ends after it
+    line = b"L" * (length - 2) + b"\r\n"  # octets with its CRLF
+    replies = await transaction(app.smtp_port, HEAD + filler_to(start) + line + b"end\r\n.\r\nQUIT\r\n")
+    assert replies[0].startswith("250 "), replies
+    assert replies[1] == "221 Bye"
+    await wait_until(lambda: len(delivered(app)) == 1)
+    text = delivered(app)[0]
+    assert text.endswith(b"\r\n" + broken_as_postfix(length - 2) + b"end\r\n")
+    assert max(len(line) for line in text.split(b"\r\n")) <= 998
 
 
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\n.\r\n"])

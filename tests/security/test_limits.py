@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tracemalloc
 from pathlib import Path
+
+import pytest
 
 from tests.security.client import RawClient
 from tests.security.conftest import StartGateway, stored
 from tests.support import Upstream, send, wait_until
 
 TOO_LONG_COMMAND = "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)"
+TOO_LONG_TEXT_LINE = "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+TOO_BIG = "552 5.3.4 Message too big for system"
 
 
 async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) -> None:
@@ -24,15 +29,82 @@ async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) ->
     await client.close()
 
 
-async def test_text_line_over_1000_octets_refuses_the_message(gateway: StartGateway, tmp_path: Path) -> None:
-    app = await gateway()
+async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_are_refused(
+    gateway: StartGateway, tmp_path: Path
+) -> None:
+    app = await gateway(long_lines="refuse")
     client = await RawClient.connect(app.smtp_port)
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
     reply = await client.cmd(b"Subject: long\r\n\r\n" + b"y" * 1001 + b"\r\nshort\r\n.\r\n")
-    assert reply == "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
+    assert reply == TOO_LONG_TEXT_LINE
     await client.close()
     assert stored(tmp_path) == 0
+
+
+def thread_references(octets: int) -> bytes:
+    """A References field of at least `octets` octets on one line: message ids with a space between."""
+    ids, field = 0, b"References:"
+    while len(field) < octets:
+        field += b" <%05d.thread@example.test>" % ids
+        ids += 1
+    return field
+
+
+def unwrapped_html(octets: int) -> bytes:
+    """One line of HTML as applications write it, without a line break: at least `octets` octets."""
+    html, i = b"<html><body>", 0
+    while len(html) < octets:
+        html += b'<p class="row"><a href="https://example.test/item/%d">item %d</a></p> ' % (i, i)
+        i += 1
+    return html + b"</body></html>"
+
+
+async def test_long_text_lines_are_taken_and_leave_folded_to_1000_octets(gateway: StartGateway) -> None:
+    app = await gateway()  # [smtp] long_lines = "fold", the default
+    references = thread_references(2_000)
+    html = unwrapped_html(5_000)
+    token = b"T" * 5_000  # no whitespace anywhere: broken after 998 octets, as Postfix does
+    header = b"Subject: long lines\r\n" + references + b"\r\n\r\n"
+    original = header + html + b"\r\n--\r\n" + token + b"\r\nend\r\n"
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(original + b".\r\n")
+    assert reply.startswith("250 2.0.0 Ok: queued as"), reply
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    data = up.received[0].data
+    assert max(len(line) + 2 for line in data.split(b"\r\n")) <= 1000  # octets with the CRLF
+    head, _, body = data.partition(b"\r\n\r\n")
+    # The header field was folded before spaces: RFC 5322 2.2.3 unfolding gives it back octet for octet.
+    assert head.count(b"\r\n ") >= 2
+    assert re.sub(rb"\r\n(?=[ \t])", b"", head).endswith(b"\r\nSubject: long lines\r\n" + references)
+    html_lines, token_lines = body.split(b"\r\n--\r\n")
+    # So was the HTML: each new line starts with the space it was broken before.
+    assert html_lines.count(b"\r\n ") >= 5 and html_lines.replace(b"\r\n ", b" ") == html
+    # The token had nowhere to break: 998 octets, then lines that start with an inserted space.
+    *pieces, end, last = token_lines.split(b"\r\n")
+    assert (end, last) == (b"end", b"")
+    assert len(pieces[0]) == 998 and all(p.startswith(b" ") for p in pieces[1:])
+    assert pieces[0] + b"".join(p[1:] for p in pieces[1:]) == token
+
+
+async def test_lf_only_mail_is_repaired_not_broken_with_line_endings_normalize(gateway: StartGateway) -> None:
+    app = await gateway(line_endings="normalize")  # and long_lines = "fold"
+    # To SMTP, mail with LF line ends is one line of 3,000 octets; its own lines are short.
+    head = b"Received: from a.test\n\tby b.test; Mon, 1 Jan 2024 00:00:00 +0000\nSubject: lf\n\n"
+    message = head + b"a short line\n" * 230
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    assert (await client.cmd(message + b"\r\n.\r\n")).startswith("250 2.0.0 Ok: queued as")
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    # Only the line ends were repaired: no break, so no blank line that would end the header section.
+    assert up.received[0].data.endswith(message.replace(b"\n", b"\r\n") + b"\r\n")
 
 
 async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -> None:
@@ -45,24 +117,32 @@ async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -
     await client.close()
 
 
+@pytest.mark.parametrize(
+    ("line", "long_lines", "refusal"),
+    [
+        (b"z" * 998 + b"\r\n", "fold", TOO_BIG),
+        (b"z" * 1000, "fold", TOO_BIG),  # one line of 20 MB: kept as it comes, until over the limit
+        (b"z" * 1000, "refuse", TOO_LONG_TEXT_LINE),
+    ],
+    ids=["short-lines", "one-20-MB-line-folded", "one-20-MB-line-refused"],
+)
 async def test_message_too_big_is_refused_after_data_with_memory_flat(
-    gateway: StartGateway, tmp_path: Path
+    gateway: StartGateway, tmp_path: Path, line: bytes, long_lines: str, refusal: str
 ) -> None:
-    app = await gateway(max_message_size=100_000)
+    app = await gateway(max_message_size=100_000, long_lines=long_lines)
     client = await RawClient.connect(app.smtp_port)
     await client.ehlo_mail_rcpt()
     await client.cmd("DATA")
-    line = b"z" * 998 + b"\r\n"
     tracemalloc.start()
     try:
         await client.send(b"Subject: big\r\n\r\n")
         for _ in range(200):  # 20 MB, 200 times the limit, in 100 kB writes
             await client.send(line * 100)
-        reply = await client.cmd(b".\r\n")
+        reply = await client.cmd(b"\r\n.\r\n" if not line.endswith(b"\r\n") else b".\r\n")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert reply == "552 5.3.4 Message too big for system"
+    assert reply == refusal
     assert peak < 3_000_000, f"peak {peak} bytes while 20 MB went through"
     assert (await client.cmd("NOOP")) == "250 OK"
     await client.close()

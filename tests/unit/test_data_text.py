@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postmux.ingress.data import LINE_TOO_LONG, TOO_MUCH_DATA, DataText, unread
+from postmux.ingress.folding import fold_long_lines
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
 
@@ -42,11 +43,28 @@ def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | No
             kept.append(line[1:] if line.startswith(b".") else line)
 
 
+def folding_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
+    """The same loop with [smtp] long_lines = "fold": no line is too long, and the text is folded whole."""
+    pos, num, refusal, kept = 0, 0, None, []
+    while True:
+        eol = stream.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        line, pos = stream[pos : eol + 2], eol + 2
+        if line == b".\r\n":
+            return pos, refusal, fold_long_lines(b"".join(kept)) if refusal is None else b""
+        num += len(line)
+        if refusal is None and size_limit and num > size_limit:
+            refusal = TOO_MUCH_DATA
+        if refusal is None:
+            kept.append(line[1:] if line.startswith(b".") else line)
+
+
 def read_blocks(
-    stream: bytes, cuts: list[int], size_limit: int | None
+    stream: bytes, cuts: list[int], size_limit: int | None, *, fold: bool = False
 ) -> tuple[int, str | None, bytes] | None:
     """Feed `stream` cut at `cuts` (offsets) to a DataText: what the model returns, or None if not done."""
-    text = DataText(size_limit, LINE_LIMIT)
+    text = DataText(size_limit, LINE_LIMIT, fold=fold)
     bounds = sorted({c for c in cuts if 0 < c < len(stream)} | {0, len(stream)})
     taken = 0
     for start, stop in itertools.pairwise(bounds):
@@ -104,6 +122,23 @@ def test_one_octet_at_a_time(stream: bytes, size_limit: int | None) -> None:
     assert read_blocks(stream, cuts, size_limit) == aiosmtpd_model(stream, size_limit)
 
 
+@settings(max_examples=400)
+@given(STREAMS, st.lists(st.integers(min_value=0, max_value=40000), max_size=8), LIMITS, st.booleans())
+def test_folding_any_cutting_gives_the_whole_text_folded(
+    stream: bytes, cuts: list[int], size_limit: int | None, ended: bool
+) -> None:
+    if ended:
+        stream += b"\r\n.\r\nQUIT\r\n"
+    assert read_blocks(stream, cuts, size_limit, fold=True) == folding_model(stream, size_limit)
+
+
+@given(STREAMS, LIMITS)
+def test_folding_one_octet_at_a_time(stream: bytes, size_limit: int | None) -> None:
+    stream += b"\r\n.\r\nMAIL FROM:<a@b.test>\r\n"
+    cuts = list(range(len(stream)))
+    assert read_blocks(stream, cuts, size_limit, fold=True) == folding_model(stream, size_limit)
+
+
 MESSAGE = b"Subject: s\r\n\r\n.leading dot\r\n..\r\nbody\r\n"
 STREAM = MESSAGE + b".\r\nQUIT\r\n"
 
@@ -148,6 +183,26 @@ def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:
     assert text.refusal == LINE_TOO_LONG
     assert text.feed(b".\r\n") == 3 and not text.done  # still the too-long line, not a line of its own
     assert text.feed(b".\r\nRSET\r\n") == 3 and text.done
+
+
+def test_folding_an_endless_line_is_kept_a_block_at_a_time_then_refused_at_the_size_limit() -> None:
+    text = DataText(1_000_000, LINE_LIMIT, fold=True)
+    for i in range(300):  # 19 MB with no line end
+        assert text.feed(b"y" * 65535 + b"\r") == 65536
+        assert text._partial == b"\r"  # each block is taken as it comes, never joined to the last
+        assert (text.refusal is None) == (i < 15) and (bool(text._parts) == (i < 15))
+    assert text.refusal == TOO_MUCH_DATA
+    assert text.feed(b".\r\n") == 3 and not text.done  # "\r." is still the long line
+    assert text.feed(b".\r\nRSET\r\n") == 3 and text.done
+
+
+def test_folding_a_long_line_across_blocks_keeps_its_dots() -> None:
+    text = DataText(None, LINE_LIMIT, fold=True)
+    assert text.feed(b"..dot-stuffed\r\n.." + b"z" * 1500) == 1517  # the long line starts stuffed
+    assert text.feed(b"." * 1500) == 1500  # a dot in the middle of a line is not stuffing
+    assert text.feed(b"\r\n.\r\n") == 5 and text.done and text.refusal is None
+    line = b"." + b"z" * 1500 + b"." * 1500
+    assert text.content == b".dot-stuffed\r\n" + fold_long_lines(line + b"\r\n")
 
 
 def test_too_much_data_is_refused_and_thrown_away() -> None:

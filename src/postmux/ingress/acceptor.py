@@ -87,7 +87,9 @@ class Acceptor:
         return message_id
 
     def _received(self, envelope: Envelope, message_id: str, now: float) -> bytes:
-        """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes.
+        """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes here.
+
+        (The SMTP reader has already broken any line over 998 octets, [smtp] long_lines, ingress/folding.py.)
 
         It carries no recipient (one message, many recipients) and goes before the existing headers, so
         signatures made upstream stay valid.

@@ -16,14 +16,21 @@ tests/integration/test_data_blocks.py to aiosmtpd itself, byte stream for byte s
 - Once refused, the rest is read up to the end and thrown away: memory stays flat, whatever is sent.
   Nothing is kept of a line longer than `line_limit + 2` either, even unfinished.
 - A line that starts with "." loses that dot (RFC 5321 4.5.2).
+
+With `fold` (postmux's `[smtp] long_lines = "fold"`, the default) no line is too long: a long one is kept
+as it arrives, a block at a time (the size limit alone bounds what is kept), and the text's lines longer
+than 998 octets are broken as Postfix breaks them on the way out (ingress/folding.py). A text with no
+such line costs nothing more: the longest line of each block is measured already.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from aiosmtpd.smtp import MISSING, SMTP
+
+from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines
 
 # aiosmtpd's own replies, which PostmuxSMTP.push gives an enhanced status code.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
@@ -38,15 +45,18 @@ _END = b"\r\n.\r\n"  # a CRLF ending a line, then the line "."
 class DataText:
     """Cuts one message's text out of the bytes that follow the 354, fed to it in blocks of any size."""
 
-    def __init__(self, size_limit: int | None, line_limit: int) -> None:
+    def __init__(self, size_limit: int | None, line_limit: int, *, fold: bool = False) -> None:
         self.size_limit = size_limit
         self.line_limit = line_limit
+        self.fold = fold  # take lines longer than line_limit and fold them, instead of refusing
+        self.long_lines = False  # with `fold`: some line may be longer than FOLD_WIDTH
         self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA, once the message is refused
         self.done = False  # the end-of-data line has been taken
         self.size = 0  # octets counted against size_limit (while nothing is refused)
         self._parts: list[bytes] = []  # whole lines, dot-stuffing undone
-        # The line that has begun but not ended: at most line_limit + 2 octets. Past that it is too long
-        # and only its last octet is kept if it is a CR (the CRLF that ends the line may be split).
+        # The line that has begun but not ended: at most line_limit + 2 octets. Past that it is too long:
+        # refused, or with `fold` taken into _parts as it is; only its last octet is kept if it is a CR
+        # (the CRLF that ends the line may be split).
         self._partial = b""
         self._mid_line = False  # _partial is the end of a too-long line, not the start of a line
 
@@ -54,7 +64,8 @@ class DataText:
     def content(self) -> bytes:
         """The message text, once `done` with no `refusal`."""
         assert self.done and self.refusal is None
-        return b"".join(self._parts)
+        text = b"".join(self._parts)
+        return fold_long_lines(text) if self.long_lines else text
 
     def feed(self, block: bytes) -> int:
         """Takes `block` up to and including the end-of-data line; returns how many octets of it it took.
@@ -87,14 +98,23 @@ class DataText:
             return
         size = self.size + len(lines)
         longest = max(map(len, lines.split(_CRLF))) + 2
-        if (self.size_limit and size > self.size_limit) or longest > self.line_limit:
+        if self.fold:
+            if self.size_limit and size > self.size_limit:
+                self._refuse(TOO_MUCH_DATA)
+                return
+            self.long_lines |= longest > FOLD_WIDTH + 2  # measured stuffed: at worst one octet too keen
+        elif (self.size_limit and size > self.size_limit) or longest > self.line_limit:
             self._refuse_at_first_fault(lines)
             return
         self.size = size
-        # RFC 5321 4.5.2: each line that starts with a dot loses it. `lines` ends with CRLF, so every
-        # "\r\n." found is the start of one of its own lines.
-        text = lines.replace(b"\r\n.", _CRLF)
-        self._parts.append(text[1:] if text.startswith(b".") else text)
+        self._keep(lines)
+
+    def _keep(self, octets: bytes) -> None:
+        """Whole lines, or the beginning of a long one: the first begins a line unless `_mid_line`."""
+        # RFC 5321 4.5.2: each line that starts with a dot loses it. A "\r\n." found is the start of a
+        # line of `octets` (the line after its end, if `octets` ends with CRLF, is not in it).
+        text = octets.replace(b"\r\n.", _CRLF)
+        self._parts.append(text[1:] if text.startswith(b".") and not self._mid_line else text)
 
     def _refuse_at_first_fault(self, lines: bytes) -> None:
         """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals)."""
@@ -116,11 +136,26 @@ class DataText:
         if len(partial) < self.line_limit + 2:
             self._partial = partial
             return
-        # Whatever ends it, this line is longer than line_limit + 2: refused, and not kept.
-        if self.refusal is None:
+        # Whatever ends it, this line is longer than line_limit + 2: refused, and not kept; or, with
+        # `fold`, taken as it is so far (a line of one octet to the size limit costs a pass, not a square).
+        cr = partial.endswith(b"\r")
+        if self.fold:
+            self._take_long_line(partial[:-1] if cr else partial)
+        elif self.refusal is None:
             self._refuse(LINE_TOO_LONG)
-        self._partial = b"\r" if partial.endswith(b"\r") else b""
+        self._partial = b"\r" if cr else b""
         self._mid_line = True
+
+    def _take_long_line(self, octets: bytes) -> None:
+        """With `fold`: the part of a long line that has arrived (no CRLF in it), counted and kept."""
+        if self.refusal is not None:
+            return
+        self.size += len(octets)
+        if self.size_limit and self.size > self.size_limit:
+            self._refuse(TOO_MUCH_DATA)
+            return
+        self.long_lines = True
+        self._keep(octets)
 
     def _refuse(self, reply: str) -> None:
         self.refusal = reply
@@ -139,7 +174,12 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
 
 
 class BlockDataSMTP(SMTP):
-    """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook."""
+    """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook.
+
+    Unless `long_lines` is "fold": then a text line longer than aiosmtpd's limit is taken, and folded.
+    """
+
+    long_lines: Literal["fold", "refuse"] = "refuse"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -163,7 +203,7 @@ class BlockDataSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        text = DataText(self.data_size_limit, self.line_length_limit)
+        text = DataText(self.data_size_limit, self.line_length_limit, fold=self.long_lines == "fold")
         while not text.done:
             block = await self._reader.read(BLOCK)
             if not block:  # EOF: aiosmtpd's eof_received is cancelling this task already

@@ -71,6 +71,7 @@ class SmtpRefusal(Exception):
 # aiosmtpd's own error replies carry no enhanced status code; RFC 3463 / RFC 2034 want one on each.
 _ENHANCED_REPLIES = {
     "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)",
+    # Only with [smtp] long_lines = "refuse"; the default folds long lines instead (ingress/folding.py).
     "500 Line too long (see RFC5321 4.5.3.1.6)": (
         "500 5.5.2 Text line too long (RFC 5321 4.5.3.1.6: 1000 octets); message refused"
     ),
@@ -204,6 +205,7 @@ class PostmuxSMTP(BlockDataSMTP):
         self._address_role = Role.SENDER
         self._offered: LoginPassword | None = None
         self._data_rearmed = 0.0
+        self.long_lines = settings.long_lines
         super().__init__(
             handler,
             hostname=settings.hostname,
