@@ -50,17 +50,19 @@ class StartupError(Exception):
 
 
 @contextlib.contextmanager
-def _starting(what: str) -> Iterator[None]:
-    """Turn the failure of one start step into a StartupError that says which step and why."""
+def _starting(what: str, path: str = "") -> Iterator[None]:
+    """Turn the failure of one start step into a StartupError that says which step, on what, and why."""
+    named = f"{what} {path}".rstrip()
     try:
         yield
     except SpoolLocked as e:
         raise StartupError(str(e)) from e
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and str(e.filename) not in what else ""
-        raise StartupError(f"{what}: {(e.strerror or str(e)).lower()}{where}") from e
+        # The file the system call failed on, when it is not the one named (a parent in the way, say).
+        where = f" ({e.filename})" if e.filename and str(e.filename) != path else ""
+        raise StartupError(f"{named}: {(e.strerror or str(e)).lower()}{where}") from e
     except (SpoolError, sqlite3.Error) as e:
-        raise StartupError(f"{what}: {e}") from e
+        raise StartupError(f"{named}: {e}") from e
 
 
 class App:
@@ -121,6 +123,7 @@ class App:
         self._tasks: set[asyncio.Task[None]] = set()
         self.recovered = 0
         self._spool_opened = False
+        self.running = False  # started in full; a start that failed stops quietly (its error says it all)
 
     @property
     def smtp_port(self) -> int:
@@ -152,12 +155,12 @@ class App:
 
     async def _start(self) -> None:
         settings = self.settings
-        with _starting(f"spool {settings.spool.path}"):
+        with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
-        with _starting(f"event log {settings.events.log}"):
+        with _starting("event log", settings.events.log):
             await self.event_log.start()
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
@@ -165,7 +168,6 @@ class App:
         self.sync_checkers()
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
-        self._announce_http()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         with _starting(f"[smtp] listen {settings.smtp.listen}"):
             if settings.smtp.workers:
@@ -175,6 +177,8 @@ class App:
                 await self.workers.start()
             else:
                 self._smtp = await start_smtp_server(settings.smtp, self.acceptor)
+        self._announce_http()
+        self.running = True
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -201,15 +205,18 @@ class App:
     async def stop(self) -> None:
         """Stop in reverse: stop accepting, let attempts in flight finish, then close spool and log.
 
-        Each step is logged, so an operator who sent SIGTERM sees how far shutdown has got.
+        Each step of a running node's shutdown is logged, so an operator who sent SIGTERM sees how far
+        it has got.
         """
+        say = log.info if self.running else (lambda *args, **kw: None)
+        self.running = False
         if self.workers is not None or self._smtp is not None:
             await self._stop_accepting()
-            log.info("shutdown: stopped accepting mail")
+            say("shutdown: stopped accepting mail")
         await asyncio.gather(*(c.stop() for c in self.checkers.values()))
         self.checkers.clear()
         in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
-        log.info("shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s)
+        say("shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s)
         await self.dispatcher.stop(self.drain_timeout_s)
         if self._counter is not None:
             self._counter.cancel()
@@ -219,7 +226,7 @@ class App:
         await self.spool.close()
         if self._spool_opened:
             self._spool_opened = False
-            log.info("shutdown: spool closed")
+            say("shutdown: spool closed")
         await self.event_log.stop()
 
     async def _stop_accepting(self) -> None:
