@@ -198,12 +198,14 @@ async def test_a_failure_only_a_start_can_find_is_one_line_naming_its_cause_and_
 
 
 @pytest.mark.slow
-async def test_sigterm_is_logged_with_each_step_of_the_shutdown(
+async def test_start_and_sigterm_are_logged_with_each_step_of_the_shutdown(
     tmp_path: Path, upstream: StartUpstream, serve: Callable[..., Serve]
 ) -> None:
     up = await upstream("a")
     proc = await serve(write_config(tmp_path, up.address)).launch()
     await proc.started()
+    [listening] = proc.logged("http listening")  # the start log says what the HTTP listener serves
+    assert listening["admin_api"] == "off" and listening["listen"] == "127.0.0.1:0"
     os.kill(proc.pid, signal.SIGTERM)
     assert await proc.exit_code() == 0, proc.output
     [received] = proc.logged("signal received")
