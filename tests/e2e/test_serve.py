@@ -184,13 +184,14 @@ async def test_a_failure_only_a_start_can_find_is_one_line_naming_its_cause_and_
         taken.close()
     out = proc.output.strip()
     assert "Traceback" not in out and out.count("\n") == 0, out
+    in_file = tmp_path / "file"
     expected = {
         "http port in use": f"[http] listen {port}: ",
         "smtp port in use": f"[smtp] listen {port}: ",
         "spool is a directory": f"spool {tmp_path / 'spool.db'}: ",
         # The parent in the way is named too.
-        "spool under a file": f"spool {tmp_path / 'file' / 'spool.db'}: file exists ({tmp_path / 'file'})",
-        "log under a file": f"event log {tmp_path / 'file' / 'events.jsonl'}: file exists ({tmp_path / 'file'})",
+        "spool under a file": f"spool {in_file / 'spool.db'}: file exists ({in_file})",
+        "log under a file": f"event log {in_file / 'events.jsonl'}: file exists ({in_file})",
     }[fault]
     assert out.startswith("postmux: cannot start: ") and expected in out, out
     if "port" in fault:
