@@ -7,12 +7,35 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tests.resolver_guard import GUARD
 from tests.support import Behaviour, Upstream, accept
+
+# Installed as soon as the tests are collected, so nothing imported later can keep an unguarded resolver.
+GUARD.install()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _resolve_only_loopback() -> Iterator[None]:
+    """Session-wide: every lookup of a name other than localhost or a loopback address is refused."""
+    GUARD.install()
+    yield
+    GUARD.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _no_lookup_went_unnoticed() -> Iterator[None]:
+    """Fails the test that made a refused lookup, even when the code under test swallowed the error."""
+    GUARD.take()
+    yield
+    attempts = GUARD.take()
+    if attempts:
+        pytest.fail("this test asked a resolver about names that are not loopback: " + ", ".join(attempts))
+
 
 StartUpstream = Callable[..., Awaitable[Upstream]]
 

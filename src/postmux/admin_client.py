@@ -53,6 +53,11 @@ class AdminClient:
             typer.echo(json.dumps(body, indent=2))
         elif "members" in body:
             Console().print(members_table(body["members"]))
+        elif "lanes" in body:
+            if body["lanes"]:
+                Console().print(shaping_table(body["lanes"]))
+            else:
+                typer.echo("no lane of that member was suspended")
         else:
             for change in body.get("changes", []) or ["no change"]:
                 typer.echo(change)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,8 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
-from postmux.config import Settings
-from postmux.control import Control, ReloadResult
+from postmux.config import Settings, http_notes
+from postmux.control import Control, DrainedMembers, ReloadResult
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
@@ -35,9 +37,32 @@ from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
 from postmux.scheduling.warmup import WarmupLedger
+from postmux.spool.base import SpoolError
 from postmux.spool.factory import make_spool
+from postmux.spool.lock import SpoolLocked
 
 log = structlog.get_logger("postmux.app")
+
+
+class StartupError(Exception):
+    """What only a start can find (a port in use, a spool or event log that cannot be used), in one line
+    that names the cause: the operator fixes it without reading a traceback."""
+
+
+@contextlib.contextmanager
+def _starting(what: str, path: str = "") -> Iterator[None]:
+    """Turn the failure of one start step into a StartupError that says which step, on what, and why."""
+    named = f"{what} {path}".rstrip()
+    try:
+        yield
+    except SpoolLocked as e:
+        raise StartupError(str(e)) from e
+    except OSError as e:
+        # The file the system call failed on, when it is not the one named (a parent in the way, say).
+        where = f" ({e.filename})" if e.filename and str(e.filename) != path else ""
+        raise StartupError(f"{named}: {(e.strerror or str(e)).lower()}{where}") from e
+    except (SpoolError, sqlite3.Error) as e:
+        raise StartupError(f"{named}: {e}") from e
 
 
 class App:
@@ -80,7 +105,10 @@ class App:
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
         )
-        self.control = Control(self, config_path)
+        self.control = Control(
+            self, config_path, DrainedMembers(Path(settings.spool.path).with_name("drained.json"))
+        )
+        self.control.restore_drains()
         self.control.sync_transports(settings)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
@@ -94,6 +122,8 @@ class App:
         self._counter: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.recovered = 0
+        self._spool_opened = False
+        self.running = False  # started in full; a start that failed stops quietly (its error says it all)
 
     @property
     def smtp_port(self) -> int:
@@ -116,25 +146,90 @@ class App:
         await self.stop()
 
     async def start(self) -> None:
-        self.recovered = await self.spool.open()
+        """Start in order; a step that fails stops what already started and raises StartupError."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        settings = self.settings
+        with _starting("spool", settings.spool.path):
+            self.recovered = await self.spool.open()
+        self._spool_opened = True
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
-        await self.event_log.start()
+        with _starting("event log", settings.events.log):
+            await self.event_log.start()
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         await self.dispatcher.start()
         self.sync_checkers()
-        await self.http.start()
+        with _starting(f"[http] listen {settings.http.listen}"):
+            await self.http.start()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
-        if self.settings.smtp.workers:
-            self.workers = IngressWorkers(
-                self.settings.smtp, self.acceptor, self.settings.smtp.workers, self.drain_timeout_s
-            )
-            await self.workers.start()
-        else:
-            self._smtp = await start_smtp_server(self.settings.smtp, self.acceptor)
+        with _starting(f"[smtp] listen {settings.smtp.listen}"):
+            if settings.smtp.workers:
+                self.workers = IngressWorkers(
+                    settings.smtp, self.acceptor, settings.smtp.workers, self.drain_timeout_s
+                )
+                await self.workers.start()
+            else:
+                self._smtp = await start_smtp_server(settings.smtp, self.acceptor)
+        self._announce_http()
+        self.running = True
+
+    def _announce_http(self) -> None:
+        """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
+        http = self.settings.http
+        log.info(
+            "http listening",
+            listen=http.listen,
+            port=self.http_port,
+            admin_api="on" if http.admin_token else "off",
+        )
+        for level, note in http_notes(http):
+            if level == "warning":
+                log.warning(note, listen=http.listen)
+
+    def hangup(self) -> None:
+        """SIGHUP: reopen the event log (after logrotate moved it) and reload the configuration."""
+        log.info("signal received", signal=signal.SIGHUP.name, action="reopen event log and reload")
+        try:
+            self.event_log.reopen()
+        except OSError as e:
+            log.error("event log not reopened; still writing to the old file", error=str(e))
+        self.control.reload()
 
     async def stop(self) -> None:
+        """Stop in reverse: stop accepting, let attempts in flight finish, then close spool and log.
+
+        Each step of a running node's shutdown is logged, so an operator who sent SIGTERM sees how far
+        it has got.
+        """
+        say = log.info if self.running else (lambda *args, **kw: None)
+        self.running = False
+        if self.workers is not None or self._smtp is not None:
+            await self._stop_accepting()
+            say("shutdown: stopped accepting mail")
+        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
+        self.checkers.clear()
+        in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
+        say("shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s)
+        await self.dispatcher.stop(self.drain_timeout_s)
+        if self._counter is not None:
+            self._counter.cancel()
+            await asyncio.gather(self._counter, return_exceptions=True)
+            self._counter = None
+        await self.http.stop()
+        await self.spool.close()
+        if self._spool_opened:
+            self._spool_opened = False
+            say("shutdown: spool closed")
+        await self.event_log.stop()
+
+    async def _stop_accepting(self) -> None:
         if self.workers is not None:
             await self.workers.stop()
             self.workers = None
@@ -145,15 +240,6 @@ class App:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._smtp.wait_closed(), timeout=self.drain_timeout_s)
             self._smtp = None
-        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
-        self.checkers.clear()
-        await self.dispatcher.stop(self.drain_timeout_s)
-        if self._counter is not None:
-            self._counter.cancel()
-            await asyncio.gather(self._counter, return_exceptions=True)
-        await self.http.stop()
-        await self.spool.close()
-        await self.event_log.stop()
 
     # -- watching ------------------------------------------------------------------------------------
 

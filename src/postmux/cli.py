@@ -9,15 +9,23 @@ import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote, urlencode
 
 import typer
 
-from postmux.config import ConfigError, Settings, load_config, split_hostport
+from postmux.config import ConfigError, Settings, http_notes, load_config, split_hostport
 
 if TYPE_CHECKING:
     from postmux.admin_client import AdminClient
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="postmux: an outbound email gateway.")
+# No rich markup in help: it would swallow every word in square brackets ("[http] listen", "[smtp]"),
+# and postmux's help names config sections that way.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="postmux: an outbound email gateway.",
+)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML configuration file.")]
 
@@ -32,6 +40,24 @@ def _load_or_exit(path: Path) -> Settings:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from postmux import __version__
+
+        typer.echo(f"postmux {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """postmux: an outbound email gateway."""
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine on uvloop when it is installed (faster sockets), else on asyncio's loop."""
     try:
@@ -44,37 +70,59 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 @app.command("check-config")
 def check_config(config: ConfigOption) -> None:
-    """Validate a configuration file: prints OK, or every error with its key and reason (exit 2)."""
-    _load_or_exit(config)
+    """Validate a configuration file: prints OK, or every error with its key and reason (exit 2).
+
+    Then, on stderr, what the HTTP listener exposes (admin API on or off), and a warning when it listens
+    beyond this host.
+    """
+    settings = _load_or_exit(config)
     typer.echo("OK")
+    for level, note in http_notes(settings.http):
+        typer.echo(f"{config}: {level}: {note}", err=True)
 
 
 @app.command()
 def serve(config: ConfigOption) -> None:
     """Accept mail over SMTP and deliver it through the configured pools until SIGTERM or SIGINT."""
     settings = _load_or_exit(config)
+    from postmux.app import StartupError
     from postmux.logs import configure_logging
 
     configure_logging()
-    run_loop(_serve(settings, config))
+    try:
+        run_loop(_serve(settings, config))
+    except StartupError as e:
+        # What only a start can find (port in use, spool locked or unusable, log unwritable): one line.
+        typer.echo(f"postmux: cannot start: {e}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 async def _serve(settings: Settings, config_path: Path) -> None:
+    import structlog
+
     from postmux.app import App
 
+    log = structlog.get_logger("postmux.serve")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("signal received", signal=sig.name, action="stop accepting, drain, exit")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     async with App(settings, config_path=config_path) as running:
-        # SIGHUP reloads the configuration, as every Unix daemon does; a bad file changes nothing.
-        loop.add_signal_handler(signal.SIGHUP, running.control.reload)
+        # SIGHUP reopens the event log (log rotation) and reloads the configuration, as Unix daemons do;
+        # a bad file changes nothing.
+        loop.add_signal_handler(signal.SIGHUP, running.hangup)
         print(
             f"postmux: smtp on port {running.smtp_port}, http on port {running.http_port}",
             file=sys.stderr,
             flush=True,
         )
         await stop.wait()
+    log.info("stopped")
 
 
 @app.command()
@@ -184,9 +232,61 @@ def enable(
 
 
 def _member_verb(
-    verb: str, name: str, config: Path | None, url: str | None, token: str | None, json: bool
+    verb: str,
+    name: str,
+    config: Path | None,
+    url: str | None,
+    token: str | None,
+    json: bool,
+    query: dict[str, str] | None = None,
 ) -> None:
-    _admin(config, url, token).post(f"/members/{name}/{verb}", as_json=json or not sys.stdout.isatty())
+    # A name is one path segment, whatever it holds: unencoded, "b/enable?" would call b's enable.
+    path = f"/members/{quote(name, safe='')}/{verb}"
+    if query:
+        path += "?" + urlencode(query)
+    _admin(config, url, token).post(path, as_json=json or not sys.stdout.isatty())
+
+
+DestinationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--destination", "-d", help="Only toward this destination: a provider (google) or a domain."
+    ),
+]
+
+
+@app.command()
+def suspend(
+    name: NameArgument,
+    destination: Annotated[
+        str, typer.Option("--destination", "-d", help="The provider (google) or domain to keep it from.")
+    ],
+    for_: Annotated[
+        str, typer.Option("--for", help="How long: 30s, 15m, 2h (a reaction's suspension, set by hand).")
+    ] = "1h",
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Keep a member from one destination for a while; its mail there goes to the other members."""
+    _member_verb("suspend", name, config, url, token, json, {"destination": destination, "duration": for_})
+
+
+@app.command()
+def resume(
+    name: NameArgument,
+    destination: DestinationOption = None,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Lift a member's shaping suspensions now (a reaction's or `suspend`'s), toward every destination
+    or one."""
+    _member_verb(
+        "resume", name, config, url, token, json, {"destination": destination} if destination else None
+    )
 
 
 MessageIdArgument = Annotated[str, typer.Argument(help="The message's id (the event log's id field).")]

@@ -5,6 +5,7 @@ Every error names the file, the key and the reason, so an operator can fix a fil
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -20,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -67,6 +70,34 @@ def _hostport(value: str) -> str:
 
 HostPort = Annotated[str, AfterValidator(_hostport)]  # "host:port" or "[v6]:port", checked at load
 
+# RFC 5321 4.1.2: Domain = sub-domain *("." sub-domain), sub-domain = Let-dig [Ldh-str]; RFC 1035 2.3.4:
+# at most 63 octets a label.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _hostname(value: str) -> str:
+    """The name postmux gives in its greeting and EHLO: a domain, or an address literal such as [192.0.2.1].
+
+    Anything else would break the line it is written into: a CR or LF splits the greeting (every client
+    and every member then sees a broken reply), a space adds a word to EHLO.
+    """
+    if value.startswith("[") and value.endswith("]"):
+        literal = value[1:-1].removeprefix("IPv6:")
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an address literal such as [192.0.2.1]") from None
+        return value
+    if len(value) > 255 or not all(_LABEL.fullmatch(label) for label in value.split(".")):
+        raise ValueError(
+            f"{value!r} is not a host name: letters, digits and hyphens in labels separated by dots "
+            "(RFC 5321 4.1.2), or an address literal such as [192.0.2.1]"
+        )
+    return value
+
+
+Hostname = Annotated[str, AfterValidator(_hostname)]
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,7 +127,7 @@ class SmtpTlsSettings(_Frozen):
     cert_file: str
     key_file: str
     # Refuse every command but EHLO, STARTTLS, NOOP and QUIT until the client has started TLS.
-    required: bool = False
+    required: StrictBool = False
 
     @field_validator("cert_file", "key_file")
     @classmethod
@@ -111,7 +142,7 @@ class SmtpSettings(_Frozen):
     # SMTP sessions in this many worker processes (0: in the main process). The main process keeps the
     # spool and delivery; see ingress/workers.py.
     workers: int = Field(default=0, ge=0, le=64)
-    hostname: str = "postmux.localdomain"
+    hostname: Hostname = "postmux.localdomain"
     max_message_size: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=1000, gt=0)
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -129,7 +160,8 @@ class SmtpSettings(_Frozen):
     max_errors: int = Field(default=20, gt=0)
     users: tuple[SmtpUser, ...] = ()
     # AUTH is offered only inside TLS unless this is false (RFC 4954 4: never send passwords in clear).
-    auth_require_tls: bool = True
+    # StrictBool (every boolean here): "yes", "no" or 1 is reported, never guessed at.
+    auth_require_tls: StrictBool = True
     auth_failure_delay: Duration = 1.0
     max_auth_failures: int = Field(default=3, gt=0)
     tls: SmtpTlsSettings | None = None
@@ -169,7 +201,7 @@ class HttpSettings(_Frozen):
 class SpoolSettings(_Frozen):
     path: str = "var/spool.db"
     # Many concurrent accepts share one fsync. Off means one fsync per message (for measuring only).
-    group_commit: bool = True
+    group_commit: StrictBool = True
     max_batch: int = Field(default=1000, gt=0)
 
 
@@ -198,7 +230,7 @@ class DeliverySettings(_Frozen):
     data_timeout: Duration = 120.0
     max_messages_per_connection: int = Field(default=100, gt=0)
     idle_timeout: Duration = 10.0
-    ehlo_hostname: str | None = None
+    ehlo_hostname: Hostname | None = None
 
 
 class EventSettings(_Frozen):
@@ -255,11 +287,11 @@ class MemberSettings(_Frozen):
     address: HostPort | None = None
     source_address: str | None = None
     # The EHLO name this member gives (a source IP's name should match its PTR record); else [delivery]'s.
-    ehlo_hostname: str | None = None
+    ehlo_hostname: Hostname | None = None
     weight: int = Field(default=1, ge=0, le=10_000)
     max_connections: int = Field(default=10, gt=0)
     max_messages_per_connection: int | None = Field(default=None, gt=0)
-    backup: bool = False
+    backup: StrictBool = False
     priority: int = Field(default=0, ge=0)
     warmup: WarmupSettings | None = None
     # Unset: "opportunistic", or "required" for a member with credentials (never AUTH in clear).
@@ -369,7 +401,7 @@ class HealthSettings(_Frozen):
 class CheckSettings(_Frozen):
     """Active health checks, in HAProxy's `check inter rise fall timeout` words: connect, EHLO, NOOP, QUIT."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
     timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 2.0
     rise: int = Field(default=2, gt=0)  # passes in a row to bring a member back
@@ -552,8 +584,8 @@ class ReactionRule(_Frozen):
 
 
 class ShapingSettings(_Frozen):
-    default_providers: bool = True  # the shipped table of large mailbox providers
-    default_reactions: bool = True
+    default_providers: StrictBool = True  # the shipped table of large mailbox providers
+    default_reactions: StrictBool = True
     # Automatic backoff: a deferral halves the allowed connections and rate of that member x destination;
     # each delivery adds `aimd_increase` back, up to the configured limits, never below the floors.
     # "sources": only lanes of source members, whose 4xx come from receivers; a relay's 4xx is more often
@@ -580,24 +612,12 @@ class Settings(_Frozen):
     shaping: ShapingSettings = ShapingSettings()
 
     @model_validator(mode="after")
-    def _pools(self) -> Settings:
-        names = [p.name for p in self.pool]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"pool names must be unique; repeated: {', '.join(dupes)}")
-        for i, r in enumerate(self.route):
-            if r.pool not in names:
-                raise ValueError(f"route[{i}].pool: no pool named {r.pool!r}")
-        if len(self.pool) > 1 and "default" not in names:
-            raise ValueError("with several pools, one must be named 'default' to take mail no route matches")
-        for p in self.pool:
-            for m in p.members:
-                overflow = m.warmup.overflow_pool if m.warmup else None
-                if overflow is not None and (overflow not in names or overflow == p.name):
-                    raise ValueError(f"pool {p.name!r}, member {m.name!r}: no other pool named {overflow!r}")
-        for i, rule in enumerate(self.shaping.rule):
-            if rule.pool is not None and rule.pool not in names:
-                raise ValueError(f"shaping.rule[{i}].pool: no pool named {rule.pool!r}")
+    def _references(self) -> Settings:
+        problems = reference_problems(self.pool, self.route, self.shaping)
+        if problems:
+            # Not a ValueError: pydantic would fold every problem into one nameless error. This one
+            # passes through, and settings_from_dict reports each problem under its own key.
+            raise ReferenceProblems(problems)
         return self
 
     @property
@@ -614,6 +634,150 @@ class Settings(_Frozen):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+class ReferenceProblems(Exception):
+    """Names in the file that point at nothing: (key, reason) pairs, every one of them."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{k}: {r}" for k, r in problems))
+        self.problems = problems
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def reference_problems(
+    pools: Sequence[PoolSettings], routes: Sequence[RouteSettings], shaping: ShapingSettings
+) -> list[tuple[str, str]]:
+    """Every name that points at no pool, member or provider, as (key, reason); pure, all at once.
+
+    A rule naming a misspelt member or provider is valid on its own and silently applies to nothing,
+    which shows only when the mail it was written for goes out unshaped: so it is refused here.
+    """
+    names = [p.name for p in pools]
+    problems: list[tuple[str, str]] = []
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(("pool", f"pool names must be unique; repeated: {', '.join(dupes)}"))
+    if len(pools) > 1 and "default" not in names:
+        problems.append(
+            ("pool", "with several pools, one must be named 'default' to take mail no route matches")
+        )
+    for i, r in enumerate(routes):
+        if r.pool not in names:
+            problems.append((f"route[{i}].pool", f"no pool named {r.pool!r}{_suggest(r.pool, names)}"))
+    providers = _provider_domains(shaping)
+    for i, p in enumerate(pools):
+        for j, m in enumerate(p.members):
+            if m.warmup is not None:
+                problems += _warmup_problems(
+                    f"pool[{i}].members[{j}].warmup", m.warmup, p.name, names, providers
+                )
+    problems += _rule_problems(shaping, {p.name: [m.name for m in p.members] for p in pools}, providers)
+    for i, reaction in enumerate(shaping.reaction):
+        key = f"shaping.reaction[{i}].destination"
+        problems += _destination_problems(key, reaction.destination, providers)
+    return problems
+
+
+def _rule_problems(
+    shaping: ShapingSettings, members: dict[str, list[str]], providers: dict[str, str | None]
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    names = list(members)
+    everyone = [m for pool in members.values() for m in pool]
+    for i, rule in enumerate(shaping.rule):
+        key = f"shaping.rule[{i}]"
+        if rule.pool is not None and rule.pool not in names:
+            problems.append((f"{key}.pool", f"no pool named {rule.pool!r}{_suggest(rule.pool, names)}"))
+        if rule.member is not None:
+            scope = members.get(rule.pool, []) if rule.pool is not None else everyone
+            if rule.member not in scope:
+                where = f" in pool {rule.pool!r}" if rule.pool is not None else ""
+                problems.append(
+                    (f"{key}.member", f"no member named {rule.member!r}{where}{_suggest(rule.member, scope)}")
+                )
+        problems += _destination_problems(f"{key}.destination", rule.destination, providers)
+    return problems
+
+
+def _warmup_problems(
+    key: str, warmup: WarmupSettings, pool: str, names: list[str], providers: dict[str, str | None]
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    overflow = warmup.overflow_pool
+    if overflow is not None and (overflow not in names or overflow == pool):
+        others = [n for n in names if n != pool]
+        problems.append(
+            (f"{key}.overflow_pool", f"no other pool named {overflow!r}{_suggest(overflow, others)}")
+        )
+    for provider in warmup.provider:
+        problems += _destination_problems(f"{key}.provider.{provider}", provider, providers)
+    return problems
+
+
+def _provider_domains(shaping: ShapingSettings) -> dict[str, str | None]:
+    """Provider names (-> None) and the domains a provider claims (-> its name), as the shaper sees them."""
+    from postmux.scheduling.providers import DEFAULT_PROVIDERS
+
+    table = {p.name: p for p in DEFAULT_PROVIDERS} if shaping.default_providers else {}
+    table.update({p.name: p for p in shaping.provider})
+    known: dict[str, str | None] = {d.lower().rstrip("."): p.name for p in table.values() for d in p.domains}
+    known.update(dict.fromkeys(table))
+    return known
+
+
+def _destination_problems(key: str, value: str, providers: dict[str, str | None]) -> list[tuple[str, str]]:
+    """A destination is '*', a provider's name, or a domain; it must be one a lane can carry.
+
+    Lanes are named by provider, else by the lower-case domain (scheduling/providers.py), so a bare word
+    that names no provider, a domain a provider claims, or a domain in capitals would match no lane.
+    """
+    if value == "*" or (value in providers and providers[value] is None):
+        return []
+    if "." not in value:
+        names = [n for n, owner in providers.items() if owner is None]
+        return [(key, f"no provider named {value!r} (a domain has a dot){_suggest(value, names)}")]
+    clean = value.lower().rstrip(".")
+    owner = providers.get(clean)
+    if owner is not None:
+        return [(key, f"{value!r} is shaped as provider {owner!r}: name the provider instead")]
+    if clean != value:
+        return [(key, f"write the domain as {clean!r}: destinations are lower case, without a final dot")]
+    return []
+
+
+def http_notes(http: HttpSettings) -> list[tuple[str, str]]:
+    """What the HTTP listener exposes, as (level, words) for check-config and serve's start log."""
+    host, _ = split_hostport(http.listen)
+    admin = (
+        "on (bearer token [http] admin_token)"
+        if http.admin_token
+        else "off (set [http] admin_token to turn it on)"
+    )
+    notes = [("note", f"[http] listen {http.listen}: metrics and health; admin API {admin}")]
+    if not _loopback(host):
+        exposed = "metrics, health and the admin API" if http.admin_token else "metrics and health"
+        notes.append(
+            (
+                "warning",
+                f"[http] listen {http.listen} is not a loopback address: {exposed} are open to the network",
+            )
+        )
+    return notes
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listen host is this machine only; a name other than localhost is not trusted to be."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):
@@ -639,20 +803,45 @@ def _key(loc: tuple[int | str, ...]) -> str:
 
 
 def settings_from_dict(data: dict[str, Any], path: str = "<config>") -> Settings:
+    """Every problem at once: the keys pydantic refuses, and names that point at nothing."""
     try:
         return Settings.model_validate(data)
+    except ReferenceProblems as e:
+        raise ConfigError(path, e.problems) from None
     except ValidationError as e:
-        problems: list[tuple[str, str]] = []
-        errors = e.errors(include_url=False)
-        for err in errors:
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
-            # pydantic adds "too short" for a list whose items all failed; the item errors say it better.
-            if err["type"] == "too_short" and any(
-                len(o["loc"]) > len(err["loc"]) and o["loc"][: len(err["loc"])] == err["loc"] for o in errors
-            ):
-                continue
-            problems.append((_key(loc), err["msg"].removeprefix("Value error, ")))
+        problems = _field_problems(e) + _references_of_valid_sections(data)
         raise ConfigError(path, problems) from None
+
+
+def _field_problems(e: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    errors = e.errors(include_url=False)
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
+        # pydantic adds "too short" for a list whose items all failed; the item errors say it better.
+        if err["type"] == "too_short" and any(
+            len(o["loc"]) > len(err["loc"]) and o["loc"][: len(err["loc"])] == err["loc"] for o in errors
+        ):
+            continue
+        problems.append((_key(loc), err["msg"].removeprefix("Value error, ")))
+    return problems
+
+
+def _references_of_valid_sections(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Names to check even when another section failed, so one run reports both kinds of problem.
+
+    Only when the sections that hold and take the names are valid themselves; else their own errors say
+    what to fix first.
+    """
+    if not isinstance(data, dict) or "pool" not in data:
+        return []
+    try:
+        pools = TypeAdapter(tuple[PoolSettings, ...]).validate_python(data["pool"])
+        routes = TypeAdapter(tuple[RouteSettings, ...]).validate_python(data.get("route", ()))
+        shaping = ShapingSettings.model_validate(data.get("shaping", {}))
+    except ValidationError:
+        return []
+    return reference_problems(pools, routes, shaping)
 
 
 def load_config(path: str | Path) -> Settings:

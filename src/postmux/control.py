@@ -5,6 +5,8 @@ The admin HTTP API and SIGHUP both come here; deciding what a reload changes liv
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,10 +16,11 @@ import structlog
 from postmux.balancing.pool import Pool
 from postmux.config import ConfigError, MemberSettings, Settings, load_config
 from postmux.delivery.smtp_client import SmtpTransport
+from postmux.events.types import Event, EventType
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
-from postmux.scheduling.shaping import describe_lane
+from postmux.scheduling.shaping import Lane, describe_lane
 from postmux.scheduling.warmup import day_cap, today_utc
 
 if TYPE_CHECKING:
@@ -25,9 +28,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("postmux.control")
 
-# Keys that a running process cannot change: they need a restart. The SMTP listener (in this process or
-# in ingress workers) is built once from [smtp], so every [smtp] key is one of them.
-_RESTART_ONLY = (("http", "listen"), ("spool", "path"), ("events", "log"))
+# Sections a running process cannot change: every key in them needs a restart. The SMTP listener (in this
+# process or in ingress workers) is built once from [smtp]; the HTTP listener and its admin token, the
+# spool and the event log are opened once at start.
+_RESTART_ONLY = ("smtp", "http", "spool", "events")
 
 
 class UnknownMember(KeyError):
@@ -55,9 +59,15 @@ class ReloadResult:
 
 
 class Control:
-    def __init__(self, app: App, config_path: str | Path | None) -> None:
+    def __init__(
+        self, app: App, config_path: str | Path | None, drains: DrainedMembers | None = None
+    ) -> None:
         self.app = app
         self.config_path = Path(config_path) if config_path else None
+        # What is running of the restart-only sections: the settings at start, whatever reloads said since.
+        self.started = app.settings
+        self.drains = drains or DrainedMembers(None)
+        self.drained = self.drains.load()
 
     # -- members -------------------------------------------------------------------------------------
 
@@ -120,12 +130,20 @@ class Control:
             else None,
         }
 
-    def set_draining(self, name: str, draining: bool) -> list[dict[str, Any]]:
-        """Drain (finish work in flight, take nothing new) or enable a member, in every pool that has it."""
+    def _named(self, name: str) -> list[tuple[Pool, Any]]:
         found = [(pool, m) for pool in self.app.pools.values() for m in pool.members if m.name == name]
         if not found:
             raise UnknownMember(name)
+        return found
+
+    def set_draining(self, name: str, draining: bool) -> list[dict[str, Any]]:
+        """Drain (finish work in flight, take nothing new) or enable a member, in every pool that has it.
+
+        A drain outlives a restart: it is kept in a file beside the spool until `enable`.
+        """
+        found = self._named(name)
         now = self.app.clock()
+        self._remember_drain(name, draining)
         for _, m in found:
             if m.draining != draining:
                 m.draining = draining
@@ -146,6 +164,73 @@ class Control:
         self.app.dispatcher.scan_soon()
         return {"id": message_id, "released": released, "changes": [f"{message_id}: {released} released"]}
 
+    def _remember_drain(self, name: str, draining: bool) -> None:
+        wanted = self.drained | {name} if draining else self.drained - {name}
+        if wanted == self.drained:
+            return
+        try:
+            self.drains.save(wanted)
+        except OSError as e:
+            log.error("drain not saved: a restart will forget it", member=name, error=str(e))
+        self.drained = wanted
+
+    def restore_drains(self) -> None:
+        """At start and after a reload: members drained by an operator stay drained until enabled."""
+        for pool in self.app.pools.values():
+            for m in pool.members:
+                if m.name in self.drained and not m.draining:
+                    m.draining = True
+                    log.info(
+                        "member drained by operator before; still drained", pool=pool.name, member=m.name
+                    )
+
+    # -- shaping by hand ------------------------------------------------------------------------------
+
+    def suspend(self, name: str, destination: str, duration_s: float) -> list[dict[str, Any]]:
+        """Keep a member (in every pool that has it) from one destination for a while, as a reaction would."""
+        now = self.app.clock()
+        shaper = self.app.dispatcher.shaper
+        lanes = []
+        for pool, m in self._named(name):
+            lane = shaper.lane(pool.name, m.settings, destination, now)
+            self._shaping_event(lane, shaper.suspend(lane, duration_s, "by operator", now), now)
+            lanes.append(lane)
+        self.app.dispatcher.wake()
+        return [describe_lane(lane, now) for lane in lanes]
+
+    def resume(self, name: str, destination: str | None = None) -> list[dict[str, Any]]:
+        """Lift a member's suspensions now: toward `destination`, or every one. Returns the lanes lifted."""
+        now = self.app.clock()
+        shaper = self.app.dispatcher.shaper
+        pools = {pool.name for pool, _ in self._named(name)}
+        lifted = []
+        for lane in list(shaper.lanes.values()):
+            if lane.member != name or lane.pool not in pools:
+                continue
+            if destination is not None and lane.destination != destination:
+                continue
+            change = shaper.resume(lane, "by operator", now)
+            if change is not None:
+                self._shaping_event(lane, change, now)
+                lifted.append(lane)
+        self.app.dispatcher.wake()
+        return [describe_lane(lane, now) for lane in lifted]
+
+    def _shaping_event(self, lane: Lane, change: str, now: float) -> None:
+        log.info(
+            "shaping changed", pool=lane.pool, member=lane.member, destination=lane.destination, change=change
+        )
+        self.app.bus.emit(
+            Event(
+                EventType.SHAPING_CHANGED,
+                queue=f"{lane.pool}/{lane.destination}",
+                pool=lane.pool,
+                member=lane.member,
+                tags={"change": change, "by": "operator"},
+                timestamp=now,
+            )
+        )
+
     # -- reload --------------------------------------------------------------------------------------
 
     def reload(self) -> ReloadResult:
@@ -158,19 +243,24 @@ class Control:
             log.error("reload refused", problems=e.problems)
             return ReloadResult(False, problems=e.problems)
         result = ReloadResult(True, needs_restart=self._restart_only(settings))
-        result.changes = self.apply(settings)
+        # What runs on: the file's live sections, and the restart-only ones as they were at start.
+        running = settings.model_copy(update={s: getattr(self.started, s) for s in _RESTART_ONLY})
+        result.changes = self.apply(running)
         log.info("configuration reloaded", changes=result.changes, needs_restart=result.needs_restart)
         return result
 
     def _restart_only(self, new: Settings) -> list[str]:
-        old = self.app.settings
-        changed = [
+        """Restart-only keys whose value in the file differs from what is running.
+
+        Compared with the settings the process started with, never with the last file loaded: a key
+        edited, reloaded and edited again still needs a restart until the running value and the file agree.
+        """
+        return [
             f"{section}.{key}"
-            for section, key in _RESTART_ONLY
-            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+            for section in _RESTART_ONLY
+            for key, value in getattr(new, section)
+            if value != getattr(getattr(self.started, section), key)
         ]
-        old_smtp, new_smtp = old.smtp.model_dump(), new.smtp.model_dump()
-        return [f"smtp.{k}" for k in new_smtp if old_smtp[k] != new_smtp[k]] + changed
 
     def apply(self, settings: Settings) -> list[str]:
         app, now = self.app, self.app.clock()
@@ -196,6 +286,7 @@ class Control:
         app.dispatcher.settings = settings
         app.dispatcher.retry = RetrySchedule(settings.retry)
         app.settings = settings
+        self.restore_drains()
         app.sync_checkers()
         app.dispatcher.wake()
         return changes
@@ -246,3 +337,37 @@ def member_state(m: Any, now: float) -> str:
     if m.ramp_started is not None:
         return "ramping"
     return "up"
+
+
+class DrainedMembers:
+    """The members an operator drained, in a small JSON file beside the spool (as warmup.json is).
+
+    Written atomically on each drain and enable: a new file, fsync'd, renamed over the old, so a crash
+    leaves the old list or the new one, never half of one.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+
+    def load(self) -> set[str]:
+        if self.path is None or not self.path.exists():
+            return set()
+        try:
+            names = json.loads(self.path.read_text())["drained"]
+            return {str(n) for n in names}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Unreadable: start with every member in service, and say so (a drain may need repeating).
+            log.error(
+                "drained members file unreadable; no member is drained", path=str(self.path), error=str(e)
+            )
+            return set()
+
+    def save(self, names: set[str]) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as f:
+            json.dump({"drained": sorted(names)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)

@@ -147,7 +147,7 @@ async def test_block_boundaries_as_aiosmtpd(writes: list[bytes]) -> None:
 
 async def test_decoded_text_is_not_offered() -> None:  # async: aiosmtpd takes the running loop
     try:
-        BlockDataSMTP(Recorder(), decode_data=True)
+        BlockDataSMTP(Recorder(), hostname="h.test", decode_data=True)
     except ValueError as e:
         assert "decode_data" in str(e)
     else:

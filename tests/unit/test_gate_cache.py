@@ -200,7 +200,7 @@ def test_members_added_removed_or_given_a_warmup_by_a_reload() -> None:
 
 # -- everything at once, in random order ----------------------------------------------------------------
 
-DESTS = ("d1", "d2")
+DESTS = ("d1.test", "d2.test")
 REPLIES = (OK, DEFER, SUSPEND, THROTTLE)
 OPS = st.one_of(
     st.tuples(st.just("wait"), st.sampled_from([0.0, 0.5, 1.0, 30.0, 300.0, 900.0])),
@@ -213,7 +213,7 @@ OPS = st.one_of(
 )
 RULES: list[dict[str, Any]] = [
     {},
-    {"rule": [{"destination": "d1", "rate": "2/s", "burst": 2}]},
+    {"rule": [{"destination": "d1.test", "rate": "2/s", "burst": 2}]},
     {"rule": [{"member": "b", "max_connections": 1}], "aimd": "off"},
     {"aimd": "all"},
 ]

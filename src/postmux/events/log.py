@@ -29,6 +29,17 @@ class JsonLinesLog:
         self._file = self.path.open("a", encoding="utf-8")
         self._task = asyncio.create_task(self._flusher(), name="event-log")
 
+    def reopen(self) -> None:
+        """Write what is pending to the file as it was, then open the path afresh: after logrotate (or an
+        operator) moved the file away, new events go to a new file instead of the moved one. If the path
+        cannot be opened, the old file is kept (OSError is raised for the caller to report)."""
+        if self._file is None:
+            return
+        self.flush()
+        fresh = self.path.open("a", encoding="utf-8")
+        old, self._file = self._file, fresh
+        old.close()
+
     def flush(self) -> None:
         if self._pending and self._file is not None:
             lines, self._pending = self._pending, []

@@ -24,8 +24,13 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 ADMIN_PREFIX = "/api/v1"
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+# RFC 9110 11.6.1: a 401 carries at least one challenge; RFC 6750 3: the Bearer scheme's, with
+# error="invalid_token" when a token was given and is wrong (none given: no error code).
+_CHALLENGE = 'Bearer realm="postmux"'
 
 
 def _admin_guard(token: str | None) -> Any:
@@ -39,7 +44,8 @@ def _admin_guard(token: str | None) -> Any:
             return _error(403, "the admin API is off: set [http] admin_token to turn it on")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            return _error(401, "missing or wrong bearer token")
+            challenge = _CHALLENGE + (', error="invalid_token"' if scheme.lower() == "bearer" else "")
+            return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": challenge})
         response = await call_next(request)
         return response
 
@@ -85,17 +91,19 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     async def shaping() -> dict[str, Any]:
         return {"lanes": control.shaping()}
 
+    # {name:path}: a name is taken whole, "/" included (the CLI sends it as one encoded segment, which
+    # the server decodes before routing); an unknown one is a 404 with the name, never another member.
     def set_draining(name: str, draining: bool) -> Any:
         try:
             return {"members": control.set_draining(name, draining)}
         except UnknownMember:
             return _error(404, f"no member named {name!r}")
 
-    @app.post(f"{ADMIN_PREFIX}/members/{{name}}/drain")
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/drain")
     async def drain(name: str) -> Any:
         return set_draining(name, True)
 
-    @app.post(f"{ADMIN_PREFIX}/members/{{name}}/enable")
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/enable")
     async def enable(name: str) -> Any:
         return set_draining(name, False)
 
@@ -107,6 +115,8 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
         except NothingHeld:
             return _error(404, f"no held message with id {message_id!r}")
 
+    _shaping_routes(app, control)
+
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:
         result = control.reload()
@@ -117,21 +127,60 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
         return result.as_dict()
 
 
+def _shaping_routes(app: FastAPI, control: Control) -> None:
+    from postmux.config import parse_duration
+    from postmux.control import UnknownMember
+
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/suspend")
+    async def suspend(name: str, destination: str = "", duration: str = "1h") -> Any:
+        if not destination:
+            return _error(400, "suspend needs a destination (a provider such as google, or a domain)")
+        try:
+            duration_s = parse_duration(duration)
+        except ValueError as e:
+            return _error(400, f"duration: {e}")
+        if duration_s <= 0:
+            return _error(400, "duration: a suspension lasts more than 0 s")
+        try:
+            return {"lanes": control.suspend(name, destination, duration_s)}
+        except UnknownMember:
+            return _error(404, f"no member named {name!r}")
+
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/resume")
+    async def resume(name: str, destination: str | None = None) -> Any:
+        try:
+            return {"lanes": control.resume(name, destination or None)}
+        except UnknownMember:
+            return _error(404, f"no member named {name!r}")
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the bound port is known."""
 
     def __init__(self, settings: HttpSettings, app: FastAPI) -> None:
-        host, port = split_hostport(settings.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.port: int = self.socket.getsockname()[1]
+        self.listen = settings.listen
+        self.socket: socket.socket | None = None
+        self.port = 0  # the bound port, known once started (port 0 picks a free one)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 
+    def _bind(self) -> socket.socket:
+        """Bound at start, not when built: a port in use is a start failure, reported as one."""
+        host, port = split_hostport(self.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     async def start(self) -> None:
+        self.socket = self._bind()
+        self.port = self.socket.getsockname()[1]
         # uvicorn must not take over SIGINT/SIGTERM: postmux's own shutdown owns them.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._task = asyncio.create_task(self._server.serve(sockets=[self.socket]), name="http")
@@ -139,9 +188,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
-        self.socket.close()
+        if self._task is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None

@@ -393,6 +393,22 @@ class Shaper:
             lane.rate = None
             lane._note("recovered: rate unlimited", now)
 
+    # -- by hand -------------------------------------------------------------------------------------
+
+    def suspend(self, lane: Lane, duration_s: float, why: str, now: float) -> str:
+        """An operator's suspension: as a reaction's, for `duration_s` from now (replacing one in force)."""
+        lane.suspended_until = now + duration_s
+        lane._mark()
+        return lane._note(f"suspended for {duration_s:g}s {why}", now)
+
+    def resume(self, lane: Lane, why: str, now: float) -> str | None:
+        """Lift a suspension now, whoever set it; None when the lane was not suspended."""
+        if lane.suspended_until <= now:
+            return None
+        lane.suspended_until = 0.0
+        lane._mark()
+        return lane._note(f"suspension lifted {why}", now)
+
     # -- housekeeping --------------------------------------------------------------------------------
 
     def prune(self, now: float, idle_s: float = 3600.0) -> None:

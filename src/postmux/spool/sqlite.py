@@ -32,6 +32,7 @@ from postmux.spool.base import (
     WorkItem,
     WorkRecipient,
 )
+from postmux.spool.lock import SpoolLock
 
 T = TypeVar("T")
 log = structlog.get_logger("postmux.spool")
@@ -96,6 +97,7 @@ class SqliteSpool:
         self._closing = False
         self.commits = 0  # how many fsyncs were paid, to show what group commit buys
         self.quarantined = 0  # rows moved to the quarantine table at the last open
+        self._lock = SpoolLock(self.path)
 
     # -- the writer thread -------------------------------------------------------------------------
 
@@ -199,22 +201,34 @@ class SqliteSpool:
     # -- the Spool protocol ------------------------------------------------------------------------
 
     async def open(self) -> int:
-        conn = await asyncio.to_thread(self._connect)
+        # The lock comes before recovery: recovering a live process's leases would deliver them twice.
+        self._lock.acquire()
+        try:
+            conn = await asyncio.to_thread(self._connect)
+        except BaseException:
+            self._lock.release()
+            raise
         self._thread = threading.Thread(target=self._run, args=(conn,), name="postmux-spool", daemon=True)
         self._thread.start()
         self._closing = False
-        self.quarantined = await self._call(lambda c: _quarantine(c, time.time()))
-        if self.quarantined:
-            log.error("spool rows quarantined at open", rows=self.quarantined, table="quarantine")
-        return await self._call(_recover)
+        try:
+            self.quarantined = await self._call(lambda c: _quarantine(c, time.time()))
+            if self.quarantined:
+                log.error("spool rows quarantined at open", rows=self.quarantined, table="quarantine")
+            return await self._call(_recover)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._thread is None:
+            self._lock.release()
             return
         self._closing = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        self._lock.release()
 
     async def store(
         self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
