@@ -243,6 +243,19 @@ class PostmuxSMTP(BlockDataSMTP):
             self._session_timer = None
         super().connection_lost(error)
 
+    def eof_received(self) -> bool:
+        """The client has closed its side: close ours at once, which gives its connection slot back.
+
+        aiosmtpd cancels the session's task here and keeps the socket half-open (StreamReaderProtocol's
+        True), leaving the close to the task's clean-up. A task cancelled before its first step never runs
+        that clean-up, and uvloop delivers the EOF of a client that connects and hangs up before the task
+        starts: the socket sat in CLOSE-WAIT holding its slot until [smtp] timeout (issue 10 B4). SMTP has
+        no use for a half-open session (aiosmtpd answers nothing after EOF), so the transport closes here
+        and connection_lost releases the slot, whatever state the session was in.
+        """
+        super().eof_received()
+        return False
+
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # aiosmtpd builds its StreamReader in its constructor; giving that very object the checking class
         # keeps every attribute aiosmtpd relies on (STARTTLS clears its buffer), with no copy to keep in step.
@@ -471,11 +484,20 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
 
 
 async def start_smtp_server(
-    settings: SmtpSettings, acceptor: Accepts, sock: socket.socket | None = None
+    settings: SmtpSettings,
+    acceptor: Accepts,
+    sock: socket.socket | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
 ) -> asyncio.Server:
-    """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket)."""
+    """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
+
+    `limits` is for a caller that watches the open connections (tests); by default the listener has its own.
+    """
     handler = IngressHandler(settings, acceptor)
-    limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip, settings.hostname)
+    limits = limits or ConnectionLimits(
+        settings.max_connections, settings.max_connections_per_ip, settings.hostname
+    )
     context = tls_context(settings)
     host, port = split_hostport(settings.listen)
 
