@@ -133,6 +133,19 @@ class SmtpSettings(_Frozen):
     auth_failure_delay: Duration = 1.0
     max_auth_failures: int = Field(default=3, gt=0)
     tls: SmtpTlsSettings | None = None
+    # 452s for recipients past max_recipients that do not count toward max_errors (Postfix's
+    # smtpd_recipient_overshoot_limit): a client that pipelines its RCPTs learns of the limit late.
+    recipient_overshoot_limit: int = Field(default=1000, ge=0)
+    # Connections the kernel holds for postmux to accept (listen(2)); asyncio's default of 100 drops a
+    # burst while the loop is busy. Linux caps it at net.core.somaxconn (4096 since 5.4).
+    listen_backlog: int = Field(default=1024, gt=0, le=65535)
+    # Failed logins across connections within auth_failure_window, per client address and per user name
+    # (Postfix's anvil); an attempt over either budget is refused before any password is checked.
+    auth_failure_window: PositiveDuration = 300.0
+    max_auth_failures_per_address: int = Field(default=10, gt=0)
+    max_auth_failures_per_user: int = Field(default=20, gt=0)
+    # scrypt checks (32 MiB and tens of ms of CPU each) running at once, for the whole listener.
+    max_concurrent_auth_checks: int = Field(default=4, gt=0)
 
     @field_validator("trusted_networks")
     @classmethod

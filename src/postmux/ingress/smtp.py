@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import SmtpSettings, split_hostport
@@ -88,6 +88,7 @@ _DEFAULT_ENHANCED = {
     "502": "5.5.1",
     "503": "5.5.1",
     "504": "5.5.4",
+    "454": "4.7.0",  # RFC 3207 5 / RFC 4954 6: TLS or AUTH not available for a temporary reason
     "530": "5.7.0",
     "538": "5.7.11",
     "552": "5.3.4",
@@ -96,12 +97,28 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+# aiosmtpd's own success replies. RFC 2034 3: with ENHANCEDSTATUSCODES every 2xx, 4xx and 5xx reply carries
+# a code, but for the greeting and the replies to EHLO and HELO, which keep theirs (no code is added to a
+# 2xx reply not named here); 334 and 354 are not final replies and have none.
+_ENHANCED_SUCCESS = {
+    "250 OK": "250 2.0.0 OK",  # NOOP, RSET (MAIL and RCPT answer through IngressHandler)
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+    ),
+}
+_HELP_REPLIES = ("250 Syntax: ", "250 Supported commands: ")
 
 
 def enhanced(reply: str) -> str:
-    """The same reply with an enhanced status code, if it is an error reply that has none."""
+    """The same reply with an enhanced status code, if it is aiosmtpd's own or an error reply without one."""
     if reply in _ENHANCED_REPLIES:
         return _ENHANCED_REPLIES[reply]
+    if reply in _ENHANCED_SUCCESS:
+        return _ENHANCED_SUCCESS[reply]
+    if reply.startswith(_HELP_REPLIES):
+        return f"250 2.0.0 {reply[4:]}"
     if reply[:1] not in ("4", "5") or _HAS_ENHANCED.match(reply):
         return reply
     code = _DEFAULT_ENHANCED.get(reply[:3], f"{reply[0]}.0.0")
@@ -128,6 +145,26 @@ class ConnectionLimits:
         self.open[ip] -= 1
         if self.open[ip] <= 0:
             del self.open[ip]
+
+
+class _QuietSession(Session):
+    """aiosmtpd's Session without the warning its `login_data` logs on every successful AUTH.
+
+    aiosmtpd 1.4's smtp_AUTH still sets the deprecated `session.login_data` after each login, and the
+    property logs "Session.login_data is deprecated ..." through the stdlib logger `mail.log`: a line of
+    plain text in postmux's JSON log for every client that logs in. postmux reads `auth_data` only.
+    """
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 
 
 class _GuardedReader(asyncio.StreamReader):
@@ -157,6 +194,31 @@ class _GuardedReader(asyncio.StreamReader):
         if refusal is not None:
             raise SmtpRefusal(refusal)
         return line
+
+    async def readline(self) -> bytes:
+        """A client's line in the AUTH exchange (aiosmtpd's challenge_auth is the one caller).
+
+        StreamReader's own readline answers a line past the reader's limit (aiosmtpd's 1001 octets, far
+        more than a PLAIN or LOGIN response needs) with a ValueError, which became a 451 and a traceback,
+        and left the rest of the line to be read as commands. RFC 4954 4 has the reply for it.
+        """
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+        except asyncio.LimitOverrunError as e:
+            await self._discard_line(e.consumed)
+            raise SmtpRefusal(AUTH_LINE_TOO_LONG) from None
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Read and throw away the rest of an over-long line, as aiosmtpd does for a command line."""
+        await self.read(consumed)
+        while True:
+            try:
+                await self.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self.read(e.consumed)
 
 
 def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
@@ -198,6 +260,7 @@ class PostmuxSMTP(BlockDataSMTP):
         self.errors = 0
         # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
         self.failed_logins = 0
+        self.recipients_overshot = 0  # 452s for too many recipients in this transaction
         self.client_ip = ""
         self._refused: str | None = "421 4.3.2 not yet admitted"
         self._session_timer: asyncio.TimerHandle | None = None
@@ -234,6 +297,14 @@ class PostmuxSMTP(BlockDataSMTP):
                 self._hang_up,
                 f"421 4.4.2 {self.hostname} Error: session time limit exceeded",
             )
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd starts a new envelope here: after DATA, RSET, HELO/EHLO and at connection.
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.recipients_overshot = 0
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
@@ -310,11 +381,26 @@ class PostmuxSMTP(BlockDataSMTP):
             return
         reply = enhanced(status)
         await super().push(reply)
-        if reply[:1] in ("4", "5") and not reply.startswith("421"):
+        if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _overshoot(self, reply: str) -> bool:
+        """Whether `reply` refuses a recipient past max_recipients within the overshoot allowance.
+
+        Postfix's smtpd_recipient_overshoot_limit: a client that pipelines its RCPTs (RFC 2920) hears of
+        the limit only after sending more, and those 452s are the limit working, not the client failing.
+        Past the allowance each one counts toward max_errors again.
+        """
+        if (
+            reply != TOO_MANY_RECIPIENTS
+            or self.recipients_overshot >= self.settings.recipient_overshoot_limit
+        ):
+            return False
+        self.recipients_overshot += 1
+        return True
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -383,6 +469,7 @@ class PostmuxSMTP(BlockDataSMTP):
 
 
 _INVALID_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 _DECOY: list[str] = []
 
 
@@ -403,6 +490,11 @@ class IngressHandler:
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, SmtpRefusal):
             return error.reply
+        if isinstance(error, TLSSetupException):
+            # The client's doing (it hung up or spoke no TLS after STARTTLS): aiosmtpd closes the
+            # connection and sends nothing; a traceback per such client would only flood the log.
+            log.info("TLS handshake failed", error=repr(error.__cause__))
+            return "454 4.7.0 TLS not available due to temporary reason"
         # Never a traceback or an exception's text to the client: they are for the log.
         log.exception("smtp session error", error=repr(error))
         return "451 4.3.0 Requested action aborted: local error in processing"
@@ -412,8 +504,17 @@ class IngressHandler:
     ) -> list[str]:
         session.host_name = hostname
         offered = [r for r in responses[:-1] if r.strip() != "250-AUTH"]  # AUTH with no mechanism left
-        # aiosmtpd reads pipelined commands in order but does not advertise it (RFC 2920).
-        return [*offered, "250-PIPELINING", responses[-1]]
+        # aiosmtpd reads pipelined commands in order but does not advertise it (RFC 2920); every reply
+        # but the greeting and this one carries an enhanced status code (RFC 2034, `enhanced`).
+        return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, mail_options: list[str]
+    ) -> str:
+        # What aiosmtpd does without this hook, with the enhanced code its "250 OK" lacks (RFC 3463 X.1.0).
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
@@ -422,7 +523,7 @@ class IngressHandler:
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            return "452 4.5.3 Too many recipients"
+            return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -505,6 +606,8 @@ async def start_smtp_server(
         return PostmuxSMTP(handler, settings, limits, context)
 
     loop = asyncio.get_running_loop()
+    # create_server calls listen() on `sock` too: without the backlog it would be cut back to asyncio's 100.
+    backlog = settings.listen_backlog
     if sock is not None:
-        return await loop.create_server(factory, sock=sock)
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True, backlog=backlog)
