@@ -37,7 +37,7 @@ from postmux.ingress.hygiene import (
     normalize_line_endings,
     received_count,
 )
-from postmux.passwords import hash_password, verify_password
+from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.smtp")
@@ -257,6 +257,7 @@ class PostmuxSMTP(BlockDataSMTP):
     ) -> None:
         self.settings = settings
         self.limits = limits
+        self.logins = handler.logins
         self.errors = 0
         # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
         self.failed_logins = 0
@@ -447,9 +448,16 @@ class PostmuxSMTP(BlockDataSMTP):
             # The exchange itself failed (bad base64, '*'): aiosmtpd has answered it already.
             return AuthResult(success=False, handled=True)
         name = offered.login.decode("utf-8", "replace")
-        if await self._verify(name, offered.password):
+        outcome = await self.logins.check(self.client_ip, name, offered.password)
+        if outcome is LoginOutcome.OK:
             log.info("client authenticated", client=self.client_ip, user=name)
             return AuthResult(success=True, auth_data=name)
+        if outcome is LoginOutcome.ADDRESS_THROTTLED:
+            # Across connections (anvil.py): this address has failed too often; more guessing is not heard.
+            self._hang_up(ADDRESS_THROTTLED.format(hostname=self.hostname))
+            return AuthResult(success=False, handled=True)
+        if outcome is LoginOutcome.USER_THROTTLED:
+            return AuthResult(success=False, handled=False, message=USER_THROTTLED)
         self.failed_logins += 1
         log.warning("authentication failed", client=self.client_ip, user=name, failures=self.failed_logins)
         # A pause before each "no" makes guessing slow; a client that keeps guessing is shown the door.
@@ -460,23 +468,14 @@ class PostmuxSMTP(BlockDataSMTP):
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=_INVALID_CREDENTIALS)
 
-    async def _verify(self, name: str, password: bytes) -> bool:
-        users = {u.name: u.password_hash for u in self.settings.users}
-        # An unknown user costs as much as a known one, so the time taken does not tell which names exist.
-        encoded = users.get(name) or _decoy_hash()
-        ok = await asyncio.to_thread(verify_password, password, encoded)
-        return ok and name in users
-
 
 _INVALID_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-_DECOY: list[str] = []
-
-
-def _decoy_hash() -> str:
-    if not _DECOY:
-        _DECOY.append(hash_password("decoy"))
-    return _DECOY[0]
+# RFC 4954 6: 454 4.7.0 is a temporary authentication failure; the session goes on.
+USER_THROTTLED = "454 4.7.0 Too many failed authentications for this user, try again later"
+ADDRESS_THROTTLED = (
+    "421 4.7.0 {hostname} Error: too many failed authentications from your address, try again later"
+)
 
 
 class IngressHandler:
@@ -486,6 +485,7 @@ class IngressHandler:
         self.settings = settings
         self.acceptor = acceptor
         self.trusted_networks = settings.trusted()
+        self.logins = LoginGuard(settings)  # shared by the listener's sessions, like ConnectionLimits
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, SmtpRefusal):
