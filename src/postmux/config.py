@@ -168,6 +168,19 @@ class SmtpSettings(_Frozen):
     # A text line over 1000 octets (RFC 5321 4.5.3.1.6): "fold" takes the message and breaks the line as
     # Postfix's smtp_line_length_limit does (ingress/folding.py); "refuse" answers 500 5.5.2 after the dot.
     long_lines: Literal["fold", "refuse"] = "fold"
+    # 452s for recipients past max_recipients that do not count toward max_errors (Postfix's
+    # smtpd_recipient_overshoot_limit): a client that pipelines its RCPTs learns of the limit late.
+    recipient_overshoot_limit: int = Field(default=1000, ge=0)
+    # Connections the kernel holds for postmux to accept (listen(2)); asyncio's default of 100 drops a
+    # burst while the loop is busy. Linux caps it at net.core.somaxconn (4096 since 5.4).
+    listen_backlog: int = Field(default=1024, gt=0, le=65535)
+    # Failed logins across connections within auth_failure_window, per client address and per user name
+    # (Postfix's anvil); an attempt over either budget is refused before any password is checked.
+    auth_failure_window: PositiveDuration = 300.0
+    max_auth_failures_per_address: int = Field(default=10, gt=0)
+    max_auth_failures_per_user: int = Field(default=20, gt=0)
+    # scrypt checks (32 MiB and tens of ms of CPU each) running at once, for the whole listener.
+    max_concurrent_auth_checks: int = Field(default=4, gt=0)
 
     @field_validator("trusted_networks")
     @classmethod

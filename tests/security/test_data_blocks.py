@@ -51,7 +51,7 @@ async def test_end_of_data_across_the_block_boundary(gateway: StartGateway, shif
     body = filler_to(BLOCK + shift - 2)  # the CRLF before the dot ends at BLOCK + shift
     replies = await transaction(app.smtp_port, HEAD + body + b".\r\nQUIT\r\n")
     assert replies[0].startswith("250 2.0.0 Ok: queued as"), replies
-    assert replies[1] == "221 Bye"
+    assert replies[1] == "221 2.0.0 Bye"
     await wait_until(lambda: len(delivered(app)) == 1)
     text = delivered(app)[0]
     assert text.endswith((HEAD + body).replace(b"\r\n..", b"\r\n.")), "unstuffed once, nothing lost"
@@ -66,7 +66,7 @@ async def test_a_line_at_the_length_limit_across_the_block_boundary_when_long_li
     start = split - 600  # the long line starts before the boundary and ends after it
     line = b"L" * (length - 2) + b"\r\n"  # octets with its CRLF
     replies = await transaction(app.smtp_port, HEAD + filler_to(start) + line + b"end\r\n.\r\nQUIT\r\n")
-    assert replies[1] == "221 Bye"
+    assert replies[1] == "221 2.0.0 Bye"
     if taken:
         assert replies[0].startswith("250 "), replies
         await wait_until(lambda: len(delivered(app)) == 1)
@@ -109,7 +109,7 @@ async def test_a_fake_end_cut_between_writes_ends_nothing(
     smuggled = b"MAIL FROM:<ceo@bank.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\nsmuggled\r\n"
     writes = [HEAD + b"hello" + fake_end[:1], fake_end[1:2], fake_end[2:] + smuggled, b".\r\nQUIT\r\n"]
     replies = await transaction(app.smtp_port, *writes)
-    assert replies == [BARE_EOL_IN_DATA, "221 Bye"]
+    assert replies == [BARE_EOL_IN_DATA, "221 2.0.0 Bye"]
     await asyncio.sleep(0.2)
     assert stored(tmp_path) == 0 and delivered(app) == []
 

@@ -25,7 +25,7 @@ async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) ->
     assert (await client.cmd("EHLO client.test")).startswith("250")
     assert await client.cmd("NOOP " + "x" * 600) == TOO_LONG_COMMAND
     assert await client.cmd("NOOP " + "x" * 5000) == TOO_LONG_COMMAND  # beyond the reader's buffer, too
-    assert await client.cmd("NOOP") == "250 OK"
+    assert await client.cmd("NOOP") == "250 2.0.0 OK"
     await client.close()
 
 
@@ -144,7 +144,7 @@ async def test_message_too_big_is_refused_after_data_with_memory_flat(
         tracemalloc.stop()
     assert reply == refusal
     assert peak < 3_000_000, f"peak {peak} bytes while 20 MB went through"
-    assert (await client.cmd("NOOP")) == "250 OK"
+    assert (await client.cmd("NOOP")) == "250 2.0.0 OK"
     await client.close()
     assert stored(tmp_path) == 0
 
@@ -232,7 +232,7 @@ async def test_busy_client_is_closed_at_the_session_time_limit(gateway: StartGat
     while len(replies) < 50:
         reply = await client.cmd("NOOP")
         replies.append(reply)
-        if reply != "250 OK":
+        if reply != "250 2.0.0 OK":
             break
         await asyncio.sleep(0.1)
     assert replies[-1] == "421 4.4.2 postmux.test Error: session time limit exceeded"

@@ -54,7 +54,7 @@ async def test_fake_end_of_data_does_not_end_data_and_the_message_is_refused(
         # The real CRLF.CRLF came first: the message holds a NUL, and what follows is one bad command.
         assert replies[0] == NUL_IN_DATA
     else:
-        assert replies == [expected, "221 Bye"]
+        assert replies == [expected, "221 2.0.0 Bye"]
     await asyncio.sleep(0.2)
     up: Upstream = app.upstream  # type: ignore[attr-defined]
     assert stored(tmp_path) == 0 and up.received == []
@@ -118,6 +118,6 @@ async def test_command_line_with_bare_cr_lf_or_nul_is_refused(
     assert await client.cmd(line) == expected
     # The session goes on, and nothing from the refused line took effect.
     assert await client.cmd("RCPT TO:<b@dest.test>") == "503 5.5.1 Error: need MAIL command"
-    assert await client.cmd("QUIT") == "221 Bye"
+    assert await client.cmd("QUIT") == "221 2.0.0 Bye"
     await client.close()
     assert stored(tmp_path) == 0

@@ -19,7 +19,7 @@ async def test_starttls_is_offered_and_the_client_must_ehlo_again(
     app = await gateway(tls=tls_files)
     client = await RawClient.connect(app.smtp_port)
     assert "250-STARTTLS" in await client.cmd("EHLO client.test")
-    assert await client.cmd("STARTTLS") == "220 Ready to start TLS"
+    assert await client.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
     await client.start_tls(client_tls)
     # RFC 3207 4.2: all knowledge from before TLS is discarded, the EHLO included.
     assert await client.cmd("MAIL FROM:<app@example.com>") == "503 5.5.1 Error: send HELO first"
@@ -44,7 +44,7 @@ async def test_plaintext_pipelined_behind_starttls_is_discarded(
     client = await RawClient.connect(app.smtp_port)
     await client.cmd("EHLO client.test")
     await client.send(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@dest.test>\r\n")
-    assert await client.reply() == "220 Ready to start TLS"
+    assert await client.reply() == "220 2.0.0 Ready to start TLS"
     await client.start_tls(client_tls)
     assert (await client.cmd("EHLO client.test")).startswith("250")
     assert await client.cmd("RCPT TO:<user@dest.test>") == "503 5.5.1 Error: need MAIL command"
@@ -60,7 +60,7 @@ async def test_required_tls_refuses_mail_before_starttls(
     client = await RawClient.connect(app.smtp_port)
     await client.cmd("EHLO client.test")
     assert await client.cmd("MAIL FROM:<app@example.com>") == "530 5.7.0 Must issue a STARTTLS command first"
-    assert await client.cmd("NOOP") == "250 OK"
+    assert await client.cmd("NOOP") == "250 2.0.0 OK"
     await client.cmd("STARTTLS")
     await client.start_tls(client_tls)
     await client.ehlo_mail_rcpt()

@@ -5,6 +5,8 @@ The caller answers 250 only after `accept` returns, which is only after the spoo
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -94,10 +96,59 @@ class Acceptor:
         It carries no recipient (one message, many recipients) and goes before the existing headers, so
         signatures made upstream stay valid.
         """
-        helo = envelope.helo or "unknown"
         line = (
-            f"Received: from {helo} ([{envelope.client_ip}])\r\n"
+            f"Received: {received_from(envelope.helo, envelope.client_ip)}\r\n"
             f"\tby {self.hostname} (postmux) with {envelope.protocol} id {message_id};\r\n"
             f"\t{formatdate(now)}\r\n"
         )
         return line.encode("utf-8", "replace")
+
+
+# RFC 5321 4.1.2 Domain (sub-domain *("." sub-domain), letters, digits and inner hyphens), with "_" as
+# real hosts have, and a final dot; at most 255 octets (4.5.3.1.2).
+_HELO_DOMAIN = re.compile(
+    r"(?=.{1,255}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?\Z",
+    re.ASCII,
+)
+_HELO_KEPT = re.compile(r"[^A-Za-z0-9.:_\[\]@-]", re.ASCII)  # what a shown bad HELO keeps; the rest is "?"
+HELO_SHOWN_MAX = 64
+_CLAUSE_WORDS = {"from", "by", "via", "with", "id", "for"}
+
+
+def is_helo_name(helo: str) -> bool:
+    """A domain or an address literal ([192.0.2.1], [IPv6:2001:db8::1]): RFC 5321 4.1.1.1 / 4.1.3.
+
+    Not one of the Received clause words (RFC 5321 4.4), which a reader could take for a second clause.
+    """
+    if _HELO_DOMAIN.match(helo):
+        return helo.lower() not in _CLAUSE_WORDS
+    if not (helo.startswith("[") and helo.endswith("]")):
+        return False
+    literal = helo[1:-1]
+    if literal[:5].lower() == "ipv6:":
+        literal = literal[5:]
+    elif ":" in literal:
+        return False  # RFC 5321 4.1.3: an IPv6 literal says so
+    try:
+        ipaddress.ip_address(literal)
+    except ValueError:
+        return False
+    return True
+
+
+def received_from(helo: str, client_ip: str) -> str:
+    """The `from` clause of the Received field: `from HELO ([ip])`, as Postfix writes `from HELO (rdns [ip])`.
+
+    The HELO argument is the client's to choose, and it went into the field verbatim: an EHLO of
+    `a.test ([192.0.2.1]) by mx.victim.test` or one holding `;` made the field read as two hops, or end
+    its date early (RFC 5322 3.6.7: the date follows the last ";"). A name that is a domain or an address
+    literal (RFC 5321 4.4, From-domain) is written as it is; anything else is shown inside the comment,
+    with every character but letters, digits and `.:_[]@-` replaced by "?" and cut to 64, so it can open
+    no comment, quote, clause or line: `from unknown ([ip] helo=a.test??[192.0.2.1]??by?mx...)`.
+    """
+    if is_helo_name(helo):
+        return f"from {helo} ([{client_ip}])"
+    if not helo:
+        return f"from unknown ([{client_ip}])"
+    shown = _HELO_KEPT.sub("?", helo[:HELO_SHOWN_MAX])
+    return f"from unknown ([{client_ip}] helo={shown})"

@@ -4,9 +4,11 @@ aiosmtpd 1.4.6 already ends DATA only at CRLF.CRLF (its fix for CVE-2024-27305),
 once it is too big (memory stays flat), limits command lines to 512 octets and text lines to 1000, and
 discards plaintext pipelined behind STARTTLS (CVE-2011-0411); postmux reads the DATA text in blocks by
 those same rules (ingress/data.py, BlockDataSMTP). `PostmuxSMTP` adds what it lacks: command
-lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits, an error budget,
-a whole-session timeout, a 421 on timeouts, scrypt AUTH checked off the event loop with a delay after each
-failure, and enhanced status codes (RFC 3463) on every error reply.
+lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits (a slot given
+back as soon as the client hangs up), an error budget, a whole-session timeout, a 421 on timeouts, scrypt
+AUTH checked off the event loop with a delay after each failure and budgets across connections
+(ingress/logins.py), and enhanced status codes (RFC 3463, RFC 2034) on every reply but the greeting and
+EHLO's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import SmtpSettings, split_hostport
@@ -37,7 +39,7 @@ from postmux.ingress.hygiene import (
     normalize_line_endings,
     received_count,
 )
-from postmux.passwords import hash_password, verify_password
+from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.smtp")
@@ -89,6 +91,7 @@ _DEFAULT_ENHANCED = {
     "502": "5.5.1",
     "503": "5.5.1",
     "504": "5.5.4",
+    "454": "4.7.0",  # RFC 3207 5 / RFC 4954 6: TLS or AUTH not available for a temporary reason
     "530": "5.7.0",
     "538": "5.7.11",
     "552": "5.3.4",
@@ -97,12 +100,28 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+# aiosmtpd's own success replies. RFC 2034 3: with ENHANCEDSTATUSCODES every 2xx, 4xx and 5xx reply carries
+# a code, but for the greeting and the replies to EHLO and HELO, which keep theirs (no code is added to a
+# 2xx reply not named here); 334 and 354 are not final replies and have none.
+_ENHANCED_SUCCESS = {
+    "250 OK": "250 2.0.0 OK",  # NOOP, RSET (MAIL and RCPT answer through IngressHandler)
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+    ),
+}
+_HELP_REPLIES = ("250 Syntax: ", "250 Supported commands: ")
 
 
 def enhanced(reply: str) -> str:
-    """The same reply with an enhanced status code, if it is an error reply that has none."""
+    """The same reply with an enhanced status code, if it is aiosmtpd's own or an error reply without one."""
     if reply in _ENHANCED_REPLIES:
         return _ENHANCED_REPLIES[reply]
+    if reply in _ENHANCED_SUCCESS:
+        return _ENHANCED_SUCCESS[reply]
+    if reply.startswith(_HELP_REPLIES):
+        return f"250 2.0.0 {reply[4:]}"
     if reply[:1] not in ("4", "5") or _HAS_ENHANCED.match(reply):
         return reply
     code = _DEFAULT_ENHANCED.get(reply[:3], f"{reply[0]}.0.0")
@@ -129,6 +148,26 @@ class ConnectionLimits:
         self.open[ip] -= 1
         if self.open[ip] <= 0:
             del self.open[ip]
+
+
+class _QuietSession(Session):
+    """aiosmtpd's Session without the warning its `login_data` logs on every successful AUTH.
+
+    aiosmtpd 1.4's smtp_AUTH still sets the deprecated `session.login_data` after each login, and the
+    property logs "Session.login_data is deprecated ..." through the stdlib logger `mail.log`: a line of
+    plain text in postmux's JSON log for every client that logs in. postmux reads `auth_data` only.
+    """
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 
 
 class _GuardedReader(asyncio.StreamReader):
@@ -158,6 +197,31 @@ class _GuardedReader(asyncio.StreamReader):
         if refusal is not None:
             raise SmtpRefusal(refusal)
         return line
+
+    async def readline(self) -> bytes:
+        """A client's line in the AUTH exchange (aiosmtpd's challenge_auth is the one caller).
+
+        StreamReader's own readline answers a line past the reader's limit (aiosmtpd's 1001 octets, far
+        more than a PLAIN or LOGIN response needs) with a ValueError, which became a 451 and a traceback,
+        and left the rest of the line to be read as commands. RFC 4954 4 has the reply for it.
+        """
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+        except asyncio.LimitOverrunError as e:
+            await self._discard_line(e.consumed)
+            raise SmtpRefusal(AUTH_LINE_TOO_LONG) from None
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Read and throw away the rest of an over-long line, as aiosmtpd does for a command line."""
+        await self.read(consumed)
+        while True:
+            try:
+                await self.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self.read(e.consumed)
 
 
 def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
@@ -196,9 +260,11 @@ class PostmuxSMTP(BlockDataSMTP):
     ) -> None:
         self.settings = settings
         self.limits = limits
+        self.logins = handler.logins
         self.errors = 0
         # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
         self.failed_logins = 0
+        self.recipients_overshot = 0  # 452s for too many recipients in this transaction
         self.client_ip = ""
         self._refused: str | None = "421 4.3.2 not yet admitted"
         self._session_timer: asyncio.TimerHandle | None = None
@@ -237,6 +303,14 @@ class PostmuxSMTP(BlockDataSMTP):
                 f"421 4.4.2 {self.hostname} Error: session time limit exceeded",
             )
 
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd starts a new envelope here: after DATA, RSET, HELO/EHLO and at connection.
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.recipients_overshot = 0
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
@@ -244,6 +318,19 @@ class PostmuxSMTP(BlockDataSMTP):
                 self.limits.release(self.client_ip)
             self._session_timer = None
         super().connection_lost(error)
+
+    def eof_received(self) -> bool:
+        """The client has closed its side: close ours at once, which gives its connection slot back.
+
+        aiosmtpd cancels the session's task here and keeps the socket half-open (StreamReaderProtocol's
+        True), leaving the close to the task's clean-up. A task cancelled before its first step never runs
+        that clean-up, and uvloop delivers the EOF of a client that connects and hangs up before the task
+        starts: the socket sat in CLOSE-WAIT holding its slot until [smtp] timeout (issue 10 B4). SMTP has
+        no use for a half-open session (aiosmtpd answers nothing after EOF), so the transport closes here
+        and connection_lost releases the slot, whatever state the session was in.
+        """
+        super().eof_received()
+        return False
 
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # aiosmtpd builds its StreamReader in its constructor; giving that very object the checking class
@@ -299,11 +386,26 @@ class PostmuxSMTP(BlockDataSMTP):
             return
         reply = enhanced(status)
         await super().push(reply)
-        if reply[:1] in ("4", "5") and not reply.startswith("421"):
+        if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _overshoot(self, reply: str) -> bool:
+        """Whether `reply` refuses a recipient past max_recipients within the overshoot allowance.
+
+        Postfix's smtpd_recipient_overshoot_limit: a client that pipelines its RCPTs (RFC 2920) hears of
+        the limit only after sending more, and those 452s are the limit working, not the client failing.
+        Past the allowance each one counts toward max_errors again.
+        """
+        if (
+            reply != TOO_MANY_RECIPIENTS
+            or self.recipients_overshot >= self.settings.recipient_overshoot_limit
+        ):
+            return False
+        self.recipients_overshot += 1
+        return True
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -350,9 +452,16 @@ class PostmuxSMTP(BlockDataSMTP):
             # The exchange itself failed (bad base64, '*'): aiosmtpd has answered it already.
             return AuthResult(success=False, handled=True)
         name = offered.login.decode("utf-8", "replace")
-        if await self._verify(name, offered.password):
+        outcome = await self.logins.check(self.client_ip, name, offered.password)
+        if outcome is LoginOutcome.OK:
             log.info("client authenticated", client=self.client_ip, user=name)
             return AuthResult(success=True, auth_data=name)
+        if outcome is LoginOutcome.ADDRESS_THROTTLED:
+            # Across connections (anvil.py): this address has failed too often; more guessing is not heard.
+            self._hang_up(ADDRESS_THROTTLED.format(hostname=self.hostname))
+            return AuthResult(success=False, handled=True)
+        if outcome is LoginOutcome.USER_THROTTLED:
+            return AuthResult(success=False, handled=False, message=USER_THROTTLED)
         self.failed_logins += 1
         log.warning("authentication failed", client=self.client_ip, user=name, failures=self.failed_logins)
         # A pause before each "no" makes guessing slow; a client that keeps guessing is shown the door.
@@ -363,22 +472,14 @@ class PostmuxSMTP(BlockDataSMTP):
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=_INVALID_CREDENTIALS)
 
-    async def _verify(self, name: str, password: bytes) -> bool:
-        users = {u.name: u.password_hash for u in self.settings.users}
-        # An unknown user costs as much as a known one, so the time taken does not tell which names exist.
-        encoded = users.get(name) or _decoy_hash()
-        ok = await asyncio.to_thread(verify_password, password, encoded)
-        return ok and name in users
-
 
 _INVALID_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
-_DECOY: list[str] = []
-
-
-def _decoy_hash() -> str:
-    if not _DECOY:
-        _DECOY.append(hash_password("decoy"))
-    return _DECOY[0]
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+# RFC 4954 6: 454 4.7.0 is a temporary authentication failure; the session goes on.
+USER_THROTTLED = "454 4.7.0 Too many failed authentications for this user, try again later"
+ADDRESS_THROTTLED = (
+    "421 4.7.0 {hostname} Error: too many failed authentications from your address, try again later"
+)
 
 
 class IngressHandler:
@@ -388,10 +489,16 @@ class IngressHandler:
         self.settings = settings
         self.acceptor = acceptor
         self.trusted_networks = settings.trusted()
+        self.logins = LoginGuard(settings)  # shared by the listener's sessions, like ConnectionLimits
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, SmtpRefusal):
             return error.reply
+        if isinstance(error, TLSSetupException):
+            # The client's doing (it hung up or spoke no TLS after STARTTLS): aiosmtpd closes the
+            # connection and sends nothing; a traceback per such client would only flood the log.
+            log.info("TLS handshake failed", error=repr(error.__cause__))
+            return "454 4.7.0 TLS not available due to temporary reason"
         # Never a traceback or an exception's text to the client: they are for the log.
         log.exception("smtp session error", error=repr(error))
         return "451 4.3.0 Requested action aborted: local error in processing"
@@ -401,8 +508,17 @@ class IngressHandler:
     ) -> list[str]:
         session.host_name = hostname
         offered = [r for r in responses[:-1] if r.strip() != "250-AUTH"]  # AUTH with no mechanism left
-        # aiosmtpd reads pipelined commands in order but does not advertise it (RFC 2920).
-        return [*offered, "250-PIPELINING", responses[-1]]
+        # aiosmtpd reads pipelined commands in order but does not advertise it (RFC 2920); every reply
+        # but the greeting and this one carries an enhanced status code (RFC 2034, `enhanced`).
+        return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, mail_options: list[str]
+    ) -> str:
+        # What aiosmtpd does without this hook, with the enhanced code its "250 OK" lacks (RFC 3463 X.1.0).
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
@@ -411,7 +527,7 @@ class IngressHandler:
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            return "452 4.5.3 Too many recipients"
+            return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -473,11 +589,20 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
 
 
 async def start_smtp_server(
-    settings: SmtpSettings, acceptor: Accepts, sock: socket.socket | None = None
+    settings: SmtpSettings,
+    acceptor: Accepts,
+    sock: socket.socket | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
 ) -> asyncio.Server:
-    """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket)."""
+    """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
+
+    `limits` is for a caller that watches the open connections (tests); by default the listener has its own.
+    """
     handler = IngressHandler(settings, acceptor)
-    limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip, settings.hostname)
+    limits = limits or ConnectionLimits(
+        settings.max_connections, settings.max_connections_per_ip, settings.hostname
+    )
     context = tls_context(settings)
     host, port = split_hostport(settings.listen)
 
@@ -485,6 +610,8 @@ async def start_smtp_server(
         return PostmuxSMTP(handler, settings, limits, context)
 
     loop = asyncio.get_running_loop()
+    # create_server calls listen() on `sock` too: without the backlog it would be cut back to asyncio's 100.
+    backlog = settings.listen_backlog
     if sock is not None:
-        return await loop.create_server(factory, sock=sock)
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True, backlog=backlog)

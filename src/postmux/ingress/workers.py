@@ -55,13 +55,13 @@ def _frame(obj: Any) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-def listening_socket(listen: str) -> socket.socket:
+def listening_socket(listen: str, backlog: int) -> socket.socket:
     host, port = split_hostport(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(backlog)  # [smtp] listen_backlog; each worker's create_server listens with it again
     sock.setblocking(False)
     return sock
 
@@ -96,7 +96,7 @@ class IngressWorkers:
         return [p.pid for p in self.processes]
 
     async def start(self) -> None:
-        self.socket = listening_socket(self.settings.listen)
+        self.socket = listening_socket(self.settings.listen, self.settings.listen_backlog)
         for _ in range(self.count):
             await self._launch()
 
