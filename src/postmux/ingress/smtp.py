@@ -3,7 +3,8 @@
 aiosmtpd 1.4.6 already ends DATA only at CRLF.CRLF (its fix for CVE-2024-27305), discards a message's text
 once it is too big (memory stays flat), limits command lines to 512 octets and text lines to 1000, and
 discards plaintext pipelined behind STARTTLS (CVE-2011-0411); postmux reads the DATA text in blocks by
-those same rules (ingress/data.py, BlockDataSMTP). `PostmuxSMTP` adds what it lacks: command
+those same rules (ingress/data.py, BlockDataSMTP), except that a text line over 1000 octets is folded, not
+refused, unless [smtp] long_lines = "refuse" (ingress/folding.py). `PostmuxSMTP` adds what it lacks: command
 lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits (a slot given
 back as soon as the client hangs up), an error budget, a whole-session timeout, a 421 on timeouts, scrypt
 AUTH checked off the event loop with a delay after each failure and budgets across connections
