@@ -144,8 +144,9 @@ def _unsendable(malformed: Malformed, role: str, enhanced_code: str) -> Reply:
 async def send_mail(client: aiosmtplib.SMTP, path: bytes, options: list[str]) -> aiosmtplib.SMTPResponse:
     """MAIL FROM with `path` exactly, as aiosmtplib's `SMTP.mail` sends it but for the address.
 
-    aiosmtplib's quote_address reads the address with email.utils.parseaddr, which rewrites some quoted
-    local parts (`"a\\"b"@x` becomes `a\\`): what is sent must be what was parsed and routed.
+    aiosmtplib's quote_address reads the address with email.utils.parseaddr and writes it anew: a quoted
+    local part goes out re-escaped (`"\\a,b"@x` as `"a,b"@x`). What is sent is what ingress parsed, routed
+    and stored, byte for byte, with no second parser to disagree with the first.
     """
     response = await client.execute_command(b"MAIL", b"FROM:" + path, *(o.encode() for o in options))
     if response.code != 250:
