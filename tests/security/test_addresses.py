@@ -124,6 +124,18 @@ EMPTY_LABEL = "an empty label in the domain (a dot at its start or end, or two i
         ("<app@example.com>", "<u@[IPv6:fe80::1%eth0]>", BAD_RCPT + LITERAL),
         ("<app@example.com>", "<u@[x-tag:abc]>", BAD_RCPT + LITERAL),
         ("<app@example.com>", "<u@dest.test", BAD_RCPT + "the path has no closing >"),
+        ("<app@example.com>", "<u@>", BAD_RCPT + "an empty domain"),
+        ("<app@example.com>", "<@a.test:@dest.test>", BAD_RCPT + "an empty local part"),
+        (
+            "<app@example.com>",
+            "<@dest.test>",
+            BAD_RCPT + "a source route that is not @domain,@domain:mailbox (RFC 5321 4.1.2)",
+        ),
+        (
+            "<app@example.com>",
+            '<"ab"c@dest.test>',
+            BAD_RCPT + "a quoted local part that is not one quoted string (RFC 5321 4.1.2)",
+        ),
         # With SMTPUTF8, UTF-8 is allowed, but not spaces, invisible characters, bytes that are not UTF-8, or
         # a domain IDNA 2008 refuses.
         ("<app@example.com> SMTPUTF8", "<a\u00a0b@dest.test>", BAD_RCPT + "a non-ASCII space in the address"),
@@ -164,6 +176,10 @@ EMPTY_LABEL = "an empty label in the domain (a dot at its start or end, or two i
         "ipv6-zone",
         "general-literal",
         "unclosed",
+        "empty-domain",
+        "empty-local",
+        "route-without-mailbox",
+        "broken-quotes",
         "nbsp",
         "em-space",
         "zero-width-space",
