@@ -11,7 +11,7 @@ disagree with the first (a quoted local part holding "@" once routed by `evil.te
     address-literal = "[" ( IPv4-address-literal / "IPv6:" IPv6-addr ) "]"
 
 The grammar is read in its RFC 6531 form always; whether UTF-8 was allowed (SMTPUTF8 at MAIL) is the
-caller's question (`Mailbox.is_ascii`). Pure functions of strings, no I/O.
+caller's question (ingress/hygiene.read_path, wire_path below). Pure functions of strings, no I/O.
 """
 
 from __future__ import annotations
@@ -50,11 +50,6 @@ class Mailbox:
     def routing_domain(self) -> str:
         """The domain routes, queues, shaping and MX go by: the written one, lower-cased."""
         return self.domain.lower()
-
-    @property
-    def is_ascii(self) -> bool:
-        """False when sending it needs SMTPUTF8 (RFC 6531 3.2)."""
-        return self.text.isascii()
 
 
 @dataclass(frozen=True, slots=True)
