@@ -133,6 +133,21 @@ class _GreetingRefusal(asyncio.Protocol):
         transport.close()
 
 
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server, noting each MAIL and RCPT argument exactly as it came (its own parser re-writes
+    some addresses, so `Received` cannot show what a client sent)."""
+
+    commands: list[str]
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.commands.append(f"MAIL {arg}")
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.commands.append(f"RCPT {arg}")
+        await super().smtp_RCPT(arg)
+
+
 class Upstream:
     """An aiosmtpd server on 127.0.0.1, port 0, in the test's event loop, recording what it accepts.
 
@@ -162,6 +177,7 @@ class Upstream:
         self.auth_require_tls = auth_require_tls
         self.logins = 0  # AUTH exchanges that reached the authenticator, right or wrong
         self.received: list[Received] = []
+        self.commands: list[str] = []  # every MAIL and RCPT argument, as sent ("RCPT TO:<u@dest.test>")
         self.data_commands = 0
         self.connections = 0
         self.active = 0  # DATA commands being answered right now
@@ -191,7 +207,7 @@ class Upstream:
             if self.greeting_refusal is not None:
                 self.refused_greetings += 1
                 return _GreetingRefusal(self.greeting_refusal)
-            protocol = SMTP(
+            protocol = _RecordingSMTP(
                 handler,
                 hostname=f"{self.name}.test",
                 enable_SMTPUTF8=self.smtputf8,
@@ -200,6 +216,7 @@ class Upstream:
                 authenticator=self._authenticate if self.users is not None else None,
                 auth_require_tls=self.auth_require_tls,
             )
+            protocol.commands = self.commands
             self._sessions.append(protocol)
             return protocol
 

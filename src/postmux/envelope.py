@@ -6,16 +6,13 @@ import os
 import time
 from dataclasses import dataclass, field
 
+# The routing domain of an address, split as the parser splits it: every room asks it from here.
+from postmux.address import domain_of as domain_of
+
 
 def new_message_id() -> str:
     """A sortable, unique queue id: 12 hex digits of microseconds since the epoch, then 8 random."""
     return f"{time.time_ns() // 1000:012x}{os.urandom(4).hex()}"
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased domain of an address; an address without one has the empty domain."""
-    _, at, domain = address.rpartition("@")
-    return domain.lower() if at else ""
 
 
 @dataclass(frozen=True, slots=True)

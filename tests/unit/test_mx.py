@@ -120,3 +120,13 @@ async def test_overrides_answer_without_asking_dns(dns_server: LoopbackDns) -> N
     plan = await r.resolve("private.test")
     assert [h.addresses for h in plan.hosts] == [(("127.0.0.5", 2601),), (("127.0.0.6", 2602),)]
     assert not dns_server.queries
+
+
+async def test_an_address_literal_is_its_own_host_and_asks_dns_nothing(dns_server: LoopbackDns) -> None:
+    mx = resolver(dns_server)
+    v4 = await mx.resolve("[127.0.0.7]")
+    v6 = await mx.resolve("[IPv6:0:0::1]")
+    assert v4.error is None and v4.hosts[0].addresses == (("127.0.0.7", 2525),)
+    assert v6.error is None and v6.hosts[0].addresses == (("::1", 2525),)
+    assert v4.destination == "[127.0.0.7]"
+    assert not dns_server.queries  # RFC 5321 5.1: no MX lookup for a literal

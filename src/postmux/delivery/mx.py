@@ -4,6 +4,7 @@
 - no MX record: the domain's own address records are its implicit MX (RFC 5321 5.1);
 - a null MX, "0 .", means the domain takes no mail: bounce at once (RFC 7505 3);
 - a domain that does not exist bounces; a lookup that fails (timeout, SERVFAIL) defers;
+- an address literal, [192.0.2.1] or [IPv6:2001:db8::1], is the host itself: no lookup (RFC 5321 5.1);
 - [dns] overrides answer for listed domains without asking DNS (tests, private networks).
 """
 
@@ -22,6 +23,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from postmux.address import literal_address
 from postmux.config import DnsSettings, split_hostport
 from postmux.reply import Reply
 from postmux.scheduling.providers import Providers
@@ -116,8 +118,12 @@ class MxResolver:
 
     async def _lookup(self, domain: str) -> MxPlan:
         override = self.settings.overrides.get(domain)
+        literal = literal_address(domain)
         if override is not None:
             plan = await self._from_override(domain, override)
+        elif literal is not None:
+            host = MxHost(domain, 0, ((str(literal), self.settings.mx_port),))
+            plan = self._plan(domain, [host], self.settings.max_ttl)
         else:
             plan = await self._from_dns(domain)
         self._cache[domain] = plan

@@ -15,11 +15,12 @@ import errno
 import re
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 import structlog
 
+from postmux.address import Malformed, Role, wire_path
 from postmux.balancing.health import FailureKind
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
@@ -27,7 +28,7 @@ from postmux.delivery.tls import client_context, describe_tls
 from postmux.delivery.transport import AttemptOutcome, judge
 from postmux.ingress.hygiene import has_bare_cr_or_lf
 from postmux.reply import Reply
-from postmux.spool.base import WorkItem
+from postmux.spool.base import WorkItem, WorkRecipient
 
 log = structlog.get_logger("postmux.delivery")
 
@@ -95,6 +96,69 @@ async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) 
         raise
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+@dataclass(frozen=True, slots=True)
+class WirePaths:
+    """The paths one attempt sends at MAIL and RCPT (postmux.address.wire_path), encoded once.
+
+    An address that cannot be sent as it is (stored before ingress refused such input) is the message's
+    fault, not the member's: its recipient is refused here with a permanent reply, so it bounces with a
+    DSN, and nothing about it counts against the member (issue 10 A1).
+    """
+
+    sender: bytes
+    recipients: list[tuple[WorkRecipient, bytes]]
+    refused: dict[int, Reply]
+
+    @classmethod
+    def of(cls, work: WorkItem) -> WirePaths:
+        sender = wire_path(work.sender, Role.SENDER, smtputf8=work.smtputf8)
+        if isinstance(sender, Malformed):
+            reply = _unsendable(sender, "sender", "5.1.7")
+            return cls(b"", [], {r.rid: reply for r in work.recipients})
+        recipients, refused = [], {}
+        for r in work.recipients:
+            path = wire_path(r.address, Role.RECIPIENT, smtputf8=work.smtputf8)
+            if isinstance(path, Malformed):
+                refused[r.rid] = _unsendable(path, "recipient", "5.1.3")
+            else:
+                recipients.append((r, path))
+        return cls(sender, recipients, refused)
+
+    def settle(self, outcome: AttemptOutcome) -> AttemptOutcome:
+        """The attempt's outcome with the refused recipients' replies in it; they never judged the member."""
+        if not self.refused:
+            return outcome
+        return replace(outcome, replies={**outcome.replies, **self.refused})
+
+
+def _unsendable(malformed: Malformed, role: str, enhanced_code: str) -> Reply:
+    # RFC 3463: X.6.7 a non-ASCII address where SMTPUTF8 is not in use (RFC 6531 3.5), X.1.7 / X.1.3 a bad
+    # sender's / recipient's address.
+    code = "5.6.7" if malformed.needs_smtputf8 else enhanced_code
+    return Reply(553, code, f"{role} address cannot be sent: {malformed.reason}")
+
+
+async def send_mail(client: aiosmtplib.SMTP, path: bytes, options: list[str]) -> aiosmtplib.SMTPResponse:
+    """MAIL FROM with `path` exactly, as aiosmtplib's `SMTP.mail` sends it but for the address.
+
+    aiosmtplib's quote_address reads the address with email.utils.parseaddr and writes it anew: a quoted
+    local part goes out re-escaped (`"\\a,b"@x` as `"a,b"@x`). What is sent is what ingress parsed, routed
+    and stored, byte for byte, with no second parser to disagree with the first.
+    """
+    response = await client.execute_command(b"MAIL", b"FROM:" + path, *(o.encode() for o in options))
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, path.decode(errors="replace"))
+    return response
+
+
+async def send_rcpt(client: aiosmtplib.SMTP, path: bytes) -> aiosmtplib.SMTPResponse:
+    """RCPT TO with `path` exactly; 250 and 251 accept it, as in aiosmtplib's `SMTP.rcpt`."""
+    response = await client.execute_command(b"RCPT", b"TO:" + path)
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, path.decode(errors="replace"))
     return response
 
 
@@ -170,12 +234,15 @@ class SmtpTransport:
 
     async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
         """One transaction for `work`; `per_connection` is the lane's limit of messages per connection."""
+        paths = WirePaths.of(work)
+        if not paths.recipients:  # nothing can be sent: no connection, and nothing to say about the member
+            return AttemptOutcome(paths.refused, None, "", local=True)
         self._busy += 1
         try:
             targets = await self._targets(work)
             if isinstance(targets, Reply):
-                return self._all(work, targets, None, "", local=True)
-            return await self._deliver_to(targets, work, per_connection)
+                return paths.settle(self._all(work, targets, None, "", local=True))
+            return paths.settle(await self._deliver_to(targets, work, paths, per_connection))
         finally:
             self._busy -= 1
 
@@ -195,7 +262,7 @@ class SmtpTransport:
         ] or Reply(451, "4.4.4", f"no MX host of {work.domain} reachable from {self.member.source_address}")
 
     async def _deliver_to(
-        self, targets: list[tuple[str, Target]], work: WorkItem, per_connection: int | None
+        self, targets: list[tuple[str, Target]], work: WorkItem, paths: WirePaths, per_connection: int | None
     ) -> AttemptOutcome:
         unreachable: _Unreachable | None = None
         for name, target in targets:
@@ -204,7 +271,7 @@ class SmtpTransport:
                 # A reused connection the server has dropped meanwhile fails at MAIL before anything was
                 # said about this message: not the member's fault, so try once more on a fresh one.
                 outcome = await self._attempt(
-                    idle.pop(), work, name, per_connection, fresh_retry_allowed=True
+                    idle.pop(), work, paths, name, per_connection, fresh_retry_allowed=True
                 )
                 if outcome is not None:
                     return outcome
@@ -215,7 +282,7 @@ class SmtpTransport:
                 if e.failure is FailureKind.LOCAL and self.resolver is not None:
                     break
                 continue  # RFC 5321 5.1: try the next MX host
-            outcome = await self._attempt(conn, work, name, per_connection, fresh_retry_allowed=False)
+            outcome = await self._attempt(conn, work, paths, name, per_connection, fresh_retry_allowed=False)
             assert outcome is not None
             return outcome
         assert unreachable is not None
@@ -227,6 +294,7 @@ class SmtpTransport:
         self,
         conn: _Connection,
         work: WorkItem,
+        paths: WirePaths,
         remote: str,
         per_connection: int | None,
         *,
@@ -235,7 +303,7 @@ class SmtpTransport:
         if work.needs_smtputf8 and not conn.client.supports_extension("smtputf8"):
             return self._unfit(conn, work, remote)
         try:
-            replies = await self._transaction(conn, work)
+            replies = await self._transaction(conn, work, paths)
         except _ConnectionLost as lost:
             conn.client.close()
             if fresh_retry_allowed and lost.stage == "at MAIL FROM":
@@ -395,22 +463,22 @@ class SmtpTransport:
             return _Unreachable(reply, FailureKind.LOCAL)
         return _Unreachable(local_reply(error, f"connecting to {where}"), self._local_failure())
 
-    async def _transaction(self, conn: _Connection, work: WorkItem) -> dict[int, Reply]:
+    async def _transaction(self, conn: _Connection, work: WorkItem, paths: WirePaths) -> dict[int, Reply]:
+        """MAIL, RCPT for each recipient `paths` can send, DATA: a reply for each of those recipients."""
         client = conn.client
         try:
-            encoding = "utf-8" if work.smtputf8 else "ascii"
-            await client.mail(work.sender, options=self._mail_options(client, work), encoding=encoding)
+            await send_mail(client, paths.sender, self._mail_options(client, work))
         except aiosmtplib.SMTPSenderRefused as e:
             await self._reset(client)
             reply = Reply.parse(e.code, e.message)
-            return {r.rid: reply for r in work.recipients}
+            return {r.rid: reply for r, _ in paths.recipients}
         except _LOCAL_ERRORS as e:
             raise _ConnectionLost(e, "at MAIL FROM") from e
         replies: dict[int, Reply] = {}
         accepted = []
-        for r in work.recipients:
+        for r, path in paths.recipients:
             try:
-                await client.rcpt(r.address, encoding="utf-8" if work.smtputf8 else "ascii")
+                await send_rcpt(client, path)
                 accepted.append(r.rid)
             except aiosmtplib.SMTPRecipientRefused as e:
                 replies[r.rid] = Reply.parse(e.code, e.message)

@@ -1,13 +1,14 @@
 """What postmux refuses to take in, as pure functions of bytes and strings: line endings, hops, addresses.
 
-Each check returns None when the input is fine, else the exact SMTP reply to refuse it with.
+Each check returns None when the input is fine (`read_path`: the parsed path), else the exact SMTP reply to
+refuse it with.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 
+from postmux.address import Malformed, Path, Role, parse_path
 from postmux.headers import header_section_end
 
 # RFC 5321 2.3.8 / 4.1.1.4: CR and LF may only appear together, as CRLF. A lone CR or LF is what the SMTP
@@ -83,42 +84,67 @@ def received_count(data: bytes) -> int:
     return sum(1 for line in head.splitlines() if line[:9].lower() == b"received:")
 
 
-class Role(enum.Enum):
-    SENDER = "sender"
-    RECIPIENT = "recipient"
-
-
-# RFC 3463: X.1.7 is a bad sender's address, X.1.3 a bad destination address.
+# RFC 3463: X.1.7 is a bad sender's address, X.1.3 a bad destination address. As Postfix: 501 when the
+# address is not RFC 5321's, 553 when it is but postmux will not take it.
+_BAD_SYNTAX = {
+    Role.SENDER: "501 5.1.7 Bad sender address syntax",
+    Role.RECIPIENT: "501 5.1.3 Bad recipient address syntax",
+}
 _BAD_ADDRESS = {Role.SENDER: "553 5.1.7", Role.RECIPIENT: "553 5.1.3"}
+# Postfix's words (smtpd.c); RFC 6531 3.5 / RFC 3463 X.6.7: a non-ASCII address without SMTPUTF8.
+SMTPUTF8_UNDECLARED = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+NULL_RECIPIENT = (
+    f"{_BAD_SYNTAX[Role.RECIPIENT]}: <> is the null reverse-path, for MAIL FROM only (RFC 5321 4.5.5)"
+)
 LOCAL_PART_MAX = 64  # RFC 5321 4.5.3.1.1
 DOMAIN_MAX = 255  # RFC 5321 4.5.3.1.2
 
 
-def address_refusal(raw: str, address: str, role: Role) -> str | None:
-    """A MAIL FROM or RCPT TO path: `raw` as the client wrote it, `address` as aiosmtpd parsed it.
+def declares_smtputf8(params: str) -> bool:
+    """Whether MAIL's parameters hold SMTPUTF8 (RFC 6531 3.4), read as aiosmtpd reads them after the path."""
+    return "SMTPUTF8" in params.upper().split()
 
-    The null reverse-path (`<>`) is for the caller to let through before asking.
+
+def read_path(raw: str, role: Role, *, smtputf8: bool) -> Path | str:
+    """A MAIL FROM or RCPT TO path as the client wrote it (`split_path`): parsed, or the reply to refuse it.
+
+    Everything taken here can be sent as it is (postmux.address): an address that could not would fail at
+    every attempt, and count against the member trying it (issue 10 A1).
     """
-    code = _BAD_ADDRESS[role]
-    if any(c in raw or c in address for c in "\r\n\x00"):
-        return f"{code} Address contains CR, LF or NUL"
-    if raw.lstrip().startswith("<@"):
+    if not smtputf8 and not raw.isascii():
+        # Any byte that is not ASCII, UTF-8 or not, needs SMTPUTF8 (RFC 6531 3.2); Postfix checks it first.
+        return SMTPUTF8_UNDECLARED
+    path = parse_path(raw)
+    if isinstance(path, Malformed):
+        return f"{_BAD_SYNTAX[role]}: {path.reason}"
+    if path.mailbox is None:
+        return NULL_RECIPIENT if role is Role.RECIPIENT else path
+    refusal = address_refusal(path, role)
+    return path if refusal is None else refusal
+
+
+def address_refusal(path: Path, role: Role) -> str | None:
+    """Paths RFC 5321 can write that postmux will not take: relay tricks, no domain, over its limits."""
+    assert path.mailbox is not None
+    code, mailbox = _BAD_ADDRESS[role], path.mailbox
+    address, local = mailbox.text, mailbox.local_part
+    if path.route:
         # RFC 5321 4.1.1.3 and appendix C: source routes are obsolete; the email parser would quietly drop
         # the route, so refuse instead of guessing what the client meant.
         return f"{code} <{address}>: source routes (@host,@host:user@domain) are not accepted"
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
     if role is Role.RECIPIENT:
-        # Percent-hack and bang paths ask the next server to relay again: a classic open-relay trick.
+        # Percent-hack, bang paths and a quoted "user@host" ask the next server to relay again: classic
+        # open-relay tricks (Postfix's allow_untrusted_routing), and a domain no route or limit sees.
         if "%" in local:
             return f"{code} <{address}>: percent-hack routing (user%host@relay) is not accepted"
         if "!" in local:
             return f"{code} <{address}>: bang paths (host!user) are not accepted"
-        if not domain:
-            return f"{code} <{address}>: a recipient address needs a domain"
-    if len(local.encode("utf-8", "surrogateescape")) > LOCAL_PART_MAX:
+        if "@" in local:
+            return f'{code} <{address}>: an @ inside a quoted local part ("user@host") is not accepted'
+    if not mailbox.domain:
+        return f"{code} <{address}>: a {role.value} address needs a domain"
+    if len(local.encode()) > LOCAL_PART_MAX:
         return f"{code} Local part longer than {LOCAL_PART_MAX} octets (RFC 5321 4.5.3.1.1)"
-    if len(domain.encode("utf-8", "surrogateescape")) > DOMAIN_MAX:
+    if len(mailbox.domain.encode()) > DOMAIN_MAX:
         return f"{code} Domain longer than {DOMAIN_MAX} octets (RFC 5321 4.5.3.1.2)"
     return None

@@ -27,17 +27,18 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Accepts
 from postmux.ingress.data import BlockDataSMTP
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
-    Role,
-    address_refusal,
     command_line_refusal,
     data_refusal,
+    declares_smtputf8,
     normalize_line_endings,
+    read_path,
     received_count,
 )
 from postmux.ingress.logins import LoginGuard, LoginOutcome
@@ -269,7 +270,7 @@ class PostmuxSMTP(BlockDataSMTP):
         self.client_ip = ""
         self._refused: str | None = "421 4.3.2 not yet admitted"
         self._session_timer: asyncio.TimerHandle | None = None
-        self._address_role = Role.SENDER
+        self._address_role: Role | None = None  # set by MAIL and RCPT for _getaddr
         self._offered: LoginPassword | None = None
         self._data_rearmed = 0.0
         self.long_lines = settings.long_lines
@@ -424,12 +425,24 @@ class PostmuxSMTP(BlockDataSMTP):
         return result
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        address, rest = super()._getaddr(arg)
-        if address and address != "<>":
-            refusal = address_refusal(arg, address, self._address_role)
-            if refusal is not None:
-                raise SmtpRefusal(refusal)
-        return address, rest
+        """The path of MAIL or RCPT by RFC 5321's grammar (postmux.address), not by the email header parser.
+
+        Returns what aiosmtpd stores: the mailbox exactly as it will be sent (`<>` for the null sender), and
+        the ESMTP parameters for aiosmtpd to judge. A path that cannot be sent is refused here.
+        """
+        role, self._address_role = self._address_role, None
+        if role is None or not arg:  # VRFY asks too; an empty path is aiosmtpd's syntax error
+            parsed: tuple[str | None, str | None] = super()._getaddr(arg)
+            return parsed
+        path_text, params = split_path(arg)
+        # aiosmtpd reads MAIL's parameters only after the path, so SMTPUTF8 is read from them here; a
+        # recipient goes by what the transaction's MAIL declared.
+        assert self.envelope is not None
+        smtputf8 = declares_smtputf8(params) if role is Role.SENDER else bool(self.envelope.smtp_utf8)
+        path = read_path(path_text, role, smtputf8=smtputf8)
+        if isinstance(path, str):
+            raise SmtpRefusal(path)
+        return (path.mailbox.text if path.mailbox is not None else "<>"), params
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------------------
 
