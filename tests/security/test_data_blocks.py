@@ -94,7 +94,7 @@ async def test_a_long_line_across_the_block_boundary_is_taken_and_folded(
     line = b"L" * (length - 2) + b"\r\n"  # octets with its CRLF
     replies = await transaction(app.smtp_port, HEAD + filler_to(start) + line + b"end\r\n.\r\nQUIT\r\n")
     assert replies[0].startswith("250 "), replies
-    assert replies[1] == "221 Bye"
+    assert replies[1] == "221 2.0.0 Bye"
     await wait_until(lambda: len(delivered(app)) == 1)
     text = delivered(app)[0]
     assert text.endswith(b"\r\n" + broken_as_postfix(length - 2) + b"end\r\n")
