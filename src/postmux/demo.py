@@ -11,17 +11,13 @@ import asyncio
 import contextlib
 import json
 import math
-import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, Session
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,6 +25,7 @@ from rich.table import Table
 from postmux.app import App
 from postmux.config import Settings, settings_from_dict
 from postmux.events.types import EventType
+from postmux.testing import Behaviour, Upstream, accept, delay, fail_ratio
 
 HOST = "127.0.0.1"  # the demo never leaves loopback, and never resolves a name
 ID_HEADER = "X-Demo-Id"
@@ -41,81 +38,46 @@ SLOW_DELAY_S = 0.05
 FLAKY_RATIO = 0.2
 FLAKY_REPLY = "451 4.3.0 try again later"
 
-# A behaviour decides the reply to DATA: None accepts (250), a string is the reply to send instead.
-Behaviour = Callable[[], Awaitable[str | None]]
-
-
-async def _accept() -> str | None:
-    return None
-
-
-def _delay(seconds: float) -> Behaviour:
-    async def behaviour() -> str | None:
-        await asyncio.sleep(seconds)
-        return None
-
-    return behaviour
-
-
-def _fail_ratio(ratio: float, reply: str, seed: int = 7) -> Behaviour:
-    # Seeded, so two runs defer the same share of attempts and are comparable.
-    rng = random.Random(seed)
-
-    async def behaviour() -> str | None:
-        return reply if rng.random() < ratio else None
-
-    return behaviour
-
-
 # -- the upstream relays ----------------------------------------------------------------------------
 
 
 @dataclass
 class DemoUpstream:
-    """An aiosmtpd relay on loopback, port 0, recording the X-Demo-Id of every message it accepted."""
+    """A member of the demo's farm: a loopback relay (postmux.testing), its weight, and what it does."""
 
-    name: str
+    upstream: Upstream
     weight: int
     about: str
-    behaviour: Behaviour
-    received: list[str] = field(default_factory=list)
-    _server: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
 
     @property
     def address(self) -> str:
-        assert self._server is not None
-        return f"{HOST}:{self._server.sockets[0].getsockname()[1]}"
+        return self.upstream.address
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        reply = await self.behaviour()
-        if reply is not None:
-            return reply
-        # Headers only: the body is never needed, and parsing it would take CPU from the one shared loop.
-        headers = BytesHeaderParser().parsebytes(envelope.original_content or b"")
-        self.received.append(str(headers.get(ID_HEADER, "")))
-        return "250 2.0.0 Ok: stored"
+    @property
+    def received(self) -> list[str]:
+        """The X-Demo-Id of every message this relay accepted, in order."""
+        return self.upstream.header_values(ID_HEADER)
 
-    async def start(self) -> None:
-        def factory() -> Any:
-            return SMTP(self, hostname=f"{self.name}.demo.test", decode_data=False)
 
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, host=HOST, port=0)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+def relay(name: str, behaviour: Behaviour) -> Upstream:
+    return Upstream(name, behaviour, HOST, hostname=f"{name}.demo.test", index_headers=[ID_HEADER])
 
 
 def make_farm() -> list[DemoUpstream]:
     return [
-        DemoUpstream("fast", 3, "accepts at once", _accept),
+        DemoUpstream(relay("fast", accept), 3, "accepts at once"),
         DemoUpstream(
-            "slow", 1, f"waits {SLOW_DELAY_S * 1000:.0f} ms before answering DATA", _delay(SLOW_DELAY_S)
+            relay("slow", delay(SLOW_DELAY_S)), 1, f"waits {SLOW_DELAY_S * 1000:.0f} ms before answering DATA"
         ),
+        # Seeded, so two runs defer the same share of attempts and are comparable.
         DemoUpstream(
-            "flaky", 1, f"answers 451 to ~{FLAKY_RATIO:.0%} of DATA", _fail_ratio(FLAKY_RATIO, FLAKY_REPLY)
+            relay("flaky", fail_ratio(FLAKY_RATIO, FLAKY_REPLY, seed=7)),
+            1,
+            f"answers 451 to ~{FLAKY_RATIO:.0%} of DATA",
         ),
     ]
 
@@ -124,12 +86,12 @@ def make_farm() -> list[DemoUpstream]:
 async def running_farm() -> AsyncIterator[list[DemoUpstream]]:
     farm = make_farm()
     try:
-        for upstream in farm:
-            await upstream.start()
+        for member in farm:
+            await member.upstream.start()
         yield farm
     finally:
-        for upstream in farm:
-            await upstream.stop()
+        for member in farm:
+            await member.upstream.stop()
 
 
 def received_ids(farm: list[DemoUpstream]) -> set[str]:
