@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import resource
 import shutil
 import sys
@@ -36,15 +35,14 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from email.parser import BytesHeaderParser
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import uvloop
-from aiosmtpd.smtp import SMTP, Session
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from postmux.testing import HANG, Behaviour, Upstream, accept, always, delay, fail_ratio
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -263,69 +261,41 @@ def stop_postmux(conn: Connection) -> dict[str, Any]:
 # -- the upstreams (this process) -------------------------------------------------------------------
 
 
-class Upstream:
-    """An aiosmtpd relay on loopback whose DATA behaviour can change: accept, slow, flaky, hang."""
+def relay(name: str, behaviour: Behaviour) -> Upstream:
+    """A loopback upstream (postmux.testing) that notes each message's X-Bench-Id as it arrives."""
+    # SMTPUTF8 off, as aiosmtpd has it by default: the relays this bench measured before were plain aiosmtpd.
+    return Upstream(
+        name, behaviour, HOST, hostname=f"{name}.bench.test", smtputf8=False, index_headers=[ID_HEADER]
+    )
 
-    def __init__(self, name: str, mode: str) -> None:
-        self.name = name
-        self.mode = mode
-        self.received: list[tuple[str, float]] = []  # (bench id, when the 250 was sent)
-        self.data_commands = 0
-        self._rng = random.Random(FLAKY_SEED)
-        self._server: asyncio.Server | None = None
-        self._sessions: list[SMTP] = []
-        self.port = 0
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        self.data_commands += 1
-        if self.mode == "slow":
-            await asyncio.sleep(SLOW_DELAY_S)
-        elif self.mode == "hang":
-            await asyncio.Event().wait()  # never answers; the task ends when the connection does
-        elif self.mode == "flaky" and self._rng.random() < FLAKY_RATIO:
-            return FLAKY_REPLY
-        headers = BytesHeaderParser().parsebytes(envelope.original_content or b"")
-        self.received.append((str(headers.get(ID_HEADER, "")), time.time()))
-        return "250 2.0.0 Ok: stored"
+def start_behaviours() -> dict[str, Behaviour]:
+    """Each member's behaviour at t=0; fresh for every run, so the flaky member's 451s repeat run to run."""
+    return {
+        "fast": accept,
+        "slow": delay(SLOW_DELAY_S),
+        FLAKY: fail_ratio(FLAKY_RATIO, FLAKY_REPLY, FLAKY_SEED),
+    }
 
-    async def start(self) -> None:
-        def factory() -> Any:
-            protocol = SMTP(self, hostname=f"{self.name}.bench.test", decode_data=False)
-            self._sessions.append(protocol)
-            return protocol
 
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, host=HOST, port=self.port, reuse_address=True)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        """Stop listening and drop every open session, as a crashed server would (tests/support.py)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for session in self._sessions:
-            if session.transport is not None:
-                session.transport.close()
-        self._sessions.clear()
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
+def received_with_times(upstream: Upstream) -> list[tuple[str, float]]:
+    """(bench id, when the 250 was sent) of every message the upstream accepted."""
+    return list(zip(upstream.header_values(ID_HEADER), (r.at for r in upstream.received), strict=True))
 
 
 async def flaky_timeline(flaky: Upstream, t0: float, marks: dict[str, float]) -> None:
     """refuse at REFUSE_AT_S, hang at HANG_AT_S (same port), healthy at HEALTHY_AT_S (restarted)."""
     await _sleep_until(t0 + REFUSE_AT_S)
-    await flaky.stop()
+    await flaky.stop()  # listener and open sessions closed, as a crash would
     marks["refuse"] = time.time()
     await _sleep_until(t0 + HANG_AT_S)
-    flaky.mode = "hang"
-    await flaky.start()
+    flaky.behaviour = always(HANG)  # never answers DATA; postmux's data_timeout gives up first
+    await flaky.reopen_listener()
     marks["hang"] = time.time()
     await _sleep_until(t0 + HEALTHY_AT_S)
     await flaky.stop()
-    flaky.mode = "accept"
-    await flaky.start()
+    flaky.behaviour = accept
+    await flaky.reopen_listener()
     marks["healthy"] = time.time()
 
 
@@ -390,7 +360,7 @@ async def send_load(port: int, opts: Options, t0: float, tally: Tally) -> None:
 
 
 def received_ids(upstreams: Sequence[Upstream]) -> set[str]:
-    return {i for u in upstreams for i, _ in u.received}
+    return {i for u in upstreams for i in u.header_values(ID_HEADER)}
 
 
 async def wait_delivered(tally: Tally, upstreams: Sequence[Upstream], timeout_s: float) -> float:
@@ -424,9 +394,7 @@ class Raw:
 
 
 async def run_policy(policy: str, opts: Options, base: Path) -> Raw:
-    upstreams = {
-        name: Upstream(name, mode) for name, mode in zip(MEMBERS, ("accept", "slow", "flaky"), strict=True)
-    }
+    upstreams = {name: relay(name, behaviour) for name, behaviour in start_behaviours().items()}
     for u in upstreams.values():
         await u.start()
     workdir = Path(tempfile.mkdtemp(prefix=f"postmux-balance-{policy}-", dir=base))
@@ -466,7 +434,7 @@ async def run_policy(policy: str, opts: Options, base: Path) -> Raw:
         t0=t0,
         marks=marks,
         tally=tally,
-        upstreams={n: u.received for n, u in upstreams.items()},
+        upstreams={n: received_with_times(u) for n, u in upstreams.items()},
         events=events,
         attempts=attempts,
         child=child,
