@@ -7,13 +7,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
+from postmux.testing import Behaviour, Upstream, accept
 from tests.resolver_guard import GUARD
-from tests.support import Behaviour, Upstream, accept
+from tests.support import StartUpstream
 
 # Installed as soon as the tests are collected, so nothing imported later can keep an unguarded resolver.
 GUARD.install()
@@ -35,9 +36,6 @@ def _no_lookup_went_unnoticed() -> Iterator[None]:
     attempts = GUARD.take()
     if attempts:
         pytest.fail("this test asked a resolver about names that are not loopback: " + ", ".join(attempts))
-
-
-StartUpstream = Callable[..., Awaitable[Upstream]]
 
 
 @pytest.fixture
