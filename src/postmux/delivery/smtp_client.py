@@ -24,11 +24,12 @@ from postmux.address import Malformed, Role, wire_path
 from postmux.balancing.health import FailureKind
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
-from postmux.delivery.tls import client_context, describe_tls
+from postmux.delivery.tls import describe_tls
 from postmux.delivery.transport import AttemptOutcome, judge
-from postmux.ingress.hygiene import has_bare_cr_or_lf
 from postmux.reply import Reply
 from postmux.spool.base import WorkItem, WorkRecipient
+from postmux.text import has_bare_cr_or_lf
+from postmux.tls import client_context
 
 log = structlog.get_logger("postmux.delivery")
 
