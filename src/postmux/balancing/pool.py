@@ -189,6 +189,11 @@ class Pool:
         member.draining = False
         return True
 
+    def retire(self) -> None:
+        """The pool is gone from the configuration: its members take nothing new (work in flight ends)."""
+        for m in self.members:
+            m.removed = True
+
     # -- active checks -------------------------------------------------------------------------------
 
     def record_check(self, member: Member, passed: bool, now: float, detail: str = "") -> None:
@@ -209,6 +214,11 @@ class Pool:
                     self._on_change(
                         member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": ")
                     )
+
+    def forget_checks(self) -> None:
+        """Checks were turned off: no checks, no verdict, so no member is held out by old ones."""
+        for m in self.members:
+            m.check_up, m.check_streak = True, 0
 
     # -- choosing ------------------------------------------------------------------------------------
 
