@@ -14,6 +14,7 @@ from postmux.config import Settings, settings_from_dict
 from postmux.events.types import EventType
 from postmux.reply import Reply
 from postmux.scheduling import verdicts
+from postmux.scheduling.gate import Gate
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.verdicts import Rules, Tally, Verdict
@@ -252,3 +253,38 @@ def test_an_attempt_that_broke_off_defers_its_recipients_to_another_member() -> 
     )
     v = verdicts.after_attempt(work(1, tried={"a"}), "a", lost, pool, rules, NOW)
     assert v.retry_now is not None and v.tally == Tally(deferred=1)
+
+
+def test_work_only_warm_up_capped_members_could_take_moves_once_to_their_overflow_pool() -> None:
+    s = settings_from_dict(
+        {
+            "pool": [
+                {
+                    "name": "default",
+                    "members": [
+                        {
+                            "name": "ip1",
+                            "kind": "source",
+                            "source_address": "127.0.0.2",
+                            "warmup": {"start": "2023-11-14", "days": [10], "overflow_pool": "relays"},
+                        }
+                    ],
+                },
+                {"name": "relays", "members": [{"name": "r", "address": "127.0.0.1:2601"}]},
+            ]
+        }
+    )
+    capped = Gate(closed={"ip1"}, away={"ip1"}, capped=Pool(s.pool[0]).members)
+    item = work(1, tried={"ip1"})
+    item.pool = "default"
+    moved = verdicts.overflow(item, capped, {"default", "relays"})
+    assert moved is not None
+    assert (moved.pool, moved.overflowed_from, moved.destination, moved.tried) == (
+        "relays",
+        "default",
+        "",
+        set(),
+    )
+    assert item.pool == "default" and item.tried == {"ip1"}  # the work given is left as it was
+    assert verdicts.overflow(moved, capped, {"default", "relays"}) is None  # once only
+    assert verdicts.overflow(item, capped, {"default"}) is None  # no such pool (any more): it waits

@@ -232,7 +232,7 @@ class Dispatcher:
                     if held.away and pool.can_serve(now, item.tried):
                         self._hold_back(item, pool, held, now)
                     else:
-                        self._spawn(self._settle_unattempted(item, pool, None))
+                        self._spawn(self._no_member(item, pool))
                     continue
                 ready.take(q)
                 self._start(item, pool, member, now, q)
@@ -264,19 +264,16 @@ class Dispatcher:
         if moved is not None:
             self.submit([moved])
             return
-        self._spawn(self._settle_unattempted(item, pool, held.reopen, now))
+        self._spawn(self._postpone(item, pool, held.reopen, now))
 
-    async def _settle_unattempted(
-        self, item: WorkItem, pool: Pool, reopen: float | None, now: float | None = None
-    ) -> None:
-        """No member may take the work: it waits for one to reopen (`reopen`), else for its next round."""
-        if reopen is None:
-            now = self.clock()
-            verdict = verdicts.no_member(item, pool, self._rules(), now)
-        else:
-            assert now is not None
-            verdict = verdicts.postponed(item, pool, reopen, self._rules(), now)
-        await self._apply(verdict, pool, None, now)
+    async def _postpone(self, item: WorkItem, pool: Pool, reopen: float, now: float) -> None:
+        """Wait for a suspension or a warm-up day to end (verdicts.postponed)."""
+        await self._apply(verdicts.postponed(item, pool, reopen, self._rules(), now), pool, None, now)
+
+    async def _no_member(self, item: WorkItem, pool: Pool) -> None:
+        """Every usable member was tried, or none is usable: the work waits (verdicts.no_member)."""
+        now = self.clock()
+        await self._apply(verdicts.no_member(item, pool, self._rules(), now), pool, None, now)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
