@@ -44,10 +44,6 @@ def local_failure(error: BaseException, where: str) -> tuple[Breakoff, Reply]:
     return Breakoff.LOST, Reply(451, "4.4.2", f"connection lost {where}: {error}".rstrip(": "))
 
 
-def local_reply(error: BaseException, where: str) -> Reply:
-    return local_failure(error, where)[1]
-
-
 Target = tuple[str, int]  # (host, port) one connection goes to
 
 # Any CR, LF or CRLF: a stored message should hold none but CRLF, but one that does is repaired here.
