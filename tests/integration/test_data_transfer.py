@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postmux.attempt import Recipient, Transaction
 from postmux.delivery.smtp_client import SmtpTransport
 from postmux.reply import Reply
-from postmux.spool.base import WorkItem, WorkRecipient
 from tests.support import DROP, HANG, Upstream, always, make_settings
 
 # Lines as ingress stores them (CRLF only), rich in what dot-stuffing must get right: a leading dot, a
@@ -24,15 +24,12 @@ LINE = st.one_of(
 MESSAGE = st.lists(LINE, max_size=30).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
 
 
-def work_for(data: bytes) -> WorkItem:
-    return WorkItem(
-        message_id="m1",
+def work_for(data: bytes) -> Transaction:
+    return Transaction(
         sender="app@example.com",
-        pool="default",
-        domain="dest.test",
-        recipients=[WorkRecipient(1, "user@dest.test", 0)],
+        recipients=(Recipient(1, "user@dest.test"),),
         data=data,
-        created=0.0,
+        domain="dest.test",
     )
 
 

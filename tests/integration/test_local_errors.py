@@ -17,8 +17,7 @@ from postmux.balancing.pool import Pool
 from postmux.cli import app as cli
 from postmux.config import Settings
 from postmux.delivery.smtp_client import SmtpTransport
-from postmux.delivery.transport import AttemptOutcome
-from postmux.spool.base import WorkItem
+from postmux.delivery.transport import AttemptOutcome, Transaction
 from tests.support import (
     StartUpstream,
     Upstream,
@@ -69,7 +68,7 @@ TRIES: dict[str, int] = {}
 class CrashingTransport(SmtpTransport):
     """The real transport, with a bug that only one sender's mail meets: postmux's own code raising."""
 
-    async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
+    async def deliver(self, work: Transaction, *, per_connection: int | None = None) -> AttemptOutcome:
         TRIES[work.sender] = TRIES.get(work.sender, 0) + 1
         if work.sender in BROKEN_FOR:
             raise RuntimeError("a bug that this message meets")
@@ -199,7 +198,7 @@ async def test_a_held_message_stays_held_across_restarts_until_release_makes_it_
 async def test_a_crash_while_recording_an_outcome_requeues_the_work_and_holds_it_after_max_local_errors(
     tmp_path: Path, upstream: StartUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from postmux.scheduling import dispatcher as dispatching
+    from postmux.scheduling import verdicts
 
     refusing = await upstream("refusing", behaviour=always("550 5.1.1 no such user"))
     settings = make_settings(tmp_path, pools(refusing), retry={"intervals": ["100ms"], "max_local_errors": 2})
@@ -209,7 +208,7 @@ async def test_a_crash_while_recording_an_outcome_requeues_the_work_and_holds_it
 
     # The bounce's DSN is built while the outcome is decided: a bug there used to leave the work leased
     # (neither retried nor held) until the next restart.
-    monkeypatch.setattr(dispatching, "build_dsn", broken_dsn)
+    monkeypatch.setattr(verdicts, "build_dsn", broken_dsn)
     async with App(settings) as app:
         await send(app.smtp_port, "refused")
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from postmux.balancing.pool import Pool
 from postmux.config import Settings, settings_from_dict
 from postmux.reply import Reply
-from postmux.scheduling.dispatcher import Dispatcher, _next_utc_midnight
+from postmux.scheduling.dispatcher import Dispatcher
+from postmux.scheduling.gate import next_utc_midnight
 from postmux.scheduling.shaping import Admission, Lane
 from postmux.scheduling.warmup import WarmupLedger
 
@@ -70,7 +71,7 @@ def reference_gate(d: Dispatcher, pool: Pool, destination: str, now: float) -> G
         admission, at = lane.admission(now)
         if admission is Admission.OPEN and not d.warmup.allows(pool.name, m.settings, destination, now):
             capped.append(m.name)
-            admission, at = Admission.SUSPENDED, _next_utc_midnight(now)
+            admission, at = Admission.SUSPENDED, next_utc_midnight(now)
         if admission is Admission.OPEN:
             continue
         closed.add(m.name)
@@ -192,7 +193,7 @@ def test_members_added_removed_or_given_a_warmup_by_a_reload() -> None:
     assert ("p", "d", "dest") in d.shaper.lanes
     d.warmup.count("p", pool.member("b").settings, "dest", T0)  # its one message for today
     closed, away, capped, _, reopen = check(d, pool, "dest", T0)
-    assert closed == away == {"b"} and capped == ["b"] and reopen == _next_utc_midnight(T0)
+    assert closed == away == {"b"} and capped == ["b"] and reopen == next_utc_midnight(T0)
     assert pool.member("c").removed
     d.shaper.lanes[("p", "c", "dest")].in_flight = 99  # full, but c is removed: its lane no longer counts
     assert "c" not in check(d, pool, "dest", T0)[0]

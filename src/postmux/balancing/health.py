@@ -11,13 +11,43 @@ import enum
 import statistics
 from collections.abc import Sequence
 
+from postmux.attempt import AttemptOutcome, Breakoff
 from postmux.balancing.member import Member
-from postmux.config import HealthSettings
+from postmux.config import HealthSettings, MemberKind
 
 
 class FailureKind(enum.StrEnum):
     LOCAL = "local"  # refused, timeout, connection lost: nothing usable came back
     REPLY_4XX = "4xx"  # the member answered, but only with transient refusals
+
+
+# The member's own setup is broken (its source address is not on this host, its credentials are refused):
+# true whoever it sends to, so it counts for either kind of member.
+_MEMBER_BROKEN = frozenset({Breakoff.BIND, Breakoff.AUTH})
+
+
+def classify(outcome: AttemptOutcome, kind: MemberKind) -> FailureKind | None:
+    """Whether an attempt counts against the member, and how; None: it does not (a success for health).
+
+    A relay is one server: when it cannot be reached, greets with a refusal, or takes nothing (only 4xx
+    back, or a 421 anywhere), the relay is failing. A 5xx about one recipient is a verdict on the address,
+    not on the member. A source member is a local IP sending to every destination's MX hosts: a receiver
+    that is down or pushes back is about that destination only (shaping reacts to it), and must not take
+    the IP out of service for every other destination; only a broken source address or login counts.
+    """
+    breakoff = outcome.breakoff
+    if breakoff in _MEMBER_BROKEN:
+        return FailureKind.LOCAL
+    if kind == "source":
+        return None
+    if breakoff is Breakoff.GREETING:
+        return FailureKind.REPLY_4XX
+    if breakoff is not None:
+        return FailureKind.LOCAL
+    said = outcome.said()
+    if said and (all(r.is_transient for r in said) or any(r.code == 421 for r in said)):
+        return FailureKind.REPLY_4XX
+    return None
 
 
 class PassiveHealth:

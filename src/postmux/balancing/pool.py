@@ -6,7 +6,8 @@ import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from postmux.balancing.health import FailureKind, PassiveHealth
+from postmux.attempt import AttemptOutcome
+from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
 from postmux.config import PoolSettings
@@ -96,6 +97,32 @@ class Pool:
         m.ewma_latency_s, m.ewma_at = 0.0, None
         self._on_change(m, True, reason)
 
+    def observe(
+        self, member: Member, outcome: AttemptOutcome, elapsed_s: float, now: float
+    ) -> FailureKind | None:
+        """What one attempt teaches: its health verdict, the member's latency, counters and TLS.
+
+        The one entry point from the data path (Envoy's outlier detector hears results; it alone decides):
+        the facts are classified here (health.classify), and the member is ejected when a rule says so.
+        Returns how the attempt counted against the member (None: as a success).
+        """
+        member.attempts += 1
+        failure = classify(outcome, member.settings.kind)
+        if failure is not FailureKind.LOCAL and not outcome.unfit:
+            # Only answered attempts say how fast a member works. A timeout or a refusal is the health
+            # rules' business; counted as latency it would keep a recovered member starved long after
+            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks). An unfit
+            # attempt sent nothing: its near-zero time would flatter the member.
+            member.observe_latency(elapsed_s, now, self.settings.latency_decay)
+        if failure is not None:
+            member.last_error = str(next(iter(outcome.replies.values()), ""))
+            self.record_failure(member, now, failure)
+        else:
+            self.record_success(member, now)
+        if outcome.tls:
+            member.tls = outcome.tls
+        return failure
+
     def record_success(self, member: Member, now: float) -> None:
         self.health.record_success(member, now)
 
@@ -125,6 +152,48 @@ class Pool:
     def start_sweeping(self, now: float) -> None:
         self._next_sweep = now + self.settings.health.success_rate_interval
 
+    # -- the member's work: what the data path and the operator tell the pool ---------------------------
+
+    def begin(self, member: Member) -> None:
+        """An attempt starts on `member`: it holds one of its connections until `finish`."""
+        member.in_flight += 1
+
+    def finish(self, member: Member) -> None:
+        """An attempt on `member` has ended (its outcome recorded); a removed member goes with its last."""
+        member.in_flight -= 1
+        if member.removed:
+            self.prune()
+
+    def tally(self, member: Member, *, delivered: int = 0, deferred: int = 0, bounced: int = 0) -> None:
+        """Count recipients by what became of them (the admin API's and the demo's counters)."""
+        member.delivered += delivered
+        member.deferred += deferred
+        member.bounced += bounced
+
+    def drain(self, name: str) -> bool:
+        """The operator drains `name`: it finishes its work in flight and takes nothing new.
+
+        Returns whether that changed anything (False: already draining). Raises KeyError for no such member.
+        """
+        member = self.member(name)
+        if member.draining:
+            return False
+        member.draining = True
+        return True
+
+    def enable(self, name: str) -> bool:
+        """The operator takes a drain back; returns whether that changed anything. KeyError: none such."""
+        member = self.member(name)
+        if not member.draining:
+            return False
+        member.draining = False
+        return True
+
+    def retire(self) -> None:
+        """The pool is gone from the configuration: its members take nothing new (work in flight ends)."""
+        for m in self.members:
+            m.removed = True
+
     # -- active checks -------------------------------------------------------------------------------
 
     def record_check(self, member: Member, passed: bool, now: float, detail: str = "") -> None:
@@ -145,6 +214,11 @@ class Pool:
                     self._on_change(
                         member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": ")
                     )
+
+    def forget_checks(self) -> None:
+        """Checks were turned off: no checks, no verdict, so no member is held out by old ones."""
+        for m in self.members:
+            m.check_up, m.check_streak = True, 0
 
     # -- choosing ------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import structlog
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.config import CheckSettings, MemberSettings
-from postmux.delivery.tls import client_context
+from postmux.tls import client_context
 
 log = structlog.get_logger("postmux.probes")
 

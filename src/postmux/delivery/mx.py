@@ -14,8 +14,9 @@ import asyncio
 import ipaddress
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -26,9 +27,20 @@ import dns.resolver
 from postmux.address import literal_address
 from postmux.config import DnsSettings, split_hostport
 from postmux.reply import Reply
-from postmux.scheduling.providers import Providers
 
 Clock = Callable[[], float]
+
+
+class Destinations(Protocol):
+    """Names the shaping key of a domain's mail from its MX hosts (postmux.scheduling.providers.Providers).
+
+    Injected, so delivery does not reach back into scheduling: the resolver only says which hosts answer
+    for a domain, and whoever shapes the traffic says what that makes the destination. Pure, no I/O.
+    """
+
+    def destination(self, domain: str, mx_hosts: Iterable[str] = ()) -> str:
+        """The shaping key for mail to `domain`: its provider, else the domain itself."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +77,7 @@ def _nameserver(spec: str) -> dns.nameserver.Nameserver:
 
 
 class MxResolver:
-    def __init__(self, settings: DnsSettings, providers: Providers, clock: Clock = time.time) -> None:
+    def __init__(self, settings: DnsSettings, providers: Destinations, clock: Clock = time.time) -> None:
         self.settings = settings
         self.providers = providers
         self.clock = clock
@@ -73,7 +85,7 @@ class MxResolver:
         self._pending: dict[str, asyncio.Future[MxPlan]] = {}
         self._resolver: dns.asyncresolver.Resolver | None = None
 
-    def reconfigure(self, settings: DnsSettings, providers: Providers) -> None:
+    def reconfigure(self, settings: DnsSettings, providers: Destinations) -> None:
         """New settings (a reload): what was learnt under the old ones is forgotten."""
         if settings != self.settings:
             self._resolver = None

@@ -21,14 +21,13 @@ import aiosmtplib
 import structlog
 
 from postmux.address import Malformed, Role, wire_path
-from postmux.balancing.health import FailureKind
+from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
-from postmux.delivery.tls import client_context, describe_tls
-from postmux.delivery.transport import AttemptOutcome, judge
-from postmux.ingress.hygiene import has_bare_cr_or_lf
+from postmux.delivery.tls import describe_tls
 from postmux.reply import Reply
-from postmux.spool.base import WorkItem, WorkRecipient
+from postmux.text import has_bare_cr_or_lf
+from postmux.tls import client_context
 
 log = structlog.get_logger("postmux.delivery")
 
@@ -36,12 +35,13 @@ log = structlog.get_logger("postmux.delivery")
 _LOCAL_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
 
 
-def local_reply(error: BaseException, where: str) -> Reply:
+def local_failure(error: BaseException, where: str) -> tuple[Breakoff, Reply]:
+    """Where a connection failed (timeout, refused, lost) and the reply its recipients get for it."""
     if isinstance(error, aiosmtplib.SMTPConnectTimeoutError | aiosmtplib.SMTPTimeoutError | TimeoutError):
-        return Reply(451, "4.4.2", f"timeout {where}")
+        return Breakoff.TIMEOUT, Reply(451, "4.4.2", f"timeout {where}")
     if isinstance(error, aiosmtplib.SMTPConnectError | ConnectionRefusedError):
-        return Reply(451, "4.4.1", f"connection refused {where}")
-    return Reply(451, "4.4.2", f"connection lost {where}: {error}".rstrip(": "))
+        return Breakoff.CONNECT, Reply(451, "4.4.1", f"connection refused {where}")
+    return Breakoff.LOST, Reply(451, "4.4.2", f"connection lost {where}: {error}".rstrip(": "))
 
 
 Target = tuple[str, int]  # (host, port) one connection goes to
@@ -109,11 +109,11 @@ class WirePaths:
     """
 
     sender: bytes
-    recipients: list[tuple[WorkRecipient, bytes]]
+    recipients: list[tuple[Recipient, bytes]]
     refused: dict[int, Reply]
 
     @classmethod
-    def of(cls, work: WorkItem) -> WirePaths:
+    def of(cls, work: Transaction) -> WirePaths:
         sender = wire_path(work.sender, Role.SENDER, smtputf8=work.smtputf8)
         if isinstance(sender, Malformed):
             reply = _unsendable(sender, "sender", "5.1.7")
@@ -131,7 +131,7 @@ class WirePaths:
         """The attempt's outcome with the refused recipients' replies in it; they never judged the member."""
         if not self.refused:
             return outcome
-        return replace(outcome, replies={**outcome.replies, **self.refused})
+        return replace(outcome, replies={**outcome.replies, **self.refused}, unsent=frozenset(self.refused))
 
 
 def _unsendable(malformed: Malformed, role: str, enhanced_code: str) -> Reply:
@@ -181,13 +181,18 @@ class _ConnectionLost(Exception):
 class _Unreachable(Exception):
     """No connection could be made to any target; carries the reply the recipients get."""
 
-    def __init__(self, reply: Reply, failure: FailureKind | None, *, said: bool = False) -> None:
+    def __init__(self, reply: Reply, breakoff: Breakoff, *, said: bool = False) -> None:
         super().__init__(str(reply))
         self.reply = reply
-        self.failure = failure
+        self.breakoff = breakoff
         # The server itself said it (a refusing greeting), rather than postmux making the reply up:
         # shaping's reactions and AIMD hear it ("421 too many connections" comes at the greeting).
         self.said = said
+
+
+# The member's own setup failed (its source address is not on this host, its login was refused): another MX
+# host would fail the same way, so the attempt ends there.
+_MEMBER_BROKEN = frozenset({Breakoff.BIND, Breakoff.AUTH})
 
 
 class _TlsFallback(Exception):
@@ -232,21 +237,21 @@ class SmtpTransport:
     def connections(self) -> int:
         return self._busy + sum(len(idle) for idle in self._idle.values())
 
-    async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
+    async def deliver(self, work: Transaction, *, per_connection: int | None = None) -> AttemptOutcome:
         """One transaction for `work`; `per_connection` is the lane's limit of messages per connection."""
         paths = WirePaths.of(work)
         if not paths.recipients:  # nothing can be sent: no connection, and nothing to say about the member
-            return AttemptOutcome(paths.refused, None, "", local=True)
+            return AttemptOutcome(paths.refused, "", local=True, unsent=frozenset(paths.refused))
         self._busy += 1
         try:
             targets = await self._targets(work)
             if isinstance(targets, Reply):
-                return paths.settle(self._all(work, targets, None, "", local=True))
+                return paths.settle(self._all(work, targets, Breakoff.MX, ""))
             return paths.settle(await self._deliver_to(targets, work, paths, per_connection))
         finally:
             self._busy -= 1
 
-    async def _targets(self, work: WorkItem) -> list[tuple[str, Target]] | Reply:
+    async def _targets(self, work: Transaction) -> list[tuple[str, Target]] | Reply:
         """(name for the DSN's Remote-MTA, (host, port)) in the order to try, or the reply for everyone."""
         if self.resolver is None:
             return [(self.member.target, (self.member.host, self.member.port))]
@@ -262,7 +267,11 @@ class SmtpTransport:
         ] or Reply(451, "4.4.4", f"no MX host of {work.domain} reachable from {self.member.source_address}")
 
     async def _deliver_to(
-        self, targets: list[tuple[str, Target]], work: WorkItem, paths: WirePaths, per_connection: int | None
+        self,
+        targets: list[tuple[str, Target]],
+        work: Transaction,
+        paths: WirePaths,
+        per_connection: int | None,
     ) -> AttemptOutcome:
         unreachable: _Unreachable | None = None
         for name, target in targets:
@@ -279,21 +288,21 @@ class SmtpTransport:
                 conn = await self._connect(name, target)
             except _Unreachable as e:
                 unreachable = e
-                if e.failure is FailureKind.LOCAL and self.resolver is not None:
-                    break
+                if e.breakoff in _MEMBER_BROKEN:
+                    break  # this member's own setup failed: every other MX host would fail alike
                 continue  # RFC 5321 5.1: try the next MX host
             outcome = await self._attempt(conn, work, paths, name, per_connection, fresh_retry_allowed=False)
             assert outcome is not None
             return outcome
         assert unreachable is not None
         return self._all(
-            work, unreachable.reply, unreachable.failure, targets[-1][0], local=not unreachable.said
+            work, unreachable.reply, unreachable.breakoff, targets[-1][0], local=not unreachable.said
         )
 
     async def _attempt(
         self,
         conn: _Connection,
-        work: WorkItem,
+        work: Transaction,
         paths: WirePaths,
         remote: str,
         per_connection: int | None,
@@ -308,11 +317,11 @@ class SmtpTransport:
             conn.client.close()
             if fresh_retry_allowed and lost.stage == "at MAIL FROM":
                 return None
-            reply = local_reply(lost.error, f"{lost.stage} with {remote}")
-            return self._all(work, reply, self._local_failure(), remote, local=True)
+            breakoff, reply = local_failure(lost.error, f"{lost.stage} with {remote}")
+            return self._all(work, reply, breakoff, remote)
         conn.messages += 1
         self._release(conn, per_connection)
-        return AttemptOutcome(replies, self._judge(replies), remote, tls=conn.tls)
+        return AttemptOutcome(replies, remote, tls=conn.tls)
 
     def _release(self, conn: _Connection, per_connection: int | None) -> None:
         """Keep the connection for the next message, or say goodbye when it has carried enough."""
@@ -323,7 +332,7 @@ class SmtpTransport:
         else:
             self._quit(conn)
 
-    def _unfit(self, conn: _Connection, work: WorkItem, remote: str) -> AttemptOutcome:
+    def _unfit(self, conn: _Connection, work: Transaction, remote: str) -> AttemptOutcome:
         """RFC 6531 3.4: mail that needs SMTPUTF8 must not go to a server that does not offer it.
 
         Nothing was sent, so the connection stays good for other mail. A relay's lack is that relay's
@@ -334,20 +343,11 @@ class SmtpTransport:
         reply = Reply(553, "5.6.7", f"SMTPUTF8 required but not offered by {remote}")
         return AttemptOutcome(
             {r.rid: reply for r in work.recipients},
-            None,
             remote,
             local=True,
             tls=conn.tls,
             unfit=self.resolver is None,
         )
-
-    def _judge(self, replies: dict[int, Reply]) -> FailureKind | None:
-        # A receiver's 4xx to a source IP is about this destination only: shaping reacts to it, and it
-        # must not take the IP out of service for every other destination.
-        return judge(replies) if self.resolver is None else None
-
-    def _local_failure(self) -> FailureKind | None:
-        return FailureKind.LOCAL if self.resolver is None else None
 
     async def _connect(self, name: str, target: Target) -> _Connection:
         try:
@@ -407,8 +407,7 @@ class SmtpTransport:
             if opportunistic:
                 return "none"
             raise _Unreachable(
-                Reply(451, "4.7.4", f"TLS is required, but {where} does not offer STARTTLS"),
-                self._local_failure(),
+                Reply(451, "4.7.4", f"TLS is required, but {where} does not offer STARTTLS"), Breakoff.TLS
             )
         try:
             await client.starttls(server_hostname=self._server_name(name), tls_context=self._tls_context)
@@ -416,15 +415,15 @@ class SmtpTransport:
             if opportunistic and client.is_connected:
                 return "none"  # a 454 leaves the session in plaintext and usable (RFC 3207 4)
             reply = Reply(451, "4.7.5", f"{where} refused STARTTLS: {e.code} {e.message}")
-            raise _Unreachable(reply, self._local_failure()) from e
+            raise _Unreachable(reply, Breakoff.TLS) from e
         except ssl.SSLCertVerificationError as e:
             reply = Reply(451, "4.7.5", f"server certificate not verified ({where}): {e.verify_message}")
-            raise _Unreachable(reply, self._local_failure()) from e
+            raise _Unreachable(reply, Breakoff.TLS) from e
         except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             if opportunistic:
                 raise _TlsFallback(str(e)) from e
             reply = Reply(451, "4.7.5", f"TLS handshake with {where} failed: {e}")
-            raise _Unreachable(reply, self._local_failure()) from e
+            raise _Unreachable(reply, Breakoff.TLS) from e
         # RFC 3207 4.2: everything learnt before TLS is forgotten; ask for the extensions again.
         try:
             await client.ehlo()
@@ -445,25 +444,26 @@ class SmtpTransport:
         if self.member.username is None or self.member.password is None:
             return
         if not client.supports_extension("auth"):
-            raise _Unreachable(Reply(451, "4.7.4", f"{where} offers no AUTH"), FailureKind.LOCAL)
+            raise _Unreachable(Reply(451, "4.7.4", f"{where} offers no AUTH"), Breakoff.AUTH)
         try:
             await client.login(self.member.username, self.member.password.get_secret_value())
         except aiosmtplib.SMTPAuthenticationError as e:
             # Our credentials are wrong, not the recipients': the mail waits or goes to another member.
             reply = Reply(451, "4.7.8", f"authentication to {where} failed: {e.code} {e.message}")
-            raise _Unreachable(reply, FailureKind.LOCAL) from e
+            raise _Unreachable(reply, Breakoff.AUTH) from e
 
     def _unreachable(self, error: BaseException, where: str) -> _Unreachable:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
             # A 421 or 554 greeting: the server is up but will not take mail now.
             reply = Reply.parse(error.code if error.code < 500 else 451, error.message)
-            return _Unreachable(reply, FailureKind.REPLY_4XX if self.resolver is None else None, said=True)
+            return _Unreachable(reply, Breakoff.GREETING, said=True)
         if _cannot_bind(error):
             reply = Reply(451, "4.4.0", f"cannot send from {self.member.source_address}: {error}")
-            return _Unreachable(reply, FailureKind.LOCAL)
-        return _Unreachable(local_reply(error, f"connecting to {where}"), self._local_failure())
+            return _Unreachable(reply, Breakoff.BIND)
+        breakoff, reply = local_failure(error, f"connecting to {where}")
+        return _Unreachable(reply, breakoff)
 
-    async def _transaction(self, conn: _Connection, work: WorkItem, paths: WirePaths) -> dict[int, Reply]:
+    async def _transaction(self, conn: _Connection, work: Transaction, paths: WirePaths) -> dict[int, Reply]:
         """MAIL, RCPT for each recipient `paths` can send, DATA: a reply for each of those recipients."""
         client = conn.client
         try:
@@ -500,7 +500,7 @@ class SmtpTransport:
         return replies
 
     @staticmethod
-    def _mail_options(client: aiosmtplib.SMTP, work: WorkItem) -> list[str]:
+    def _mail_options(client: aiosmtplib.SMTP, work: Transaction) -> list[str]:
         options = []
         if client.supports_extension("size"):
             options.append(f"SIZE={len(work.data)}")
@@ -519,9 +519,10 @@ class SmtpTransport:
 
     @staticmethod
     def _all(
-        work: WorkItem, reply: Reply, failure: FailureKind | None, remote: str, *, local: bool = False
+        work: Transaction, reply: Reply, breakoff: Breakoff, remote: str, *, local: bool = True
     ) -> AttemptOutcome:
-        return AttemptOutcome({r.rid: reply for r in work.recipients}, failure, remote, local=local)
+        """The same reply for every recipient: the attempt broke off before the transaction's replies."""
+        return AttemptOutcome({r.rid: reply for r in work.recipients}, remote, breakoff, local=local)
 
     def _quit(self, conn: _Connection) -> None:
         task = asyncio.create_task(self._quit_now(conn))

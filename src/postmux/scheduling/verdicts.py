@@ -1,0 +1,427 @@
+"""Verdicts: what becomes of work after an attempt, or when no attempt can be made, as values.
+
+Plain functions of (work, the facts of the attempt, the pool, the rules, now): each returns a `Verdict`
+saying which recipients settle how (the spool's `Settlement`s), which events tell of it, which work goes
+back to its queue at once for another member, and what the member's counters add. Nothing here does I/O
+or writes to anything it is given; the dispatcher applies a verdict (emits, resubmits, records through the
+spool), and tests/unit/test_verdicts.py holds the rules without sockets or a spool.
+
+The rules, in brief:
+- a reply per recipient decides it: 2xx delivered, 5xx bounced with a DSN, 4xx deferred;
+- deferred work goes at once to another member of the pool that has not tried it this round (RFC 5321
+  4.5.4.1 asks for a wait before retrying the *same* server; another member is another server), else back
+  to the spool for its next round on the retry schedule, or expires with a DSN after `max_age`;
+- a member that cannot take the message (no SMTPUTF8) passes it on; once every member has said so, it
+  bounces (RFC 6531 3.5);
+- a crash of postmux's own code is the message's fault: it waits, and after `max_local_errors` crashes in a
+  row it is held until an operator releases it;
+- work that only suspended or warm-up-capped members could take waits for them without using up a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+
+from postmux.attempt import AttemptOutcome
+from postmux.balancing.pool import Pool
+from postmux.delivery.dsn import FailedRecipient, build_dsn
+from postmux.envelope import domain_of
+from postmux.events.types import Event, EventType
+from postmux.reply import Reply
+from postmux.scheduling.gate import Gate
+from postmux.scheduling.retry import RetrySchedule
+from postmux.scheduling.router import Router
+from postmux.spool.base import RecipientState, Settlement, WorkItem, WorkRecipient
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What verdicts go by: the retry schedule (with `[retry]` max_age and max_local_errors), the routes
+    a DSN takes back to the sender, and the name this node reports itself by in a DSN."""
+
+    retry: RetrySchedule
+    router: Router
+    reporting_mta: str
+
+    @property
+    def max_local_errors(self) -> int:
+        return self.retry.settings.max_local_errors
+
+    @property
+    def max_age(self) -> float:
+        return self.retry.settings.max_age
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Recipients the member's counters add, by what became of them (Pool.tally)."""
+
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+
+
+NO_TALLY = Tally()
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What to do about one piece of work; the dispatcher does it in this order: emit the events, count
+    the tally, put `retry_now` at the front of its queue, then record the settlements durably."""
+
+    settlements: list[Settlement] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    # Work another member of the pool takes at once, at the front of its queue (not yet recorded).
+    retry_now: WorkItem | None = None
+    tally: Tally = NO_TALLY
+    held: bool = False  # set aside after crashing our code too often (the settlements say HELD)
+
+
+# -- after an attempt ---------------------------------------------------------------------------------------
+
+
+def after_attempt(
+    item: WorkItem, member: str, outcome: AttemptOutcome, pool: Pool, rules: Rules, now: float
+) -> Verdict:
+    """The verdict on an attempt that ran (the transport returned); `item.tried` includes `member`."""
+    if outcome.unfit:
+        return unfit(item, member, outcome, pool, rules, now)
+    return settled(item, member, outcome, pool, rules, now)
+
+
+def settled(
+    item: WorkItem, member: str, outcome: AttemptOutcome, pool: Pool, rules: Rules, now: float
+) -> Verdict:
+    """Each recipient by its reply: delivered, bounced (with a DSN), or deferred (another member, a wait)."""
+    v = Verdict()
+    delivered: list[WorkRecipient] = []
+    bounced: list[tuple[WorkRecipient, Reply]] = []
+    deferred: list[tuple[WorkRecipient, Reply]] = []
+    for r in item.recipients:
+        reply = outcome.replies.get(r.rid) or Reply(451, "4.3.0", "no reply recorded")
+        bumped = replace(r, attempts=r.attempts + 1, local_errors=0)  # answered: not a crash
+        if reply.is_success:
+            delivered.append(bumped)
+            kind = EventType.DELIVERY
+        elif reply.is_permanent:
+            bounced.append((bumped, reply))
+            kind = EventType.BOUNCE
+        else:
+            deferred.append((bumped, reply))
+            kind = EventType.TRANSIENT_FAILURE
+        v.events.append(event(kind, item, bumped, pool.name, member, reply, now, outcome.tls))
+    v.tally = Tally(len(delivered), len(deferred), len(bounced))
+    if delivered:
+        attempts = max(r.attempts for r in delivered)
+        v.settlements.append(
+            Settlement(
+                item.message_id, [r.rid for r in delivered], RecipientState.DELIVERED, attempts=attempts
+            )
+        )
+    if bounced:
+        v.settlements.append(final(item, bounced, RecipientState.BOUNCED, outcome.remote, rules, now))
+    if deferred:
+        retry_now = [r for r, _ in deferred]
+        if pool.can_serve(now, item.tried):
+            v.retry_now = replace(item, recipients=retry_now)
+        else:
+            _defer_or_expire(v, item, pool, retry_now, deferred[-1][1], rules, now)
+    return v
+
+
+def unfit(
+    item: WorkItem, member: str, outcome: AttemptOutcome, pool: Pool, rules: Rules, now: float
+) -> Verdict:
+    """The member cannot take this message (its server lacks SMTPUTF8): another member, or a verdict.
+
+    Another untried usable member gets it at once. Once every member of the pool has said it cannot,
+    the refusal is final and the sender gets a DSN (RFC 6531 3.5, 5.6.7): retrying would only meet
+    the same servers. While some member that was not asked is out of service (ejected, draining),
+    the mail waits for it on the normal retry schedule instead, up to the queue lifetime.
+    """
+    v = Verdict()
+    unable = item.unfit | {member}
+    if pool.can_serve(now, item.tried):
+        for r in item.recipients:
+            reply = outcome.replies[r.rid]
+            v.events.append(
+                event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, outcome.tls)
+            )
+        v.retry_now = replace(item, unfit=unable)
+        return v
+    bumped = [replace(r, attempts=r.attempts + 1, local_errors=0) for r in item.recipients]
+    if {m.name for m in pool.members if not m.removed} <= unable:
+        failed = [(r, outcome.replies[r.rid]) for r in bumped]
+        for r, reply in failed:
+            v.events.append(event(EventType.BOUNCE, item, r, pool.name, member, reply, now, outcome.tls))
+        v.tally = Tally(bounced=len(failed))
+        v.settlements.append(final(item, failed, RecipientState.BOUNCED, outcome.remote, rules, now))
+        return v
+    wait = Reply(451, "4.4.5", f"no usable member offering SMTPUTF8 in pool {pool.name}")
+    for r in bumped:
+        v.events.append(
+            event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, wait, now, outcome.tls)
+        )
+    _defer_or_expire(v, item, pool, bumped, wait, rules, now)
+    return v
+
+
+def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Rules, now: float) -> Verdict:
+    """postmux's own code raised during the attempt: the message's fault, never the member's.
+
+    The real cases are messages our sending code cannot put on the wire and our own bugs. Either way the
+    member did nothing wrong (the dispatcher teaches health nothing). A bug may lie in one member's
+    transport, so another member is tried at once, else the work waits its round; after `[retry]
+    max_local_errors` crashes in a row it is held (Postfix's hold queue: kept, never retried nor expired,
+    until an operator releases it) instead of crashing for days.
+    """
+    v = Verdict()
+    reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
+    bumped = [replace(r, attempts=r.attempts + 1, local_errors=r.local_errors + 1) for r in item.recipients]
+    local_errors = max((r.local_errors for r in bumped), default=0)
+    if local_errors >= rules.max_local_errors:
+        _hold(v, item, bumped, pool, member, reply, error, now)
+        return v
+    tags = {"local_error": type(error).__name__}
+    for r in bumped:
+        v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, tags=tags))
+    if pool.can_serve(now, item.tried):
+        v.retry_now = replace(item, recipients=bumped)
+    else:
+        _defer_or_expire(v, item, pool, bumped, reply, rules, now)
+    return v
+
+
+def after_crash(item: WorkItem, error: Exception, pool: Pool, rules: Rules, now: float) -> Verdict:
+    """Deciding or recording an attempt's outcome raised (our bug, e.g. in building a DSN).
+
+    Left alone, the work would stay leased until a restart. It waits a round instead, counted as one
+    of the message's crashes, so a message that keeps doing this is held, as one that crashes the
+    sending code is. Nothing of the outcome was recorded, so recipients this attempt delivered are
+    tried again: a duplicate is better than mail stuck or lost.
+    """
+    v = Verdict()
+    bumped = [replace(r, local_errors=r.local_errors + 1) for r in item.recipients]
+    rounds = rounds_ended(item, bumped)
+    local_errors = max((r.local_errors for r in bumped), default=0)
+    held = local_errors >= rules.max_local_errors
+    reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
+    if held:
+        tags = _crash_tags(error)
+        for r in bumped:
+            v.events.append(event(EventType.HELD, item, r, pool.name, "", reply, now, tags=tags))
+    v.settlements.append(
+        Settlement(
+            item.message_id,
+            [r.rid for r in bumped],
+            RecipientState.HELD if held else RecipientState.QUEUED,
+            str(reply),
+            # Not next_due: expiring would build a DSN, which may be the very code that raised.
+            0.0 if held else now + rules.retry.interval(rounds),
+            attempts=max((r.attempts for r in bumped), default=0),
+            rounds=rounds,
+            local_errors=local_errors,
+        )
+    )
+    return v
+
+
+# -- when no attempt can be made ------------------------------------------------------------------------
+
+
+def no_member(item: WorkItem, pool: Pool, rules: Rules, now: float) -> Verdict:
+    """Every usable member was tried (or none is usable): the work waits for its next retry."""
+    v = Verdict()
+    reply = Reply(451, "4.4.5", f"no usable member in pool {pool.name}")
+    _defer_or_expire(v, item, pool, item.recipients, reply, rules, now, attempted=False)
+    return v
+
+
+def overflow(item: WorkItem, gate: Gate, pools: Collection[str]) -> WorkItem | None:
+    """The work, moved to the overflow pool of a warm-up-capped member that could take it; None: stays.
+
+    Once only: two pools that overflow into each other must not pass the work back and forth.
+    """
+    to = next((m.settings.warmup.overflow_pool for m in gate.capped if m.settings.warmup), None)
+    if to is None or to not in pools or item.overflowed_from:
+        return None
+    return replace(item, overflowed_from=item.pool, pool=to, destination="", tried=set(), unfit=set())
+
+
+def postponed(item: WorkItem, pool: Pool, reopen: float, rules: Rules, now: float) -> Verdict:
+    """Only suspended or warm-up-capped members could take this: it waits until the first reopens.
+
+    Not an attempt, so no retry step is used up; a member already tried may take it again at its next
+    retry, maybe before the others reopen. Past `max_age` it expires as any deferred work does.
+    """
+    v = Verdict()
+    reply = Reply(451, "4.7.0", f"{pool.name}: every member is held back from {item.destination}")
+    rounds = rounds_ended(item, item.recipients)
+    due = reopen
+    if item.tried:
+        due = min(due, rules.retry.next_due(rounds, item.created, now) or due)
+    if now - item.created >= rules.max_age:
+        _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)
+        return v
+    for r in item.recipients:
+        v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now))
+    v.settlements.append(
+        Settlement(
+            item.message_id,
+            [r.rid for r in item.recipients],
+            RecipientState.QUEUED,
+            str(reply),
+            due,
+            attempts=item.attempts,
+            rounds=rounds,
+            local_errors=item.local_errors,
+        )
+    )
+    return v
+
+
+# -- the pieces -----------------------------------------------------------------------------------------
+
+
+def rounds_ended(item: WorkItem, recipients: list[WorkRecipient]) -> int:
+    """The rounds these recipients will have ended once they go back to the spool to wait.
+
+    A round ends when members were tried and none is left to try at once; work that waits without any
+    try (no usable member, every member held back) uses up no round, as a wait for a suspension never did.
+    """
+    rounds = max((r.rounds for r in recipients), default=0)
+    return rounds + 1 if item.tried else rounds
+
+
+def _defer_or_expire(
+    v: Verdict,
+    item: WorkItem,
+    pool: Pool,
+    recipients: list[WorkRecipient],
+    reply: Reply,
+    rules: Rules,
+    now: float,
+    attempted: bool = True,
+) -> None:
+    """Back to the spool until the next round is due, or expired with a DSN once `max_age` is reached."""
+    rounds = rounds_ended(item, recipients)
+    due = rules.retry.next_due(rounds, item.created, now)
+    if due is None:
+        for r in recipients:
+            v.events.append(event(EventType.EXPIRATION, item, r, pool.name, "", reply, now))
+        failed = [(r, reply) for r in recipients]
+        v.settlements.append(final(item, failed, RecipientState.EXPIRED, "", rules, now))
+        return
+    if not attempted:
+        for r in recipients:
+            v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now))
+    v.settlements.append(
+        Settlement(
+            item.message_id,
+            [r.rid for r in recipients],
+            RecipientState.QUEUED,
+            str(reply),
+            due,
+            attempts=max((r.attempts for r in recipients), default=0),
+            rounds=rounds,
+            local_errors=max((r.local_errors for r in recipients), default=0),
+        )
+    )
+
+
+def _hold(
+    v: Verdict,
+    item: WorkItem,
+    recipients: list[WorkRecipient],
+    pool: Pool,
+    member: str,
+    reply: Reply,
+    error: Exception,
+    now: float,
+) -> None:
+    """Set the work aside (HELD) with an event saying why; `postmux release ID` queues it again."""
+    tags = _crash_tags(error)
+    for r in recipients:
+        v.events.append(event(EventType.HELD, item, r, pool.name, member, reply, now, tags=tags))
+    v.settlements.append(
+        Settlement(
+            item.message_id,
+            [r.rid for r in recipients],
+            RecipientState.HELD,
+            str(reply),
+            attempts=max((r.attempts for r in recipients), default=0),
+            rounds=max((r.rounds for r in recipients), default=0),
+            local_errors=max((r.local_errors for r in recipients), default=0),
+        )
+    )
+    v.held = True
+
+
+def _crash_tags(error: Exception) -> dict[str, str]:
+    # The full error is for the operator (event log, log); the reply, which a DSN may quote one day, names
+    # only its kind.
+    return {"reason": "local_error", "error": f"{type(error).__name__}: {error}"[:300]}
+
+
+def final(
+    item: WorkItem,
+    failed: list[tuple[WorkRecipient, Reply]],
+    state: RecipientState,
+    remote: str,
+    rules: Rules,
+    now: float,
+) -> Settlement:
+    """A bounce or an expiry, with the DSN to the sender recorded in the same transaction (RFC 3464)."""
+    dsn = build_dsn(
+        original_sender=item.sender,
+        original_message=item.data,
+        message_id=item.message_id,
+        failed=[FailedRecipient(r.address, reply, remote) for r, reply in failed],
+        reporting_mta=rules.reporting_mta,
+        arrival=item.created,
+        now=now,
+        expired=state is RecipientState.EXPIRED,
+    )
+    # The DSN goes to the sender: routed as mail to the sender's domain.
+    dsn_pool = rules.router.pool_for("", domain_of(item.sender), "") if dsn else ""
+    return Settlement(
+        item.message_id,
+        [r.rid for r, _ in failed],
+        state,
+        str(failed[-1][1]),
+        attempts=max(r.attempts for r, _ in failed),
+        dsn=dsn,
+        dsn_pool=dsn_pool,
+    )
+
+
+def event(
+    kind: EventType,
+    item: WorkItem,
+    r: WorkRecipient,
+    pool: str,
+    member: str,
+    reply: Reply,
+    now: float,
+    tls: str = "",
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> Event:
+    """The event about one recipient of `item`."""
+    return Event(
+        kind,
+        id=item.message_id,
+        sender=item.sender,
+        recipient=r.address,
+        queue=item.queue,
+        pool=pool,
+        member=member,
+        response=reply,
+        num_attempts=r.attempts,
+        latency_s=now - item.created,
+        size=len(item.data),
+        # The attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it made a connection.
+        tags={**({"tls": tls} if tls else {}), **(tags or {})},
+        timestamp=now,
+    )

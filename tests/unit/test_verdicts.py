@@ -1,0 +1,290 @@
+"""The verdicts: what becomes of work after an attempt, or when none can be made, as values.
+
+No sockets, no spool, no event bus: a real Pool (pure), a retry schedule without jitter, a manual `now`,
+and the facts an attempt would report. Each test reads the verdict the dispatcher would apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from postmux.attempt import AttemptOutcome, Breakoff
+from postmux.balancing.pool import Pool
+from postmux.config import Settings, settings_from_dict
+from postmux.events.types import EventType
+from postmux.reply import Reply
+from postmux.scheduling import verdicts
+from postmux.scheduling.gate import Gate
+from postmux.scheduling.retry import RetrySchedule
+from postmux.scheduling.router import Router
+from postmux.scheduling.verdicts import Rules, Tally, Verdict
+from postmux.spool.base import RecipientState, WorkItem, WorkRecipient
+
+NOW = 1_700_000_000.0
+MINUTE = 60.0
+OK = Reply(250, "2.0.0", "queued as 1")
+NO_SUCH_USER = Reply(550, "5.1.1", "no such user")
+TRY_LATER = Reply(451, "4.3.0", "try later")
+NO_SMTPUTF8 = Reply(553, "5.6.7", "SMTPUTF8 required but not offered by relay-a")
+
+
+def make_settings(members: str = "ab", **retry: Any) -> Settings:
+    return settings_from_dict(
+        {
+            "smtp": {"hostname": "relay.example.test"},
+            "pool": [
+                {
+                    "name": "p",
+                    "members": [
+                        {"name": n, "address": f"127.0.0.1:{2600 + i}"} for i, n in enumerate(members)
+                    ],
+                },
+                {"name": "default", "members": [{"name": "y", "address": "127.0.0.1:2700"}]},
+                {"name": "dsn", "members": [{"name": "z", "address": "127.0.0.1:2701"}]},
+            ],
+            "route": [{"match": {"recipient_domain": "app.example"}, "pool": "dsn"}],
+            "retry": {"intervals": ["1m", "5m", "15m"], "max_age": "1d", "jitter": 0, **retry},
+        }
+    )
+
+
+def setup(members: str = "ab", **retry: Any) -> tuple[Pool, Rules]:
+    s = make_settings(members, **retry)
+    return Pool(s.pool[0]), Rules(RetrySchedule(s.retry), Router(s), s.smtp.hostname)
+
+
+def work(
+    *rids: int, tried: set[str] | None = None, age_s: float = 10.0, attempts: int = 0, **recipient: int
+) -> WorkItem:
+    return WorkItem(
+        message_id="m1",
+        sender="app@app.example",
+        pool="p",
+        domain="dest.example",
+        recipients=[
+            WorkRecipient(rid, f"user{rid}@dest.example", attempts, **recipient) for rid in rids or (1,)
+        ],
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        created=NOW - age_s,
+        tried=set(tried or ()),
+        destination="dest.example",
+    )
+
+
+def answered(*replies: Reply, tls: str = "TLSv1.3 TLS_AES_256_GCM_SHA384") -> AttemptOutcome:
+    return AttemptOutcome({i + 1: r for i, r in enumerate(replies)}, "relay-a", tls=tls)
+
+
+def kinds(v: Verdict) -> list[tuple[EventType, str, int]]:
+    return [(e.type, e.member, e.num_attempts) for e in v.events]
+
+
+def test_a_recipient_the_member_accepted_is_delivered_and_counted_for_the_member() -> None:
+    pool, rules = setup()
+    item = work(1, tried={"a"})
+    v = verdicts.after_attempt(item, "a", answered(OK), pool, rules, NOW)
+    [s] = v.settlements
+    assert (s.state, list(s.rids), s.attempts, s.dsn) == (RecipientState.DELIVERED, [1], 1, None)
+    assert kinds(v) == [(EventType.DELIVERY, "a", 1)]
+    assert v.events[0].tags == {"tls": "TLSv1.3 TLS_AES_256_GCM_SHA384"}
+    assert v.tally == Tally(delivered=1) and v.retry_now is None and not v.held
+
+
+def test_a_permanent_refusal_bounces_with_a_dsn_routed_as_mail_to_the_sender() -> None:
+    pool, rules = setup()
+    v = verdicts.after_attempt(work(1, 2, tried={"a"}), "a", answered(OK, NO_SUCH_USER), pool, rules, NOW)
+    delivered, bounced = v.settlements
+    assert (delivered.state, list(delivered.rids)) == (RecipientState.DELIVERED, [1])
+    assert (bounced.state, list(bounced.rids), bounced.reply) == (
+        RecipientState.BOUNCED,
+        [2],
+        str(NO_SUCH_USER),
+    )
+    assert bounced.dsn is not None and bounced.dsn.recipients == ("app@app.example",)
+    assert b"user2@dest.example" in bounced.dsn.data and b"relay-a" in bounced.dsn.data  # Remote-MTA
+    assert bounced.dsn_pool == "dsn"  # the route for mail to app.example
+    assert [e.type for e in v.events] == [EventType.DELIVERY, EventType.BOUNCE]
+    assert v.tally == Tally(delivered=1, bounced=1)
+
+
+def test_a_deferral_goes_at_once_to_another_member_that_has_not_tried_it() -> None:
+    pool, rules = setup("ab")
+    item = work(1, 2, tried={"a"})
+    v = verdicts.after_attempt(item, "a", answered(OK, TRY_LATER), pool, rules, NOW)
+    [delivered] = v.settlements  # the deferred recipient is not recorded: it goes on in memory
+    assert list(delivered.rids) == [1]
+    assert v.retry_now is not None and [r.rid for r in v.retry_now.recipients] == [2]
+    assert v.retry_now.recipients[0].attempts == 1 and v.retry_now.tried == {"a"}
+    assert kinds(v) == [(EventType.DELIVERY, "a", 1), (EventType.TRANSIENT_FAILURE, "a", 1)]
+    assert v.tally == Tally(delivered=1, deferred=1)
+    assert [r.attempts for r in item.recipients] == [0, 0]  # the work given is left as it was
+
+
+def test_a_deferral_once_every_member_tried_waits_for_the_next_round_on_the_retry_schedule() -> None:
+    pool, rules = setup("ab")
+    # The second round: both members tried, and the recipients have ended one round before.
+    v = verdicts.after_attempt(
+        work(1, tried={"a", "b"}, rounds=1, attempts=2), "b", answered(TRY_LATER), pool, rules, NOW
+    )
+    [s] = v.settlements
+    assert (s.state, s.reply, s.attempts, s.rounds) == (RecipientState.QUEUED, str(TRY_LATER), 3, 2)
+    assert s.due == NOW + 5 * MINUTE  # intervals[1]: the wait after the second round, however many tries
+    assert v.retry_now is None and v.tally == Tally(deferred=1)
+
+
+def test_no_usable_member_waits_without_using_up_a_round() -> None:
+    pool, rules = setup("ab")
+    pool.drain("a")
+    pool.drain("b")
+    v = verdicts.no_member(work(1), pool, rules, NOW)
+    [s] = v.settlements
+    assert (s.state, s.rounds, s.due) == (RecipientState.QUEUED, 0, NOW + MINUTE)
+    assert [(e.type, e.member, e.response) for e in v.events] == [
+        (EventType.TRANSIENT_FAILURE, "", Reply(451, "4.4.5", "no usable member in pool p"))
+    ]
+
+
+def test_deferred_work_past_max_age_expires_with_a_dsn() -> None:
+    pool, rules = setup("ab")
+    v = verdicts.after_attempt(
+        work(1, tried={"a", "b"}, age_s=86_400), "b", answered(TRY_LATER), pool, rules, NOW
+    )
+    [s] = v.settlements
+    assert s.state is RecipientState.EXPIRED and s.dsn is not None and s.dsn_pool == "dsn"
+    assert kinds(v) == [(EventType.TRANSIENT_FAILURE, "b", 1), (EventType.EXPIRATION, "", 1)]
+
+
+def unfit(remote: str) -> AttemptOutcome:
+    return AttemptOutcome({1: NO_SMTPUTF8}, remote, local=True, unfit=True)
+
+
+def test_a_member_without_smtputf8_passes_the_work_on_and_the_last_one_bounces_it() -> None:
+    pool, rules = setup("ab")
+    first = verdicts.after_attempt(work(1, tried={"a"}), "a", unfit("relay-a"), pool, rules, NOW)
+    assert first.settlements == [] and first.tally == Tally()
+    assert first.retry_now is not None and first.retry_now.unfit == {"a"}
+    assert [r.attempts for r in first.retry_now.recipients] == [0]  # nothing was sent: not an attempt
+
+    second = first.retry_now
+    second.tried.add("b")
+    last = verdicts.after_attempt(second, "b", unfit("relay-b"), pool, rules, NOW)
+    [s] = last.settlements
+    assert (s.state, s.reply) == (RecipientState.BOUNCED, str(NO_SMTPUTF8)) and s.dsn is not None
+    assert kinds(last) == [(EventType.BOUNCE, "b", 1)] and last.tally == Tally(bounced=1)
+
+
+def test_work_no_member_could_take_waits_for_a_member_out_of_service_that_was_never_asked() -> None:
+    pool, rules = setup("abc")
+    pool.drain("c")  # c might offer SMTPUTF8: the refusal is not final while it is out
+    item = work(1, tried={"a", "b"})
+    item.unfit.add("a")
+    v = verdicts.after_attempt(item, "b", unfit("relay-b"), pool, rules, NOW)
+    [s] = v.settlements
+    wait = Reply(451, "4.4.5", "no usable member offering SMTPUTF8 in pool p")
+    assert (s.state, s.reply, s.due, s.rounds) == (RecipientState.QUEUED, str(wait), NOW + MINUTE, 1)
+    assert [(e.type, e.response) for e in v.events] == [(EventType.TRANSIENT_FAILURE, wait)]
+
+
+def test_a_crash_goes_to_another_member_then_waits_then_is_held_after_max_local_errors() -> None:
+    pool, rules = setup("ab", max_local_errors=3)
+    bug = RuntimeError("a bug that this message meets")
+    again = verdicts.crashed(work(1, tried={"a"}), "a", bug, pool, rules, NOW)
+    assert again.retry_now is not None and again.settlements == []
+    assert [(r.attempts, r.local_errors) for r in again.retry_now.recipients] == [(1, 1)]
+    assert [e.tags for e in again.events] == [{"local_error": "RuntimeError"}]
+
+    waits = verdicts.crashed(
+        work(1, tried={"a", "b"}, attempts=1, local_errors=1), "b", bug, pool, rules, NOW
+    )
+    [s] = waits.settlements
+    assert (s.state, s.local_errors, s.rounds, s.due) == (RecipientState.QUEUED, 2, 1, NOW + MINUTE)
+    assert not waits.held
+
+    held = verdicts.crashed(
+        work(1, tried={"a"}, attempts=2, local_errors=2, rounds=1), "a", bug, pool, rules, NOW
+    )
+    [s] = held.settlements
+    # Held, not deferred: no round ends (the rounds stored are kept for when it is released).
+    assert (s.state, s.local_errors, s.attempts, s.rounds, s.due) == (RecipientState.HELD, 3, 3, 1, 0.0)
+    assert held.held and held.retry_now is None and held.tally == Tally()
+    [e] = held.events
+    assert (e.type, e.member, e.num_attempts) == (EventType.HELD, "a", 3)
+    assert e.tags == {"reason": "local_error", "error": "RuntimeError: a bug that this message meets"}
+    assert e.response == Reply(451, "4.3.0", "internal error: RuntimeError")
+
+
+def test_a_crash_while_settling_requeues_the_work_for_a_round_and_holds_it_after_max_local_errors() -> None:
+    pool, rules = setup("ab", max_local_errors=2)
+    bug = RuntimeError("a bug in building the DSN")
+    [s] = verdicts.after_crash(work(1, tried={"a"}), bug, pool, rules, NOW).settlements
+    assert (s.state, s.local_errors, s.rounds, s.due) == (RecipientState.QUEUED, 1, 1, NOW + MINUTE)
+    v = verdicts.after_crash(work(1, tried={"a"}, local_errors=1), bug, pool, rules, NOW)
+    [s] = v.settlements
+    assert (s.state, s.local_errors, s.due) == (RecipientState.HELD, 2, 0.0)
+    assert [e.type for e in v.events] == [EventType.HELD]
+
+
+def test_work_only_suspended_members_could_take_waits_for_the_first_to_reopen_without_using_up_a_round() -> (
+    None
+):
+    pool, rules = setup("ab")
+    reopen = NOW + 15 * MINUTE  # a suspension of 15 minutes
+    v = verdicts.postponed(work(1, rounds=2, attempts=4), pool, reopen, rules, NOW)
+    [s] = v.settlements
+    assert (s.state, s.due, s.rounds, s.attempts) == (RecipientState.QUEUED, reopen, 2, 4)
+    held_back = Reply(451, "4.7.0", "p: every member is held back from dest.example")
+    assert [(e.type, e.member, e.response) for e in v.events] == [
+        (EventType.TRANSIENT_FAILURE, "", held_back)
+    ]
+
+    # A member already tried may take it again at its next retry, before the suspension ends.
+    [s] = verdicts.postponed(work(1, tried={"a"}), pool, reopen, rules, NOW).settlements
+    assert (s.due, s.rounds) == (NOW + MINUTE, 1)
+
+    # Past max_age it expires, as any deferred work does.
+    [s] = verdicts.postponed(work(1, age_s=86_400), pool, reopen, rules, NOW).settlements
+    assert s.state is RecipientState.EXPIRED and s.dsn is not None
+
+
+def test_an_attempt_that_broke_off_defers_its_recipients_to_another_member() -> None:
+    pool, rules = setup("ab")
+    lost = AttemptOutcome(
+        {1: Reply(451, "4.4.2", "timeout during DATA with relay-a")}, "relay-a", Breakoff.TIMEOUT, local=True
+    )
+    v = verdicts.after_attempt(work(1, tried={"a"}), "a", lost, pool, rules, NOW)
+    assert v.retry_now is not None and v.tally == Tally(deferred=1)
+
+
+def test_work_only_warm_up_capped_members_could_take_moves_once_to_their_overflow_pool() -> None:
+    s = settings_from_dict(
+        {
+            "pool": [
+                {
+                    "name": "default",
+                    "members": [
+                        {
+                            "name": "ip1",
+                            "kind": "source",
+                            "source_address": "127.0.0.2",
+                            "warmup": {"start": "2023-11-14", "days": [10], "overflow_pool": "relays"},
+                        }
+                    ],
+                },
+                {"name": "relays", "members": [{"name": "r", "address": "127.0.0.1:2601"}]},
+            ]
+        }
+    )
+    capped = Gate(closed={"ip1"}, away={"ip1"}, capped=Pool(s.pool[0]).members)
+    item = work(1, tried={"ip1"})
+    item.pool = "default"
+    moved = verdicts.overflow(item, capped, {"default", "relays"})
+    assert moved is not None
+    assert (moved.pool, moved.overflowed_from, moved.destination, moved.tried) == (
+        "relays",
+        "default",
+        "",
+        set(),
+    )
+    assert item.pool == "default" and item.tried == {"ip1"}  # the work given is left as it was
+    assert verdicts.overflow(moved, capped, {"default", "relays"}) is None  # once only
+    assert verdicts.overflow(item, capped, {"default"}) is None  # no such pool (any more): it waits
