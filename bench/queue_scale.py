@@ -55,15 +55,16 @@ from throughput import (
 from throughput import Options as ThroughputOptions
 
 from postmux.envelope import new_message_id
-from postmux.spool.sqlite import _BAD_MESSAGES, _BAD_RECIPIENTS, SqliteSpool
+from postmux.spool.sqlite import SqliteSpool
+from postmux.spool.sqlite_schema import BAD_MESSAGES, BAD_RECIPIENTS
 
 FILL_CHUNK = 50_000
 DAY_S = 86_400.0
 # The statements of src/postmux/spool/sqlite.py, verbatim, with sample parameters.
 SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     # The quarantine checks at open are the spool's own text (imported), so they stay in step.
-    ("quarantine check: messages (open)", _BAD_MESSAGES, ()),
-    ("quarantine check: recipients (open)", _BAD_RECIPIENTS, ()),
+    ("quarantine check: messages (open)", BAD_MESSAGES, ()),
+    ("quarantine check: recipients (open)", BAD_RECIPIENTS, ()),
     ("recover (open)", "UPDATE recipient SET state = 'queued' WHERE state = 'leased'", ()),
     (
         "lease_due",
