@@ -86,8 +86,8 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     ),
     (
         "lease_due: lease",
-        "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ? WHERE rid = ?",
-        ("bench", None, 0),
+        "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ? WHERE rid IN (?, ?)",
+        ("bench", None, 0, 1),
     ),
     (
         "renew",

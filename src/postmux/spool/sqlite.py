@@ -376,6 +376,7 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
 
 
 _LEASE_COLUMNS = "rid, message_id, address, pool, domain, attempts, rounds, local_errors"
+_CHUNK = 500  # rids per IN (...): well under SQLite's limit of bound parameters on any build
 
 
 def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) -> list[WorkItem]:
@@ -396,10 +397,13 @@ def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) 
         ).fetchall()
     if not rows:
         return []
-    conn.executemany(
-        "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ? WHERE rid = ?",
-        [(lease.owner, lease.until, r[0]) for r in rows],
-    )
+    for i in range(0, len(rows), _CHUNK):  # one statement a chunk: cheaper than one a row
+        rids = [r[0] for r in rows[i : i + _CHUNK]]
+        conn.execute(
+            "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ?"
+            f" WHERE rid IN ({', '.join('?' * len(rids))})",
+            [lease.owner, lease.until, *rids],
+        )
     groups: dict[tuple[str, str, str], list[WorkRecipient]] = defaultdict(list)
     for rid, message_id, address, pool, domain, attempts, rounds, local_errors in rows:
         groups[(message_id, pool, domain)].append(WorkRecipient(rid, address, attempts, rounds, local_errors))
