@@ -4,6 +4,9 @@ Every request is a small function run by the one writer thread against its conne
 takes whatever requests are waiting (up to `max_batch`), runs each inside a SAVEPOINT (so one bad
 request fails alone), and commits them all at once: one fsync answers every caller in the batch.
 That is what lets a relay accept faster than the disk can fsync (peers.md: ~1,100-1,400 fsync/s).
+
+This module holds the writer and the work side (store, lease, settle); the tables, their upgrade and the
+quarantine are in sqlite_schema.py, the operator's queue operations in sqlite_queue.py.
 """
 
 from __future__ import annotations
