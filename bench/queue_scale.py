@@ -55,16 +55,24 @@ from throughput import (
 from throughput import Options as ThroughputOptions
 
 from postmux.envelope import new_message_id
-from postmux.spool.sqlite import _BAD_MESSAGES, _BAD_RECIPIENTS, SqliteSpool
+from postmux.spool.sqlite import SqliteSpool
+from postmux.spool.sqlite_schema import BAD_MESSAGES, BAD_RECIPIENTS
 
 FILL_CHUNK = 50_000
 DAY_S = 86_400.0
-# The statements of src/postmux/spool/sqlite.py, verbatim, with sample parameters.
+# The statements of src/postmux/spool/sqlite.py and sqlite_schema.py, verbatim, with sample parameters.
 SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     # The quarantine checks at open are the spool's own text (imported), so they stay in step.
-    ("quarantine check: messages (open)", _BAD_MESSAGES, ()),
-    ("quarantine check: recipients (open)", _BAD_RECIPIENTS, ()),
+    ("quarantine check: messages (open)", BAD_MESSAGES, ()),
+    ("quarantine check: recipients (open)", BAD_RECIPIENTS, ()),
     ("recover (open)", "UPDATE recipient SET state = 'queued' WHERE state = 'leased'", ()),
+    (
+        "lease_due: expired leases",
+        "SELECT rid, message_id, address, pool, domain, attempts, rounds, local_errors"
+        " FROM recipient INDEXED BY recipient_lease"
+        " WHERE state = 'leased' AND lease_until <= ? ORDER BY lease_until LIMIT ?",
+        (time.time(), 500),
+    ),
     (
         "lease_due",
         "SELECT rid, message_id, address, pool, domain, attempts, rounds, local_errors FROM recipient"
@@ -76,7 +84,17 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
         "SELECT sender, client_ip, smtputf8, created, data FROM message WHERE id = ?",
         ("x",),
     ),
-    ("lease_due: lease", "UPDATE recipient SET state = 'leased' WHERE rid = ?", (0,)),
+    (
+        "lease_due: lease",
+        "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ? WHERE rid IN (?, ?)",
+        ("bench", None, 0, 1),
+    ),
+    (
+        "renew",
+        "UPDATE recipient INDEXED BY recipient_lease SET lease_until = ?"
+        " WHERE state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
+        (time.time(), "bench"),
+    ),
     (
         "settle: update",
         "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"

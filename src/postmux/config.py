@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +25,7 @@ from pydantic import (
     StrictBool,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -213,9 +215,49 @@ class HttpSettings(_Frozen):
 
 class SpoolSettings(_Frozen):
     path: str = "var/spool.db"
+    # Where the spool is, as a URL: "sqlite:///PATH" is the same as `path` (and sets it); a PostgreSQL
+    # spool shared by several nodes is issue 17's. Empty: `path`.
+    url: str = ""
     # Many concurrent accepts share one fsync. Off means one fsync per message (for measuring only).
     group_commit: StrictBool = True
     max_batch: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_from_url(cls, data: Any) -> Any:
+        # Before the fields, so `path` (which app.py and the files kept beside the spool go by) is the
+        # URL's file; a URL that names none is left for _url to refuse, under its own key.
+        if isinstance(data, dict) and "path" not in data and isinstance(data.get("url"), str):
+            path = sqlite_path_of(data["url"])
+            if path is not None:
+                return {**data, "path": path}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return v
+        scheme = v.partition(":")[0].lower()
+        if scheme in ("postgresql", "postgres"):
+            raise ValueError(
+                "a PostgreSQL spool is not supported yet (issue 17); use path, or url = 'sqlite:///PATH'"
+            )
+        path = sqlite_path_of(v)
+        if path is None:
+            # The value is not echoed: a URL may carry a password.
+            raise ValueError("not a spool URL: write 'sqlite:///PATH' (sqlite:////PATH for an absolute path)")
+        given = info.data.get("path")
+        if given is not None and given != path:
+            raise ValueError(f"names the file {path!r} but path names {given!r}: set one of them")
+        return v
+
+
+def sqlite_path_of(url: str) -> str | None:
+    """'sqlite:///var/spool.db' -> 'var/spool.db', 'sqlite:////var/lib/x.db' -> '/var/lib/x.db' (as
+    SQLAlchemy writes them); None when the URL names no SQLite file (another scheme, a host, a query)."""
+    m = re.fullmatch(r"sqlite:///([^?#]+)", url.strip(), re.IGNORECASE)
+    return unquote(m.group(1)) if m else None
 
 
 class RetrySettings(_Frozen):

@@ -1,5 +1,25 @@
 """The durable store of accepted messages and their per-recipient state."""
 
-from postmux.spool.base import RecipientState, Settlement, Spool, SpoolError, WorkItem, WorkRecipient
+from postmux.spool.base import (
+    QueueOperations,
+    RecipientState,
+    Selector,
+    Settlement,
+    Spool,
+    SpoolBackend,
+    SpoolError,
+    WorkItem,
+    WorkRecipient,
+)
 
-__all__ = ["RecipientState", "Settlement", "Spool", "SpoolError", "WorkItem", "WorkRecipient"]
+__all__ = [
+    "QueueOperations",
+    "RecipientState",
+    "Selector",
+    "Settlement",
+    "Spool",
+    "SpoolBackend",
+    "SpoolError",
+    "WorkItem",
+    "WorkRecipient",
+]

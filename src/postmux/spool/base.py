@@ -1,13 +1,57 @@
-"""The spool seam: one Protocol, so SQLite (one node) and PostgreSQL (several nodes) are interchangeable."""
+"""The spool seam, so SQLite (one node) and PostgreSQL (several nodes) are interchangeable.
+
+Two Protocols over one store: `Spool`, the work side the acceptor and the dispatcher use (store, lease,
+settle), and `QueueOperations`, the operator's side (list, show, hold, release, delete, bounce, flush,
+move, stats). A backend implements both (`SpoolBackend`); tests/contract runs the same suite on each.
+
+Leases. Work is leased to an owner (a node) until an expiry. An owner keeps what it holds with `renew`;
+a lease that runs out belongs to a node presumed dead, and the next `lease_due` of any node takes it
+over (PostgreSQL: the other nodes recover a dead node's work without anyone restarting it). SQLite is
+one node, held to one process by spool/lock.py: its leases do not expire unless `lease_ttl_s` is given,
+and `open` takes back every lease a process that died left behind.
+"""
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from postmux.envelope import Envelope
+from postmux.spool.operations import (
+    FINAL_STATES,
+    OPEN_STATES,
+    DestinationStats,
+    DsnBuilder,
+    MessageView,
+    QueuePage,
+    RecipientState,
+    RecipientView,
+    Selector,
+)
+
+# WorkItem and WorkRecipient live in postmux/work.py (a word every room shares); named here too so
+# `from postmux.spool.base import WorkItem` keeps working.
+from postmux.work import WorkItem, WorkRecipient
+
+__all__ = [
+    "FINAL_STATES",
+    "OPEN_STATES",
+    "DestinationStats",
+    "DsnBuilder",
+    "MessageView",
+    "QueueOperations",
+    "QueuePage",
+    "RecipientState",
+    "RecipientView",
+    "Selector",
+    "Settlement",
+    "Spool",
+    "SpoolBackend",
+    "SpoolError",
+    "WorkItem",
+    "WorkRecipient",
+]
 
 
 class SpoolError(Exception):
@@ -19,86 +63,6 @@ class SpoolError(Exception):
     def __init__(self, message: str, *, disk_full: bool = False) -> None:
         super().__init__(message)
         self.disk_full = disk_full
-
-
-class RecipientState(enum.StrEnum):
-    QUEUED = "queued"  # waiting for its due time
-    LEASED = "leased"  # taken by a node for delivery right now
-    # Set aside until an operator releases it: never leased, never expires, kept across restarts (as
-    # Postfix's hold queue). Work that crashed postmux's own code `[retry] max_local_errors` times in a row.
-    HELD = "held"
-    DELIVERED = "delivered"
-    BOUNCED = "bounced"
-    EXPIRED = "expired"
-
-
-FINAL_STATES = frozenset({RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.EXPIRED})
-
-
-@dataclass(frozen=True, slots=True)
-class WorkRecipient:
-    rid: int
-    address: str
-    attempts: int  # tries so far, one per member tried
-    # Rounds ended so far: times the recipient went back to the spool to wait after members were tried.
-    # The retry schedule counts these, not attempts (a round tries every usable member once).
-    rounds: int = 0
-    # Attempts in a row that crashed postmux's own code (the message's fault, not the member's).
-    local_errors: int = 0
-
-
-@dataclass(slots=True)
-class WorkItem:
-    """One message's recipients that share a pool and a domain, leased for one delivery transaction."""
-
-    message_id: str
-    sender: str
-    pool: str
-    domain: str
-    recipients: list[WorkRecipient]
-    data: bytes
-    created: float
-    client_ip: str = ""
-    smtputf8: bool = False
-    # Members already tried in this round, so an immediate retry goes elsewhere.
-    tried: set[str] = field(default_factory=set)
-    # Members that cannot take this message at all in this round (no SMTPUTF8), a subset of `tried`.
-    unfit: set[str] = field(default_factory=set)
-    # The shaping key (provider, else domain), set by the dispatcher; not stored.
-    destination: str = ""
-    # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.
-    overflowed_from: str = ""
-
-    @property
-    def queue(self) -> str:
-        return f"{self.pool}/{self.destination or self.domain}"
-
-    @property
-    def attempts(self) -> int:
-        return max((r.attempts for r in self.recipients), default=0)
-
-    @property
-    def rounds(self) -> int:
-        return max((r.rounds for r in self.recipients), default=0)
-
-    @property
-    def local_errors(self) -> int:
-        return max((r.local_errors for r in self.recipients), default=0)
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        """Whether this transaction can only go to a server that offers SMTPUTF8 (RFC 6531).
-
-        SMTPUTF8 at MAIL only says the client may have used UTF-8; what needs the extension is UTF-8 in
-        an address or in the header. All-ASCII mail goes anywhere, as Postfix's SMTPUTF8 support does
-        (a UTF-8 body needs only 8BITMIME).
-        """
-        if not self.smtputf8:
-            return False
-        if not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients):
-            return True
-        end = self.data.find(b"\r\n\r\n")
-        return not self.data[: end if end >= 0 else len(self.data)].isascii()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,49 +89,168 @@ class Settlement:
 
 
 class Spool(Protocol):
-    """Durable message storage with per-recipient state.
+    """Durable message storage with per-recipient state and leases: the side work goes through.
 
-    Every method is one round trip to the store and resolves only once the change is durable
-    (fsync'd); concurrent callers share commits (group commit), so latency is one commit, not a queue.
+    Every method that changes something is one round trip to the store and resolves only once the change
+    is durable (fsync'd); concurrent callers share commits (group commit), so latency is one commit, not
+    a queue. Reads (counts) do not wait for writes.
     """
 
     commits: int  # transactions committed so far: each one fsync
 
-    async def open(self) -> int:
-        """Create or open the store and recover: work leased by a process that died is queued again.
+    @property
+    def owner(self) -> str:
+        """Whom this handle's leases belong to: a node id (SQLite: one per process)."""
+        ...
 
-        Returns how many recipients were recovered.
+    @property
+    def lease_ttl_s(self) -> float | None:
+        """How long a lease lasts without renewal; None: leases do not expire (one node only)."""
+        ...
+
+    async def open(self) -> int:
+        """Create or open the store and recover: work this owner held before a restart is queued again.
+
+        SQLite, one process by its lock, queues every lease it finds (their process died). Returns how
+        many recipients were recovered. Cost: one pass over the leased recipients.
         """
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop; calls after it fail with SpoolError. Leases stay in the store for the next open."""
+        ...
 
     async def store(
         self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
     ) -> list[WorkItem]:
         """Store a message durably under `message_id`; `pools` maps each recipient to its pool.
 
-        Returns, with `lease`, the message's work already leased to this process so the
-        caller can deliver it at once without reading it back; without, the work is queued and due now.
+        Returns, with `lease`, the message's work already leased to this owner (until now + lease_ttl_s)
+        so the caller can deliver it at once without reading it back; without, the work is queued and due
+        now. Cost: one round trip, one row per recipient.
         """
         ...
 
     async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
-        """Record outcomes; a message whose recipients are all final is removed."""
+        """Record outcomes; a message whose recipients are all final is removed.
+
+        Recorded whoever holds the lease now: an outcome is a fact about the recipient, even from a node
+        whose lease ran out meanwhile. Cost: one round trip, one write per recipient.
+        """
         ...
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
-        """Lease up to `limit` recipients that are due, grouped into work items with their bytes."""
+        """Lease up to `limit` recipients to this owner, grouped into work items with their bytes.
+
+        First leases that ran out (lease_until <= now, of any owner: it stopped renewing, so it is
+        presumed dead; their attempts and rounds are kept), then queued recipients due by `now`, the
+        earliest first. Each lease runs until now + lease_ttl_s. Never the same recipient to two callers.
+        Cost: one round trip; SQLite: an index search for each kind (so a million deferred recipients not
+        due cost nothing), PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, so nodes never wait on each
+        other's rows.
+        """
+        ...
+
+    async def renew(self, now: float) -> int:
+        """Extend every lease this owner holds to now + lease_ttl_s: the owner's heartbeat.
+
+        An owner that keeps work (in memory, or in an attempt) longer than lease_ttl_s must renew well
+        within it (every lease_ttl_s / 3), or its work is leased again by the next `lease_due`. Returns
+        how many leases were extended (0 when leases do not expire). Cost: one round trip, one write per
+        lease held.
+        """
         ...
 
     async def counts(self) -> dict[str, int]:
-        """Recipients per state, for metrics and the admin API."""
+        """Recipients per state, for metrics and the admin API. Cost: one pass over the recipients, read
+        beside the writer (never holding up accepts)."""
         ...
 
-    async def release(self, message_id: str, now: float) -> int:
-        """Queue a message's held recipients again, due at `now`, with their count of crashes cleared.
+    async def release(self, selector: Selector | str, now: float) -> int:
+        """Queue held recipients again, due at `now`, with their count of crashes cleared.
 
-        Returns how many were released (0: no such message, or nothing of it held). The full queue
-        operations (hold, release, flush by filter) are a later issue's; this is the way out of HELD.
+        `selector` chooses them (a str: that message's held recipients). Returns how many were released
+        (0: nothing it chose is held). The way out of HELD (QueueOperations has the rest).
         """
         ...
+
+
+class QueueOperations(Protocol):
+    """The operator's side of the spool: the substrate of the admin API and the CLI's queue commands.
+
+    Each takes a Selector and the operation's `now`. A leased recipient is in a node's hands (an attempt
+    may be running): hold, delete, bounce, flush and move leave it alone and it keeps the outcome it
+    gets; repeat the operation once it has settled. Changes are one round trip, durable on return; reads
+    (list_queue, show, stats) do not hold up the writer. Costs are stated for SQLite; PostgreSQL has
+    indexes of its own for the same statements.
+    """
+
+    async def list_queue(
+        self, selector: Selector, now: float, *, limit: int = 100, after: str = ""
+    ) -> QueuePage:
+        """Messages with a recipient the selector chooses, in id order after the message id `after`.
+
+        Each with the recipients chosen and without its bytes; at most min(limit, MAX_PAGE) messages.
+        Cost: walks messages from `after` in id order until the page is full, so a selector that
+        chooses little of a large queue reads much of it (bounded by the queue, never held in memory).
+        """
+        ...
+
+    async def show(self, message_id: str, now: float) -> MessageView | None:
+        """One message with its bytes and every recipient (state, attempts, last reply, due, lease).
+
+        None when the spool does not have it (delivered and removed, or never accepted). Cost: one read.
+        """
+        ...
+
+    async def hold(self, selector: Selector, now: float) -> int:
+        """Set queued recipients aside (HELD) until released: never leased, never expired meanwhile.
+
+        Returns how many were held. Cost: one write per recipient chosen.
+        """
+        ...
+
+    async def release(self, selector: Selector | str, now: float) -> int:
+        """Queue held recipients again, due at `now` (see Spool.release)."""
+        ...
+
+    async def delete(self, selector: Selector, now: float) -> int:
+        """Remove queued and held recipients without a DSN (as `postsuper -d`); a message with nothing
+        left in the queue goes with them. Refuses an empty selector. Returns how many were removed."""
+        ...
+
+    async def bounce(
+        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: str
+    ) -> int:
+        """End queued and held recipients as BOUNCED with `reply`, each message's DSN queued with it.
+
+        `dsn` builds the DSN of each message (None: send none) and is queued to `dsn_pool` in the same
+        transaction, so a bounce is never recorded without its DSN, and a builder that fails changes
+        nothing. Refuses an empty selector. Returns how many recipients were bounced. Cost: one read of
+        each chosen message's bytes and one DSN built per message, inside one transaction.
+        """
+        ...
+
+    async def flush(self, selector: Selector, now: float) -> int:
+        """Make queued recipients due at `now` (their deferral ends early, as `postqueue -f`).
+
+        Held ones stay held (release does that). Returns how many. The caller wakes the dispatcher
+        (PostgreSQL will also NOTIFY the other nodes).
+        """
+        ...
+
+    async def move(self, selector: Selector, pool: str, now: float) -> int:
+        """Give queued and held recipients to another pool, their state and due time kept.
+
+        The spool does not know the pools: the caller checks `pool` names one. Returns how many moved.
+        """
+        ...
+
+    async def stats(self, selector: Selector, now: float, *, limit: int = 1000) -> list[DestinationStats]:
+        """Recipients in the queue per pool and domain, with the age of the oldest message: the `limit`
+        largest, largest first. Cost: one pass over the recipients chosen, read beside the writer."""
+        ...
+
+
+class SpoolBackend(Spool, QueueOperations, Protocol):
+    """What a spool implementation provides (SqliteSpool; a PostgreSQL spool next)."""

@@ -4,100 +4,117 @@ Every request is a small function run by the one writer thread against its conne
 takes whatever requests are waiting (up to `max_batch`), runs each inside a SAVEPOINT (so one bad
 request fails alone), and commits them all at once: one fsync answers every caller in the batch.
 That is what lets a relay accept faster than the disk can fsync (peers.md: ~1,100-1,400 fsync/s).
+
+This module holds the writer and the work side (store, lease, settle); the tables, their upgrade and the
+quarantine are in sqlite_schema.py, the operator's queue operations in sqlite_queue.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
+import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
-from postmux.envelope import Envelope, domain_of, new_message_id
+from postmux.envelope import Envelope, domain_of
+from postmux.spool import sqlite_queue
 from postmux.spool.base import (
     FINAL_STATES,
+    DestinationStats,
+    DsnBuilder,
+    MessageView,
+    QueuePage,
     RecipientState,
+    Selector,
     Settlement,
     SpoolError,
-    WorkItem,
-    WorkRecipient,
 )
 from postmux.spool.lock import SpoolLock
+from postmux.spool.sqlite_schema import (
+    drop_if_finished,
+    insert_message,
+    prepare,
+    quarantine,
+    queue_dsn,
+    recover,
+)
+from postmux.work import WorkItem, WorkRecipient
 
 T = TypeVar("T")
 log = structlog.get_logger("postmux.spool")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS message (
-    id        TEXT PRIMARY KEY,
-    sender    TEXT NOT NULL,
-    client_ip TEXT NOT NULL DEFAULT '',
-    smtputf8  INTEGER NOT NULL DEFAULT 0,
-    created   REAL NOT NULL,
-    data      BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS recipient (
-    rid         INTEGER PRIMARY KEY,
-    message_id  TEXT NOT NULL REFERENCES message(id),
-    address     TEXT NOT NULL,
-    pool        TEXT NOT NULL,
-    domain      TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    due         REAL NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    last_reply  TEXT NOT NULL DEFAULT '',
-    rounds      INTEGER NOT NULL DEFAULT 0,
-    local_errors INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
-CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
--- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
-CREATE TABLE IF NOT EXISTS quarantine (
-    qid         INTEGER PRIMARY KEY,
-    source      TEXT NOT NULL,
-    key         TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    quarantined REAL NOT NULL,
-    fields      TEXT NOT NULL,
-    data        BLOB
-);
-"""
-
-# Columns added after the first schema: a spool file written by an older postmux gets them at open
-# (ADD COLUMN fills every existing row with the default). Existing deferred work starts at round 0, so it
-# waits the first interval after its next round: a few early retries, never a longer wait than before.
-_ADDED_COLUMNS = (
-    ("recipient", "rounds", "INTEGER NOT NULL DEFAULT 0"),
-    ("recipient", "local_errors", "INTEGER NOT NULL DEFAULT 0"),
-)
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], Future[Any]]
 _STOP = object()
 
 
-class SqliteSpool:
-    """The embedded single-node spool. One process owns the file; at open, its leases are reclaimed."""
+def default_owner() -> str:
+    """This process as a lease owner: host and PID (SQLite is one node, and one process is that node)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def __init__(self, path: str | Path, *, group_commit: bool = True, max_batch: int = 1000) -> None:
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """What a lease taken now is written with."""
+
+    owner: str
+    until: float | None  # None: it does not expire
+
+
+class SqliteSpool:
+    """The embedded single-node spool. One process owns the file; at open, its leases are reclaimed.
+
+    `lease_ttl_s`: leases run out this long after they are taken or renewed, and the next `lease_due`
+    takes them over. None (the default): they do not expire, because the one process that could hold them
+    is this one (spool/lock.py), and its work in memory needs no renewal while it lives.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        group_commit: bool = True,
+        max_batch: int = 1000,
+        owner: str | None = None,
+        lease_ttl_s: float | None = None,
+    ) -> None:
+        if lease_ttl_s is not None and not (lease_ttl_s > 0 and math.isfinite(lease_ttl_s)):
+            raise ValueError(f"lease_ttl_s must be a finite number of seconds > 0, not {lease_ttl_s}")
         self.path = Path(path)
         self.group_commit = group_commit
         self.max_batch = max_batch if group_commit else 1
+        self._owner = owner or default_owner()
+        self._lease_ttl_s = lease_ttl_s
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closing = False
         self.commits = 0  # how many fsyncs were paid, to show what group commit buys
         self.quarantined = 0  # rows moved to the quarantine table at the last open
         self._lock = SpoolLock(self.path)
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    @property
+    def lease_ttl_s(self) -> float | None:
+        return self._lease_ttl_s
+
+    def _lease(self, now: float) -> _Lease:
+        ttl = self._lease_ttl_s
+        return _Lease(self._owner, None if ttl is None else now + ttl)
 
     # -- the writer thread -------------------------------------------------------------------------
 
@@ -109,8 +126,7 @@ class SqliteSpool:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
-        _migrate(conn)
+        prepare(conn)
         return conn
 
     def _run(self, conn: sqlite3.Connection) -> None:
@@ -198,7 +214,25 @@ class SqliteSpool:
         except sqlite3.Error as e:
             raise SpoolError(str(e), disk_full=_is_disk_full(e)) from e
 
-    # -- the Spool protocol ------------------------------------------------------------------------
+    async def _read_beside(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Read on a connection of its own in a worker thread: WAL lets it read while the writer writes,
+        and a pass over a million rows (bench/queue_scale: 36 ms to count them) must not hold up accepts."""
+        if self._thread is None or self._closing:
+            raise SpoolError("spool is not open")
+        try:
+            return await asyncio.to_thread(self._read, fn)
+        except sqlite3.Error as e:
+            raise SpoolError(str(e)) from e
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            return fn(conn)
+        finally:
+            conn.close()
+
+    # -- the Spool protocol: work ------------------------------------------------------------------
 
     async def open(self) -> int:
         # The lock comes before recovery: recovering a live process's leases would deliver them twice.
@@ -212,10 +246,10 @@ class SqliteSpool:
         self._thread.start()
         self._closing = False
         try:
-            self.quarantined = await self._call(lambda c: _quarantine(c, time.time()))
+            self.quarantined = await self._call(lambda c: quarantine(c, time.time()))
             if self.quarantined:
                 log.error("spool rows quarantined at open", rows=self.quarantined, table="quarantine")
-            return await self._call(_recover)
+            return await self._call(recover)
         except BaseException:
             await self.close()
             raise
@@ -233,42 +267,62 @@ class SqliteSpool:
     async def store(
         self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
     ) -> list[WorkItem]:
-        return await self._call(lambda c: _store(c, message_id, envelope, pools, now, lease))
+        taken = self._lease(now) if lease else None
+        return await self._call(lambda c: _store(c, message_id, envelope, pools, now, taken))
 
     async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
         await self._call(lambda c: _settle(c, settlements, now))
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
-        return await self._call(lambda c: _lease_due(c, now, limit))
+        taken = self._lease(now)
+        return await self._call(lambda c: _lease_due(c, now, limit, taken))
 
-    async def release(self, message_id: str, now: float) -> int:
-        return await self._call(lambda c: _release(c, message_id, now))
+    async def renew(self, now: float) -> int:
+        taken = self._lease(now)
+        if taken.until is None:
+            if self._thread is None or self._closing:
+                raise SpoolError("spool is not open")
+            return 0  # nothing expires, so there is nothing to extend (and no round trip to pay)
+        return await self._call(lambda c: _renew(c, taken))
 
     async def counts(self) -> dict[str, int]:
-        """Counted on a connection of its own in a worker thread: WAL lets it read while the writer
-        writes, and a count over a million rows (bench/queue_scale: 36 ms) must not hold up accepts."""
-        if self._thread is None or self._closing:
-            raise SpoolError("spool is not open")
-        try:
-            return await asyncio.to_thread(self._read, _counts)
-        except sqlite3.Error as e:
-            raise SpoolError(str(e)) from e
+        return await self._read_beside(_counts)
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            return fn(conn)
-        finally:
-            conn.close()
+    # -- the QueueOperations protocol --------------------------------------------------------------
 
+    async def list_queue(
+        self, selector: Selector, now: float, *, limit: int = 100, after: str = ""
+    ) -> QueuePage:
+        return await self._read_beside(lambda c: sqlite_queue.list_queue(c, selector, now, limit, after))
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    for table, column, declaration in _ADDED_COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-            log.info("spool schema upgraded", table=table, column=column)
+    async def show(self, message_id: str, now: float) -> MessageView | None:
+        return await self._read_beside(lambda c: sqlite_queue.show(c, message_id))
+
+    async def stats(self, selector: Selector, now: float, *, limit: int = 1000) -> list[DestinationStats]:
+        return await self._read_beside(lambda c: sqlite_queue.stats(c, selector, now, limit))
+
+    async def hold(self, selector: Selector, now: float) -> int:
+        return await self._call(lambda c: sqlite_queue.hold(c, selector, now))
+
+    async def release(self, selector: Selector | str, now: float) -> int:
+        chosen = Selector(message_id=selector) if isinstance(selector, str) else selector
+        return await self._call(lambda c: sqlite_queue.release(c, chosen, now))
+
+    async def delete(self, selector: Selector, now: float) -> int:
+        selector.require_criterion("delete")
+        return await self._call(lambda c: sqlite_queue.delete(c, selector, now))
+
+    async def bounce(
+        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: str
+    ) -> int:
+        selector.require_criterion("bounce")
+        return await self._call(lambda c: sqlite_queue.bounce(c, selector, now, reply, dsn, dsn_pool))
+
+    async def flush(self, selector: Selector, now: float) -> int:
+        return await self._call(lambda c: sqlite_queue.flush(c, selector, now))
+
+    async def move(self, selector: Selector, pool: str, now: float) -> int:
+        return await self._call(lambda c: sqlite_queue.move(c, selector, pool, now))
 
 
 def _is_disk_full(e: sqlite3.Error) -> bool:
@@ -276,98 +330,7 @@ def _is_disk_full(e: sqlite3.Error) -> bool:
     return (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
 
 
-# -- what the writer thread runs (plain functions of a connection) -----------------------------------
-
-# Rows no delivery could use: each query names the rows and why. Typed checks because SQLite stores any
-# type in any column (a damaged or hand-edited file can hold text where the message bytes should be).
-_BAD_MESSAGES = """
-SELECT id, CASE
-    WHEN typeof(data) != 'blob' THEN 'message data is ' || typeof(data) || ', not bytes'
-    WHEN typeof(sender) != 'text' THEN 'sender is ' || typeof(sender) || ', not text'
-    WHEN typeof(created) NOT IN ('real', 'integer') THEN 'created is ' || typeof(created) || ', not a time'
-    ELSE 'message has no recipients' END
-FROM message m
-WHERE typeof(data) != 'blob' OR typeof(sender) != 'text' OR typeof(created) NOT IN ('real', 'integer')
-   OR NOT EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = m.id)
-"""
-_BAD_RECIPIENTS = """
-SELECT rid, CASE
-    WHEN state NOT IN ('queued', 'leased', 'held', 'delivered', 'bounced', 'expired')
-        THEN 'unknown state ' || quote(state)
-    WHEN typeof(address) != 'text' OR address = '' THEN 'address is not a non-empty text'
-    WHEN typeof(pool) != 'text' OR typeof(domain) != 'text' THEN 'pool or domain is not text'
-    WHEN typeof(due) NOT IN ('real', 'integer') THEN 'due is not a time'
-    WHEN typeof(attempts) != 'integer' OR typeof(rounds) != 'integer' OR typeof(local_errors) != 'integer'
-        THEN 'attempts, rounds or local_errors is not an integer'
-    ELSE 'its message is missing' END
-FROM recipient r
-WHERE state NOT IN ('queued', 'leased', 'held', 'delivered', 'bounced', 'expired')
-   OR typeof(address) != 'text' OR address = '' OR typeof(pool) != 'text' OR typeof(domain) != 'text'
-   OR typeof(due) NOT IN ('real', 'integer')
-   OR typeof(attempts) != 'integer' OR typeof(rounds) != 'integer' OR typeof(local_errors) != 'integer'
-   OR NOT EXISTS (SELECT 1 FROM message m WHERE m.id = r.message_id)
-"""
-
-
-def _quarantine(conn: sqlite3.Connection, now: float) -> int:
-    """Move unusable rows to the quarantine table, so one bad row cannot stop the recovery of the rest.
-
-    A bad recipient goes alone (recipients first, so a message it leaves without recipients follows in
-    the same pass); a bad message takes its recipients along (they cannot be delivered without it).
-    """
-    moved = 0
-    for rid, reason in conn.execute(_BAD_RECIPIENTS).fetchall():
-        moved += _quarantine_recipient(conn, rid, reason, now)
-    for message_id, reason in conn.execute(_BAD_MESSAGES).fetchall():
-        row = conn.execute(
-            "SELECT id, sender, client_ip, smtputf8, created, data FROM message WHERE id = ?", (message_id,)
-        ).fetchone()
-        data = row[5] if isinstance(row[5], bytes) else None
-        _quarantine_row(conn, "message", str(message_id), reason, now, row[:5], data)
-        for rid, reason_r in conn.execute(
-            "SELECT rid, 'its message was quarantined' FROM recipient WHERE message_id = ?", (message_id,)
-        ).fetchall():
-            moved += _quarantine_recipient(conn, rid, reason_r, now)
-        conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
-        moved += 1
-    return moved
-
-
-def _quarantine_recipient(conn: sqlite3.Connection, rid: int, reason: str, now: float) -> int:
-    row = conn.execute("SELECT * FROM recipient WHERE rid = ?", (rid,)).fetchone()
-    _quarantine_row(conn, "recipient", str(rid), reason, now, tuple(row), None)
-    conn.execute("DELETE FROM recipient WHERE rid = ?", (rid,))
-    return 1
-
-
-def _quarantine_row(
-    conn: sqlite3.Connection,
-    source: str,
-    key: str,
-    reason: str,
-    now: float,
-    fields: tuple[Any, ...],
-    data: bytes | None,
-) -> None:
-    text = json.dumps([f if isinstance(f, str | int | float | None) else repr(f) for f in fields])
-    conn.execute(
-        "INSERT INTO quarantine (source, key, reason, quarantined, fields, data) VALUES (?, ?, ?, ?, ?, ?)",
-        (source, key, reason, now, text, data),
-    )
-
-
-def _recover(conn: sqlite3.Connection) -> int:
-    # One process owns a SQLite spool, so every lease found at open was held by a process that died.
-    # Held work stays held: only an operator's release queues it again.
-    cur = conn.execute("UPDATE recipient SET state = 'queued' WHERE state = 'leased'")
-    return cur.rowcount
-
-
-def _insert_message(conn: sqlite3.Connection, message_id: str, env: Envelope, now: float) -> None:
-    conn.execute(
-        "INSERT INTO message (id, sender, client_ip, smtputf8, created, data) VALUES (?, ?, ?, ?, ?, ?)",
-        (message_id, env.sender, env.client_ip, int(env.smtputf8), now, env.data),
-    )
+# -- what the writer thread runs for the work side (plain functions of a connection) ------------------
 
 
 def _store(
@@ -376,16 +339,18 @@ def _store(
     env: Envelope,
     pools: Mapping[str, str],
     now: float,
-    lease: bool,
+    lease: _Lease | None,
 ) -> list[WorkItem]:
-    _insert_message(conn, message_id, env, now)
+    insert_message(conn, message_id, env, now)
     state = RecipientState.LEASED if lease else RecipientState.QUEUED
+    owner, until = (lease.owner, lease.until) if lease else ("", None)
     groups: dict[tuple[str, str], list[WorkRecipient]] = defaultdict(list)
     for address in env.recipients:
         pool, domain = pools[address], domain_of(address)
         cur = conn.execute(
-            "INSERT INTO recipient (message_id, address, pool, domain, state, due) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, address, pool, domain, state.value, now),
+            "INSERT INTO recipient (message_id, address, pool, domain, state, due, owner, lease_until)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (message_id, address, pool, domain, state.value, now, owner, until),
         )
         assert cur.lastrowid is not None
         groups[(pool, domain)].append(WorkRecipient(cur.lastrowid, address, 0))
@@ -406,35 +371,42 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
             [(s.state.value, s.due, s.attempts, s.reply, s.rounds, s.local_errors, rid) for rid in s.rids],
         )
         if s.dsn is not None:
-            dsn_id = new_message_id()
-            _insert_message(conn, dsn_id, s.dsn, now)
-            for address in s.dsn.recipients:
-                conn.execute(
-                    "INSERT INTO recipient (message_id, address, pool, domain, state, due)"
-                    " VALUES (?, ?, ?, ?, 'queued', ?)",
-                    (dsn_id, address, s.dsn_pool, domain_of(address), now),
-                )
+            queue_dsn(conn, s.dsn, s.dsn_pool, now)
         if s.state in FINAL_STATES:
             touched.add(s.message_id)
     for message_id in touched:
-        (open_count,) = conn.execute(
-            "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
-            (message_id,),
-        ).fetchone()
-        if open_count == 0:
-            conn.execute("DELETE FROM recipient WHERE message_id = ?", (message_id,))
-            conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+        drop_if_finished(conn, message_id)
 
 
-def _lease_due(conn: sqlite3.Connection, now: float, limit: int) -> list[WorkItem]:
+_LEASE_COLUMNS = "rid, message_id, address, pool, domain, attempts, rounds, local_errors"
+_CHUNK = 500  # rids per IN (...): well under SQLite's limit of bound parameters on any build
+
+
+def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) -> list[WorkItem]:
+    # Leases that ran out first: their owner stopped renewing (presumed dead) and their work is the
+    # oldest. The partial index recipient_lease holds only leases that can run out, so this search costs
+    # nothing on a spool whose leases do not expire. Named, because without statistics the planner
+    # would take recipient_due and walk every lease in flight on each call.
     rows = conn.execute(
-        "SELECT rid, message_id, address, pool, domain, attempts, rounds, local_errors FROM recipient"
-        " WHERE state = 'queued' AND due <= ? ORDER BY due LIMIT ?",
+        f"SELECT {_LEASE_COLUMNS} FROM recipient INDEXED BY recipient_lease"
+        " WHERE state = 'leased' AND lease_until <= ? ORDER BY lease_until LIMIT ?",
         (now, limit),
     ).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM recipient"
+            " WHERE state = 'queued' AND due <= ? ORDER BY due LIMIT ?",
+            (now, limit - len(rows)),
+        ).fetchall()
     if not rows:
         return []
-    conn.executemany("UPDATE recipient SET state = 'leased' WHERE rid = ?", [(r[0],) for r in rows])
+    for i in range(0, len(rows), _CHUNK):  # one statement a chunk: cheaper than one a row
+        rids = [r[0] for r in rows[i : i + _CHUNK]]
+        conn.execute(
+            "UPDATE recipient SET state = 'leased', owner = ?, lease_until = ?"
+            f" WHERE rid IN ({', '.join('?' * len(rids))})",
+            [lease.owner, lease.until, *rids],
+        )
     groups: dict[tuple[str, str, str], list[WorkRecipient]] = defaultdict(list)
     for rid, message_id, address, pool, domain, attempts, rounds, local_errors in rows:
         groups[(message_id, pool, domain)].append(WorkRecipient(rid, address, attempts, rounds, local_errors))
@@ -463,21 +435,17 @@ def _lease_due(conn: sqlite3.Connection, now: float, limit: int) -> list[WorkIte
     return items
 
 
+def _renew(conn: sqlite3.Connection, lease: _Lease) -> int:
+    cur = conn.execute(
+        "UPDATE recipient INDEXED BY recipient_lease SET lease_until = ?"
+        " WHERE state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
+        (lease.until, lease.owner),
+    )
+    return cur.rowcount
+
+
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     counts = {s.value: 0 for s in RecipientState}
     for state, n in conn.execute("SELECT state, count(*) FROM recipient GROUP BY state"):
         counts[state] = n
     return counts
-
-
-def _release(conn: sqlite3.Connection, message_id: str, now: float) -> int:
-    # The crash count starts again: the operator released it because the fault is believed fixed, and a
-    # message that still crashes gets the full count before it is held again. Rounds are kept, so the
-    # retry schedule and max_age go on where they were (mail past max_age gets one try, then expires,
-    # as Postfix does with mail released from its hold queue).
-    cur = conn.execute(
-        "UPDATE recipient SET state = 'queued', due = ?, local_errors = 0"
-        " WHERE message_id = ? AND state = 'held'",
-        (now, message_id),
-    )
-    return cur.rowcount

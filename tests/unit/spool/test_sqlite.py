@@ -1,4 +1,8 @@
-"""The SQLite spool against real files: durability promises, group commit, recovery, atomic bounces."""
+"""What only the SQLite spool promises, against real files: group commit, one writer that outlives its
+callers, reads beside the writer, the file's rows, upgrade of older files, and the quarantine.
+
+What every backend promises is in tests/contract, which runs on SQLite too.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from postmux.envelope import Envelope, new_message_id
-from postmux.spool.base import RecipientState, Settlement, SpoolError
+from postmux.spool.base import RecipientState, Selector, Settlement, SpoolError
 from postmux.spool.sqlite import SqliteSpool
 
 
@@ -22,31 +26,6 @@ async def open_spool(path: Path, **kw: object) -> SqliteSpool:
     spool = SqliteSpool(path, **kw)  # type: ignore[arg-type]
     await spool.open()
     return spool
-
-
-async def test_store_keeps_bytes_exactly_and_groups_work_by_pool_and_domain(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path / "s.db")
-    raw = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Odd:   spaced  \r\n\r\n\xc3\xa9 8bit body\r\n"
-    env = envelope("a@one.test", "b@one.test", "c@two.test", data=raw)
-    pools = {"a@one.test": "default", "b@one.test": "default", "c@two.test": "bulk"}
-    work = await spool.store(new_message_id(), env, pools, now=100.0)
-    groups = {(w.pool, w.domain): [r.address for r in w.recipients] for w in work}
-    assert groups == {
-        ("default", "one.test"): ["a@one.test", "b@one.test"],
-        ("bulk", "two.test"): ["c@two.test"],
-    }
-    assert all(w.data == raw for w in work)
-    assert await spool.counts() == {
-        "queued": 0,
-        "leased": 3,
-        "held": 0,
-        "delivered": 0,
-        "bounced": 0,
-        "expired": 0,
-    }
-    await spool.close()
-    row = sqlite3.connect(tmp_path / "s.db").execute("SELECT data FROM message").fetchone()
-    assert row[0] == raw
 
 
 async def test_concurrent_stores_share_commits(tmp_path: Path) -> None:
@@ -65,60 +44,6 @@ async def test_concurrent_stores_share_commits(tmp_path: Path) -> None:
     assert single.commits - before == 50  # one fsync per message without group commit
     await single.close()
     assert grouped < 200 / 4, grouped
-
-
-async def test_open_recovers_work_leased_by_a_process_that_died(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path / "s.db")
-    await spool.store(
-        new_message_id(), envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 5
-    )
-    await spool.close()  # as if the process died: the work was never settled
-
-    again = SqliteSpool(tmp_path / "s.db")
-    assert await again.open() == 2
-    work = await again.lease_due(now=10, limit=100)
-    assert sorted(r.address for w in work for r in w.recipients) == ["a@one.test", "b@two.test"]
-    assert await again.lease_due(now=10, limit=100) == []  # leased now: not handed out twice
-    await again.close()
-
-
-async def test_deferred_work_is_due_only_at_its_time_and_finished_messages_are_removed(
-    tmp_path: Path,
-) -> None:
-    spool = await open_spool(tmp_path / "s.db")
-    mid = new_message_id()
-    [work] = await spool.store(
-        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
-    )
-    a, b = work.recipients
-    await spool.settle(
-        [
-            Settlement(mid, [a.rid], RecipientState.DELIVERED, "250 ok", attempts=1),
-            Settlement(mid, [b.rid], RecipientState.QUEUED, "451 later", due=60, attempts=1),
-        ],
-        now=1,
-    )
-    assert await spool.lease_due(now=59, limit=10) == []
-    [again] = await spool.lease_due(now=60, limit=10)
-    assert [(r.address, r.attempts) for r in again.recipients] == [("b@one.test", 1)]
-    await spool.settle([Settlement(mid, [b.rid], RecipientState.DELIVERED, "250 ok", attempts=2)], now=61)
-    assert sum((await spool.counts()).values()) == 0
-    await spool.close()
-    db = sqlite3.connect(tmp_path / "s.db")
-    assert db.execute("SELECT count(*) FROM message").fetchone() == (0,)
-
-
-async def test_a_bounce_and_its_dsn_are_recorded_together(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path / "s.db")
-    mid = new_message_id()
-    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
-    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
-    rid = work.recipients[0].rid
-    await spool.settle([Settlement(mid, [rid], RecipientState.BOUNCED, "550", dsn=dsn, dsn_pool="p")], now=1)
-    [dsn_work] = await spool.lease_due(now=1, limit=10)
-    assert dsn_work.sender == "" and [r.address for r in dsn_work.recipients] == ["app@example.com"]
-    assert dsn_work.data == dsn.data
-    await spool.close()
 
 
 async def test_a_failing_store_leaves_nothing_half_stored(tmp_path: Path) -> None:
@@ -144,12 +69,6 @@ async def test_a_failing_store_leaves_nothing_half_stored(tmp_path: Path) -> Non
     rows = db.execute("SELECT address FROM recipient").fetchall()
     assert rows == [("a@one.test",)]
     assert db.execute("SELECT count(*) FROM message").fetchone() == (1,)
-
-
-async def test_calls_on_a_closed_spool_fail_clearly(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "s.db")
-    with pytest.raises(SpoolError, match="not open"):
-        await spool.counts()
 
 
 async def test_a_caller_cancelled_while_waiting_does_not_stop_the_spool(tmp_path: Path) -> None:
@@ -186,63 +105,52 @@ async def test_counting_does_not_wait_for_the_writer(tmp_path: Path) -> None:
     await spool.close()
 
 
-async def test_held_work_is_never_leased_nor_recovered_and_release_makes_it_due_at_once(
-    tmp_path: Path,
-) -> None:
+async def test_queue_reads_do_not_wait_for_the_writer(tmp_path: Path) -> None:
+    # An operator's listing or stats may pass over the whole queue: like counts, on a connection of its own.
     spool = await open_spool(tmp_path / "s.db")
     mid = new_message_id()
-    [work] = await spool.store(
-        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
-    )
-    a, b = work.recipients
-    held = Settlement(
-        mid, [a.rid], RecipientState.HELD, "451 4.3.0 internal error", attempts=3, local_errors=3
-    )
-    await spool.settle(
-        [held, Settlement(mid, [b.rid], RecipientState.DELIVERED, "250 ok", attempts=1)], now=1
-    )
-    assert await spool.lease_due(now=10**12, limit=10) == []
-    # The message stays while a recipient of it is held, though every other one is final.
-    assert (await spool.counts())["held"] == 1
+    await spool.store(mid, envelope("a@one.test"), {"a@one.test": "p"}, 0)
+    writer_busy = asyncio.ensure_future(spool._call(lambda conn: time.sleep(1.0)))
+    await asyncio.sleep(0.05)
+    page = await asyncio.wait_for(spool.list_queue(Selector(), 0), timeout=0.5)
+    shown = await asyncio.wait_for(spool.show(mid, 0), timeout=0.5)
+    stats = await asyncio.wait_for(spool.stats(Selector(), 0), timeout=0.5)
+    assert [m.message_id for m in page.messages] == [mid] and shown is not None and len(stats) == 1
+    assert not writer_busy.done()
+    await writer_busy
     await spool.close()
 
-    again = SqliteSpool(tmp_path / "s.db")
-    assert await again.open() == 0  # held is not a lease a dead process left behind
-    assert again.quarantined == 0
-    assert (await again.counts())["held"] == 1
-    assert await again.lease_due(now=10**12, limit=10) == []
-    assert await again.release("no-such-message", now=50) == 0
-    assert await again.release(mid, now=50) == 1
-    assert await again.lease_due(now=49, limit=10) == []
-    [released] = await again.lease_due(now=50, limit=10)
-    assert [(r.address, r.attempts, r.local_errors) for r in released.recipients] == [("a@one.test", 3, 0)]
-    assert await again.release(mid, now=51) == 0  # nothing of it is held any more
-    await again.close()
 
-
-async def test_rounds_and_crashes_in_a_row_are_kept_with_the_recipient_across_a_restart(
-    tmp_path: Path,
-) -> None:
+async def test_the_file_holds_the_bytes_exactly_and_no_row_of_a_finished_message(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path / "s.db")
-    mid = new_message_id()
-    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
-    rid = work.recipients[0].rid
-    await spool.settle(
-        [Settlement(mid, [rid], RecipientState.QUEUED, "451", due=5, attempts=3, rounds=2, local_errors=1)],
-        now=1,
-    )
+    raw = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Odd:   spaced  \r\n\r\n\xc3\xa9 8bit body\r\n"
+    kept, done = new_message_id(), new_message_id()
+    await spool.store(kept, envelope("a@one.test", data=raw), {"a@one.test": "p"}, 0)
+    [work] = await spool.store(done, envelope("b@one.test"), {"b@one.test": "p"}, 0)
+    rids = [r.rid for r in work.recipients]
+    await spool.settle([Settlement(done, rids, RecipientState.DELIVERED, "250 ok", attempts=1)], now=1)
     await spool.close()
-    again = await open_spool(tmp_path / "s.db")
-    [item] = await again.lease_due(now=5, limit=10)
-    assert (item.rounds, item.local_errors, item.attempts) == (2, 1, 3)
-    # Rounds never go back; the crash count is written as given (an answered attempt clears it).
-    await again.settle(
-        [Settlement(mid, [rid], RecipientState.QUEUED, "451", due=6, attempts=4, rounds=1, local_errors=0)],
-        now=5,
-    )
-    [item] = await again.lease_due(now=6, limit=10)
-    assert (item.rounds, item.local_errors, item.attempts) == (2, 0, 4)
-    await again.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT id, data FROM message").fetchall() == [(kept, raw)]
+    assert db.execute("SELECT message_id FROM recipient").fetchall() == [(kept,)]
+
+
+async def test_open_takes_back_every_lease_in_the_file_whoever_owned_it(tmp_path: Path) -> None:
+    # One process holds a SQLite spool (spool/lock.py): a lease of any other owner is a dead process's.
+    first = await open_spool(tmp_path / "s.db", owner="node-a", lease_ttl_s=3600)
+    await first.store(new_message_id(), envelope(), {"a@one.test": "p"}, 0)
+    await first.close()
+    second = SqliteSpool(tmp_path / "s.db", owner="node-b")
+    assert await second.open() == 1
+    [item] = await second.lease_due(now=1, limit=10)
+    await second.close()
+    assert [r.address for r in item.recipients] == ["a@one.test"]
+
+
+def test_a_lease_ttl_must_be_a_positive_finite_time(tmp_path: Path) -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lease_ttl_s"):
+            SqliteSpool(tmp_path / "s.db", lease_ttl_s=bad)
 
 
 _OLD_SCHEMA = """
@@ -297,3 +205,43 @@ async def test_quarantine_keeps_held_rows_and_moves_rows_whose_counters_are_not_
     await again.close()
     [(key, reason)] = db.execute("SELECT key, reason FROM quarantine").fetchall()
     assert key == str(b.rid) and "rounds" in reason
+
+
+# The schema before leases had an owner and an expiry (postmux 0.1 up to issue 11).
+_SCHEMA_BEFORE_OWNERS = """
+CREATE TABLE message (id TEXT PRIMARY KEY, sender TEXT NOT NULL, client_ip TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE recipient (rid INTEGER PRIMARY KEY, message_id TEXT NOT NULL, address TEXT NOT NULL,
+    pool TEXT NOT NULL, domain TEXT NOT NULL, state TEXT NOT NULL, due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, last_reply TEXT NOT NULL DEFAULT '',
+    rounds INTEGER NOT NULL DEFAULT 0, local_errors INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX recipient_due ON recipient(state, due);
+CREATE INDEX recipient_message ON recipient(message_id);
+INSERT INTO message VALUES ('m1', 'app@example.com', '', 0, 1.0, x'5375626a6563743a20780d0a0d0a');
+INSERT INTO recipient (message_id, address, pool, domain, state, due, attempts, rounds)
+    VALUES ('m1', 'a@one.test', 'p', 'one.test', 'leased', 2.0, 1, 1),
+           ('m1', 'b@one.test', 'p', 'one.test', 'held', 2.0, 3, 1);
+"""
+
+
+async def test_a_spool_file_from_before_lease_owners_is_upgraded_at_open_and_leases_can_expire(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "before.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_BEFORE_OWNERS)
+    db.close()
+    spool = SqliteSpool(path, owner="node-1", lease_ttl_s=60)
+    assert await spool.open() == 1
+    assert spool.quarantined == 0
+    [item] = await spool.lease_due(now=2, limit=10)
+    assert [(r.address, r.attempts, r.rounds) for r in item.recipients] == [("a@one.test", 1, 1)]
+    [taken_over] = await spool.lease_due(now=62, limit=10)  # the new columns and index work
+    assert [r.address for r in taken_over.recipients] == ["a@one.test"]
+    shown = await spool.show("m1", 62)
+    await spool.close()
+    assert shown is not None
+    assert [(r.state, r.owner, r.lease_until) for r in shown.recipients] == [
+        ("leased", "node-1", 122),
+        ("held", "", None),
+    ]

@@ -1,0 +1,264 @@
+"""The SQLite spool's queue operations: a Selector turned into SQL, and each operation on it.
+
+Plain functions of a connection. The changes run in the writer thread of spool/sqlite.py (one SAVEPOINT
+each, so an operation that fails changes nothing); the reads (list_queue, show, stats) run on a
+connection of their own beside it. No index is added for them: they must not slow the work side, and an
+operator's listing may read more of the queue than it shows (the costs are in spool/base.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Collection
+from typing import Any
+
+from postmux.spool.operations import (
+    MAX_PAGE,
+    OPEN_STATES,
+    DestinationStats,
+    DsnBuilder,
+    MessageView,
+    QueuePage,
+    RecipientState,
+    RecipientView,
+    Selector,
+)
+from postmux.spool.sqlite_schema import drop_if_finished, queue_dsn
+
+_QUEUED = (RecipientState.QUEUED,)
+_HELD = (RecipientState.HELD,)
+_WAITING = (RecipientState.QUEUED, RecipientState.HELD)  # what operations act on: not leased, not final
+
+_RECIPIENT_COLUMNS = (
+    "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until"
+)
+_MESSAGE_COLUMNS = "id, sender, created, length(data), client_ip, smtputf8"
+_CHUNK = 500  # message ids per IN (...): well under SQLite's limit of bound parameters on any build
+
+
+# -- the selector in SQL -------------------------------------------------------------------------------
+
+
+def _recipient_terms(
+    sel: Selector, states: Collection[RecipientState] | None, prefix: str = ""
+) -> tuple[list[str], list[Any]]:
+    terms: list[str] = []
+    params: list[Any] = []
+    if states is not None:
+        # Literal states (enum values, never input), so the planner sees them as it sees the work side's.
+        terms.append(f"{prefix}state IN ({', '.join(repr(s.value) for s in sorted(states))})")
+    for column, value in (
+        ("state", sel.state.value if sel.state is not None else None),
+        ("message_id", sel.message_id),
+        ("pool", sel.pool),
+        ("domain", sel.domain),
+    ):
+        if value is not None:
+            terms.append(f"{prefix}{column} = ?")
+            params.append(value)
+    return terms, params
+
+
+def _message_terms(sel: Selector, now: float, prefix: str = "") -> tuple[list[str], list[Any]]:
+    terms: list[str] = []
+    params: list[Any] = []
+    if sel.sender is not None:
+        terms.append(f"{prefix}sender = ?")
+        params.append(sel.sender)
+    if sel.older_than_s is not None:
+        terms.append(f"{prefix}created <= ?")
+        params.append(now - sel.older_than_s)
+    return terms, params
+
+
+def _where(sel: Selector, now: float, states: Collection[RecipientState] | None) -> tuple[str, list[Any]]:
+    """The WHERE of a statement on the recipient table alone."""
+    terms, params = _recipient_terms(sel, states)
+    m_terms, m_params = _message_terms(sel, now)
+    if m_terms:
+        terms.append(f"message_id IN (SELECT id FROM message WHERE {' AND '.join(m_terms)})")
+        params += m_params
+    return " AND ".join(terms) or "1", params
+
+
+# -- rows to views -------------------------------------------------------------------------------------
+
+
+def _recipient_view(row: tuple[Any, ...]) -> RecipientView:
+    rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until = row
+    leased = state == RecipientState.LEASED
+    return RecipientView(
+        rid,
+        address,
+        pool,
+        domain,
+        RecipientState(state),
+        due,
+        attempts,
+        rounds,
+        last_reply,
+        owner if leased else "",
+        lease_until if leased else None,
+    )
+
+
+def _message_view(
+    row: tuple[Any, ...], recipients: tuple[RecipientView, ...], data: bytes | None = None
+) -> MessageView:
+    message_id, sender, created, size, client_ip, smtputf8 = row
+    return MessageView(message_id, sender, created, size, client_ip, bool(smtputf8), recipients, data)
+
+
+def _read_message(conn: sqlite3.Connection, message_id: str) -> MessageView | None:
+    row = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, data FROM message WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        return None
+    recipients = tuple(
+        _recipient_view(r)
+        for r in conn.execute(
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid", (message_id,)
+        )
+    )
+    return _message_view(row[:6], recipients, row[6])
+
+
+# -- reads ---------------------------------------------------------------------------------------------
+
+
+def list_queue(conn: sqlite3.Connection, sel: Selector, now: float, limit: int, after: str) -> QueuePage:
+    if limit < 1:
+        raise ValueError(f"a page holds at least one message, not {limit}")
+    limit = min(limit, MAX_PAGE)
+    m_terms, m_params = _message_terms(sel, now, "m.")
+    if sel.message_id is not None:  # straight to it through the primary key, not a walk of the queue
+        m_terms.append("m.id = ?")
+        m_params.append(sel.message_id)
+    r_terms, r_params = _recipient_terms(sel, None)
+    terms = ["m.id > ?", *m_terms]
+    if r_terms:
+        terms.append(f"EXISTS (SELECT 1 FROM recipient WHERE message_id = m.id AND {' AND '.join(r_terms)})")
+    else:
+        terms.append("EXISTS (SELECT 1 FROM recipient WHERE message_id = m.id)")
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM message m WHERE {' AND '.join(terms)} ORDER BY m.id LIMIT ?",
+        [after, *m_params, *r_params, limit + 1],
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    chosen = _chosen_recipients(conn, [r[0] for r in rows], r_terms, r_params)
+    messages = tuple(_message_view(r, tuple(chosen.get(r[0], ()))) for r in rows)
+    return QueuePage(messages, rows[-1][0] if more else None)
+
+
+def _chosen_recipients(
+    conn: sqlite3.Connection, message_ids: list[str], r_terms: list[str], r_params: list[Any]
+) -> dict[str, list[RecipientView]]:
+    chosen: dict[str, list[RecipientView]] = defaultdict(list)
+    for i in range(0, len(message_ids), _CHUNK):
+        ids = message_ids[i : i + _CHUNK]
+        terms = [f"message_id IN ({', '.join('?' * len(ids))})", *r_terms]
+        for row in conn.execute(
+            f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient WHERE {' AND '.join(terms)}"
+            " ORDER BY message_id, rid",
+            [*ids, *r_params],
+        ):
+            chosen[row[0]].append(_recipient_view(row[1:]))
+    return chosen
+
+
+def show(conn: sqlite3.Connection, message_id: str) -> MessageView | None:
+    return _read_message(conn, message_id)
+
+
+def stats(conn: sqlite3.Connection, sel: Selector, now: float, limit: int) -> list[DestinationStats]:
+    r_terms, r_params = _recipient_terms(sel, OPEN_STATES, "r.")
+    m_terms, m_params = _message_terms(sel, now, "m.")
+    rows = conn.execute(
+        "SELECT r.pool, r.domain, r.state, count(*), min(m.created)"
+        " FROM recipient r JOIN message m ON m.id = r.message_id"
+        f" WHERE {' AND '.join([*r_terms, *m_terms])} GROUP BY r.pool, r.domain, r.state",
+        [*r_params, *m_params],
+    ).fetchall()
+    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    oldest: dict[tuple[str, str], float] = {}
+    for pool, domain, state, n, created in rows:
+        counts[(pool, domain)][state] = n
+        oldest[(pool, domain)] = min(created, oldest.get((pool, domain), created))
+    found = [
+        DestinationStats(pool, domain, n, max(0.0, now - oldest[(pool, domain)]))
+        for (pool, domain), n in counts.items()
+    ]
+    found.sort(key=lambda d: (-d.total, d.pool, d.domain))
+    return found[:limit]
+
+
+# -- changes (in the writer thread) --------------------------------------------------------------------
+
+
+def hold(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    where, params = _where(sel, now, _QUEUED)
+    return conn.execute(f"UPDATE recipient SET state = 'held' WHERE {where}", params).rowcount
+
+
+def release(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    # The crash count starts again: the operator released it because the fault is believed fixed, and a
+    # message that still crashes gets the full count before it is held again. Rounds are kept, so the
+    # retry schedule and max_age go on where they were (mail past max_age gets one try, then expires,
+    # as Postfix does with mail released from its hold queue).
+    where, params = _where(sel, now, _HELD)
+    return conn.execute(
+        f"UPDATE recipient SET state = 'queued', due = ?, local_errors = 0 WHERE {where}", [now, *params]
+    ).rowcount
+
+
+def flush(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    # Only what is not due yet: one already due keeps its earlier time, and with it its place in line.
+    where, params = _where(sel, now, _QUEUED)
+    return conn.execute(
+        f"UPDATE recipient SET due = ? WHERE due > ? AND {where}", [now, now, *params]
+    ).rowcount
+
+
+def move(conn: sqlite3.Connection, sel: Selector, pool: str, now: float) -> int:
+    where, params = _where(sel, now, _WAITING)
+    return conn.execute(
+        f"UPDATE recipient SET pool = ? WHERE pool != ? AND {where}", [pool, pool, *params]
+    ).rowcount
+
+
+def delete(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    sel.require_criterion("delete")
+    where, params = _where(sel, now, _WAITING)
+    touched = [m for (m,) in conn.execute(f"SELECT DISTINCT message_id FROM recipient WHERE {where}", params)]
+    removed = conn.execute(f"DELETE FROM recipient WHERE {where}", params).rowcount
+    for message_id in touched:
+        drop_if_finished(conn, message_id)
+    return removed
+
+
+def bounce(
+    conn: sqlite3.Connection, sel: Selector, now: float, reply: str, dsn: DsnBuilder, dsn_pool: str
+) -> int:
+    sel.require_criterion("bounce")
+    where, params = _where(sel, now, _WAITING)
+    chosen: dict[str, list[int]] = defaultdict(list)
+    for message_id, rid in conn.execute(
+        f"SELECT message_id, rid FROM recipient WHERE {where} ORDER BY message_id, rid", params
+    ):
+        chosen[message_id].append(rid)
+    bounced = 0
+    for message_id, rids in chosen.items():
+        message = _read_message(conn, message_id)
+        if message is None:
+            continue  # a recipient without its message: the quarantine's business at the next open
+        wanted = set(rids)
+        envelope = dsn(message, [r for r in message.recipients if r.rid in wanted])
+        conn.executemany(
+            "UPDATE recipient SET state = 'bounced', last_reply = ? WHERE rid = ?", [(reply, r) for r in rids]
+        )
+        if envelope is not None:
+            queue_dsn(conn, envelope, dsn_pool, now)
+        drop_if_finished(conn, message_id)
+        bounced += len(rids)
+    return bounced

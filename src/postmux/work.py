@@ -1,0 +1,75 @@
+"""Work: one message's recipients leased for one delivery transaction, the value every room passes on.
+
+A word of its own (as envelope.py is) so that the spool that leases it, the dispatcher that schedules it
+and the delivery that carries it share the type without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRecipient:
+    rid: int
+    address: str
+    attempts: int  # tries so far, one per member tried
+    # Rounds ended so far: times the recipient went back to the spool to wait after members were tried.
+    # The retry schedule counts these, not attempts (a round tries every usable member once).
+    rounds: int = 0
+    # Attempts in a row that crashed postmux's own code (the message's fault, not the member's).
+    local_errors: int = 0
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One message's recipients that share a pool and a domain, leased for one delivery transaction."""
+
+    message_id: str
+    sender: str
+    pool: str
+    domain: str
+    recipients: list[WorkRecipient]
+    data: bytes
+    created: float
+    client_ip: str = ""
+    smtputf8: bool = False
+    # Members already tried in this round, so an immediate retry goes elsewhere.
+    tried: set[str] = field(default_factory=set)
+    # Members that cannot take this message at all in this round (no SMTPUTF8), a subset of `tried`.
+    unfit: set[str] = field(default_factory=set)
+    # The shaping key (provider, else domain), set by the dispatcher; not stored.
+    destination: str = ""
+    # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.
+    overflowed_from: str = ""
+
+    @property
+    def queue(self) -> str:
+        return f"{self.pool}/{self.destination or self.domain}"
+
+    @property
+    def attempts(self) -> int:
+        return max((r.attempts for r in self.recipients), default=0)
+
+    @property
+    def rounds(self) -> int:
+        return max((r.rounds for r in self.recipients), default=0)
+
+    @property
+    def local_errors(self) -> int:
+        return max((r.local_errors for r in self.recipients), default=0)
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        """Whether this transaction can only go to a server that offers SMTPUTF8 (RFC 6531).
+
+        SMTPUTF8 at MAIL only says the client may have used UTF-8; what needs the extension is UTF-8 in
+        an address or in the header. All-ASCII mail goes anywhere, as Postfix's SMTPUTF8 support does
+        (a UTF-8 body needs only 8BITMIME).
+        """
+        if not self.smtputf8:
+            return False
+        if not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients):
+            return True
+        end = self.data.find(b"\r\n\r\n")
+        return not self.data[: end if end >= 0 else len(self.data)].isascii()

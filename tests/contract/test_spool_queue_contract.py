@@ -1,0 +1,317 @@
+"""The spool's queue operations, on every backend: list by selector (paged, bounded), show, hold,
+release, delete, bounce, flush, move and stats. A leased recipient is in a node's hands: operations
+leave it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from postmux.envelope import Envelope, new_message_id
+from postmux.spool.base import (
+    DestinationStats,
+    MessageView,
+    RecipientState,
+    RecipientView,
+    Selector,
+    Settlement,
+    SpoolBackend,
+)
+from postmux.spool.operations import MAX_PAGE
+
+BODY = b"Subject: queue\r\n\r\nbody\r\n"
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Three waiting messages and one in flight, accepted at 100, 200, 300 and 400."""
+
+    m1: str  # app@x.test -> r1@one.test (pool p), r2@two.test (pool p)
+    m2: str  # news@x.test -> r3@one.test (pool bulk)
+    m3: str  # null sender (a DSN) -> r4@two.test (pool p)
+    flying: str  # app@x.test -> r5@one.test (pool p), leased
+
+
+async def fill(spool: SpoolBackend) -> Queue:
+    async def add(sender: str, rcpts: dict[str, str], now: float, lease: bool = False) -> str:
+        mid = new_message_id()
+        env = Envelope(sender, tuple(rcpts), BODY, client_ip="192.0.2.7")
+        await spool.store(mid, env, rcpts, now, lease=lease)
+        return mid
+
+    m1 = await add("app@x.test", {"r1@one.test": "p", "r2@two.test": "p"}, 100)
+    m2 = await add("news@x.test", {"r3@one.test": "bulk"}, 200)
+    m3 = await add("", {"r4@two.test": "p"}, 300)
+    flying = await add("app@x.test", {"r5@one.test": "p"}, 400, lease=True)
+    return Queue(m1, m2, m3, flying)
+
+
+async def listed(spool: SpoolBackend, selector: Selector, now: float = 1000) -> dict[str, list[str]]:
+    page = await spool.list_queue(selector, now)
+    assert page.next_after is None
+    return {m.message_id: [r.address for r in m.recipients] for m in page.messages}
+
+
+async def states(spool: SpoolBackend, message_id: str) -> dict[str, str]:
+    shown = await spool.show(message_id, 0)
+    assert shown is not None
+    return {r.address: r.state for r in shown.recipients}
+
+
+async def test_list_chooses_messages_by_each_criterion_with_the_recipients_it_matched(
+    spool: SpoolBackend,
+) -> None:
+    q = await fill(spool)
+    assert await listed(spool, Selector()) == {
+        q.m1: ["r1@one.test", "r2@two.test"],
+        q.m2: ["r3@one.test"],
+        q.m3: ["r4@two.test"],
+        q.flying: ["r5@one.test"],
+    }
+    assert list(await listed(spool, Selector())) == [q.m1, q.m2, q.m3, q.flying]  # in acceptance order
+    assert await listed(spool, Selector(message_id=q.m2)) == {q.m2: ["r3@one.test"]}
+    assert await listed(spool, Selector(pool="bulk")) == {q.m2: ["r3@one.test"]}
+    assert await listed(spool, Selector(domain="ONE.test.")) == {
+        q.m1: ["r1@one.test"],
+        q.m2: ["r3@one.test"],
+        q.flying: ["r5@one.test"],
+    }
+    assert await listed(spool, Selector(sender="")) == {q.m3: ["r4@two.test"]}
+    assert await listed(spool, Selector(sender="app@x.test", state=RecipientState.LEASED)) == {
+        q.flying: ["r5@one.test"]
+    }
+    assert await listed(spool, Selector(older_than_s=750), now=1000) == {
+        q.m1: ["r1@one.test", "r2@two.test"],
+        q.m2: ["r3@one.test"],
+    }
+    assert await listed(spool, Selector(pool="p", domain="two.test", older_than_s=750), now=1000) == {
+        q.m1: ["r2@two.test"]
+    }
+    assert await listed(spool, Selector(message_id="no-such-message")) == {}
+
+
+async def test_a_listing_carries_no_bytes_but_what_a_line_needs(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    page = await spool.list_queue(Selector(message_id=q.m1), 1000)
+    [m1] = page.messages
+    assert (m1.sender, m1.created, m1.size, m1.client_ip, m1.data) == (
+        "app@x.test",
+        100,
+        len(BODY),
+        "192.0.2.7",
+        None,
+    )
+    assert m1.age_s(1000) == 900
+    with pytest.raises(ValueError, match="show the message"):
+        m1.envelope  # noqa: B018
+
+
+async def test_a_listing_comes_in_pages_that_end_and_never_exceed_the_bound(spool: SpoolBackend) -> None:
+    ids = [new_message_id() for _ in range(MAX_PAGE + 5)]
+    env = Envelope("a@x.test", ("b@y.test",), BODY)
+    await asyncio.gather(*(spool.store(mid, env, {"b@y.test": "p"}, 1, lease=False) for mid in ids))
+    ids.sort()
+    page = await spool.list_queue(Selector(), 2, limit=MAX_PAGE * 10)
+    assert len(page.messages) == MAX_PAGE and page.next_after == ids[MAX_PAGE - 1]
+    seen = [m.message_id for m in page.messages]
+    after = page.next_after
+    for _ in range(10):  # bounded: 5 more by pages of 2 is 3 pages
+        page = await spool.list_queue(Selector(), 2, limit=2, after=after)
+        seen += [m.message_id for m in page.messages]
+        after = page.next_after
+        if after is None:
+            break
+    assert seen == ids
+    with pytest.raises(ValueError, match="at least one"):
+        await spool.list_queue(Selector(), 2, limit=0)
+
+
+async def test_show_gives_the_envelope_and_each_recipients_state_attempts_reply_and_due(
+    spool: SpoolBackend,
+) -> None:
+    mid = new_message_id()
+    env = Envelope("app@x.test", ("a@one.test", "b@two.test"), BODY, client_ip="192.0.2.7", smtputf8=True)
+    [w1, w2] = await spool.store(mid, env, {"a@one.test": "p", "b@two.test": "p"}, 10)
+    await spool.settle(
+        [
+            Settlement(
+                mid, [w1.recipients[0].rid], RecipientState.QUEUED, "451 4.2.0 later", due=70, attempts=2
+            ),
+            Settlement(mid, [w2.recipients[0].rid], RecipientState.DELIVERED, "250 2.0.0 ok", attempts=1),
+        ],
+        now=11,
+    )
+    shown = await spool.show(mid, 20)
+    assert shown is not None
+    assert shown.envelope == Envelope(
+        "app@x.test", ("a@one.test", "b@two.test"), BODY, client_ip="192.0.2.7", smtputf8=True
+    )
+    assert (shown.created, shown.size) == (10, len(BODY))
+    assert [
+        (r.address, r.pool, r.domain, r.state, r.attempts, r.last_reply, r.due) for r in shown.recipients
+    ] == [
+        ("a@one.test", "p", "one.test", "queued", 2, "451 4.2.0 later", 70),
+        ("b@two.test", "p", "two.test", "delivered", 1, "250 2.0.0 ok", 0),
+    ]
+    assert await spool.show("no-such-message", 20) is None
+
+
+async def test_hold_sets_queued_recipients_aside_and_release_brings_them_back_due_now(
+    spool: SpoolBackend,
+) -> None:
+    q = await fill(spool)
+    assert await spool.hold(Selector(pool="p"), 1000) == 3  # r1, r2, r4; r5 is in flight
+    assert await states(spool, q.m1) == {"r1@one.test": "held", "r2@two.test": "held"}
+    assert await states(spool, q.flying) == {"r5@one.test": "leased"}
+    assert await spool.hold(Selector(pool="p"), 1000) == 0  # held already
+    [work] = await spool.lease_due(now=10**9, limit=10)
+    assert work.message_id == q.m2  # only the one not held
+    assert await spool.release(Selector(domain="two.test"), 2000) == 2
+    assert await states(spool, q.m1) == {"r1@one.test": "held", "r2@two.test": "queued"}
+    assert await spool.lease_due(now=1999, limit=10) == []  # due at the release, not before
+    work = await spool.lease_due(now=2000, limit=10)
+    assert sorted(r.address for w in work for r in w.recipients) == ["r2@two.test", "r4@two.test"]
+
+
+async def test_delete_removes_waiting_recipients_and_messages_left_with_none(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    await spool.hold(Selector(message_id=q.m3), 1000)
+    assert await spool.delete(Selector(domain="two.test"), 1000) == 2  # r2 queued, r4 held
+    assert await states(spool, q.m1) == {"r1@one.test": "queued"}
+    assert await spool.show(q.m3, 1000) is None
+    assert await spool.delete(Selector(message_id=q.flying), 1000) == 0  # in flight: left alone
+    assert await states(spool, q.flying) == {"r5@one.test": "leased"}
+    assert (await spool.counts())["queued"] == 2
+
+
+async def test_delete_and_bounce_refuse_a_selector_without_any_criterion(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    with pytest.raises(ValueError, match="every message"):
+        await spool.delete(Selector(), 1000)
+    with pytest.raises(ValueError, match="every message"):
+        await spool.bounce(Selector(), 1000, reply="550", dsn=lambda m, rs: None, dsn_pool="p")
+    assert len((await spool.list_queue(Selector(), 1000)).messages) == 4
+    assert await spool.delete(Selector(everything=True), 1000) == 4
+    assert [m.message_id for m in (await spool.list_queue(Selector(), 1000)).messages] == [q.flying]
+
+
+class DsnRecorder:
+    """A DSN builder that remembers what it was given, as the admin side's build_dsn adapter would be."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[MessageView, list[str]]] = []
+
+    def __call__(self, message: MessageView, bounced: Sequence[RecipientView]) -> Envelope | None:
+        self.calls.append((message, [r.address for r in bounced]))
+        if not message.sender:
+            return None  # RFC 5321 6.1: never a DSN to the null sender
+        text = b"Subject: Undelivered\r\n\r\n" + b", ".join(r.address.encode() for r in bounced) + b"\r\n"
+        return Envelope("", (message.sender,), text)
+
+
+async def test_bounce_ends_recipients_as_bounced_with_their_dsn_queued_in_the_same_step(
+    spool: SpoolBackend,
+) -> None:
+    q = await fill(spool)
+    build = DsnRecorder()
+    reply = "550 5.0.0 bounced by the operator"
+    assert await spool.bounce(Selector(domain="two.test"), 1000, reply=reply, dsn=build, dsn_pool="dsn") == 2
+    assert [(m.message_id, m.data, rs) for m, rs in build.calls] == [
+        (q.m1, BODY, ["r2@two.test"]),
+        (q.m3, BODY, ["r4@two.test"]),
+    ]
+    shown = await spool.show(q.m1, 1000)
+    assert shown is not None
+    assert [(r.address, r.state, r.last_reply) for r in shown.recipients] == [
+        ("r1@one.test", "queued", ""),
+        ("r2@two.test", "bounced", reply),
+    ]
+    assert await spool.show(q.m3, 1000) is None  # every recipient final: removed, and no DSN to "<>"
+    dsns = await spool.list_queue(Selector(pool="dsn"), 1000)
+    [dsn] = dsns.messages
+    assert (dsn.sender, [r.address for r in dsn.recipients]) == ("", ["app@x.test"])
+    shown_dsn = await spool.show(dsn.message_id, 1000)
+    assert shown_dsn is not None and shown_dsn.data == b"Subject: Undelivered\r\n\r\nr2@two.test\r\n"
+    assert (
+        await spool.bounce(Selector(message_id=q.flying), 1000, reply=reply, dsn=build, dsn_pool="dsn") == 0
+    )
+
+
+async def test_a_bounce_whose_dsn_cannot_be_built_changes_nothing(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+
+    def broken(message: MessageView, bounced: Sequence[RecipientView]) -> Envelope | None:
+        if message.message_id == q.m3:
+            raise RuntimeError("cannot build this DSN")
+        return Envelope("", (message.sender,), b"Subject: x\r\n\r\n")
+
+    with pytest.raises(RuntimeError, match="cannot build"):
+        await spool.bounce(Selector(domain="two.test"), 1000, reply="550", dsn=broken, dsn_pool="dsn")
+    assert await states(spool, q.m1) == {"r1@one.test": "queued", "r2@two.test": "queued"}
+    assert await states(spool, q.m3) == {"r4@two.test": "queued"}
+    assert (await spool.list_queue(Selector(pool="dsn"), 1000)).messages == ()
+
+
+async def test_flush_makes_deferred_recipients_due_now_and_leaves_held_ones(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    await spool.lease_due(now=1000, limit=10)
+    shown = await spool.show(q.m1, 1000)
+    assert shown is not None
+    await spool.settle(
+        [
+            Settlement(q.m1, [r.rid for r in shown.recipients], RecipientState.QUEUED, "451", due=5000),
+        ],
+        now=1000,
+    )
+    await spool.hold(Selector(message_id=q.m1, domain="two.test"), 1000)
+    assert await spool.lease_due(now=2000, limit=10) == []
+    assert await spool.flush(Selector(message_id=q.m1), 2000) == 1  # r1; r2 is held
+    assert await spool.flush(Selector(message_id=q.m1), 2000) == 0  # due already
+    [work] = await spool.lease_due(now=2000, limit=10)
+    assert [r.address for r in work.recipients] == ["r1@one.test"]
+    assert await states(spool, q.m1) == {"r1@one.test": "leased", "r2@two.test": "held"}
+
+
+async def test_move_gives_waiting_recipients_to_another_pool_keeping_their_state(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    await spool.hold(Selector(message_id=q.m3), 1000)
+    assert await spool.move(Selector(domain="one.test"), "bulk", 1000) == 1  # r1; r3 is there; r5 flies
+    assert await spool.move(Selector(sender=""), "bulk", 1000) == 1  # r4, held
+    assert await listed(spool, Selector(pool="bulk")) == {
+        q.m1: ["r1@one.test"],
+        q.m2: ["r3@one.test"],
+        q.m3: ["r4@two.test"],
+    }
+    assert await states(spool, q.m3) == {"r4@two.test": "held"}
+    work = await spool.lease_due(now=1000, limit=10)
+    assert sorted((w.pool, r.address) for w in work for r in w.recipients) == [
+        ("bulk", "r1@one.test"),
+        ("bulk", "r3@one.test"),
+        ("p", "r2@two.test"),
+    ]
+
+
+async def test_stats_count_the_queue_per_pool_and_domain_with_the_oldest_age(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    await spool.hold(Selector(message_id=q.m3), 1000)
+    shown = await spool.show(q.m1, 1000)
+    assert shown is not None
+    r1 = shown.recipients[0]
+    await spool.settle(
+        [Settlement(q.m1, [r1.rid], RecipientState.DELIVERED, "250")], now=1000
+    )  # final: not counted
+    assert await spool.stats(Selector(), 1000) == [
+        DestinationStats("p", "two.test", {"queued": 1, "held": 1}, 900),
+        DestinationStats("bulk", "one.test", {"queued": 1}, 800),
+        DestinationStats("p", "one.test", {"leased": 1}, 600),
+    ]
+    assert await spool.stats(Selector(), 1000, limit=1) == [
+        DestinationStats("p", "two.test", {"queued": 1, "held": 1}, 900)
+    ]
+    assert await spool.stats(Selector(pool="bulk"), 1000) == [
+        DestinationStats("bulk", "one.test", {"queued": 1}, 800)
+    ]
