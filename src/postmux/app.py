@@ -18,12 +18,15 @@ from typing import Any
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from postmux.admin.api import admin_api
+from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
-from postmux.config import Settings, http_notes
-from postmux.control import Control, DrainedMembers, ReloadResult
+from postmux.config import MemberSettings, Settings, http_notes
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.smtp_client import SmtpTransport
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
@@ -35,6 +38,7 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
+from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import SpoolError
@@ -87,7 +91,7 @@ class App:
         self.router = Router(settings)
         self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
         self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
-        # Filled by Control.sync_transports below, the same path a reload takes.
+        # Filled by sync_transports below, the same path a reload takes.
         self.transports: dict[tuple[str, str], MemberTransport] = {}
         self.dispatcher = Dispatcher(
             settings,
@@ -105,15 +109,28 @@ class App:
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
         )
+        node = NodeView(
+            pools=self.pools,
+            transports=self.transports,
+            shaper=self.dispatcher.shaper,
+            warmup=self.dispatcher.warmup,
+            spool=self.spool,
+            bus=self.bus,
+            dispatch=self.dispatcher,
+            member_changed=self.member_changed,
+            clock=clock,
+        )
         self.control = Control(
-            self, config_path, DrainedMembers(Path(settings.spool.path).with_name("drained.json"))
+            node,
+            Reloader(config_path, settings, self.configure),
+            DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
         self.control.restore_drains()
-        self.control.sync_transports(settings)
+        self.sync_transports(settings)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.http = HttpServer(
-            settings.http, make_http_app(self.metrics, self.control, settings.http.admin_token)
+            settings.http, make_http_app(self.metrics, admin_api(self.control, settings.http.admin_token))
         )
         self.metrics.add_live(self._live_gauges)
         self._smtp: asyncio.Server | None = None
@@ -245,6 +262,50 @@ class App:
 
     # -- live changes --------------------------------------------------------------------------------
 
+    def configure(self, settings: Settings) -> list[str]:
+        now = self.clock()
+        changes: list[str] = []
+        for pool_settings in settings.pool:
+            pool = self.pools.get(pool_settings.name)
+            if pool is None:
+                pool = self.pools[pool_settings.name] = Pool(pool_settings, self.member_changed)
+                pool.start_sweeping(now)
+                changes.append(f"{pool.name}: added")
+            else:
+                changes.extend(pool.reconfigure(pool_settings, now))
+        for name in [n for n in self.pools if n not in {p.name for p in settings.pool}]:
+            for m in self.pools[name].members:
+                m.removed = True
+            del self.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
+            changes.append(f"{name}: removed")
+        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        self.dispatcher.shaper.configure(settings.shaping)
+        self.sync_transports(settings)
+        router = Router(settings)
+        self.router = self.acceptor.router = self.dispatcher.router = router
+        self.dispatcher.settings = settings
+        self.dispatcher.retry = RetrySchedule(settings.retry)
+        self.settings = settings
+        self.control.restore_drains()
+        self.sync_checkers()
+        self.dispatcher.wake()
+        return changes
+
+    def sync_transports(self, settings: Settings) -> None:
+        """One transport per pool member; kept while its connections still fit, else replaced."""
+        hostname = settings.ehlo_hostname
+        for pool in self.pools.values():
+            for m in pool.members:
+                key = (pool.name, m.name)
+                old = self.transports.get(key)
+                if isinstance(old, SmtpTransport) and _same_connections(old, m.settings, settings):
+                    old.member = m.settings  # weight and limits live on the member; connections stay
+                    continue
+                resolver = self.resolver if m.settings.kind == "source" else None
+                self.transports[key] = SmtpTransport(m.settings, settings.delivery, hostname, resolver)
+                if old is not None:
+                    self.retire_transport(old)
+
     def sync_checkers(self) -> None:
         """One active health checker per pool with checks enabled, following reloads."""
         hostname = self.settings.ehlo_hostname
@@ -322,3 +383,20 @@ class App:
         )
         commits.add_metric([], self.spool.commits)
         return [queue, up, conns, in_flight, commits]
+
+
+def _same_connections(transport: SmtpTransport, member: MemberSettings, settings: Settings) -> bool:
+    """Whether the open connections still fit: same place, per-connection limit, timeouts, TLS, login."""
+    return (
+        transport.member.address == member.address
+        and transport.member.source_address == member.source_address
+        and transport.member.ehlo_hostname == member.ehlo_hostname
+        and transport.member.max_messages_per_connection == member.max_messages_per_connection
+        # TLS and credentials are settled when a connection opens: a change needs new connections.
+        and transport.member.tls_mode == member.tls_mode
+        and transport.member.tls_ca_file == member.tls_ca_file
+        and transport.member.tls_server_name == member.tls_server_name
+        and transport.member.username == member.username
+        and transport.member.password == member.password
+        and transport.delivery == settings.delivery
+    )
