@@ -281,8 +281,7 @@ class App:
         self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
         self.dispatcher.shaper.configure(settings.shaping)
         self.sync_transports(settings)
-        router = Router(settings)
-        self.router = self.acceptor.router = self.dispatcher.router = router
+        self.router.reconfigure(settings)
         self.dispatcher.settings = settings
         self.dispatcher.retry = RetrySchedule(settings.retry)
         self.settings = settings
