@@ -24,9 +24,9 @@ from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
-from postmux.config import MemberSettings, Settings, http_notes
+from postmux.config import Settings, http_notes
+from postmux.delivery.factory import MemberTransports, TransportFactory, smtp_transport
 from postmux.delivery.mx import MxResolver
-from postmux.delivery.smtp_client import SmtpTransport
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
@@ -38,7 +38,6 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
-from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import SpoolError
@@ -78,6 +77,7 @@ class App:
         limits: DispatchLimits | None = None,
         drain_timeout_s: float = 10.0,
         config_path: str | Path | None = None,
+        transport_factory: TransportFactory = smtp_transport,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -88,11 +88,13 @@ class App:
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
+        # Each component is built from its section and takes later ones through its own method; the
+        # pools, their transports and the operator's drains are filled by configure below, the same call
+        # a reload makes (admin/reload.py).
         self.router = Router(settings)
-        self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
         self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
-        # Filled by sync_transports below, the same path a reload takes.
-        self.transports: dict[tuple[str, str], MemberTransport] = {}
+        self.pools: dict[str, Pool] = {}
+        self.transports = MemberTransports(transport_factory, self.resolver)
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -125,8 +127,6 @@ class App:
             Reloader(config_path, settings, self.configure),
             DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
-        self.control.restore_drains()
-        self.sync_transports(settings)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.http = HttpServer(
@@ -141,6 +141,8 @@ class App:
         self.recovered = 0
         self._spool_opened = False
         self.running = False  # started in full; a start that failed stops quietly (its error says it all)
+        self._checking = False  # health checkers run from start to stop, following reloads meanwhile
+        self.configure(settings)
 
     @property
     def smtp_port(self) -> int:
@@ -182,6 +184,7 @@ class App:
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         await self.dispatcher.start()
+        self._checking = True
         self.sync_checkers()
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
@@ -230,6 +233,7 @@ class App:
         if self.workers is not None or self._smtp is not None:
             await self._stop_accepting()
             say("shutdown: stopped accepting mail")
+        self._checking = False
         await asyncio.gather(*(c.stop() for c in self.checkers.values()))
         self.checkers.clear()
         in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
@@ -263,7 +267,26 @@ class App:
     # -- live changes --------------------------------------------------------------------------------
 
     def configure(self, settings: Settings) -> list[str]:
-        now = self.clock()
+        """The one path by which settings reach the components, at build and at each reload.
+
+        Each component takes its section through its own method (Pool.reconfigure, Router.reconfigure,
+        MxResolver.reconfigure, Dispatcher.reconfigure, MemberTransports.reconfigure); nothing here builds
+        an object to put into another one's field. Returns what changed, in words for the operator.
+        """
+        changes = self._configure_pools(settings, self.clock())
+        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        self.sync_transports(settings)
+        self.router.reconfigure(settings)
+        self.dispatcher.reconfigure(settings)
+        self.settings = settings
+        self.control.restore_drains()
+        if self._checking:
+            self.sync_checkers()
+        self.dispatcher.wake()
+        return changes
+
+    def _configure_pools(self, settings: Settings, now: float) -> list[str]:
+        """Pools added, reconfigured (Pool.reconfigure) and removed; the mapping stays the same object."""
         changes: list[str] = []
         for pool_settings in settings.pool:
             pool = self.pools.get(pool_settings.name)
@@ -278,32 +301,13 @@ class App:
                 m.removed = True
             del self.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
             changes.append(f"{name}: removed")
-        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
-        self.dispatcher.shaper.configure(settings.shaping)
-        self.sync_transports(settings)
-        self.router.reconfigure(settings)
-        self.dispatcher.settings = settings
-        self.dispatcher.retry = RetrySchedule(settings.retry)
-        self.settings = settings
-        self.control.restore_drains()
-        self.sync_checkers()
-        self.dispatcher.wake()
         return changes
 
     def sync_transports(self, settings: Settings) -> None:
         """One transport per pool member; kept while its connections still fit, else replaced."""
-        hostname = settings.ehlo_hostname
-        for pool in self.pools.values():
-            for m in pool.members:
-                key = (pool.name, m.name)
-                old = self.transports.get(key)
-                if isinstance(old, SmtpTransport) and _same_connections(old, m.settings, settings):
-                    old.member = m.settings  # weight and limits live on the member; connections stay
-                    continue
-                resolver = self.resolver if m.settings.kind == "source" else None
-                self.transports[key] = SmtpTransport(m.settings, settings.delivery, hostname, resolver)
-                if old is not None:
-                    self.retire_transport(old)
+        members = [(pool.name, m.settings) for pool in self.pools.values() for m in pool.members]
+        for old in self.transports.reconfigure(members, settings.delivery, settings.ehlo_hostname):
+            self.retire_transport(old)
 
     def sync_checkers(self) -> None:
         """One active health checker per pool with checks enabled, following reloads."""
@@ -382,20 +386,3 @@ class App:
         )
         commits.add_metric([], self.spool.commits)
         return [queue, up, conns, in_flight, commits]
-
-
-def _same_connections(transport: SmtpTransport, member: MemberSettings, settings: Settings) -> bool:
-    """Whether the open connections still fit: same place, per-connection limit, timeouts, TLS, login."""
-    return (
-        transport.member.address == member.address
-        and transport.member.source_address == member.source_address
-        and transport.member.ehlo_hostname == member.ehlo_hostname
-        and transport.member.max_messages_per_connection == member.max_messages_per_connection
-        # TLS and credentials are settled when a connection opens: a change needs new connections.
-        and transport.member.tls_mode == member.tls_mode
-        and transport.member.tls_ca_file == member.tls_ca_file
-        and transport.member.tls_server_name == member.tls_server_name
-        and transport.member.username == member.username
-        and transport.member.password == member.password
-        and transport.delivery == settings.delivery
-    )

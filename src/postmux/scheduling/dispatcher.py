@@ -178,6 +178,15 @@ class Dispatcher:
     def scan_soon(self) -> None:
         self._scan_now.set()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings (a reload): retry schedule, shaping rules, expiry, the default pool.
+
+        The pools, router, resolver and transports it was given are reconfigured in place by the node.
+        """
+        self.settings = settings
+        self.retry = RetrySchedule(settings.retry)
+        self.shaper.configure(settings.shaping)
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
