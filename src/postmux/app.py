@@ -1,6 +1,8 @@
 """Composition root: builds the components from the settings, starts them in order, stops them in reverse.
 
-Shutdown: stop accepting (SMTP), let attempts in flight finish for a while, then close the spool.
+Only cli.py imports this module; every other room is given its collaborators (the admin side a NodeView,
+the acceptor a WorkSink), never the App. Settings reach the components by one path, `configure`, at build
+and at each reload. The shutdown sequence is described at `stop`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -75,13 +77,11 @@ class App:
         *,
         clock: Callable[[], float] = time.time,
         limits: DispatchLimits | None = None,
-        drain_timeout_s: float = 10.0,
         config_path: str | Path | None = None,
         transport_factory: TransportFactory = smtp_transport,
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.drain_timeout_s = drain_timeout_s
         self.bus = EventBus()
         self.metrics = Metrics()
         self.event_log = JsonLinesLog(settings.events.log)
@@ -140,6 +140,10 @@ class App:
         self._tasks: set[asyncio.Task[None]] = set()
         self.recovered = 0
         self._spool_opened = False
+        # What start did, undone by stop in reverse: (step, its undo), pushed before the step runs, so a
+        # step that fails halfway is undone too (each undo is safe on a part that never started).
+        self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._quiet = True
         self.running = False  # started in full; a start that failed stops quietly (its error says it all)
         self._checking = False  # health checkers run from start to stop, following reloads meanwhile
         self.configure(settings)
@@ -164,31 +168,45 @@ class App:
     ) -> None:
         await self.stop()
 
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.settings.shutdown.drain_timeout
+
     async def start(self) -> None:
-        """Start in order; a step that fails stops what already started and raises StartupError."""
+        """Start in order; a step that fails stops what already started, in reverse, and raises
+        (StartupError for what an operator fixes: a port in use, a spool or event log that cannot be used)."""
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            await self._unwind()  # quietly: the start's own error says what happened
             raise
+        self._announce_http()
+        self.running = True
 
     async def _start(self) -> None:
         settings = self.settings
+        self._undo.append(("close the spool", self._close_spool))
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
+        self._undo.append(("close the event log", self.event_log.stop))
         with _starting("event log", settings.events.log):
             await self.event_log.start()
-        for pool in self.pools.values():
-            pool.start_sweeping(self.clock())
-        await self.dispatcher.start()
-        self._checking = True
-        self.sync_checkers()
+        self._undo.append(("stop the http listener", self.http.stop))
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
+        self._undo.append(("stop counting the queue", self._stop_counting))
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
+        for pool in self.pools.values():
+            pool.start_sweeping(self.clock())
+        self._undo.append(("finish attempts in flight", self._finish_attempts))
+        await self.dispatcher.start()
+        self._undo.append(("stop health checks", self._stop_checks))
+        self._checking = True
+        self.sync_checkers()
+        self._undo.append(("stop accepting mail", self._stop_accepting))
         with _starting(f"[smtp] listen {settings.smtp.listen}"):
             if settings.smtp.workers:
                 self.workers = IngressWorkers(
@@ -197,8 +215,6 @@ class App:
                 await self.workers.start()
             else:
                 self._smtp = await start_smtp_server(settings.smtp, self.acceptor)
-        self._announce_http()
-        self.running = True
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -223,34 +239,77 @@ class App:
         self.control.reload()
 
     async def stop(self) -> None:
-        """Stop in reverse: stop accepting, let attempts in flight finish, then close spool and log.
+        """Stop in the reverse of start, as uvicorn shuts down:
 
-        Each step of a running node's shutdown is logged, so an operator who sent SIGTERM sees how far
-        it has got.
+        1. stop accepting: the SMTP listener closes (ingress workers finish their sessions), so no new
+           mail comes in; health checks stop;
+        2. drain: attempts in flight finish, for up to `[shutdown] drain_timeout`;
+        3. cancel: what is still running then is cancelled; its work stays leased in the spool and is
+           recovered at the next start;
+        4. flush: the warm-up counts are written, the members' idle connections get QUIT;
+        5. close: the queue counter and the HTTP listener (which served /metrics and /healthz until
+           here) stop, the event log is closed, and the spool last, which releases its lock.
+
+        A step that fails is logged and the later ones still run (the spool is closed whatever happened
+        before); the first failure is raised at the end. Each step of a running node's shutdown is
+        logged, so an operator who sent SIGTERM sees how far it has got.
         """
-        say = log.info if self.running else (lambda *args, **kw: None)
+        failure = await self._unwind()
+        if failure is not None:
+            raise failure
+
+    async def _unwind(self) -> BaseException | None:
+        """Undo what start did, last first; every undo runs. Returns the first failure, logged."""
+        self._quiet = not self.running
         self.running = False
-        if self.workers is not None or self._smtp is not None:
-            await self._stop_accepting()
-            say("shutdown: stopped accepting mail")
-        self._checking = False
-        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
-        self.checkers.clear()
-        in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
-        say("shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s)
-        await self.dispatcher.stop(self.drain_timeout_s)
+        first: BaseException | None = None
+        while self._undo:
+            step, undo = self._undo.pop()
+            try:
+                await undo()
+            except BaseException as e:  # a cancelled step too: the spool must still be closed
+                log.error("shutdown step failed; going on", step=step, error=repr(e))
+                first = first or e
+        return first
+
+    def _say(self, event: str, **fields: Any) -> None:
+        """A shutdown step of a running node, logged; a start that failed stops quietly."""
+        if not self._quiet:
+            log.info(event, **fields)
+
+    async def _close_spool(self) -> None:
+        await self.spool.close()
+        if self._spool_opened:
+            self._spool_opened = False
+            self._say("shutdown: spool closed")
+
+    async def _stop_counting(self) -> None:
         if self._counter is not None:
             self._counter.cancel()
             await asyncio.gather(self._counter, return_exceptions=True)
             self._counter = None
-        await self.http.stop()
-        await self.spool.close()
-        if self._spool_opened:
-            self._spool_opened = False
-            say("shutdown: spool closed")
-        await self.event_log.stop()
+
+    async def _finish_attempts(self) -> None:
+        """Drain, cancel, flush: Dispatcher.stop lets attempts in flight end for up to the drain timeout,
+        cancels the rest, writes the warm-up counts and closes the members' connections."""
+        in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
+        self._say(
+            "shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s
+        )
+        await self.dispatcher.stop(self.drain_timeout_s)
+
+    async def _stop_checks(self) -> None:
+        self._checking = False
+        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
+        self.checkers.clear()
 
     async def _stop_accepting(self) -> None:
+        if self.workers is None and self._smtp is None:
+            return
+        await self._close_listener()
+        self._say("shutdown: stopped accepting mail")
+
+    async def _close_listener(self) -> None:
         if self.workers is not None:
             await self.workers.stop()
             self.workers = None

@@ -250,6 +250,12 @@ class EventSettings(_Frozen):
     log: str = "var/events.jsonl"
 
 
+class ShutdownSettings(_Frozen):
+    # How long attempts in flight (and SMTP sessions, with ingress workers) may take to finish after
+    # SIGTERM before they are cancelled; their work stays in the spool for the next start.
+    drain_timeout: Duration = 10.0
+
+
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -623,6 +629,7 @@ class Settings(_Frozen):
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
     shaping: ShapingSettings = ShapingSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -3,13 +3,20 @@ method, and a start or stop that fails halfway leaving nothing half open."""
 
 from __future__ import annotations
 
+import errno
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from postmux.app import App
-from postmux.config import load_config
+import httpx
+import pytest
+
+from postmux.app import App, StartupError
+from postmux.config import Settings, load_config
 from postmux.delivery.memory import MemoryFarm
 from tests.integration.test_control import write_config
-from tests.support import StartUpstream, make_settings, send, send_many, wait_until
+from tests.support import StartUpstream, delay, make_settings, send, send_many, wait_until
 
 # Nothing listens here: a member that tried to connect would fail, so only the fake can deliver.
 NOWHERE = "127.0.0.1:9"
@@ -44,3 +51,91 @@ async def test_a_reload_routes_new_mail_by_the_new_routes(tmp_path: Path, upstre
         await send(app.smtp_port, "after", sender="news@example.com")
         await wait_until(lambda: len(b.received) == 1)
     assert [r.test_id for r in a.received] == ["before"] and [r.test_id for r in b.received] == ["after"]
+
+
+# -- start and stop that fail halfway ------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[str]:
+    """host:port of a listening socket that someone else holds for the whole test."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def one_member(tmp_path: Path, **sections: dict[str, str]) -> Settings:
+    return make_settings(
+        tmp_path, [{"name": "default", "members": [{"name": "a", "address": NOWHERE}]}], **sections
+    )
+
+
+async def test_a_start_that_fails_on_a_taken_http_port_closes_the_spool_so_a_second_start_works(
+    tmp_path: Path, taken_port: str
+) -> None:
+    app = App(one_member(tmp_path, http={"listen": taken_port}))
+    with pytest.raises(StartupError, match=r"\[http\] listen .*address already in use"):
+        await app.start()
+    assert not app.running
+    # The spool's lock (flock: it conflicts within one process too) was released by the failed start.
+    async with App(one_member(tmp_path), transport_factory=MemoryFarm()) as again:
+        await send(again.smtp_port, "after")
+
+
+async def test_a_start_that_fails_on_a_taken_smtp_port_closes_the_http_listener_it_had_opened(
+    tmp_path: Path, taken_port: str
+) -> None:
+    app = App(one_member(tmp_path, smtp={"listen": taken_port}))
+    with pytest.raises(StartupError, match=r"\[smtp\] listen .*address already in use"):
+        await app.start()
+    assert app.http_port != 0  # it had started: the failure came after it
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://127.0.0.1:{app.http_port}/healthz")
+    async with App(one_member(tmp_path), transport_factory=MemoryFarm()) as again:
+        await send(again.smtp_port, "after")
+
+
+async def test_a_stop_step_that_fails_does_not_keep_the_spool_from_closing(tmp_path: Path) -> None:
+    # /dev/full: every write fails with ENOSPC, as an event log on a full disk would.
+    farm = MemoryFarm()
+    app = App(one_member(tmp_path, events={"log": "/dev/full"}), transport_factory=farm)
+    await app.start()
+    await send(app.smtp_port, "before")
+    await wait_until(lambda: len(farm.delivered) == 1)
+    with pytest.raises(OSError) as failed:
+        await app.stop()
+    assert failed.value.errno == errno.ENOSPC
+    # The steps after the event log's ran: the spool was closed and its lock released.
+    async with App(one_member(tmp_path), transport_factory=farm) as again:
+        await send(again.smtp_port, "after")
+        await wait_until(lambda: len(farm.delivered) == 2)
+
+
+async def test_the_drain_timeout_setting_bounds_how_long_stop_waits_for_attempts_in_flight(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    slow = await upstream("slow", delay(5.0))
+    pool = [{"name": "default", "members": [{"name": "slow", "address": slow.address}]}]
+    app = App(make_settings(tmp_path, pool, shutdown={"drain_timeout": "300ms"}))
+    await app.start()
+    await send(app.smtp_port, "in-flight")
+    await wait_until(lambda: app.pools["default"].member("slow").in_flight == 1)
+    started = time.monotonic()
+    await app.stop()
+    assert time.monotonic() - started < 3.0  # not the 5 s the member takes, nor the default 10 s
+
+
+async def test_a_reload_names_a_changed_drain_timeout_as_needing_a_restart(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a = await upstream("a")
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, [("a", a.address, 1)])
+    async with App(load_config(cfg), config_path=cfg) as app:
+        cfg.write_text(cfg.read_text() + '\n[shutdown]\ndrain_timeout = "30s"\n')
+        result = app.control.reload()
+        assert result.ok and result.needs_restart == ["shutdown.drain_timeout"]
+        assert app.drain_timeout_s == 10.0

@@ -19,8 +19,8 @@ log = structlog.get_logger("postmux.control")
 
 # Sections a running process cannot change: every key in them needs a restart. The SMTP listener (in this
 # process or in ingress workers) is built once from [smtp]; the HTTP listener and its admin token, the
-# spool and the event log are opened once at start.
-RESTART_ONLY = ("smtp", "http", "spool", "events")
+# spool and the event log are opened once at start; [shutdown] is handed to the ingress workers at start.
+RESTART_ONLY = ("smtp", "http", "spool", "events", "shutdown")
 
 # Applies settings to the running node and returns what changed, in words for the operator.
 Configure = Callable[[Settings], list[str]]
