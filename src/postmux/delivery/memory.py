@@ -7,15 +7,34 @@ balancing, settling) without sockets, as httpx's MockTransport stands in for the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import AttemptOutcome
 from postmux.reply import Reply
-from postmux.spool.base import WorkItem
 
 ACCEPTED = Reply(250, "2.0.0", "accepted in memory")
+
+
+class _Recipient(Protocol):
+    @property
+    def rid(self) -> int: ...
+    @property
+    def address(self) -> str: ...
+
+
+class _Transaction(Protocol):
+    """What a memory member reads of the work it is given (delivery never imports the spool)."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def recipients(self) -> Sequence[_Recipient]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +74,11 @@ class MemoryTransport:
         self.member = member
         self.farm = farm
 
-    async def deliver(self, work: WorkItem, *, per_connection: int | None = None) -> AttemptOutcome:
+    async def deliver(self, work: _Transaction, *, per_connection: int | None = None) -> AttemptOutcome:
         recipients = tuple(r.address for r in work.recipients)
         self.farm.delivered.append(Delivered(self.member.name, work.sender, recipients, work.data))
-        return AttemptOutcome({r.rid: ACCEPTED for r in work.recipients}, None, self.member.target)
+        replies = {r.rid: ACCEPTED for r in work.recipients}
+        return AttemptOutcome(replies=replies, failure=None, remote=self.member.target)
 
     def reap_idle(self, now: float) -> None:
         """No connections: nothing to reap."""
