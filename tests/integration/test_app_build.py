@@ -3,6 +3,7 @@ method, and a start or stop that fails halfway leaving nothing half open."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import time
@@ -139,3 +140,14 @@ async def test_a_reload_names_a_changed_drain_timeout_as_needing_a_restart(
         result = app.control.reload()
         assert result.ok and result.needs_restart == ["shutdown.drain_timeout"]
         assert app.drain_timeout_s == 10.0
+
+
+async def test_the_dispatchers_loops_end_when_stopped_in_the_turn_they_are_woken(tmp_path: Path) -> None:
+    # Python 3.11's asyncio.wait_for returns instead of raising when the cancel comes in the turn its
+    # event is set: the loops ran on, and stop waited for them forever (a hang seen in make test).
+    async with App(one_member(tmp_path), transport_factory=MemoryFarm()) as app:
+        await asyncio.sleep(0.05)  # the loops are waiting for their events
+        app.dispatcher.wake()
+        app.dispatcher.scan_soon()
+        async with asyncio.timeout(5):
+            await app.dispatcher.stop(0.1)

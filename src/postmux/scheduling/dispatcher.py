@@ -66,6 +66,15 @@ class _Gate:
 _OPEN = _Gate()
 
 
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` has passed. Not asyncio.wait_for: on Python 3.11 it swallows a
+    cancel that arrives in the turn the event is set (it returns the result instead), so a loop cancelled
+    by stop would run on and stop would wait for it forever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 def _next_utc_midnight(now: float) -> float:
     tomorrow = datetime.fromtimestamp(now, UTC).date() + timedelta(days=1)
     return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC).timestamp()
@@ -224,8 +233,7 @@ class Dispatcher:
             # Wake on new work, a finished attempt or a rate-limited lane's next turn; the timeout also
             # lets ejected members come back.
             timeout = min(0.5, max(0.001, next_turn - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await _wait(self._wake, timeout)
 
     async def _scan_loop(self) -> None:
         while True:
@@ -240,8 +248,7 @@ class Dispatcher:
                 if len(items) >= self.limits.scan_batch:
                     continue
             self._scan_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._scan_now.wait(), timeout=self.limits.scan_interval_s)
+            await _wait(self._scan_now, self.limits.scan_interval_s)
 
     async def _reap_loop(self) -> None:
         while True:
