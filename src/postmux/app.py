@@ -1,6 +1,8 @@
 """Composition root: builds the components from the settings, starts them in order, stops them in reverse.
 
-Shutdown: stop accepting (SMTP), let attempts in flight finish for a while, then close the spool.
+Only cli.py imports this module; every other room is given its collaborators (the admin side a NodeView,
+the acceptor a WorkSink), never the App. Settings reach the components by one path, `configure`, at build
+and at each reload. The shutdown sequence is described at `stop`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,11 +20,14 @@ from typing import Any
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from postmux.admin.api import admin_api
+from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
 from postmux.config import Settings, http_notes
-from postmux.control import Control, DrainedMembers, ReloadResult
+from postmux.delivery.factory import MemberTransports, TransportFactory, smtp_transport
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
@@ -72,23 +77,24 @@ class App:
         *,
         clock: Callable[[], float] = time.time,
         limits: DispatchLimits | None = None,
-        drain_timeout_s: float = 10.0,
         config_path: str | Path | None = None,
+        transport_factory: TransportFactory = smtp_transport,
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.drain_timeout_s = drain_timeout_s
         self.bus = EventBus()
         self.metrics = Metrics()
         self.event_log = JsonLinesLog(settings.events.log)
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
+        # Each component is built from its section and takes later ones through its own method; the
+        # pools, their transports and the operator's drains are filled by configure below, the same call
+        # a reload makes (admin/reload.py).
         self.router = Router(settings)
-        self.pools = {p.name: Pool(p, self.member_changed) for p in settings.pool}
         self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
-        # Filled by Control.sync_transports below, the same path a reload takes.
-        self.transports: dict[tuple[str, str], MemberTransport] = {}
+        self.pools: dict[str, Pool] = {}
+        self.transports = MemberTransports(transport_factory, self.resolver)
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -105,15 +111,26 @@ class App:
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
         )
-        self.control = Control(
-            self, config_path, DrainedMembers(Path(settings.spool.path).with_name("drained.json"))
+        node = NodeView(
+            pools=self.pools,
+            transports=self.transports,
+            shaper=self.dispatcher.shaper,
+            warmup=self.dispatcher.warmup,
+            spool=self.spool,
+            bus=self.bus,
+            dispatch=self.dispatcher,
+            member_changed=self.member_changed,
+            clock=clock,
         )
-        self.control.restore_drains()
-        self.control.sync_transports(settings)
+        self.control = Control(
+            node,
+            Reloader(config_path, settings, self.configure),
+            DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
+        )
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.http = HttpServer(
-            settings.http, make_http_app(self.metrics, self.control, settings.http.admin_token)
+            settings.http, make_http_app(self.metrics, admin_api(self.control, settings.http.admin_token))
         )
         self.metrics.add_live(self._live_gauges)
         self._smtp: asyncio.Server | None = None
@@ -123,7 +140,13 @@ class App:
         self._tasks: set[asyncio.Task[None]] = set()
         self.recovered = 0
         self._spool_opened = False
+        # What start did, undone by stop in reverse: (step, its undo), pushed before the step runs, so a
+        # step that fails halfway is undone too (each undo is safe on a part that never started).
+        self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._quiet = True
         self.running = False  # started in full; a start that failed stops quietly (its error says it all)
+        self._checking = False  # health checkers run from start to stop, following reloads meanwhile
+        self.configure(settings)
 
     @property
     def smtp_port(self) -> int:
@@ -145,30 +168,45 @@ class App:
     ) -> None:
         await self.stop()
 
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.settings.shutdown.drain_timeout
+
     async def start(self) -> None:
-        """Start in order; a step that fails stops what already started and raises StartupError."""
+        """Start in order; a step that fails stops what already started, in reverse, and raises
+        (StartupError for what an operator fixes: a port in use, a spool or event log that cannot be used)."""
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            await self._unwind()  # quietly: the start's own error says what happened
             raise
+        self._announce_http()
+        self.running = True
 
     async def _start(self) -> None:
         settings = self.settings
+        self._undo.append(("close the spool", self._close_spool))
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
+        self._undo.append(("close the event log", self.event_log.stop))
         with _starting("event log", settings.events.log):
             await self.event_log.start()
-        for pool in self.pools.values():
-            pool.start_sweeping(self.clock())
-        await self.dispatcher.start()
-        self.sync_checkers()
+        self._undo.append(("stop the http listener", self.http.stop))
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
+        self._undo.append(("stop counting the queue", self._stop_counting))
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
+        for pool in self.pools.values():
+            pool.start_sweeping(self.clock())
+        self._undo.append(("finish attempts in flight", self._finish_attempts))
+        await self.dispatcher.start()
+        self._undo.append(("stop health checks", self._stop_checks))
+        self._checking = True
+        self.sync_checkers()
+        self._undo.append(("stop accepting mail", self._stop_accepting))
         with _starting(f"[smtp] listen {settings.smtp.listen}"):
             if settings.smtp.workers:
                 self.workers = IngressWorkers(
@@ -177,8 +215,6 @@ class App:
                 await self.workers.start()
             else:
                 self._smtp = await start_smtp_server(settings.smtp, self.acceptor)
-        self._announce_http()
-        self.running = True
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -203,33 +239,77 @@ class App:
         self.control.reload()
 
     async def stop(self) -> None:
-        """Stop in reverse: stop accepting, let attempts in flight finish, then close spool and log.
+        """Stop in the reverse of start, as uvicorn shuts down:
 
-        Each step of a running node's shutdown is logged, so an operator who sent SIGTERM sees how far
-        it has got.
+        1. stop accepting: the SMTP listener closes (ingress workers finish their sessions), so no new
+           mail comes in; health checks stop;
+        2. drain: attempts in flight finish, for up to `[shutdown] drain_timeout`;
+        3. cancel: what is still running then is cancelled; its work stays leased in the spool and is
+           recovered at the next start;
+        4. flush: the warm-up counts are written, the members' idle connections get QUIT;
+        5. close: the queue counter and the HTTP listener (which served /metrics and /healthz until
+           here) stop, the event log is closed, and the spool last, which releases its lock.
+
+        A step that fails is logged and the later ones still run (the spool is closed whatever happened
+        before); the first failure is raised at the end. Each step of a running node's shutdown is
+        logged, so an operator who sent SIGTERM sees how far it has got.
         """
-        say = log.info if self.running else (lambda *args, **kw: None)
+        failure = await self._unwind()
+        if failure is not None:
+            raise failure
+
+    async def _unwind(self) -> BaseException | None:
+        """Undo what start did, last first; every undo runs. Returns the first failure, logged."""
+        self._quiet = not self.running
         self.running = False
-        if self.workers is not None or self._smtp is not None:
-            await self._stop_accepting()
-            say("shutdown: stopped accepting mail")
-        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
-        self.checkers.clear()
-        in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
-        say("shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s)
-        await self.dispatcher.stop(self.drain_timeout_s)
+        first: BaseException | None = None
+        while self._undo:
+            step, undo = self._undo.pop()
+            try:
+                await undo()
+            except BaseException as e:  # a cancelled step too: the spool must still be closed
+                log.error("shutdown step failed; going on", step=step, error=repr(e))
+                first = first or e
+        return first
+
+    def _say(self, event: str, **fields: Any) -> None:
+        """A shutdown step of a running node, logged; a start that failed stops quietly."""
+        if not self._quiet:
+            log.info(event, **fields)
+
+    async def _close_spool(self) -> None:
+        await self.spool.close()
+        if self._spool_opened:
+            self._spool_opened = False
+            self._say("shutdown: spool closed")
+
+    async def _stop_counting(self) -> None:
         if self._counter is not None:
             self._counter.cancel()
             await asyncio.gather(self._counter, return_exceptions=True)
             self._counter = None
-        await self.http.stop()
-        await self.spool.close()
-        if self._spool_opened:
-            self._spool_opened = False
-            say("shutdown: spool closed")
-        await self.event_log.stop()
+
+    async def _finish_attempts(self) -> None:
+        """Drain, cancel, flush: Dispatcher.stop lets attempts in flight end for up to the drain timeout,
+        cancels the rest, writes the warm-up counts and closes the members' connections."""
+        in_flight = sum(m.in_flight for pool in self.pools.values() for m in pool.members)
+        self._say(
+            "shutdown: finishing attempts in flight", attempts=in_flight, timeout_s=self.drain_timeout_s
+        )
+        await self.dispatcher.stop(self.drain_timeout_s)
+
+    async def _stop_checks(self) -> None:
+        self._checking = False
+        await asyncio.gather(*(c.stop() for c in self.checkers.values()))
+        self.checkers.clear()
 
     async def _stop_accepting(self) -> None:
+        if self.workers is None and self._smtp is None:
+            return
+        await self._close_listener()
+        self._say("shutdown: stopped accepting mail")
+
+    async def _close_listener(self) -> None:
         if self.workers is not None:
             await self.workers.stop()
             self.workers = None
@@ -245,6 +325,48 @@ class App:
 
     # -- live changes --------------------------------------------------------------------------------
 
+    def configure(self, settings: Settings) -> list[str]:
+        """The one path by which settings reach the components, at build and at each reload.
+
+        Each component takes its section through its own method (Pool.reconfigure, Router.reconfigure,
+        MxResolver.reconfigure, Dispatcher.reconfigure, MemberTransports.reconfigure); nothing here builds
+        an object to put into another one's field. Returns what changed, in words for the operator.
+        """
+        changes = self._configure_pools(settings, self.clock())
+        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        self.sync_transports(settings)
+        self.router.reconfigure(settings)
+        self.dispatcher.reconfigure(settings)
+        self.settings = settings
+        self.control.restore_drains()
+        if self._checking:
+            self.sync_checkers()
+        self.dispatcher.wake()
+        return changes
+
+    def _configure_pools(self, settings: Settings, now: float) -> list[str]:
+        """Pools added, reconfigured (Pool.reconfigure) and removed; the mapping stays the same object."""
+        changes: list[str] = []
+        for pool_settings in settings.pool:
+            pool = self.pools.get(pool_settings.name)
+            if pool is None:
+                pool = self.pools[pool_settings.name] = Pool(pool_settings, self.member_changed)
+                pool.start_sweeping(now)
+                changes.append(f"{pool.name}: added")
+            else:
+                changes.extend(pool.reconfigure(pool_settings, now))
+        for name in [n for n in self.pools if n not in {p.name for p in settings.pool}]:
+            self.pools[name].retire()
+            del self.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
+            changes.append(f"{name}: removed")
+        return changes
+
+    def sync_transports(self, settings: Settings) -> None:
+        """One transport per pool member; kept while its connections still fit, else replaced."""
+        members = [(pool.name, m.settings) for pool in self.pools.values() for m in pool.members]
+        for old in self.transports.reconfigure(members, settings.delivery, settings.ehlo_hostname):
+            self.retire_transport(old)
+
     def sync_checkers(self) -> None:
         """One active health checker per pool with checks enabled, following reloads."""
         hostname = self.settings.ehlo_hostname
@@ -255,8 +377,7 @@ class App:
                 if checker is not None:
                     self._background(checker.stop())
                 if not enabled:
-                    for m in pool.members:  # no checks, no verdict: a member is not held out by old ones
-                        m.check_up, m.check_streak = True, 0
+                    pool.forget_checks()  # no checks, no verdict: a member is not held out by old ones
                 checker = self.checkers[name] = HealthChecker(pool, hostname, self.clock)
                 self._checks_on[name] = enabled
                 self._background(checker.start())

@@ -16,7 +16,7 @@ import typer
 from postmux.config import ConfigError, Settings, http_notes, load_config, split_hostport
 
 if TYPE_CHECKING:
-    from postmux.admin_client import AdminClient
+    from postmux.admin.client import AdminClient
 
 # No rich markup in help: it would swallow every word in square brackets ("[http] listen", "[smtp]"),
 # and postmux's help names config sections that way.
@@ -178,7 +178,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="JSON output (the defau
 
 
 def _admin(config: Path | None, url: str | None, token: str | None) -> AdminClient:
-    from postmux.admin_client import AdminClient
+    from postmux.admin.client import AdminClient
 
     if config is not None:
         settings = _load_or_exit(config)

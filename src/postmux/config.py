@@ -292,6 +292,12 @@ class EventSettings(_Frozen):
     log: str = "var/events.jsonl"
 
 
+class ShutdownSettings(_Frozen):
+    # How long attempts in flight (and SMTP sessions, with ingress workers) may take to finish after
+    # SIGTERM before they are cancelled; their work stays in the spool for the next start.
+    drain_timeout: Duration = 10.0
+
+
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -589,6 +595,35 @@ class ProviderSettings(_Frozen):
     domains: tuple[str, ...] = ()
 
 
+# The large mailbox providers. Suffixes are matched on label boundaries: "google.com" matches
+# "aspmx.l.google.com" but not "notgoogle.com".
+DEFAULT_PROVIDERS: tuple[ProviderSettings, ...] = (
+    ProviderSettings(
+        name="google",
+        mx_suffixes=("google.com", "googlemail.com"),
+        domains=("gmail.com", "googlemail.com"),
+    ),
+    ProviderSettings(
+        name="microsoft",
+        mx_suffixes=("outlook.com", "hotmail.com"),
+        domains=("outlook.com", "hotmail.com", "live.com", "msn.com", "hotmail.co.uk", "live.co.uk"),
+    ),
+    ProviderSettings(
+        name="yahoo",
+        mx_suffixes=("yahoodns.net",),
+        domains=("yahoo.com", "ymail.com", "rocketmail.com", "aol.com", "yahoo.co.uk", "yahoo.fr"),
+    ),
+    ProviderSettings(name="apple", mx_suffixes=("icloud.com",), domains=("icloud.com", "me.com", "mac.com")),
+    ProviderSettings(name="comcast", mx_suffixes=("comcast.net",), domains=("comcast.net",)),
+    ProviderSettings(name="gmx", mx_suffixes=("gmx.net", "web.de"), domains=("gmx.net", "gmx.de", "web.de")),
+    ProviderSettings(name="yandex", mx_suffixes=("yandex.net", "yandex.ru"), domains=("yandex.ru", "ya.ru")),
+    ProviderSettings(name="mailru", mx_suffixes=("mail.ru",), domains=("mail.ru", "inbox.ru", "bk.ru")),
+    ProviderSettings(name="zoho", mx_suffixes=("zoho.com", "zoho.eu"), domains=("zohomail.com",)),
+    ProviderSettings(name="proton", mx_suffixes=("protonmail.ch",), domains=("proton.me", "protonmail.com")),
+    ProviderSettings(name="fastmail", mx_suffixes=("messagingengine.com",), domains=("fastmail.com",)),
+)
+
+
 class ShapingRule(_Frozen):
     """Limits for traffic from a member to a destination. More specific rules win key by key:
     member and destination, then destination, then member, then '*'."""
@@ -665,6 +700,7 @@ class Settings(_Frozen):
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
     shaping: ShapingSettings = ShapingSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -776,8 +812,6 @@ def _warmup_problems(
 
 def _provider_domains(shaping: ShapingSettings) -> dict[str, str | None]:
     """Provider names (-> None) and the domains a provider claims (-> its name), as the shaper sees them."""
-    from postmux.scheduling.providers import DEFAULT_PROVIDERS
-
     table = {p.name: p for p in DEFAULT_PROVIDERS} if shaping.default_providers else {}
     table.update({p.name: p for p in shaping.provider})
     known: dict[str, str | None] = {d.lower().rstrip("."): p.name for p in table.values() for d in p.domains}

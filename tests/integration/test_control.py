@@ -11,7 +11,7 @@ import httpx
 from rich.console import Console
 from typer.testing import CliRunner
 
-from postmux.admin_client import shaping_table
+from postmux.admin.client import shaping_table
 from postmux.app import App
 from postmux.cli import app as cli
 from postmux.config import load_config

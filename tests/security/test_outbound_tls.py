@@ -14,7 +14,7 @@ import pytest
 import trustme
 from rich.console import Console
 
-from postmux.admin_client import members_table
+from postmux.admin.client import members_table
 from postmux.app import App
 from postmux.config import ConfigError
 from tests.dns_server import LoopbackDns
@@ -340,7 +340,7 @@ async def test_a_reload_that_changes_tls_replaces_the_members_connections(
     async with App(make_settings(tmp_path, pool({"name": "m", "address": up.address, "tls": "none"}))) as app:
         await send(app.smtp_port, "before")
         await wait_until(lambda: len(up.received) == 1)
-        changes = app.control.apply(
+        changes = app.configure(
             make_settings(tmp_path, pool({"name": "m", "address": up.address, "tls": "required"}))
         )
         assert changes == ["default/m: tls none -> required"]

@@ -10,8 +10,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from postmux.admin.control import member_state
 from postmux.app import App
-from postmux.control import member_state
 from postmux.envelope import Envelope
 from tests.security.client import RawClient
 from tests.support import StartUpstream, make_settings, message, read_events, wait_until

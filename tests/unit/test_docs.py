@@ -36,6 +36,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[retry]": config.RetrySettings,
     "[delivery]": config.DeliverySettings,
     "[events]": config.EventSettings,
+    "[shutdown]": config.ShutdownSettings,
     "[[pool]]": config.PoolSettings,
     "Members": config.MemberSettings,
     "IP warm-up": config.WarmupSettings,

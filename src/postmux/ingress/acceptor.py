@@ -1,6 +1,7 @@
-"""The one accept path: route each recipient, store durably, hand the work to the dispatcher.
+"""The one accept path: route each recipient, store durably, hand the work on (to the dispatcher).
 
-The caller answers 250 only after `accept` returns, which is only after the spool has committed.
+The caller answers 250 only after `accept` returns, which is only after the spool has committed. What
+routes and what takes the work are Protocols (Routes, WorkSink): ingress knows no scheduling class.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from email.utils import formatdate
 from typing import Protocol
@@ -17,9 +18,7 @@ from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.headers import take_header
-from postmux.scheduling.dispatcher import Dispatcher
-from postmux.scheduling.router import Router
-from postmux.spool.base import Spool
+from postmux.spool.base import Spool, WorkItem
 
 POOL_HEADER = "X-Postmux-Pool"
 
@@ -32,20 +31,49 @@ class Accepts(Protocol):
         ...
 
 
+class Routes(Protocol):
+    """Which pool a recipient's mail leaves by (scheduling/router.py's Router; first match wins)."""
+
+    def pool_for(
+        self,
+        sender_domain: str,
+        recipient_domain: str,
+        client_ip: str = "",
+        pool_header: str = "",
+        auth_user: str = "",
+    ) -> str: ...
+
+
+class WorkSink(Protocol):
+    """What takes accepted work for delivery: the dispatcher. Each call is cheap and never blocks."""
+
+    def has_room(self) -> bool:
+        """Whether work handed over now is held in memory; else it waits in the spool, due now."""
+        ...
+
+    def submit(self, items: Iterable[WorkItem]) -> None:
+        """Take work already leased to this process, its bytes in memory (the hot path)."""
+        ...
+
+    def scan_soon(self) -> None:
+        """Read due work from the spool soon (work that was stored without a lease)."""
+        ...
+
+
 class Acceptor:
     def __init__(
         self,
         spool: Spool,
-        router: Router,
-        dispatcher: Dispatcher,
+        routes: Routes,
+        sink: WorkSink,
         bus: EventBus,
         hostname: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.hostname = hostname
         self.spool = spool
-        self.router = router
-        self.dispatcher = dispatcher
+        self.routes = routes
+        self.sink = sink
         self.bus = bus
         self.clock = clock
 
@@ -58,7 +86,7 @@ class Acceptor:
             envelope = replace(envelope, data=data)
         pool_header = requested[-1] if requested else ""
         pools = {
-            rcpt: self.router.pool_for(
+            rcpt: self.routes.pool_for(
                 sender_domain, domain_of(rcpt), envelope.client_ip, pool_header, envelope.auth_user
             )
             for rcpt in envelope.recipients
@@ -66,12 +94,12 @@ class Acceptor:
         now = self.clock()
         message_id = new_message_id()
         envelope = replace(envelope, data=self._received(envelope, message_id, now) + envelope.data)
-        hot = self.dispatcher.has_room()
+        hot = self.sink.has_room()
         work = await self.spool.store(message_id, envelope, pools, now, lease=hot)
         if hot:
-            self.dispatcher.submit(work)
+            self.sink.submit(work)
         else:
-            self.dispatcher.scan_soon()
+            self.sink.scan_soon()
         for rcpt in envelope.recipients:
             self.bus.emit(
                 Event(

@@ -73,6 +73,15 @@ def transaction_of(item: WorkItem) -> Transaction:
     )
 
 
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` has passed. Not asyncio.wait_for: on Python 3.11 it swallows a
+    cancel that arrives in the turn the event is set (it returns the result instead), so a loop cancelled
+    by stop would run on and stop would wait for it forever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -142,6 +151,15 @@ class Dispatcher:
     def scan_soon(self) -> None:
         self._scan_now.set()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings (a reload): retry schedule, shaping rules, expiry, the default pool.
+
+        The pools, router, resolver and transports it was given are reconfigured in place by the node.
+        """
+        self.settings = settings
+        self.retry = RetrySchedule(settings.retry)
+        self.shaper.configure(settings.shaping)
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -180,8 +198,7 @@ class Dispatcher:
             # Wake on new work, a finished attempt or a rate-limited lane's next turn; the timeout also
             # lets ejected members come back.
             timeout = min(0.5, max(0.001, next_turn - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await _wait(self._wake, timeout)
 
     async def _scan_loop(self) -> None:
         while True:
@@ -196,8 +213,7 @@ class Dispatcher:
                 if len(items) >= self.limits.scan_batch:
                     continue
             self._scan_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._scan_now.wait(), timeout=self.limits.scan_interval_s)
+            await _wait(self._scan_now, self.limits.scan_interval_s)
 
     async def _reap_loop(self) -> None:
         while True:

@@ -10,35 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from postmux.config import ProviderSettings, ShapingSettings
-
-# The large mailbox providers. Suffixes are matched on label boundaries: "google.com" matches
-# "aspmx.l.google.com" but not "notgoogle.com".
-DEFAULT_PROVIDERS: tuple[ProviderSettings, ...] = (
-    ProviderSettings(
-        name="google",
-        mx_suffixes=("google.com", "googlemail.com"),
-        domains=("gmail.com", "googlemail.com"),
-    ),
-    ProviderSettings(
-        name="microsoft",
-        mx_suffixes=("outlook.com", "hotmail.com"),
-        domains=("outlook.com", "hotmail.com", "live.com", "msn.com", "hotmail.co.uk", "live.co.uk"),
-    ),
-    ProviderSettings(
-        name="yahoo",
-        mx_suffixes=("yahoodns.net",),
-        domains=("yahoo.com", "ymail.com", "rocketmail.com", "aol.com", "yahoo.co.uk", "yahoo.fr"),
-    ),
-    ProviderSettings(name="apple", mx_suffixes=("icloud.com",), domains=("icloud.com", "me.com", "mac.com")),
-    ProviderSettings(name="comcast", mx_suffixes=("comcast.net",), domains=("comcast.net",)),
-    ProviderSettings(name="gmx", mx_suffixes=("gmx.net", "web.de"), domains=("gmx.net", "gmx.de", "web.de")),
-    ProviderSettings(name="yandex", mx_suffixes=("yandex.net", "yandex.ru"), domains=("yandex.ru", "ya.ru")),
-    ProviderSettings(name="mailru", mx_suffixes=("mail.ru",), domains=("mail.ru", "inbox.ru", "bk.ru")),
-    ProviderSettings(name="zoho", mx_suffixes=("zoho.com", "zoho.eu"), domains=("zohomail.com",)),
-    ProviderSettings(name="proton", mx_suffixes=("protonmail.ch",), domains=("proton.me", "protonmail.com")),
-    ProviderSettings(name="fastmail", mx_suffixes=("messagingengine.com",), domains=("fastmail.com",)),
-)
+# The shipped table lives with the settings it is the default of ([shaping] default_providers), so that
+# config can check the names a file uses without importing this module back.
+from postmux.config import DEFAULT_PROVIDERS, ShapingSettings
 
 
 def _clean(name: str) -> str:

@@ -51,6 +51,10 @@ def _rule(route: RouteSettings) -> _Rule:
 
 class Router:
     def __init__(self, settings: Settings) -> None:
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """New routes (a reload): whoever holds this router routes by them from the next recipient on."""
         self._rules = [_rule(r) for r in settings.route]
         self.default_pool = settings.default_pool
 

@@ -1,0 +1,123 @@
+"""The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, release, reload.
+
+Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
+every route asks Control, which holds the node's parts.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from postmux.admin.control import Control, NothingHeld, UnknownMember
+from postmux.config import parse_duration
+from postmux.ingress.http import json_error
+
+ADMIN_PREFIX = "/api/v1"
+
+# RFC 9110 11.6.1: a 401 carries at least one challenge; RFC 6750 3: the Bearer scheme's, with
+# error="invalid_token" when a token was given and is wrong (none given: no error code).
+_CHALLENGE = 'Bearer realm="postmux"'
+
+
+def admin_api(control: Control, token: str | None) -> Callable[[FastAPI], None]:
+    """What mounts the admin API on an HTTP app: its token guard and its routes."""
+
+    def mount(app: FastAPI) -> None:
+        app.middleware("http")(_admin_guard(token))
+        _admin_routes(app, control)
+
+    return mount
+
+
+def _admin_guard(token: str | None) -> Any:
+    """Every admin call carries `Authorization: Bearer TOKEN`; no token configured means no admin API."""
+
+    async def guard(request: Request, call_next: Any) -> Response:
+        if not request.url.path.startswith(ADMIN_PREFIX):
+            response: Response = await call_next(request)
+            return response
+        if token is None:
+            return json_error(403, "the admin API is off: set [http] admin_token to turn it on")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            challenge = _CHALLENGE + (', error="invalid_token"' if scheme.lower() == "bearer" else "")
+            return json_error(401, "missing or wrong bearer token", {"WWW-Authenticate": challenge})
+        response = await call_next(request)
+        return response
+
+    return guard
+
+
+def _admin_routes(app: FastAPI, control: Control) -> None:
+    # Every admin route is async: it runs in the event loop that owns the state it reads and changes.
+    @app.get(f"{ADMIN_PREFIX}/members")
+    async def members() -> dict[str, Any]:
+        return {"members": control.members()}
+
+    @app.get(f"{ADMIN_PREFIX}/shaping")
+    async def shaping() -> dict[str, Any]:
+        return {"lanes": control.shaping()}
+
+    # {name:path}: a name is taken whole, "/" included (the CLI sends it as one encoded segment, which
+    # the server decodes before routing); an unknown one is a 404 with the name, never another member.
+    def set_draining(name: str, draining: bool) -> Any:
+        try:
+            return {"members": control.set_draining(name, draining)}
+        except UnknownMember:
+            return json_error(404, f"no member named {name!r}")
+
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/drain")
+    async def drain(name: str) -> Any:
+        return set_draining(name, True)
+
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/enable")
+    async def enable(name: str) -> Any:
+        return set_draining(name, False)
+
+    # `:path`: an id with a "/" in it (never one of ours, but a typo can be) gets the same clear 404.
+    @app.post(f"{ADMIN_PREFIX}/messages/{{message_id:path}}/release")
+    async def release(message_id: str) -> Any:
+        try:
+            return await control.release(message_id)
+        except NothingHeld:
+            return json_error(404, f"no held message with id {message_id!r}")
+
+    _shaping_routes(app, control)
+
+    @app.post(f"{ADMIN_PREFIX}/reload")
+    async def reload() -> Any:
+        result = control.reload()
+        if not result.ok:
+            return JSONResponse(
+                {"error": "configuration refused; the running one is unchanged", **result.as_dict()}, 400
+            )
+        return result.as_dict()
+
+
+def _shaping_routes(app: FastAPI, control: Control) -> None:
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/suspend")
+    async def suspend(name: str, destination: str = "", duration: str = "1h") -> Any:
+        if not destination:
+            return json_error(400, "suspend needs a destination (a provider such as google, or a domain)")
+        try:
+            duration_s = parse_duration(duration)
+        except ValueError as e:
+            return json_error(400, f"duration: {e}")
+        if duration_s <= 0:
+            return json_error(400, "duration: a suspension lasts more than 0 s")
+        try:
+            return {"lanes": control.suspend(name, destination, duration_s)}
+        except UnknownMember:
+            return json_error(404, f"no member named {name!r}")
+
+    @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/resume")
+    async def resume(name: str, destination: str | None = None) -> Any:
+        try:
+            return {"lanes": control.resume(name, destination or None)}
+        except UnknownMember:
+            return json_error(404, f"no member named {name!r}")
