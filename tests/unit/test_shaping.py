@@ -264,17 +264,18 @@ def test_warmup_ledger_counts_persist_and_roll_over_at_utc_midnight(tmp_path: Pa
         warmup=WarmupSettings(start=date(2026, 11, 28), days=(3,)),
     )
     day1 = datetime(2026, 11, 28, 23, 0, tzinfo=UTC).timestamp()
-    ledger = WarmupLedger(tmp_path / "warmup.json")
+    ledger = WarmupLedger(tmp_path / "warmup.db")
     for _ in range(3):
         assert ledger.allows("p", warm, "google", day1)
         ledger.count("p", warm, "google", day1)
     assert not ledger.allows("p", warm, "yahoo", day1)
     ledger.flush()
-    again = WarmupLedger(tmp_path / "warmup.json")  # a restart does not grant a fresh allowance
+    again = WarmupLedger(tmp_path / "warmup.db")  # a restart does not grant a fresh allowance
     assert not again.allows("p", warm, "google", day1)
     assert again.sent_today("p", "new") == 3
     # Day 2 is past the schedule: warm, no cap.
     assert again.allows("p", warm, "google", day1 + 3600)
-    (tmp_path / "warmup.json").write_text("{not json")
+    del ledger, again  # stopped: their files closed
+    (tmp_path / "warmup.db").write_text("{not a database")
     # A damaged ledger does not stop the node: the day starts afresh.
-    assert WarmupLedger(tmp_path / "warmup.json").allows("p", warm, "google", day1)
+    assert WarmupLedger(tmp_path / "warmup.db").allows("p", warm, "google", day1)
