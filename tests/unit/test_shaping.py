@@ -327,14 +327,18 @@ def test_a_long_attempt_keeps_its_lease_while_the_shaper_renews_it() -> None:
 
 
 def test_attempts_started_over_the_limit_keep_the_lane_busy_until_enough_end() -> None:
-    lane = Shaper(shaping(rule=[{"max_connections": 2}])).lane("p", MEMBER, "d", 0.0)
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
     for _ in range(3):
         lane.start(0.0)
     assert len(lane.leases) == 2
     lane.finish(0.0)
-    assert lane.admission(0.0)[0] is Admission.BUSY  # two still run, as many as the lane allows
+    # Two still run, as many as the lane allows: busy, here and to whoever shares the throttles.
+    assert lane.admission(0.0)[0] is Admission.BUSY
+    assert shaper.throttles.leases_held(lane.key, 0.0) == 2
     lane.finish(0.0)
     assert lane.admission(0.0)[0] is Admission.OPEN
+    assert shaper.throttles.leases_held(lane.key, 0.0) == 1
 
 
 def test_a_cut_gives_a_lane_without_a_rate_one_turn_not_its_burst() -> None:
