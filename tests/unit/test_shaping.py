@@ -412,3 +412,11 @@ def test_ledgers_sharing_a_store_see_each_others_counts_at_each_flush(tmp_path: 
     a.count("p", WARM, "google", DAY1)
     a.flush()
     assert a.sent_today("p", "new") == 4 and not a.allows("p", WARM, "google", DAY1)
+
+
+def test_no_warming_member_no_ledger_file(tmp_path: Path) -> None:
+    ledger = WarmupLedger(tmp_path / "warmup.db")
+    assert ledger.allows("p", MEMBER, "google", DAY1)
+    ledger.count("p", MEMBER, "google", DAY1)
+    ledger.flush()
+    assert list(tmp_path.iterdir()) == []
