@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +43,11 @@ class Allowed:
     """The message may start now (and, if it was asked to, its turn is taken)."""
 
 
-@dataclass(frozen=True, slots=True)
-class RetryAfter:
+# The values made on the hot path (a lease per attempt) are NamedTuples: immutable, and made several
+# times faster than frozen dataclasses.
+
+
+class RetryAfter(NamedTuple):
     """Not now: the earliest turn is this many seconds away (math.inf: never, at this burst)."""
 
     seconds: float
@@ -53,8 +56,7 @@ class RetryAfter:
 ALLOWED: Final = Allowed()
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """One connection slot under `key`, held until released or until `expires_at` (the caller's clock)."""
 
     key: str
@@ -62,8 +64,7 @@ class Lease:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class Suspension:
+class Suspension(NamedTuple):
     until: float
     reason: str
 
@@ -162,7 +163,7 @@ class MemoryThrottles:
                 cell.interval = interval
         # Allowed when the last of the turns taken would still fall within the burst tolerance:
         # new TAT - (burst - 1) x interval <= now + interval.
-        turns = max(take, 1)
+        turns = take if take > 0 else 1
         if turns > burst:
             return RetryAfter(math.inf)
         wait = tat + (turns - burst) * interval - now
@@ -180,7 +181,9 @@ class MemoryThrottles:
     def lease(self, key: str, limit: int, ttl_s: float, now: float) -> Lease | None:
         if now >= self._next_sweep:
             self._sweep(now)
-        held = self._live(key, now)
+        held = self._leases.get(key)
+        if held is not None and now >= held.soonest:
+            held = self._live(key, now)
         if held is None:
             if limit < 1:
                 return None
