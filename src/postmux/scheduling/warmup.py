@@ -106,23 +106,35 @@ class SqliteWarmupCounts:
     writer on its file would have to wait for (or make wait) the spool's commits. WAL with synchronous=NORMAL:
     a commit costs no fsync, and a crash of the process loses nothing committed (as the JSON file it
     replaces, written without fsync). A file that is not a database is set aside and the day starts
-    afresh: a damaged ledger must not stop the node.
+    afresh: a damaged ledger must not stop the node. The file is made when first needed (no warming member,
+    no file, as before).
 
-    `legacy_json`: the `warmup.json` earlier versions kept; imported once, then renamed `.imported`.
+    `legacy_json`: the `warmup.json` earlier versions kept; imported at once (an upgrade keeps the day's
+    counts), then renamed `.imported`.
     """
 
     def __init__(self, path: str | Path, legacy_json: str | Path | None = None) -> None:
         self.path = Path(path)
-        self._db = self._open()
-        # Closed when the store is dropped (the ledger lives as long as the dispatcher).
-        weakref.finalize(self, self._db.close)
-        if legacy_json is not None:
-            self._import_json(Path(legacy_json))
+        self._legacy = Path(legacy_json) if legacy_json is not None else None
+        self._conn: sqlite3.Connection | None = None
+        if self._legacy is not None and self._legacy.exists():
+            self._db()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = conn = self._open()
+            # Closed when the store is dropped (the ledger lives as long as the dispatcher).
+            weakref.finalize(self, conn.close)
+            if self._legacy is not None:
+                self._import_json(self._legacy)
+        return self._conn
 
     def _open(self) -> sqlite3.Connection:
         try:
             return self._connect()
-        except sqlite3.DatabaseError as e:
+        except sqlite3.OperationalError:
+            raise  # locked, or no such directory: the file may be sound, so it is left alone
+        except sqlite3.DatabaseError as e:  # not a database, or malformed
             aside = self.path.with_name(self.path.name + ".damaged")
             log.error(
                 "warm-up counts unreadable; set aside, counting afresh", path=str(self.path), error=str(e)
@@ -145,7 +157,7 @@ class SqliteWarmupCounts:
         return db
 
     def load(self, day: date) -> dict[str, int]:
-        rows = self._db.execute("SELECT key, sent FROM warmup_counts WHERE day = ?", (day.isoformat(),))
+        rows = self._db().execute("SELECT key, sent FROM warmup_counts WHERE day = ?", (day.isoformat(),))
         return {str(k): int(n) for k, n in rows}
 
     def add(self, day: date, deltas: Mapping[str, int]) -> dict[str, int]:
@@ -162,7 +174,7 @@ class SqliteWarmupCounts:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
+        db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
