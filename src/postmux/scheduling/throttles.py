@@ -131,6 +131,7 @@ class _LeaseSet:
 
 
 _SWEEP_EVERY_S = 60.0
+_make_lease = tuple.__new__
 
 
 class MemoryThrottles:
@@ -182,19 +183,18 @@ class MemoryThrottles:
         if now >= self._next_sweep:
             self._sweep(now)
         held = self._leases.get(key)
-        if held is not None and now >= held.soonest:
-            held = self._live(key, now)
         if held is None:
-            if limit < 1:
-                return None
             held = self._leases[key] = _LeaseSet({}, math.inf)
-        elif len(held.held) >= limit:
+        elif now >= held.soonest:
+            self._drop_expired(held, now)
+        if len(held.held) >= limit:
             return None
-        lease = Lease(key, next(self._ids), now + ttl_s)
-        held.held[lease.id] = lease.expires_at
-        if lease.expires_at < held.soonest:
-            held.soonest = lease.expires_at
-        return lease
+        lease_id, expires_at = next(self._ids), now + ttl_s
+        held.held[lease_id] = expires_at
+        if expires_at < held.soonest:
+            held.soonest = expires_at
+        # Lease(...) without the NamedTuple's Python-level __new__: half the cost, on every attempt.
+        return _make_lease(Lease, (key, lease_id, expires_at))
 
     def renew(self, lease: Lease, ttl_s: float, now: float) -> Lease | None:
         held = self._live(lease.key, now)
@@ -218,9 +218,13 @@ class MemoryThrottles:
         """The key's lease set with expired leases dropped (looked through only when one may have expired)."""
         held = self._leases.get(key)
         if held is not None and now >= held.soonest:
-            held.held = {i: t for i, t in held.held.items() if t > now}
-            held.soonest = min(held.held.values(), default=math.inf)
+            self._drop_expired(held, now)
         return held
+
+    @staticmethod
+    def _drop_expired(held: _LeaseSet, now: float) -> None:
+        held.held = {i: t for i, t in held.held.items() if t > now}
+        held.soonest = min(held.held.values(), default=math.inf)
 
     # -- suspensions ---------------------------------------------------------------------------------
 
