@@ -12,6 +12,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.app import App
 from postmux.config import RouteSettings
+from postmux.scheduling.warmup import SqliteWarmupCounts
 from tests.support import Upstream, make_settings, read_events, send, send_many, wait_until
 
 PROVIDERS = [
@@ -126,8 +127,8 @@ async def test_a_warming_member_sends_its_days_cap_and_the_rest_overflows(tmp_pa
         await wait_until(lambda: len(new.received) + len(old.received) == 150, timeout=20)
     assert len(new.received) == 100
     assert len(old.received) == 50
-    ledger = (tmp_path / "warmup.json").read_text()
-    assert '"warm/new/*": 100' in ledger
+    ledger = SqliteWarmupCounts(tmp_path / "warmup.db").load(datetime.now(UTC).date())
+    assert ledger["warm/new/*"] == 100
     for u in (new, old):
         await u.stop()
 

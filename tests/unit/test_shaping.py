@@ -11,8 +11,9 @@ import pytest
 from postmux.config import MemberSettings, ShapingSettings, WarmupSettings
 from postmux.reply import Reply
 from postmux.scheduling.providers import Providers
-from postmux.scheduling.shaping import Admission, Lane, Shaper
-from postmux.scheduling.warmup import WarmupLedger, day_cap
+from postmux.scheduling.shaping import LEASE_TTL_S, Admission, Lane, Shaper, describe_lane
+from postmux.scheduling.throttles import MemoryThrottles, Suspension
+from postmux.scheduling.warmup import SqliteWarmupCounts, WarmupLedger, day_cap
 
 MEMBER = MemberSettings(name="ip1", kind="source", source_address="127.0.0.2", max_connections=10)
 OK = Reply(250, "2.0.0", "ok")
@@ -264,17 +265,158 @@ def test_warmup_ledger_counts_persist_and_roll_over_at_utc_midnight(tmp_path: Pa
         warmup=WarmupSettings(start=date(2026, 11, 28), days=(3,)),
     )
     day1 = datetime(2026, 11, 28, 23, 0, tzinfo=UTC).timestamp()
-    ledger = WarmupLedger(tmp_path / "warmup.json")
+    ledger = WarmupLedger(tmp_path / "warmup.db")
     for _ in range(3):
         assert ledger.allows("p", warm, "google", day1)
         ledger.count("p", warm, "google", day1)
     assert not ledger.allows("p", warm, "yahoo", day1)
     ledger.flush()
-    again = WarmupLedger(tmp_path / "warmup.json")  # a restart does not grant a fresh allowance
+    again = WarmupLedger(tmp_path / "warmup.db")  # a restart does not grant a fresh allowance
     assert not again.allows("p", warm, "google", day1)
     assert again.sent_today("p", "new") == 3
     # Day 2 is past the schedule: warm, no cap.
     assert again.allows("p", warm, "google", day1 + 3600)
-    (tmp_path / "warmup.json").write_text("{not json")
+    del ledger, again  # stopped: their files closed
+    (tmp_path / "warmup.db").write_text("{not a database")
     # A damaged ledger does not stop the node: the day starts afresh.
-    assert WarmupLedger(tmp_path / "warmup.json").allows("p", warm, "google", day1)
+    assert WarmupLedger(tmp_path / "warmup.db").allows("p", warm, "google", day1)
+
+
+# -- lanes over their throttles -------------------------------------------------------------------------
+
+
+def test_a_lanes_suspension_lives_in_the_throttles_and_one_set_there_is_heard() -> None:
+    throttles = MemoryThrottles()
+    shaper = Shaper(shaping(), throttles)
+    lane = shaper.lane("p", MEMBER, "google", 0.0)
+    shaper.react(lane, Reply(421, "4.7.28", "unusual rate"), started_at=0.0, now=10.0)
+    assert throttles.suspended("p/ip1/google", 11.0) == Suspension(910.0, lane.last_change)
+    shaper.resume(lane, "by operator", 20.0)
+    assert throttles.suspended("p/ip1/google", 21.0) is None
+    # As another node would: the lane says so the next time it is asked, and shows it.
+    throttles.suspend("p/ip1/google", 500.0, "elsewhere")
+    assert lane.admission(30.0) == (Admission.SUSPENDED, 500.0)
+    assert describe_lane(lane, 30.0)["suspended_for_s"] == 470.0
+    assert shaper.resume(lane, "by operator", 40.0) is not None
+    assert lane.admission(41.0)[0] is Admission.OPEN and lane.surely_open
+
+
+def test_an_attempt_holds_a_connection_lease_until_it_ends() -> None:
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    assert shaper.throttles.leases_held(lane.key, 0.0) == 1
+    lane.start(0.0)
+    assert shaper.throttles.lease(lane.key, 2, 60.0, 0.0) is None  # the lane's slots are all taken
+    lane.finish(1.0)
+    lane.finish(1.0)
+    assert shaper.throttles.leases_held(lane.key, 1.0) == 0 and lane.leases == []
+
+
+def test_a_long_attempt_keeps_its_lease_while_the_shaper_renews_it() -> None:
+    shaper = Shaper(shaping(rule=[{"max_connections": 1}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    for now in range(1, 3 * int(LEASE_TTL_S)):  # the dispatcher's reap loop, once a second
+        shaper.prune(float(now))
+    now = 3 * LEASE_TTL_S
+    assert shaper.throttles.leases_held(lane.key, now) == 1
+    assert lane.admission(now)[0] is Admission.BUSY
+    lane.finish(now)
+    assert lane.admission(now)[0] is Admission.OPEN
+
+
+def test_attempts_started_over_the_limit_keep_the_lane_busy_until_enough_end() -> None:
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    for _ in range(3):
+        lane.start(0.0)
+    assert len(lane.leases) == 2
+    lane.finish(0.0)
+    # Two still run, as many as the lane allows: busy, here and to whoever shares the throttles.
+    assert lane.admission(0.0)[0] is Admission.BUSY
+    assert shaper.throttles.leases_held(lane.key, 0.0) == 2
+    lane.finish(0.0)
+    assert lane.admission(0.0)[0] is Admission.OPEN
+    assert shaper.throttles.leases_held(lane.key, 0.0) == 1
+
+
+def test_a_cut_gives_a_lane_without_a_rate_one_turn_not_its_burst() -> None:
+    shaper = Shaper(shaping(rule=[{"burst": 5}]))
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    run_for(lane, 10.0, step=0.1)  # 10/s observed
+    shaper.react(lane, DEFER, started_at=10.0, now=10.0)
+    assert lane.rate == pytest.approx(5.0, rel=0.05)
+    assert run_for(lane, 0.1, start=10.0, step=0.01) == [10.0]  # one now, then the new spacing
+
+
+def test_memory_throttles_forget_what_has_run_out() -> None:
+    throttles = MemoryThrottles()
+    for i in range(100):
+        throttles.rate(f"k{i}", 1.0, 1, 0.0)
+        lease = throttles.lease(f"k{i}", 1, 60.0, 0.0)
+        assert lease is not None
+        if i % 2:
+            throttles.release(lease)
+        throttles.suspend(f"s{i}", 30.0, "why")
+    assert len(throttles) == 200
+    throttles.suspended("k0", 120.0)  # any call, a minute or more on, sweeps
+    assert len(throttles) == 0
+
+
+# -- warm-up counts: migration, several nodes -----------------------------------------------------------
+
+WARM = MemberSettings(
+    name="new",
+    kind="source",
+    source_address="127.0.0.3",
+    warmup=WarmupSettings(start=date(2026, 11, 28), days=(3,)),
+)
+DAY1 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC).timestamp()
+
+
+def test_an_upgrade_imports_todays_warmup_json_once(tmp_path: Path) -> None:
+    legacy = tmp_path / "warmup.json"
+    legacy.write_text('{"day": "2026-11-28", "counts": {"p/new/*": 2}}')
+    ledger = WarmupLedger(legacy)  # as app.py names it: the counts go to warmup.db beside it
+    assert ledger.sent_today("p", "new") == 0 and ledger.allows("p", WARM, "google", DAY1)
+    assert ledger.sent_today("p", "new") == 2
+    ledger.count("p", WARM, "google", DAY1)
+    assert not ledger.allows("p", WARM, "google", DAY1)
+    ledger.flush()
+    assert not legacy.exists() and (tmp_path / "warmup.json.imported").exists()
+    # A crash between the import and the rename: the file comes back, and counts nothing twice.
+    (tmp_path / "warmup.json.imported").rename(legacy)
+    again = WarmupLedger(tmp_path / "warmup.db")
+    assert not again.allows("p", WARM, "google", DAY1) and again.sent_today("p", "new") == 3
+
+
+def test_an_unreadable_warmup_json_is_set_aside_and_the_day_counted_afresh(tmp_path: Path) -> None:
+    (tmp_path / "warmup.json").write_text("{not json")
+    ledger = WarmupLedger(tmp_path / "warmup.db")
+    assert ledger.allows("p", WARM, "google", DAY1) and ledger.sent_today("p", "new") == 0
+    assert (tmp_path / "warmup.json.unreadable").exists()
+
+
+def test_ledgers_sharing_a_store_see_each_others_counts_at_each_flush(tmp_path: Path) -> None:
+    shared = SqliteWarmupCounts(tmp_path / "warmup.db")
+    a, b = WarmupLedger(shared), WarmupLedger(shared)
+    a.count("p", WARM, "google", DAY1)
+    b.count("p", WARM, "google", DAY1)
+    a.flush()
+    b.flush()
+    assert (a.sent_today("p", "new"), b.sent_today("p", "new")) == (1, 2)
+    b.count("p", WARM, "google", DAY1)
+    a.flush()  # nothing of its own to hand over: nothing asked either
+    b.flush()
+    a.count("p", WARM, "google", DAY1)
+    a.flush()
+    assert a.sent_today("p", "new") == 4 and not a.allows("p", WARM, "google", DAY1)
+
+
+def test_no_warming_member_no_ledger_file(tmp_path: Path) -> None:
+    ledger = WarmupLedger(tmp_path / "warmup.db")
+    assert ledger.allows("p", MEMBER, "google", DAY1)
+    ledger.count("p", MEMBER, "google", DAY1)
+    ledger.flush()
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,9 @@ limits) and what is allowed now, which reactions and AIMD move between the floor
   started after the last cut count toward another cut, as TCP cuts once per window: a burst of 421s
   answering mail sent at the old rate says nothing about the new one.
 
+What several lanes (later several nodes) must agree on - the rate's turns, the connection slots in use,
+suspensions - the lanes ask of a `Throttles` (scheduling/throttles.py: GCRA, leases, suspensions, on
+KumoMTA's model); what a lane learnt on its own - ceilings, what AIMD allows now, cuts and when - it keeps.
 Everything here is plain state and arithmetic on `now`: the dispatcher does the I/O.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 from postmux.config import MemberSettings, ReactionRule, ShapingRule, ShapingSettings
 from postmux.reply import Reply
+from postmux.scheduling.throttles import Lease, MemoryThrottles, RetryAfter, Throttles
 
 # Receivers' well-known ways of saying "slow down". Config reactions are tried first.
 DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
@@ -31,6 +35,10 @@ DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
 )
 
 _OBSERVE_WINDOW_S = 60.0
+# A connection lease outlives any attempt: the shaper renews the leases of attempts still running when less
+# than half of this is left (Shaper.prune, every second). Only a node that died stops renewing its leases,
+# and with a shared store its slots come free this long after.
+LEASE_TTL_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +68,8 @@ class Lane:
     adaptive: bool = True  # AIMD applies to this lane ([shaping] aimd and the member's kind)
     connections: float = 0.0  # allowed now, AIMD-adjusted (a float so additive increase can be gradual)
     rate: float | None = None  # allowed now, messages per second; None: no limit
-    in_flight: int = 0
-    tokens: float = 0.0
-    refilled_at: float = 0.0
-    suspended_until: float = 0.0
+    in_flight: int = 0  # attempts this node runs on the lane; each holds one of `leases`, if granted
+    suspended_until: float = 0.0  # the suspension as the lane last saw it in the throttles (0.0: none)
     cut_at: float = -math.inf
     restore_at: float = 0.0  # when a throttle ends on a lane that AIMD does not raise by itself
     last_change: str = ""
@@ -75,6 +81,12 @@ class Lane:
     deferred: int = 0
     touched_at: float = 0.0
     group: LaneGroup | None = field(default=None, repr=False, compare=False)
+    throttles: Throttles = field(default_factory=MemoryThrottles, repr=False, compare=False)
+    leases: list[Lease] = field(default_factory=list, repr=False, compare=False)
+    key: str = field(init=False, default="")  # the lane's key in the throttles
+
+    def __post_init__(self) -> None:
+        self.key = f"{self.pool}/{self.member}/{self.destination}"
 
     @property
     def allowed_connections(self) -> int:
@@ -85,6 +97,8 @@ class Lane:
         """Open now and until its own state changes: no suspension, throttle or rate, a connection free.
 
         Only such a lane's admission is independent of the clock, so only it may be left out of a gate.
+        It is this node's view: with throttles shared between nodes, another node's suspension or leases
+        show only when the lane is asked (issue 17 decides how a gate learns of them).
         """
         return (
             self.rate is None
@@ -104,22 +118,32 @@ class Lane:
             group.attention[self.member] = self
 
     def admission(self, now: float) -> tuple[Admission, float]:
-        """Whether an attempt may start now; if not, the earliest time worth asking again (0: unknown)."""
+        """Whether an attempt may start now; if not, the earliest time worth asking again (0: unknown).
+
+        Asks the throttles (suspension, connection leases, the rate's next turn) and takes nothing.
+        """
+        throttles = self.throttles
+        suspension = throttles.suspended(self.key, now)
+        if suspension is not None:
+            if suspension.until != self.suspended_until:
+                self.suspended_until = suspension.until
+                self._mark()
+            return Admission.SUSPENDED, suspension.until
         if self.suspended_until:
-            if now < self.suspended_until:
-                return Admission.SUSPENDED, self.suspended_until
             # Over: forgetting the time changes no answer (it is in the past) and lets the lane be left
             # out of gates again.
             self.suspended_until = 0.0
             self._mark()
         if self.restore_at and now >= self.restore_at:
             self.restore()
-        if self.in_flight >= self.allowed_connections:
+        allowed = self.allowed_connections
+        # This node's own attempts first: those over the limit hold no lease (see finish).
+        if self.in_flight >= allowed or throttles.leases_held(self.key, now) >= allowed:
             return Admission.BUSY, 0.0
         if self.rate is not None:
-            self._refill(now)
-            if self.tokens < 1.0:
-                return Admission.RATE, now + (1.0 - self.tokens) / self.rate
+            turn = throttles.rate(self.key, self.rate, self.ceiling.burst, now, take=0)
+            if isinstance(turn, RetryAfter):
+                return Admission.RATE, now + turn.seconds
         return Admission.OPEN, 0.0
 
     def restore(self) -> None:
@@ -131,17 +155,16 @@ class Lane:
         )
         self._mark()
 
-    def _refill(self, now: float) -> None:
-        assert self.rate is not None
-        self.tokens = min(float(self.ceiling.burst), self.tokens + (now - self.refilled_at) * self.rate)
-        self.refilled_at = now
-
     def start(self, now: float) -> None:
+        """An attempt starts: it takes a connection lease and the rate's turn (the gate said OPEN)."""
         self.in_flight += 1
         self.touched_at = now
+        throttles = self.throttles
+        lease = throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
+        if lease is not None:
+            self.leases.append(lease)
         if self.rate is not None:
-            self._refill(now)
-            self.tokens -= 1.0
+            throttles.rate(self.key, self.rate, self.ceiling.burst, now)
         self.started.append(now)
         if self.first_start is None:
             self.first_start = now
@@ -150,9 +173,29 @@ class Lane:
         self._mark()
 
     def finish(self, now: float) -> None:
+        """An attempt ended: its connection slot is free.
+
+        An attempt started without a lease (over the limit: a caller that did not ask first, or another
+        node took the last slot meanwhile) is taken to be the first to end, so the lane stays busy while
+        this node alone runs as many attempts as it allows, as it always did.
+        """
         self.in_flight = max(0, self.in_flight - 1)
         self.touched_at = now
+        if len(self.leases) > self.in_flight:
+            self.throttles.release(self.leases.pop())
         self._mark()
+
+    def renew_leases(self, now: float) -> None:
+        """Keep the leases of attempts still running; one found expired is dropped (its attempt runs on)."""
+        throttles = self.throttles
+        kept = (throttles.renew(lease, LEASE_TTL_S, now) for lease in self.leases)
+        self.leases = [lease for lease in kept if lease is not None]
+
+    def draw_burst_down(self, now: float) -> None:
+        """Leave one turn of the burst: a lane that had no rate gets one after a cut, without a burst."""
+        assert self.rate is not None
+        if self.ceiling.burst > 1:
+            self.throttles.rate(self.key, self.rate, self.ceiling.burst, now, take=self.ceiling.burst - 1)
 
     def observed_rate(self, now: float) -> float:
         """Attempts per second over the last minute (or since the first, if that is sooner)."""
@@ -211,9 +254,13 @@ class _Reaction:
 
 
 class Shaper:
-    """Every lane, created on first use from the rules, kept while it has state worth keeping."""
+    """Every lane, created on first use from the rules, kept while it has state worth keeping.
 
-    def __init__(self, settings: ShapingSettings) -> None:
+    Its lanes share `throttles` (in this process's memory unless a shared store is given).
+    """
+
+    def __init__(self, settings: ShapingSettings, throttles: Throttles | None = None) -> None:
+        self.throttles: Throttles = throttles if throttles is not None else MemoryThrottles()
         self.lanes: dict[tuple[str, str, str], Lane] = {}
         self.groups: dict[tuple[str, str], LaneGroup] = {}
         self.configure(settings)
@@ -293,9 +340,8 @@ class Shaper:
                 adaptive=self._adaptive(member.kind),
                 connections=float(limits.max_connections),
                 rate=limits.rate,
-                tokens=float(limits.burst),
-                refilled_at=now,
                 touched_at=now,
+                throttles=self.throttles,
             )
             self.lanes[key] = lane
         return lane
@@ -348,10 +394,14 @@ class Shaper:
         if not reply.is_success:
             lane.deferred += 1
         if rule.action == "suspend":
-            if now + rule.duration <= lane.suspended_until:
+            until = now + rule.duration
+            why = f"suspended for {rule.duration:g}s after '{reply}'"
+            if not lane.throttles.suspend(lane.key, until, why):
+                # One as long or longer is in force already (perhaps set elsewhere): keep it in view.
+                lane.suspended_until = max(lane.suspended_until, until)
                 return None
-            lane.suspended_until = now + rule.duration
-            return lane._note(f"suspended for {rule.duration:g}s after '{reply}'", now)
+            lane.suspended_until = until
+            return lane._note(why, now)
         change = self._cut(lane, rule.factor, f"throttled for {rule.duration:g}s after '{reply}'", now)
         if not lane.adaptive:
             lane.restore_at = now + rule.duration  # nothing else would ever raise it again
@@ -369,7 +419,7 @@ class Shaper:
         base = lane.rate if lane.rate is not None else max(lane.observed_rate(now), self.settings.min_rate)
         lane.rate = max(self.settings.min_rate, base * factor, min(base, lane.accepted_rate(now) * factor))
         if before[1] is None:
-            lane.tokens, lane.refilled_at = min(lane.tokens, 1.0), now
+            lane.draw_burst_down(now)
         lane.cut_at = now
         if (lane.allowed_connections, lane.rate) == before:
             return None  # already at the floors: nothing to announce
@@ -397,31 +447,45 @@ class Shaper:
 
     def suspend(self, lane: Lane, duration_s: float, why: str, now: float) -> str:
         """An operator's suspension: as a reaction's, for `duration_s` from now (replacing one in force)."""
+        change = f"suspended for {duration_s:g}s {why}"
+        lane.throttles.lift(lane.key)
+        lane.throttles.suspend(lane.key, now + duration_s, change)
         lane.suspended_until = now + duration_s
         lane._mark()
-        return lane._note(f"suspended for {duration_s:g}s {why}", now)
+        return lane._note(change, now)
 
     def resume(self, lane: Lane, why: str, now: float) -> str | None:
         """Lift a suspension now, whoever set it; None when the lane was not suspended."""
-        if lane.suspended_until <= now:
-            return None
-        lane.suspended_until = 0.0
-        lane._mark()
-        return lane._note(f"suspension lifted {why}", now)
+        in_force = lane.throttles.suspended(lane.key, now) is not None
+        if in_force:
+            lane.throttles.lift(lane.key)
+        if lane.suspended_until:
+            lane.suspended_until = 0.0
+            lane._mark()
+        return lane._note(f"suspension lifted {why}", now) if in_force else None
 
     # -- housekeeping --------------------------------------------------------------------------------
 
     def prune(self, now: float, idle_s: float = 3600.0) -> None:
-        """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same."""
-        idle = [
-            key
-            for key, lane in self.lanes.items()
-            if lane.in_flight == 0
-            and now >= lane.suspended_until
-            and now - lane.touched_at > idle_s
-            and lane.rate == lane.ceiling.rate
-            and lane.allowed_connections >= lane.ceiling.max_connections
-        ]
+        """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same.
+
+        And renew the connection leases of attempts still running once half their time to live is gone
+        (the dispatcher calls this every second).
+        """
+        idle = []
+        renew_before = now + LEASE_TTL_S / 2
+        for key, lane in self.lanes.items():
+            if lane.leases:
+                if lane.leases[0].expires_at < renew_before:
+                    lane.renew_leases(now)
+            elif (
+                lane.in_flight == 0
+                and now >= lane.suspended_until
+                and now - lane.touched_at > idle_s
+                and lane.rate == lane.ceiling.rate
+                and lane.allowed_connections >= lane.ceiling.max_connections
+            ):
+                idle.append(key)
         if idle:
             self._forget_groups()
         for key in idle:
