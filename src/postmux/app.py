@@ -106,7 +106,7 @@ class App:
             clock=clock,
             limits=limits or DispatchLimits(),
             resolver=self.resolver,
-            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.json")),
+            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
         )
         self.acceptor = Acceptor(
             self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock

@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from postmux.app import App
+from postmux.attempt import AttemptOutcome, Transaction
 from postmux.balancing.pool import Pool
 from postmux.cli import app as cli
 from postmux.config import Settings
 from postmux.delivery.smtp_client import SmtpTransport
-from postmux.delivery.transport import AttemptOutcome, Transaction
 from tests.support import (
     StartUpstream,
     Upstream,

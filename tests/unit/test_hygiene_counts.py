@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postmux.ingress.hygiene import has_bare_cr_or_lf
+from postmux.text import has_bare_cr_or_lf
 
 REGEX = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
 

@@ -378,7 +378,7 @@ DAY1 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC).timestamp()
 def test_an_upgrade_imports_todays_warmup_json_once(tmp_path: Path) -> None:
     legacy = tmp_path / "warmup.json"
     legacy.write_text('{"day": "2026-11-28", "counts": {"p/new/*": 2}}')
-    ledger = WarmupLedger(legacy)  # as app.py names it: the counts go to warmup.db beside it
+    ledger = WarmupLedger(tmp_path / "warmup.db")  # as app.py names it; the old warmup.json beside it
     assert ledger.sent_today("p", "new") == 0 and ledger.allows("p", WARM, "google", DAY1)
     assert ledger.sent_today("p", "new") == 2
     ledger.count("p", WARM, "google", DAY1)

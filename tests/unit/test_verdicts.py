@@ -18,7 +18,8 @@ from postmux.scheduling.gate import Gate
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.verdicts import Rules, Tally, Verdict
-from postmux.spool.base import RecipientState, WorkItem, WorkRecipient
+from postmux.spool.base import RecipientState
+from postmux.work import WorkItem, WorkRecipient
 
 NOW = 1_700_000_000.0
 MINUTE = 60.0

@@ -1,16 +1,10 @@
-"""What TLS a delivery connection ended up with; the member's client context is in postmux.tls.
-
-The context maker moved to postmux.tls, shared with the active health checks; it is re-exported here for
-those who import it from delivery.
-"""
+"""What TLS a delivery connection ended up with; the member's client context is made in postmux.tls."""
 
 from __future__ import annotations
 
 import ssl
 
 import aiosmtplib
-
-from postmux.tls import client_context as client_context
 
 
 def describe_tls(client: aiosmtplib.SMTP) -> str:

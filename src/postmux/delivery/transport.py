@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# The words of an attempt live in postmux.attempt; re-exported for those who import them from the seam.
-from postmux.attempt import AttemptOutcome as AttemptOutcome
-from postmux.attempt import Breakoff as Breakoff
-from postmux.attempt import Recipient as Recipient
-from postmux.attempt import Transaction as Transaction
+from postmux.attempt import AttemptOutcome, Transaction
 
 
 class MemberTransport(Protocol):

@@ -18,7 +18,8 @@ from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.headers import take_header
-from postmux.spool.base import Spool, WorkItem
+from postmux.spool.base import Spool
+from postmux.work import WorkItem
 
 POOL_HEADER = "X-Postmux-Pool"
 

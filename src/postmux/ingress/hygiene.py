@@ -12,7 +12,7 @@ from postmux.address import Malformed, Path, Role, parse_path
 from postmux.headers import header_section_end
 
 # Lives in postmux.text, since delivery checks it too; re-exported for those who import it from here.
-from postmux.text import has_bare_cr_or_lf as has_bare_cr_or_lf
+from postmux.text import has_bare_cr_or_lf
 
 # RFC 5321 2.3.8 / 4.1.1.4: CR and LF may only appear together, as CRLF. A lone CR or LF is what the SMTP
 # smuggling attacks are made of (SEC Consult 2023; CVE-2023-51764, -51765, -51766, CVE-2024-27305):

@@ -45,7 +45,8 @@ from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
-from postmux.spool.base import Settlement, Spool, SpoolError, WorkItem
+from postmux.spool.base import Settlement, Spool, SpoolError
+from postmux.work import WorkItem
 
 log = structlog.get_logger("postmux.dispatcher")
 

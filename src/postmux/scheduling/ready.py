@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
-from postmux.spool.base import WorkItem
+from postmux.work import WorkItem
 
 log = structlog.get_logger("postmux.dispatcher")
 

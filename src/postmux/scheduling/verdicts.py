@@ -32,7 +32,8 @@ from postmux.reply import Reply
 from postmux.scheduling.gate import Gate
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
-from postmux.spool.base import RecipientState, Settlement, WorkItem, WorkRecipient
+from postmux.spool.base import RecipientState, Settlement
+from postmux.work import WorkItem, WorkRecipient
 
 
 @dataclass(frozen=True, slots=True)

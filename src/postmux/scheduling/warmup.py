@@ -220,10 +220,6 @@ def _store(counts: WarmupCounts | str | Path | None) -> WarmupCounts:
     if not isinstance(counts, str | Path):
         return counts
     path = Path(counts)
-    if path.suffix == ".json":
-        # Compatibility: app.py names the old warmup.json beside the spool; the counts now live in
-        # warmup.db beside it. (Once app.py passes the .db path, this goes.)
-        path = path.with_name("warmup.db")
     return SqliteWarmupCounts(path, legacy_json=path.with_name("warmup.json"))
 
 

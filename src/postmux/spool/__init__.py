@@ -8,8 +8,6 @@ from postmux.spool.base import (
     Spool,
     SpoolBackend,
     SpoolError,
-    WorkItem,
-    WorkRecipient,
 )
 
 __all__ = [
@@ -20,6 +18,4 @@ __all__ = [
     "Spool",
     "SpoolBackend",
     "SpoolError",
-    "WorkItem",
-    "WorkRecipient",
 ]

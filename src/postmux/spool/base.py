@@ -29,10 +29,7 @@ from postmux.spool.operations import (
     RecipientView,
     Selector,
 )
-
-# WorkItem and WorkRecipient live in postmux/work.py (a word every room shares); named here too so
-# `from postmux.spool.base import WorkItem` keeps working.
-from postmux.work import WorkItem, WorkRecipient
+from postmux.work import WorkItem
 
 __all__ = [
     "FINAL_STATES",
@@ -49,8 +46,6 @@ __all__ = [
     "Spool",
     "SpoolBackend",
     "SpoolError",
-    "WorkItem",
-    "WorkRecipient",
 ]
 
 
