@@ -1,0 +1,446 @@
+"""The tables of the configuration file, and Settings, the whole file: frozen once loaded."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from postmux.config.values import (
+    Duration,
+    Hostname,
+    HostPort,
+    PositiveDuration,
+    _Frozen,
+    parse_duration,
+    split_hostport,
+)
+
+
+class SmtpUser(_Frozen):
+    """An SMTP AUTH user: a name and a scrypt hash made by `postmux passwd` (never the password itself)."""
+
+    name: str = Field(min_length=1)
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        from postmux.passwords import parse_hash
+
+        parse_hash(v)
+        return v
+
+
+class SmtpTlsSettings(_Frozen):
+    """STARTTLS on the listener (RFC 3207): a PEM certificate chain and its private key."""
+
+    cert_file: str
+    key_file: str
+    # Refuse every command but EHLO, STARTTLS, NOOP and QUIT until the client has started TLS.
+    required: StrictBool = False
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"{v!r} is not a readable file")
+        return v
+
+
+class SmtpSettings(_Frozen):
+    listen: HostPort = "127.0.0.1:2525"
+    # SMTP sessions in this many worker processes (0: in the main process). The main process keeps the
+    # spool and delivery; see ingress/workers.py.
+    workers: int = Field(default=0, ge=0, le=64)
+    hostname: Hostname = "postmux.localdomain"
+    max_message_size: int = Field(default=26_214_400, gt=0)
+    max_recipients: int = Field(default=1000, gt=0)
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    timeout: PositiveDuration = 300.0
+    # A whole connection, however busy, ends after this long (a client dribbling bytes resets `timeout`).
+    session_timeout: PositiveDuration = 3600.0
+    # "reject" refuses a message or command with a bare CR or LF (SMTP smuggling); "normalize" repairs
+    # the message's line ends to CRLF instead. Command lines are always held to CRLF.
+    line_endings: Literal["reject", "normalize"] = "reject"
+    # A message that already passed this many relays (Received fields) is looping (RFC 5321 6.3).
+    max_hops: int = Field(default=50, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+    max_connections_per_ip: int = Field(default=100, gt=0)
+    # Error replies (4xx, 5xx) one connection may earn before it is closed with 421.
+    max_errors: int = Field(default=20, gt=0)
+    users: tuple[SmtpUser, ...] = ()
+    # AUTH is offered only inside TLS unless this is false (RFC 4954 4: never send passwords in clear).
+    # StrictBool (every boolean here): "yes", "no" or 1 is reported, never guessed at.
+    auth_require_tls: StrictBool = True
+    auth_failure_delay: Duration = 1.0
+    max_auth_failures: int = Field(default=3, gt=0)
+    tls: SmtpTlsSettings | None = None
+    # A text line over 1000 octets (RFC 5321 4.5.3.1.6): "fold" takes the message and breaks the line as
+    # Postfix's smtp_line_length_limit does (ingress/folding.py); "refuse" answers 500 5.5.2 after the dot.
+    long_lines: Literal["fold", "refuse"] = "fold"
+    # 452s for recipients past max_recipients that do not count toward max_errors (Postfix's
+    # smtpd_recipient_overshoot_limit): a client that pipelines its RCPTs learns of the limit late.
+    recipient_overshoot_limit: int = Field(default=1000, ge=0)
+    # Connections the kernel holds for postmux to accept (listen(2)); asyncio's default of 100 drops a
+    # burst while the loop is busy. Linux caps it at net.core.somaxconn (4096 since 5.4).
+    listen_backlog: int = Field(default=1024, gt=0, le=65535)
+    # Failed logins across connections within auth_failure_window, per client address and per user name
+    # (Postfix's anvil); an attempt over either budget is refused before any password is checked.
+    auth_failure_window: PositiveDuration = 300.0
+    max_auth_failures_per_address: int = Field(default=10, gt=0)
+    max_auth_failures_per_user: int = Field(default=20, gt=0)
+    # scrypt checks (32 MiB and tens of ms of CPU each) running at once, for the whole listener.
+    max_concurrent_auth_checks: int = Field(default=4, gt=0)
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{net!r} is not a network: {e}") from None
+        return v
+
+    def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, v: tuple[SmtpUser, ...]) -> tuple[SmtpUser, ...]:
+        names = [u.name for u in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"user names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+class HttpSettings(_Frozen):
+    listen: HostPort = "127.0.0.1:8025"
+    # Bearer token for the admin API (/api/v1/...); without one the admin API refuses every call.
+    admin_token: str | None = Field(default=None, min_length=16)
+
+
+class SpoolSettings(_Frozen):
+    path: str = "var/spool.db"
+    # Where the spool is, as a URL: "sqlite:///PATH" is the same as `path` (and sets it); a PostgreSQL
+    # spool shared by several nodes is issue 17's. Empty: `path`.
+    url: str = ""
+    # Many concurrent accepts share one fsync. Off means one fsync per message (for measuring only).
+    group_commit: StrictBool = True
+    max_batch: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_from_url(cls, data: Any) -> Any:
+        # Before the fields, so `path` (which app.py and the files kept beside the spool go by) is the
+        # URL's file; a URL that names none is left for _url to refuse, under its own key.
+        if isinstance(data, dict) and "path" not in data and isinstance(data.get("url"), str):
+            path = sqlite_path_of(data["url"])
+            if path is not None:
+                return {**data, "path": path}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return v
+        scheme = v.partition(":")[0].lower()
+        if scheme in ("postgresql", "postgres"):
+            raise ValueError(
+                "a PostgreSQL spool is not supported yet (issue 17); use path, or url = 'sqlite:///PATH'"
+            )
+        path = sqlite_path_of(v)
+        if path is None:
+            # The value is not echoed: a URL may carry a password.
+            raise ValueError("not a spool URL: write 'sqlite:///PATH' (sqlite:////PATH for an absolute path)")
+        given = info.data.get("path")
+        if given is not None and given != path:
+            raise ValueError(f"names the file {path!r} but path names {given!r}: set one of them")
+        return v
+
+
+def sqlite_path_of(url: str) -> str | None:
+    """'sqlite:///var/spool.db' -> 'var/spool.db', 'sqlite:////var/lib/x.db' -> '/var/lib/x.db' (as
+    SQLAlchemy writes them); None when the URL names no SQLite file (another scheme, a host, a query)."""
+    m = re.fullmatch(r"sqlite:///([^?#]+)", url.strip(), re.IGNORECASE)
+    return unquote(m.group(1)) if m else None
+
+
+class RetrySettings(_Frozen):
+    intervals: tuple[Duration, ...] = (60.0, 300.0, 900.0, 3600.0)
+    max_age: Duration = 5 * 86400.0
+    # Each wait is spread by +-jitter so a burst of deferrals does not come back as one burst.
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Attempts in a row that crashed postmux's own code before a message is held (set aside until an
+    # operator releases it): a message that breaks the sending code breaks it on every member and day.
+    max_local_errors: int = Field(default=3, gt=0)
+
+    @field_validator("intervals")
+    @classmethod
+    def _nonempty(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("at least one interval is needed")
+        return v
+
+
+class DeliverySettings(_Frozen):
+    connect_timeout: Duration = 30.0
+    # RFC 5321 4.5.3.2 gives 5 min for MAIL/RCPT and 10 min after the final dot; a relay farm on a LAN
+    # answers in milliseconds, so shorter defaults keep a hung member from holding mail for long.
+    command_timeout: Duration = 60.0
+    data_timeout: Duration = 120.0
+    max_messages_per_connection: int = Field(default=100, gt=0)
+    idle_timeout: Duration = 10.0
+    ehlo_hostname: Hostname | None = None
+
+
+class EventSettings(_Frozen):
+    log: str = "var/events.jsonl"
+
+
+class ShutdownSettings(_Frozen):
+    # How long attempts in flight (and SMTP sessions, with ingress workers) may take to finish after
+    # SIGTERM before they are cancelled; their work stays in the spool for the next start.
+    drain_timeout: Duration = 10.0
+
+
+class WarmupSettings(_Frozen):
+    """IP warm-up: day N of the schedule (day 1 is `start`) allows `days[N-1]` messages; after the
+    last day the member is warm and has no cap. `provider` gives some providers a schedule of their own."""
+
+    start: date
+    days: tuple[int, ...] = Field(min_length=1)
+    provider: dict[str, tuple[int, ...]] = {}  # noqa: RUF012 (pydantic copies field defaults)
+    # Where mail goes once every member that could take it is at its cap; none: the pool's other members.
+    overflow_pool: str | None = None
+
+    @field_validator("days")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 0 for n in v):
+            raise ValueError("a day's cap cannot be negative")
+        return v
+
+
+MemberKind = Literal["relay", "source"]
+# Outbound STARTTLS toward a member (RFC 3207), in the spirit of Postfix's smtp_tls_security_level:
+# opportunistic = "may", required = "encrypt", verify = "secure" (certificate and name checked).
+MemberTls = Literal["none", "opportunistic", "required", "verify"]
+
+
+class MemberSettings(_Frozen):
+    name: str = Field(min_length=1)
+    # relay: hand mail to the SMTP server at `address`; source: deliver straight to each domain's MX,
+    # connecting from the local `source_address`.
+    kind: MemberKind = "relay"
+    address: HostPort | None = None
+    source_address: str | None = None
+    # The EHLO name this member gives (a source IP's name should match its PTR record); else [delivery]'s.
+    ehlo_hostname: Hostname | None = None
+    weight: int = Field(default=1, ge=0, le=10_000)
+    max_connections: int = Field(default=10, gt=0)
+    max_messages_per_connection: int | None = Field(default=None, gt=0)
+    backup: StrictBool = False
+    priority: int = Field(default=0, ge=0)
+    warmup: WarmupSettings | None = None
+    # Unset: "opportunistic", or "required" for a member with credentials (never AUTH in clear).
+    tls: MemberTls | None = None
+    # "verify": trust only the CAs in this PEM file instead of the system's.
+    tls_ca_file: str | None = None
+    # "verify": the name the certificate must carry, when it is not the relay's host (an IP, say).
+    tls_server_name: str | None = Field(default=None, min_length=1)
+    # SMTP AUTH (RFC 4954) toward a relay that wants it.
+    username: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or a dump
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{v!r} is not a readable file")
+        return v
+
+    @field_validator("source_address")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> MemberSettings:
+        if self.kind == "relay" and self.address is None:
+            raise ValueError("a relay member needs an address (host:port)")
+        if self.kind == "source" and self.source_address is None:
+            raise ValueError("a source member needs a source_address (a local IP to send from)")
+        if self.kind == "source" and self.address is not None:
+            raise ValueError("a source member delivers to each domain's MX: it takes no address")
+        self._check_tls()
+        return self
+
+    def _check_tls(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.username is not None and self.kind == "source":
+            raise ValueError("a source member delivers to MX hosts, which take no AUTH: no username")
+        if self.username is not None and self.tls == "opportunistic":
+            # RFC 4954 4: a password must not cross the network in clear; opportunistic TLS may not happen.
+            raise ValueError(
+                'a member with a username needs tls = "required" or "verify" (or "none" to send the '
+                "password in clear on a private network)"
+            )
+        if self.tls != "verify" and (self.tls_ca_file is not None or self.tls_server_name is not None):
+            raise ValueError('tls_ca_file and tls_server_name apply only with tls = "verify"')
+        if self.kind == "source" and self.tls_server_name is not None:
+            raise ValueError("a source member checks each MX host's own name: no tls_server_name")
+
+    @property
+    def tls_mode(self) -> MemberTls:
+        """The effective mode: opportunistic unless set, required when a password must be protected."""
+        if self.tls is not None:
+            return self.tls
+        return "required" if self.username is not None else "opportunistic"
+
+    @property
+    def target(self) -> str:
+        """Where this member sends: its relay's host:port, or 'MX from <source address>'."""
+        return self.address or f"MX from {self.source_address}"
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.address or "")[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.address or "")[1]
+
+
+PolicyName = Literal["round_robin", "weighted", "least_connections", "least_latency", "hash", "priority"]
+HashKey = Literal["sender_domain", "recipient_domain", "client_ip"]
+
+
+class HealthSettings(_Frozen):
+    """Passive health: outlier ejection from real traffic, on Envoy's model."""
+
+    # Local failures in a row (refused, timeout, reset, dropped): the member is unreachable or broken.
+    consecutive_failures: int = Field(default=5, gt=0)
+    # Attempts in a row answered only with 4xx (421, 451 to everything): up, but not taking mail.
+    consecutive_4xx: int = Field(default=10, gt=0)
+    # Success-rate rule (Envoy's success_rate outlier detection): every `success_rate_interval`, members
+    # with at least `success_rate_min_attempts` attempts in that interval whose success rate is below
+    # mean - stdev_factor x stdev of the pool's rates are ejected. Needs `success_rate_min_members`.
+    success_rate_interval: Duration = 10.0
+    success_rate_min_attempts: int = Field(default=50, gt=0)
+    # Envoy's default: with fewer members one outlier cannot fall 1.9 stdev below the mean (at most
+    # sqrt(n - 1) stdev), so the rule could never fire.
+    success_rate_min_members: int = Field(default=5, gt=1)
+    success_rate_stdev_factor: float = Field(default=1.9, gt=0)
+    # At most this share of a pool's members is ejected at once (at least one may always be).
+    max_ejection_percent: float = Field(default=50.0, ge=0.0, le=100.0)
+    base_ejection_time: Duration = 30.0
+    max_ejection_time: Duration = 300.0
+    # Below this share of usable members, every member is used: better some failed attempts than
+    # piling all mail on the last one standing because of a burst of false ejections.
+    panic_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class CheckSettings(_Frozen):
+    """Active health checks, in HAProxy's `check inter rise fall timeout` words: connect, EHLO, NOOP, QUIT."""
+
+    enabled: StrictBool = False
+    interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
+    timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 2.0
+    rise: int = Field(default=2, gt=0)  # passes in a row to bring a member back
+    fall: int = Field(default=3, gt=0)  # failures in a row to take it out
+
+
+class PoolSettings(_Frozen):
+    name: str = Field(min_length=1)
+    policy: PolicyName = "round_robin"
+    hash_key: HashKey = "sender_domain"
+    # Consistent hashing with bounded load: no member takes more than this times the mean load.
+    hash_balance_factor: float = Field(default=1.25, ge=1.0)
+    members: tuple[MemberSettings, ...] = Field(min_length=1)
+    health: HealthSettings = HealthSettings()
+    check: CheckSettings = CheckSettings()
+    # A member that comes back (or is added) ramps its weight and connections up over this time.
+    slow_start: Duration = 0.0
+    # least_latency: how fast the latency average forgets (Finagle's peak EWMA decay time).
+    latency_decay: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _unique_members(self) -> PoolSettings:
+        seen: set[str] = set()
+        for m in self.members:
+            if m.name in seen:
+                raise ValueError(f"member name {m.name!r} appears twice")
+            seen.add(m.name)
+        if not any(m.weight > 0 for m in self.members):
+            raise ValueError("at least one member needs a weight above 0")
+        if len({m.kind for m in self.members}) > 1:
+            # A relay and a source IP reach different places for the same mail; one pool, one kind.
+            raise ValueError("a pool's members are all relays or all sources, not both")
+        return self
+
+    @property
+    def kind(self) -> MemberKind:
+        return self.members[0].kind
+
+
+class RouteMatch(_Frozen):
+    sender_domain: str | None = None
+    recipient_domain: str | None = None
+    client_network: str | None = None
+    # The value of the message's X-Postmux-Pool header (which postmux removes before delivery).
+    pool_header: str | None = None
+    # The user the client authenticated as (SMTP AUTH); unauthenticated mail never matches.
+    auth_user: str | None = None
+
+    @field_validator("client_network")
+    @classmethod
+    def _network(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{v!r} is not a network: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> RouteMatch:
+        if not (
+            self.sender_domain
+            or self.recipient_domain
+            or self.client_network
+            or self.pool_header
+            or self.auth_user
+        ):
+            raise ValueError(
+                "a route needs at least one of sender_domain, recipient_domain, client_network, "
+                "pool_header, auth_user"
+            )
+        return self
+
+
+class RouteSettings(_Frozen):
+    match: RouteMatch
+    pool: str
