@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -36,6 +37,17 @@ def _no_lookup_went_unnoticed() -> Iterator[None]:
     attempts = GUARD.take()
     if attempts:
         pytest.fail("this test asked a resolver about names that are not loopback: " + ", ".join(attempts))
+
+
+@pytest.fixture(autouse=True)
+def _leaks_show_in_the_test_that_made_them() -> Iterator[None]:
+    """A socket or file left open is reported (ResourceWarning, an error here) by the test that left it.
+
+    Without a collection here, the garbage collector finds it whenever it next runs, in some later test
+    that then fails for what another did.
+    """
+    yield
+    gc.collect(1)  # the young generations: what the test just made, cheaply
 
 
 @pytest.fixture
