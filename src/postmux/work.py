@@ -58,18 +58,3 @@ class WorkItem:
     @property
     def local_errors(self) -> int:
         return max((r.local_errors for r in self.recipients), default=0)
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        """Whether this transaction can only go to a server that offers SMTPUTF8 (RFC 6531).
-
-        SMTPUTF8 at MAIL only says the client may have used UTF-8; what needs the extension is UTF-8 in
-        an address or in the header. All-ASCII mail goes anywhere, as Postfix's SMTPUTF8 support does
-        (a UTF-8 body needs only 8BITMIME).
-        """
-        if not self.smtputf8:
-            return False
-        if not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients):
-            return True
-        end = self.data.find(b"\r\n\r\n")
-        return not self.data[: end if end >= 0 else len(self.data)].isascii()
