@@ -192,6 +192,8 @@ def _first_received(data: bytes) -> str:
         "a.test; Tue, 1 Jan 2030 00:00:00 +0000",
         "a.test (by evil.test) (",
         "by",
+        # An IPv6 zone takes any text to ipaddress: the literal must be the address parser's literal.
+        "[IPv6:fe80::1%x) by mx.victim.test with ESMTP id 1; Mon, 1 Jan 2001 00:00:00 +0000 (]",
     ],
 )
 async def test_an_ehlo_cannot_forge_a_second_hop_in_the_received_field(

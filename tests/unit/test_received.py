@@ -72,7 +72,9 @@ def test_a_helo_that_is_a_name_or_an_address_literal_is_written_as_it_is(helo: s
     assert received_from(helo, "192.0.2.7") == f"from {helo} ([192.0.2.7])"
 
 
-@pytest.mark.parametrize("helo", ["-a.test", "a-.test", "a..test", "[2001:db8::1]", "[300.1.1.1]", "a" * 256])
+@pytest.mark.parametrize(
+    "helo", ["-a.test", "a-.test", "a..test", "[2001:db8::1]", "[300.1.1.1]", "a" * 256, "[IPv6:fe80::1%x y]"]
+)
 def test_names_outside_rfc_5321_syntax_are_shown_in_the_comment(helo: str) -> None:
     assert not is_helo_name(helo)
     clause = received_from(helo, "192.0.2.7")

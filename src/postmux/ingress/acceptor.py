@@ -6,7 +6,6 @@ routes and what takes the work are Protocols (Routes, WorkSink): ingress knows n
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +13,7 @@ from dataclasses import replace
 from email.utils import formatdate
 from typing import Protocol
 
+from postmux.address import literal_address
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
@@ -151,18 +151,9 @@ def is_helo_name(helo: str) -> bool:
     """
     if _HELO_DOMAIN.match(helo):
         return helo.lower() not in _CLAUSE_WORDS
-    if not (helo.startswith("[") and helo.endswith("]")):
-        return False
-    literal = helo[1:-1]
-    if literal[:5].lower() == "ipv6:":
-        literal = literal[5:]
-    elif ":" in literal:
-        return False  # RFC 5321 4.1.3: an IPv6 literal says so
-    try:
-        ipaddress.ip_address(literal)
-    except ValueError:
-        return False
-    return True
+    # The address parser's own literal rule: ipaddress alone takes an IPv6 zone ("%anything", spaces and
+    # parentheses included), which would carry a forged clause into the header.
+    return literal_address(helo) is not None
 
 
 def received_from(helo: str, client_ip: str) -> str:

@@ -364,6 +364,8 @@ class PostmuxSMTP(BlockDataSMTP):
         # aiosmtpd strips FROM: or TO: just before it parses the address: the one place that knows which.
         self._address_role = Role.RECIPIENT if keyword == "TO:" else Role.SENDER
         result: str | None = super()._strip_command_keyword(keyword, arg)
+        if result is None:  # not FROM:/TO: at all: no path follows, and the next VRFY is not one either
+            self._address_role = None
         return result
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
