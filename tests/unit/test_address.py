@@ -331,3 +331,14 @@ def test_whatever_ingress_takes_is_sent_exactly_and_routed_by_its_own_domain(
     # Routing, queues, shaping and MX use the domain the parser found.
     assert domain_of(mailbox.text) == mailbox.routing_domain == mailbox.domain.lower()
     assert mailbox.domain  # hygiene took no domainless address
+
+
+def test_a_domain_is_as_long_as_dns_can_look_up_and_no_longer_counted_in_a_labels() -> None:
+    longest = ".".join(["d" * 63] * 3) + "." + "e" * 56 + ".test"  # 253: DNS's limit (RFC 1035 2.3.4)
+    assert not isinstance(read_path(f"<u@{longest}>", Role.RECIPIENT, smtputf8=False), str)
+    one_more = ".".join(["d" * 63] * 3) + "." + "e" * 57 + ".test"
+    refused = read_path(f"<u@{one_more}>", Role.RECIPIENT, smtputf8=False)
+    assert refused == "553 5.1.3 Domain longer than 253 octets (RFC 1035 2.3.4, RFC 5321 4.5.3.1.2)"
+    # 239 characters of text, but its A-labels (what DNS is asked: xn--...) come to 275.
+    unicode = ".".join(["ä" * 39] * 6)
+    assert len(unicode) < 253 and isinstance(read_path(f"<u@{unicode}>", Role.RECIPIENT, smtputf8=True), str)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import idna
+
 from postmux.address import Malformed, Path, Role, parse_path
 from postmux.headers import header_section_end
 
@@ -89,7 +91,9 @@ NULL_RECIPIENT = (
     f"{_BAD_SYNTAX[Role.RECIPIENT]}: <> is the null reverse-path, for MAIL FROM only (RFC 5321 4.5.5)"
 )
 LOCAL_PART_MAX = 64  # RFC 5321 4.5.3.1.1
-DOMAIN_MAX = 255  # RFC 5321 4.5.3.1.2
+# RFC 5321 4.5.3.1.2 allows 255 octets, but a name DNS can look up holds at most 253 characters of text
+# (255 on the wire, RFC 1035 2.3.4): a longer one is refused at RCPT, not retried for days at MX lookup.
+DOMAIN_MAX = 253
 
 
 def declares_smtputf8(params: str) -> bool:
@@ -137,6 +141,16 @@ def address_refusal(path: Path, role: Role) -> str | None:
         return f"{code} <{address}>: a {role.value} address needs a domain"
     if len(local.encode()) > LOCAL_PART_MAX:
         return f"{code} Local part longer than {LOCAL_PART_MAX} octets (RFC 5321 4.5.3.1.1)"
-    if len(mailbox.domain.encode()) > DOMAIN_MAX:
-        return f"{code} Domain longer than {DOMAIN_MAX} octets (RFC 5321 4.5.3.1.2)"
+    if _dns_length(mailbox.domain) > DOMAIN_MAX:
+        return f"{code} Domain longer than {DOMAIN_MAX} octets (RFC 1035 2.3.4, RFC 5321 4.5.3.1.2)"
     return None
+
+
+def _dns_length(domain: str) -> int:
+    """The length of the name DNS is asked: its A-labels for a UTF-8 domain (RFC 5890), else its text."""
+    if domain.isascii():
+        return len(domain)
+    try:
+        return len(idna.encode(domain))
+    except idna.IDNAError:
+        return len(domain.encode())
