@@ -24,7 +24,7 @@ from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
-from postmux.spool.base import Spool
+from postmux.spool.base import SpoolBackend
 
 log = structlog.get_logger("postmux.control")
 
@@ -60,7 +60,7 @@ class NodeView:
     transports: Mapping[tuple[str, str], MemberTransport]
     shaper: Shaper
     warmup: WarmupLedger
-    spool: Spool
+    spool: SpoolBackend
     bus: EventBus
     dispatch: Dispatch
     # Says that a member went up or down (log line and MemberUp/MemberDown event).

@@ -161,14 +161,6 @@ class Spool(Protocol):
         beside the writer (never holding up accepts)."""
         ...
 
-    async def release(self, selector: Selector | str, now: float) -> int:
-        """Queue held recipients again, due at `now`, with their count of crashes cleared.
-
-        `selector` chooses them (a str: that message's held recipients). Returns how many were released
-        (0: nothing it chose is held). The way out of HELD (QueueOperations has the rest).
-        """
-        ...
-
 
 class QueueOperations(Protocol):
     """The operator's side of the spool: the substrate of the admin API and the CLI's queue commands.
@@ -206,7 +198,11 @@ class QueueOperations(Protocol):
         ...
 
     async def release(self, selector: Selector | str, now: float) -> int:
-        """Queue held recipients again, due at `now` (see Spool.release)."""
+        """Queue held recipients again, due at `now`, with their count of crashes cleared.
+
+        `selector` chooses them (a str: that message's held recipients). Returns how many were released
+        (0: nothing it chose is held): the way out of HELD.
+        """
         ...
 
     async def delete(self, selector: Selector, now: float) -> int:
