@@ -256,7 +256,7 @@ def member_state(m: Any, now: float) -> str:
 
 
 class DrainedMembers:
-    """The members an operator drained, in a small JSON file beside the spool (as warmup.json is).
+    """The members an operator drained, in a small JSON file beside the spool (drained.json).
 
     Written atomically on each drain and enable: a new file, fsync'd, renamed over the old, so a crash
     leaves the old list or the new one, never half of one.

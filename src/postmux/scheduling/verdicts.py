@@ -178,7 +178,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
     until an operator releases it) instead of crashing for days.
     """
     v = Verdict()
-    reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
+    reply = _internal_error(error)
     bumped = [replace(r, attempts=r.attempts + 1, local_errors=r.local_errors + 1) for r in item.recipients]
     local_errors = max((r.local_errors for r in bumped), default=0)
     if local_errors >= rules.max_local_errors:
@@ -206,20 +206,18 @@ def after_crash(item: WorkItem, error: Exception, pool: Pool, rules: Rules, now:
     bumped = [replace(r, local_errors=r.local_errors + 1) for r in item.recipients]
     rounds = rounds_ended(item, bumped)
     local_errors = max((r.local_errors for r in bumped), default=0)
-    held = local_errors >= rules.max_local_errors
-    reply = Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
-    if held:
-        tags = _crash_tags(error)
-        for r in bumped:
-            v.events.append(event(EventType.HELD, item, r, pool.name, "", reply, now, tags=tags))
+    reply = _internal_error(error)
+    if local_errors >= rules.max_local_errors:
+        _hold(v, item, bumped, pool, "", reply, error, now, rounds=rounds)
+        return v
     v.settlements.append(
         Settlement(
             item.message_id,
             [r.rid for r in bumped],
-            RecipientState.HELD if held else RecipientState.QUEUED,
+            RecipientState.QUEUED,
             str(reply),
             # Not next_due: expiring would build a DSN, which may be the very code that raised.
-            0.0 if held else now + rules.retry.interval(rounds),
+            now + rules.retry.interval(rounds),
             attempts=max((r.attempts for r in bumped), default=0),
             rounds=rounds,
             local_errors=local_errors,
@@ -340,8 +338,13 @@ def _hold(
     reply: Reply,
     error: Exception,
     now: float,
+    *,
+    rounds: int | None = None,
 ) -> None:
-    """Set the work aside (HELD) with an event saying why; `postmux release ID` queues it again."""
+    """Set the work aside (HELD) with an event saying why; `postmux release ID` queues it again.
+
+    `rounds`: the rounds to record, when the crash ended one; else those the recipients had.
+    """
     tags = _crash_tags(error)
     for r in recipients:
         v.events.append(event(EventType.HELD, item, r, pool.name, member, reply, now, tags=tags))
@@ -352,11 +355,16 @@ def _hold(
             RecipientState.HELD,
             str(reply),
             attempts=max((r.attempts for r in recipients), default=0),
-            rounds=max((r.rounds for r in recipients), default=0),
+            rounds=max((r.rounds for r in recipients), default=0) if rounds is None else rounds,
             local_errors=max((r.local_errors for r in recipients), default=0),
         )
     )
     v.held = True
+
+
+def _internal_error(error: Exception) -> Reply:
+    """The reply recorded for a crash of our own code: its kind only (the text is in the event's tags)."""
+    return Reply(451, "4.3.0", f"internal error: {type(error).__name__}")
 
 
 def _crash_tags(error: Exception) -> dict[str, str]:
