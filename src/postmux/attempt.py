@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from postmux.body import BodyFile, text_size
 from postmux.reply import Reply
 
 
@@ -36,6 +37,12 @@ class Transaction:
     data: bytes
     domain: str  # the recipients' domain: a source member looks up its MX hosts
     smtputf8: bool = False  # the client declared SMTPUTF8 (RFC 6531) when it handed the message in
+    tail: BodyFile | None = None  # the rest of a long text, in a file (postmux.body)
+    clean: bool = False  # CRLF line ends only, no line starting with ".": sent as it is (postmux.body)
+
+    @property
+    def size(self) -> int:
+        return text_size(self.data, self.tail)
 
     @property
     def needs_smtputf8(self) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 # The routing domain of an address, split as the parser splits it: every room asks it from here.
 from postmux.address import domain_of as domain_of
+from postmux.body import BodyFile, text_size
 
 
 def new_message_id() -> str:
@@ -31,6 +32,14 @@ class Envelope:
     protocol: str = "ESMTP"
     auth_user: str = ""  # who the client authenticated as (SMTP AUTH); empty: not authenticated
     tags: dict[str, str] = field(default_factory=dict)
+    # The rest of a long text, in a file (postmux.body): the text is `data` then `tail`.
+    tail: BodyFile | None = None
+    # Ingress found only CRLF line ends and no line starting with "." (postmux.body): sent as it is.
+    clean: bool = False
+
+    @property
+    def size(self) -> int:
+        return text_size(self.data, self.tail)
 
     @property
     def sender_domain(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from postmux.body import BodyFile, text_size
+
 
 @dataclass(frozen=True, slots=True)
 class WorkRecipient:
@@ -42,6 +44,13 @@ class WorkItem:
     destination: str = ""
     # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.
     overflowed_from: str = ""
+    # The rest of a long text, in a file (postmux.body); and whether the text needs no repair on the wire.
+    tail: BodyFile | None = None
+    clean: bool = False
+
+    @property
+    def size(self) -> int:
+        return text_size(self.data, self.tail)
 
     @property
     def queue(self) -> str:

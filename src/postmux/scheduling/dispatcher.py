@@ -71,6 +71,8 @@ def transaction_of(item: WorkItem) -> Transaction:
         item.data,
         item.domain,
         item.smtputf8,
+        item.tail,
+        item.clean,
     )
 
 
