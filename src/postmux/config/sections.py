@@ -143,6 +143,9 @@ class SpoolSettings(_Frozen):
     # Many concurrent accepts share one fsync. Off means one fsync per message (for measuring only).
     group_commit: StrictBool = True
     max_batch: int = Field(default=1000, gt=0)
+    # Texts up to this many octets stay in their row; longer ones go to a segment file written with the
+    # group commit (spool/bodies.py; bench/README.md measured the crossover at about 8 KB).
+    inline_bytes: int = Field(default=8192, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from postmux.envelope import Envelope
@@ -103,6 +104,12 @@ class Spool(Protocol):
         """How long a lease lasts without renewal; None: leases do not expire (one node only)."""
         ...
 
+    @property
+    def spill_dir(self) -> Path:
+        """Where ingress writes a long text as it arrives (Envelope.tail, postmux.body): on the same file
+        system as the spool's own files, so `store` takes it over with a rename, never a copy."""
+        ...
+
     async def open(self) -> int:
         """Create or open the store and recover: work this owner held before a restart is queued again.
 
@@ -119,6 +126,10 @@ class Spool(Protocol):
         self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
     ) -> list[WorkItem]:
         """Store a message durably under `message_id`; `pools` maps each recipient to its pool.
+
+        The text is envelope.data then envelope.tail (a file in `spill_dir`), both durable before this
+        returns. The tail's file is the spool's from the call on, whatever the outcome: kept as the
+        spool's own, or removed if the store fails; the caller never touches it again.
 
         Returns, with `lease`, the message's work already leased to this owner (until now + lease_ttl_s)
         so the caller can deliver it at once without reading it back; without, the work is queued and due

@@ -12,4 +12,9 @@ def make_spool(settings: SpoolSettings) -> SpoolBackend:
         # The configuration refuses such a URL at load; this is for settings built some other way.
         raise SpoolError("only SQLite spools are supported so far ([spool] url = 'sqlite:///PATH')")
     # A sqlite:/// URL has set `path` to its file when the configuration was loaded.
-    return SqliteSpool(settings.path, group_commit=settings.group_commit, max_batch=settings.max_batch)
+    return SqliteSpool(
+        settings.path,
+        group_commit=settings.group_commit,
+        max_batch=settings.max_batch,
+        inline_max=settings.inline_bytes,
+    )

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from postmux.body import BodyFile
 from postmux.envelope import Envelope, domain_of
 from postmux.spool import sqlite_queue
 from postmux.spool.base import (
@@ -42,6 +43,7 @@ from postmux.spool.base import (
     Settlement,
     SpoolError,
 )
+from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
 from postmux.spool.sqlite_schema import (
     drop_if_finished,
@@ -89,6 +91,7 @@ class SqliteSpool:
         max_batch: int = 1000,
         owner: str | None = None,
         lease_ttl_s: float | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         if lease_ttl_s is not None and not (lease_ttl_s > 0 and math.isfinite(lease_ttl_s)):
             raise ValueError(f"lease_ttl_s must be a finite number of seconds > 0, not {lease_ttl_s}")
@@ -103,6 +106,8 @@ class SqliteSpool:
         self.commits = 0  # how many fsyncs were paid, to show what group commit buys
         self.quarantined = 0  # rows moved to the quarantine table at the last open
         self._lock = SpoolLock(self.path)
+        self.bodies = BodyStore(self.path, inline_max)
+        self.swept = 0  # orphan body files removed at the last open
 
     @property
     def owner(self) -> str:
@@ -111,6 +116,10 @@ class SqliteSpool:
     @property
     def lease_ttl_s(self) -> float | None:
         return self._lease_ttl_s
+
+    @property
+    def spill_dir(self) -> Path:
+        return self.bodies.incoming
 
     def _lease(self, now: float) -> _Lease:
         ttl = self._lease_ttl_s
@@ -127,6 +136,7 @@ class SqliteSpool:
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=5000")
         prepare(conn)
+        self.bodies.make_dirs()
         return conn
 
     def _run(self, conn: sqlite3.Connection) -> None:
@@ -178,25 +188,32 @@ class SqliteSpool:
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        bodies = self.bodies
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut in batch:
                 conn.execute("SAVEPOINT job")
+                mark = bodies.mark()
                 try:
                     value = fn(conn)
                 except Exception as e:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    bodies.undo(mark)
                     results.append((fut, None, e))
                 else:
                     conn.execute("RELEASE job")
                     results.append((fut, value, None))
+            bodies.before_commit()  # the texts are durable before any row that names them
             conn.execute("COMMIT")
             self.commits += 1
+            bodies.after_commit(committed=True)
         except Exception as e:
             # The commit itself failed (disk full, I/O error): nothing in the batch is durable.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            with contextlib.suppress(OSError):
+                bodies.after_commit(committed=False)
             results = [(fut, None, e) for _, fut in batch]
         for fut, value, err in results:
             if err is None:
@@ -246,7 +263,8 @@ class SqliteSpool:
         self._thread.start()
         self._closing = False
         try:
-            self.quarantined = await self._call(lambda c: quarantine(c, time.time()))
+            self.swept, missing = await self._call(self.bodies.sweep)
+            self.quarantined = await self._call(lambda c: quarantine(c, time.time(), self.bodies, missing))
             if self.quarantined:
                 log.error("spool rows quarantined at open", rows=self.quarantined, table="quarantine")
             return await self._call(recover)
@@ -268,14 +286,21 @@ class SqliteSpool:
         self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
     ) -> list[WorkItem]:
         taken = self._lease(now) if lease else None
-        return await self._call(lambda c: _store(c, message_id, envelope, pools, now, taken))
+        try:
+            return await self._call(lambda c: _store(c, self.bodies, message_id, envelope, pools, now, taken))
+        except BaseException:
+            # The tail is the spool's from the call on: unless adopted by a committed row, it goes.
+            if envelope.tail is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(envelope.tail.path)
+            raise
 
     async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
-        await self._call(lambda c: _settle(c, settlements, now))
+        await self._call(lambda c: _settle(c, self.bodies, settlements, now))
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
-        return await self._call(lambda c: _lease_due(c, now, limit, taken))
+        return await self._call(lambda c: _lease_due(c, self.bodies, now, limit, taken))
 
     async def renew(self, now: float) -> int:
         taken = self._lease(now)
@@ -296,7 +321,7 @@ class SqliteSpool:
         return await self._read_beside(lambda c: sqlite_queue.list_queue(c, selector, now, limit, after))
 
     async def show(self, message_id: str, now: float) -> MessageView | None:
-        return await self._read_beside(lambda c: sqlite_queue.show(c, message_id))
+        return await self._read_beside(lambda c: sqlite_queue.show(c, self.bodies, message_id))
 
     async def stats(self, selector: Selector, now: float, *, limit: int = 1000) -> list[DestinationStats]:
         return await self._read_beside(lambda c: sqlite_queue.stats(c, selector, now, limit))
@@ -310,13 +335,15 @@ class SqliteSpool:
 
     async def delete(self, selector: Selector, now: float) -> int:
         selector.require_criterion("delete")
-        return await self._call(lambda c: sqlite_queue.delete(c, selector, now))
+        return await self._call(lambda c: sqlite_queue.delete(c, self.bodies, selector, now))
 
     async def bounce(
         self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: str
     ) -> int:
         selector.require_criterion("bounce")
-        return await self._call(lambda c: sqlite_queue.bounce(c, selector, now, reply, dsn, dsn_pool))
+        return await self._call(
+            lambda c: sqlite_queue.bounce(c, self.bodies, selector, now, reply, dsn, dsn_pool)
+        )
 
     async def flush(self, selector: Selector, now: float) -> int:
         return await self._call(lambda c: sqlite_queue.flush(c, selector, now))
@@ -335,13 +362,14 @@ def _is_disk_full(e: sqlite3.Error) -> bool:
 
 def _store(
     conn: sqlite3.Connection,
+    bodies: BodyStore,
     message_id: str,
     env: Envelope,
     pools: Mapping[str, str],
     now: float,
     lease: _Lease | None,
 ) -> list[WorkItem]:
-    insert_message(conn, message_id, env, now)
+    placed = insert_message(conn, bodies, message_id, env, now)
     state = RecipientState.LEASED if lease else RecipientState.QUEUED
     owner, until = (lease.owner, lease.until) if lease else ("", None)
     groups: dict[tuple[str, str], list[WorkRecipient]] = defaultdict(list)
@@ -356,14 +384,31 @@ def _store(
         groups[(pool, domain)].append(WorkRecipient(cur.lastrowid, address, 0))
     if not lease:
         return []
+    # The text stays in memory as it came; a tail is now the adopted segment file.
+    tail = bodies.file(placed.seg, placed.offset, placed.length) if env.tail is not None else None
     return [
-        WorkItem(message_id, env.sender, pool, domain, rcpts, env.data, now, env.client_ip, env.smtputf8)
+        WorkItem(
+            message_id,
+            env.sender,
+            pool,
+            domain,
+            rcpts,
+            env.data,
+            now,
+            env.client_ip,
+            env.smtputf8,
+            tail=tail,
+            clean=env.clean,
+        )
         for (pool, domain), rcpts in groups.items()
     ]
 
 
-def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: float) -> None:
+def _settle(
+    conn: sqlite3.Connection, bodies: BodyStore, settlements: Sequence[Settlement], now: float
+) -> None:
     touched: set[str] = set()
+    waiting: set[str] = set()
     for s in settlements:
         conn.executemany(
             "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
@@ -371,18 +416,24 @@ def _settle(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: fl
             [(s.state.value, s.due, s.attempts, s.reply, s.rounds, s.local_errors, rid) for rid in s.rids],
         )
         if s.dsn is not None:
-            queue_dsn(conn, s.dsn, s.dsn_pool, now)
+            queue_dsn(conn, bodies, s.dsn, s.dsn_pool, now)
         if s.state in FINAL_STATES:
             touched.add(s.message_id)
+        elif s.state in (RecipientState.QUEUED, RecipientState.HELD):
+            waiting.add(s.message_id)
+    for message_id in waiting:
+        bodies.settle_in_row(conn, message_id)  # a message that waits holds no shared segment
     for message_id in touched:
-        drop_if_finished(conn, message_id)
+        drop_if_finished(conn, bodies, message_id)
 
 
 _LEASE_COLUMNS = "rid, message_id, address, pool, domain, attempts, rounds, local_errors"
 _CHUNK = 500  # rids per IN (...): well under SQLite's limit of bound parameters on any build
 
 
-def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) -> list[WorkItem]:
+def _lease_due(
+    conn: sqlite3.Connection, bodies: BodyStore, now: float, limit: int, lease: _Lease
+) -> list[WorkItem]:
     # Leases that ran out first: their owner stopped renewing (presumed dead) and their work is the
     # oldest. The partial index recipient_lease holds only leases that can run out, so this search costs
     # nothing on a spool whose leases do not expire. Named, because without statistics the planner
@@ -410,12 +461,10 @@ def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) 
     groups: dict[tuple[str, str, str], list[WorkRecipient]] = defaultdict(list)
     for rid, message_id, address, pool, domain, attempts, rounds, local_errors in rows:
         groups[(message_id, pool, domain)].append(WorkRecipient(rid, address, attempts, rounds, local_errors))
-    messages: dict[str, tuple[str, str, int, float, bytes]] = {}
+    messages: dict[str, _Stored] = {}
     for message_id in {k[0] for k in groups}:
-        row = conn.execute(
-            "SELECT sender, client_ip, smtputf8, created, data FROM message WHERE id = ?", (message_id,)
-        ).fetchone()
-        if row is None:
+        stored = _read_stored(conn, bodies, message_id)
+        if stored is None:
             # A recipient without its message cannot be delivered; park it rather than loop on it.
             conn.execute(
                 "UPDATE recipient SET state = 'bounced', last_reply = 'message body missing from spool'"
@@ -423,16 +472,66 @@ def _lease_due(conn: sqlite3.Connection, now: float, limit: int, lease: _Lease) 
                 (message_id,),
             )
             continue
-        messages[message_id] = row
+        messages[message_id] = stored
     items = []
     for (message_id, pool, domain), rcpts in groups.items():
         if message_id not in messages:
             continue
-        sender, client_ip, smtputf8, created, data = messages[message_id]
+        m = messages[message_id]
         items.append(
-            WorkItem(message_id, sender, pool, domain, rcpts, data, created, client_ip, bool(smtputf8))
+            WorkItem(
+                message_id,
+                m.sender,
+                pool,
+                domain,
+                rcpts,
+                m.data,
+                m.created,
+                m.client_ip,
+                m.smtputf8,
+                tail=m.tail,
+                clean=m.clean,
+            )
         )
     return items
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    sender: str
+    client_ip: str
+    smtputf8: bool
+    created: float
+    data: bytes
+    tail: BodyFile | None
+    clean: bool
+
+
+def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> _Stored | None:
+    """A message's row with its text: read into memory up to HOLD_MAX octets, else streamed from its file.
+
+    None when the row or its segment file is gone (a damaged spool: the caller parks its recipients).
+    """
+    row = conn.execute(
+        "SELECT sender, client_ip, smtputf8, created, data, seg, seg_offset, seg_length, clean"
+        " FROM message WHERE id = ?",
+        (message_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    sender, client_ip, smtputf8, created, data, seg, offset, length, clean = row
+    tail = None
+    if seg:
+        if length > HOLD_MAX:
+            tail = bodies.file(seg, offset, length)
+            if not os.path.exists(tail.path):
+                return None
+        else:
+            try:
+                data += bodies.read(seg, offset, length)
+            except OSError:
+                return None
+    return _Stored(sender, client_ip, bool(smtputf8), created, data, tail, bool(clean))
 
 
 def _renew(conn: sqlite3.Connection, lease: _Lease) -> int:

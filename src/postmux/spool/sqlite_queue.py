@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from typing import Any
 
+from postmux.spool.bodies import BodyStore
 from postmux.spool.operations import (
     MAX_PAGE,
     OPEN_STATES,
@@ -33,7 +34,7 @@ _WAITING = (RecipientState.QUEUED, RecipientState.HELD)  # what operations act o
 _RECIPIENT_COLUMNS = (
     "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until"
 )
-_MESSAGE_COLUMNS = "id, sender, created, length(data), client_ip, smtputf8"
+_MESSAGE_COLUMNS = "id, sender, created, length(data) + seg_length, client_ip, smtputf8"
 _CHUNK = 500  # message ids per IN (...): well under SQLite's limit of bound parameters on any build
 
 
@@ -110,17 +111,31 @@ def _message_view(
     return MessageView(message_id, sender, created, size, client_ip, bool(smtputf8), recipients, data)
 
 
-def _read_message(conn: sqlite3.Connection, message_id: str) -> MessageView | None:
-    row = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, data FROM message WHERE id = ?", (message_id,)).fetchone()
+def _read_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> MessageView | None:
+    """The message with its whole text (an operator's view, or a DSN's source: read once, not per attempt).
+
+    Its text is None when its segment file is gone (it was delivered between the two reads, or the spool
+    is damaged).
+    """
+    row = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS}, data, seg, seg_offset, seg_length FROM message WHERE id = ?",
+        (message_id,),
+    ).fetchone()
     if row is None:
         return None
+    data: bytes | None = row[6]
+    if row[7]:
+        try:
+            data = bytes(row[6]) + bodies.read(row[7], row[8], row[9])
+        except OSError:
+            data = None
     recipients = tuple(
         _recipient_view(r)
         for r in conn.execute(
             f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid", (message_id,)
         )
     )
-    return _message_view(row[:6], recipients, row[6])
+    return _message_view(row[:6], recipients, data)
 
 
 # -- reads ---------------------------------------------------------------------------------------------
@@ -167,8 +182,8 @@ def _chosen_recipients(
     return chosen
 
 
-def show(conn: sqlite3.Connection, message_id: str) -> MessageView | None:
-    return _read_message(conn, message_id)
+def show(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> MessageView | None:
+    return _read_message(conn, bodies, message_id)
 
 
 def stats(conn: sqlite3.Connection, sel: Selector, now: float, limit: int) -> list[DestinationStats]:
@@ -227,18 +242,24 @@ def move(conn: sqlite3.Connection, sel: Selector, pool: str, now: float) -> int:
     ).rowcount
 
 
-def delete(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+def delete(conn: sqlite3.Connection, bodies: BodyStore, sel: Selector, now: float) -> int:
     sel.require_criterion("delete")
     where, params = _where(sel, now, _WAITING)
     touched = [m for (m,) in conn.execute(f"SELECT DISTINCT message_id FROM recipient WHERE {where}", params)]
     removed = conn.execute(f"DELETE FROM recipient WHERE {where}", params).rowcount
     for message_id in touched:
-        drop_if_finished(conn, message_id)
+        drop_if_finished(conn, bodies, message_id)
     return removed
 
 
 def bounce(
-    conn: sqlite3.Connection, sel: Selector, now: float, reply: str, dsn: DsnBuilder, dsn_pool: str
+    conn: sqlite3.Connection,
+    bodies: BodyStore,
+    sel: Selector,
+    now: float,
+    reply: str,
+    dsn: DsnBuilder,
+    dsn_pool: str,
 ) -> int:
     sel.require_criterion("bounce")
     where, params = _where(sel, now, _WAITING)
@@ -249,7 +270,7 @@ def bounce(
         chosen[message_id].append(rid)
     bounced = 0
     for message_id, rids in chosen.items():
-        message = _read_message(conn, message_id)
+        message = _read_message(conn, bodies, message_id)
         if message is None:
             continue  # a recipient without its message: the quarantine's business at the next open
         wanted = set(rids)
@@ -258,7 +279,7 @@ def bounce(
             "UPDATE recipient SET state = 'bounced', last_reply = ? WHERE rid = ?", [(reply, r) for r in rids]
         )
         if envelope is not None:
-            queue_dsn(conn, envelope, dsn_pool, now)
-        drop_if_finished(conn, message_id)
+            queue_dsn(conn, bodies, envelope, dsn_pool, now)
+        drop_if_finished(conn, bodies, message_id)
         bounced += len(rids)
     return bounced

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from typing import Any
 
 import structlog
 
 from postmux.envelope import Envelope, domain_of, new_message_id
+from postmux.spool.bodies import BodyStore, Placed
 
 log = structlog.get_logger("postmux.spool")
 
@@ -24,7 +26,11 @@ CREATE TABLE IF NOT EXISTS message (
     client_ip TEXT NOT NULL DEFAULT '',
     smtputf8  INTEGER NOT NULL DEFAULT 0,
     created   REAL NOT NULL,
-    data      BLOB NOT NULL
+    data      BLOB NOT NULL,
+    seg        TEXT NOT NULL DEFAULT '',
+    seg_offset INTEGER NOT NULL DEFAULT 0,
+    seg_length INTEGER NOT NULL DEFAULT 0,
+    clean      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipient (
     rid         INTEGER PRIMARY KEY,
@@ -65,6 +71,12 @@ _ADDED_COLUMNS = (
     ("recipient", "local_errors", "INTEGER NOT NULL DEFAULT 0"),
     ("recipient", "owner", "TEXT NOT NULL DEFAULT ''"),
     ("recipient", "lease_until", "REAL"),
+    # The text is `data` then seg_length octets at seg_offset of segment file `seg` (spool/bodies.py);
+    # clean: ingress found it needs no repair on the wire (postmux.body).
+    ("message", "seg", "TEXT NOT NULL DEFAULT ''"),
+    ("message", "seg_offset", "INTEGER NOT NULL DEFAULT 0"),
+    ("message", "seg_length", "INTEGER NOT NULL DEFAULT 0"),
+    ("message", "clean", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 # Indexes on added columns, made once the columns are there. recipient_lease holds only leases that can
@@ -73,6 +85,7 @@ _ADDED_COLUMNS = (
 _LATER_INDEXES = """
 CREATE INDEX IF NOT EXISTS recipient_lease ON recipient(lease_until)
     WHERE state = 'leased' AND lease_until IS NOT NULL;
+CREATE INDEX IF NOT EXISTS message_seg ON message(seg) WHERE seg != '';
 """
 
 
@@ -97,17 +110,34 @@ def recover(conn: sqlite3.Connection) -> int:
 # -- rows written by more than one operation ---------------------------------------------------------
 
 
-def insert_message(conn: sqlite3.Connection, message_id: str, env: Envelope, now: float) -> None:
+def insert_message(
+    conn: sqlite3.Connection, bodies: BodyStore, message_id: str, env: Envelope, now: float
+) -> Placed:
+    """The message row, its text placed by the body store (in the row, or in a segment file)."""
+    placed = bodies.place(env.data, env.tail)
     conn.execute(
-        "INSERT INTO message (id, sender, client_ip, smtputf8, created, data) VALUES (?, ?, ?, ?, ?, ?)",
-        (message_id, env.sender, env.client_ip, int(env.smtputf8), now, env.data),
+        "INSERT INTO message (id, sender, client_ip, smtputf8, created, data, seg, seg_offset, seg_length,"
+        " clean) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message_id,
+            env.sender,
+            env.client_ip,
+            int(env.smtputf8),
+            now,
+            placed.inline,
+            placed.seg,
+            placed.offset,
+            placed.length,
+            int(env.clean),
+        ),
     )
+    return placed
 
 
-def queue_dsn(conn: sqlite3.Connection, dsn: Envelope, pool: str, now: float) -> None:
+def queue_dsn(conn: sqlite3.Connection, bodies: BodyStore, dsn: Envelope, pool: str, now: float) -> None:
     """A DSN is a new message of its own, due now: written in the caller's transaction with its bounce."""
     dsn_id = new_message_id()
-    insert_message(conn, dsn_id, dsn, now)
+    insert_message(conn, bodies, dsn_id, dsn, now)
     for address in dsn.recipients:
         conn.execute(
             "INSERT INTO recipient (message_id, address, pool, domain, state, due)"
@@ -116,7 +146,7 @@ def queue_dsn(conn: sqlite3.Connection, dsn: Envelope, pool: str, now: float) ->
         )
 
 
-def drop_if_finished(conn: sqlite3.Connection, message_id: str) -> None:
+def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
     """Remove a message none of whose recipients is still in the queue (every one final, or none left)."""
     (open_count,) = conn.execute(
         "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
@@ -124,7 +154,13 @@ def drop_if_finished(conn: sqlite3.Connection, message_id: str) -> None:
     ).fetchone()
     if open_count == 0:
         conn.execute("DELETE FROM recipient WHERE message_id = ?", (message_id,))
-        conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+        delete_message(conn, bodies, message_id)
+
+
+def delete_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
+    """The message row goes, and its segment file with it once no other row names it."""
+    for (seg,) in conn.execute("DELETE FROM message WHERE id = ? RETURNING seg", (message_id,)).fetchall():
+        bodies.release(conn, seg)
 
 
 # -- the quarantine ----------------------------------------------------------------------------------
@@ -160,16 +196,23 @@ WHERE state NOT IN ('queued', 'leased', 'held', 'delivered', 'bounced', 'expired
 """
 
 
-def quarantine(conn: sqlite3.Connection, now: float) -> int:
+def quarantine(
+    conn: sqlite3.Connection, now: float, bodies: BodyStore | None = None, missing: Collection[str] = ()
+) -> int:
     """Move unusable rows to the quarantine table, so one bad row cannot stop the recovery of the rest.
 
     A bad recipient goes alone (recipients first, so a message it leaves without recipients follows in
     the same pass); a bad message takes its recipients along (they cannot be delivered without it).
+    `missing`: segment files the rows name that are gone (BodyStore.sweep): their messages are bad too.
     """
     moved = 0
     for rid, reason in conn.execute(BAD_RECIPIENTS).fetchall():
         moved += _quarantine_recipient(conn, rid, reason, now)
-    for message_id, reason in conn.execute(BAD_MESSAGES).fetchall():
+    bad: dict[str, str] = dict(conn.execute(BAD_MESSAGES).fetchall())
+    for seg in missing:
+        for (message_id,) in conn.execute("SELECT id FROM message WHERE seg = ?", (seg,)).fetchall():
+            bad.setdefault(message_id, f"message text missing: segment file {seg} is gone")
+    for message_id, reason in bad.items():
         row = conn.execute(
             "SELECT id, sender, client_ip, smtputf8, created, data FROM message WHERE id = ?", (message_id,)
         ).fetchone()
@@ -179,7 +222,10 @@ def quarantine(conn: sqlite3.Connection, now: float) -> int:
             "SELECT rid, 'its message was quarantined' FROM recipient WHERE message_id = ?", (message_id,)
         ).fetchall():
             moved += _quarantine_recipient(conn, rid, reason_r, now)
-        conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+        if bodies is not None:
+            delete_message(conn, bodies, message_id)
+        else:
+            conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
         moved += 1
     return moved
 

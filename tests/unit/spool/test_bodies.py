@@ -1,0 +1,158 @@
+"""Where the SQLite spool keeps large texts (spool/bodies.py), against real files: segments written with
+the group commit, taken back when no row names them, a waiting message moved into its row, ingress's
+files adopted, and what open finds after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+from postmux.body import BodyFile
+from postmux.envelope import Envelope, new_message_id
+from postmux.spool.base import RecipientState, Selector, Settlement
+from postmux.spool.sqlite import SqliteSpool
+from postmux.work import WorkItem
+
+POOLS = {"a@one.test": "p"}
+
+
+def text(n: int, seed: int = 0) -> bytes:
+    line = (f"line {seed} " + "x" * 70 + "\r\n").encode()
+    head = f"Subject: m{seed}\r\n\r\n".encode()
+    return head + (line * (n // len(line) + 1))[: n - len(head) - 2] + b"\r\n"
+
+
+def envelope(data: bytes, tail: BodyFile | None = None, clean: bool = True) -> Envelope:
+    return Envelope("app@example.com", ("a@one.test",), data, tail=tail, clean=clean)
+
+
+async def open_spool(path: Path, **kw: object) -> SqliteSpool:
+    spool = SqliteSpool(path, **kw)  # type: ignore[arg-type]
+    await spool.open()
+    return spool
+
+
+def segments(spool: SqliteSpool) -> list[str]:
+    return sorted(os.listdir(spool.bodies.segments))
+
+
+def rows(path: Path) -> list[tuple[str, int, str, int]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT id, length(data), seg, seg_length FROM message ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def whole(item: WorkItem) -> bytes:
+    return item.data + (item.tail.read() if item.tail is not None else b"")
+
+
+def delivered(item: WorkItem) -> Settlement:
+    return Settlement(item.message_id, [r.rid for r in item.recipients], RecipientState.DELIVERED, "250 ok")
+
+
+async def test_a_small_text_stays_in_its_row_and_a_large_one_goes_to_a_segment(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    small, large = text(1500, 1), text(100_000, 2)
+    await spool.store("m1", envelope(small), POOLS, 1.0, lease=False)
+    await spool.store("m2", envelope(large), POOLS, 1.0, lease=False)
+    assert rows(tmp_path / "s.db") == [("m1", len(small), "", 0), ("m2", 0, segments(spool)[0], len(large))]
+    items = sorted(await spool.lease_due(2.0, 10), key=lambda i: i.message_id)
+    assert [whole(i) for i in items] == [small, large]
+    assert all(i.clean for i in items)
+    await spool.settle([delivered(i) for i in items], 3.0)
+    assert segments(spool) == []  # the segment went with the last row that named it
+    await spool.close()
+
+
+async def test_one_group_commit_writes_one_segment_and_it_survives_a_restart(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    texts = [text(60_000, i) for i in range(20)]
+    await asyncio.gather(
+        *(spool.store(new_message_id(), envelope(t), POOLS, 1.0, lease=False) for t in texts)
+    )
+    assert 1 <= len(segments(spool)) < len(texts) / 2  # the batches shared their files
+    await spool.close()
+    again = await open_spool(tmp_path / "s.db")
+    items = await again.lease_due(2.0, 100)
+    assert sorted(whole(i) for i in items) == sorted(texts)
+    await again.settle([delivered(i) for i in items], 3.0)
+    assert segments(again) == []
+    await again.close()
+
+
+async def test_a_deferred_message_moves_into_its_row_and_frees_the_segment(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    texts = [text(50_000, i) for i in range(6)]
+    await asyncio.gather(
+        *(spool.store(f"m{i}", envelope(t), POOLS, 1.0, lease=False) for i, t in enumerate(texts))
+    )
+    items = sorted(await spool.lease_due(2.0, 100), key=lambda i: i.message_id)
+    later, now = items[0], items[1:]
+    deferred = Settlement(
+        later.message_id, [later.recipients[0].rid], RecipientState.QUEUED, "451 later", due=500
+    )
+    await spool.settle([deferred, *(delivered(i) for i in now)], 3.0)
+    assert segments(spool) == []  # nothing else holds the files: the deferred text is in its row
+    assert rows(tmp_path / "s.db") == [("m0", len(texts[0]), "", 0)]
+    (again,) = await spool.lease_due(600.0, 10)
+    assert whole(again) == texts[0]
+    await spool.close()
+
+
+async def test_ingress_files_are_adopted_and_streamed_not_read_into_memory(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    head, rest = text(4000, 1), os.urandom(3 << 20)  # longer than what is read into memory for delivery
+    path = spool.spill_dir / "incoming-1"
+    path.write_bytes(rest)
+    (hot,) = await spool.store("m1", envelope(head, BodyFile(str(path), 0, len(rest))), POOLS, 1.0)
+    assert not path.exists()  # renamed, not copied
+    assert hot.tail is not None and Path(hot.tail.path).parent == spool.bodies.segments
+    assert hot.data == head and hot.tail.read() == rest and hot.size == len(head) + len(rest)
+    await spool.close()
+    again = await open_spool(tmp_path / "s.db")
+    (cold,) = await again.lease_due(2.0, 10)  # the lease was recovered: read back from the spool
+    assert cold.data == head and cold.tail is not None and cold.tail.read() == rest
+    view = await again.show("m1", 3.0)
+    assert view is not None and view.data == head + rest and view.size == len(head) + len(rest)
+    await again.settle([delivered(cold)], 3.0)
+    assert segments(again) == []
+    await again.close()
+
+
+async def test_a_store_that_fails_removes_the_file_it_was_given(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    path = spool.spill_dir / "incoming-1"
+    path.write_bytes(b"x" * 10_000)
+    bad = envelope(b"Subject: x\r\n\r\n", BodyFile(str(path), 0, 10_000))
+    try:
+        await spool.store("m1", bad, {}, 1.0)  # no pool for the recipient: the store fails half-way
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("the store should have failed")
+    assert not path.exists() and segments(spool) == [] and rows(tmp_path / "s.db") == []
+    await spool.close()
+
+
+async def test_open_removes_orphans_and_quarantines_a_message_whose_file_is_gone(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db")
+    await spool.store("m1", envelope(text(30_000, 1)), POOLS, 1.0, lease=False)
+    await spool.store("m2", envelope(text(30_000, 2)), POOLS, 1.0, lease=False)
+    named = dict((r[0], r[2]) for r in rows(tmp_path / "s.db"))
+    await spool.close()
+    os.unlink(spool.bodies.segments / named["m1"])  # a damaged spool
+    (spool.bodies.segments / "orphan").write_bytes(b"left by a crash before its commit")
+    (spool.bodies.incoming / "half").write_bytes(b"a session cut off mid-DATA")
+    again = await open_spool(tmp_path / "s.db")
+    assert again.swept == 2 and again.quarantined == 2  # m1 and its recipient
+    assert sorted(os.listdir(again.bodies.incoming)) == []
+    assert segments(again) == [named["m2"]]
+    (item,) = await again.lease_due(2.0, 10)
+    assert item.message_id == "m2" and whole(item) == text(30_000, 2)
+    page = await again.list_queue(Selector(), 3.0)
+    assert [m.message_id for m in page.messages] == ["m2"]
+    await again.close()
