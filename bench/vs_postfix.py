@@ -1,6 +1,6 @@
 """postmux against Postfix, side by side in one run, on the same sinks and the same load (issue 6).
 
-    .venv/bin/python bench/vs_postfix.py [--messages N] [--sessions S] [--sizes 1500,51200] [--pairs P]
+    .venv/bin/python bench/vs_postfix.py [--messages N] [--sessions S] [--sizes 1500,51200,102400] [--pairs P]
 
 Three `smtp-sink -c` upstreams count what they receive. For each message size, P pairs of runs alternate
 postmux (A) and a private Postfix instance (B); each run injects N messages with `smtp-source` over S
@@ -571,7 +571,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=10_000, help="smtp-source messages per run (10000)")
     p.add_argument("--sessions", type=int, default=20, help="parallel smtp-source sessions (20)")
-    p.add_argument("--sizes", default="1500,51200", help="message sizes in bytes, comma-separated")
+    p.add_argument("--sizes", default="1500,51200,102400", help="message sizes in bytes, comma-separated")
     p.add_argument("--pairs", type=int, default=2, help="A B pairs per size (2)")
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between probe messages")
     p.add_argument("--delivery-timeout", type=float, default=600.0, help="seconds per run (600)")
