@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 import structlog
+from aiosmtplib.protocol import SMTPProtocol
 
 from postmux.address import Malformed, Role, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
@@ -48,40 +49,81 @@ Target = tuple[str, int]  # (host, port) one connection goes to
 
 # Any CR, LF or CRLF: a stored message should hold none but CRLF, but one that does is repaired here.
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
+END_OF_DATA = b".\r\n"  # RFC 5321 4.1.1.4: the line "." ends the text
 
 
-def wire_data(message: bytes) -> bytes:
-    """The DATA text for `message`: CRLF line ends, dots stuffed, the end-of-data line appended.
+class WireText:
+    """The DATA text of one message, given piece by piece (data, then each chunk of a tail), as sent.
 
-    The same bytes as aiosmtplib's `execute_data_command` sends (tests/unit/test_wire_data.py compares the
-    two), at a fraction of its cost: aiosmtplib runs a line-ending regex and a dot regex over every byte,
-    15% of postmux's CPU at 50 KB (bench/README.md, profile_hotpath). Ingress stores CRLF-only text (bare
-    CR/LF is refused or repaired, docs/security.md) and the DSN builder writes CRLF, so the check below
-    usually finds nothing to repair; it stays, because one bare LF sent raw would let a member read
-    `\n.\n` as the end of the message (SMTP smuggling, CVE-2023-51764).
+    What goes on the wire is what aiosmtplib's `execute_data_command` would send for the whole text at once
+    (tests/unit/test_wire_data.py compares the two, for random texts cut at random places), at a fraction
+    of its cost: aiosmtplib runs a line-ending regex and a dot regex over every byte, 15% of postmux's CPU
+    at 50 KB (bench/README.md, profile_hotpath).
+
+    A `clean` text (postmux.body: ingress found CRLF line ends only and no line starting with ".") goes as
+    it is, with no search over it: the pieces are the very objects given. Any other text (older spools,
+    DSNs) is checked, and repaired where it must be: one bare LF sent raw would let a member read `\n.\n`
+    as the end of the message (SMTP smuggling, CVE-2023-51764).
     """
-    if has_bare_cr_or_lf(message):
-        message = _ANY_LINE_END.sub(b"\r\n", message)
-    # RFC 5321 4.5.2: a line that starts with "." gets one more, the first line included.
-    stuffed = message.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"  # the end-of-data line must start a line of its own
-    elif not stuffed:
-        stuffed = b"\r\n"  # as aiosmtplib: an empty message is sent as one empty line
-    return stuffed + b".\r\n"
+
+    __slots__ = ("_after_cr", "_clean", "_empty", "_line_start")
+
+    def __init__(self, *, clean: bool) -> None:
+        self._clean = clean
+        self._empty = True  # nothing of the text seen yet
+        self._line_start = True  # the next octet starts a line (the text's first one does)
+        # The last piece ended with a CR, already sent as a CRLF: a LF opening the next piece is that
+        # CRLF's own, not a line end of its own (a CRLF cut in two must not become two line ends).
+        self._after_cr = False
+
+    def piece(self, octets: bytes) -> bytes:
+        """What goes on the wire for the next `octets` of the text."""
+        if not self._clean:
+            octets = self._repaired(octets)
+        if octets:
+            self._empty = False
+            self._line_start = octets.endswith(b"\n")  # every line end on the wire is a CRLF
+        return octets
+
+    def end(self) -> bytes:
+        """The end-of-data line, after a line end if the text did not end with one.
+
+        As aiosmtplib: an empty text is sent as one empty line (RFC 5321 4.1.1.4 has the text end with
+        CRLF, so the "." starts a line of its own).
+        """
+        return END_OF_DATA if self._line_start and not self._empty else b"\r\n" + END_OF_DATA
+
+    def _repaired(self, octets: bytes) -> bytes:
+        if self._after_cr and octets.startswith(b"\n"):
+            octets = octets[1:]
+        if not octets:
+            return octets
+        self._after_cr = octets.endswith(b"\r")
+        if has_bare_cr_or_lf(octets):
+            octets = _ANY_LINE_END.sub(b"\r\n", octets)
+        # RFC 5321 4.5.2: a line that starts with "." gets one more, the first line included.
+        stuffed = octets.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        return stuffed
 
 
-async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) -> aiosmtplib.SMTPResponse:
-    """DATA, then the whole text in one write, then the reply; errors as aiosmtplib's `SMTP.data` raises.
+def wire_data(message: bytes, *, clean: bool = False) -> bytes:
+    """The DATA text for the whole of `message`: CRLF line ends, dots stuffed, the end-of-data line."""
+    text = WireText(clean=clean)
+    return text.piece(message) + text.end()
+
+
+async def send_data(
+    client: aiosmtplib.SMTP, message: bytes, *, timeout: float, clean: bool = False
+) -> aiosmtplib.SMTPResponse:
+    """DATA, then the whole text, then the reply; errors as aiosmtplib's `SMTP.data` raises.
 
     Public aiosmtplib API only: `execute_command` for DATA and its 354, then the connection's protocol
     `write` and `read_response`. Nothing can arrive unread between the write and `read_response`, which
     marks a reply as expected before it yields to the event loop. `timeout` bounds each of the two waits,
     as aiosmtplib's `data(timeout=)` does.
     """
-    text = wire_data(message)
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -89,7 +131,7 @@ async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) 
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(text)
+        write_text(protocol, message, clean=clean)
         response = await protocol.read_response(timeout=timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # as aiosmtplib does: a connection in an unknown state is not reused
@@ -97,6 +139,13 @@ async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) 
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+def write_text(protocol: SMTPProtocol, message: bytes, *, clean: bool) -> None:
+    """Write the DATA text of `message`, held whole in memory, end-of-data line included."""
+    text = WireText(clean=clean)
+    body = text.piece(message)
+    protocol.write(body + text.end())
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +537,9 @@ class SmtpTransport:
             await self._reset(client)
             return replies
         try:
-            response = await send_data(client, work.data, timeout=self.delivery.data_timeout)
+            response = await send_data(
+                client, work.data, timeout=self.delivery.data_timeout, clean=work.clean
+            )
             reply = Reply.parse(response.code, response.message)
         except aiosmtplib.SMTPDataError as e:
             reply = Reply.parse(e.code, e.message)
