@@ -11,11 +11,14 @@ logs in when the member has credentials; both happen once per connection, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import re
 import ssl
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import aiosmtplib
 import structlog
@@ -23,6 +26,7 @@ from aiosmtplib.protocol import SMTPProtocol
 
 from postmux.address import Malformed, Role, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
+from postmux.body import BodyFile
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.tls import describe_tls
@@ -114,15 +118,43 @@ def wire_data(message: bytes, *, clean: bool = False) -> bytes:
     return text.piece(message) + text.end()
 
 
-async def send_data(
-    client: aiosmtplib.SMTP, message: bytes, *, timeout: float, clean: bool = False
-) -> aiosmtplib.SMTPResponse:
-    """DATA, then the whole text, then the reply; errors as aiosmtplib's `SMTP.data` raises.
+class BodyUnreadable(Exception):
+    """The tail of a message's text could not be read from its file (gone, or shorter than stored).
 
-    Public aiosmtplib API only: `execute_command` for DATA and its 354, then the connection's protocol
-    `write` and `read_response`. Nothing can arrive unread between the write and `read_response`, which
-    marks a reply as expected before it yields to the event loop. `timeout` bounds each of the two waits,
-    as aiosmtplib's `data(timeout=)` does.
+    The message's fault, never the member's (so not an OSError, which would read as a lost connection):
+    it reaches the dispatcher as a crash of the attempt (scheduling.verdicts.crashed), which tries again
+    and holds the message after `[retry] max_local_errors` such attempts.
+    """
+
+
+async def send_data(
+    client: aiosmtplib.SMTP,
+    data: bytes,
+    *,
+    timeout: float,
+    tail: BodyFile | None = None,
+    clean: bool = False,
+) -> aiosmtplib.SMTPResponse:
+    """DATA, then the text (`data`, then `tail`'s chunks), then the reply; errors as aiosmtplib's `SMTP.data`.
+
+    Public aiosmtplib API but for the drain (`_drained`): `execute_command` for DATA and its 354, then
+    the connection's protocol `write` and `read_response`. `timeout` bounds each wait, as aiosmtplib's
+    `data(timeout=)` does: the 354, each wait for the connection to take more of a tail, the reply.
+
+    A text held whole goes in one write. A tail is streamed: its chunks are read in a worker thread (a
+    1 MB read from the page cache takes 0.25 ms, from a cold disk far more: not on the event loop), and
+    each is written only once the connection has taken the one before, so memory stays a few chunks
+    whatever the size of the message (issue 12).
+
+    Nothing can arrive unread after the last write, as `read_response` marks a reply as expected before
+    it yields to the event loop. A reply a receiver sends while a tail is still streaming (RFC 5321
+    4.1.1.4 has it answer after the end of data) is dropped as unsolicited by aiosmtplib's protocol, and
+    the attempt ends as the receiver then does: it hangs up or stops reading (a lost connection or a
+    timeout, transient).
+
+    Whatever breaks off the text on its way (a timeout, a lost connection, a tail that cannot be read, a
+    cancelled task) closes the connection: it is in the middle of DATA, and the end-of-data line must
+    never follow a text cut short.
     """
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
@@ -131,21 +163,80 @@ async def send_data(
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        write_text(protocol, message, clean=clean)
+        wire = WireText(clean=clean)
+        if tail is None:
+            protocol.write(wire.piece(data) + wire.end())
+        else:
+            protocol.write(wire.piece(data))
+            await _stream(protocol, wire, tail, timeout)
+            protocol.write(wire.end())
         response = await protocol.read_response(timeout=timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()  # as aiosmtplib does: a connection in an unknown state is not reused
+    except BaseException:
+        # As aiosmtplib does, a connection in an unknown state is not reused; and it is aborted, not
+        # closed: close() would keep the socket open until a receiver that stopped reading took the
+        # rest of the buffered text, which it never may.
+        if protocol.transport is not None:
+            cast(asyncio.WriteTransport, protocol.transport).abort()
+        client.close()
         raise
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 
 
-def write_text(protocol: SMTPProtocol, message: bytes, *, clean: bool) -> None:
-    """Write the DATA text of `message`, held whole in memory, end-of-data line included."""
-    text = WireText(clean=clean)
-    body = text.piece(message)
-    protocol.write(body + text.end())
+async def _stream(protocol: SMTPProtocol, wire: WireText, tail: BodyFile, timeout: float) -> None:
+    """Write `tail`'s chunks as `wire` puts them, each after the connection has taken the ones before.
+
+    The next chunk is read (in a thread) while the connection drains the one before it, so a fast
+    receiver never waits for the disk. At most three chunks are held: one in the transport's buffer, one
+    written, one being read.
+    """
+    chunks = cast(Generator[bytes, None, None], tail.chunks())  # a generator: closing it closes the file
+    reading = asyncio.ensure_future(_read(chunks, tail))
+    try:
+        await _drained(protocol, timeout)  # `data`, written before
+        while (chunk := await reading) is not None:
+            reading = asyncio.ensure_future(_read(chunks, tail))
+            protocol.write(wire.piece(chunk))
+            del chunk
+            await _drained(protocol, timeout)
+    finally:
+        reading.cancel()  # a read still running in its thread finishes there; its chunk is dropped
+        if reading.done() and not reading.cancelled():
+            reading.exception()  # a read that failed after the text broke off: said by what broke it
+        # ValueError: the generator is still running in its thread and cannot be closed under it; once
+        # that read is done the generator is collected, and its `with` closes the file.
+        with contextlib.suppress(ValueError):
+            chunks.close()
+
+
+async def _read(chunks: Iterator[bytes], tail: BodyFile) -> bytes | None:
+    """The next chunk of a tail, read in a worker thread; None at its end."""
+    try:
+        return await asyncio.to_thread(next, chunks, None)
+    except OSError as e:
+        raise BodyUnreadable(f"the text's tail {tail.path} cannot be read: {e}") from e
+
+
+async def _drained(protocol: SMTPProtocol, timeout: float) -> None:
+    """Wait, at most `timeout`, until the connection's transport has taken what was written.
+
+    aiosmtplib 5.x has no public drain: its SMTPProtocol carries asyncio's flow control (FlowControlMixin,
+    copied from the standard library's streams; pause_writing and resume_writing), and `_drain_helper` is
+    the coroutine asyncio's own StreamWriter.drain awaits on it. Wrapping the protocol in a StreamWriter
+    would reach the same method, and on newer Pythons its finalizer closes the transport it wraps. Should
+    aiosmtplib drop or rename it, tests/unit/test_drain.py fails (and at run time this would raise
+    AttributeError: the attempt crashes, never sends unbounded).
+    """
+    transport = protocol.transport
+    if transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if not cast(asyncio.WriteTransport, transport).get_write_buffer_size():
+        return  # all of it is in the kernel's buffer already: no task, no wait
+    try:
+        await asyncio.wait_for(protocol._drain_helper(), timeout)
+    except TimeoutError as e:
+        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message text") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +629,7 @@ class SmtpTransport:
             return replies
         try:
             response = await send_data(
-                client, work.data, timeout=self.delivery.data_timeout, clean=work.clean
+                client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
             )
             reply = Reply.parse(response.code, response.message)
         except aiosmtplib.SMTPDataError as e:
