@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,7 @@ def digest(data: bytes, tail: BodyFile) -> tuple[int, str]:
         (HEAD, b"", False),  # an empty tail
         (b"", b"Subject: only a tail\r\n\r\nbody\r\n", True),  # no data at all
     ],
+    ids=["dot", "clean", "crlf-cut", "lone-cr", "bare-lf", "empty-tail", "no-data"],
 )
 async def test_data_then_tail_reach_the_upstream_as_the_whole_text_would(
     tmp_path: Path, upstream: StartUpstream, data: bytes, tail: bytes, clean: bool
@@ -138,6 +140,70 @@ async def test_a_tail_that_cannot_be_read_crashes_the_attempt_and_ends_no_text(
         await transport.close()
     assert up.received == []
     assert up.data_commands == 0  # aiosmtpd answers DATA only after the end-of-data line
+
+
+@pytest.mark.parametrize(
+    ("data", "tail", "body"),
+    [
+        (HEAD, b"plain\r\n" * 100, ""),
+        (HEAD, b"plain\r\n" * 100 + b"caf\xc3\xa9\r\n", " BODY=8BITMIME"),  # 8-bit only in the tail
+        (HEAD + b"caf\xc3\xa9\r\n", b"plain\r\n", " BODY=8BITMIME"),
+    ],
+    ids=["ascii", "8bit-tail", "8bit-data"],
+)
+async def test_mail_says_the_whole_texts_size_and_8bit_body(
+    tmp_path: Path, upstream: StartUpstream, data: bytes, tail: bytes, body: str
+) -> None:
+    up = await upstream("up")
+    transport = transport_to(tmp_path, up.address)
+    try:
+        outcome = await transport.deliver(work_for(data, tail_file(tmp_path / "tail", tail, 3), clean=True))
+    finally:
+        await transport.close()
+    assert outcome.replies[1].code == 250, outcome
+    # RFC 1870: SIZE= counts every octet of the text, data and tail.
+    assert up.commands[0] == f"MAIL FROM:<app@example.com> SIZE={len(data) + len(tail)}{body}"
+
+
+async def test_a_tail_gone_before_the_attempt_crashes_it_before_any_connection(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    tail = BodyFile(str(tmp_path / "gone"), 0, 100)
+    transport = transport_to(tmp_path, up.address)
+    try:
+        with pytest.raises(BodyUnreadable):
+            await transport.deliver(work_for(HEAD, tail, clean=True))
+    finally:
+        await transport.close()
+    assert up.connections == 0
+
+
+@pytest.mark.parametrize(
+    ("tail", "needs"),
+    [
+        (b"Subject: caf\xc3\xa9\r\n\r\nbody\r\n", True),  # UTF-8 in the header section, all in the tail
+        (b"Subject: cafe\r\n\r\ncaf\xc3\xa9\r\n", False),  # UTF-8 in the body only: 8BITMIME is enough
+        (b"\nSubject: caf\xc3\xa9\r\n", False),  # data's CR and the tail's LF end the header section
+    ],
+    ids=["utf8-header", "utf8-body", "header-ends-across"],
+)
+async def test_smtputf8_is_needed_for_utf8_in_a_header_section_that_goes_on_into_the_tail(
+    tmp_path: Path, upstream: StartUpstream, tail: bytes, needs: bool
+) -> None:
+    data = b"Received: from client.test\r\n" + (b"\r" if tail.startswith(b"\n") else b"")
+    work = replace(work_for(data, tail_file(tmp_path / "tail", tail), clean=False), smtputf8=True)
+    assert work.needs_smtputf8 is needs
+    narrow = await upstream("narrow", smtputf8=False)
+    transport = transport_to(tmp_path, narrow.address)
+    try:
+        outcome = await transport.deliver(work)
+    finally:
+        await transport.close()
+    if needs:
+        assert outcome.replies[1].enhanced_code == "5.6.7" and narrow.received == [], outcome
+    else:
+        assert outcome.replies[1].code == 250, outcome
 
 
 # -- a receiver that stops reading ---------------------------------------------------------------------
