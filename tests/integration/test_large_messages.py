@@ -21,6 +21,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 
 from postmux.attempt import Recipient, Transaction
 from postmux.body import CHUNK, BodyFile
+from postmux.delivery.memory import MemoryFarm
 from postmux.delivery.smtp_client import BodyUnreadable, SmtpTransport
 from tests.security.test_outbound_tls import server_tls
 from tests.support import StartUpstream, make_settings
@@ -204,6 +205,19 @@ async def test_smtputf8_is_needed_for_utf8_in_a_header_section_that_goes_on_into
         assert outcome.replies[1].enhanced_code == "5.6.7" and narrow.received == [], outcome
     else:
         assert outcome.replies[1].code == 250, outcome
+
+
+async def test_a_memory_farm_records_the_whole_text(tmp_path: Path) -> None:
+    pools = [{"name": "default", "members": [{"name": "m", "address": "127.0.0.1:1"}]}]
+    settings = make_settings(tmp_path, pools)
+    farm = MemoryFarm()
+    transport = farm(settings.pool[0].members[0], settings.delivery, "postmux.test", None)
+    tail = tail_file(tmp_path / "tail", b"the tail\r\n", 5)
+    outcome = await transport.deliver(work_for(HEAD, tail, clean=True))
+    assert outcome.replies[1].code == 250
+    assert [d.data for d in farm.delivered] == [HEAD + b"the tail\r\n"]
+    with pytest.raises(BodyUnreadable):
+        await transport.deliver(work_for(HEAD, BodyFile(str(tmp_path / "gone"), 0, 9), clean=True))
 
 
 # -- a receiver that stops reading ---------------------------------------------------------------------
