@@ -25,6 +25,7 @@ from postmux.delivery.memory import MemoryFarm
 from postmux.delivery.smtp_client import BodyUnreadable, SmtpTransport
 from tests.security.test_outbound_tls import server_tls
 from tests.support import StartUpstream, make_settings
+from tests.unit.test_wire_data import aiosmtplib_text
 
 HEAD = b"From: app@example.com\r\nTo: user@dest.test\r\nSubject: large\r\n\r\n"
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +77,8 @@ def digest(data: bytes, tail: BodyFile) -> tuple[int, str]:
 # -- through an upstream in this process --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
+# (data, tail, clean): texts cut between data and tail where repair and stuffing must carry across.
+TEXTS = pytest.mark.parametrize(
     ("data", "tail", "clean"),
     [
         (HEAD, b"body\r\n.dot line\r\n", False),  # a dot to stuff in the tail
@@ -89,6 +91,9 @@ def digest(data: bytes, tail: BodyFile) -> tuple[int, str]:
     ],
     ids=["dot", "clean", "crlf-cut", "lone-cr", "bare-lf", "empty-tail", "no-data"],
 )
+
+
+@TEXTS
 async def test_data_then_tail_reach_the_upstream_as_the_whole_text_would(
     tmp_path: Path, upstream: StartUpstream, data: bytes, tail: bytes, clean: bool
 ) -> None:
@@ -102,6 +107,64 @@ async def test_data_then_tail_reach_the_upstream_as_the_whole_text_would(
     assert outcome.replies[1].code == 250 and again.replies[1].code == 250, (outcome, again)
     assert [r.data for r in up.received] == [normalize_message_line_endings(data + tail), b"next\r\n"]
     assert up.connections == 1
+
+
+class _RecordsData(asyncio.Protocol):
+    """An SMTP server that keeps the raw octets of each DATA text, end-of-data line included."""
+
+    def __init__(self, texts: list[bytes]) -> None:
+        self.texts = texts
+        self.text: bytearray | None = None
+        self.lines = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"220 record.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.text is not None:
+            self.text += data
+            if self.text.endswith(b"\r\n.\r\n"):
+                self.texts.append(bytes(self.text))
+                self.text = None
+                self.transport.write(b"250 ok\r\n")
+            return
+        self.lines += data
+        while b"\r\n" in self.lines and self.text is None:
+            line, self.lines = self.lines.split(b"\r\n", 1)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.transport.write(b"250-record.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                self.transport.write(b"354 go ahead\r\n")
+                self.text = bytearray()
+            elif verb == b"QUIT":
+                self.transport.write(b"221 bye\r\n")
+                self.transport.close()
+            else:
+                self.transport.write(b"250 ok\r\n")
+
+
+@TEXTS
+@pytest.mark.parametrize("split", [True, False], ids=["with-tail", "whole-in-data"])
+async def test_the_wire_octets_are_the_whole_texts_as_aiosmtplib_would_send_them(
+    tmp_path: Path, data: bytes, tail: bytes, clean: bool, split: bool
+) -> None:
+    loop = asyncio.get_running_loop()
+    texts: list[bytes] = []
+    server = await loop.create_server(lambda: _RecordsData(texts), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = transport_to(tmp_path, f"127.0.0.1:{port}")
+    work = work_for(data, tail_file(tmp_path / "tail", tail), clean=clean) if split else None
+    try:
+        outcome = await transport.deliver(work or work_for(data + tail, None, clean=clean))
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert outcome.replies[1].code == 250, outcome
+    assert texts == [aiosmtplib_text(data + tail)]
 
 
 async def test_a_tail_streams_through_tls(tmp_path: Path, upstream: StartUpstream) -> None:
