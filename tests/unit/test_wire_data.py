@@ -9,7 +9,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postmux.delivery.smtp_client import WireText, wire_data
@@ -53,6 +53,9 @@ def wire_in_pieces(text: bytes, cuts: list[int], *, clean: bool) -> bytes:
     return b"".join(wire.piece(text[a:b]) for a, b in pairwise(bounds)) + wire.end()
 
 
+# Many examples: each takes microseconds, and the cuts must land on the rare places (between a CR and its
+# LF, on a piece that is only an LF) often enough.
+@settings(max_examples=2000)
 @given(st.lists(PIECES, max_size=40), st.lists(st.integers(min_value=0), max_size=8))
 def test_a_text_in_pieces_goes_as_the_whole_would(pieces: list[bytes], cuts: list[int]) -> None:
     """Repair and stuffing carry across the cuts: a CRLF cut in two is one line end, a dot after a cut
@@ -61,6 +64,7 @@ def test_a_text_in_pieces_goes_as_the_whole_would(pieces: list[bytes], cuts: lis
     assert wire_in_pieces(text, cuts, clean=False) == wire_data(text) == aiosmtplib_text(text)
 
 
+@settings(max_examples=1000)
 @given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=8))
 def test_any_bytes_in_pieces_go_as_the_whole_would(text: bytes, cuts: list[int]) -> None:
     assert wire_in_pieces(text, cuts, clean=False) == aiosmtplib_text(text)
@@ -92,5 +96,7 @@ def test_known_cuts() -> None:
     assert wire_in_pieces(b"a\r\n.b", [2], clean=False) == b"a\r\n..b\r\n.\r\n"
     # A lone CR at the end of a piece is a line end; the CR opening the next piece is another.
     assert wire_in_pieces(b"a\r\r\n.", [2], clean=False) == b"a\r\n\r\n..\r\n.\r\n"
+    # A piece that is only the LF of a cut CRLF ends the CR's wait: the LF after it is a line end.
+    assert wire_in_pieces(b"a\r\n\n", [2, 3], clean=False) == b"a\r\n\r\n.\r\n"
     # A dot that opens a piece but not a line is left alone.
     assert wire_in_pieces(b"a.b\r\n", [1], clean=False) == b"a.b\r\n.\r\n"

@@ -98,11 +98,13 @@ class WireText:
         return END_OF_DATA if self._line_start and not self._empty else b"\r\n" + END_OF_DATA
 
     def _repaired(self, octets: bytes) -> bytes:
+        if not octets:
+            return octets  # nothing to carry on: the state stays as it was
         if self._after_cr and octets.startswith(b"\n"):
             octets = octets[1:]
+        self._after_cr = octets.endswith(b"\r")  # a piece that was only that LF ends none
         if not octets:
             return octets
-        self._after_cr = octets.endswith(b"\r")
         if has_bare_cr_or_lf(octets):
             octets = _ANY_LINE_END.sub(b"\r\n", octets)
         # RFC 5321 4.5.2: a line that starts with "." gets one more, the first line included.
