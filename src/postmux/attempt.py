@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from postmux.body import BodyFile, text_size
 from postmux.reply import Reply
 
+# How much of a tail is read for a header section that does not end in `data`: Postfix keeps at most
+# this much of a header section (header_size_limit, 102400), and discards the excess.
+HEADER_LIMIT = 102_400
+
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
@@ -56,8 +60,14 @@ class Transaction:
             return False
         if not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients):
             return True
-        end = self.data.find(b"\r\n\r\n")
-        return not self.data[: end if end >= 0 else len(self.data)].isascii()
+        text = self.data
+        end = text.find(b"\r\n\r\n")
+        if end < 0 and self.tail is not None:
+            # The header section goes on into the tail (data may hold little more than the trace header):
+            # read as much of it as a header section may be, a small read.
+            text += self.tail.head(HEADER_LIMIT)
+            end = text.find(b"\r\n\r\n")
+        return not text[: end if end >= 0 else len(text)].isascii()
 
 
 class Breakoff(enum.StrEnum):

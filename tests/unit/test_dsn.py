@@ -6,10 +6,13 @@ import email
 import email.policy
 import email.utils
 from email.message import EmailMessage, Message
+from pathlib import Path
 
 import pytest
 
-from postmux.delivery.dsn import FailedRecipient, build_dsn, original_headers, status_code
+from postmux.attempt import HEADER_LIMIT
+from postmux.body import BodyFile
+from postmux.delivery.dsn import FailedRecipient, build_dsn, original_head, original_headers, status_code
 from postmux.envelope import Envelope
 from postmux.reply import Reply
 
@@ -265,3 +268,40 @@ def assert_crlf_and_short_lines(data: bytes) -> None:
     for line in data[:-2].split(b"\r\n"):
         assert b"\r" not in line and b"\n" not in line, line[:80]
         assert len(line) <= 998, len(line)
+
+
+# -- a text whose header section goes on into a tail in a file (postmux.body) ----------------------------
+
+
+def test_original_head_is_data_when_the_header_section_ends_there(tmp_path: Path) -> None:
+    data = ORIGINAL
+    tail = BodyFile(str(tmp_path / "gone"), 0, 10)  # never read
+    assert original_head(data, tail) is data
+    assert original_head(data, None) is data
+
+
+@pytest.mark.parametrize(
+    ("data", "tail"),
+    [
+        (b"", HEADERS + b"\r\n" + BODY),  # all of it in the tail
+        (HEADERS[:40], HEADERS[40:] + b"\r\n" + BODY),  # cut inside a field
+        (HEADERS + b"\r", b"\n" + BODY),  # the empty line's CRLF cut in two
+    ],
+    ids=["all-in-tail", "cut-in-a-field", "crlf-cut"],
+)
+def test_a_header_section_going_on_into_the_tail_reaches_the_dsn(
+    tmp_path: Path, data: bytes, tail: bytes
+) -> None:
+    path = tmp_path / "tail"
+    path.write_bytes(tail + b"x" * HEADER_LIMIT * 3)  # a long body: only HEADER_LIMIT of it is read
+    head = original_head(data, BodyFile(str(path), 0, len(tail) + HEADER_LIMIT * 3))
+    assert len(head) <= len(data) + HEADER_LIMIT
+    assert original_headers(head) == HEADERS
+    dsn = make(original=head)
+    assert HEADERS in dsn.data and b"launch code" not in dsn.data
+
+
+def test_a_tail_that_cannot_be_read_leaves_the_headers_in_data(tmp_path: Path) -> None:
+    head = original_head(HEADERS, BodyFile(str(tmp_path / "gone"), 0, 100))
+    assert head == HEADERS
+    assert HEADERS in make(original=head).data  # the sender still hears of the failure

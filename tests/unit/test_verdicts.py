@@ -6,10 +6,13 @@ and the facts an attempt would report. Each test reads the verdict the dispatche
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from postmux.attempt import AttemptOutcome, Breakoff
 from postmux.balancing.pool import Pool
+from postmux.body import BodyFile
 from postmux.config import Settings, settings_from_dict
 from postmux.events.types import EventType
 from postmux.reply import Reply
@@ -106,6 +109,22 @@ def test_a_permanent_refusal_bounces_with_a_dsn_routed_as_mail_to_the_sender() -
     assert bounced.dsn_pool == "dsn"  # the route for mail to app.example
     assert [e.type for e in v.events] == [EventType.DELIVERY, EventType.BOUNCE]
     assert v.tally == Tally(delivered=1, bounced=1)
+
+
+def test_a_bounce_of_a_text_with_a_tail_quotes_the_header_section_from_the_tail(tmp_path: Path) -> None:
+    """data may hold only the trace header; the rest of the header section is the tail's first octets.
+    The DSN quotes it, never the body; the events say the whole text's size."""
+    pool, rules = setup()
+    data = b"Received: from client.test\r\n"
+    text = b"Subject: from the tail\r\n\r\n" + b"secret body line\r\n" * 10_000
+    path = tmp_path / "tail"
+    path.write_bytes(text)
+    item = replace(work(1, 2, tried={"a"}), data=data, tail=BodyFile(str(path), 0, len(text)))
+    v = verdicts.after_attempt(item, "a", answered(OK, NO_SUCH_USER), pool, rules, NOW)
+    bounced = v.settlements[1]
+    assert bounced.dsn is not None
+    assert data + b"Subject: from the tail\r\n" in bounced.dsn.data and b"secret" not in bounced.dsn.data
+    assert [e.size for e in v.events] == [len(data) + len(text)] * 2
 
 
 def test_a_deferral_goes_at_once_to_another_member_that_has_not_tried_it() -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Final
 
+from postmux.attempt import HEADER_LIMIT
+from postmux.body import BodyFile
 from postmux.envelope import Envelope
 from postmux.reply import Reply
 
@@ -83,6 +85,21 @@ def status_code(reply: Reply, *, expired: bool) -> str:
     if _STATUS.match(reply.enhanced_code):
         return reply.enhanced_code
     return GENERIC_FAILURE
+
+
+def original_head(data: bytes, tail: BodyFile | None) -> bytes:
+    """What a DSN needs of a message's text (data, then tail): enough to hold its header section.
+
+    `data` alone when the header section ends in it (the usual case: no file is read), else `data` and
+    the first HEADER_LIMIT octets of the tail; a large body never enters memory for a bounce. A tail that
+    cannot be read leaves what `data` holds: the sender is owed the notification all the same.
+    """
+    if tail is None or data.startswith((b"\r\n", b"\n")) or _HEADER_END.search(data):
+        return data
+    try:
+        return data + tail.head(HEADER_LIMIT)
+    except OSError:
+        return data
 
 
 def original_headers(message: bytes) -> bytes:

@@ -3,15 +3,20 @@
 For tests and benches that measure or check what happens around delivery (accepting, spooling,
 balancing, settling) without sockets, as httpx's MockTransport stands in for the network.
 `App(settings, transport_factory=MemoryFarm())`; the farm's `delivered` lists what each member took.
+
+It keeps each text whole, tail included (postmux.body), as a test wants to compare it: a bench that
+sends large messages through it holds them all in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from postmux.attempt import AttemptOutcome, Transaction
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.smtp_client import BodyUnreadable
 from postmux.reply import Reply
 
 ACCEPTED = Reply(250, "2.0.0", "accepted in memory")
@@ -24,7 +29,7 @@ class Delivered:
     member: str
     sender: str
     recipients: tuple[str, ...]
-    data: bytes
+    data: bytes  # the whole text: the transaction's data, then its tail's octets
 
 
 class MemoryFarm:
@@ -56,7 +61,13 @@ class MemoryTransport:
 
     async def deliver(self, work: Transaction, *, per_connection: int | None = None) -> AttemptOutcome:
         recipients = tuple(r.address for r in work.recipients)
-        self.farm.delivered.append(Delivered(self.member.name, work.sender, recipients, work.data))
+        text = work.data
+        if work.tail is not None:
+            try:
+                text += await asyncio.to_thread(work.tail.read)
+            except OSError as e:  # as SmtpTransport: the message's fault, a crash of the attempt
+                raise BodyUnreadable(f"the text's tail {work.tail.path} cannot be read: {e}") from e
+        self.farm.delivered.append(Delivered(self.member.name, work.sender, recipients, text))
         replies = {r.rid: ACCEPTED for r in work.recipients}
         return AttemptOutcome(replies=replies, remote=self.member.target)
 

@@ -11,17 +11,22 @@ logs in when the member has credentials; both happen once per connection, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import re
 import ssl
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import aiosmtplib
 import structlog
+from aiosmtplib.protocol import SMTPProtocol
 
 from postmux.address import Malformed, Role, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
+from postmux.body import BodyFile
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.tls import describe_tls
@@ -48,40 +53,111 @@ Target = tuple[str, int]  # (host, port) one connection goes to
 
 # Any CR, LF or CRLF: a stored message should hold none but CRLF, but one that does is repaired here.
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
+END_OF_DATA = b".\r\n"  # RFC 5321 4.1.1.4: the line "." ends the text
 
 
-def wire_data(message: bytes) -> bytes:
-    """The DATA text for `message`: CRLF line ends, dots stuffed, the end-of-data line appended.
+class WireText:
+    """The DATA text of one message, given piece by piece (data, then each chunk of a tail), as sent.
 
-    The same bytes as aiosmtplib's `execute_data_command` sends (tests/unit/test_wire_data.py compares the
-    two), at a fraction of its cost: aiosmtplib runs a line-ending regex and a dot regex over every byte,
-    15% of postmux's CPU at 50 KB (bench/README.md, profile_hotpath). Ingress stores CRLF-only text (bare
-    CR/LF is refused or repaired, docs/security.md) and the DSN builder writes CRLF, so the check below
-    usually finds nothing to repair; it stays, because one bare LF sent raw would let a member read
-    `\n.\n` as the end of the message (SMTP smuggling, CVE-2023-51764).
+    What goes on the wire is what aiosmtplib's `execute_data_command` would send for the whole text at once
+    (tests/unit/test_wire_data.py compares the two, for random texts cut at random places), at a fraction
+    of its cost: aiosmtplib runs a line-ending regex and a dot regex over every byte, 15% of postmux's CPU
+    at 50 KB (bench/README.md, profile_hotpath).
+
+    A `clean` text (postmux.body: ingress found CRLF line ends only and no line starting with ".") goes as
+    it is, with no search over it: the pieces are the very objects given. Any other text (older spools,
+    DSNs) is checked, and repaired where it must be: one bare LF sent raw would let a member read `\n.\n`
+    as the end of the message (SMTP smuggling, CVE-2023-51764).
     """
-    if has_bare_cr_or_lf(message):
-        message = _ANY_LINE_END.sub(b"\r\n", message)
-    # RFC 5321 4.5.2: a line that starts with "." gets one more, the first line included.
-    stuffed = message.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"  # the end-of-data line must start a line of its own
-    elif not stuffed:
-        stuffed = b"\r\n"  # as aiosmtplib: an empty message is sent as one empty line
-    return stuffed + b".\r\n"
+
+    __slots__ = ("_after_cr", "_clean", "_empty", "_line_start")
+
+    def __init__(self, *, clean: bool) -> None:
+        self._clean = clean
+        self._empty = True  # nothing of the text seen yet
+        self._line_start = True  # the next octet starts a line (the text's first one does)
+        # The last piece ended with a CR, already sent as a CRLF: a LF opening the next piece is that
+        # CRLF's own, not a line end of its own (a CRLF cut in two must not become two line ends).
+        self._after_cr = False
+
+    def piece(self, octets: bytes) -> bytes:
+        """What goes on the wire for the next `octets` of the text."""
+        if not self._clean:
+            octets = self._repaired(octets)
+        if octets:
+            self._empty = False
+            self._line_start = octets.endswith(b"\n")  # every line end on the wire is a CRLF
+        return octets
+
+    def end(self) -> bytes:
+        """The end-of-data line, after a line end if the text did not end with one.
+
+        As aiosmtplib: an empty text is sent as one empty line (RFC 5321 4.1.1.4 has the text end with
+        CRLF, so the "." starts a line of its own).
+        """
+        return END_OF_DATA if self._line_start and not self._empty else b"\r\n" + END_OF_DATA
+
+    def _repaired(self, octets: bytes) -> bytes:
+        if not octets:
+            return octets  # nothing to carry on: the state stays as it was
+        if self._after_cr and octets.startswith(b"\n"):
+            octets = octets[1:]
+        self._after_cr = octets.endswith(b"\r")  # a piece that was only that LF ends none
+        if not octets:
+            return octets
+        if has_bare_cr_or_lf(octets):
+            octets = _ANY_LINE_END.sub(b"\r\n", octets)
+        # RFC 5321 4.5.2: a line that starts with "." gets one more, the first line included.
+        stuffed = octets.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        return stuffed
 
 
-async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) -> aiosmtplib.SMTPResponse:
-    """DATA, then the whole text in one write, then the reply; errors as aiosmtplib's `SMTP.data` raises.
+def wire_data(message: bytes, *, clean: bool = False) -> bytes:
+    """The DATA text for the whole of `message`: CRLF line ends, dots stuffed, the end-of-data line."""
+    text = WireText(clean=clean)
+    return text.piece(message) + text.end()
 
-    Public aiosmtplib API only: `execute_command` for DATA and its 354, then the connection's protocol
-    `write` and `read_response`. Nothing can arrive unread between the write and `read_response`, which
-    marks a reply as expected before it yields to the event loop. `timeout` bounds each of the two waits,
-    as aiosmtplib's `data(timeout=)` does.
+
+class BodyUnreadable(Exception):
+    """The tail of a message's text could not be read from its file (gone, or shorter than stored).
+
+    The message's fault, never the member's (so not an OSError, which would read as a lost connection):
+    it reaches the dispatcher as a crash of the attempt (scheduling.verdicts.crashed), which tries again
+    and holds the message after `[retry] max_local_errors` such attempts.
     """
-    text = wire_data(message)
+
+
+async def send_data(
+    client: aiosmtplib.SMTP,
+    data: bytes,
+    *,
+    timeout: float,
+    tail: BodyFile | None = None,
+    clean: bool = False,
+) -> aiosmtplib.SMTPResponse:
+    """DATA, then the text (`data`, then `tail`'s chunks), then the reply; errors as aiosmtplib's `SMTP.data`.
+
+    Public aiosmtplib API but for the drain (`_drained`): `execute_command` for DATA and its 354, then
+    the connection's protocol `write` and `read_response`. `timeout` bounds each wait, as aiosmtplib's
+    `data(timeout=)` does: the 354, each wait for the connection to take more of a tail, the reply.
+
+    A text held whole goes in one write. A tail is streamed: its chunks are read in a worker thread (a
+    1 MB read from the page cache takes 0.25 ms, from a cold disk far more: not on the event loop), and
+    each is written only once the connection has taken the one before, so memory stays a few chunks
+    whatever the size of the message (issue 12).
+
+    Nothing can arrive unread after the last write, as `read_response` marks a reply as expected before
+    it yields to the event loop. A reply a receiver sends while a tail is still streaming (RFC 5321
+    4.1.1.4 has it answer after the end of data) is dropped as unsolicited by aiosmtplib's protocol, and
+    the attempt ends as the receiver then does: it hangs up or stops reading (a lost connection or a
+    timeout, transient).
+
+    Whatever breaks off the text on its way (a timeout, a lost connection, a tail that cannot be read, a
+    cancelled task) closes the connection: it is in the middle of DATA, and the end-of-data line must
+    never follow a text cut short.
+    """
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -89,19 +165,106 @@ async def send_data(client: aiosmtplib.SMTP, message: bytes, *, timeout: float) 
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(text)
+        wire = WireText(clean=clean)
+        if tail is None:
+            protocol.write(wire.piece(data) + wire.end())
+        else:
+            protocol.write(wire.piece(data))
+            await _stream(protocol, wire, tail, timeout)
+            protocol.write(wire.end())
         response = await protocol.read_response(timeout=timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()  # as aiosmtplib does: a connection in an unknown state is not reused
+    except BaseException:
+        # As aiosmtplib does, a connection in an unknown state is not reused; and it is aborted, not
+        # closed: close() would keep the socket open until a receiver that stopped reading took the
+        # rest of the buffered text, which it never may.
+        if protocol.transport is not None:
+            cast(asyncio.WriteTransport, protocol.transport).abort()
+        client.close()
         raise
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 
 
+async def _stream(protocol: SMTPProtocol, wire: WireText, tail: BodyFile, timeout: float) -> None:
+    """Write `tail`'s chunks as `wire` puts them, each after the connection has taken the ones before.
+
+    The next chunk is read (in a thread) while the connection drains the one before it, so a fast
+    receiver never waits for the disk. At most three chunks are held: one in the transport's buffer, one
+    written, one being read.
+    """
+    chunks = cast(Generator[bytes, None, None], tail.chunks())  # a generator: closing it closes the file
+    reading = asyncio.ensure_future(_read(chunks, tail))
+    try:
+        await _drained(protocol, timeout)  # `data`, written before
+        while (chunk := await reading) is not None:
+            reading = asyncio.ensure_future(_read(chunks, tail))
+            protocol.write(wire.piece(chunk))
+            del chunk
+            await _drained(protocol, timeout)
+    finally:
+        reading.cancel()  # a read still running in its thread finishes there; its chunk is dropped
+        if reading.done() and not reading.cancelled():
+            reading.exception()  # a read that failed after the text broke off: said by what broke it
+        # ValueError: the generator is still running in its thread and cannot be closed under it; once
+        # that read is done the generator is collected, and its `with` closes the file.
+        with contextlib.suppress(ValueError):
+            chunks.close()
+
+
+async def eight_bit(work: Transaction) -> bool:
+    """Whether the text (data, then tail) holds an octet above 127, so that MAIL says BODY=8BITMIME.
+
+    Ingress's `clean` says nothing about it, so a tail is read through, in a worker thread: isascii costs
+    0.04 µs per KB, the read from the page cache about 0.25 ms per MB.
+    """
+    if not work.data.isascii():
+        return True
+    if work.tail is None:
+        return False
+    try:
+        return await asyncio.to_thread(_tail_eight_bit, work.tail)
+    except OSError as e:
+        raise BodyUnreadable(f"the text's tail {work.tail.path} cannot be read: {e}") from e
+
+
+def _tail_eight_bit(tail: BodyFile) -> bool:
+    return not all(chunk.isascii() for chunk in tail.chunks())
+
+
+async def _read(chunks: Iterator[bytes], tail: BodyFile) -> bytes | None:
+    """The next chunk of a tail, read in a worker thread; None at its end."""
+    try:
+        return await asyncio.to_thread(next, chunks, None)
+    except OSError as e:
+        raise BodyUnreadable(f"the text's tail {tail.path} cannot be read: {e}") from e
+
+
+async def _drained(protocol: SMTPProtocol, timeout: float) -> None:
+    """Wait, at most `timeout`, until the connection's transport has taken what was written.
+
+    aiosmtplib 5.x has no public drain: its SMTPProtocol carries asyncio's flow control (FlowControlMixin,
+    copied from the standard library's streams; pause_writing and resume_writing), and `_drain_helper` is
+    the coroutine asyncio's own StreamWriter.drain awaits on it. Wrapping the protocol in a StreamWriter
+    would reach the same method, and on newer Pythons its finalizer closes the transport it wraps. Should
+    aiosmtplib drop or rename it, tests/unit/test_drain.py fails (and at run time this would raise
+    AttributeError: the attempt crashes, never sends unbounded).
+    """
+    transport = protocol.transport
+    if transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if not cast(asyncio.WriteTransport, transport).get_write_buffer_size():
+        return  # all of it is in the kernel's buffer already: no task, no wait
+    try:
+        await asyncio.wait_for(protocol._drain_helper(), timeout)
+    except TimeoutError as e:
+        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message text") from e
+
+
 @dataclass(frozen=True, slots=True)
 class WirePaths:
-    """The paths one attempt sends at MAIL and RCPT (postmux.address.wire_path), encoded once.
+    """The paths one attempt sends at MAIL and RCPT (postmux.address.wire_path), encoded once; and whether
+    its text is 8-bit (MAIL's BODY=8BITMIME, RFC 6152), found once (`eight_bit`).
 
     An address that cannot be sent as it is (stored before ingress refused such input) is the message's
     fault, not the member's: its recipient is refused here with a permanent reply, so it bounces with a
@@ -111,6 +274,7 @@ class WirePaths:
     sender: bytes
     recipients: list[tuple[Recipient, bytes]]
     refused: dict[int, Reply]
+    eight_bit: bool = False
 
     @classmethod
     def of(cls, work: Transaction) -> WirePaths:
@@ -242,6 +406,8 @@ class SmtpTransport:
         paths = WirePaths.of(work)
         if not paths.recipients:  # nothing can be sent: no connection, and nothing to say about the member
             return AttemptOutcome(paths.refused, "", local=True, unsent=frozenset(paths.refused))
+        # Before any connection is taken: a tail that cannot be read ends the attempt here (BodyUnreadable).
+        paths = replace(paths, eight_bit=await eight_bit(work))
         self._busy += 1
         try:
             targets = await self._targets(work)
@@ -309,9 +475,9 @@ class SmtpTransport:
         *,
         fresh_retry_allowed: bool,
     ) -> AttemptOutcome | None:
-        if work.needs_smtputf8 and not conn.client.supports_extension("smtputf8"):
-            return self._unfit(conn, work, remote)
         try:
+            if work.needs_smtputf8 and not conn.client.supports_extension("smtputf8"):
+                return self._unfit(conn, work, remote)
             replies = await self._transaction(conn, work, paths)
         except _ConnectionLost as lost:
             conn.client.close()
@@ -319,6 +485,11 @@ class SmtpTransport:
                 return None
             breakoff, reply = local_failure(lost.error, f"{lost.stage} with {remote}")
             return self._all(work, reply, breakoff, remote)
+        except BaseException:
+            # The attempt crashed (a tail that cannot be read, a bug): the connection, in whatever state
+            # it was left, is closed rather than leaked.
+            conn.client.close()
+            raise
         conn.messages += 1
         self._release(conn, per_connection)
         return AttemptOutcome(replies, remote, tls=conn.tls)
@@ -467,7 +638,7 @@ class SmtpTransport:
         """MAIL, RCPT for each recipient `paths` can send, DATA: a reply for each of those recipients."""
         client = conn.client
         try:
-            await send_mail(client, paths.sender, self._mail_options(client, work))
+            await send_mail(client, paths.sender, self._mail_options(client, work, paths.eight_bit))
         except aiosmtplib.SMTPSenderRefused as e:
             await self._reset(client)
             reply = Reply.parse(e.code, e.message)
@@ -488,7 +659,9 @@ class SmtpTransport:
             await self._reset(client)
             return replies
         try:
-            response = await send_data(client, work.data, timeout=self.delivery.data_timeout)
+            response = await send_data(
+                client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
+            )
             reply = Reply.parse(response.code, response.message)
         except aiosmtplib.SMTPDataError as e:
             reply = Reply.parse(e.code, e.message)
@@ -500,12 +673,12 @@ class SmtpTransport:
         return replies
 
     @staticmethod
-    def _mail_options(client: aiosmtplib.SMTP, work: Transaction) -> list[str]:
+    def _mail_options(client: aiosmtplib.SMTP, work: Transaction, eight_bit: bool) -> list[str]:
         options = []
         if client.supports_extension("size"):
-            options.append(f"SIZE={len(work.data)}")
+            options.append(f"SIZE={work.size}")  # RFC 1870: the text's octets, tail included
         # RFC 6152: say so when the body is not 7-bit, where the server offers 8BITMIME.
-        if client.supports_extension("8bitmime") and not work.data.isascii():
+        if client.supports_extension("8bitmime") and eight_bit:
             options.append("BODY=8BITMIME")
         if work.smtputf8 and client.supports_extension("smtputf8"):
             options.append("SMTPUTF8")

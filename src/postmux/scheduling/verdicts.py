@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from postmux.attempt import AttemptOutcome
 from postmux.balancing.pool import Pool
-from postmux.delivery.dsn import FailedRecipient, build_dsn
+from postmux.delivery.dsn import FailedRecipient, build_dsn, original_head
 from postmux.envelope import domain_of
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
@@ -384,7 +384,7 @@ def final(
     """A bounce or an expiry, with the DSN to the sender recorded in the same transaction (RFC 3464)."""
     dsn = build_dsn(
         original_sender=item.sender,
-        original_message=item.data,
+        original_message=original_head(item.data, item.tail),
         message_id=item.message_id,
         failed=[FailedRecipient(r.address, reply, remote) for r, reply in failed],
         reporting_mta=rules.reporting_mta,
@@ -429,7 +429,7 @@ def event(
         response=reply,
         num_attempts=r.attempts,
         latency_s=now - item.created,
-        size=len(item.data),
+        size=item.size,  # the whole text's octets, tail included
         # The attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it made a connection.
         tags={**({"tls": tls} if tls else {}), **(tags or {})},
         timestamp=now,
