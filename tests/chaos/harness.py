@@ -68,6 +68,7 @@ class ChaosPlan:
     doomed_every: int = 37  # every upstream answers 550: the sender must get exactly one DSN
     oversized_every: int = 89  # larger than max_message_size: postmux must refuse it with 552
     max_message_size: int = 65_536
+    spill_bytes: int = 16_384  # texts longer than this go to the spool as files ([smtp] spill_bytes)
     member_connections: int = 4
     bounce_connections: int = 2
 
@@ -109,9 +110,16 @@ def fate(plan: ChaosPlan, n: int) -> str:
 
 
 def build_message(plan: ChaosPlan, n: int, attempt: int) -> bytes:
-    """Message n, attempt `attempt`: sizes from ~300 B to ~9 KB, dot-leading lines for transparency."""
+    """Message n, attempt `attempt`: sizes from ~300 B to ~9 KB, dot-leading lines for transparency; every
+    seventh ~13 KB more (the spool keeps it in a segment file), every eleventh ~30 KB more (ingress
+    writes it to a file as it arrives, [smtp] spill_bytes), so the chaos runs over every path a text
+    takes to disk (issue 12)."""
     chaos_id, to = chaos_id_of(n), recipient_of(n)
     lines = [f"{chaos_id} line {i}: " + "0123456789" * (i % 6) for i in range(4 + (n * 53) % 120)]
+    if n % 7 == 3:
+        lines += [f"{chaos_id} segment {i}: " + "0123456789" * 7 for i in range(150)]
+    elif n % 11 == 4:
+        lines += [f"{chaos_id} spilled {i}: " + "0123456789" * 7 for i in range(350)]
     if fate(plan, n) == "oversized":
         lines += ["x" * 76] * (plan.max_message_size // 78 + 10)
     if n % 3 == 0:
@@ -257,6 +265,7 @@ def write_config(
 listen = "127.0.0.1:{smtp_port}"
 hostname = "postmux.test"
 max_message_size = {plan.max_message_size}
+spill_bytes = {plan.spill_bytes}
 
 [http]
 listen = "127.0.0.1:{http_port}"

@@ -42,9 +42,21 @@ RECEIVED_HEADER = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 LISTENING = re.compile(r"postmux: smtp on port (\d+), http on port (\d+)")
 
 
+SPILL_BYTES = 16_384  # [smtp] spill_bytes: texts longer than this reach the spool as files (issue 12)
+
+
 def build_message(test_id: str, n: int) -> bytes:
-    """A message whose size and shape vary with n, with dot-leading lines to exercise transparency."""
+    """A message whose size and shape vary with n, with dot-leading lines to exercise transparency.
+
+    Every path a text can take to the spool is crashed: most stay in their row; every fourth is longer
+    than the spool keeps in a row (a segment file of its group commit); every sixth is longer than
+    SPILL_BYTES (written to a file by ingress as it arrives, adopted by the spool).
+    """
     lines = [f"line {i} of {test_id}: " + "abcdefghij" * (i % 7) for i in range(5 + (n * 37) % 60)]
+    if n % 4 == 1:
+        lines += [f"segment {i} " + "0123456789" * 7 for i in range(160)]  # ~13 KB
+    elif n % 6 == 5:
+        lines += [f"spilled {i} " + "0123456789" * 7 for i in range(500)]  # ~40 KB
     if n % 3 == 0:
         lines.insert(1, ".a line that starts with a dot")
     if n % 5 == 0:
@@ -133,6 +145,7 @@ def write_config(
 listen = "127.0.0.1:{smtp_port}"
 hostname = "postmux.test"
 workers = {workers}
+spill_bytes = {SPILL_BYTES}
 
 [http]
 listen = "127.0.0.1:{http_port}"

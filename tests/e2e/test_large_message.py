@@ -31,7 +31,10 @@ RECEIVED_HEADER = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 def big_text(size: int) -> bytes:
     """Header, then lines of varied length, some starting with a dot (stuffed on the wire), to `size`."""
-    head = b"From: app@example.com\r\nTo: user@dest.test\r\nSubject: large\r\nMessage-ID: <big@example.com>\r\n\r\n"
+    head = (
+        b"From: app@example.com\r\nTo: user@dest.test\r\nSubject: large\r\n"
+        b"Message-ID: <big@example.com>\r\n\r\n"
+    )
     block = b"".join(
         (b"." if i % 97 == 0 else b"") + (b"%06d " % i) + b"abcdefghij" * (i % 9) + b"\r\n"
         for i in range(4096)
