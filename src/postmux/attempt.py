@@ -12,12 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from postmux.body import BodyFile, text_size
+from postmux.body import HEADER_LIMIT, BodyFile, text_size
 from postmux.reply import Reply
-
-# How much of a tail is read for a header section that does not end in `data`: Postfix keeps at most
-# this much of a header section (header_size_limit, 102400), and discards the excess.
-HEADER_LIMIT = 102_400
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,23 @@ from dataclasses import dataclass
 
 CHUNK = 1 << 20  # bytes read from a body file at a time: memory per message in flight stays this small
 
+# How much of a tail is read for a header section that does not end in `data`: Postfix keeps at most
+# this much of a header section (header_size_limit, 102400), and discards the excess.
+HEADER_LIMIT = 102_400
+
+
+class BodyUnreadable(Exception):
+    """The tail of a message's text could not be read from its file (gone, or shorter than stored).
+
+    The message's fault, never the member's (so not an OSError, which would read as a lost connection):
+    it reaches the dispatcher as a crash of the attempt (scheduling.verdicts.crashed), which tries again
+    and holds the message after `[retry] max_local_errors` such attempts.
+    """
+
+    @classmethod
+    def of(cls, tail: BodyFile, error: OSError) -> BodyUnreadable:
+        return cls(f"the text's tail {tail.path} cannot be read: {error}")
+
 
 @dataclass(frozen=True, slots=True)
 class BodyFile:

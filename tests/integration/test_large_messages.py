@@ -20,9 +20,9 @@ import trustme
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from postmux.attempt import Recipient, Transaction
-from postmux.body import CHUNK, BodyFile
+from postmux.body import CHUNK, BodyFile, BodyUnreadable
 from postmux.delivery.memory import MemoryFarm
-from postmux.delivery.smtp_client import BodyUnreadable, SmtpTransport
+from postmux.delivery.smtp_client import SmtpTransport
 from tests.security.test_outbound_tls import server_tls
 from tests.support import StartUpstream, make_settings
 from tests.unit.test_wire_data import aiosmtplib_text

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from postmux.attempt import HEADER_LIMIT
-from postmux.body import BodyFile
+from postmux.body import HEADER_LIMIT, BodyFile
 from postmux.delivery.dsn import FailedRecipient, build_dsn, original_head, original_headers, status_code
 from postmux.envelope import Envelope
 from postmux.reply import Reply

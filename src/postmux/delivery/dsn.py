@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Final
 
-from postmux.attempt import HEADER_LIMIT
-from postmux.body import BodyFile
+from postmux.body import HEADER_LIMIT, BodyFile
 from postmux.envelope import Envelope
 from postmux.reply import Reply
 

@@ -14,9 +14,9 @@ import asyncio
 from dataclasses import dataclass
 
 from postmux.attempt import AttemptOutcome, Transaction
+from postmux.body import BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
-from postmux.delivery.smtp_client import BodyUnreadable
 from postmux.reply import Reply
 
 ACCEPTED = Reply(250, "2.0.0", "accepted in memory")
@@ -66,7 +66,7 @@ class MemoryTransport:
             try:
                 text += await asyncio.to_thread(work.tail.read)
             except OSError as e:  # as SmtpTransport: the message's fault, a crash of the attempt
-                raise BodyUnreadable(f"the text's tail {work.tail.path} cannot be read: {e}") from e
+                raise BodyUnreadable.of(work.tail, e) from e
         self.farm.delivered.append(Delivered(self.member.name, work.sender, recipients, text))
         replies = {r.rid: ACCEPTED for r in work.recipients}
         return AttemptOutcome(replies=replies, remote=self.member.target)

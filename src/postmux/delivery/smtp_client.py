@@ -26,7 +26,7 @@ from aiosmtplib.protocol import SMTPProtocol
 
 from postmux.address import Malformed, Role, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
-from postmux.body import BodyFile
+from postmux.body import BodyFile, BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.tls import describe_tls
@@ -118,15 +118,6 @@ def wire_data(message: bytes, *, clean: bool = False) -> bytes:
     """The DATA text for the whole of `message`: CRLF line ends, dots stuffed, the end-of-data line."""
     text = WireText(clean=clean)
     return text.piece(message) + text.end()
-
-
-class BodyUnreadable(Exception):
-    """The tail of a message's text could not be read from its file (gone, or shorter than stored).
-
-    The message's fault, never the member's (so not an OSError, which would read as a lost connection):
-    it reaches the dispatcher as a crash of the attempt (scheduling.verdicts.crashed), which tries again
-    and holds the message after `[retry] max_local_errors` such attempts.
-    """
 
 
 async def send_data(
@@ -225,7 +216,7 @@ async def eight_bit(work: Transaction) -> bool:
     try:
         return await asyncio.to_thread(_tail_eight_bit, work.tail)
     except OSError as e:
-        raise BodyUnreadable(f"the text's tail {work.tail.path} cannot be read: {e}") from e
+        raise BodyUnreadable.of(work.tail, e) from e
 
 
 def _tail_eight_bit(tail: BodyFile) -> bool:
@@ -237,7 +228,7 @@ async def _read(chunks: Iterator[bytes], tail: BodyFile) -> bytes | None:
     try:
         return await asyncio.to_thread(next, chunks, None)
     except OSError as e:
-        raise BodyUnreadable(f"the text's tail {tail.path} cannot be read: {e}") from e
+        raise BodyUnreadable.of(tail, e) from e
 
 
 async def _drained(protocol: SMTPProtocol, timeout: float) -> None:
