@@ -30,15 +30,15 @@ from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Accepts
-from postmux.ingress.data import BlockDataSMTP
+from postmux.ingress.data import BlockDataSMTP, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
     command_line_refusal,
-    data_refusal,
     declares_smtputf8,
     normalize_line_endings,
     read_path,
     received_count,
+    text_refusal,
 )
 from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.ingress.replies import enhanced
@@ -492,16 +492,16 @@ class IngressHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         if not envelope.rcpt_tos:
             return "554 5.5.1 No valid recipients"
-        data = envelope.original_content if envelope.original_content is not None else envelope.content
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        data = bytes(data or b"")
+        # BlockDataSMTP read the text and looked at every octet of it on the way (ingress/data.py).
+        assert isinstance(envelope, TextEnvelope) and envelope.text is not None
+        text = envelope.text
+        data = text.content
         normalize = self.settings.line_endings == "normalize"
-        refusal = data_refusal(data, normalize=normalize)
+        refusal = text_refusal(nul=text.nul, bare=text.bare, normalize=normalize)
         if refusal is not None:
             log.warning("message refused", client=_peer_ip(session), reply=refusal)
             return refusal
-        if normalize:
+        if text.bare:  # and `normalize`, or it was refused
             data = normalize_line_endings(data)
         if received_count(data) >= self.settings.max_hops:
             return HOPS_EXCEEDED
