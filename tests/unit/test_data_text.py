@@ -79,6 +79,8 @@ def read_blocks(
             # What the hygiene checks need was found on the way, as the regex finds it in the whole text.
             assert text.nul == (b"\x00" in text.content)
             assert text.bare == bool(BARE.search(text.content))
+            dot_line = re.search(rb"(?:\A|\r\n)\.", text.content) is not None
+            assert text.clean == (not text.nul and not text.bare and not dot_line)
             return taken, text.refusal, text.content
         assert used == stop - start
         assert len(text._partial) <= LINE_LIMIT + 2  # memory stays flat, whatever the line

@@ -67,6 +67,7 @@ class DataText:
         self.size = 0  # octets counted against size_limit (while nothing is refused)
         self.nul = False  # the text holds a NUL octet (RFC 5322 2.3)
         self.bare = False  # the text holds a CR or LF that is not part of a CRLF (RFC 5321 2.3.8)
+        self.dot_line = False  # a line of the text (as kept: un-stuffed) starts with "."
         self._parts: list[bytes] = []  # whole lines, dot-stuffing undone
         # The line that has begun but not ended: at most line_limit + 2 octets. Past that it is too long:
         # refused, or with `fold` taken into _parts as it is; only its last octet is kept if it is a CR
@@ -80,6 +81,14 @@ class DataText:
         assert self.done and self.refusal is None
         text = b"".join(self._parts)
         return fold_long_lines(text) if self.long_lines else text
+
+    @property
+    def clean(self) -> bool:
+        """`content` can be sent as it is, then ".\r\n" (postmux.body): CRLF only, no NUL, no dot to stuff.
+
+        Folding keeps it so: the lines it adds start with a space or a tab (ingress/folding.py).
+        """
+        return not (self.nul or self.bare or self.dot_line)
 
     def feed(self, block: bytes) -> int:
         """Takes `block` up to and including the end-of-data line; returns how many octets of it it took.
@@ -147,7 +156,10 @@ class DataText:
         if dot >= 0:
             # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
             # is the start of a line of `octets` (the line after its end, if it ends with CRLF, is not in it).
-            octets = octets[:dot] + octets[dot + 1 :].replace(b"\r\n.", _CRLF)
+            rest = octets[dot + 1 :].replace(b"\r\n.", _CRLF)
+            # A line stuffed twice ("..") keeps one dot: delivery must stuff it again.
+            self.dot_line = self.dot_line or rest[:1] == b"." or _DOT_LINE.search(rest) is not None
+            octets = octets[:dot] + rest
         self._parts.append(octets)
 
     def _refuse_at_first_fault(self, lines: bytes) -> None:
