@@ -9,11 +9,13 @@ from __future__ import annotations
 
 def header_section_end(data: bytes) -> int:
     """Offset just past the header section (its empty line included), or len(data) when there is none."""
-    crlf = data.find(b"\r\n\r\n")
-    lf = data.find(b"\n\n")
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
     if data.startswith((b"\r\n", b"\n")):
         return 0
+    crlf = data.find(b"\r\n\r\n")
+    # An LF LF can only end it first if it starts before the CRLF CRLF's second LF: looking further would
+    # read the whole of a CRLF text, which has none (a pass over 100 KB for every message).
+    lf = data.find(b"\n\n", 0, crlf + 3 if crlf >= 0 else len(data))
+    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
     return min(ends) if ends else len(data)
 
 

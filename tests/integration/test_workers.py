@@ -97,3 +97,35 @@ async def test_a_workers_250_carries_the_queue_id_the_main_process_stored(
     receptions = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "Reception"]
     assert reply == f"2.0.0 Ok: queued as {receptions[0]['id']}"
     assert f"id {receptions[0]['id']}".encode() in up.received[0].data  # the main process's Received header
+
+
+class Keeper:
+    """An acceptor in the main process that keeps what the worker hands it."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    async def accept(self, envelope: Envelope) -> str:
+        self.envelopes.append(envelope)
+        return f"q{len(self.envelopes)}"
+
+
+async def test_a_text_larger_than_the_pipes_buffers_crosses_whole_with_what_the_worker_found() -> None:
+    keeper = Keeper()
+    workers = IngressWorkers(SmtpSettings(listen="127.0.0.1:0", hostname="postmux.test"), keeper, 1)
+    await workers.start()
+    texts = [message("big", size=600_000), message("dot") + b".dot\r\n", message("small")]
+    try:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=workers.port, local_hostname="client.test", start_tls=False
+        )
+        await client.connect()
+        for i, text in enumerate(texts, 1):
+            _, reply = await client.sendmail("app@example.com", ["u@dest.test"], text)
+            assert reply == f"2.0.0 Ok: queued as q{i}"
+        await client.quit()
+    finally:
+        await workers.stop()
+    assert [e.data for e in keeper.envelopes] == texts  # aiosmtplib stuffed the dot, ingress took it off
+    assert [e.clean for e in keeper.envelopes] == [True, False, True]
+    assert all(e.recipients == ("u@dest.test",) and e.helo == "client.test" for e in keeper.envelopes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from postmux.ingress.data import LINE_TOO_LONG, TOO_MUCH_DATA, DataText, unread
 from postmux.ingress.folding import fold_long_lines
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
+BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
 
 
 def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
@@ -72,7 +74,14 @@ def read_blocks(
         assert 0 < used <= stop - start
         taken += used
         if text.done:
-            return taken, text.refusal, text.content if text.refusal is None else b""
+            if text.refusal is not None:
+                return taken, text.refusal, b""
+            # What the hygiene checks need was found on the way, as the regex finds it in the whole text.
+            assert text.nul == (b"\x00" in text.content)
+            assert text.bare == bool(BARE.search(text.content))
+            dot_line = re.search(rb"(?:\A|\r\n)\.", text.content) is not None
+            assert text.clean == (not text.nul and not text.bare and not dot_line)
+            return taken, text.refusal, text.content
         assert used == stop - start
         assert len(text._partial) <= LINE_LIMIT + 2  # memory stays flat, whatever the line
     return None

@@ -40,3 +40,21 @@ def test_never_adds_bytes_and_keeps_the_body(raw: bytes) -> None:
     assert len(rest) <= len(raw)
     if not values:
         assert rest == raw
+
+
+def first_empty_line_end(data: bytes) -> int:
+    """header_section_end as it was: the first CRLF CRLF and the first LF LF, each looked for to the end."""
+    if data.startswith((b"\r\n", b"\n")):
+        return 0
+    candidates = [i + 4 for i in [data.find(b"\r\n\r\n")] if i >= 0]
+    candidates += [i + 2 for i in [data.find(b"\n\n")] if i >= 0]
+    return min(candidates) if candidates else len(data)
+
+
+CHUNKS = st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"\r\n\r\n", b"\n\n", b": "])
+
+
+@given(st.lists(CHUNKS, max_size=30))
+def test_header_section_end_looking_up_to_the_first_crlf_crlf_finds_the_same(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    assert header_section_end(data) == first_empty_line_end(data)

@@ -42,9 +42,14 @@ def command_line_refusal(line: bytes) -> str | None:
 
 def data_refusal(data: bytes, *, normalize: bool) -> str | None:
     """The message text after the final dot; with `normalize`, bare CR and LF are repaired, not refused."""
-    if b"\x00" in data:
+    return text_refusal(nul=b"\x00" in data, bare=has_bare_cr_or_lf(data), normalize=normalize)
+
+
+def text_refusal(*, nul: bool, bare: bool, normalize: bool) -> str | None:
+    """`data_refusal` from what the DATA reader found as the text went by (ingress/data.py, DataText)."""
+    if nul:
         return NUL_IN_DATA
-    if not normalize and has_bare_cr_or_lf(data):
+    if bare and not normalize:
         return BARE_EOL_IN_DATA
     return None
 

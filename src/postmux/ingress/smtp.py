@@ -30,19 +30,20 @@ from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Accepts
-from postmux.ingress.data import BlockDataSMTP
+from postmux.ingress.data import BlockDataSMTP, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
     command_line_refusal,
-    data_refusal,
     declares_smtputf8,
     normalize_line_endings,
     read_path,
     received_count,
+    text_refusal,
 )
 from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.ingress.replies import enhanced
 from postmux.spool.base import SpoolError
+from postmux.text import has_dot_line
 
 log = structlog.get_logger("postmux.smtp")
 
@@ -492,20 +493,23 @@ class IngressHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         if not envelope.rcpt_tos:
             return "554 5.5.1 No valid recipients"
-        data = envelope.original_content if envelope.original_content is not None else envelope.content
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        data = bytes(data or b"")
+        # BlockDataSMTP read the text and looked at every octet of it on the way (ingress/data.py).
+        assert isinstance(envelope, TextEnvelope) and envelope.text is not None
+        text = envelope.text
+        data = text.content
         normalize = self.settings.line_endings == "normalize"
-        refusal = data_refusal(data, normalize=normalize)
+        refusal = text_refusal(nul=text.nul, bare=text.bare, normalize=normalize)
         if refusal is not None:
             log.warning("message refused", client=_peer_ip(session), reply=refusal)
             return refusal
-        if normalize:
+        clean = text.clean
+        if text.bare:  # and `normalize`, or it was refused
             data = normalize_line_endings(data)
+            # Repaired, it holds only CRLF; a line of "." (after a bare LF) or ".x" (after "\n..") may be new.
+            clean = not has_dot_line(data)
         if received_count(data) >= self.settings.max_hops:
             return HOPS_EXCEEDED
-        message = self._envelope(session, envelope, data)
+        message = self._envelope(session, envelope, data, clean)
         try:
             # Shielded: a client that hangs up (or times out) while the spool commits must not cancel a
             # store that may already be durable; the message is then delivered, never half-stored.
@@ -520,7 +524,7 @@ class IngressHandler:
             return "451 4.3.0 Requested action aborted: local error in processing"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
-    def _envelope(self, session: Session, envelope: SmtpEnvelope, data: bytes) -> Envelope:
+    def _envelope(self, session: Session, envelope: SmtpEnvelope, data: bytes, clean: bool) -> Envelope:
         sender = envelope.mail_from or ""
         # RFC 3848: ESMTPS with TLS, ESMTPA after AUTH, ESMTPSA with both.
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
@@ -535,6 +539,7 @@ class IngressHandler:
             helo=session.host_name or "",
             protocol=protocol,
             auth_user=str(session.auth_data) if session.authenticated else "",
+            clean=clean,
         )
 
 
