@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
 from postmux.app import App
+from postmux.body import BodyFile
 from postmux.config import SmtpSettings
 from postmux.envelope import Envelope
-from postmux.ingress.workers import IngressWorkers
+from postmux.ingress.workers import IngressWorkers, RemoteAcceptor
 from postmux.spool.base import SpoolError
 from tests.e2e.test_crash import running
 from tests.support import StartUpstream, make_settings, message, read_events, send, send_many, wait_until
@@ -153,3 +156,21 @@ async def test_a_worker_writes_a_large_text_to_the_spill_directory_and_hands_ove
     assert envelope.tail is not None and Path(envelope.tail.path).parent == tmp_path
     assert len(envelope.data) <= 10_000 and envelope.data + envelope.tail.read() == text
     assert envelope.clean and envelope.size == len(text)
+
+
+async def test_a_worker_whose_main_process_is_gone_deletes_the_text_file_it_could_not_send(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    acceptor = RemoteAcceptor(reader, writer)
+    theirs.close()
+    await acceptor.read_replies()  # EOF with nothing in doubt: no spool behind it any more
+    path = tmp_path / "text-1.tmp"
+    path.write_bytes(b"rest\r\n")
+    envelope = Envelope("a@b.test", ("c@d.test",), b"head\r\n", tail=BodyFile(str(path), 0, 6))
+    with pytest.raises(SpoolError):
+        await acceptor.accept(envelope)
+    assert not path.exists()  # handed to accept: no one else would delete it
+    writer.close()
+    await writer.wait_closed()
