@@ -16,8 +16,3 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     """
     pairs = data.count(b"\r\n")
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
-
-
-def has_dot_line(data: bytes) -> bool:
-    """Whether a line of `data` (CRLF text) starts with ".": it goes on the wire stuffed (RFC 5321 4.5.2)."""
-    return data[:1] == b"." or b"\r\n." in data

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postmux.ingress.data import BlockDataSMTP
+from postmux.ingress.data import BlockDataSMTP, TextEnvelope
 from tests.unit.test_data_text import aiosmtpd_model
 
 
@@ -25,8 +28,21 @@ class Recorder:
         self.texts: list[bytes] = []
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.texts.append(bytes(envelope.original_content or b""))
+        # The block reader's text past spill_bytes is in a file (deleted once this hook returns).
+        text = envelope.text if isinstance(envelope, TextEnvelope) else None
+        tail = text.tail if text is not None else None
+        self.texts.append(bytes(envelope.original_content or b"") + (tail.read() if tail else b""))
         return f"250 2.0.0 got {len(self.texts)}"
+
+
+SPILL_DIR = Path(tempfile.mkdtemp(prefix="postmux-blocks-"))
+
+
+class SpillingBlockDataSMTP(BlockDataSMTP):
+    """The block reader with all but the first few hundred octets of a text written to a file."""
+
+    spill_dir = SPILL_DIR
+    spill_bytes = 300
 
 
 async def serve(cls: type[SMTP], size_limit: int) -> tuple[asyncio.Server, Recorder]:
@@ -84,7 +100,7 @@ PIECES = st.sampled_from(
 async def both_readers(writes: list[bytes], size_limit: int) -> list[tuple[list[str], list[bytes]]]:
     """(replies, texts the DATA hook saw) from aiosmtpd's line reader, then from the block reader."""
     results = []
-    for cls in (SMTP, BlockDataSMTP):
+    for cls in (SMTP, BlockDataSMTP, SpillingBlockDataSMTP):
         server, recorder = await serve(cls, size_limit)
         try:
             replies = await session(server.sockets[0].getsockname()[1], writes)
@@ -116,8 +132,9 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
     stream = b"".join(pieces) + b"\r\n.\r\nRSET\r\nQUIT\r\n"
     bounds = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
     writes = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-    line_reader, block_reader = await both_readers(writes, size_limit)
-    assert block_reader == line_reader
+    line_reader, block_reader, spilling = await both_readers(writes, size_limit)
+    assert block_reader == line_reader and spilling == line_reader
+    assert not os.listdir(SPILL_DIR)
     # The session ended at QUIT, or earlier when an early "." line made the rest bogus commands.
     assert line_reader[0][-1][:3] in ("221", "502"), line_reader[0]
     # The model the unit tests hold DataText to says what aiosmtpd itself did with the first message.
@@ -140,8 +157,8 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
     ],
 )
 async def test_block_boundaries_as_aiosmtpd(writes: list[bytes]) -> None:
-    line_reader, block_reader = await both_readers(writes, 100_000)
-    assert block_reader == line_reader
+    line_reader, block_reader, spilling = await both_readers(writes, 100_000)
+    assert block_reader == line_reader and spilling == line_reader
     assert line_reader[0][-1].startswith("221"), line_reader[0]
 
 

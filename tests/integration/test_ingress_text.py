@@ -6,7 +6,11 @@ A real listener (`start_smtp_server`) on loopback and an acceptor that keeps eac
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+import hashlib
+import os
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,19 +18,24 @@ import pytest
 from postmux.config import SmtpSettings
 from postmux.envelope import Envelope
 from postmux.ingress.folding import fold_long_lines
+from postmux.spool.base import SpoolError
 from tests.security.client import RawClient
+from tests.support import wait_until
 
 HEAD = b"Subject: text\r\n\r\n"
 
 
 class Keeper:
-    """An acceptor that keeps what it is given and answers with a queue id of its own."""
+    """An acceptor that keeps what it is given and answers with a queue id of its own, or fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception | None = None) -> None:
         self.envelopes: list[Envelope] = []
+        self.error = error
 
     async def accept(self, envelope: Envelope) -> str:
         self.envelopes.append(envelope)
+        if self.error is not None:
+            raise self.error
         return f"q{len(self.envelopes)}"
 
 
@@ -39,10 +48,12 @@ async def listen() -> AsyncIterator[Listen]:
 
     servers: list[asyncio.Server] = []
 
-    async def start(**smtp: Any) -> tuple[int, Keeper]:
-        keeper = Keeper()
+    async def start(
+        spill_dir: Path | None = None, keeper: Keeper | None = None, **smtp: Any
+    ) -> tuple[int, Keeper]:
+        keeper = keeper or Keeper()
         settings = SmtpSettings(listen="127.0.0.1:0", hostname="postmux.test", **smtp)
-        server = await start_smtp_server(settings, keeper)
+        server = await start_smtp_server(settings, keeper, spill_dir=spill_dir)
         servers.append(server)
         return int(server.sockets[0].getsockname()[1]), keeper
 
@@ -100,3 +111,121 @@ async def test_repaired_line_ends_are_clean_unless_a_line_starts_with_a_dot(
     assert (await transaction(port, sent)).startswith("250 2.0.0 Ok: queued as q1")
     [envelope] = keeper.envelopes
     assert envelope.data == kept and envelope.clean is clean
+
+
+LINE = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3\r\n"  # base64's 78
+
+
+def lines_of(mib: int) -> Iterator[bytes]:
+    """A text of `mib` MiB in chunks of a MiB: the header, then lines of base64."""
+    yield HEAD
+    chunk = LINE * ((1 << 20) // len(LINE))
+    for _ in range(mib):
+        yield chunk
+
+
+def read_back(envelope: Envelope) -> bytes:
+    return envelope.data + (envelope.tail.read() if envelope.tail is not None else b"")
+
+
+async def test_a_50_mb_text_goes_to_a_file_as_it_arrives_and_memory_stays_flat(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, keeper = await listen(tmp_path, max_message_size=60_000_000)
+    expected = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        client = await RawClient.connect(port)
+        await client.ehlo_mail_rcpt()
+        assert (await client.cmd("DATA")).startswith("354")
+        for chunk in lines_of(50):
+            expected.update(chunk)
+            await client.send(chunk)
+        await client.send(b".\r\n")
+        reply = await client.reply(timeout=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await client.close()
+    assert reply == "250 2.0.0 Ok: queued as q1"
+    assert peak < 10_000_000, f"{peak:,} octets at the peak"
+    [envelope] = keeper.envelopes
+    assert envelope.tail is not None and Path(envelope.tail.path).parent == tmp_path
+    assert len(envelope.data) <= 1_048_576 and envelope.size > 50_000_000
+    got = hashlib.sha256(envelope.data)
+    for chunk in envelope.tail.chunks():
+        got.update(chunk)
+    assert got.hexdigest() == expected.hexdigest()
+    assert envelope.clean
+
+
+@pytest.mark.parametrize("spill_bytes", [1, 1000, 100_000])
+@pytest.mark.parametrize("line_endings", ["reject", "normalize"])
+async def test_a_spilled_text_is_the_text_kept_in_memory(
+    listen: Listen, tmp_path: Path, spill_bytes: int, line_endings: str
+) -> None:
+    text = HEAD + b"..dot\r\n" + LINE * 3000 + b"x" * 2500 + b"\r\n" + LINE * 10
+    in_memory, whole = await listen(None, line_endings=line_endings)
+    spilled, parts = await listen(tmp_path, spill_bytes=spill_bytes, line_endings=line_endings)
+    for port in (in_memory, spilled):
+        assert (await transaction(port, text)).startswith("250 2.0.0 Ok: queued as q1")
+    [expected], [envelope] = whole.envelopes, parts.envelopes
+    assert expected.tail is None and envelope.tail is not None
+    assert read_back(envelope) == expected.data and envelope.size == len(expected.data)
+    assert not envelope.clean and not expected.clean  # the line that was "..dot"
+    assert envelope.data.endswith(b"\r\n") or not envelope.data  # whole lines in memory
+
+
+SPILLED = HEAD + LINE * 4000  # 300 KB: past spill_bytes below
+
+
+@pytest.mark.parametrize(
+    ("smtp", "text", "reply"),
+    [
+        ({}, SPILLED + b"bare\nLF\r\n", "550 5.6.11"),
+        ({"line_endings": "normalize"}, SPILLED + b"NUL\x00\r\n", "550 5.6.11"),
+        ({}, b"Received: x\r\n" * 60 + SPILLED, "554 5.4.6"),
+        ({"max_message_size": 200_000}, SPILLED, "552 5.3.4"),
+        ({"long_lines": "refuse"}, SPILLED + b"y" * 1200 + b"\r\n", "500 5.5.2"),
+    ],
+)
+async def test_a_text_refused_leaves_no_file(
+    listen: Listen, tmp_path: Path, smtp: dict[str, Any], text: bytes, reply: str
+) -> None:
+    port, keeper = await listen(tmp_path, spill_bytes=1000, **smtp)
+    assert (await transaction(port, text)).startswith(reply)
+    assert os.listdir(tmp_path) == [] and keeper.envelopes == []
+
+
+async def test_a_client_that_hangs_up_in_the_middle_of_the_text_leaves_no_file(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, keeper = await listen(tmp_path, spill_bytes=1000)
+    client = await RawClient.connect(port)
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(SPILLED)
+    await wait_until(lambda: len(os.listdir(tmp_path)) == 1)  # being written
+    await client.close()
+    await wait_until(lambda: os.listdir(tmp_path) == [])
+    assert keeper.envelopes == []
+
+
+async def test_once_handed_to_the_acceptor_the_file_is_the_spools_even_if_it_fails(
+    listen: Listen, tmp_path: Path
+) -> None:
+    keeper = Keeper(SpoolError("disk full", disk_full=True))
+    port, _ = await listen(tmp_path, spill_bytes=1000, keeper=keeper)
+    assert (await transaction(port, SPILLED)).startswith("452 4.3.1")
+    [envelope] = keeper.envelopes
+    assert envelope.tail is not None and os.listdir(tmp_path) == [Path(envelope.tail.path).name]
+    assert read_back(envelope) == SPILLED
+
+
+async def test_a_text_that_cannot_be_written_to_its_file_is_refused_for_now(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, keeper = await listen(tmp_path / "gone", spill_bytes=1000)
+    assert (await transaction(port, SPILLED)).startswith("451 4.3.0")
+    assert keeper.envelopes == []
+    assert (await transaction(port, HEAD + b"small\r\n")).startswith("250 ")  # within spill_bytes

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
 from postmux.app import App
+from postmux.body import BodyFile
 from postmux.config import SmtpSettings
 from postmux.envelope import Envelope
-from postmux.ingress.workers import IngressWorkers
+from postmux.ingress.workers import IngressWorkers, RemoteAcceptor
 from postmux.spool.base import SpoolError
 from tests.e2e.test_crash import running
 from tests.support import StartUpstream, make_settings, message, read_events, send, send_many, wait_until
@@ -129,3 +132,45 @@ async def test_a_text_larger_than_the_pipes_buffers_crosses_whole_with_what_the_
     assert [e.data for e in keeper.envelopes] == texts  # aiosmtplib stuffed the dot, ingress took it off
     assert [e.clean for e in keeper.envelopes] == [True, False, True]
     assert all(e.recipients == ("u@dest.test",) and e.helo == "client.test" for e in keeper.envelopes)
+
+
+async def test_a_worker_writes_a_large_text_to_the_spill_directory_and_hands_over_the_file(
+    tmp_path: Path,
+) -> None:
+    keeper = Keeper()
+    settings = SmtpSettings(listen="127.0.0.1:0", hostname="postmux.test", spill_bytes=10_000)
+    workers = IngressWorkers(settings, keeper, 1, spill_dir=tmp_path)
+    await workers.start()
+    text = message("big", size=600_000)
+    try:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=workers.port, local_hostname="client.test", start_tls=False
+        )
+        await client.connect()
+        _, reply = await client.sendmail("app@example.com", ["u@dest.test"], text)
+        assert reply == "2.0.0 Ok: queued as q1"
+        await client.quit()
+    finally:
+        await workers.stop()
+    [envelope] = keeper.envelopes
+    assert envelope.tail is not None and Path(envelope.tail.path).parent == tmp_path
+    assert len(envelope.data) <= 10_000 and envelope.data + envelope.tail.read() == text
+    assert envelope.clean and envelope.size == len(text)
+
+
+async def test_a_worker_whose_main_process_is_gone_deletes_the_text_file_it_could_not_send(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    acceptor = RemoteAcceptor(reader, writer)
+    theirs.close()
+    await acceptor.read_replies()  # EOF with nothing in doubt: no spool behind it any more
+    path = tmp_path / "text-1.tmp"
+    path.write_bytes(b"rest\r\n")
+    envelope = Envelope("a@b.test", ("c@d.test",), b"head\r\n", tail=BodyFile(str(path), 0, 6))
+    with pytest.raises(SpoolError):
+        await acceptor.accept(envelope)
+    assert not path.exists()  # handed to accept: no one else would delete it
+    writer.close()
+    await writer.wait_closed()

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
+import tempfile
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postmux.ingress.data import LINE_TOO_LONG, TOO_MUCH_DATA, DataText, unread
+from postmux.ingress.data import LINE_TOO_LONG, TOO_MUCH_DATA, DataText, LineEndings, unread
 from postmux.ingress.folding import fold_long_lines
+from postmux.ingress.hygiene import normalize_line_endings, received_count
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
@@ -148,6 +152,105 @@ def test_folding_one_octet_at_a_time(stream: bytes, size_limit: int | None) -> N
     assert read_blocks(stream, cuts, size_limit, fold=True) == folding_model(stream, size_limit)
 
 
+def as_kept(
+    stream: bytes, size_limit: int | None, *, fold: bool, line_endings: LineEndings
+) -> tuple[int, str | None, bytes] | None:
+    """The model's text as DataText keeps it: repaired, or nothing of a text that will be refused."""
+    model = (folding_model if fold else aiosmtpd_model)(stream, size_limit)
+    if model is None or model[1] is not None:
+        return model
+    taken, _, text = model
+    nul, bare = b"\x00" in text, BARE.search(text) is not None
+    if line_endings != "keep" and (nul or (bare and line_endings == "reject")):
+        return taken, None, b""  # refused after the dot for it (hygiene.text_refusal): not kept
+    if line_endings == "normalize":
+        text = normalize_line_endings(text)
+    return taken, None, text
+
+
+SPILL_DIR = Path(tempfile.mkdtemp(prefix="postmux-spill-test-"))
+
+
+def read_kept(
+    stream: bytes,
+    cuts: list[int],
+    size_limit: int | None,
+    *,
+    fold: bool,
+    line_endings: LineEndings,
+    spill_bytes: int,
+) -> tuple[int, str | None, bytes] | None:
+    """Like read_blocks, with a text past `spill_bytes` in a file: the text read back from both."""
+    text = DataText(
+        size_limit,
+        LINE_LIMIT,
+        fold=fold,
+        line_endings=line_endings,
+        spill_dir=SPILL_DIR,
+        spill_bytes=spill_bytes,
+    )
+    bounds = sorted({c for c in cuts if 0 < c < len(stream)} | {0, len(stream)})
+    taken = 0
+    try:
+        for start, stop in itertools.pairwise(bounds):
+            taken += text.feed(stream[start:stop])
+            if text.done:
+                break
+        else:
+            return None
+        if text.refusal is not None:
+            assert not os.listdir(SPILL_DIR)  # deleted at once
+            return taken, text.refusal, b""
+        data, tail = text.content, text.tail
+        kept = data + (tail.read() if tail is not None else b"")
+        # In memory: all of it (spill_bytes 0: never a file), or the whole lines within spill_bytes.
+        assert (tail is not None) == (0 < spill_bytes < len(kept))
+        if tail is not None:
+            eol = kept.rfind(b"\r\n", 0, spill_bytes)
+            assert data == (kept[: eol + 2] if eol >= 0 else b"") and tail.length > 0
+        else:
+            assert data == kept
+        dropped = text.nul or (text.bare and line_endings == "reject")
+        if not dropped and (line_endings == "normalize" or not text.bare):
+            assert text.received == received_count(kept)
+            dot_line = re.search(rb"(?:\A|\r\n)\.", kept) is not None
+            assert text.clean == (not dot_line)
+        else:
+            assert not text.clean
+        return taken, None, kept
+    finally:
+        text.discard()
+        assert not os.listdir(SPILL_DIR)
+
+
+# With trace fields and blank lines, for the count of Received: fields in the header section.
+KEPT_STREAMS = st.lists(
+    st.one_of(PIECES, st.sampled_from([b"Received: a\r\n", b"rECEIVED:", b"\r\n\r\n"])), max_size=30
+).map(b"".join)
+
+
+@settings(max_examples=400)
+@given(
+    KEPT_STREAMS,
+    st.lists(st.integers(min_value=0, max_value=40000), max_size=8),
+    LIMITS,
+    st.booleans(),
+    st.sampled_from(["keep", "reject", "normalize"]),
+    st.sampled_from([0, 1, 5, 100, 1500, 5000]),
+)
+def test_the_text_is_kept_as_it_will_be_stored_in_memory_or_in_a_file(
+    stream: bytes,
+    cuts: list[int],
+    size_limit: int | None,
+    fold: bool,
+    line_endings: LineEndings,
+    spill_bytes: int,
+) -> None:
+    stream += b"\r\n.\r\nQUIT\r\n"
+    read = read_kept(stream, cuts, size_limit, fold=fold, line_endings=line_endings, spill_bytes=spill_bytes)
+    assert read == as_kept(stream, size_limit, fold=fold, line_endings=line_endings)
+
+
 MESSAGE = b"Subject: s\r\n\r\n.leading dot\r\n..\r\nbody\r\n"
 STREAM = MESSAGE + b".\r\nQUIT\r\n"
 
@@ -188,7 +291,7 @@ def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:
     text = DataText(10_000, LINE_LIMIT)
     for _ in range(300):  # 19 MB with no line end
         assert text.feed(b"y" * 65536) == 65536
-        assert len(text._partial) <= 1 and not text._parts
+        assert len(text._partial) <= 1 and text._kept.size == 0
     assert text.refusal == LINE_TOO_LONG
     assert text.feed(b".\r\n") == 3 and not text.done  # still the too-long line, not a line of its own
     assert text.feed(b".\r\nRSET\r\n") == 3 and text.done
@@ -199,7 +302,7 @@ def test_folding_an_endless_line_is_kept_a_block_at_a_time_then_refused_at_the_s
     for i in range(300):  # 19 MB with no line end
         assert text.feed(b"y" * 65535 + b"\r") == 65536
         assert text._partial == b"\r"  # each block is taken as it comes, never joined to the last
-        assert (text.refusal is None) == (i < 15) and (bool(text._parts) == (i < 15))
+        assert (text.refusal is None) == (i < 15) and ((text._kept.size > 0) == (i < 15))
     assert text.refusal == TOO_MUCH_DATA
     assert text.feed(b".\r\n") == 3 and not text.done  # "\r." is still the long line
     assert text.feed(b".\r\nRSET\r\n") == 3 and text.done
@@ -217,7 +320,7 @@ def test_folding_a_long_line_across_blocks_keeps_its_dots() -> None:
 def test_too_much_data_is_refused_and_thrown_away() -> None:
     text = DataText(100, LINE_LIMIT)
     assert text.feed(b"z" * 98 + b"\r\n") == 100 and text.refusal is None
-    assert text.feed(b"z\r\n") == 3 and text.refusal == TOO_MUCH_DATA and not text._parts
+    assert text.feed(b"z\r\n") == 3 and text.refusal == TOO_MUCH_DATA and text._kept.size == 0
     assert text.feed(b"\r\n.\r\n") == 5 and text.done
 
 

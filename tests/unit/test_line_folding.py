@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postmux.delivery.smtp_client import wire_data
-from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines, line_pieces
+from postmux.ingress.folding import FOLD_WIDTH, LongLine, fold_long_lines, line_pieces
 from postmux.ingress.hygiene import normalize_line_endings
 
 # Octets the breaks turn on: whitespace runs, dots, UTF-8 characters, bare CR and LF, words of all sizes.
@@ -98,3 +99,45 @@ def test_no_utf8_character_is_split_and_no_line_is_a_lone_dot() -> None:
     dotted = b". " + b"y" * 1500
     folded = fold_long_lines(dotted + b"\r\n")
     assert b".\r\n" not in folded and folded.startswith(b". yyy")
+
+
+def fed_in_parts(line: bytes, cuts: list[int], width: int, *, repair: bool) -> bytes:
+    """A LongLine's output for `line` fed cut at `cuts`; what it holds stays within one piece."""
+    long_line = LongLine(width, repair=repair)
+    bounds = sorted({c for c in cuts if 0 < c < len(line)} | {0, len(line)})
+    out = []
+    for start, stop in itertools.pairwise(bounds):
+        out.append(long_line.feed(line[start:stop]))
+        assert len(long_line._rest.rstrip(b" \t")) <= width  # a run of whitespace is held until it ends
+    return b"".join(out) + long_line.end()
+
+
+LONG_LINES = LINES.filter(lambda line: b"\r\n" not in line)  # one line: its CRLF comes after it
+
+
+@given(LONG_LINES, st.lists(st.integers(min_value=0, max_value=400), max_size=10), WIDTHS)
+def test_a_long_line_folded_as_it_arrives_is_folded_as_if_whole(
+    line: bytes, cuts: list[int], width: int
+) -> None:
+    assert fed_in_parts(line, cuts, width, repair=False) == fold_long_lines(line + b"\r\n", width)
+
+
+@given(LONG_LINES, st.lists(st.integers(min_value=0, max_value=400), max_size=10), WIDTHS)
+def test_a_long_line_repaired_as_it_arrives_is_folded_then_repaired_as_if_whole(
+    line: bytes, cuts: list[int], width: int
+) -> None:
+    expected = normalize_line_endings(fold_long_lines(line + b"\r\n", width))
+    assert fed_in_parts(line, cuts, width, repair=True) == expected
+
+
+def test_a_long_line_is_written_out_as_it_arrives() -> None:
+    long_line = LongLine()
+    first = long_line.feed(b"y" * 5000)
+    assert first == b"y" * 998 + b"\r\n" + (b" " + b"y" * 997 + b"\r\n") * 4
+    assert len(long_line._rest) == 14
+    assert long_line.feed(b" " * 3000) == b""  # whitespace: where the next break goes is not known yet
+    then = long_line.feed(b"z")
+    assert [len(line) for line in then.split(b"\r\n")] == [998, 998, 998, 0]
+    rest = long_line.end()
+    assert rest == b" " * 21 + b"z\r\n"
+    assert first + then + rest == fold_long_lines(b"y" * 5000 + b" " * 3000 + b"z\r\n")

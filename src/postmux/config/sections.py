@@ -105,6 +105,9 @@ class SmtpSettings(_Frozen):
     max_auth_failures_per_user: int = Field(default=20, gt=0)
     # scrypt checks (32 MiB and tens of ms of CPU each) running at once, for the whole listener.
     max_concurrent_auth_checks: int = Field(default=4, gt=0)
+    # A message's text past this many octets goes to a file in the spool's directory as it arrives,
+    # instead of staying in memory (ingress/kept.py): memory stays flat for large messages. 0: never.
+    spill_bytes: int = Field(default=1_048_576, ge=0)
 
     @field_validator("trusted_networks")
     @classmethod

@@ -81,7 +81,9 @@ class Acceptor:
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not."""
         sender_domain = envelope.sender_domain
-        # The pool header is a request to postmux, not part of the mail: it never reaches a member.
+        # The pool header is a request to postmux, not part of the mail: it never reaches a member. It is
+        # looked for in `data`, which holds the header section unless that is longer than [smtp]
+        # spill_bytes (1 MiB by default): a field past that, in the text's file, stays in the text.
         data, requested = take_header(envelope.data, POOL_HEADER)
         if requested:
             envelope = replace(envelope, data=data)
@@ -110,7 +112,7 @@ class Acceptor:
                     recipient=rcpt,
                     pool=pools[rcpt],
                     queue=f"{pools[rcpt]}/{domain_of(rcpt)}",
-                    size=len(envelope.data),
+                    size=envelope.size,
                     timestamp=now,
                     tags=envelope.tags,
                 )

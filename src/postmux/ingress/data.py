@@ -24,26 +24,42 @@ ingress/hygiene.py) are found here too, in the pieces the line lengths are measu
 reads the whole text again after the dot.
 
 With `fold` (postmux's `[smtp] long_lines = "fold"`, the default) no line is too long: a long one is kept
-as it arrives, a block at a time (the size limit alone bounds what is kept), and the text's lines longer
-than 998 octets are broken as Postfix breaks them on the way out (ingress/folding.py). A text with no
-such line costs nothing more: the longest line of each block is measured already.
+as it arrives, and the text's lines longer than 998 octets are broken as Postfix breaks them on the way
+out (ingress/folding.py), a block at a time (`LongLine` for one that spans blocks). A text with no such
+line costs nothing more: the longest line of each block is measured already.
+
+With `line_endings` "normalize" each bare CR or LF is repaired as its block is kept (hygiene.py); with
+"reject" or "normalize", a text that will be refused for a bare line end or a NUL is no longer kept once
+one is seen. Every rule that changes the text (un-stuffing, folding, repair) works on one line, so the
+text is kept block by block as it will be stored: in memory, then past `spill_bytes` in a file
+(ingress/kept.py). What is counted in it (`received`, `dot_line`) is counted as it is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import errno
 import re
+from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from aiosmtpd.smtp import MISSING, SMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines
+from postmux.body import BodyFile
+from postmux.ingress.folding import FOLD_WIDTH, LongLine, fold_long_lines
+from postmux.ingress.hygiene import normalize_line_endings
+from postmux.ingress.kept import KeptText
+
+log = structlog.get_logger("postmux.smtp")
 
 # aiosmtpd's own replies, which PostmuxSMTP.push gives an enhanced status code.
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
+# The text could not be kept (its file could not be written): what the spool's failure to store it says.
+NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error in processing"
 
 BLOCK = 1 << 16  # bytes taken from the reader at a time: whatever has arrived, up to this much
 
@@ -53,42 +69,75 @@ _END = b"\r\n.\r\n"  # a CRLF ending a line, then the line "."
 # for these three octets, which it meets at every line end (20 µs for 64 KiB).
 _DOT_LINE = re.compile(rb"\r\n\.")
 
+# What happens to a bare CR or LF: kept as it is (aiosmtpd), or the text is refused, or it is repaired.
+LineEndings = Literal["keep", "reject", "normalize"]
+
 
 class DataText:
     """Cuts one message's text out of the bytes that follow the 354, fed to it in blocks of any size."""
 
-    def __init__(self, size_limit: int | None, line_limit: int, *, fold: bool = False) -> None:
+    def __init__(
+        self,
+        size_limit: int | None,
+        line_limit: int,
+        *,
+        fold: bool = False,
+        line_endings: LineEndings = "keep",
+        spill_dir: Path | None = None,
+        spill_bytes: int = 0,
+    ) -> None:
         self.size_limit = size_limit
         self.line_limit = line_limit
         self.fold = fold  # take lines longer than line_limit and fold them, instead of refusing
-        self.long_lines = False  # with `fold`: some line may be longer than FOLD_WIDTH
-        self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA, once the message is refused
+        self.line_endings = line_endings
+        self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA (or the text not kept), if refused
         self.done = False  # the end-of-data line has been taken
         self.size = 0  # octets counted against size_limit (while nothing is refused)
         self.nul = False  # the text holds a NUL octet (RFC 5322 2.3)
         self.bare = False  # the text holds a CR or LF that is not part of a CRLF (RFC 5321 2.3.8)
-        self.dot_line = False  # a line of the text (as kept: un-stuffed) starts with "."
-        self._parts: list[bytes] = []  # whole lines, dot-stuffing undone
+        self.dot_line = False  # a line of the text as kept (un-stuffed, repaired) starts with "."
+        # Received: fields in the header section of the text as kept (RFC 5321 4.4): lines before the
+        # first empty one, as hygiene.received_count reads them in a CRLF text.
+        self.received = 0
+        self._kept = KeptText(spill_dir, spill_bytes)  # whole lines, as they will be stored
+        self._long: LongLine | None = None  # with `fold`: the long line being taken, while _mid_line
+        self._in_head = True  # what is kept so far is all header section
+        self._dropped = False  # the text will be refused for a NUL or a bare line end: nothing more is kept
         # The line that has begun but not ended: at most line_limit + 2 octets. Past that it is too long:
-        # refused, or with `fold` taken into _parts as it is; only its last octet is kept if it is a CR
-        # (the CRLF that ends the line may be split).
+        # refused, or with `fold` taken as it is so far; only its last octet is kept if it is a CR (the
+        # CRLF that ends the line may be split).
         self._partial = b""
         self._mid_line = False  # _partial is the end of a too-long line, not the start of a line
 
-    @functools.cached_property
+    @property
     def content(self) -> bytes:
-        """The message text, once `done` with no `refusal`."""
+        """The message text kept in memory, once `done` with no `refusal`: all of it, unless `tail`."""
         assert self.done and self.refusal is None
-        text = b"".join(self._parts)
-        return fold_long_lines(text) if self.long_lines else text
+        return self._kept.data()
+
+    @property
+    def tail(self) -> BodyFile | None:
+        """The rest of the text, past `spill_bytes`, in a file; None when all of it is `content`."""
+        assert self.done and self.refusal is None
+        return self._kept.tail()
 
     @property
     def clean(self) -> bool:
-        """`content` can be sent as it is, then ".\r\n" (postmux.body): CRLF only, no NUL, no dot to stuff.
+        """The text can be sent as it is, then ".\r\n" (postmux.body): CRLF only, no NUL, no dot to stuff.
 
         Folding keeps it so: the lines it adds start with a space or a tab (ingress/folding.py).
         """
-        return not (self.nul or self.bare or self.dot_line)
+        repaired = self.line_endings == "normalize"
+        return not (self.nul or self.dot_line or (self.bare and not repaired))
+
+    def hand_over(self) -> None:
+        """`tail`'s file belongs to whoever was given it (the spool): it is no longer deleted here."""
+        self._kept.hand_over()
+
+    def discard(self) -> None:
+        """Forget the text, and delete its file unless it was handed over. Safe to call again."""
+        self._kept.discard()
+        self._long = None
 
     def feed(self, block: bytes) -> int:
         """Takes `block` up to and including the end-of-data line; returns how many octets of it it took.
@@ -136,31 +185,75 @@ class DataText:
             if self.size_limit and size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-            self.long_lines |= longest > FOLD_WIDTH + 2  # measured stuffed: at worst one octet too keen
         elif (self.size_limit and size > self.size_limit) or longest > self.line_limit:
             self._refuse_at_first_fault(lines)
             return
         self.size = size
         # With the CRLFs gone, any CR or LF left is bare: two memchr passes instead of counting CR, LF
         # and CRLF over the whole text (postmux.text.has_bare_cr_or_lf). NUL is looked for the same way.
-        self._look_at(b"".join(pieces))
-        self._keep(lines, dot)
+        bare = self._look_at(b"".join(pieces))
+        if not self._dropped:
+            # Measured stuffed (at worst one octet too keen: fold_long_lines measures again).
+            self._keep_lines(lines, dot, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
 
-    def _look_at(self, octets: bytes) -> None:
-        """Octets of the text with no CRLF in them: is there a NUL, a bare CR or LF?"""
-        self.nul = self.nul or b"\x00" in octets
-        self.bare = self.bare or b"\r" in octets or b"\n" in octets
+    def _look_at(self, octets: bytes) -> bool:
+        """Octets of the text with no CRLF in them: a NUL, a bare CR or LF? True if there is a bare one.
 
-    def _keep(self, octets: bytes, dot: int) -> None:
-        """Whole lines, or the beginning of a long one; `dot` as for `_take_lines`."""
+        A text that will be refused for what is found here is not kept any further.
+        """
+        bare = b"\r" in octets or b"\n" in octets
+        nul = b"\x00" in octets
+        self.nul, self.bare = self.nul or nul, self.bare or bare
+        if self.line_endings != "keep" and (nul or (bare and self.line_endings == "reject")):
+            self._dropped = True
+            self.discard()
+        return bare
+
+    def _keep_lines(self, lines: bytes, dot: int, *, long: bool, bare: bool) -> None:
+        """Whole lines, kept as they will be stored; `dot` as for `_take_lines`."""
+        if self._long is not None:  # the first line is the end of a long line
+            eol = lines.find(_CRLF)
+            self._keep(self._long.feed(lines[:eol]) + self._long.end(), changed=True)
+            self._long = None
+            lines, dot = lines[eol + 2 :], dot - eol - 2 if dot >= 0 else -1
+            if not lines:
+                return
+        changed = dot >= 0 or (bare and self.line_endings == "normalize")
         if dot >= 0:
             # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
-            # is the start of a line of `octets` (the line after its end, if it ends with CRLF, is not in it).
-            rest = octets[dot + 1 :].replace(b"\r\n.", _CRLF)
-            # A line stuffed twice ("..") keeps one dot: delivery must stuff it again.
-            self.dot_line = self.dot_line or rest[:1] == b"." or _DOT_LINE.search(rest) is not None
-            octets = octets[:dot] + rest
-        self._parts.append(octets)
+            # is the start of a line (the line after the last CRLF is not in `lines`).
+            lines = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
+        if long:
+            lines = fold_long_lines(lines)  # lines it adds start with whitespace: no dot line among them
+        if changed and self.line_endings == "normalize":
+            lines = normalize_line_endings(lines)  # line by line: the same as on the whole text
+        self._keep(lines, changed=changed)
+
+    def _keep(self, lines: bytes, *, changed: bool) -> None:
+        """Lines as they will be stored, beginning a line: kept, counted and looked at if `changed`.
+
+        Lines no rule changed were looked at already: none starts with a dot, none is bare.
+        """
+        if not lines or self.refusal is not None:
+            return
+        if changed:
+            self.dot_line = self.dot_line or lines[:1] == b"." or _DOT_LINE.search(lines) is not None
+        if self._in_head:
+            self._count_received(lines)
+        try:
+            self._kept.add(lines)
+        except OSError as e:
+            log.error("message text could not be written to its file", error=str(e))
+            self._refuse(NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR)
+
+    def _count_received(self, lines: bytes) -> None:
+        """The Received: fields among `lines`, up to the first empty line (RFC 5322 2.1, RFC 5321 4.4)."""
+        if lines[:2] == _CRLF:
+            lines, self._in_head = b"", False
+        elif (blank := lines.find(b"\r\n\r\n")) >= 0:
+            lines, self._in_head = lines[: blank + 2], False
+        head = lines.lower()
+        self.received += head.startswith(b"received:") + head.count(b"\r\nreceived:")
 
     def _refuse_at_first_fault(self, lines: bytes) -> None:
         """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals)."""
@@ -201,13 +294,18 @@ class DataText:
         if self.size_limit and self.size > self.size_limit:
             self._refuse(TOO_MUCH_DATA)
             return
-        self.long_lines = True
         self._look_at(octets)  # no CRLF in it: the line has not ended
-        self._keep(octets, 0 if octets[:1] == b"." and not self._mid_line else -1)
+        if self._dropped:
+            return
+        if not self._mid_line:  # the line starts here: RFC 5321 4.5.2, as in _keep_lines
+            self._long = LongLine(repair=self.line_endings == "normalize")
+            octets = octets[1:] if octets[:1] == b"." else octets
+        assert self._long is not None
+        self._keep(self._long.feed(octets), changed=True)
 
     def _refuse(self, reply: str) -> None:
         self.refusal = reply
-        self._parts.clear()  # memory stays flat: nothing more of this message is kept
+        self.discard()  # memory (and disk) stay flat: nothing more of this message is kept
 
 
 def _end_line(data: bytes, dot: int) -> int:
@@ -241,9 +339,14 @@ class BlockDataSMTP(SMTP):
     """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook.
 
     Unless `long_lines` is "fold": then a text line longer than aiosmtpd's limit is taken, and folded.
+    With `line_endings` other than "keep", or a `spill_dir`, see DataText: the DATA hook then reads the
+    text from `envelope.text` (a TextEnvelope), which it must hand over or leave to be discarded.
     """
 
     long_lines: Literal["fold", "refuse"] = "refuse"
+    line_endings: LineEndings = "keep"
+    spill_dir: Path | None = None  # where a text past spill_bytes goes on (None: it all stays in memory)
+    spill_bytes = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -270,7 +373,21 @@ class BlockDataSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        text = DataText(self.data_size_limit, self.line_length_limit, fold=self.long_lines == "fold")
+        text = DataText(
+            self.data_size_limit,
+            self.line_length_limit,
+            fold=self.long_lines == "fold",
+            line_endings=self.line_endings,
+            spill_dir=self.spill_dir,
+            spill_bytes=self.spill_bytes,
+        )
+        try:
+            await self._read_text(text)
+        finally:
+            text.discard()  # its file is deleted, unless the DATA hook handed it over (to the spool)
+
+    async def _read_text(self, text: DataText) -> None:
+        assert isinstance(self.envelope, TextEnvelope)
         while not text.done:
             block = await self._reader.read(BLOCK)
             if not block:  # EOF: aiosmtpd's eof_received is cancelling this task already

@@ -36,24 +36,29 @@ class Piece(NamedTuple):
     spaced: bool
 
 
-def line_pieces(line: bytes, width: int = FOLD_WIDTH) -> list[Piece]:
+def line_pieces(line: bytes, width: int = FOLD_WIDTH, spaced: bool = False) -> list[Piece]:
     """How `line` (a text line without its CRLF) is broken into lines of at most `width` octets (>= 2).
 
     The pieces cover `line` end to end, in order; every one but the first starts with a space or tab,
     its own or an inserted one, and the first holds at least two octets, so none is a lone ".".
+    (`spaced`: `line` is the rest of a longer one, after a break that inserts a SPACE; see LongLine.)
     """
     pieces: list[Piece] = []
-    start, spaced = 0, False
+    start = 0
     last = len(line.rstrip(_WSP))  # a break needs something other than whitespace after it
     while len(line) - start + spaced > width:
-        end = start + width - spaced  # line[start:end] fills the line
-        stop = _before_whitespace(line, start, end, last)
-        if stop is None:
-            stop = _after_octets(line, start, end)
+        stop = _next_stop(line, start, spaced, width, last)
         pieces.append(Piece(start, stop, spaced))
         start, spaced = stop, line[stop] not in _WSP
     pieces.append(Piece(start, len(line), spaced))
     return pieces
+
+
+def _next_stop(line: bytes, start: int, spaced: bool, width: int, last: int) -> int:
+    """Where the piece that starts at `start` ends: it fills a line of `width` octets at most."""
+    end = start + width - spaced  # line[start:end] fills the line
+    stop = _before_whitespace(line, start, end, last)
+    return _after_octets(line, start, end) if stop is None else stop
 
 
 def _before_whitespace(line: bytes, start: int, end: int, last: int) -> int | None:
@@ -95,3 +100,76 @@ def _fold(line: bytes, width: int) -> bytes:
         return b"".join(parts)
     pieces = line_pieces(line, width)
     return _CRLF.join(b" " * p.spaced + line[p.start : p.stop] for p in pieces)
+
+
+class LongLine:
+    """One long text line folded as it arrives, a part at a time: `fold_long_lines` for a line of any size.
+
+    `feed` gives the line's octets in order (no CRLF among them), `end` says it has ended; each returns
+    the folded text that is certain by then, so only the line's last unfinished piece is held: what
+    `fold_long_lines` makes of the line and its CRLF, cut into parts. A piece is certain once something
+    other than whitespace follows where it must end (`line_pieces` breaks before the last space or tab
+    that fits, and only before something that is not whitespace); a run of spaces or tabs is held
+    until the line goes on past it or ends.
+
+    With `repair` ([smtp] line_endings = "normalize", hygiene.normalize_line_endings after folding),
+    each bare CR or LF becomes CRLF and a part of the line that follows one loses a leading dot when it
+    holds more than the dot (RFC 5321 4.5.2).
+    """
+
+    def __init__(self, width: int = FOLD_WIDTH, *, repair: bool = False) -> None:
+        self.width = width
+        self.repair = repair
+        # The part of the line between bare line ends (`_fold`'s unit) that is not yet written out.
+        self._rest = b""
+        self._spaced = False  # _rest's first piece gets an inserted SPACE
+        self._after_bare = False  # this part follows a bare CR or LF
+        self._begun = False  # some of this part has been written out
+
+    def feed(self, octets: bytes) -> bytes:
+        if b"\r" not in octets and b"\n" not in octets:
+            self._rest += octets
+            return self._certain()
+        parts = _BARE_LINE_END.split(octets)  # text, bare end, text, ..., text
+        out = []
+        for i in range(0, len(parts), 2):
+            if i:
+                out += [self._finish(), _CRLF if self.repair else parts[i - 1]]
+                self._rest, self._spaced, self._after_bare, self._begun = b"", False, True, False
+            self._rest += parts[i]
+            out.append(self._certain())
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """The rest of the line, folded, with its CRLF."""
+        return self._finish() + _CRLF
+
+    def _certain(self) -> bytes:
+        rest, start, spaced, width = self._rest, 0, self._spaced, self.width
+        last = len(rest.rstrip(_WSP))  # what follows can only move it further on
+        pieces = []
+        while last > start + width - spaced:  # the piece's end is known: line_pieces makes the same cut
+            stop = _next_stop(rest, start, spaced, width, last)
+            pieces.append(b" " * spaced + rest[start:stop])
+            start, spaced = stop, rest[stop] not in _WSP
+        if not pieces:
+            return b""
+        pieces[0] = self._undotted(pieces[0])
+        self._begun = True
+        self._rest, self._spaced = rest[start:], spaced
+        pieces.append(b"")
+        return _CRLF.join(pieces)
+
+    def _finish(self) -> bytes:
+        rest = self._rest
+        folded = [
+            b" " * p.spaced + rest[p.start : p.stop] for p in line_pieces(rest, self.width, self._spaced)
+        ]
+        folded[0] = self._undotted(folded[0])
+        return _CRLF.join(folded)
+
+    def _undotted(self, first: bytes) -> bytes:
+        """The first piece written out of a part: without its dot, if repair takes it (see the class)."""
+        if self.repair and self._after_bare and not self._begun and first[:1] == b"." and len(first) > 1:
+            return first[1:]
+        return first

@@ -20,6 +20,7 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,20 +31,17 @@ from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import Accepts
-from postmux.ingress.data import BlockDataSMTP, TextEnvelope
+from postmux.ingress.data import LOCAL_ERROR, NO_STORAGE, BlockDataSMTP, DataText, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
     command_line_refusal,
     declares_smtputf8,
-    normalize_line_endings,
     read_path,
-    received_count,
     text_refusal,
 )
 from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.ingress.replies import enhanced
 from postmux.spool.base import SpoolError
-from postmux.text import has_dot_line
 
 log = structlog.get_logger("postmux.smtp")
 
@@ -202,6 +200,7 @@ class PostmuxSMTP(BlockDataSMTP):
         settings: SmtpSettings,
         limits: ConnectionLimits,
         tls_context: ssl.SSLContext | None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.limits = limits
@@ -217,6 +216,8 @@ class PostmuxSMTP(BlockDataSMTP):
         self._offered: LoginPassword | None = None
         self._data_rearmed = 0.0
         self.long_lines = settings.long_lines
+        self.line_endings = settings.line_endings
+        self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
         super().__init__(
             handler,
             hostname=settings.hostname,
@@ -460,7 +461,7 @@ class IngressHandler:
             return "454 4.7.0 TLS not available due to temporary reason"
         # Never a traceback or an exception's text to the client: they are for the log.
         log.exception("smtp session error", error=repr(error))
-        return "451 4.3.0 Requested action aborted: local error in processing"
+        return LOCAL_ERROR
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
@@ -496,20 +497,18 @@ class IngressHandler:
         # BlockDataSMTP read the text and looked at every octet of it on the way (ingress/data.py).
         assert isinstance(envelope, TextEnvelope) and envelope.text is not None
         text = envelope.text
-        data = text.content
-        normalize = self.settings.line_endings == "normalize"
-        refusal = text_refusal(nul=text.nul, bare=text.bare, normalize=normalize)
+        refusal = text_refusal(
+            nul=text.nul, bare=text.bare, normalize=self.settings.line_endings == "normalize"
+        )
         if refusal is not None:
             log.warning("message refused", client=_peer_ip(session), reply=refusal)
             return refusal
-        clean = text.clean
-        if text.bare:  # and `normalize`, or it was refused
-            data = normalize_line_endings(data)
-            # Repaired, it holds only CRLF; a line of "." (after a bare LF) or ".x" (after "\n..") may be new.
-            clean = not has_dot_line(data)
-        if received_count(data) >= self.settings.max_hops:
+        if text.received >= self.settings.max_hops:
             return HOPS_EXCEEDED
-        message = self._envelope(session, envelope, data, clean)
+        message = self._envelope(session, envelope, text)
+        # From here the text's file (if any) is the spool's, whatever accept does (Spool.store); until
+        # here any refusal or failure leaves it to BlockDataSMTP, which deletes it.
+        text.hand_over()
         try:
             # Shielded: a client that hangs up (or times out) while the spool commits must not cancel a
             # store that may already be durable; the message is then delivered, never half-stored.
@@ -517,14 +516,14 @@ class IngressHandler:
         except SpoolError as e:
             log.error("spool refused a message", error=str(e), disk_full=e.disk_full)
             if e.disk_full:
-                return "452 4.3.1 Insufficient system storage, try again later"
-            return "451 4.3.0 Requested action aborted: local error in processing"
+                return NO_STORAGE
+            return LOCAL_ERROR
         except Exception:
             log.exception("accept failed")
-            return "451 4.3.0 Requested action aborted: local error in processing"
+            return LOCAL_ERROR
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
-    def _envelope(self, session: Session, envelope: SmtpEnvelope, data: bytes, clean: bool) -> Envelope:
+    def _envelope(self, session: Session, envelope: SmtpEnvelope, text: DataText) -> Envelope:
         sender = envelope.mail_from or ""
         # RFC 3848: ESMTPS with TLS, ESMTPA after AUTH, ESMTPSA with both.
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
@@ -533,13 +532,14 @@ class IngressHandler:
         return Envelope(
             sender="" if sender == "<>" else sender,  # the null reverse-path (RFC 5321 4.5.5)
             recipients=tuple(envelope.rcpt_tos),
-            data=data,
+            data=text.content,
+            tail=text.tail,
+            clean=text.clean,
             client_ip=_peer_ip(session),
             smtputf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options),
             helo=session.host_name or "",
             protocol=protocol,
             auth_user=str(session.auth_data) if session.authenticated else "",
-            clean=clean,
         )
 
 
@@ -557,10 +557,13 @@ async def start_smtp_server(
     sock: socket.socket | None = None,
     *,
     limits: ConnectionLimits | None = None,
+    spill_dir: Path | None = None,
 ) -> asyncio.Server:
     """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
 
     `limits` is for a caller that watches the open connections (tests); by default the listener has its own.
+    `spill_dir` is where a text past [smtp] spill_bytes is written (the spool's spill directory, on its
+    filesystem, so the spool takes the file over with a rename); None keeps every text in memory.
     """
     handler = IngressHandler(settings, acceptor)
     limits = limits or ConnectionLimits(
@@ -570,7 +573,7 @@ async def start_smtp_server(
     host, port = split_hostport(settings.listen)
 
     def factory() -> PostmuxSMTP:
-        return PostmuxSMTP(handler, settings, limits, context)
+        return PostmuxSMTP(handler, settings, limits, context, spill_dir)
 
     loop = asyncio.get_running_loop()
     # create_server calls listen() on `sock` too: without the backlog it would be cut back to asyncio's 100.

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -84,12 +85,20 @@ class IngressWorkers:
     RESPAWN_DELAY_S = 1.0  # a worker that dies at once must not be restarted in a tight loop
 
     def __init__(
-        self, settings: SmtpSettings, acceptor: Accepts, count: int, drain_timeout_s: float = 10.0
+        self,
+        settings: SmtpSettings,
+        acceptor: Accepts,
+        count: int,
+        drain_timeout_s: float = 10.0,
+        spill_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.acceptor = acceptor
         self.count = count
         self.drain_timeout_s = drain_timeout_s
+        # Where a worker writes a text past [smtp] spill_bytes (start_smtp_server); the main process's
+        # spool takes the file over from there, on the same filesystem.
+        self.spill_dir = spill_dir
         self.socket: socket.socket | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
         self._pipes: list[asyncio.StreamWriter] = []
@@ -123,6 +132,7 @@ class IngressWorkers:
                 f"--listen-fd={self.socket.fileno()}",
                 f"--pipe-fd={theirs.fileno()}",
                 f"--drain-timeout={drain}",
+                *([f"--spill-dir={self.spill_dir}"] if self.spill_dir is not None else []),
             ],
             stdin=subprocess.PIPE,
             pass_fds=(self.socket.fileno(), theirs.fileno()),
@@ -231,6 +241,9 @@ class RemoteAcceptor:
 
     async def accept(self, envelope: Envelope) -> str:
         if self.closed.is_set():  # nothing was sent: a plain refusal is true
+            if envelope.tail is not None:  # handed to accept, so no one else deletes it (postmux.body)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(envelope.tail.path)
             raise SpoolError("the spool process is gone")
         request_id = next(self._ids)
         future: asyncio.Future[tuple[str, str, bool]] = asyncio.get_running_loop().create_future()
@@ -262,7 +275,9 @@ class RemoteAcceptor:
         self.closed.set()
 
 
-async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int, drain_timeout_s: float) -> None:
+async def _run_worker(
+    settings: SmtpSettings, listen_fd: int, pipe_fd: int, drain_timeout_s: float, spill_dir: Path | None
+) -> None:
     from postmux.ingress.smtp import start_smtp_server
 
     pipe = socket.socket(fileno=pipe_fd)
@@ -270,7 +285,7 @@ async def _run_worker(settings: SmtpSettings, listen_fd: int, pipe_fd: int, drai
     acceptor = RemoteAcceptor(reader, writer)
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(False)
-    server = await start_smtp_server(settings, acceptor, sock=listener)
+    server = await start_smtp_server(settings, acceptor, sock=listener, spill_dir=spill_dir)
     _send(writer, "ready")
     if (await _read_frame(reader))[0] != "go":
         return
@@ -296,17 +311,19 @@ def main() -> None:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--pipe-fd", type=int, required=True)
     parser.add_argument("--drain-timeout", type=float, default=8.0)
+    parser.add_argument("--spill-dir", type=Path, default=None)
     args = parser.parse_args()
     settings = SmtpSettings.model_validate(json.loads(sys.stdin.buffer.read()))
     from postmux.logs import configure_logging
 
     configure_logging()
+    worker = _run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout, args.spill_dir)
     try:
         import uvloop
-
-        uvloop.run(_run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout))
     except ImportError:
-        asyncio.run(_run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout))
+        asyncio.run(worker)
+    else:
+        uvloop.run(worker)
 
 
 if __name__ == "__main__":
