@@ -210,11 +210,19 @@ class App:
         with _starting(f"[smtp] listen {settings.smtp.listen}"):
             if settings.smtp.workers:
                 self.workers = IngressWorkers(
-                    settings.smtp, self.acceptor, settings.smtp.workers, self.drain_timeout_s
+                    settings.smtp,
+                    self.acceptor,
+                    settings.smtp.workers,
+                    self.drain_timeout_s,
+                    spill_dir=self.spool.spill_dir,
                 )
                 await self.workers.start()
             else:
-                self._smtp = await start_smtp_server(settings.smtp, self.acceptor)
+                # A long text goes to the spool's own directory as it arrives: the store adopts it by a
+                # rename (spool/base.py, Spool.spill_dir).
+                self._smtp = await start_smtp_server(
+                    settings.smtp, self.acceptor, spill_dir=self.spool.spill_dir
+                )
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-CHUNK = 1 << 20  # bytes read from a body file at a time: memory per message in flight stays this small
+CHUNK = 1 << 18  # bytes read from a body file at a time: memory per message in flight stays this small
 
 # How much of a tail is read for a header section that does not end in `data`: Postfix keeps at most
 # this much of a header section (header_size_limit, 102400), and discards the excess.

@@ -167,6 +167,7 @@ members = [{{ name = "a", address = "127.0.0.1:{up_port}" }}]
         assert head.startswith(b"Received: ")
         assert (size, digest) == (len(text), hashlib.sha256(text).hexdigest())
         growth = {pid: after[pid] - before[pid] for pid in pids}
+        print("RSS growth KB", growth)
         assert all(g < RSS_GROWTH_LIMIT_KB for g in growth.values()), growth
         bodies = tmp_path / "spool.db.bodies"
         await wait_until(lambda: not [p for p in bodies.rglob("*") if p.is_file()], 10)  # all removed

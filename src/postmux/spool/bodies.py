@@ -30,12 +30,12 @@ from pathlib import Path
 
 import structlog
 
-from postmux.body import CHUNK, BodyFile
+from postmux.body import BodyFile
 
 log = structlog.get_logger("postmux.spool")
 
 INLINE_MAX = 8192  # texts up to this many octets stay in their row (1.5 KB: the row is 2x cheaper)
-HOLD_MAX = CHUNK  # a text up to this long is read into memory for delivery; longer ones are streamed
+HOLD_MAX = 1 << 20  # a text up to this long is read into memory for delivery; longer ones are streamed
 
 
 @dataclass(frozen=True, slots=True)
