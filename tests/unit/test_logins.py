@@ -12,8 +12,8 @@ from tests.support import make_settings, wait_until
 POOLS = [{"name": "p", "members": [{"name": "m", "address": "127.0.0.1:9"}]}]
 
 
-def _guard(tmp_path: Path, **smtp: object) -> LoginGuard:
-    user = {"name": "billing", "password_hash": hash_password("s3cret", n=2**13)}
+def _guard(tmp_path: Path, n: int = 2**13, **smtp: object) -> LoginGuard:
+    user = {"name": "billing", "password_hash": hash_password("s3cret", n=n)}
     return LoginGuard(make_settings(tmp_path, POOLS, smtp={"users": [user], **smtp}).smtp)
 
 
@@ -44,9 +44,11 @@ async def test_one_address_runs_at_most_two_checks_whatever_its_connections(tmp_
 async def test_a_client_that_hangs_up_mid_check_keeps_its_slot_until_the_check_is_done(
     tmp_path: Path,
 ) -> None:
-    guard = _guard(tmp_path, max_concurrent_auth_checks=1)
+    # A check slow enough (n=2^16: 64 MiB, about 0.1-0.3 s here) to be seen running, polled often: with
+    # n=2^13 the check could end between two 20 ms polls and the wait failed on a quiet machine.
+    guard = _guard(tmp_path, n=2**16, max_concurrent_auth_checks=1)
     gone = asyncio.create_task(guard.check("192.0.2.1", "billing", b"wrong"))
-    await wait_until(lambda: guard.running == 1, timeout=2.0)
+    await wait_until(lambda: guard.running == 1, timeout=2.0, interval=0.001)
     gone.cancel()
     await asyncio.sleep(0)
     assert guard.checks.locked()  # the scrypt is still running in its thread
