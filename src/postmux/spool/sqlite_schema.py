@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from postmux.envelope import Envelope, domain_of, new_message_id
-from postmux.spool.bodies import BodyStore, Placed
+from postmux.spool.bodies import MESSAGES_IN_SEG, BodyStore, Placed
 
 log = structlog.get_logger("postmux.spool")
 
@@ -210,7 +210,7 @@ def quarantine(
         moved += _quarantine_recipient(conn, rid, reason, now)
     bad: dict[str, str] = dict(conn.execute(BAD_MESSAGES).fetchall())
     for seg in missing:
-        for (message_id,) in conn.execute("SELECT id FROM message WHERE seg = ?", (seg,)).fetchall():
+        for (message_id,) in conn.execute(MESSAGES_IN_SEG, (seg,)).fetchall():
             bad.setdefault(message_id, f"message text missing: segment file {seg} is gone")
     for message_id, reason in bad.items():
         row = conn.execute(

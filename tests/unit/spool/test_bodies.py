@@ -156,3 +156,15 @@ async def test_open_removes_orphans_and_quarantines_a_message_whose_file_is_gone
     page = await again.list_queue(Selector(), 3.0)
     assert [m.message_id for m in page.messages] == ["m2"]
     await again.close()
+
+
+def test_the_searches_run_at_every_delivery_use_the_segment_index(tmp_path: Path) -> None:
+    from postmux.spool.bodies import MESSAGES_IN_SEG, SEG_IN_USE
+    from postmux.spool.sqlite_schema import prepare
+
+    db = sqlite3.connect(tmp_path / "plan.db")
+    prepare(db)
+    for query in (SEG_IN_USE, MESSAGES_IN_SEG):
+        plan = " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}", ("x",)))
+        assert "INDEX message_seg (seg=?)" in plan, plan  # a search, not a SCAN of every message
+    db.close()
