@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from typing import Any
 
+from postmux.body import HEADER_LIMIT
 from postmux.spool.bodies import BodyStore
 from postmux.spool.operations import (
     MAX_PAGE,
@@ -111,8 +112,11 @@ def _message_view(
     return MessageView(message_id, sender, created, size, client_ip, bool(smtputf8), recipients, data)
 
 
-def _read_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> MessageView | None:
-    """The message with its whole text (an operator's view, or a DSN's source: read once, not per attempt).
+def _read_message(
+    conn: sqlite3.Connection, bodies: BodyStore, message_id: str, limit: int | None = None
+) -> MessageView | None:
+    """The message with its text (an operator's view), or with at most `limit` octets of its segment (a
+    DSN's source, which quotes only the header section: a 50 MB text is not read for a bounce).
 
     Its text is None when its segment file is gone (it was delivered between the two reads, or the spool
     is damaged).
@@ -126,7 +130,8 @@ def _read_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) 
     data: bytes | None = row[6]
     if row[7]:
         try:
-            data = bytes(row[6]) + bodies.read(row[7], row[8], row[9])
+            length = row[9] if limit is None else min(row[9], limit)
+            data = bytes(row[6]) + bodies.read(row[7], row[8], length)
         except OSError:
             data = None
     recipients = tuple(
@@ -270,7 +275,7 @@ def bounce(
         chosen[message_id].append(rid)
     bounced = 0
     for message_id, rids in chosen.items():
-        message = _read_message(conn, bodies, message_id)
+        message = _read_message(conn, bodies, message_id, limit=HEADER_LIMIT)
         if message is None:
             continue  # a recipient without its message: the quarantine's business at the next open
         wanted = set(rids)

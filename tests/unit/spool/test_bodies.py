@@ -168,3 +168,22 @@ def test_the_searches_run_at_every_delivery_use_the_segment_index(tmp_path: Path
         plan = " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}", ("x",)))
         assert "INDEX message_seg (seg=?)" in plan, plan  # a search, not a SCAN of every message
     db.close()
+
+
+async def test_a_bounce_reads_only_the_head_of_a_long_text_for_its_dsn(tmp_path: Path) -> None:
+    from postmux.body import HEADER_LIMIT
+
+    spool = await open_spool(tmp_path / "s.db")
+    head, rest = text(4000, 1), os.urandom(3 << 20)
+    path = spool.spill_dir / "incoming-1"
+    path.write_bytes(rest)
+    await spool.store("m1", envelope(head, BodyFile(str(path), 0, len(rest))), POOLS, 1.0, lease=False)
+    seen: list[int] = []
+
+    def dsn(message: object, recipients: object) -> None:
+        seen.append(len(message.data))  # type: ignore[attr-defined]
+
+    assert await spool.bounce(Selector(message_id="m1"), 2.0, reply="550 gone", dsn=dsn, dsn_pool="p") == 1
+    assert seen == [len(head) + HEADER_LIMIT]  # not the 3 MB
+    assert segments(spool) == []
+    await spool.close()
