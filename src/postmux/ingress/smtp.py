@@ -15,16 +15,19 @@ EHLO's.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import socket
 import ssl
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.address import Role, split_path
@@ -167,6 +170,61 @@ class _GuardedReader(asyncio.StreamReader):
                 await self.read(e.consumed)
 
 
+class _NothingToFind:
+    """The handler SMTP.__init__ is given to search: it finds no hook and no AUTH mechanism on it."""
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_NOTHING_TO_FIND = _NothingToFind()
+
+
+class _HandlerHooks:
+    """What aiosmtpd 1.4.6's SMTP.__init__ finds on a handler, found once for all the handler's sessions.
+
+    Its own search (aiosmtpd/smtp.py, SMTP.__init__), as it is written there: the handle_* hooks by dir(),
+    the auth_* mechanisms by inspect.getmembers (a handler's take the place of the session's own), and
+    the form of handle_EHLO by its signature. What it finds depends on the handler alone.
+    """
+
+    @classmethod
+    def of(cls, handler: Any) -> _HandlerHooks:
+        found = _FOUND.get(handler)
+        if found is None:
+            found = _FOUND[handler] = cls(handler)
+        return found
+
+    def __init__(self, handler: Any) -> None:
+        self.hooks: dict[str, Callable[..., Any]] = {
+            m.replace("handle_", ""): getattr(handler, m) for m in dir(handler) if m.startswith("handle_")
+        }
+        self.auth_methods: dict[str, _AuthMechAttr] = {
+            getattr(mfunc, "__auth_mechanism_name__", mname.replace("auth_", "").replace("__", "-")): (
+                _AuthMechAttr(mfunc, False)
+            )
+            for mname, mfunc in inspect.getmembers(handler)
+            if mname.startswith("auth_")
+        }
+        self.ehlo_hook_ver: str | None = None
+        ehlo_hook = self.hooks.get("EHLO")
+        if ehlo_hook is not None:
+            params = len(inspect.signature(ehlo_hook).parameters)
+            if params not in (4, 5):
+                raise RuntimeError("Unsupported EHLO Hook")
+            self.ehlo_hook_ver = "old" if params == 4 else "new"
+            if params == 4:  # IngressHandler's has 5
+                warnings.warn(
+                    "Use the 5-argument handle_EHLO() hook instead of the 4-argument handle_EHLO() hook",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+
+
+# Per handler object (one per listener): its hooks are bound methods of it.
+_FOUND: weakref.WeakKeyDictionary[Any, _HandlerHooks] = weakref.WeakKeyDictionary()
+
+
 def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     """An overriding smtp_* method keeps the @syntax help text aiosmtpd's HELP reads from the original."""
 
@@ -185,6 +243,12 @@ class PostmuxSMTP(BlockDataSMTP):
     # serial CPU with one message a connection (bench/README.md, profile_hotpath). Listing only those
     # names, once per class, gives aiosmtpd the same tables (tests/unit/test_ingress_session.py).
     _method_names: list[str] | None = None
+
+    # It also searches the handler, with inspect.getmembers, dir() and inspect.signature, on every
+    # connection: another 20% of an ingress worker's CPU at 1.5 KB messages (issue 12). What it finds there
+    # is the same for every session of the handler: it is given a handler with nothing to find, and the
+    # real handler's tables, found once (_HandlerHooks), are put in after. False: aiosmtpd's own search.
+    _hooks_found_once = True
 
     def __dir__(self) -> list[str]:
         cls = type(self)
@@ -218,8 +282,10 @@ class PostmuxSMTP(BlockDataSMTP):
         self.long_lines = settings.long_lines
         self.line_endings = settings.line_endings
         self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
+        # Without users there is nothing to log in as: AUTH is not offered.
+        excluded = () if settings.users else ("PLAIN", "LOGIN")
         super().__init__(
-            handler,
+            _NOTHING_TO_FIND if self._hooks_found_once else handler,
             hostname=settings.hostname,
             ident="postmux",
             data_size_limit=settings.max_message_size,
@@ -229,10 +295,22 @@ class PostmuxSMTP(BlockDataSMTP):
             tls_context=tls_context,
             require_starttls=settings.tls is not None and settings.tls.required,
             auth_require_tls=settings.auth_require_tls,
-            # Without users there is nothing to log in as: AUTH is not offered.
-            auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            auth_exclude_mechanism=excluded,
             authenticator=self._take_credentials,
         )
+        if self._hooks_found_once:
+            self._take_hooks(handler, excluded)
+
+    def _take_hooks(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
+        """The tables SMTP.__init__ would have made from `handler` itself, from those found once."""
+        found = _HandlerHooks.of(handler)
+        self.event_handler = handler
+        self._handle_hooks = dict(found.hooks)
+        self._ehlo_hook_ver = found.ehlo_hook_ver
+        if found.auth_methods:
+            self._auth_methods.update(found.auth_methods)
+            for mechanism in excluded:
+                self._auth_methods.pop(mechanism, None)
 
     # -- connection life -------------------------------------------------------------------------------
 
