@@ -297,6 +297,9 @@ class PostmuxSMTP(BlockDataSMTP):
             auth_require_tls=settings.auth_require_tls,
             auth_exclude_mechanism=excluded,
             authenticator=self._take_credentials,
+            # A session is made by its listener's protocol factory, in the running loop. Without it,
+            # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
+            loop=asyncio.get_running_loop(),
         )
         if self._hooks_found_once:
             self._take_hooks(handler, excluded)
