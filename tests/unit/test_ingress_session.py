@@ -1,7 +1,12 @@
-"""PostmuxSMTP's cached method listing and handler tables must give aiosmtpd exactly what it builds itself."""
+"""PostmuxSMTP's session set-up and replies: aiosmtpd's tables found once, each reply in one write.
+
+The cached method listing and handler tables must give aiosmtpd exactly what it builds itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +15,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, Session, auth_mechanism
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.config import SmtpSettings
+from postmux.envelope import Envelope
 from postmux.ingress.smtp import ConnectionLimits, IngressHandler, PostmuxSMTP
 from postmux.passwords import hash_password
+from tests.security.client import RawClient
 from tests.support import make_settings
 
 
@@ -110,3 +117,73 @@ async def test_the_handler_is_searched_once_for_all_its_sessions(tmp_path: Path)
     for _ in range(5):
         PostmuxSMTP(handler, settings, limits, None)
     assert handler.searches == 2  # dir() for the hooks, and inspect.getmembers for auth_*
+
+
+class _WritesRecorded(PostmuxSMTP):
+    """A session that keeps the octets of each write it makes to its socket, in order."""
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        self.writes: list[bytes] = []
+        write = writer.write
+
+        def recorded(data: Any) -> None:
+            self.writes.append(bytes(data))
+            write(data)
+
+        writer.write = recorded  # type: ignore[method-assign]
+
+
+class _Queues:
+    async def accept(self, envelope: Envelope) -> str:
+        return "q1"
+
+
+@pytest.fixture
+async def recorded(tmp_path: Path) -> AsyncIterator[tuple[int, list[_WritesRecorded]]]:
+    """A listener on loopback whose sessions record their writes: its port, and its sessions."""
+    settings = _smtp_settings(tmp_path, users=False)
+    handler = IngressHandler(settings, _Queues())
+    limits = ConnectionLimits(10, 10, "postmux.test")
+    sessions: list[_WritesRecorded] = []
+
+    def factory() -> _WritesRecorded:
+        sessions.append(_WritesRecorded(handler, settings, limits, None))
+        return sessions[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    yield int(server.sockets[0].getsockname()[1]), sessions
+    server.close()
+    await server.wait_closed()
+
+
+def _wire(reply: str) -> bytes:
+    """A reply as RawClient.reply gives it (lines joined by newlines), as it went on the wire."""
+    return reply.replace("\n", "\r\n").encode() + b"\r\n"
+
+
+async def test_a_multiline_reply_goes_in_one_write(recorded: tuple[int, list[_WritesRecorded]]) -> None:
+    """EHLO's reply, line by line in aiosmtpd, is one send: RFC 5321 4.2.1's lines, then its last."""
+    port, sessions = recorded
+    client = await RawClient.connect(port)
+    ehlo = await client.cmd("EHLO client.test")
+    assert len(ehlo.splitlines()) >= 5 and "250-PIPELINING" in ehlo
+    assert (await client.cmd("QUIT")).startswith("221")
+    await client.close()
+    assert sessions[0].writes == [_wire(client.greeting), _wire(ehlo), b"221 2.0.0 Bye\r\n"]
+
+
+async def test_pipelined_commands_have_each_reply_written_as_it_is_made(
+    recorded: tuple[int, list[_WritesRecorded]],
+) -> None:
+    """RFC 2920: a group of commands sent at once gets its replies in order, none held for the next."""
+    port, sessions = recorded
+    client = await RawClient.connect(port)
+    await client.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@dest.test>\r\nDATA\r\n")
+    replies = [await client.reply() for _ in range(4)]
+    assert [r[:4] for r in replies] == ["250-", "250 ", "250 ", "354 "]
+    await client.send(b"Subject: s\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    replies += [await client.reply() for _ in range(2)]
+    assert replies[-2:] == ["250 2.0.0 Ok: queued as q1", "221 2.0.0 Bye"]
+    await client.close()
+    assert sessions[0].writes == [_wire(r) for r in [client.greeting, *replies]]

@@ -279,6 +279,7 @@ class PostmuxSMTP(BlockDataSMTP):
         self._address_role: Role | None = None  # set by MAIL and RCPT for _getaddr
         self._offered: LoginPassword | None = None
         self._data_rearmed = 0.0
+        self._held = bytearray()  # the lines of a multiline reply so far (push)
         self.long_lines = settings.long_lines
         self.line_endings = settings.line_endings
         self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
@@ -400,6 +401,7 @@ class PostmuxSMTP(BlockDataSMTP):
         if self.transport is None or self.transport.is_closing():
             return
         log.info("closing connection", client=self.client_ip, reply=reply)
+        self._held.clear()  # never half a reply, then another (RFC 5321 4.2.1); none is held between pushes
         self._writer.write(reply.encode() + b"\r\n")
         self.transport.close()
         if self._handler_coroutine is not None:
@@ -408,16 +410,33 @@ class PostmuxSMTP(BlockDataSMTP):
     # -- replies ---------------------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        """Write one line of a reply; a multiline reply's lines wait for its last and go in one write.
+
+        aiosmtpd writes each line by itself: a send syscall a line, eight for EHLO's reply. A line with
+        "-" after its code is followed by more of the same reply (RFC 5321 4.2.1), which is pushed next,
+        with nothing awaited between: it is held until then. A reply's last line is written at once, so
+        the replies to pipelined commands (RFC 2920) still go as each is made.
+        """
         if isinstance(status, bytes):  # AUTH challenges (334)
             await super().push(status)
             return
         reply = enhanced(status)
-        await super().push(reply)
+        if reply[3:4] == "-":
+            self._held += self._encode(reply) + b"\r\n"
+            return
+        if self._held:
+            whole, self._held = bytes(self._held) + self._encode(reply), bytearray()
+            await super().push(whole)
+        else:
+            await super().push(reply)
         if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _encode(self, reply: str) -> bytes:
+        return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # as aiosmtpd's push encodes
 
     def _overshoot(self, reply: str) -> bool:
         """Whether `reply` refuses a recipient past max_recipients within the overshoot allowance.
