@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Session, auth_mechanism
@@ -187,3 +187,22 @@ async def test_pipelined_commands_have_each_reply_written_as_it_is_made(
     assert replies[-2:] == ["250 2.0.0 Ok: queued as q1", "221 2.0.0 Bye"]
     await client.close()
     assert sessions[0].writes == [_wire(r) for r in [client.greeting, *replies]]
+
+
+def test_relay_trust_is_worked_out_once_an_address() -> None:
+    """RCPT asks whether the client may relay; the answer for an address is kept, not parsed again."""
+    settings = SmtpSettings(
+        listen="127.0.0.1:0", hostname="postmux.test", trusted_networks=("127.0.0.0/8", "2001:db8::/32")
+    )
+    handler = IngressHandler(settings, None)  # type: ignore[arg-type]
+    answers = {
+        "127.0.0.1": True,
+        "::ffff:127.0.0.2": True,  # IPv4-mapped (RFC 4291 2.5.5.2): judged as the IPv4 address
+        "2001:db8::25": True,
+        "192.0.2.1": False,
+        "": False,  # no IP peer (a Unix socket)
+        "not an address": False,
+    }
+    for _ in range(3):
+        assert {address: handler.trusts(address) for address in answers} == answers
+    assert cast(Any, handler.trusts).cache_info().misses == len(answers)
