@@ -23,12 +23,9 @@ from tests.support import make_settings
 
 
 class _Uncached(PostmuxSMTP):
-    """aiosmtpd's own discovery: every attribute of the object, and the handler searched by SMTP.__init__."""
+    """aiosmtpd's own discovery: SMTP.__init__ searches every attribute of the session, and the handler."""
 
-    _hooks_found_once = False
-
-    def __dir__(self) -> list[str]:
-        return list(object.__dir__(self))
+    _tables_found_once = False
 
 
 class _SearchedHandler(IngressHandler):
@@ -59,6 +56,7 @@ class _SearchedHandler(IngressHandler):
 def _tables(session: PostmuxSMTP) -> dict[str, Any]:
     return {
         "commands": {name: method.__func__ for name, method in session._smtp_methods.items()},
+        "command order": list(session._smtp_methods),  # HELP lists them in this order
         "auth": {
             name: (getattr(impl.method, "__func__", impl.method), impl.is_builtin)
             for name, impl in session._auth_methods.items()
@@ -107,6 +105,35 @@ async def test_a_handlers_own_mechanisms_and_hooks_as_aiosmtpd_finds(tmp_path: P
     assert ("PLAIN" in session._auth_methods) is users  # excluded without users, the handler's or not
     if users:
         assert session._auth_methods["PLAIN"] == (handler.auth_PLAIN, False)
+
+
+class _WithCommand(PostmuxSMTP):
+    """A session class with a command of its own, made after PostmuxSMTP's first session."""
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        await self.push("250 2.0.0 Ok")
+
+
+class _WithCommandUncached(_WithCommand):
+    _tables_found_once = False
+
+
+async def test_a_subclass_with_a_command_of_its_own_has_it_in_its_table(tmp_path: Path) -> None:
+    settings = _smtp_settings(tmp_path, users=True)
+    handler = IngressHandler(settings, None)  # type: ignore[arg-type]
+    limits = ConnectionLimits(10, 10, "postmux.test")
+    PostmuxSMTP(handler, settings, limits, None)  # PostmuxSMTP's listing is made first
+    session = _WithCommand(handler, settings, limits, None)
+    assert _tables(session) == _tables(_WithCommandUncached(handler, settings, limits, None))
+    assert session._smtp_methods["XCLIENT"] == session.smtp_XCLIENT
+    assert "XCLIENT" not in PostmuxSMTP(handler, settings, limits, None)._smtp_methods
+
+
+async def test_a_made_session_lists_its_attributes_as_any_object_does(tmp_path: Path) -> None:
+    """Only while SMTP.__init__ runs is dir() of a session empty: after it, debuggers and tests see all."""
+    settings = _smtp_settings(tmp_path, users=False)
+    session = PostmuxSMTP(IngressHandler(settings, None), settings, ConnectionLimits(1, 1, "h"), None)  # type: ignore[arg-type]
+    assert {"settings", "limits", "push", "smtp_DATA", "auth_PLAIN", "_smtp_methods"} <= set(dir(session))
 
 
 async def test_the_handler_is_searched_once_for_all_its_sessions(tmp_path: Path) -> None:

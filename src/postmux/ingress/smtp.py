@@ -25,7 +25,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
@@ -181,6 +181,25 @@ class _NothingToFind:
 _NOTHING_TO_FIND = _NothingToFind()
 
 
+def _mechanism_name(name: str, method: Any) -> str:
+    """An auth_* method's AUTH mechanism, as aiosmtpd names it: auth_CRAM__MD5 is CRAM-MD5."""
+    return str(getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")))
+
+
+class _SessionMethods:
+    """A session class's smtp_* and auth_* methods, by name: what SMTP.__init__ searches each session for.
+
+    aiosmtpd 1.4.6 (aiosmtpd/smtp.py, SMTP.__init__) lists them with inspect.getmembers(self) and dir(self),
+    sorted by name; they are the class's, the same for each of its sessions, and only binding them to the
+    session is left for each one.
+    """
+
+    def __init__(self, cls: type) -> None:
+        names = sorted(name for name in dir(cls) if name.startswith(("smtp_", "auth_")))
+        self.commands = [(n.replace("smtp_", ""), n) for n in names if n.startswith("smtp_")]
+        self.mechanisms = [(_mechanism_name(n, getattr(cls, n)), n) for n in names if n.startswith("auth_")]
+
+
 class _HandlerHooks:
     """What aiosmtpd 1.4.6's SMTP.__init__ finds on a handler, found once for all the handler's sessions.
 
@@ -201,9 +220,7 @@ class _HandlerHooks:
             m.replace("handle_", ""): getattr(handler, m) for m in dir(handler) if m.startswith("handle_")
         }
         self.auth_methods: dict[str, _AuthMechAttr] = {
-            getattr(mfunc, "__auth_mechanism_name__", mname.replace("auth_", "").replace("__", "-")): (
-                _AuthMechAttr(mfunc, False)
-            )
+            _mechanism_name(mname, mfunc): _AuthMechAttr(mfunc, False)
             for mname, mfunc in inspect.getmembers(handler)
             if mname.startswith("auth_")
         }
@@ -239,25 +256,21 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
 class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
-    # aiosmtpd's SMTP.__init__ finds its auth_* and smtp_* methods with inspect.getmembers(self) and
-    # dir(self), which read every attribute of the new object, on every connection: 11% of postmux's
-    # serial CPU with one message a connection (bench/README.md, profile_hotpath). Listing only those
-    # names, once per class, gives aiosmtpd the same tables (tests/unit/test_ingress_session.py).
-    _method_names: list[str] | None = None
-
-    # It also searches the handler, with inspect.getmembers, dir() and inspect.signature, on every
-    # connection: another 20% of an ingress worker's CPU at 1.5 KB messages (issue 12). What it finds there
-    # is the same for every session of the handler: it is given a handler with nothing to find, and the
-    # real handler's tables, found once (_HandlerHooks), are put in after. False: aiosmtpd's own search.
-    _hooks_found_once = True
+    # aiosmtpd's SMTP.__init__ builds its tables on every connection: the session's smtp_* and auth_*
+    # methods with inspect.getmembers(self) and dir(self), the handler's hooks and AUTH mechanisms with
+    # inspect.getmembers, dir() and the signature of handle_EHLO: 11% of postmux's serial CPU with one message
+    # a connection (bench/README.md, profile_hotpath), a fifth of an ingress worker's at 1.5 KB (issue 12).
+    # What it finds is the same for every session of a class and handler. So it finds nothing (the session's
+    # dir() is empty while it runs, the handler it is given has nothing on it), and the tables are built
+    # after from names listed once per class (_SessionMethods) and hooks found once per handler
+    # (_HandlerHooks): the tables aiosmtpd would build (tests/unit/test_ingress_session.py). False: aiosmtpd
+    # searches, as it does by itself.
+    _tables_found_once = True
+    _searchable = False  # dir(self) lists the object's attributes (once SMTP.__init__ is done)
+    _methods: ClassVar[_SessionMethods]  # in each class's own __dict__, once its first session is made
 
     def __dir__(self) -> list[str]:
-        cls = type(self)
-        if cls._method_names is None:
-            cls._method_names = sorted(
-                name for name in super().__dir__() if name.startswith(("smtp_", "auth_"))
-            )
-        return cls._method_names
+        return list(super().__dir__()) if self._searchable or not self._tables_found_once else []
 
     def __init__(
         self,
@@ -287,7 +300,7 @@ class PostmuxSMTP(BlockDataSMTP):
         # Without users there is nothing to log in as: AUTH is not offered.
         excluded = () if settings.users else ("PLAIN", "LOGIN")
         super().__init__(
-            _NOTHING_TO_FIND if self._hooks_found_once else handler,
+            _NOTHING_TO_FIND if self._tables_found_once else handler,
             hostname=settings.hostname,
             ident="postmux",
             data_size_limit=settings.max_message_size,
@@ -303,19 +316,27 @@ class PostmuxSMTP(BlockDataSMTP):
             # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
             loop=asyncio.get_running_loop(),
         )
-        if self._hooks_found_once:
-            self._take_hooks(handler, excluded)
+        if self._tables_found_once:
+            self._take_tables(handler, excluded)
+        self._searchable = True
 
-    def _take_hooks(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
-        """The tables SMTP.__init__ would have made from `handler` itself, from those found once."""
+    def _take_tables(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
+        """The tables SMTP.__init__ would have built by searching this session and `handler`."""
+        cls = type(self)
+        methods = cls.__dict__.get("_methods")  # a subclass has methods of its own: its own listing
+        if methods is None:
+            methods = _SessionMethods(cls)
+            cls._methods = methods
         found = _HandlerHooks.of(handler)
+        self._smtp_methods = {command: getattr(self, name) for command, name in methods.commands}
+        auth = {mechanism: _AuthMechAttr(getattr(self, name), True) for mechanism, name in methods.mechanisms}
+        auth.update(found.auth_methods)
+        for mechanism in excluded:
+            auth.pop(mechanism, None)
+        self._auth_methods = auth
         self.event_handler = handler
         self._handle_hooks = dict(found.hooks)
         self._ehlo_hook_ver = found.ehlo_hook_ver
-        if found.auth_methods:
-            self._auth_methods.update(found.auth_methods)
-            for mechanism in excluded:
-                self._auth_methods.pop(mechanism, None)
 
     # -- connection life -------------------------------------------------------------------------------
 
