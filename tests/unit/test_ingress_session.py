@@ -233,3 +233,19 @@ def test_relay_trust_is_worked_out_once_an_address() -> None:
     for _ in range(3):
         assert {address: handler.trusts(address) for address in answers} == answers
     assert cast(Any, handler.trusts).cache_info().misses == len(answers)
+
+
+async def test_commands_move_the_idle_deadline_without_a_new_timer_each(
+    recorded: tuple[int, list[_WritesRecorded]],
+) -> None:
+    """aiosmtpd cancels its idle timer and sets another for each command; one timer serves them all."""
+    port, sessions = recorded
+    client = await RawClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).startswith("250")
+    session = sessions[0]
+    timer, deadline = session._timeout_handle, session._idle_deadline
+    for _ in range(5):
+        assert await client.cmd("NOOP") == "250 2.0.0 OK"
+    assert session._timeout_handle is timer
+    assert session._idle_deadline > deadline
+    await client.close()
