@@ -212,6 +212,21 @@ async def test_idle_client_gets_421_after_the_command_timeout(gateway: StartGate
     await client.close()
 
 
+async def test_the_command_timeout_counts_from_the_last_command(gateway: StartGateway) -> None:
+    """A client that keeps talking outlasts the timeout; once it stops, the 421 comes a timeout later."""
+    app = await gateway(timeout=0.5)
+    client = await RawClient.connect(app.smtp_port)
+    for _ in range(6):  # 1.2 s in all, never 0.5 s without a command
+        assert await client.cmd("NOOP") == "250 2.0.0 OK"
+        await asyncio.sleep(0.2)
+    last = time.monotonic()
+    assert await client.cmd("NOOP") == "250 2.0.0 OK"
+    assert await client.reply() == "421 4.4.2 postmux.test Error: timeout exceeded"
+    assert 0.45 < time.monotonic() - last < 1.5
+    assert await client.closed()
+    await client.close()
+
+
 async def test_slow_message_is_not_cut_by_the_command_timeout(gateway: StartGateway) -> None:
     app = await gateway(timeout=0.4)
     client = await RawClient.connect(app.smtp_port)

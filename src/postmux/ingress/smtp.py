@@ -15,16 +15,20 @@ EHLO's.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ipaddress
 import socket
 import ssl
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.address import Role, split_path
@@ -167,6 +171,78 @@ class _GuardedReader(asyncio.StreamReader):
                 await self.read(e.consumed)
 
 
+class _NothingToFind:
+    """The handler SMTP.__init__ is given to search: it finds no hook and no AUTH mechanism on it."""
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_NOTHING_TO_FIND = _NothingToFind()
+
+
+def _mechanism_name(name: str, method: Any) -> str:
+    """An auth_* method's AUTH mechanism, as aiosmtpd names it: auth_CRAM__MD5 is CRAM-MD5."""
+    return str(getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")))
+
+
+class _SessionMethods:
+    """A session class's smtp_* and auth_* methods, by name: what SMTP.__init__ searches each session for.
+
+    aiosmtpd 1.4.6 (aiosmtpd/smtp.py, SMTP.__init__) lists them with inspect.getmembers(self) and dir(self),
+    sorted by name; they are the class's, the same for each of its sessions, and only binding them to the
+    session is left for each one.
+    """
+
+    def __init__(self, cls: type) -> None:
+        names = sorted(name for name in dir(cls) if name.startswith(("smtp_", "auth_")))
+        self.commands = [(n.replace("smtp_", ""), n) for n in names if n.startswith("smtp_")]
+        self.mechanisms = [(_mechanism_name(n, getattr(cls, n)), n) for n in names if n.startswith("auth_")]
+
+
+class _HandlerHooks:
+    """What aiosmtpd 1.4.6's SMTP.__init__ finds on a handler, found once for all the handler's sessions.
+
+    Its own search (aiosmtpd/smtp.py, SMTP.__init__), as it is written there: the handle_* hooks by dir(),
+    the auth_* mechanisms by inspect.getmembers (a handler's take the place of the session's own), and
+    the form of handle_EHLO by its signature. What it finds depends on the handler alone.
+    """
+
+    @classmethod
+    def of(cls, handler: Any) -> _HandlerHooks:
+        found = _FOUND.get(handler)
+        if found is None:
+            found = _FOUND[handler] = cls(handler)
+        return found
+
+    def __init__(self, handler: Any) -> None:
+        self.hooks: dict[str, Callable[..., Any]] = {
+            m.replace("handle_", ""): getattr(handler, m) for m in dir(handler) if m.startswith("handle_")
+        }
+        self.auth_methods: dict[str, _AuthMechAttr] = {
+            _mechanism_name(mname, mfunc): _AuthMechAttr(mfunc, False)
+            for mname, mfunc in inspect.getmembers(handler)
+            if mname.startswith("auth_")
+        }
+        self.ehlo_hook_ver: str | None = None
+        ehlo_hook = self.hooks.get("EHLO")
+        if ehlo_hook is not None:
+            params = len(inspect.signature(ehlo_hook).parameters)
+            if params not in (4, 5):
+                raise RuntimeError("Unsupported EHLO Hook")
+            self.ehlo_hook_ver = "old" if params == 4 else "new"
+            if params == 4:  # IngressHandler's has 5
+                warnings.warn(
+                    "Use the 5-argument handle_EHLO() hook instead of the 4-argument handle_EHLO() hook",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+
+
+# Per handler object (one per listener): its hooks are bound methods of it.
+_FOUND: weakref.WeakKeyDictionary[Any, _HandlerHooks] = weakref.WeakKeyDictionary()
+
+
 def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     """An overriding smtp_* method keeps the @syntax help text aiosmtpd's HELP reads from the original."""
 
@@ -180,19 +256,21 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
 class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
-    # aiosmtpd's SMTP.__init__ finds its auth_* and smtp_* methods with inspect.getmembers(self) and
-    # dir(self), which read every attribute of the new object, on every connection: 11% of postmux's
-    # serial CPU with one message a connection (bench/README.md, profile_hotpath). Listing only those
-    # names, once per class, gives aiosmtpd the same tables (tests/unit/test_ingress_session.py).
-    _method_names: list[str] | None = None
+    # aiosmtpd's SMTP.__init__ builds its tables on every connection: the session's smtp_* and auth_*
+    # methods with inspect.getmembers(self) and dir(self), the handler's hooks and AUTH mechanisms with
+    # inspect.getmembers, dir() and the signature of handle_EHLO: 11% of postmux's serial CPU with one message
+    # a connection (bench/README.md, profile_hotpath), a fifth of an ingress worker's at 1.5 KB (issue 12).
+    # What it finds is the same for every session of a class and handler. So it finds nothing (the session's
+    # dir() is empty while it runs, the handler it is given has nothing on it), and the tables are built
+    # after from names listed once per class (_SessionMethods) and hooks found once per handler
+    # (_HandlerHooks): the tables aiosmtpd would build (tests/unit/test_ingress_session.py). False: aiosmtpd
+    # searches, as it does by itself.
+    _tables_found_once = True
+    _searchable = False  # dir(self) lists the object's attributes (once SMTP.__init__ is done)
+    _methods: ClassVar[_SessionMethods]  # in each class's own __dict__, once its first session is made
 
     def __dir__(self) -> list[str]:
-        cls = type(self)
-        if cls._method_names is None:
-            cls._method_names = sorted(
-                name for name in super().__dir__() if name.startswith(("smtp_", "auth_"))
-            )
-        return cls._method_names
+        return list(super().__dir__()) if self._searchable or not self._tables_found_once else []
 
     def __init__(
         self,
@@ -214,12 +292,15 @@ class PostmuxSMTP(BlockDataSMTP):
         self._session_timer: asyncio.TimerHandle | None = None
         self._address_role: Role | None = None  # set by MAIL and RCPT for _getaddr
         self._offered: LoginPassword | None = None
-        self._data_rearmed = 0.0
+        self._idle_deadline = 0.0  # loop time: the client is hung up on if it says nothing until then
+        self._held = bytearray()  # the lines of a multiline reply so far (push)
         self.long_lines = settings.long_lines
         self.line_endings = settings.line_endings
         self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
+        # Without users there is nothing to log in as: AUTH is not offered.
+        excluded = () if settings.users else ("PLAIN", "LOGIN")
         super().__init__(
-            handler,
+            _NOTHING_TO_FIND if self._tables_found_once else handler,
             hostname=settings.hostname,
             ident="postmux",
             data_size_limit=settings.max_message_size,
@@ -229,10 +310,33 @@ class PostmuxSMTP(BlockDataSMTP):
             tls_context=tls_context,
             require_starttls=settings.tls is not None and settings.tls.required,
             auth_require_tls=settings.auth_require_tls,
-            # Without users there is nothing to log in as: AUTH is not offered.
-            auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            auth_exclude_mechanism=excluded,
             authenticator=self._take_credentials,
+            # A session is made by its listener's protocol factory, in the running loop. Without it,
+            # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
+            loop=asyncio.get_running_loop(),
         )
+        if self._tables_found_once:
+            self._take_tables(handler, excluded)
+        self._searchable = True
+
+    def _take_tables(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
+        """The tables SMTP.__init__ would have built by searching this session and `handler`."""
+        cls = type(self)
+        methods = cls.__dict__.get("_methods")  # a subclass has methods of its own: its own listing
+        if methods is None:
+            methods = _SessionMethods(cls)
+            cls._methods = methods
+        found = _HandlerHooks.of(handler)
+        self._smtp_methods = {command: getattr(self, name) for command, name in methods.commands}
+        auth = {mechanism: _AuthMechAttr(getattr(self, name), True) for mechanism, name in methods.mechanisms}
+        auth.update(found.auth_methods)
+        for mechanism in excluded:
+            auth.pop(mechanism, None)
+        self._auth_methods = auth
+        self.event_handler = handler
+        self._handle_hooks = dict(found.hooks)
+        self._ehlo_hook_ver = found.ehlo_hook_ver
 
     # -- connection life -------------------------------------------------------------------------------
 
@@ -290,16 +394,12 @@ class PostmuxSMTP(BlockDataSMTP):
         self._data_line()  # called for each block of DATA text (BlockDataSMTP)
 
     def _data_line(self) -> None:
-        """A client sending a message is not idle: push the idle timeout back, but not for every block.
+        """A client sending a message is not idle: its idle deadline moves back, for each block.
 
         Re-arming the timer (cancel, then call_later) for each line cost 10% of postmux's CPU at 50 KB
-        messages (bench/README.md, profile_hotpath). At most every tenth of the timeout (and at least once
-        a second) moves the deadline by that much at worst, and costs one clock read a block.
+        messages (bench/README.md, profile_hotpath); moving the deadline (_reset_timeout) costs a clock read.
         """
-        now = self.loop.time()
-        if now - self._data_rearmed >= min(1.0, self._timeout_duration / 10):
-            self._data_rearmed = now
-            self._reset_timeout()
+        self._reset_timeout()
 
     async def _handle_client(self) -> None:
         if self._refused is not None:
@@ -310,7 +410,24 @@ class PostmuxSMTP(BlockDataSMTP):
             return
         await super()._handle_client()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The client is not idle: it is hung up on if it says nothing for `duration` (the timeout) from now.
+
+        aiosmtpd cancels its timer and sets a new one for each command: 2% of an ingress worker's CPU at
+        1.5 KB messages (issue 12). A deadline that only moves later needs no new timer: the one set fires,
+        finds the deadline moved (_timeout_cb) and waits out the rest. Only a deadline sooner than the
+        timer's, or no timer, sets one.
+        """
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._idle_deadline:
+            super()._reset_timeout(duration)
+
     def _timeout_cb(self) -> None:
+        remaining = self._idle_deadline - self.loop.time()
+        if remaining > 0:  # the client has spoken since the timer was set
+            super()._reset_timeout(remaining)
+            return
         # RFC 5321 4.5.3.2: a server that times out should say so (421) rather than just hang up.
         self._hang_up(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
@@ -319,6 +436,7 @@ class PostmuxSMTP(BlockDataSMTP):
         if self.transport is None or self.transport.is_closing():
             return
         log.info("closing connection", client=self.client_ip, reply=reply)
+        self._held.clear()  # never half a reply, then another (RFC 5321 4.2.1); none is held between pushes
         self._writer.write(reply.encode() + b"\r\n")
         self.transport.close()
         if self._handler_coroutine is not None:
@@ -327,16 +445,33 @@ class PostmuxSMTP(BlockDataSMTP):
     # -- replies ---------------------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        """Write one line of a reply; a multiline reply's lines wait for its last and go in one write.
+
+        aiosmtpd writes each line by itself: a send syscall a line, eight for EHLO's reply. A line with
+        "-" after its code is followed by more of the same reply (RFC 5321 4.2.1), which is pushed next,
+        with nothing awaited between: it is held until then. A reply's last line is written at once, so
+        the replies to pipelined commands (RFC 2920) still go as each is made.
+        """
         if isinstance(status, bytes):  # AUTH challenges (334)
             await super().push(status)
             return
         reply = enhanced(status)
-        await super().push(reply)
+        if reply[3:4] == "-":
+            self._held += self._encode(reply) + b"\r\n"
+            return
+        if self._held:
+            whole, self._held = bytes(self._held) + self._encode(reply), bytearray()
+            await super().push(whole)
+        else:
+            await super().push(reply)
         if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _encode(self, reply: str) -> bytes:
+        return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # as aiosmtpd's push encodes
 
     def _overshoot(self, reply: str) -> bool:
         """Whether `reply` refuses a recipient past max_recipients within the overshoot allowance.
@@ -449,6 +584,12 @@ class IngressHandler:
         self.settings = settings
         self.acceptor = acceptor
         self.trusted_networks = settings.trusted()
+        # Whether a client address may relay, asked at every RCPT: ipaddress parses the address each time
+        # (3.5 µs), for an answer that depends on the address string alone. Bounded, so a client with many
+        # addresses (an IPv6 prefix) cannot make it grow.
+        self.trusts: Callable[[str], bool] = functools.lru_cache(maxsize=4096)(
+            functools.partial(is_trusted, networks=tuple(self.trusted_networks))
+        )
         self.logins = LoginGuard(settings)  # shared by the listener's sessions, like ConnectionLimits
 
     async def handle_exception(self, error: Exception) -> str:
@@ -483,7 +624,7 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if not (session.authenticated or is_trusted(_peer_ip(session), self.trusted_networks)):
+        if not (session.authenticated or self.trusts(_peer_ip(session))):
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
