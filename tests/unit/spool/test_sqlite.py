@@ -245,3 +245,22 @@ async def test_a_spool_file_from_before_lease_owners_is_upgraded_at_open_and_lea
         ("leased", "node-1", 122),
         ("held", "", None),
     ]
+
+
+async def test_the_checkpointer_copies_the_wal_into_the_database_beside_the_writer(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    spool = await open_spool(tmp_path / "s.db")
+    empty = os.path.getsize(tmp_path / "s.db")
+    await asyncio.gather(
+        *(spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0) for _ in range(300))
+    )
+    # The writer's own checkpoint waits for 64 MB of WAL: only the checkpointer thread can have grown the
+    # database file this soon.
+    deadline = time.monotonic() + 5
+    while os.path.getsize(tmp_path / "s.db") <= empty and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert os.path.getsize(tmp_path / "s.db") > empty
+    await spool.close()
+    assert not [t for t in threading.enumerate() if t.name == "postmux-spool-ckpt"]
