@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import os
 import queue
@@ -263,6 +264,10 @@ class SqliteSpool:
             return await asyncio.wrap_future(fut)
         except sqlite3.Error as e:
             raise SpoolError(str(e), disk_full=_is_disk_full(e)) from e
+        except OSError as e:
+            # The segment files (spool/bodies.py) fail as the file system does: a full disk is 452 4.3.1 to
+            # a client, like SQLITE_FULL, and any other failure a plain spool failure, never a stray OSError.
+            raise SpoolError(f"spool body files: {e}", disk_full=e.errno in _DISK_FULL) from e
 
     async def _read_beside(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Read on a connection of its own in a worker thread: WAL lets it read while the writer writes,
@@ -392,6 +397,9 @@ class SqliteSpool:
 
     async def move(self, selector: Selector, pool: str, now: float) -> int:
         return await self._call(lambda c: sqlite_queue.move(c, selector, pool, now))
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _is_disk_full(e: sqlite3.Error) -> bool:

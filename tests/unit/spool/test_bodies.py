@@ -187,3 +187,21 @@ async def test_a_bounce_reads_only_the_head_of_a_long_text_for_its_dsn(tmp_path:
     assert seen == [len(head) + HEADER_LIMIT]  # not the 3 MB
     assert segments(spool) == []
     await spool.close()
+
+
+async def test_a_segment_that_cannot_be_written_is_a_spool_error_and_stores_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    from postmux.spool.base import SpoolError
+
+    spool = await open_spool(tmp_path / "s.db")
+    shutil.rmtree(spool.bodies.segments)
+    spool.bodies.segments.write_bytes(b"not a directory")  # every write under it fails (ENOTDIR)
+    with pytest.raises(SpoolError) as failed:
+        await spool.store("m1", envelope(text(50_000, 1)), POOLS, 1.0)
+    assert not failed.value.disk_full
+    await spool.store("m2", envelope(text(1500, 2)), POOLS, 1.0)  # a text kept in its row still goes in
+    assert [r[0] for r in rows(tmp_path / "s.db")] == ["m2"]
+    await spool.close()
