@@ -80,14 +80,17 @@ class BodyStore:
 
     # -- a batch: place and adopt, then before_commit, then after_commit --------------------------------
 
-    def mark(self) -> int:
+    def mark(self) -> tuple[int, int]:
         """Before each job of a batch: what `undo` takes back if the job fails."""
-        return len(self._adopted)
+        return len(self._adopted), len(self._doomed)
 
-    def undo(self, mark: int) -> None:
-        """The job since `mark` failed and its rows were rolled back: its adopted files go."""
-        self._undo += self._adopted[mark:]
-        del self._adopted[mark:]
+    def undo(self, mark: tuple[int, int]) -> None:
+        """The job since `mark` failed and its rows were rolled back: the files it adopted go, and the
+        segments it let go of stay (the rows that name them are back)."""
+        adopted, doomed = mark
+        self._undo += self._adopted[adopted:]
+        del self._adopted[adopted:]
+        del self._doomed[doomed:]
 
     def place(self, data: bytes, tail: BodyFile | None) -> Placed:
         """Put a new message's text where it belongs; the caller writes the row from the result."""

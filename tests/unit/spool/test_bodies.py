@@ -12,6 +12,7 @@ from pathlib import Path
 from postmux.body import BodyFile
 from postmux.envelope import Envelope, new_message_id
 from postmux.spool.base import RecipientState, Selector, Settlement
+from postmux.spool.bodies import BodyStore
 from postmux.spool.sqlite import SqliteSpool
 from postmux.work import WorkItem
 
@@ -35,7 +36,11 @@ async def open_spool(path: Path, **kw: object) -> SqliteSpool:
 
 
 def segments(spool: SqliteSpool) -> list[str]:
-    return sorted(os.listdir(spool.bodies.segments))
+    return segments_in(spool.bodies)
+
+
+def segments_in(bodies: BodyStore) -> list[str]:
+    return sorted(os.listdir(bodies.segments))
 
 
 def rows(path: Path) -> list[tuple[str, int, str, int]]:
@@ -205,3 +210,32 @@ async def test_a_segment_that_cannot_be_written_is_a_spool_error_and_stores_noth
     await spool.store("m2", envelope(text(1500, 2)), POOLS, 1.0)  # a text kept in its row still goes in
     assert [r[0] for r in rows(tmp_path / "s.db")] == ["m2"]
     await spool.close()
+
+
+def test_a_job_that_fails_after_letting_go_of_a_segment_keeps_the_segment(tmp_path: Path) -> None:
+    """The writer rolls a failed job's rows back (SAVEPOINT); the segment those rows name must stay."""
+    from postmux.spool.sqlite_schema import delete_message, insert_message, prepare
+
+    db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    prepare(db)
+    bodies = BodyStore(tmp_path / "s.db")
+    bodies.make_dirs()
+    db.execute("BEGIN")
+    insert_message(db, bodies, "m1", envelope(text(20_000, 1)), 1.0)
+    bodies.before_commit()
+    db.execute("COMMIT")
+    bodies.after_commit(committed=True)
+    (seg,) = segments_in(bodies)
+    db.execute("BEGIN")
+    db.execute("SAVEPOINT job")
+    mark = bodies.mark()
+    delete_message(db, bodies, "m1")  # the last row naming the segment: it is let go of ...
+    db.execute("ROLLBACK TO job")  # ... and then the job fails, and the row is back
+    db.execute("RELEASE job")
+    bodies.undo(mark)
+    bodies.before_commit()
+    db.execute("COMMIT")
+    bodies.after_commit(committed=True)
+    assert segments_in(bodies) == [seg]
+    assert bodies.read(seg, 0, 20_000) == text(20_000, 1)
+    db.close()
