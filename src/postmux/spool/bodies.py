@@ -119,7 +119,7 @@ class BodyStore:
         return name, tail.offset, tail.length
 
     def before_commit(self) -> None:
-        """Make this batch's texts durable before the rows that name them (RFC-free, Postfix-style care)."""
+        """Make this batch's texts durable before the rows that name them are committed."""
         if self._open is not None:
             os.fdatasync(self._open[1])
         for name in self._adopted:
@@ -171,8 +171,7 @@ class BodyStore:
             return
         data, seg, offset, length = row
         try:
-            # In Python, not SQL: `||` makes text of blobs.
-            text = bytes(data) + self.read(seg, offset, length)
+            text = self.joined(data, seg, offset, length)  # in Python, not SQL: `||` makes text of blobs
         except OSError:
             return  # its file is gone: lease_due parks it as a message without its text
 
@@ -184,19 +183,23 @@ class BodyStore:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def read(self, seg: str, offset: int, length: int) -> bytes:
-        """The segment's octets; OSError if the file is gone or shorter (a damaged spool)."""
-        return BodyFile(str(self.path(seg)), offset, length).read()
-
     def file(self, seg: str, offset: int, length: int) -> BodyFile:
         return BodyFile(str(self.path(seg)), offset, length)
+
+    def joined(self, data: bytes, seg: str, offset: int, length: int, limit: int | None = None) -> bytes:
+        """A row's text in memory: `data`, then its segment's octets (at most `limit` of them).
+
+        OSError if the segment file is gone or shorter (a damaged spool, or a message delivered meanwhile).
+        """
+        if not seg:
+            return bytes(data)
+        return bytes(data) + self.file(seg, offset, length if limit is None else min(length, limit)).read()
 
     # -- at open ---------------------------------------------------------------------------------------
 
     def sweep(self, conn: sqlite3.Connection) -> tuple[int, set[str]]:
         """At open: remove files no row names (orphans of a crash, ingress files never handed over), and
         return how many went and which named segments are missing (their messages are quarantined)."""
-        self.make_dirs()
         removed = 0
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(FileNotFoundError):

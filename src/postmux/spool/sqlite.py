@@ -571,16 +571,15 @@ def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -
         return None
     sender, client_ip, smtputf8, created, data, seg, offset, length, clean = row
     tail = None
-    if seg:
-        if length > HOLD_MAX:
-            tail = bodies.file(seg, offset, length)
-            if not os.path.exists(tail.path):
-                return None
-        else:
-            try:
-                data += bodies.read(seg, offset, length)
-            except OSError:
-                return None
+    if length > HOLD_MAX:
+        tail = bodies.file(seg, offset, length)
+        if not os.path.exists(tail.path):
+            return None
+    else:
+        try:
+            data = bodies.joined(data, seg, offset, length)
+        except OSError:
+            return None
     return _Stored(sender, client_ip, bool(smtputf8), created, data, tail, bool(clean))
 
 

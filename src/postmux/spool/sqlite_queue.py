@@ -127,13 +127,11 @@ def _read_message(
     ).fetchone()
     if row is None:
         return None
-    data: bytes | None = row[6]
-    if row[7]:
-        try:
-            length = row[9] if limit is None else min(row[9], limit)
-            data = bytes(row[6]) + bodies.read(row[7], row[8], length)
-        except OSError:
-            data = None
+    data: bytes | None
+    try:
+        data = bodies.joined(row[6], row[7], row[8], row[9], limit)
+    except OSError:
+        data = None
     recipients = tuple(
         _recipient_view(r)
         for r in conn.execute(
