@@ -70,6 +70,13 @@ class BodyFile:
         return next(self.chunks(min(limit, CHUNK)), b"") if limit > 0 else b""
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def text_size(data: bytes, tail: BodyFile | None) -> int:
     """The whole text's length in octets: what SIZE= says (RFC 1870) and events report."""
     return len(data) + (tail.length if tail is not None else 0)

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from postmux.body import BodyFile
+from postmux.body import BodyFile, write_all
 
 
 class KeptText:
@@ -53,11 +53,8 @@ class KeptText:
                 octets = octets[eol + 2 :]
             self._fd, self.path = tempfile.mkstemp(dir=self.spill_dir, prefix="text-", suffix=".tmp")
         assert self._fd is not None, "nothing is added once the tail is taken"
-        view = memoryview(octets)
-        while view:
-            done = os.write(self._fd, view)
-            self._written += done
-            view = view[done:]
+        write_all(self._fd, octets)
+        self._written += len(octets)
 
     def data(self) -> bytes:
         """What is in memory: the whole text, or its lines within the first `spill_bytes` octets."""

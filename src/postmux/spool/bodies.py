@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from postmux.body import BodyFile
+from postmux.body import BodyFile, write_all
 
 log = structlog.get_logger("postmux.spool")
 
@@ -104,10 +104,7 @@ class BodyStore:
             self._open, self._written = (name, fd), 0
         name, fd = self._open
         offset = self._written
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         self._written += len(data)
         return Placed(b"", name, offset, len(data))
 
