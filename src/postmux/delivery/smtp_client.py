@@ -134,8 +134,9 @@ async def send_data(
     the connection's protocol `write` and `read_response`. `timeout` bounds each wait, as aiosmtplib's
     `data(timeout=)` does: the 354, each wait for the connection to take more of a tail, the reply.
 
-    A text held whole goes in one write. A tail is streamed: its chunks are read in a worker thread (a
-    1 MB read from the page cache takes 0.25 ms, from a cold disk far more: not on the event loop), and
+    A text held whole goes in one write. A tail is streamed: its chunks (postmux.body.CHUNK) are read in a
+    worker thread (1 MB from the page cache takes 0.25 ms, from a cold disk far more: not on the event
+    loop), and
     each is written only once the connection has taken the one before, so memory stays a few chunks
     whatever the size of the message (issue 12).
 
