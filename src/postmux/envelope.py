@@ -31,7 +31,10 @@ class Envelope:
     helo: str = ""
     protocol: str = "ESMTP"
     auth_user: str = ""  # who the client authenticated as (SMTP AUTH); empty: not authenticated
+    # The sender's labels and opaque values for the message (the API's tags and metadata, X-Postmux-Tag
+    # and X-Postmux-Meta over SMTP): kept with it and put on every event about it (events/types.py).
     tags: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
     # The rest of a long text, in a file (postmux.body): the text is `data` then `tail`.
     tail: BodyFile | None = None
     # Ingress found only CRLF line ends and no line starting with "." (postmux.body): sent as it is.

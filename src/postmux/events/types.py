@@ -45,9 +45,24 @@ class Event:
     num_attempts: int = 0
     latency_s: float | None = None
     size: int = 0
+    # Labels: postmux's own about this event (reason, tls, ...) and the sender's about the message (the
+    # API's `tags`, X-Postmux-Tag: name=value), the event's own winning a clash. Short; never metric labels.
     tags: dict[str, str] = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
     event_id: str = field(default_factory=_event_id)
+    # What the sender attached to the message (the API's `metadata`, X-Postmux-Meta: name=value): opaque,
+    # returned as given on every event of the message.
+    metadata: dict[str, str] = field(default_factory=dict)
+    message_id: str = ""  # the Message-ID header field, as the sender wrote it (without <>)
+    created: float | None = None  # when the message was accepted
+    source_ip: str = ""  # the address the attempt left from (direct-to-MX members), else ""
+    mx_host: str = ""  # the host connected to: the MX's name, or the relay member's address
+    peer: str = ""  # the peer's IP address and port as connected
+    bounce_class: str = ""  # the class of a failure reply (the reputation work fills it; "" until then)
+    # Reception only: who handed the message in.
+    client: str = ""
+    helo: str = ""
+    auth_user: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -65,4 +80,19 @@ class Event:
             "latency_s": None if self.latency_s is None else round(self.latency_s, 6),
             "size": self.size,
             "tags": self.tags,
+            "metadata": self.metadata,
+            "message_id": self.message_id,
+            "created": self.created,
+            "queue_time_s": None
+            if self.created is None
+            else round(max(0.0, self.timestamp - self.created), 6),
+            "source_ip": self.source_ip,
+            "mx_host": self.mx_host,
+            "peer": self.peer,
+            "bounce_class": self.bounce_class,
+            **(
+                {"client": self.client, "helo": self.helo, "auth_user": self.auth_user}
+                if self.type is EventType.RECEPTION
+                else {}
+            ),
         }
