@@ -35,6 +35,8 @@ from postmux.work import WorkItem
 __all__ = [
     "FINAL_STATES",
     "OPEN_STATES",
+    "Answered",
+    "NewMessage",
     "DestinationStats",
     "DsnBuilder",
     "MessageView",
@@ -44,6 +46,7 @@ __all__ = [
     "RecipientView",
     "Selector",
     "Settlement",
+    "Stored",
     "Spool",
     "SpoolBackend",
     "SpoolError",
@@ -82,6 +85,41 @@ class Settlement:
     local_errors: int = 0
     dsn: Envelope | None = None
     dsn_pool: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One message of `Spool.store_all`: as `store`'s arguments."""
+
+    message_id: str
+    envelope: Envelope
+    pools: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A request already answered under an idempotency key: what it was and what it was told.
+
+    `client` is whose keys these are (an API key's name: two clients may pick the same key), `key` the
+    client's Idempotency-Key, `request_hash` a digest of the request it came with, `answer` the response
+    body it got (JSON text). The record counts until `expires`; after that the key is free again.
+    """
+
+    client: str
+    key: str
+    request_hash: str
+    answer: str
+    created: float
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What `store_all` did: stored the messages (`work`, as `store` returns it), or, when the idempotency
+    key had been answered already, nothing (`work` empty, `answered` the first answer)."""
+
+    work: list[WorkItem]
+    answered: Answered | None = None
 
 
 class Spool(Protocol):
@@ -135,6 +173,24 @@ class Spool(Protocol):
         so the caller can deliver it at once without reading it back; without, the work is queued and due
         now. Cost: one round trip, one row per recipient.
         """
+        ...
+
+    async def store_all(
+        self, messages: Sequence[NewMessage], now: float, *, lease: bool = True, answer: Answered | None = None
+    ) -> Stored:
+        """Store several messages, as `store` does each, in one transaction: all of them or none.
+
+        With `answer`, the idempotency record is written in that same transaction, so a request is
+        either stored with its answer or not at all, whatever crash comes between. If a live record for
+        (answer.client, answer.key) exists already (expires > now), nothing is stored and it is returned
+        instead: of two requests racing with one key, one stores and the other gets its answer. Records
+        that have expired by `now` are removed in the same transaction. Cost: one round trip.
+        """
+        ...
+
+    async def answered(self, client: str, key: str, now: float) -> Answered | None:
+        """The live idempotency record for (client, key) at `now`, if any. Cost: one indexed read,
+        beside the writer."""
         ...
 
     async def settle(self, settlements: Sequence[Settlement], now: float) -> None:

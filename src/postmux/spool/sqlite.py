@@ -35,14 +35,17 @@ from postmux.envelope import Envelope, domain_of
 from postmux.spool import sqlite_queue
 from postmux.spool.base import (
     FINAL_STATES,
+    Answered,
     DestinationStats,
     DsnBuilder,
     MessageView,
+    NewMessage,
     QueuePage,
     RecipientState,
     Selector,
     Settlement,
     SpoolError,
+    Stored,
 )
 from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
@@ -342,6 +345,22 @@ class SqliteSpool:
                     os.unlink(envelope.tail.path)
             raise
 
+    async def store_all(
+        self, messages: Sequence[NewMessage], now: float, *, lease: bool = True, answer: Answered | None = None
+    ) -> Stored:
+        taken = self._lease(now) if lease else None
+        try:
+            stored = await self._call(lambda c: _store_all(c, self.bodies, messages, now, taken, answer))
+        except BaseException:
+            _drop_tails(messages)  # as in `store`: the tails are the spool's from the call on
+            raise
+        if stored.answered is not None:
+            _drop_tails(messages)
+        return stored
+
+    async def answered(self, client: str, key: str, now: float) -> Answered | None:
+        return await self._read_beside(lambda c: _answered(c, client, key, now))
+
     async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
         await self._call(lambda c: _settle(c, self.bodies, settlements, now))
 
@@ -452,6 +471,47 @@ def _store(
         )
         for (pool, domain), rcpts in groups.items()
     ]
+
+
+def _store_all(
+    conn: sqlite3.Connection,
+    bodies: BodyStore,
+    messages: Sequence[NewMessage],
+    now: float,
+    lease: _Lease | None,
+    answer: Answered | None,
+) -> Stored:
+    if answer is not None:
+        conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+        first = _answered(conn, answer.client, answer.key, now)
+        if first is not None:
+            return Stored([], first)
+        conn.execute(
+            "INSERT INTO idempotency (client, key, request_hash, answer, created, expires)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (answer.client, answer.key, answer.request_hash, answer.answer, answer.created, answer.expires),
+        )
+    work: list[WorkItem] = []
+    for m in messages:
+        work += _store(conn, bodies, m.message_id, m.envelope, m.pools, now, lease)
+    return Stored(work)
+
+
+def _drop_tails(messages: Sequence[NewMessage]) -> None:
+    """Tails no committed row adopted: removed, as `store` removes its own."""
+    for m in messages:
+        if m.envelope.tail is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(m.envelope.tail.path)
+
+
+def _answered(conn: sqlite3.Connection, client: str, key: str, now: float) -> Answered | None:
+    row = conn.execute(
+        "SELECT request_hash, answer, created, expires FROM idempotency"
+        " WHERE client = ? AND key = ? AND expires > ?",
+        (client, key, now),
+    ).fetchone()
+    return None if row is None else Answered(client, key, str(row[0]), str(row[1]), row[2], row[3])
 
 
 def _settle(

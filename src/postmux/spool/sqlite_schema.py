@@ -49,6 +49,18 @@ CREATE TABLE IF NOT EXISTS recipient (
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+-- Requests answered under an idempotency key (the submission API's Idempotency-Key): written in the same
+-- transaction as the messages they stored, so a replay finds either both or neither.
+CREATE TABLE IF NOT EXISTS idempotency (
+    client       TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    answer       TEXT NOT NULL,
+    created      REAL NOT NULL,
+    expires      REAL NOT NULL,
+    PRIMARY KEY (client, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 -- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
 CREATE TABLE IF NOT EXISTS quarantine (
     qid         INTEGER PRIMARY KEY,
