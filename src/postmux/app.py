@@ -37,6 +37,7 @@ from postmux.events.types import Event, EventType
 from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
+from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
@@ -129,8 +130,14 @@ class App:
         )
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
+        self.submissions = Submissions(self.acceptor, self.spool, settings, clock)
         self.http = HttpServer(
-            settings.http, make_http_app(self.metrics, admin_api(self.control, settings.http.admin_token))
+            settings.http,
+            make_http_app(
+                self.metrics,
+                admin_api(self.control, settings.http.admin_token, PUBLIC_ROUTES),
+                self.submissions.mount,
+            ),
         )
         self.metrics.add_live(self._live_gauges)
         self._smtp: asyncio.Server | None = None
@@ -345,6 +352,7 @@ class App:
         self.sync_transports(settings)
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)
+        self.submissions.reconfigure(settings)
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

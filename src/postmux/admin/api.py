@@ -7,7 +7,7 @@ every route asks Control, which holds the node's parts.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -24,21 +24,28 @@ ADMIN_PREFIX = "/api/v1"
 _CHALLENGE = 'Bearer realm="postmux"'
 
 
-def admin_api(control: Control, token: str | None) -> Callable[[FastAPI], None]:
-    """What mounts the admin API on an HTTP app: its token guard and its routes."""
+def admin_api(
+    control: Control, token: str | None, public: Collection[tuple[str, str]] = ()
+) -> Callable[[FastAPI], None]:
+    """What mounts the admin API on an HTTP app: its token guard and its routes.
+
+    `public`: (method, path) pairs under /api/v1 that are not the admin's (the submission API, which
+    guards itself with API keys, and the OpenAPI document).
+    """
 
     def mount(app: FastAPI) -> None:
-        app.middleware("http")(_admin_guard(token))
+        app.middleware("http")(_admin_guard(token, frozenset(public)))
         _admin_routes(app, control)
 
     return mount
 
 
-def _admin_guard(token: str | None) -> Any:
+def _admin_guard(token: str | None, public: frozenset[tuple[str, str]]) -> Any:
     """Every admin call carries `Authorization: Bearer TOKEN`; no token configured means no admin API."""
 
     async def guard(request: Request, call_next: Any) -> Response:
-        if not request.url.path.startswith(ADMIN_PREFIX):
+        path = request.url.path
+        if not path.startswith(ADMIN_PREFIX) or (request.method, path) in public:
             response: Response = await call_next(request)
             return response
         if token is None:

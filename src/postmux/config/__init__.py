@@ -19,10 +19,13 @@ from pydantic import (
 
 from postmux.config.references import (
     ReferenceProblems,
+    api_key_problems,
     http_notes,
     reference_problems,
 )
 from postmux.config.sections import (
+    ApiKey,
+    ApiSettings,
     CheckSettings,
     DeliverySettings,
     EventSettings,
@@ -79,10 +82,14 @@ class Settings(_Frozen):
     dns: DnsSettings = DnsSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    api: ApiSettings = ApiSettings()
+    api_key: tuple[ApiKey, ...] = ()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        problems = reference_problems(self.pool, self.route, self.shaping)
+        problems = reference_problems(self.pool, self.route, self.shaping) + api_key_problems(
+            self.pool, self.api_key
+        )
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
             # passes through, and settings_from_dict reports each problem under its own key.
@@ -186,6 +193,8 @@ def load_config(path: str | Path) -> Settings:
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "ApiKey",
+    "ApiSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from postmux.config.sections import (
+    ApiKey,
     HttpSettings,
     PoolSettings,
     RouteSettings,
@@ -65,6 +66,23 @@ def reference_problems(
     for i, reaction in enumerate(shaping.reaction):
         key = f"shaping.reaction[{i}].destination"
         problems += _destination_problems(key, reaction.destination, providers)
+    return problems
+
+
+def api_key_problems(pools: Sequence[PoolSettings], keys: Sequence[ApiKey]) -> list[tuple[str, str]]:
+    """API keys with a name already taken, or naming a pool there is not."""
+    names = [p.name for p in pools]
+    problems: list[tuple[str, str]] = []
+    key_names = [k.name for k in keys]
+    dupes = sorted({n for n in key_names if key_names.count(n) > 1})
+    if dupes:
+        problems.append(("api_key", f"API key names must be unique; repeated: {', '.join(dupes)}"))
+    for i, key in enumerate(keys):
+        for j, pool in enumerate(key.pools):
+            if pool not in names:
+                problems.append(
+                    (f"api_key[{i}].pools[{j}]", f"no pool named {pool!r}{_suggest(pool, names)}")
+                )
     return problems
 
 

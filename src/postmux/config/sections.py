@@ -24,6 +24,7 @@ from postmux.config.values import (
     Hostname,
     HostPort,
     PositiveDuration,
+    Rate,
     _Frozen,
     parse_duration,
     split_hostport,
@@ -136,6 +137,65 @@ class HttpSettings(_Frozen):
     listen: HostPort = "127.0.0.1:8025"
     # Bearer token for the admin API (/api/v1/...); without one the admin API refuses every call.
     admin_token: str | None = Field(default=None, min_length=16)
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+
+class ApiSettings(_Frozen):
+    """The HTTP submission API (POST /api/v1/messages on the [http] listener; docs/api.md)."""
+
+    # A request body larger than this is refused with 413 before it is read (Content-Length), or as soon
+    # as that many octets have arrived (chunked). Base64 attachments take 4/3 of their size in JSON.
+    max_request_size: int = Field(default=41_943_040, gt=0)
+    # Messages in one request (a batch, or one message's recipients once split by their substitutions).
+    max_batch: int = Field(default=1000, gt=0, le=100_000)
+    # How long an Idempotency-Key is remembered (per API key): a replay within it gets the first answer.
+    idempotency_ttl: PositiveDuration = 86_400.0
+
+
+class ApiKey(_Frozen):
+    """A client of the submission API: its name, the scrypt hash of its key (`postmux passwd`), and what
+    it may do: send from these sender domains, by these pools, at this rate of messages."""
+
+    name: str
+    hash: str
+    # Envelope sender (and From) domains the key may use: "example.com", or "*.example.com" for its
+    # subdomains. Empty: any.
+    sender_domains: tuple[str, ...] = ()
+    # Pools the key may name; the first is used when a request names none. Empty: any pool, and the
+    # routes choose when a request names none.
+    pools: tuple[str, ...] = ()
+    # Messages the key may submit, sustained (GCRA, scheduling/throttles.py); None: no limit.
+    rate: Rate | None = None
+    # Messages at once before the rate applies; a request of more messages than this is refused (422).
+    burst: int = Field(default=1000, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _KEY_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a key name: letters, digits and '_.-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        from postmux.passwords import parse_hash
+
+        parse_hash(v)
+        return v
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            bare = d.removeprefix("*.")
+            if not bare or "@" in bare or any(c.isspace() for c in bare) or bare.startswith("."):
+                raise ValueError(f"{d!r} is not a domain such as 'example.com' or '*.example.com'")
+        return tuple(d.lower() for d in v)
 
 
 class SpoolSettings(_Frozen):

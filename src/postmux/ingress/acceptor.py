@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 from typing import Protocol
 
@@ -18,7 +18,7 @@ from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.headers import take_header
-from postmux.spool.base import Spool
+from postmux.spool.base import Answered, NewMessage, Spool
 from postmux.work import WorkItem
 
 POOL_HEADER = "X-Postmux-Pool"
@@ -30,6 +30,14 @@ class Accepts(Protocol):
     async def accept(self, envelope: Envelope) -> str:
         """Store durably and return the queue id; raises SpoolError when it could not."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A message for `Acceptor.accept_all`: its envelope, and the pool asked for by name ("": routes)."""
+
+    envelope: Envelope
+    pool: str = ""
 
 
 class Routes(Protocol):
@@ -80,6 +88,41 @@ class Acceptor:
 
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not."""
+        now = self.clock()
+        message = self._prepare(envelope, "", now)
+        hot = self.sink.has_room()
+        work = await self.spool.store(message.message_id, message.envelope, message.pools, now, lease=hot)
+        self._hand_on(work, hot)
+        self._announce(message, now)
+        return message.message_id
+
+    async def accept_all(
+        self, submissions: Sequence[Submission], answer: Callable[[list[str]], Answered] | None = None
+    ) -> list[str] | Answered:
+        """Store several messages in one transaction (all or none) and return their queue ids, in order.
+
+        `answer`, given the ids, makes the idempotency record stored with them (Spool.store_all): when
+        its key was answered already, nothing is stored and that first answer is returned instead.
+        Raises SpoolError when nothing could be stored.
+        """
+        now = self.clock()
+        messages = [self._prepare(s.envelope, s.pool, now) for s in submissions]
+        record = answer([m.message_id for m in messages]) if answer is not None else None
+        hot = self.sink.has_room()
+        stored = await self.spool.store_all(messages, now, lease=hot, answer=record)
+        if stored.answered is not None:
+            return stored.answered
+        self._hand_on(stored.work, hot)
+        for message in messages:
+            self._announce(message, now)
+        return [m.message_id for m in messages]
+
+    def _prepare(self, envelope: Envelope, pool: str, now: float) -> NewMessage:
+        """The message as it will be stored: its id, its Received field, each recipient's pool.
+
+        `pool`, when given (the HTTP API's `pool`, checked by the caller), takes every recipient;
+        otherwise the routes choose, the X-Postmux-Pool header among what they match.
+        """
         sender_domain = envelope.sender_domain
         # The pool header is a request to postmux, not part of the mail: it never reaches a member. It is
         # looked for in `data`, which holds the header section unless that is longer than [smtp]
@@ -89,25 +132,29 @@ class Acceptor:
             envelope = replace(envelope, data=data)
         pool_header = requested[-1] if requested else ""
         pools = {
-            rcpt: self.routes.pool_for(
+            rcpt: pool
+            or self.routes.pool_for(
                 sender_domain, domain_of(rcpt), envelope.client_ip, pool_header, envelope.auth_user
             )
             for rcpt in envelope.recipients
         }
-        now = self.clock()
         message_id = new_message_id()
         envelope = replace(envelope, data=self._received(envelope, message_id, now) + envelope.data)
-        hot = self.sink.has_room()
-        work = await self.spool.store(message_id, envelope, pools, now, lease=hot)
+        return NewMessage(message_id, envelope, pools)
+
+    def _hand_on(self, work: list[WorkItem], hot: bool) -> None:
         if hot:
             self.sink.submit(work)
         else:
             self.sink.scan_soon()
+
+    def _announce(self, message: NewMessage, now: float) -> None:
+        envelope, pools = message.envelope, message.pools
         for rcpt in envelope.recipients:
             self.bus.emit(
                 Event(
                     EventType.RECEPTION,
-                    id=message_id,
+                    id=message.message_id,
                     sender=envelope.sender,
                     recipient=rcpt,
                     pool=pools[rcpt],
@@ -115,9 +162,9 @@ class Acceptor:
                     size=envelope.size,
                     timestamp=now,
                     tags=envelope.tags,
+                    metadata=envelope.metadata,
                 )
             )
-        return message_id
 
     def _received(self, envelope: Envelope, message_id: str, now: float) -> bytes:
         """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes here.

@@ -34,6 +34,25 @@ def json_error(
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
+# Parts of pydantic's loc that name no field: where the value came from, and the tags of a union's arms.
+_UNION_TAGS = frozenset({"raw", "structured"})
+
+
+def field_name(loc: Any) -> str:
+    """pydantic's loc as the request spells the field: ("body", "recipients", 0, "email") ->
+    "recipients[0].email"; a header as its name ("header", "idempotency-key" -> "Idempotency-Key")."""
+    parts = list(loc)
+    if parts[:1] == ["header"] and len(parts) > 1:
+        return "-".join(w.capitalize() for w in str(parts[1]).split("-"))
+    out = ""
+    for i, part in enumerate(parts):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not ((i == 0 and part in ("body", "query", "path")) or part in _UNION_TAGS):
+            out += ("." if out else "") + str(part)
+    return out
+
+
 def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
     app = FastAPI(title="postmux", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -43,7 +62,21 @@ def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return json_error(422, "invalid request", details=[str(e.get("msg", "")) for e in exc.errors()])
+        errors = [
+            {
+                "field": field_name(e.get("loc", ())),
+                "reason": str(e.get("msg", "")).removeprefix("Value error, "),
+            }
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"field": "", "reason": "invalid request"}
+        return json_error(
+            422,
+            f"{first['field']}: {first['reason']}" if first["field"] else first["reason"],
+            field=first["field"] or None,
+            errors=errors,
+            details=[e["reason"] for e in errors],
+        )
 
     @app.get("/metrics")
     def get_metrics() -> Response:

@@ -36,20 +36,20 @@ __all__ = [
     "FINAL_STATES",
     "OPEN_STATES",
     "Answered",
-    "NewMessage",
     "DestinationStats",
     "DsnBuilder",
     "MessageView",
+    "NewMessage",
     "QueueOperations",
     "QueuePage",
     "RecipientState",
     "RecipientView",
     "Selector",
     "Settlement",
-    "Stored",
     "Spool",
     "SpoolBackend",
     "SpoolError",
+    "Stored",
 ]
 
 
@@ -176,7 +176,12 @@ class Spool(Protocol):
         ...
 
     async def store_all(
-        self, messages: Sequence[NewMessage], now: float, *, lease: bool = True, answer: Answered | None = None
+        self,
+        messages: Sequence[NewMessage],
+        now: float,
+        *,
+        lease: bool = True,
+        answer: Answered | None = None,
     ) -> Stored:
         """Store several messages, as `store` does each, in one transaction: all of them or none.
 

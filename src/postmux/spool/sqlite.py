@@ -346,7 +346,12 @@ class SqliteSpool:
             raise
 
     async def store_all(
-        self, messages: Sequence[NewMessage], now: float, *, lease: bool = True, answer: Answered | None = None
+        self,
+        messages: Sequence[NewMessage],
+        now: float,
+        *,
+        lease: bool = True,
+        answer: Answered | None = None,
     ) -> Stored:
         taken = self._lease(now) if lease else None
         try:

@@ -1,0 +1,498 @@
+"""HTTP submission: POST /api/v1/messages (and /batch), through the one accept path (ingress/acceptor.py).
+
+The answer is 202 with one queue id per stored message, given only once the spool has committed, as the
+SMTP side's 250. Every refusal is JSON (`{"error": ...}`, with `field` naming the input at fault):
+
+- 413 before the body is read when its Content-Length is over [api] max_request_size, or as soon as that
+  many octets have arrived (chunked); 413 too for a message over [smtp] max_message_size once built;
+- 401 without a known API key (`Authorization: Bearer KEY`, [[api_key]], ingress/api_keys.py), 403 for a
+  sender domain or pool the key may not use;
+- 422 for input that is not what the OpenAPI document says, naming the field (pydantic's loc, address
+  syntax, CR/LF/NUL in a header field or address, bad base64, an unknown pool);
+- 429 with Retry-After when the key's rate is spent (GCRA, scheduling/throttles.py);
+- 503 (507 for a full disk) with Retry-After when the spool could not store: nothing was stored.
+
+Idempotency-Key: the key, a digest of the request and the answer are stored in the same transaction as
+the messages (Spool.store_all), per API key, for [api] idempotency_ttl: a replay gets the first answer
+and stores nothing, across restarts; the same key with another request is 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
+
+from postmux.config import ApiKey, Settings
+from postmux.ingress.acceptor import Acceptor, Submission
+from postmux.ingress.api_keys import ApiKeys
+from postmux.ingress.compose import (
+    BadInput,
+    Batch,
+    Composed,
+    Message,
+    Rules,
+    as_envelope,
+    compose,
+    sender_domain_allowed,
+)
+from postmux.ingress.http import json_error
+from postmux.scheduling.throttles import MemoryThrottles, RetryAfter
+from postmux.spool.base import Answered, Spool, SpoolError
+
+log = structlog.get_logger("postmux.api")
+
+PREFIX = "/api/v1"
+MESSAGES = f"{PREFIX}/messages"
+BATCH = f"{PREFIX}/messages/batch"
+OPENAPI = f"{PREFIX}/openapi.json"
+# What the admin guard leaves to this module: the submission routes and the published document.
+PUBLIC_ROUTES = frozenset({("POST", MESSAGES), ("POST", BATCH), ("GET", OPENAPI)})
+SPOOL_RETRY_AFTER_S = 30  # how long a client waits after a spool failure before it tries again
+IDEMPOTENCY_KEY_MAX = 255
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # visible ASCII, as Stripe's and the IETF draft's
+# RFC 9110 11.6.1: a 401 carries a challenge; RFC 6750 3 the Bearer scheme's.
+_CHALLENGE = 'Bearer realm="postmux submission"'
+
+
+class Queued(BaseModel):
+    """One stored message: its queue id (on every event about it) and the recipients it goes to."""
+
+    id: str = Field(examples=["18c1f2a9b3c40a1b2c3d4"])
+    recipients: list[str] = Field(examples=[["alice@example.net"]])
+
+
+class Accepted(BaseModel):
+    """The messages stored for one submitted message: one, or one per group of recipients whose
+    substituted text differs."""
+
+    messages: list[Queued]
+
+
+class BatchAccepted(BaseModel):
+    """One result per submitted message, in the request's order."""
+
+    results: list[Accepted]
+
+
+class FieldError(BaseModel):
+    field: str = Field(examples=["recipients[0].email"])
+    reason: str = Field(examples=["a domain label that is not a valid IDNA 2008 U-label (RFC 5891)"])
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: `error` says what happened; `field` names the input at fault, when one is."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    field: str | None = None
+    errors: list[FieldError] | None = None
+    details: list[str] | None = None
+
+
+class Refused(Exception):
+    def __init__(
+        self, status: int, error: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(error)
+        self.status, self.error, self.field, self.headers = status, error, field, headers
+
+    def response(self) -> JSONResponse:
+        extra: dict[str, Any] = {"field": self.field} if self.field else {}
+        return json_error(self.status, self.error, self.headers, **extra)
+
+
+def _error(status: int, description: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": ErrorBody,
+        "description": description,
+        "content": {"application/json": {"example": example}},
+    }
+
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error(401, "No API key, or not a known one", {"error": "missing or unknown API key"}),
+    403: _error(
+        403,
+        "The key may not use this sender domain or pool",
+        {"error": "this API key may not send from example.org", "field": "envelope_sender"},
+    ),
+    413: _error(
+        413,
+        "The request body, or a message built from it, is over the size limit",
+        {"error": "the request body is over the limit of 41943040 octets ([api] max_request_size)"},
+    ),
+    422: _error(
+        422,
+        "The input is not valid; `field` names it",
+        {
+            "error": "recipients[0].email: an empty domain",
+            "field": "recipients[0].email",
+            "errors": [{"field": "recipients[0].email", "reason": "an empty domain"}],
+        },
+    ),
+    429: {
+        **_error(429, "The key's rate is spent", {"error": "rate limit of API key shop: retry in 2 s"}),
+        "headers": RETRY_AFTER_HEADER,
+    },
+    503: {
+        **_error(
+            503,
+            "Nothing was stored: the spool failed; retry later",
+            {"error": "the spool could not store the message"},
+        ),
+        "headers": RETRY_AFTER_HEADER,
+    },
+    507: {
+        **_error(
+            507,
+            "Nothing was stored: the disk is full; retry later",
+            {"error": "no room in the spool: disk full"},
+        ),
+        "headers": RETRY_AFTER_HEADER,
+    },
+}
+
+EXAMPLE_MESSAGE: dict[str, Any] = {
+    "envelope_sender": "bounces@example.com",
+    "recipients": [{"email": "alice@example.net", "name": "Alice", "substitutions": {"first_name": "Alice"}}],
+    "content": {
+        "from": {"email": "news@example.com", "name": "Example News"},
+        "subject": "Hello {{first_name}}",
+        "text_body": "Hi {{first_name}}, your order has shipped.",
+    },
+    "tags": {"campaign": "spring"},
+    "metadata": {"order": "1234"},
+}
+EXAMPLE_ACCEPTED = {"messages": [{"id": "18c1f2a9b3c40a1b2c3d4", "recipients": ["alice@example.net"]}]}
+
+
+class Submissions:
+    """The submission API: given the acceptor and the spool, never the App; settings by `reconfigure`."""
+
+    def __init__(
+        self, acceptor: Acceptor, spool: Spool, settings: Settings, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.acceptor = acceptor
+        self.spool = spool
+        self.clock = clock
+        self.throttles = MemoryThrottles()
+        self.keys = ApiKeys(settings.api_key)
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys.reconfigure(settings.api_key)
+        smtp = settings.smtp
+        self.rules = Rules(
+            smtp.max_message_size,
+            smtp.max_recipients,
+            smtp.max_hops,
+            smtp.long_lines == "fold",
+            smtp.hostname,
+        )
+
+    # -- the HTTP side ---------------------------------------------------------------------------------
+
+    def mount(self, app: FastAPI) -> None:
+        app.add_middleware(SubmissionGuard, submissions=self)
+        responses = {202: {"description": "Stored durably; one queue id per stored message"}, **ERRORS}
+
+        @app.post(
+            MESSAGES,
+            status_code=202,
+            response_model=Accepted,
+            responses=responses,
+            summary="Submit one message",
+            tags=["submission"],
+            openapi_extra={"requestBody": {"content": {"application/json": {"example": EXAMPLE_MESSAGE}}}},
+        )
+        async def submit(
+            request: Request,
+            message: Message,
+            idempotency_key: str | None = Header(default=None, max_length=IDEMPOTENCY_KEY_MAX),
+        ) -> Response:
+            return await self._submit(request, [message], idempotency_key, batch=False)
+
+        @app.post(
+            BATCH,
+            status_code=202,
+            response_model=BatchAccepted,
+            responses=responses,
+            summary="Submit several messages, stored together (all or none)",
+            tags=["submission"],
+            openapi_extra={
+                "requestBody": {"content": {"application/json": {"example": {"messages": [EXAMPLE_MESSAGE]}}}}
+            },
+        )
+        async def submit_batch(
+            request: Request,
+            batch: Batch,
+            idempotency_key: str | None = Header(default=None, max_length=IDEMPOTENCY_KEY_MAX),
+        ) -> Response:
+            return await self._submit(request, batch.messages, idempotency_key, batch=True)
+
+        @app.get(OPENAPI, include_in_schema=False)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(published_openapi(app))
+
+    async def _submit(
+        self, request: Request, messages: list[Message], idempotency_key: str | None, *, batch: bool
+    ) -> Response:
+        key: ApiKey = request.state.api_key
+        try:
+            return await self._store(request, key, messages, idempotency_key, batch)
+        except Refused as e:
+            return e.response()
+        except BadInput as e:
+            return json_error(
+                e.status, str(e), field=e.field, errors=[{"field": e.field, "reason": e.reason}]
+            )
+
+    async def _store(
+        self, request: Request, key: ApiKey, messages: list[Message], idempotency_key: str | None, batch: bool
+    ) -> Response:
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise BadInput("Idempotency-Key", f"1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
+        now = self.clock()
+        client_ip = request.client.host if request.client else ""
+        made: list[list[Composed]] = []
+        submissions: list[Submission] = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]." if batch else ""
+            pool = self._pool(key, message, where)
+            composed = compose(message, self.rules, now, where)
+            made.append(composed)
+            submissions += [Submission(as_envelope(c, message, client_ip, key.name), pool) for c in composed]
+        self._within_limits(key, len(submissions))
+        request_hash = _digest(request.url.path, messages)
+        if idempotency_key is not None:
+            first = await self._answered(key.name, idempotency_key, now)
+            if first is not None:
+                return _replay(first, request_hash)
+        self._take_turns(key, len(submissions), now)
+
+        def record(ids: list[str]) -> Answered:
+            ttl = self.settings.api.idempotency_ttl
+            assert idempotency_key is not None
+            return Answered(
+                key.name, idempotency_key, request_hash, _answer(made, ids, batch), now, now + ttl
+            )
+
+        try:
+            # Shielded, as the SMTP side's accept: a client that hangs up while the spool commits must not
+            # cancel a store that may already be durable.
+            result = await asyncio.shield(
+                self.acceptor.accept_all(submissions, record if idempotency_key is not None else None)
+            )
+        except SpoolError as e:
+            log.error("spool refused a submission", error=str(e), disk_full=e.disk_full, key=key.name)
+            status, words = (
+                (507, "no room in the spool: disk full")
+                if e.disk_full
+                else (503, "the spool could not store the message")
+            )
+            raise Refused(
+                status, f"{words}; nothing was stored", headers={"Retry-After": str(SPOOL_RETRY_AFTER_S)}
+            ) from None
+        if isinstance(result, Answered):  # a request with the same key was stored meanwhile
+            return _replay(result, request_hash)
+        return JSONResponse(json.loads(_answer(made, result, batch)), status_code=202)
+
+    async def _answered(self, client: str, key: str, now: float) -> Answered | None:
+        try:
+            return await self.spool.answered(client, key, now)
+        except SpoolError as e:
+            log.error("spool could not look up an idempotency key", error=str(e))
+            raise Refused(
+                503,
+                "the spool could not be read; nothing was stored",
+                headers={"Retry-After": str(SPOOL_RETRY_AFTER_S)},
+            ) from None
+
+    def _pool(self, key: ApiKey, message: Message, where: str) -> str:
+        """The pool the message goes by ("": routes choose); refuses a sender or pool the key may not use."""
+        for field, address in (("envelope_sender", message.envelope_sender), *self._from(message)):
+            if not sender_domain_allowed(address, key.sender_domains):
+                raise Refused(
+                    403,
+                    f"API key {key.name} may not send from {address.rpartition('@')[2]}",
+                    f"{where}{field}",
+                )
+        if message.pool is None:
+            return key.pools[0] if key.pools else ""
+        if message.pool not in {p.name for p in self.settings.pool}:
+            raise BadInput(f"{where}pool", f"no pool named {message.pool!r}")
+        if key.pools and message.pool not in key.pools:
+            raise Refused(403, f"API key {key.name} may not use pool {message.pool!r}", f"{where}pool")
+        return message.pool
+
+    @staticmethod
+    def _from(message: Message) -> list[tuple[str, str]]:
+        if isinstance(message.content, str):
+            return []
+        return [("content.from.email", message.content.from_.email)]
+
+    def _within_limits(self, key: ApiKey, count: int) -> None:
+        limit = min(
+            self.settings.api.max_batch, key.burst if key.rate is not None else self.settings.api.max_batch
+        )
+        if count > limit:
+            raise BadInput("messages", f"{count} messages in one request, more than {limit}: split it")
+
+    def _take_turns(self, key: ApiKey, count: int, now: float) -> None:
+        if key.rate is None:
+            return
+        turn = self.throttles.rate(f"api:{key.name}", key.rate, key.burst, now, take=count)
+        if isinstance(turn, RetryAfter):
+            wait = max(1, math.ceil(turn.seconds))
+            raise Refused(
+                429,
+                f"rate limit of API key {key.name}: retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+
+
+def _digest(path: str, messages: list[Message]) -> str:
+    """The request as a digest: a replay must be the same request, whatever its JSON spacing or key order."""
+    canonical = json.dumps([m.model_dump(mode="json", by_alias=True) for m in messages], sort_keys=True)
+    return hashlib.sha256(f"{path}\n{canonical}".encode()).hexdigest()
+
+
+def _answer(made: list[list[Composed]], ids: list[str], batch: bool) -> str:
+    results: list[dict[str, Any]] = []
+    it = iter(ids)
+    for composed in made:
+        results.append({"messages": [{"id": next(it), "recipients": list(c.recipients)} for c in composed]})
+    return json.dumps({"results": results} if batch else results[0])
+
+
+def _replay(first: Answered, request_hash: str) -> Response:
+    if first.request_hash != request_hash:
+        raise BadInput("Idempotency-Key", "this key was used with another request (keys are per request)")
+    return JSONResponse(json.loads(first.answer), status_code=202, headers={"Idempotent-Replayed": "true"})
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, f"the request body is over the limit of {limit} octets ([api] max_request_size)"
+        )
+
+
+class SubmissionGuard:
+    """Before a submission is read: its declared size (413), its API key (401); then its body is counted
+    as it arrives (413 past the limit, raised from the read: FastAPI passes an HTTPException through)."""
+
+    def __init__(self, app: ASGIApp, submissions: Submissions) -> None:
+        self.app = app
+        self.submissions = submissions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or (scope["method"], scope["path"]) not in PUBLIC_ROUTES
+            or scope["method"] != "POST"
+        ):
+            await self.app(scope, receive, send)
+            return
+        limit = self.submissions.settings.api.max_request_size
+        refusal = await self._refusal(scope, limit)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> AsgiMessage:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refusal(self, scope: Scope, limit: int) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return json_error(413, BodyTooLarge(limit).detail, {"Connection": "close"})
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        key = await self.submissions.keys.identify(token.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
+            challenge = _CHALLENGE + (', error="invalid_token"' if scheme.lower() == "bearer" else "")
+            return json_error(401, "missing or unknown API key", {"WWW-Authenticate": challenge})
+        scope.setdefault("state", {})["api_key"] = key
+        return None
+
+
+# -- the published OpenAPI document ---------------------------------------------------------------------
+
+
+def published_openapi(app: FastAPI) -> dict[str, Any]:
+    """Every /api/v1 route, its security, its errors (as ErrorBody) and examples: built once per app."""
+    cached = getattr(app.state, "api_openapi", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    from fastapi.openapi.utils import get_openapi
+
+    routes = [r for r in app.routes if getattr(r, "path", "").startswith(PREFIX)]
+    doc = get_openapi(
+        title="postmux API",
+        version="1",
+        description="HTTP submission (API keys) and the admin API (admin token). See docs/api.md.",
+        routes=routes,
+    )
+    doc.setdefault("components", {}).setdefault("securitySchemes", {}).update(
+        {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "An [[api_key]]'s key"},
+            "adminToken": {"type": "http", "scheme": "bearer", "description": "[http] admin_token"},
+        }
+    )
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    doc["components"].setdefault("schemas", {}).setdefault("ErrorBody", ErrorBody.model_json_schema())
+    for path, item in doc.get("paths", {}).items():
+        for method, operation in item.items():
+            public = (method.upper(), path) in PUBLIC_ROUTES
+            operation["security"] = [{"apiKey": []}] if public else [{"adminToken": []}]
+            responses = operation.setdefault("responses", {})
+            if not public:
+                responses.setdefault(
+                    "401", {"description": "Missing or wrong admin token", "content": error_ref}
+                )
+                responses.setdefault(
+                    "403", {"description": "The admin API is off ([http] admin_token)", "content": error_ref}
+                )
+                responses.setdefault(
+                    "404", {"description": "No such member or message", "content": error_ref}
+                )
+                responses.setdefault(
+                    "400", {"description": "A value the operation cannot use", "content": error_ref}
+                )
+            responses["422"] = {
+                **responses.get("422", {}),
+                "description": "Invalid input",
+                "content": error_ref,
+            }
+    doc["components"]["schemas"].pop("HTTPValidationError", None)
+    doc["components"]["schemas"].pop("ValidationError", None)
+    app.state.api_openapi = doc
+    return doc
