@@ -78,7 +78,8 @@ def make_settings(tmp_path: Path, pools: list[dict[str, Any]], **sections: Any) 
         "pool": pools,
     }
     for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
+        # A table is merged into the defaults; an array of tables ([[api_key]]) is taken as it is.
+        data[key] = value if isinstance(value, list) else {**data.get(key, {}), **value}
     return settings_from_dict(data)
 
 

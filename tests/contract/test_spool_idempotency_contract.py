@@ -18,7 +18,9 @@ def new_message(rcpt: str = "a@one.test") -> NewMessage:
     return NewMessage(new_message_id(), env, {rcpt: "default"})
 
 
-def answer(key: str = "k1", client: str = "shop", body: str = '{"ids": ["x"]}', now: float = 100.0) -> Answered:
+def answer(
+    key: str = "k1", client: str = "shop", body: str = '{"ids": ["x"]}', now: float = 100.0
+) -> Answered:
     return Answered(client, key, "hash-1", body, now, now + 3600)
 
 

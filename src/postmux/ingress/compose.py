@@ -192,6 +192,11 @@ class Content(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, examples=[{"X-Campaign": "spring"}])
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
 
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        return _one_line(v)
+
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:

@@ -32,7 +32,6 @@ import structlog
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
@@ -389,16 +388,20 @@ def _replay(first: Answered, request_hash: str) -> Response:
     return JSONResponse(json.loads(first.answer), status_code=202, headers={"Idempotent-Replayed": "true"})
 
 
-class BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413, f"the request body is over the limit of {limit} octets ([api] max_request_size)"
-        )
+def _too_large(limit: int) -> JSONResponse:
+    return json_error(
+        413,
+        f"the request body is over the limit of {limit} octets ([api] max_request_size)",
+        {"Connection": "close"},
+    )
 
 
 class SubmissionGuard:
-    """Before a submission is read: its declared size (413), its API key (401); then its body is counted
-    as it arrives (413 past the limit, raised from the read: FastAPI passes an HTTPException through)."""
+    """Before a submission is parsed: its declared size (413, before a byte of it is read), its API key
+    (401), then its body read here, counted as it arrives (413 as soon as it passes the limit), and
+    handed to the route whole. Reading it here, not in a wrapped `receive`, keeps the refusal a plain
+    response whatever middleware sits between (an exception raised from a read is turned into a 400 by
+    FastAPI, or wrapped in an ExceptionGroup by BaseHTTPMiddleware)."""
 
     def __init__(self, app: ASGIApp, submissions: Submissions) -> None:
         self.app = app
@@ -407,34 +410,36 @@ class SubmissionGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or (scope["method"], scope["path"]) not in PUBLIC_ROUTES
             or scope["method"] != "POST"
+            or ("POST", scope["path"]) not in PUBLIC_ROUTES
         ):
             await self.app(scope, receive, send)
             return
         limit = self.submissions.settings.api.max_request_size
         refusal = await self._refusal(scope, limit)
+        if refusal is None:
+            body = await _read_body(receive, limit)
+            if body is None:
+                refusal = _too_large(limit)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        seen = 0
+        given = False
 
-        async def counted() -> AsgiMessage:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(limit)
-            return message
+        async def replay() -> AsgiMessage:
+            nonlocal given
+            if given:
+                return await receive()  # past the body: a disconnect, when it comes
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, counted, send)
+        await self.app(scope, replay, send)
 
     async def _refusal(self, scope: Scope, limit: int) -> JSONResponse | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            return json_error(413, BodyTooLarge(limit).detail, {"Connection": "close"})
+            return _too_large(limit)
         scheme, _, token = headers.get("authorization", "").partition(" ")
         key = await self.submissions.keys.identify(token.strip()) if scheme.lower() == "bearer" else None
         if key is None:
@@ -442,6 +447,23 @@ class SubmissionGuard:
             return json_error(401, "missing or unknown API key", {"WWW-Authenticate": challenge})
         scope.setdefault("state", {})["api_key"] = key
         return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as more than `limit` octets have arrived (the rest is not read)."""
+    chunks: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client went away: the route finds the body short
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 # -- the published OpenAPI document ---------------------------------------------------------------------

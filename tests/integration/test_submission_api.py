@@ -1,0 +1,386 @@
+"""HTTP submission (POST /api/v1/messages): a real node, real HTTP over uvicorn, a loopback upstream.
+
+Every 4xx the API promises is here, each with the JSON body and the field it names; the 202s are checked
+at the upstream (what arrived, to whom, with what headers) and in the event log (tags and metadata).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from postmux.app import App
+from postmux.passwords import hash_password
+from postmux.spool.base import SpoolError
+from tests.support import StartUpstream, Upstream, make_settings, read_events, wait_until
+
+SHOP_KEY = "shop-" + "k" * 27
+BLOG_KEY = "blog-" + "b" * 27
+# A cheap scrypt cost: the tests check which key matches, not how slow a guess is.
+SHOP_HASH = hash_password(SHOP_KEY, n=16)
+BLOG_HASH = hash_password(BLOG_KEY, n=16)
+
+
+def message(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "envelope_sender": "bounces@shop.test",
+        "recipients": [{"email": "alice@dest.test", "name": "Alice"}],
+        "content": {
+            "from": {"email": "news@shop.test", "name": "Shop"},
+            "subject": "Hello",
+            "text_body": "Hi there\n",
+        },
+    }
+    body.update(over)
+    return body
+
+
+class Node:
+    def __init__(self, app: App, up: Upstream, tmp_path: Path) -> None:
+        self.app, self.up, self.tmp_path = app, up, tmp_path
+        self.url = f"http://127.0.0.1:{app.http_port}"
+
+    def client(self, key: str | None = SHOP_KEY) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10)
+
+    async def post(self, body: Any, path: str = "/api/v1/messages", **kw: Any) -> httpx.Response:
+        async with self.client(kw.pop("key", SHOP_KEY)) as c:
+            return await c.post(path, json=body, **kw)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.tmp_path / "events.jsonl")
+
+
+def settings_for(tmp_path: Path, up: Upstream, **sections: Any) -> Any:
+    keys = sections.pop(
+        "api_key",
+        [
+            {
+                "name": "shop",
+                "hash": SHOP_HASH,
+                "sender_domains": ["shop.test", "*.shop.test"],
+                "pools": ["default", "bulk"],
+            },
+            {"name": "blog", "hash": BLOG_HASH, "rate": "1/min", "burst": 2},
+        ],
+    )
+    pools = [
+        {"name": "default", "members": [{"name": "a", "address": up.address}]},
+        {"name": "bulk", "members": [{"name": "b", "address": up.address}]},
+        {"name": "secret", "members": [{"name": "c", "address": up.address}]},
+    ]
+    return make_settings(tmp_path, pools, api_key=keys, **sections)
+
+
+@pytest.fixture
+async def node(tmp_path: Path, upstream: StartUpstream) -> AsyncIterator[Node]:
+    up = await upstream("up")
+    async with App(settings_for(tmp_path, up, api={"max_request_size": 200_000, "max_batch": 50})) as app:
+        yield Node(app, up, tmp_path)
+
+
+async def test_a_structured_message_is_built_stored_and_delivered_with_its_tags(node: Node) -> None:
+    body = message(
+        recipients=[{"email": "alice@dest.test", "name": "Alice"}, {"email": "bob@dest.test"}],
+        tags={"campaign": "spring"},
+        metadata={"order": "1234"},
+    )
+    body["content"]["html_body"] = "<p>Hi <img src='cid:logo'></p>"
+    body["content"]["attachments"] = [
+        {"data": base64.b64encode(b"PNG!").decode(), "content_type": "image/png", "content_id": "logo"},
+        {"data": base64.b64encode(b"a,b\n").decode(), "content_type": "text/csv", "file_name": "r.csv"},
+    ]
+    response = await node.post(body)
+    assert response.status_code == 202, response.text
+    queued = response.json()["messages"]
+    # To differs per recipient (each gets their own To:), so each recipient gets a message of their own.
+    assert sorted(r for m in queued for r in m["recipients"]) == ["alice@dest.test", "bob@dest.test"]
+    await wait_until(lambda: len(node.up.received) == 2)
+    got = {r.recipients[0]: r for r in node.up.received}
+    alice = email.message_from_bytes(got["alice@dest.test"].data, policy=email.policy.default)
+    assert alice["To"] == "Alice <alice@dest.test>" and alice["From"] == "Shop <news@shop.test>"
+    assert alice["Message-ID"] and alice["Date"] and alice["Received"]
+    assert b"\r\n" in got["alice@dest.test"].data and b"\n" not in got["alice@dest.test"].data.replace(
+        b"\r\n", b""
+    )
+    parts = {p.get_content_type(): p for p in alice.walk()}
+    assert parts["image/png"].get_content() == b"PNG!" and parts["image/png"]["Content-ID"] == "<logo>"
+    assert parts["text/csv"].get_filename() == "r.csv"
+    assert "Hi there" in parts["text/plain"].get_content()
+    await wait_until(lambda: sum(e["type"] == "Delivery" for e in node.events()) == 2)
+    reception = [e for e in node.events() if e["type"] == "Reception"]
+    assert {e["id"] for e in reception} == {m["id"] for m in queued}
+    assert all(e["tags"] == {"campaign": "spring"} and e["metadata"] == {"order": "1234"} for e in reception)
+
+
+async def test_substitutions_make_one_message_per_recipient_when_they_differ(node: Node) -> None:
+    raw = "From: news@shop.test\nSubject: Hello {{ name }}\n\nDear {{name}} from {{shop}}\n"
+    same = await node.post(
+        message(content=raw, recipients=[{"email": "a@dest.test"}, {"email": "b@dest.test"}])
+    )
+    assert same.status_code == 202 and len(same.json()["messages"]) == 1  # no substitutions: one message
+    differ = await node.post(
+        message(
+            content=raw,
+            substitutions={"shop": "Shop"},
+            recipients=[
+                {"email": "c@dest.test", "substitutions": {"name": "Cy"}},
+                {"email": "d@dest.test", "substitutions": {"name": "Di"}},
+                {"email": "e@dest.test", "substitutions": {"name": "Cy"}},
+            ],
+        )
+    )
+    assert differ.status_code == 202
+    groups = sorted(m["recipients"] for m in differ.json()["messages"])
+    assert groups == [["c@dest.test", "e@dest.test"], ["d@dest.test"]]
+    await wait_until(lambda: len(node.up.received) == 3)
+    texts = {tuple(r.recipients): r.data for r in node.up.received}
+    assert b"Subject: Hello Di\r\n" in texts[("d@dest.test",)]
+    assert b"Dear Cy from Shop\r\n" in texts[("c@dest.test", "e@dest.test")]
+    assert b"Message-ID: <" in texts[("d@dest.test",)]  # added: the raw text had none
+
+
+async def test_a_batch_is_stored_together_and_answered_in_order(node: Node) -> None:
+    batch = {"messages": [message(recipients=[{"email": f"u{i}@dest.test"}]) for i in range(5)]}
+    response = await node.post(batch, "/api/v1/messages/batch")
+    assert response.status_code == 202
+    results = response.json()["results"]
+    assert [r["messages"][0]["recipients"] for r in results] == [[f"u{i}@dest.test"] for i in range(5)]
+    await wait_until(lambda: len(node.up.received) == 5)
+    # One bad message refuses the whole batch, naming it; nothing of it is stored.
+    batch["messages"][3]["recipients"][0]["email"] = "no-domain"
+    refused = await node.post(batch, "/api/v1/messages/batch")
+    assert refused.status_code == 422 and refused.json()["field"] == "messages[3].recipients[0].email"
+    await asyncio.sleep(0.3)
+    assert len(node.up.received) == 5
+
+
+async def test_the_pool_asked_for_takes_the_message(node: Node) -> None:
+    response = await node.post(message(pool="bulk"))
+    assert response.status_code == 202
+    await wait_until(lambda: any(e["type"] == "Delivery" for e in node.events()))
+    [delivery] = [e for e in node.events() if e["type"] == "Delivery"]
+    assert delivery["pool"] == "bulk"
+
+
+# -- 401 and 403 ---------------------------------------------------------------------------------------
+
+
+async def test_no_key_or_a_wrong_key_is_401(node: Node) -> None:
+    for key in (None, "wrong-key-wrong-key"):
+        response = await node.post(message(), key=key)
+        assert response.status_code == 401
+        assert response.json()["error"] == "missing or unknown API key"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert not node.up.received
+
+
+async def test_a_sender_domain_or_pool_the_key_may_not_use_is_403(node: Node) -> None:
+    cases = [
+        (message(envelope_sender="x@other.test"), "envelope_sender"),
+        (message(content={"from": {"email": "x@other.test"}, "subject": "s"}), "content.from.email"),
+        (message(pool="secret"), "pool"),
+    ]
+    for body, field in cases:
+        response = await node.post(body)
+        assert response.status_code == 403, response.text
+        assert response.json()["field"] == field
+    # A subdomain is allowed by "*.shop.test"; another key with no limits may use any pool.
+    assert (await node.post(message(envelope_sender="b@mail.shop.test"))).status_code == 202
+    assert (await node.post(message(pool="secret"), key=BLOG_KEY)).status_code == 202
+
+
+# -- 413 -----------------------------------------------------------------------------------------------
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read(node: Node) -> None:
+    # Content-Length says 10 MB and nothing follows: the answer comes without waiting for the body.
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.app.http_port)
+    writer.write(
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"max_request_size" in head
+
+
+async def test_a_chunked_body_over_the_limit_is_413_once_counted(node: Node) -> None:
+    # No Content-Length: 250 KB arrive in chunks (the limit is 200 KB), and the body never ends.
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.app.http_port)
+    writer.write(
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {SHOP_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    for _ in range(25):
+        writer.write(b"%x\r\n%s\r\n" % (10_000, b"x" * 10_000))
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413") and b"max_request_size" in head
+
+
+async def test_a_message_over_the_size_limit_is_413_naming_the_content(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    async with App(settings_for(tmp_path, up, smtp={"max_message_size": 2000})) as app:
+        response = await Node(app, up, tmp_path).post(message(content="Subject: big\n\n" + "y\n" * 2000))
+    assert response.status_code == 413 and response.json()["field"] == "content"
+
+
+# -- 422 -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"recipients": [{"email": "alice@"}]}, "recipients[0].email"),
+        ({"recipients": [{"email": "a%b@dest.test"}]}, "recipients[0].email"),
+        ({"envelope_sender": "bounces@shop.test\r\nBcc: victim@dest.test"}, "envelope_sender"),
+        ({"recipients": [{"email": "alice@dest.test", "name": "A\nBcc: v@dest.test"}]}, "recipients[0].name"),
+        (
+            {"content": {"from": {"email": "n@shop.test"}, "headers": {"X-A": "a\r\nBcc: v@x.test"}}},
+            "content.headers",
+        ),
+        ({"content": {"from": {"email": "n@shop.test"}, "headers": {"Bad Name": "v"}}}, "content.headers"),
+        ({"content": {"from": {"email": "n@shop.test"}, "subject": "a\u0000b"}}, "content.subject"),
+        (
+            {"content": {"from": {"email": "n@shop.test"}, "attachments": [{"data": "%%%"}]}},
+            "content.attachments[0].data",
+        ),
+        ({"content": "Subject: x\r\rbody"}, "content"),
+        ({"content": "Subject: x\n\nnul \u0000 here"}, "content"),
+        ({"pool": "nowhere"}, "pool"),
+        ({"tags": {"bad key": "v"}}, "tags"),
+        ({"metadata": {"k": "v\nX-Injected: 1"}}, "metadata"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"recipients": []}, "recipients"),
+    ],
+)
+async def test_bad_input_is_422_naming_the_field(node: Node, change: dict[str, Any], field: str) -> None:
+    response = await node.post(message(**change))
+    assert response.status_code == 422, response.text
+    answer = response.json()
+    assert answer["field"] == field, answer
+    assert answer["error"].startswith(field)
+    assert not node.up.received
+
+
+async def test_a_subject_made_multiline_by_a_substitution_is_422(node: Node) -> None:
+    body = message(recipients=[{"email": "a@dest.test", "substitutions": {"n": "x\r\nBcc: v@dest.test"}}])
+    body["content"]["subject"] = "Hi {{n}}"
+    response = await node.post(body)
+    assert response.status_code == 422 and response.json()["field"] == "recipients[0].substitutions"
+
+
+async def test_a_bad_idempotency_key_or_json_is_422(node: Node) -> None:
+    response = await node.post(message(), headers={"Idempotency-Key": "has space"})
+    assert response.status_code == 422 and response.json()["field"] == "Idempotency-Key"
+    async with node.client() as c:
+        broken = await c.post(
+            "/api/v1/messages", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+    assert broken.status_code == 422 and "error" in broken.json()
+
+
+async def test_too_many_messages_in_one_request_is_422(node: Node) -> None:
+    batch = {"messages": [message() for _ in range(51)]}  # [api] max_batch = 50
+    response = await node.post(batch, "/api/v1/messages/batch")
+    assert response.status_code == 422 and response.json()["field"] == "messages"
+
+
+# -- 429 -----------------------------------------------------------------------------------------------
+
+
+async def test_a_key_over_its_rate_is_429_with_retry_after(node: Node) -> None:
+    # blog: 1/min, burst 2. Two go at once, the third waits about a minute.
+    for _ in range(2):
+        assert (await node.post(message(), key=BLOG_KEY)).status_code == 202
+    response = await node.post(message(), key=BLOG_KEY)
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert "rate" in response.json()["error"]
+    assert (await node.post(message())).status_code == 202  # another key has its own rate
+
+
+# -- idempotency ---------------------------------------------------------------------------------------
+
+
+async def test_an_idempotent_replay_answers_the_first_answer_and_stores_nothing(node: Node) -> None:
+    headers = {"Idempotency-Key": "order-1234"}
+    first = await node.post(message(), headers=headers)
+    assert first.status_code == 202
+    replays = await asyncio.gather(*(node.post(message(), headers=headers) for _ in range(4)))
+    assert all(r.status_code == 202 and r.json() == first.json() for r in replays)
+    assert all(r.headers.get("Idempotent-Replayed") == "true" for r in replays)
+    other = await node.post(message(recipients=[{"email": "carol@dest.test"}]), headers=headers)
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    # The same key from another API key is another request.
+    assert (await node.post(message(), headers=headers, key=BLOG_KEY)).json() != first.json()
+    await wait_until(lambda: len(node.up.received) == 2)
+    await asyncio.sleep(0.3)
+    assert len(node.up.received) == 2
+
+
+async def test_concurrent_requests_with_one_key_store_once(node: Node) -> None:
+    headers = {"Idempotency-Key": "race"}
+    answers = await asyncio.gather(*(node.post(message(), headers=headers) for _ in range(8)))
+    assert {json.dumps(a.json()) for a in answers} == {json.dumps(answers[0].json())}
+    await wait_until(lambda: len(node.up.received) == 1)
+    await asyncio.sleep(0.3)
+    assert len(node.up.received) == 1
+
+
+# -- spool failures ------------------------------------------------------------------------------------
+
+
+class FailingStore:
+    """The spool's store_all failing as a full disk, or any other error, would (pure stand-in)."""
+
+    def __init__(self, error: SpoolError) -> None:
+        self.error = error
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(("disk_full", "status"), [(True, 507), (False, 503)])
+async def test_a_spool_failure_is_json_with_retry_after(node: Node, disk_full: bool, status: int) -> None:
+    node.app.spool.store_all = FailingStore(SpoolError("boom", disk_full=disk_full))  # type: ignore[method-assign]
+    response = await node.post(message())
+    assert response.status_code == status
+    assert response.headers["Retry-After"] == "30"
+    assert "nothing was stored" in response.json()["error"]
+
+
+async def test_the_submission_api_needs_no_admin_token_and_the_admin_api_no_api_key(node: Node) -> None:
+    async with node.client() as c:
+        assert (await c.get("/api/v1/members")).status_code == 403  # admin API off: no admin_token
+        doc = await c.get("/api/v1/openapi.json")
+    assert doc.status_code == 200
+    paths = doc.json()["paths"]
+    assert {"/api/v1/messages", "/api/v1/messages/batch", "/api/v1/members"} <= set(paths)
+    assert set(paths["/api/v1/messages"]["post"]["responses"]) >= {
+        "202",
+        "401",
+        "403",
+        "413",
+        "422",
+        "429",
+        "503",
+        "507",
+    }
+    assert os.environ.get("POSTMUX_NEVER_SET") is None
