@@ -421,6 +421,9 @@ class SubmissionGuard:
             body = await _read_body(receive, limit)
             if body is None:
                 refusal = _too_large(limit)
+            elif not _is_utf8(body):
+                # FastAPI would answer 400 "error parsing the body"; it is input, named like the rest.
+                refusal = json_error(422, "body: not UTF-8 JSON (RFC 8259 8.1)", field="body")
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -449,6 +452,14 @@ class SubmissionGuard:
         return None
 
 
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole body, or None as soon as more than `limit` octets have arrived (the rest is not read)."""
     chunks: list[bytes] = []
@@ -467,6 +478,29 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 # -- the published OpenAPI document ---------------------------------------------------------------------
+
+
+ADMIN_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "400": ("A value the operation cannot use", {"error": "duration: a suspension lasts more than 0 s"}),
+    "401": ("Missing or wrong admin token", {"error": "missing or wrong bearer token"}),
+    "403": (
+        "The admin API is off ([http] admin_token)",
+        {"error": "the admin API is off: set [http] admin_token to turn it on"},
+    ),
+    "404": ("No such member or message", {"error": "no member named 'relay-z'"}),
+    "422": (
+        "Invalid input; `field` names it",
+        {"error": "duration: Field required", "field": "duration", "errors": [], "details": []},
+    ),
+}
+
+
+def _documented(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/ErrorBody"}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema, "example": example}},
+    }
 
 
 def published_openapi(app: FastAPI) -> dict[str, Any]:
@@ -489,7 +523,6 @@ def published_openapi(app: FastAPI) -> dict[str, Any]:
             "adminToken": {"type": "http", "scheme": "bearer", "description": "[http] admin_token"},
         }
     )
-    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     doc["components"].setdefault("schemas", {}).setdefault("ErrorBody", ErrorBody.model_json_schema())
     for path, item in doc.get("paths", {}).items():
         for method, operation in item.items():
@@ -497,23 +530,10 @@ def published_openapi(app: FastAPI) -> dict[str, Any]:
             operation["security"] = [{"apiKey": []}] if public else [{"adminToken": []}]
             responses = operation.setdefault("responses", {})
             if not public:
-                responses.setdefault(
-                    "401", {"description": "Missing or wrong admin token", "content": error_ref}
-                )
-                responses.setdefault(
-                    "403", {"description": "The admin API is off ([http] admin_token)", "content": error_ref}
-                )
-                responses.setdefault(
-                    "404", {"description": "No such member or message", "content": error_ref}
-                )
-                responses.setdefault(
-                    "400", {"description": "A value the operation cannot use", "content": error_ref}
-                )
-            responses["422"] = {
-                **responses.get("422", {}),
-                "description": "Invalid input",
-                "content": error_ref,
-            }
+                for status, (description, example) in ADMIN_ERRORS.items():
+                    responses.setdefault(status, _documented(description, example))
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):  # FastAPI's, not what is sent
+                responses["422"] = _documented(*ADMIN_ERRORS["422"])
     doc["components"]["schemas"].pop("HTTPValidationError", None)
     doc["components"]["schemas"].pop("ValidationError", None)
     app.state.api_openapi = doc
