@@ -32,6 +32,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[smtp]": config.SmtpSettings,
     "[smtp.tls]": config.SmtpTlsSettings,
     "[http]": config.HttpSettings,
+    "[api]": config.ApiSettings,
+    "[[api_key]]": config.ApiKey,
     "[spool]": config.SpoolSettings,
     "[retry]": config.RetrySettings,
     "[delivery]": config.DeliverySettings,
