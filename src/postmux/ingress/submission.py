@@ -141,9 +141,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         422,
         "The input is not valid; `field` names it",
         {
-            "error": "recipients[0].email: an empty domain",
+            "error": "recipients[0].email: Bad recipient address syntax: an empty domain",
             "field": "recipients[0].email",
-            "errors": [{"field": "recipients[0].email", "reason": "an empty domain"}],
+            "errors": [
+                {"field": "recipients[0].email", "reason": "Bad recipient address syntax: an empty domain"}
+            ],
         },
     ),
     429: {
