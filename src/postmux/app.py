@@ -42,6 +42,7 @@ from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
+from postmux.scheduling.throttles import MemoryThrottles, RetryAfter, Throttles
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import SpoolError
 from postmux.spool.factory import make_spool
@@ -69,6 +70,17 @@ def _starting(what: str, path: str = "") -> Iterator[None]:
         raise StartupError(f"{named}: {(e.strerror or str(e)).lower()}{where}") from e
     except (SpoolError, sqlite3.Error) as e:
         raise StartupError(f"{named}: {e}") from e
+
+
+class ThrottleTurns:
+    """The submission API's rate per key (ingress/submission.Turns) on a Throttles (GCRA)."""
+
+    def __init__(self, throttles: Throttles | None = None) -> None:
+        self.throttles = throttles or MemoryThrottles()
+
+    def wait_s(self, key: str, per_s: float, burst: int, now: float, take: int) -> float:
+        turn = self.throttles.rate(key, per_s, burst, now, take=take)
+        return turn.seconds if isinstance(turn, RetryAfter) else 0.0
 
 
 class App:
@@ -130,7 +142,7 @@ class App:
         )
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
-        self.submissions = Submissions(self.acceptor, self.spool, settings, clock)
+        self.submissions = Submissions(self.acceptor, self.spool, settings, ThrottleTurns(), clock)
         self.http = HttpServer(
             settings.http,
             make_http_app(

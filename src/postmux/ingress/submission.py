@@ -26,7 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from fastapi import FastAPI, Header, Request, Response
@@ -49,7 +49,6 @@ from postmux.ingress.compose import (
     sender_domain_allowed,
 )
 from postmux.ingress.http import json_error
-from postmux.scheduling.throttles import MemoryThrottles, RetryAfter
 from postmux.spool.base import Answered, Spool, SpoolError
 
 log = structlog.get_logger("postmux.api")
@@ -184,16 +183,31 @@ EXAMPLE_MESSAGE: dict[str, Any] = {
 EXAMPLE_ACCEPTED = {"messages": [{"id": "18c1f2a9b3c40a1b2c3d4", "recipients": ["alice@example.net"]}]}
 
 
+class Turns(Protocol):
+    """A rate per key: scheduling/throttles.py's GCRA behind it (ingress does not import scheduling; the
+    composition root hands one over). Cost: one throttles call."""
+
+    def wait_s(self, key: str, per_s: float, burst: int, now: float, take: int) -> float:
+        """Take `take` turns under `key` and return 0.0, or take none and return the seconds until that
+        many are free (math.inf: never, more than `burst`)."""
+        ...
+
+
 class Submissions:
     """The submission API: given the acceptor and the spool, never the App; settings by `reconfigure`."""
 
     def __init__(
-        self, acceptor: Acceptor, spool: Spool, settings: Settings, clock: Callable[[], float] = time.time
+        self,
+        acceptor: Acceptor,
+        spool: Spool,
+        settings: Settings,
+        turns: Turns,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.acceptor = acceptor
         self.spool = spool
         self.clock = clock
-        self.throttles = MemoryThrottles()
+        self.turns = turns
         self.keys = ApiKeys(settings.api_key)
         self.reconfigure(settings)
 
@@ -360,9 +374,9 @@ class Submissions:
     def _take_turns(self, key: ApiKey, count: int, now: float) -> None:
         if key.rate is None:
             return
-        turn = self.throttles.rate(f"api:{key.name}", key.rate, key.burst, now, take=count)
-        if isinstance(turn, RetryAfter):
-            wait = max(1, math.ceil(turn.seconds))
+        wait_s = self.turns.wait_s(f"api:{key.name}", key.rate, key.burst, now, count)
+        if wait_s > 0:
+            wait = max(1, math.ceil(min(wait_s, 86_400)))
             raise Refused(
                 429,
                 f"rate limit of API key {key.name}: retry in {wait} s",
