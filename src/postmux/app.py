@@ -251,6 +251,7 @@ class App:
             listen=http.listen,
             port=self.http_port,
             admin_api="on" if http.admin_token else "off",
+            api_keys=len(self.settings.api_key),
         )
         for level, note in http_notes(http):
             if level == "warning":

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from postmux.app import App
+from postmux.config import load_config
 from postmux.passwords import hash_password
 from postmux.spool.base import SpoolError
 from tests.support import StartUpstream, Upstream, make_settings, read_events, wait_until
@@ -384,3 +385,41 @@ async def test_the_submission_api_needs_no_admin_token_and_the_admin_api_no_api_
         "507",
     }
     assert os.environ.get("POSTMUX_NEVER_SET") is None
+
+
+async def test_a_reload_takes_new_keys_and_drops_removed_ones(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    cfg = tmp_path / "postmux.toml"
+
+    def write(name: str, key_hash: str) -> None:
+        cfg.write_text(
+            f"""
+[smtp]
+listen = "127.0.0.1:0"
+hostname = "postmux.test"
+[http]
+listen = "127.0.0.1:0"
+[spool]
+path = "{tmp_path / "spool.db"}"
+[events]
+log = "{tmp_path / "events.jsonl"}"
+[[pool]]
+name = "default"
+members = [{{ name = "a", address = "{up.address}" }}]
+[[api_key]]
+name = "{name}"
+hash = "{key_hash}"
+"""
+        )
+
+    write("shop", SHOP_HASH)
+    async with App(load_config(cfg), config_path=cfg) as app:
+        node = Node(app, up, tmp_path)
+        assert (await node.post(message())).status_code == 202
+        assert (await node.post(message(), key=BLOG_KEY)).status_code == 401
+        write("blog", BLOG_HASH)
+        assert (await app.reload()).ok
+        assert (await node.post(message(), key=BLOG_KEY)).status_code == 202
+        assert (await node.post(message())).status_code == 401  # remembered no longer: the key is gone
