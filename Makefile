@@ -57,5 +57,9 @@ bench-policy: setup
 bench-queue-scale: setup
 	$(BIN)/python bench/queue_scale.py
 
+.PHONY: bench-http
+bench-http: setup
+	$(BIN)/python bench/http_submit.py
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
