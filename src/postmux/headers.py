@@ -67,10 +67,13 @@ def take_fields(data: bytes, names: Iterable[str], *, prefix: str = "") -> tuple
 
 def field_value(data: bytes, name: str) -> str:
     """The first `name` field's unfolded value ("" when there is none), the bytes left as they are."""
-    end = header_section_end(data)
-    head = data[:end]
+    head = data[: header_section_end(data)]
+    return head_field_value(head, head.lower(), name)
+
+
+def head_field_value(head: bytes, lowered: bytes, name: str) -> str:
+    """field_value of a header section already cut out (`head`) and lower-cased (`lowered`)."""
     wanted = name.lower().encode() + b":"
-    lowered = head.lower()
     if lowered.startswith(wanted):
         at = 0
     else:
