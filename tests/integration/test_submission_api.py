@@ -123,6 +123,9 @@ async def test_a_structured_message_is_built_stored_and_delivered_with_its_tags(
     reception = [e for e in node.events() if e["type"] == "Reception"]
     assert {e["id"] for e in reception} == {m["id"] for m in queued}
     assert all(e["tags"] == {"campaign": "spring"} and e["metadata"] == {"order": "1234"} for e in reception)
+    by_id = {e["recipient"]: e["message_id"] for e in reception}
+    assert by_id["alice@dest.test"] == alice["Message-ID"].strip("<>")  # the header postmux wrote
+    assert all(e["auth_user"] == "shop" for e in reception)  # the API key's name
 
 
 async def test_substitutions_make_one_message_per_recipient_when_they_differ(node: Node) -> None:

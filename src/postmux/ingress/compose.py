@@ -34,14 +34,16 @@ from pydantic import (
 )
 
 from postmux.address import Role
-from postmux.envelope import Envelope, domain_of
+from postmux.envelope import LABEL_NAME_MAX, LABEL_VALUE_MAX, LABELS_MAX, Envelope, domain_of
 from postmux.headers import header_section_end
 from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines
 from postmux.ingress.hygiene import read_path, received_count
 
-MAX_TAGS = 32  # tags, and metadata entries, on one message: they ride on every event of it
-TAG_NAME_MAX = 64
-TAG_VALUE_MAX = 1024
+# Tags and metadata ride on every event of the message: bounded as envelope.py bounds them (SMTP's
+# X-Postmux-Tag and X-Postmux-Meta are cut to the same limits; here more is refused).
+MAX_TAGS = LABELS_MAX
+TAG_NAME_MAX = LABEL_NAME_MAX
+TAG_VALUE_MAX = LABEL_VALUE_MAX
 SUBSTITUTION_VALUE_MAX = 65_536
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")  # a tag, metadata or substitution name
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]{1,64})\s*\}\}")
