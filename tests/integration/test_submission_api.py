@@ -354,7 +354,7 @@ async def test_concurrent_requests_with_one_key_store_once(node: Node) -> None:
 class FailingStore:
     """The spool's store_all failing as a full disk, or any other error, would (pure stand-in)."""
 
-    def __init__(self, error: SpoolError) -> None:
+    def __init__(self, error: Exception) -> None:
         self.error = error
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -368,6 +368,13 @@ async def test_a_spool_failure_is_json_with_retry_after(node: Node, disk_full: b
     assert response.status_code == status
     assert response.headers["Retry-After"] == "30"
     assert "nothing was stored" in response.json()["error"]
+
+
+async def test_a_bug_is_a_json_500_never_a_traceback(node: Node) -> None:
+    node.app.spool.store_all = FailingStore(RuntimeError("a bug"))  # type: ignore[method-assign,arg-type]
+    response = await node.post(message())
+    assert response.status_code == 500
+    assert response.json() == {"error": "local error in processing; see postmux's log"}
 
 
 async def test_the_submission_api_needs_no_admin_token_and_the_admin_api_no_api_key(node: Node) -> None:

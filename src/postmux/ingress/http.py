@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postmux.config import HttpSettings, split_hostport
 from postmux.events.metrics import Metrics
+
+log = structlog.get_logger("postmux.http")
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -77,6 +80,12 @@ def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
             errors=errors,
             details=[e["reason"] for e in errors],
         )
+
+    @app.exception_handler(Exception)
+    async def local_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's doing: the traceback goes to the log, the client gets JSON.
+        log.exception("http request failed", path=request.url.path, error=repr(exc))
+        return json_error(500, "local error in processing; see postmux's log")
 
     @app.get("/metrics")
     def get_metrics() -> Response:
