@@ -127,7 +127,8 @@ async def _serve(settings: Settings, config_path: Path) -> None:
 
 @app.command()
 def passwd() -> None:
-    """Print a scrypt hash for [[smtp.users]] password_hash; the password is read from the terminal or stdin.
+    """Print a scrypt hash for [[smtp.users]] password_hash or [[api_key]] hash; the secret is read from the
+    terminal or stdin.
 
     Never from the command line: arguments show in `ps` and in shell history.
     """
