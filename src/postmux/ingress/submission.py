@@ -283,18 +283,11 @@ class Submissions:
     async def _store(
         self, request: Request, key: ApiKey, messages: list[Message], idempotency_key: str | None, batch: bool
     ) -> Response:
+        """Check, build, and store: the answer once durable, or the first answer to a replayed key."""
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise BadInput("Idempotency-Key", f"1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
         now = self.clock()
-        client_ip = request.client.host if request.client else ""
-        made: list[list[Composed]] = []
-        submissions: list[Submission] = []
-        for i, message in enumerate(messages):
-            where = f"messages[{i}]." if batch else ""
-            pool = self._pool(key, message, where)
-            composed = compose(message, self.rules, now, where)
-            made.append(composed)
-            submissions += [Submission(as_envelope(c, message, client_ip, key.name), pool) for c in composed]
+        made, submissions = self._made(request, key, messages, now, batch)
         self._within_limits(key, len(submissions))
         request_hash = _digest(request.url.path, messages)
         if idempotency_key is not None:
@@ -304,18 +297,37 @@ class Submissions:
         self._take_turns(key, len(submissions), now)
 
         def record(ids: list[str]) -> Answered:
-            ttl = self.settings.api.idempotency_ttl
             assert idempotency_key is not None
-            return Answered(
-                key.name, idempotency_key, request_hash, _answer(made, ids, batch), now, now + ttl
-            )
+            expires = now + self.settings.api.idempotency_ttl
+            return Answered(key.name, idempotency_key, request_hash, _answer(made, ids, batch), now, expires)
 
+        result = await self._accept(submissions, record if idempotency_key is not None else None, key)
+        if isinstance(result, Answered):  # a request with the same key was stored meanwhile
+            return _replay(result, request_hash)
+        return JSONResponse(json.loads(_answer(made, result, batch)), status_code=202)
+
+    def _made(
+        self, request: Request, key: ApiKey, messages: list[Message], now: float, batch: bool
+    ) -> tuple[list[list[Composed]], list[Submission]]:
+        """Each submitted message as the messages to store (BadInput, Refused when it may not be)."""
+        client_ip = request.client.host if request.client else ""
+        made: list[list[Composed]] = []
+        submissions: list[Submission] = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]." if batch else ""
+            pool = self._pool(key, message, where)
+            composed = compose(message, self.rules, now, where)
+            made.append(composed)
+            submissions += [Submission(as_envelope(c, message, client_ip, key.name), pool) for c in composed]
+        return made, submissions
+
+    async def _accept(
+        self, submissions: list[Submission], record: Callable[[list[str]], Answered] | None, key: ApiKey
+    ) -> list[str] | Answered:
         try:
             # Shielded, as the SMTP side's accept: a client that hangs up while the spool commits must not
             # cancel a store that may already be durable.
-            result = await asyncio.shield(
-                self.acceptor.accept_all(submissions, record if idempotency_key is not None else None)
-            )
+            return await asyncio.shield(self.acceptor.accept_all(submissions, record))
         except SpoolError as e:
             log.error("spool refused a submission", error=str(e), disk_full=e.disk_full, key=key.name)
             status, words = (
@@ -326,9 +338,6 @@ class Submissions:
             raise Refused(
                 status, f"{words}; nothing was stored", headers={"Retry-After": str(SPOOL_RETRY_AFTER_S)}
             ) from None
-        if isinstance(result, Answered):  # a request with the same key was stored meanwhile
-            return _replay(result, request_hash)
-        return JSONResponse(json.loads(_answer(made, result, batch)), status_code=202)
 
     async def _answered(self, client: str, key: str, now: float) -> Answered | None:
         try:
