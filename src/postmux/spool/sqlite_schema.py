@@ -45,10 +45,24 @@ CREATE TABLE IF NOT EXISTS recipient (
     rounds      INTEGER NOT NULL DEFAULT 0,
     local_errors INTEGER NOT NULL DEFAULT 0,
     owner       TEXT NOT NULL DEFAULT '',
-    lease_until REAL
+    lease_until REAL,
+    last_member TEXT NOT NULL DEFAULT '',
+    last_at     REAL
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+-- The attempts kept for the operator's `postmux queue show` (Settlement.member): one row per recipient
+-- per attempt, written in the settle transaction for recipients that stay in the queue, removed with
+-- their message. A spool file from before it gets the table at open (CREATE ... IF NOT EXISTS).
+CREATE TABLE IF NOT EXISTS attempt (
+    aid         INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL,
+    rid         INTEGER NOT NULL,
+    member      TEXT NOT NULL,
+    reply       TEXT NOT NULL,
+    at          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempt_message ON attempt(message_id);
 -- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
 CREATE TABLE IF NOT EXISTS quarantine (
     qid         INTEGER PRIMARY KEY,
@@ -77,6 +91,10 @@ _ADDED_COLUMNS = (
     ("message", "seg_offset", "INTEGER NOT NULL DEFAULT 0"),
     ("message", "seg_length", "INTEGER NOT NULL DEFAULT 0"),
     ("message", "clean", "INTEGER NOT NULL DEFAULT 0"),
+    # The member of the recipient's last attempt and when its last outcome was recorded (the selector's
+    # `member`, the summary's last error); work settled before them has '' and NULL.
+    ("recipient", "last_member", "TEXT NOT NULL DEFAULT ''"),
+    ("recipient", "last_at", "REAL"),
 )
 
 # Indexes on added columns, made once the columns are there. recipient_lease holds only leases that can
@@ -146,8 +164,10 @@ def queue_dsn(conn: sqlite3.Connection, bodies: BodyStore, dsn: Envelope, pool: 
         )
 
 
-def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
-    """Remove a message none of whose recipients is still in the queue (every one final, or none left)."""
+def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> bool:
+    """Remove a message none of whose recipients is still in the queue (every one final, or none left).
+
+    Returns whether it was removed."""
     (open_count,) = conn.execute(
         "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
         (message_id,),
@@ -155,12 +175,27 @@ def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: st
     if open_count == 0:
         conn.execute("DELETE FROM recipient WHERE message_id = ?", (message_id,))
         delete_message(conn, bodies, message_id)
+        return True
+    return False
 
 
 def delete_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
-    """The message row goes, and its segment file with it once no other row names it."""
+    """The message row goes with its attempts, and its segment file once no other row names it."""
+    # An index probe that finds nothing for the usual message, delivered at its first attempt (bench:
+    # no change in settle throughput, bench/README.md).
+    conn.execute("DELETE FROM attempt WHERE message_id = ?", (message_id,))
     for (seg,) in conn.execute("DELETE FROM message WHERE id = ? RETURNING seg", (message_id,)).fetchall():
         bodies.release(conn, seg)
+
+
+def record_attempts(
+    conn: sqlite3.Connection, message_id: str, rids: Collection[int], member: str, reply: str, now: float
+) -> None:
+    """Keep one attempt per recipient for the operator's view (spool/base.py, Settlement.member)."""
+    conn.executemany(
+        "INSERT INTO attempt (message_id, rid, member, reply, at) VALUES (?, ?, ?, ?, ?)",
+        [(message_id, rid, member, reply, now) for rid in rids],
+    )
 
 
 # -- the quarantine ----------------------------------------------------------------------------------
@@ -225,6 +260,7 @@ def quarantine(
         if bodies is not None:
             delete_message(conn, bodies, message_id)
         else:
+            conn.execute("DELETE FROM attempt WHERE message_id = ?", (message_id,))
             conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
         moved += 1
     return moved
