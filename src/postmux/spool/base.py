@@ -239,8 +239,9 @@ class QueueOperations(Protocol):
         """End queued and held recipients as BOUNCED with `reply`, each message's DSN queued with it.
 
         `dsn` builds the DSN of each message (None: send none) and is queued to `dsn_pool` (a pool, or
-        what gives the pool of a message's DSN: the route to its sender) in the same transaction, so a bounce is never recorded without its DSN, and a builder that fails changes
-        nothing. Refuses an empty selector. Returns how many recipients were bounced. Cost: one read of
+        what gives the pool of a message's DSN: the route to its sender) in the same transaction, so a
+        bounce is never recorded without its DSN, and a builder that fails changes nothing. Refuses an
+        empty selector. Returns how many recipients were bounced. Cost: one read of
         each chosen message's bytes and one DSN built per message, inside one transaction.
         """
         ...

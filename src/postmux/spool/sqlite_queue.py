@@ -161,7 +161,7 @@ def _read_message(
             f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid", (message_id,)
         )
     )
-    attempts = ()
+    attempts: tuple[AttemptView, ...] = ()
     if with_attempts:
         attempts = tuple(
             AttemptView(*r)
