@@ -98,8 +98,14 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     (
         "settle: update",
         "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
-        " rounds = max(rounds, ?), local_errors = ? WHERE rid = ?",
-        ("delivered", 0.0, 1, "", 0, 0, 0),
+        " rounds = max(rounds, ?), local_errors = ?, last_member = coalesce(nullif(?, ''), last_member),"
+        " last_at = ? WHERE rid = ?",
+        ("delivered", 0.0, 1, "", 0, 0, "m", 0.0, 0),
+    ),
+    (
+        "settle: keep attempts",
+        "INSERT INTO attempt (message_id, rid, member, reply, at) VALUES (?, ?, ?, ?, ?)",
+        ("x", 0, "m", "451", 0.0),
     ),
     (
         "settle: open count",
@@ -107,6 +113,7 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
         ("x",),
     ),
     ("settle: delete recipients", "DELETE FROM recipient WHERE message_id = ?", ("x",)),
+    ("settle: delete attempts", "DELETE FROM attempt WHERE message_id = ?", ("x",)),
     ("settle: delete message", "DELETE FROM message WHERE id = ?", ("x",)),
     ("counts (every 2 s, app.py)", "SELECT state, count(*) FROM recipient GROUP BY state", ()),
 )

@@ -36,9 +36,11 @@ from tests.support import (
 DEFER = "451 4.3.0 not now"
 
 
-def write_config(cfg: Path, tmp_path: Path, a: str, b: str) -> None:
+def write_config(cfg: Path, tmp_path: Path, a: str, b: str, also: str = "") -> None:
     """Pool default (member a) for mail to dest.test and other.test; pool bulk (member b) takes mail to
-    example.com, so the DSNs to app@example.com go to b. Retries wait an hour: deferred mail stays."""
+    example.com, so the DSNs to app@example.com go to b. Retries wait an hour: deferred mail stays.
+    `also`: the address of a second member of pool default, a2."""
+    second = f', {{ name = "a2", address = "{also}" }}' if also else ""
     cfg.write_text(
         f"""
 [smtp]
@@ -58,7 +60,7 @@ jitter = 0
 provider = [{{ name = "desthost", domains = ["dest.test"] }}]
 [[pool]]
 name = "default"
-members = [{{ name = "a", address = "{a}" }}]
+members = [{{ name = "a", address = "{a}" }}{second}]
 [[pool]]
 name = "bulk"
 members = [{{ name = "b", address = "{b}" }}]
@@ -188,6 +190,29 @@ async def test_summary_list_and_show_tell_what_waits_where_and_every_attempt(
         ):
             code, _, err = await run(*args)
             assert code == 1 and said in err and "Traceback" not in err, (args, err)
+
+
+async def test_show_lists_an_attempt_retried_at_once_on_another_member_beside_the_last(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, a2, b = (
+        await upstream("a", deferring([True])),
+        await upstream("a2", deferring([True])),
+        await upstream("b"),
+    )
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, a.address, b.address, also=a2.address)
+    async with App(load_config(cfg), config_path=cfg) as app:
+        run = Cli(app)
+        mid = message_id_of(await send(app.smtp_port, "twice"))
+        await queued(app, 1)
+        code, shown, _ = await run("queue", "show", mid)
+        assert code == 0
+        tried = [(t["recipient"], t["member"], t["reply"]) for t in shown["attempts"]]
+        assert sorted(tried) == [("user@dest.test", "a", DEFER), ("user@dest.test", "a2", DEFER)]
+        assert shown["recipients"][0]["last_member"] == tried[-1][1]  # the round's last attempt
+        assert shown["attempts"][0]["at"] <= shown["attempts"][1]["at"]
+        assert app.dispatcher._tries == {}  # handed to the spool with the settlement
 
 
 async def test_hold_keeps_mail_from_flush_and_release_then_flush_deliver_it(

@@ -78,7 +78,9 @@ class Settlement:
     `member`: the member whose attempt this outcome comes from ("" when no attempt was made: no usable
     member, every member held back). With one, the spool keeps the attempt (member, reply, time) for the
     operator's `show`, and the member as the recipient's last; a recipient delivered and removed with its
-    message keeps nothing, so the hot path writes no more than before.
+    message keeps nothing, so the hot path writes no more than before. `earlier`: attempts at these
+    recipients in the same round that ended without a settlement of their own (a 4xx from one member, then
+    the next at once), kept the same way.
     """
 
     message_id: str
@@ -92,6 +94,7 @@ class Settlement:
     dsn: Envelope | None = None
     dsn_pool: str = ""
     member: str = ""
+    earlier: Sequence[AttemptView] = ()
 
 
 class Spool(Protocol):

@@ -35,6 +35,7 @@ from postmux.envelope import Envelope, domain_of
 from postmux.spool import sqlite_queue
 from postmux.spool.base import (
     FINAL_STATES,
+    AttemptView,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -479,13 +480,13 @@ def _settle(
         )
         if s.dsn is not None:
             queue_dsn(conn, bodies, s.dsn, s.dsn_pool, now)
-        if s.member:
+        if s.member or s.earlier:
             # Kept for the operator's view; a delivered recipient's only once its message is known to
             # stay (below), so the usual message, delivered and removed, costs no row.
             if s.state is RecipientState.DELIVERED:
                 delivered.append(s)
             else:
-                record_attempts(conn, s.message_id, s.rids, s.member, s.reply, now)
+                record_attempts(conn, s.message_id, _attempts(s, now))
         if s.state in FINAL_STATES:
             touched.add(s.message_id)
         elif s.state in (RecipientState.QUEUED, RecipientState.HELD):
@@ -495,7 +496,13 @@ def _settle(
     removed = {message_id for message_id in touched if drop_if_finished(conn, bodies, message_id)}
     for s in delivered:
         if s.message_id not in removed:
-            record_attempts(conn, s.message_id, s.rids, s.member, s.reply, now)
+            record_attempts(conn, s.message_id, _attempts(s, now))
+
+
+def _attempts(s: Settlement, now: float) -> list[AttemptView]:
+    """The attempts a settlement tells of: the earlier ones of its round, then its own (at `now`)."""
+    own = [AttemptView(rid, s.member, s.reply, now) for rid in s.rids] if s.member else []
+    return [*s.earlier, *own]
 
 
 _LEASE_COLUMNS = "rid, message_id, address, pool, domain, attempts, rounds, local_errors"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import structlog
 
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.spool.bodies import MESSAGES_IN_SEG, BodyStore, Placed
+from postmux.spool.operations import AttemptView
 
 log = structlog.get_logger("postmux.spool")
 
@@ -188,13 +189,11 @@ def delete_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str)
         bodies.release(conn, seg)
 
 
-def record_attempts(
-    conn: sqlite3.Connection, message_id: str, rids: Collection[int], member: str, reply: str, now: float
-) -> None:
-    """Keep one attempt per recipient for the operator's view (spool/base.py, Settlement.member)."""
+def record_attempts(conn: sqlite3.Connection, message_id: str, attempts: Iterable[AttemptView]) -> None:
+    """Keep attempts for the operator's view (spool/base.py, Settlement.member and earlier)."""
     conn.executemany(
         "INSERT INTO attempt (message_id, rid, member, reply, at) VALUES (?, ?, ?, ?, ?)",
-        [(message_id, rid, member, reply, now) for rid in rids],
+        [(message_id, a.rid, a.member, a.reply, a.at) for a in attempts],
     )
 
 
