@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +417,46 @@ def test_the_tables_show_what_the_json_says() -> None:
     assert "queue: 3 recipients, oldest 2h 1m" in text
     assert "desthost" in text and DEFER in text and "<>" in text and "5m" in text
     assert "1970-01-01 00:00:00" in text
+
+
+async def test_on_a_terminal_the_summary_is_a_table_and_piped_it_is_json(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    cfg, _, _ = await started(tmp_path, upstream, [True])
+    async with App(load_config(cfg), config_path=cfg) as app:
+        await send(app.smtp_port, "m1", to=["x@dest.test"])
+        await queued(app, 1)
+        args = ["queue", "--url", f"http://127.0.0.1:{app.http_port}", "--token", TOKEN]
+        on_terminal = await asyncio.to_thread(run_postmux, args, terminal=True)
+        piped = await asyncio.to_thread(run_postmux, args, terminal=False)
+    assert "queue: 1 recipient," in on_terminal and "dest.test" in on_terminal and DEFER[:20] in on_terminal
+    assert json.loads(piped)["destinations"][0]["domain"] == "dest.test"
+
+
+def run_postmux(args: list[str], *, terminal: bool) -> str:
+    """`python -m postmux ARGS` as a process, its stdout a pseudo-terminal or a pipe; what it printed."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "COLUMNS": "160", "TERM": "xterm"}
+    command = [sys.executable, "-m", "postmux", *args]
+    if not terminal:
+        done = subprocess.run(command, capture_output=True, env=env, timeout=60, check=True)
+        return done.stdout.decode()
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(command, stdout=follower, stderr=subprocess.PIPE, env=env)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+    finally:
+        os.close(leader)
+    return out.decode("utf-8", "replace")

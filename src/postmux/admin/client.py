@@ -129,7 +129,8 @@ def age(seconds: float) -> str:
 
 
 def queue_table(body: dict[str, Any]) -> Table:
-    table = Table(title=f"queue: {body['recipients']} recipients, oldest {age(body['oldest_age_s'])}")
+    n = body["recipients"]
+    table = Table(title=f"queue: {n} recipient{'s' if n != 1 else ''}, oldest {age(body['oldest_age_s'])}")
     for column in ("pool", "domain", "destination", "recipients", "queued", "leased", "held", "oldest"):
         table.add_column(column, justify="right" if column in _COUNTS else "left")
     table.add_column("last error", overflow="fold")
