@@ -476,3 +476,25 @@ async def test_stats_give_each_destinations_last_error(spool: SpoolBackend) -> N
         ("p", "two.test"): "451 4.3.0 first",
         ("bulk", "one.test"): "452 later",
     }
+
+
+async def test_a_view_carries_the_message_id_field_tags_and_metadata_for_events(spool: SpoolBackend) -> None:
+    mid = new_message_id()
+    env = Envelope(
+        "app@x.test",
+        ("a@one.test",),
+        BODY,
+        tags={"campaign": "spring"},
+        metadata={"customer": "42"},
+        message_id_header="abc@x.test",
+    )
+    await spool.store(mid, env, {"a@one.test": "p"}, 10, lease=False)
+    [listed_view] = (await spool.list_queue(Selector(message_id=mid), 20)).messages
+    shown = await spool.show(mid, 20)
+    for view in (listed_view, shown):
+        assert view is not None
+        assert (view.message_id_header, view.tags, view.metadata) == (
+            "abc@x.test",
+            {"campaign": "spring"},
+            {"customer": "42"},
+        )

@@ -172,6 +172,7 @@ async def test_summary_list_and_show_tell_what_waits_where_and_every_attempt(
         code, shown, _ = await run("queue", "show", first)
         assert code == 0
         assert (shown["id"], shown["sender"], shown["client_ip"]) == (first, "app@example.com", "127.0.0.1")
+        assert (shown["message_id"], shown["tags"], shown["metadata"]) == ("m1@example.com", {}, {})
         headers = {h["name"]: h["value"] for h in shown["headers"]}
         assert headers["Subject"] == "test m1" and headers["Message-ID"] == "<m1@example.com>"
         assert [(r["address"], r["state"], r["attempts"], r["last_member"]) for r in shown["recipients"]] == [
@@ -263,7 +264,14 @@ async def test_bounce_sends_exactly_one_dsn_with_the_operators_reason(
     cfg, a, b = await started(tmp_path, upstream, [True])
     async with App(load_config(cfg), config_path=cfg) as app:
         run = Cli(app)
-        bounced = message_id_of(await send(app.smtp_port, "bounced", to=["x@dest.test", "y@dest.test"]))
+        bounced = message_id_of(
+            await send(
+                app.smtp_port,
+                "bounced",
+                to=["x@dest.test", "y@dest.test"],
+                headers="X-Postmux-Tag: campaign=spring\r\nX-Postmux-Meta: customer=42\r\n",
+            )
+        )
         kept = message_id_of(await send(app.smtp_port, "kept", "news@example.org", to=["z@other.test"]))
         await queued(app, 3)
         code, _, err = await run("bounce", "--id", bounced)
@@ -287,8 +295,11 @@ async def test_bounce_sends_exactly_one_dsn_with_the_operators_reason(
         assert code == 0 and shown["recipients"][0]["state"] == "queued"
         assert a.received == []
     events = read_events(tmp_path / "events.jsonl")
-    by_operator = [(e["recipient"], e["tags"]) for e in events if e["type"] == "Bounce"]
-    assert by_operator == [("x@dest.test", {"by": "operator"}), ("y@dest.test", {"by": "operator"})]
+    by_operator = [
+        (e["recipient"], e["tags"], e["metadata"], e["message_id"]) for e in events if e["type"] == "Bounce"
+    ]
+    labels = ({"campaign": "spring", "by": "operator"}, {"customer": "42"}, "bounced@example.com")
+    assert by_operator == [("x@dest.test", *labels), ("y@dest.test", *labels)]
 
 
 async def test_delete_is_silent_and_move_gives_mail_to_another_pool_that_exists(

@@ -102,8 +102,9 @@ class AdminClient:
             typer.echo(json.dumps(body, indent=2))
             return
         console = Console()
-        for key in ("id", "sender", "client_ip", "size", "smtputf8"):
-            console.print(f"{key}: {body[key]}", highlight=False, markup=False)
+        for key in ("id", "message_id", "sender", "client_ip", "size", "smtputf8", "tags", "metadata"):
+            if body.get(key) not in (None, {}, ""):
+                console.print(f"{key}: {body[key]}", highlight=False, markup=False)
         console.print(f"age: {age(body['age_s'])}", highlight=False)
         console.print(fields_table("headers", body["headers"]))
         console.print(recipients_table(body["recipients"]))

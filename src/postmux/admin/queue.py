@@ -229,6 +229,9 @@ class QueueControl:
         return {
             **describe_message(message, now),
             "smtputf8": message.smtputf8,
+            "message_id": message.message_id_header,
+            "tags": dict(message.tags),
+            "metadata": dict(message.metadata),
             "headers": header_fields(message.data or b""),
             "attempts": [
                 {"recipient": rcpts.get(a.rid, ""), "member": a.member, "reply": a.reply, "at": a.at}
@@ -339,9 +342,11 @@ def _bounce_event(message: MessageView, r: RecipientView, reply: Reply, now: flo
         num_attempts=r.attempts,
         latency_s=now - message.created,
         size=message.size,
-        tags={"by": "operator"},
+        tags={**message.tags, "by": "operator"},  # the event's own label wins a clash, as verdicts' do
         timestamp=now,
         created=message.created,
+        metadata=dict(message.metadata),
+        message_id=message.message_id_header,
     )
 
 

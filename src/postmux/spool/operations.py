@@ -154,6 +154,10 @@ class MessageView:
     recipients: tuple[RecipientView, ...]
     data: bytes | None = None
     attempts: tuple[AttemptView, ...] = ()  # from `show` only: every attempt kept, oldest first
+    # For events about it (an operator's bounce): its Message-ID field, and the sender's tags and metadata.
+    message_id_header: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.created)

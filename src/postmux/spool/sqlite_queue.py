@@ -28,7 +28,7 @@ from postmux.spool.operations import (
     RecipientView,
     Selector,
 )
-from postmux.spool.sqlite_schema import drop_if_finished, queue_dsn
+from postmux.spool.sqlite_schema import decode_labels, drop_if_finished, queue_dsn
 
 _QUEUED = (RecipientState.QUEUED,)
 _HELD = (RecipientState.HELD,)
@@ -38,7 +38,9 @@ _RECIPIENT_COLUMNS = (
     "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until,"
     " last_member, last_at"
 )
-_MESSAGE_COLUMNS = "id, sender, created, length(data) + seg_length, client_ip, smtputf8"
+_MESSAGE_COLUMNS = (
+    "id, sender, created, length(data) + seg_length, client_ip, smtputf8, message_id_header, labels"
+)
 _CHUNK = 500  # message ids per IN (...): well under SQLite's limit of bound parameters on any build
 
 
@@ -123,9 +125,21 @@ def _message_view(
     data: bytes | None = None,
     attempts: tuple[AttemptView, ...] = (),
 ) -> MessageView:
-    message_id, sender, created, size, client_ip, smtputf8 = row
+    message_id, sender, created, size, client_ip, smtputf8, header_id, labels = row
+    tags, metadata = decode_labels(labels)
     return MessageView(
-        message_id, sender, created, size, client_ip, bool(smtputf8), recipients, data, attempts
+        message_id,
+        sender,
+        created,
+        size,
+        client_ip,
+        bool(smtputf8),
+        recipients,
+        data,
+        attempts,
+        header_id,
+        tags,
+        metadata,
     )
 
 
@@ -152,7 +166,7 @@ def _read_message(
         return None
     data: bytes | None
     try:
-        data = bodies.joined(row[6], row[7], row[8], row[9], limit)
+        data = bodies.joined(row[8], row[9], row[10], row[11], limit)
     except OSError:
         data = None
     recipients = tuple(
@@ -170,7 +184,7 @@ def _read_message(
                 (message_id,),
             )
         )
-    return _message_view(row[:6], recipients, data, attempts)
+    return _message_view(row[:8], recipients, data, attempts)
 
 
 # -- reads ---------------------------------------------------------------------------------------------
