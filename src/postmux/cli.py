@@ -478,7 +478,14 @@ def release(
     json: JsonOption = False,
 ) -> None:
     """Queue held recipients again, due now (held by `hold`, or after max_local_errors crashes in a row)."""
-    fields = _selector(id_ or message_id, pool, domain, provider, member, sender, older_than, None, all_)
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, None, all_)
+    if message_id is not None and not fields:
+        # `release ID`, as before selectors: that message's held recipients, 404 when none is held.
+        path = f"/messages/{quote(message_id, safe='')}/release"
+        _admin(config, url, token).post(path, as_json=json or not sys.stdout.isatty())
+        return
+    if message_id is not None:
+        fields["id"] = message_id
     _queue_verb("release", fields, config, url, token, json)
 
 

@@ -238,7 +238,7 @@ async def test_hold_keeps_mail_from_flush_and_release_then_flush_deliver_it(
         code, listing, _ = await run("queue", "list", "--state", "held")
         assert [m["id"] for m in listing["messages"]] == [held]
 
-        code, answer, _ = await run("release", held)  # the id as an argument, as before selectors
+        code, answer, _ = await run("release", "--id", held)
         assert code == 0 and answer["recipients"] == 1
         await wait_until(lambda: [r.test_id for r in a.received] == ["held"])
 
