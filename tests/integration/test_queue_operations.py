@@ -329,7 +329,9 @@ async def test_delete_is_silent_and_move_gives_mail_to_another_pool_that_exists(
             response = await client.post("/queue/bounce", json={"id": moved, "reason": " "})
             assert response.status_code == 422 and response.json()["field"] == "reason"
             response = await client.post("/queue/explode", json={"id": moved})
-            assert response.status_code == 404
+            assert response.status_code == 404 and "flush, hold, release" in response.json()["error"]
+            response = await client.post("/queue/hold", json={"id": moved, "to": "bulk"})
+            assert response.status_code == 422 and response.json()["field"] == "to"  # move's, not hold's
         code, answer, _ = await run("move", "--id", moved, "--to", "bulk")
         assert code == 0 and answer["changes"] == ["1 recipient moved to pool bulk"]
         code, answer, _ = await run("flush", "--pool", "bulk")  # its due time was kept: flush it

@@ -45,6 +45,7 @@ log = structlog.get_logger("postmux.queue")
 # options of the same names: --id, --pool, ...
 SELECTOR_FIELDS = ("id", "pool", "domain", "provider", "member", "sender", "older_than", "state")
 VERBS = ("flush", "hold", "release", "delete", "bounce", "move")
+_OPTIONS = {"bounce": ("reason",), "move": ("to",)}  # what a verb takes beside its selector
 _MAX_REASON = 300  # a reason goes into a DSN's human part and its Diagnostic-Code: a line, not a letter
 
 
@@ -243,7 +244,9 @@ class QueueControl:
 
     async def act(self, verb: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """Do `verb` on the recipients the body's selector chooses; a mass action needs `all`."""
-        options = {k: body[k] for k in ("reason", "to") if k in body}
+        if verb not in VERBS:
+            raise QueueRequestError("", f"no queue operation {verb!r}; there are {', '.join(VERBS)}", 404)
+        options = {k: body[k] for k in _OPTIONS.get(verb, ()) if k in body}
         fields = {k: v for k, v in body.items() if k not in options}
         chosen = criteria(fields)
         now = self.node.clock()
@@ -267,10 +270,8 @@ class QueueControl:
                 count = await spool.delete(selector, now)
             case "move":
                 count = await spool.move(selector, self._pool(options.get("to")), now)
-            case "bounce":
+            case _:  # bounce: the verb is one of VERBS (checked above)
                 count = await self._bounce(selector, self._reason(options.get("reason")), now)
-            case _:
-                raise QueueRequestError("", f"no queue operation {verb!r}", status=404)
         if verb in ("release", "flush", "move") and count:
             self.node.dispatch.scan_soon()
         log.info("queue operation", action=verb, recipients=count, **_logged(body))
