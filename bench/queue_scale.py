@@ -108,13 +108,18 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
         ("x", 0, "m", "451", 0.0),
     ),
     (
+        "settle: mark attempts kept",
+        "UPDATE message SET attempts_kept = 1 WHERE id = ? AND attempts_kept = 0",
+        ("x",),
+    ),
+    (
         "settle: open count",
         "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
         ("x",),
     ),
     ("settle: delete recipients", "DELETE FROM recipient WHERE message_id = ?", ("x",)),
-    ("settle: delete attempts", "DELETE FROM attempt WHERE message_id = ?", ("x",)),
-    ("settle: delete message", "DELETE FROM message WHERE id = ?", ("x",)),
+    ("settle: delete attempts (if kept)", "DELETE FROM attempt WHERE message_id = ?", ("x",)),
+    ("settle: delete message", "DELETE FROM message WHERE id = ? RETURNING seg, attempts_kept", ("x",)),
     ("counts (every 2 s, app.py)", "SELECT state, count(*) FROM recipient GROUP BY state", ()),
 )
 
