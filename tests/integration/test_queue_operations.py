@@ -220,6 +220,30 @@ async def test_show_lists_an_attempt_retried_at_once_on_another_member_beside_th
         assert app.dispatcher._tries == {}  # handed to the spool with the settlement
 
 
+async def test_show_keeps_a_delivered_recipients_attempt_while_its_message_waits_for_another(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    async def other_defers(upstream: Upstream, envelope: SmtpEnvelope) -> str | None:
+        return DEFER if any(r.endswith("@other.test") for r in envelope.rcpt_tos) else None
+
+    a, b = await upstream("a", other_defers), await upstream("b")
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, a.address, b.address)
+    async with App(load_config(cfg), config_path=cfg) as app:
+        run = Cli(app)
+        mid = message_id_of(await send(app.smtp_port, "half", to=["x@dest.test", "y@other.test"]))
+        await wait_until(lambda: len(a.received) == 1)
+        await queued(app, 1)
+        code, shown, _ = await run("queue", "show", mid)
+        assert code == 0
+        assert [(r["address"], r["state"]) for r in shown["recipients"]] == [
+            ("x@dest.test", "delivered"),
+            ("y@other.test", "queued"),
+        ]
+        tried = sorted((t["recipient"], t["member"], t["reply"][:3]) for t in shown["attempts"])
+        assert tried == [("x@dest.test", "a", "250"), ("y@other.test", "a", "451")]
+
+
 async def test_hold_keeps_mail_from_flush_and_release_then_flush_deliver_it(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:

@@ -89,6 +89,7 @@ def test_a_recipient_the_member_accepted_is_delivered_and_counted_for_the_member
     v = verdicts.after_attempt(item, "a", answered(OK), pool, rules, NOW)
     [s] = v.settlements
     assert (s.state, list(s.rids), s.attempts, s.dsn) == (RecipientState.DELIVERED, [1], 1, None)
+    assert s.reply == str(OK)  # the attempt's reply, kept while the message stays for others
     assert kinds(v) == [(EventType.DELIVERY, "a", 1)]
     assert v.events[0].tags == {"tls": "TLSv1.3 TLS_AES_256_GCM_SHA384"}
     assert v.tally == Tally(delivered=1) and v.retry_now is None and not v.held

@@ -111,6 +111,7 @@ def settled(
         bumped = replace(r, attempts=r.attempts + 1, local_errors=0)  # answered: not a crash
         if reply.is_success:
             delivered.append(bumped)
+            accepted = reply  # the transaction's one answer to DATA: the same for every recipient
             kind = EventType.DELIVERY
         elif reply.is_permanent:
             bounced.append((bumped, reply))
@@ -124,7 +125,11 @@ def settled(
         attempts = max(r.attempts for r in delivered)
         v.settlements.append(
             Settlement(
-                item.message_id, [r.rid for r in delivered], RecipientState.DELIVERED, attempts=attempts
+                item.message_id,
+                [r.rid for r in delivered],
+                RecipientState.DELIVERED,
+                str(accepted),  # kept with the attempt while the message stays for other recipients
+                attempts=attempts,
             )
         )
     if bounced:
