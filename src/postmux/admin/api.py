@@ -1,4 +1,5 @@
-"""The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, release, reload.
+"""The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, release,
+webhooks, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts.
@@ -88,6 +89,10 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
             return json_error(404, f"no held message with id {message_id!r}")
 
     _shaping_routes(app, control)
+
+    @app.get(f"{ADMIN_PREFIX}/webhooks")
+    async def webhooks() -> dict[str, Any]:
+        return {"webhooks": await control.webhooks()}
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:

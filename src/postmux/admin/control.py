@@ -49,6 +49,14 @@ class Dispatch(Protocol):
         ...
 
 
+class WebhookStatus(Protocol):
+    """What the admin side reads of the webhook senders (events/webhooks.py Webhooks)."""
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each endpoint: backlog, oldest pending age, last success, last error."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """The parts of a running node the admin side reads and steers; each is the live object, not a copy.
@@ -66,6 +74,7 @@ class NodeView:
     # Says that a member went up or down (log line and MemberUp/MemberDown event).
     member_changed: Callable[[Member, bool, str], None]
     clock: Callable[[], float]
+    webhooks: WebhookStatus | None = None
 
 
 class Control:
@@ -233,6 +242,14 @@ class Control:
                 timestamp=now,
             )
         )
+
+    # -- webhooks ------------------------------------------------------------------------------------
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook endpoint's backlog and how its last requests went (`postmux webhooks`)."""
+        if self.node.webhooks is None:
+            return []
+        return await self.node.webhooks.status()
 
     # -- reload --------------------------------------------------------------------------------------
 

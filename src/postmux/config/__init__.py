@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -43,6 +44,7 @@ from postmux.config.sections import (
     SmtpUser,
     SpoolSettings,
     WarmupSettings,
+    WebhookSettings,
     sqlite_path_of,
 )
 from postmux.config.shaping import (
@@ -79,6 +81,17 @@ class Settings(_Frozen):
     dns: DnsSettings = DnsSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    webhook: tuple[WebhookSettings, ...] = ()
+
+    @field_validator("webhook")
+    @classmethod
+    def _unique_webhooks(cls, v: tuple[WebhookSettings, ...]) -> tuple[WebhookSettings, ...]:
+        names = [w.name for w in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            # Each endpoint's backlog is kept under its name: two with one name would share one.
+            raise ValueError(f"webhook names must be unique; repeated: {', '.join(dupes)}")
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -220,6 +233,7 @@ __all__ = [
     "SmtpUser",
     "SpoolSettings",
     "WarmupSettings",
+    "WebhookSettings",
     "http_notes",
     "load_config",
     "parse_duration",

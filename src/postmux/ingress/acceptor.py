@@ -16,6 +16,7 @@ from typing import Protocol
 from postmux.address import literal_address
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.events.bus import EventBus
+from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import take_header
 from postmux.spool.base import Spool
@@ -70,6 +71,7 @@ class Acceptor:
         bus: EventBus,
         hostname: str,
         clock: Callable[[], float] = time.time,
+        outbox: EventOutbox = NO_OUTBOX,
     ) -> None:
         self.hostname = hostname
         self.spool = spool
@@ -77,6 +79,7 @@ class Acceptor:
         self.sink = sink
         self.bus = bus
         self.clock = clock
+        self.outbox = outbox
 
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not."""
@@ -97,27 +100,39 @@ class Acceptor:
         now = self.clock()
         message_id = new_message_id()
         envelope = replace(envelope, data=self._received(envelope, message_id, now) + envelope.data)
+        receptions = self._receptions(envelope, message_id, pools, now)
+        # The webhook rows commit with the message (events/outbox.py): a kept message's Reception is
+        # never lost, and one refused has none.
+        rows = self.outbox.rows(receptions)
         hot = self.sink.has_room()
-        work = await self.spool.store(message_id, envelope, pools, now, lease=hot)
+        work = await self.spool.store(message_id, envelope, pools, now, lease=hot, outbox=rows)
+        if rows:
+            self.outbox.committed()
         if hot:
             self.sink.submit(work)
         else:
             self.sink.scan_soon()
-        for rcpt in envelope.recipients:
-            self.bus.emit(
-                Event(
-                    EventType.RECEPTION,
-                    id=message_id,
-                    sender=envelope.sender,
-                    recipient=rcpt,
-                    pool=pools[rcpt],
-                    queue=f"{pools[rcpt]}/{domain_of(rcpt)}",
-                    size=envelope.size,
-                    timestamp=now,
-                    tags=envelope.tags,
-                )
-            )
+        for event in receptions:
+            self.bus.emit(event)
         return message_id
+
+    @staticmethod
+    def _receptions(envelope: Envelope, message_id: str, pools: dict[str, str], now: float) -> list[Event]:
+        """One Reception per recipient, made before the store so their webhook rows commit with it."""
+        return [
+            Event(
+                EventType.RECEPTION,
+                id=message_id,
+                sender=envelope.sender,
+                recipient=rcpt,
+                pool=pools[rcpt],
+                queue=f"{pools[rcpt]}/{domain_of(rcpt)}",
+                size=envelope.size,
+                timestamp=now,
+                tags=envelope.tags,
+            )
+            for rcpt in envelope.recipients
+        ]
 
     def _received(self, envelope: Envelope, message_id: str, now: float) -> bytes:
         """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes here.
