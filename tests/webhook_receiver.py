@@ -63,6 +63,7 @@ class Receiver:
     stall_s: float = 1.0
     arrivals: list[Arrival] = field(default_factory=list)
     requests: int = 0
+    in_flight: int = 0  # requests being answered right now
     fates: dict[Fate, int] = field(default_factory=dict)
     bad_signatures: list[str] = field(default_factory=list)
     port: int = 0
@@ -87,6 +88,13 @@ class Receiver:
             if not message.get("more_body"):
                 break
         self.requests += 1
+        self.in_flight += 1
+        try:
+            await self._handle(scope, body, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
         fate = self.decide(self.requests)
         self.fates[fate] = self.fates.get(fate, 0) + 1
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
