@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from postmux.app import App
-from postmux.config import Settings, settings_from_dict
+from postmux.config import Settings, load_config, settings_from_dict
 from tests.integration.test_operator_control import body, cli_runner
 from tests.support import StartUpstream, send, wait_until
 from tests.webhook_receiver import Receiver, first_fail
@@ -165,3 +165,33 @@ async def test_with_no_webhook_nothing_is_written_to_the_outbox(
         await wait_until(lambda: len(up.received) == 1, timeout=10)
         assert await app.spool.outbox_backlog() == []
         assert app.webhooks.senders == {}
+
+
+async def test_a_changed_webhook_needs_a_restart_and_the_running_one_goes_on(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    cfg = tmp_path / "postmux.toml"
+    text = f"""
+[smtp]
+listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
+[spool]
+path = "{tmp_path / "spool.db"}"
+[events]
+log = "{tmp_path / "events.jsonl"}"
+[[pool]]
+name = "default"
+members = [{{ name = "up", address = "{up.address}" }}]
+[[webhook]]
+name = "hooks"
+url = "http://127.0.0.1:9/one"
+"""
+    cfg.write_text(text)
+    async with App(load_config(cfg), config_path=cfg) as app:
+        cfg.write_text(text.replace("/one", "/two"))
+        result = app.control.reload()
+        assert result.ok and result.needs_restart == ["webhook"]
+        assert app.webhooks.senders["hooks"].settings.url == "http://127.0.0.1:9/one"
+        assert app.settings.webhook[0].url == "http://127.0.0.1:9/one"

@@ -557,7 +557,10 @@ class WebhookSettings(_Frozen):
     @classmethod
     def _secret_file(cls, v: str | None) -> str | None:
         if v is not None:
-            webhook_secret(_read_secret_file(v))
+            try:
+                webhook_secret(_read_secret_file(v))
+            except ValueError as e:
+                raise ValueError(f"{v!r} does not hold a usable secret: {e}") from None
         return v
 
     @model_validator(mode="after")
