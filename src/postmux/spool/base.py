@@ -325,7 +325,10 @@ class WebhookOutbox(Protocol):
         """Up to `limit` of the endpoint's rows with seq > `after`, oldest first.
 
         `after` is the last seq the sender already posted (its acknowledgement may still be on its way to
-        the disk). Cost: one index search, read beside the writer.
+        the disk). So seq order must be commit order: once a reader has seen seq N, no row with a seq
+        below N may commit later (SQLite: one writer; PostgreSQL will need a commit-ordered sequence or a
+        lock on append, else a sender reading past a row still uncommitted would skip it for good).
+        Cost: one index search, read beside the writer.
         """
         ...
 
