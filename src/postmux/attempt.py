@@ -108,6 +108,10 @@ class AttemptOutcome:
     # Recipients refused here before anything was sent (an address that cannot go on the wire): their
     # replies are postmux's, never the receiver's, so they say nothing about the member.
     unsent: frozenset[int] = field(default_factory=frozenset)
+    # The connection's two ends, "" when none was made: the peer as "ip:port", the local address it left
+    # from (a source member's IP; for a relay, whatever the kernel chose). For events, never decisions.
+    peer: str = ""
+    source_ip: str = ""
 
     def said(self) -> list[Reply]:
         """The replies the receiver itself gave to this transaction (none when it broke off or was local)."""

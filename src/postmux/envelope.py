@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from postmux.address import domain_of as domain_of
 from postmux.body import BodyFile, text_size
 
+# Bounds on the sender's tags and metadata (the API refuses more; over SMTP the rest are ignored): they
+# ride on every event of the message, so they stay small.
+LABELS_MAX = 32  # entries of each
+LABEL_NAME_MAX = 64
+LABEL_VALUE_MAX = 1024
+
 
 def new_message_id() -> str:
     """A sortable, unique queue id: 12 hex digits of microseconds since the epoch, then 8 random."""
@@ -35,6 +41,8 @@ class Envelope:
     # and X-Postmux-Meta over SMTP): kept with it and put on every event about it (events/types.py).
     tags: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # The Message-ID header field's value without <>, found at accept: for events ("" when there is none).
+    message_id_header: str = ""
     # The rest of a long text, in a file (postmux.body): the text is `data` then `tail`.
     tail: BodyFile | None = None
     # Ingress found only CRLF line ends and no line starting with "." (postmux.body): sent as it is.

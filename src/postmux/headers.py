@@ -6,6 +6,8 @@ or a tab (folding); the header section ends at the first empty line.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 def header_section_end(data: bytes) -> int:
     """Offset just past the header section (its empty line included), or len(data) when there is none."""
@@ -24,23 +26,65 @@ def take_header(data: bytes, name: str) -> tuple[bytes, list[str]]:
 
     Returns the message without them and their unfolded values; every other byte stays as it was.
     """
+    data, taken = take_fields(data, (name,))
+    return data, taken.get(name.lower(), [])
+
+
+def take_fields(data: bytes, names: Iterable[str], *, prefix: str = "") -> tuple[bytes, dict[str, list[str]]]:
+    """Remove every field of the given names (case-insensitive) in one pass over the header section.
+
+    Returns the message without them and each name's unfolded values (keyed by the lower-case name,
+    only names found); every other byte stays as it was. `prefix`, when all names share it, is looked
+    for first: mail without such a field costs one search.
+    """
     end = header_section_end(data)
     head, body = data[:end], data[end:]
-    wanted = name.lower().encode() + b":"
-    if wanted[:-1] not in head.lower():
-        return data, []  # the common case, at the cost of one search
+    lowered = head.lower()
+    wanted = {name.lower().encode() + b":" for name in names}
+    if prefix and prefix.lower().encode() not in lowered:
+        return data, {}
+    if not any(w[:-1] in lowered for w in wanted):
+        return data, {}  # the common case
     kept: list[bytes] = []
-    values: list[str] = []
-    taking = False
+    taken: dict[str, list[str]] = {}
+    values: list[str] | None = None
     for line in head.splitlines(keepends=True):
-        if taking and line[:1] in (b" ", b"\t"):
+        if values is not None and line[:1] in (b" ", b"\t"):
             values[-1] += " " + line.strip().decode("utf-8", "replace")
             continue
-        taking = line.lower().startswith(wanted)
-        if taking:
-            values.append(line[len(wanted) :].strip().decode("utf-8", "replace"))
+        name, colon, _ = line.partition(b":")
+        key = name.lower() + colon
+        if colon and key in wanted:
+            values = taken.setdefault(name.lower().decode(), [])
+            values.append(line[len(key) :].strip().decode("utf-8", "replace"))
         else:
+            values = None
             kept.append(line)
-    if not values:
-        return data, []
-    return b"".join(kept) + body, values
+    if not taken:
+        return data, {}
+    return b"".join(kept) + body, taken
+
+
+def field_value(data: bytes, name: str) -> str:
+    """The first `name` field's unfolded value ("" when there is none), the bytes left as they are."""
+    head = data[: header_section_end(data)]
+    return head_field_value(head, head.lower(), name)
+
+
+def head_field_value(head: bytes, lowered: bytes, name: str) -> str:
+    """field_value of a header section already cut out (`head`) and lower-cased (`lowered`)."""
+    wanted = name.lower().encode() + b":"
+    if lowered.startswith(wanted):
+        at = 0
+    else:
+        at = lowered.find(b"\n" + wanted) + 1
+        if at == 0:
+            return ""
+    line_end = at
+    while True:  # a folded field goes on over lines that start with white space (RFC 5322 2.2.3)
+        line_end = head.find(b"\n", line_end)
+        if line_end < 0 or head[line_end + 1 : line_end + 2] not in (b" ", b"\t"):
+            break
+        line_end += 1
+    value = head[at + len(wanted) : line_end if line_end >= 0 else len(head)]
+    return b" ".join(value.split()).decode("utf-8", "replace")

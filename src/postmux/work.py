@@ -47,6 +47,10 @@ class WorkItem:
     # The rest of a long text, in a file (postmux.body); and whether the text needs no repair on the wire.
     tail: BodyFile | None = None
     clean: bool = False
+    # What events about the message carry (Envelope's fields of the same names), kept with it in the spool.
+    message_id_header: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

@@ -6,6 +6,8 @@ Every method takes the time it acts at, so the tests move a manual clock by pass
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from postmux.envelope import Envelope, new_message_id
@@ -285,4 +287,33 @@ async def test_lease_due_hands_out_at_most_its_limit_of_expired_and_due_work_tog
     taken += [len(w.recipients) for w in await spool.lease_due(now=60, limit=4)]
     assert sum(taken) == 6
     assert await spool.lease_due(now=60, limit=4) == []
+    await spool.close()
+
+
+async def test_the_senders_labels_and_message_id_header_stay_with_the_message_across_a_restart(
+    spool_factory: SpoolFactory,
+) -> None:
+    """Events of every attempt, whenever it runs, carry what the sender attached at accept."""
+    spool = await opened(spool_factory)
+    env = replace(
+        envelope("a@one.test"),
+        tags={"campaign": "spring", "ünï": "cödé"},
+        metadata={"customer": "42"},
+        message_id_header="abc@example.com",
+    )
+    mid = new_message_id()
+    (hot,) = await spool.store(mid, env, {"a@one.test": "p"}, now=1.0)
+    assert (hot.tags, hot.metadata, hot.message_id_header) == (env.tags, env.metadata, "abc@example.com")
+    await spool.close()
+    again = await opened(spool_factory)  # the lease of a process that died is queued again
+    (item,) = await again.lease_due(2.0, 10)
+    assert (item.tags, item.metadata, item.message_id_header) == (env.tags, env.metadata, "abc@example.com")
+    await again.close()
+
+
+async def test_mail_without_labels_reads_back_with_none(spool_factory: SpoolFactory) -> None:
+    spool = await opened(spool_factory)
+    await spool.store(new_message_id(), envelope("a@one.test"), {"a@one.test": "p"}, now=1.0, lease=False)
+    (item,) = await spool.lease_due(2.0, 10)
+    assert (item.tags, item.metadata, item.message_id_header) == ({}, {}, "")
     await spool.close()

@@ -3,7 +3,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postmux.headers import header_section_end, take_header
+from postmux.envelope import LABEL_NAME_MAX, LABEL_VALUE_MAX, LABELS_MAX
+from postmux.headers import field_value, header_section_end, take_fields, take_header
+from postmux.ingress.acceptor import labels
 
 
 def test_takes_every_field_of_that_name_folded_or_not_and_keeps_the_rest_byte_for_byte() -> None:
@@ -58,3 +60,29 @@ CHUNKS = st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"\r\n\r\n", b"\n\n", b":
 def test_header_section_end_looking_up_to_the_first_crlf_crlf_finds_the_same(chunks: list[bytes]) -> None:
     data = b"".join(chunks)
     assert header_section_end(data) == first_empty_line_end(data)
+
+
+def test_take_fields_takes_several_names_in_one_pass_and_keeps_every_other_byte() -> None:
+    data = b"A: 1\r\nX-P-One: a\r\n\tb\r\nB:  2 \r\nx-p-two: c\r\nX-P-One: d\r\n\r\nX-P-One: body\r\n"
+    kept, taken = take_fields(data, ("X-P-One", "X-P-Two"), prefix="X-P-")
+    assert kept == b"A: 1\r\nB:  2 \r\n\r\nX-P-One: body\r\n"
+    assert taken == {"x-p-one": ["a b", "d"], "x-p-two": ["c"]}
+    assert take_fields(b"A: 1\r\n\r\nX-P-One: body\r\n", ("X-P-One",), prefix="X-P-") == (
+        b"A: 1\r\n\r\nX-P-One: body\r\n",
+        {},
+    )
+
+
+def test_field_value_reads_the_first_field_unfolded_and_nothing_from_the_body() -> None:
+    assert field_value(b"Message-Id:\r\n <a@b>\r\nMessage-ID: <c@d>\r\n\r\n", "Message-ID") == "<a@b>"
+    assert field_value(b"X: 1\r\nmessage-id: <e@f>\r\n\r\n", "Message-ID") == "<e@f>"
+    assert field_value(b"X: 1\r\n\r\nMessage-ID: <body@x>\r\n", "Message-ID") == ""
+    assert field_value(b"X-Message-ID: <no@x>\r\n\r\n", "Message-ID") == ""
+
+
+def test_labels_are_bounded_as_the_api_bounds_them() -> None:
+    values = [f"n{i}=v" for i in range(LABELS_MAX + 5)] + ["n0=again", "bare", "=no name"]
+    found = labels(values)
+    assert len(found) == LABELS_MAX and found["n0"] == "again" and "bare" not in found
+    assert labels(["x" * 100 + "=" + "y" * 2000]) == {"x" * LABEL_NAME_MAX: "y" * LABEL_VALUE_MAX}
+    assert labels(["bare", " spaced = out "]) == {"bare": "", "spaced": "out"}

@@ -318,11 +318,25 @@ async def send_rcpt(client: aiosmtplib.SMTP, path: bytes) -> aiosmtplib.SMTPResp
     return response
 
 
+def _ends(client: aiosmtplib.SMTP) -> tuple[str, str]:
+    """The connection's peer ("ip:port", brackets around IPv6) and local IP, read once when it opens."""
+    transport = client.protocol.transport if client.protocol is not None else None
+    if transport is None:
+        return "", ""
+    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if not peer or not local:
+        return "", ""
+    ip, port = peer[0], peer[1]
+    return (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"), str(local[0])
+
+
 @dataclass(slots=True)
 class _Connection:
     client: aiosmtplib.SMTP
     target: Target
     tls: str = "none"  # protocol and cipher, or "none"
+    peer: str = ""  # "ip:port" connected to
+    source_ip: str = ""  # the local address the connection left from
     messages: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -484,7 +498,7 @@ class SmtpTransport:
             raise
         conn.messages += 1
         self._release(conn, per_connection)
-        return AttemptOutcome(replies, remote, tls=conn.tls)
+        return AttemptOutcome(replies, remote, tls=conn.tls, peer=conn.peer, source_ip=conn.source_ip)
 
     def _release(self, conn: _Connection, per_connection: int | None) -> None:
         """Keep the connection for the next message, or say goodbye when it has carried enough."""
@@ -510,6 +524,8 @@ class SmtpTransport:
             local=True,
             tls=conn.tls,
             unfit=self.resolver is None,
+            peer=conn.peer,
+            source_ip=conn.source_ip,
         )
 
     async def _connect(self, name: str, target: Target) -> _Connection:
@@ -547,7 +563,7 @@ class SmtpTransport:
             raise
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
             raise self._unreachable(e, where) from e
-        return _Connection(client, target, tls)
+        return _Connection(client, target, tls, *_ends(client))
 
     @staticmethod
     async def _greet(client: aiosmtplib.SMTP) -> None:

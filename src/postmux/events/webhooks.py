@@ -39,6 +39,8 @@ from postmux.spool.base import OutboxBacklog, OutboxEntry, OutboxRow, SpoolError
 log = structlog.get_logger("postmux.webhooks")
 
 IDLE_POLL_S = 1.0  # an idle sender looks at its outbox this often even unwoken (rows of an earlier run)
+READ_AHEAD = 256  # rows read at once: one read serves many requests of one record
+ACK_GATHER_S = 0.05  # acknowledgements gathered this long into one removal (one write, not one a request)
 BACKLOG_REFRESH_S = 2.0  # how fresh postmux_webhook_backlog is
 STOP_ACKS_S = 2.0  # at stop, how long acknowledgements on their way to the disk may take
 
@@ -113,6 +115,7 @@ class EndpointSender:
         self.rand = rand
         self.state = EndpointState()
         self.cursor = 0  # the last seq posted and acknowledged (its removal may still be on its way)
+        self._ahead: list[OutboxEntry] = []  # rows read after the cursor, not posted yet
         self._wake = asyncio.Event()
         self._acks: list[int] = []
         self._acking: asyncio.Task[None] | None = None
@@ -135,18 +138,23 @@ class EndpointSender:
         """The head of the outbox: a full batch, or a smaller one once its oldest row waited batch_wait."""
         size, wait_s = self.settings.batch_size, self.settings.batch_wait
         while True:
-            self._wake.clear()  # before reading: a commit after the read wakes the wait below
-            try:
-                rows = await self.store.outbox_head(self.name, self.cursor, size)
-            except SpoolError as e:
-                log.error("webhook outbox unreadable", endpoint=self.name, error=str(e))
-                rows = []
-            if rows and (len(rows) >= size or wait_s <= 0):
-                return rows
-            left = rows[0].created + wait_s - self.clock() if rows else IDLE_POLL_S
-            if rows and left <= 0:
-                return rows
+            if len(self._ahead) < size:
+                self._wake.clear()  # before reading: a commit after the read wakes the wait below
+                await self._read_ahead(max(size, READ_AHEAD) - len(self._ahead))
+            ahead = self._ahead
+            full = len(ahead) >= size or wait_s <= 0
+            if ahead and (full or ahead[0].created + wait_s <= self.clock()):
+                batch, self._ahead = ahead[:size], ahead[size:]
+                return batch
+            left = ahead[0].created + wait_s - self.clock() if ahead else IDLE_POLL_S
             await _wait(self._wake, min(left, IDLE_POLL_S))
+
+    async def _read_ahead(self, limit: int) -> None:
+        after = self._ahead[-1].seq if self._ahead else self.cursor
+        try:
+            self._ahead += await self.store.outbox_head(self.name, after, limit)
+        except SpoolError as e:
+            log.error("webhook outbox unreadable", endpoint=self.name, error=str(e))
 
     async def _post_until_acknowledged(self, batch: list[OutboxEntry]) -> None:
         body = body_of(batch, self.settings.batch_size > 1)
@@ -209,6 +217,7 @@ class EndpointSender:
             self._acking = asyncio.create_task(self._flush_acks(), name=f"webhook-ack-{self.name}")
 
     async def _flush_acks(self) -> None:
+        await asyncio.sleep(ACK_GATHER_S)
         while self._acks:
             seqs, self._acks = self._acks, []
             try:

@@ -111,7 +111,7 @@ def settled(
         else:
             deferred.append((bumped, reply))
             kind = EventType.TRANSIENT_FAILURE
-        v.events.append(event(kind, item, bumped, pool.name, member, reply, now, outcome.tls))
+        v.events.append(event(kind, item, bumped, pool.name, member, reply, now, outcome))
     v.tally = Tally(len(delivered), len(deferred), len(bounced))
     if delivered:
         attempts = max(r.attempts for r in delivered)
@@ -147,7 +147,7 @@ def unfit(
         for r in item.recipients:
             reply = outcome.replies[r.rid]
             v.events.append(
-                event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, outcome.tls)
+                event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, outcome)
             )
         v.retry_now = replace(item, unfit=unable)
         return v
@@ -155,15 +155,13 @@ def unfit(
     if {m.name for m in pool.members if not m.removed} <= unable:
         failed = [(r, outcome.replies[r.rid]) for r in bumped]
         for r, reply in failed:
-            v.events.append(event(EventType.BOUNCE, item, r, pool.name, member, reply, now, outcome.tls))
+            v.events.append(event(EventType.BOUNCE, item, r, pool.name, member, reply, now, outcome))
         v.tally = Tally(bounced=len(failed))
         v.settlements.append(final(item, failed, RecipientState.BOUNCED, outcome.remote, rules, now))
         return v
     wait = Reply(451, "4.4.5", f"no usable member offering SMTPUTF8 in pool {pool.name}")
     for r in bumped:
-        v.events.append(
-            event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, wait, now, outcome.tls)
-        )
+        v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, wait, now, outcome))
     _defer_or_expire(v, item, pool, bumped, wait, rules, now)
     return v
 
@@ -413,11 +411,14 @@ def event(
     member: str,
     reply: Reply,
     now: float,
-    tls: str = "",
+    outcome: AttemptOutcome | None = None,
     *,
     tags: Mapping[str, str] | None = None,
 ) -> Event:
-    """The event about one recipient of `item`."""
+    """The event about one recipient of `item`; `outcome`, when an attempt made it, says where it went."""
+    own = dict(tags or {})
+    if outcome is not None and outcome.tls:
+        own["tls"] = outcome.tls  # the attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it connected
     return Event(
         kind,
         id=item.message_id,
@@ -430,7 +431,12 @@ def event(
         num_attempts=r.attempts,
         latency_s=now - item.created,
         size=item.size,  # the whole text's octets, tail included
-        # The attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it made a connection.
-        tags={**({"tls": tls} if tls else {}), **(tags or {})},
+        tags={**item.tags, **own} if item.tags else own,  # the event's own labels win a clash
         timestamp=now,
+        metadata=item.metadata,
+        message_id=item.message_id_header,
+        created=item.created,
+        mx_host=outcome.remote if outcome is not None else "",
+        peer=outcome.peer if outcome is not None else "",
+        source_ip=outcome.source_ip if outcome is not None else "",
     )

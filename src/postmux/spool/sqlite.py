@@ -50,6 +50,7 @@ from postmux.spool.base import (
 from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
 from postmux.spool.sqlite_schema import (
+    decode_labels,
     drop_if_finished,
     insert_message,
     prepare,
@@ -483,6 +484,9 @@ def _store(
             env.smtputf8,
             tail=tail,
             clean=env.clean,
+            message_id_header=env.message_id_header,
+            tags=env.tags,
+            metadata=env.metadata,
         )
         for (pool, domain), rcpts in groups.items()
     ]
@@ -581,6 +585,9 @@ def _lease_due(
                 m.smtputf8,
                 tail=m.tail,
                 clean=m.clean,
+                message_id_header=m.message_id_header,
+                tags=m.tags,
+                metadata=m.metadata,
             )
         )
     return items
@@ -595,6 +602,9 @@ class _Stored:
     data: bytes
     tail: BodyFile | None
     clean: bool
+    message_id_header: str
+    tags: dict[str, str]
+    metadata: dict[str, str]
 
 
 def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> _Stored | None:
@@ -603,13 +613,13 @@ def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -
     None when the row or its segment file is gone (a damaged spool: the caller parks its recipients).
     """
     row = conn.execute(
-        "SELECT sender, client_ip, smtputf8, created, data, seg, seg_offset, seg_length, clean"
-        " FROM message WHERE id = ?",
+        "SELECT sender, client_ip, smtputf8, created, data, seg, seg_offset, seg_length, clean,"
+        " message_id_header, labels FROM message WHERE id = ?",
         (message_id,),
     ).fetchone()
     if row is None:
         return None
-    sender, client_ip, smtputf8, created, data, seg, offset, length, clean = row
+    sender, client_ip, smtputf8, created, data, seg, offset, length, clean, header_id, labels = row
     tail = None
     if length > HOLD_MAX:
         tail = bodies.file(seg, offset, length)
@@ -620,7 +630,10 @@ def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -
             data = bodies.joined(data, seg, offset, length)
         except OSError:
             return None
-    return _Stored(sender, client_ip, bool(smtputf8), created, data, tail, bool(clean))
+    tags, metadata = decode_labels(labels)
+    return _Stored(
+        sender, client_ip, bool(smtputf8), created, data, tail, bool(clean), header_id, tags, metadata
+    )
 
 
 def _renew(conn: sqlite3.Connection, lease: _Lease) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import structlog
@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS message (
     seg        TEXT NOT NULL DEFAULT '',
     seg_offset INTEGER NOT NULL DEFAULT 0,
     seg_length INTEGER NOT NULL DEFAULT 0,
-    clean      INTEGER NOT NULL DEFAULT 0
+    clean      INTEGER NOT NULL DEFAULT 0,
+    message_id_header TEXT NOT NULL DEFAULT '',
+    labels     TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS recipient (
     rid         INTEGER PRIMARY KEY,
@@ -89,6 +91,10 @@ _ADDED_COLUMNS = (
     ("message", "seg_offset", "INTEGER NOT NULL DEFAULT 0"),
     ("message", "seg_length", "INTEGER NOT NULL DEFAULT 0"),
     ("message", "clean", "INTEGER NOT NULL DEFAULT 0"),
+    # For events: the Message-ID header field, and the sender's tags and metadata as JSON
+    # {"tags": {...}, "metadata": {...}} ('' when it gave none: nothing to encode on the hot path).
+    ("message", "message_id_header", "TEXT NOT NULL DEFAULT ''"),
+    ("message", "labels", "TEXT NOT NULL DEFAULT ''"),
 )
 
 # Indexes on added columns, made once the columns are there. recipient_lease holds only leases that can
@@ -129,7 +135,7 @@ def insert_message(
     placed = bodies.place(env.data, env.tail)
     conn.execute(
         "INSERT INTO message (id, sender, client_ip, smtputf8, created, data, seg, seg_offset, seg_length,"
-        " clean) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " clean, message_id_header, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message_id,
             env.sender,
@@ -141,9 +147,33 @@ def insert_message(
             placed.offset,
             placed.length,
             int(env.clean),
+            env.message_id_header,
+            encode_labels(env.tags, env.metadata),
         ),
     )
     return placed
+
+
+def encode_labels(tags: Mapping[str, str], metadata: Mapping[str, str]) -> str:
+    """The sender's tags and metadata as stored: '' when there are none (most mail), else JSON."""
+    if not tags and not metadata:
+        return ""
+    return json.dumps({"tags": dict(tags), "metadata": dict(metadata)}, separators=(",", ":"))
+
+
+def decode_labels(stored: str) -> tuple[dict[str, str], dict[str, str]]:
+    """encode_labels read back; a value that is not what it wrote reads as none (events lose labels, not
+    mail)."""
+    if not stored:
+        return {}, {}
+    try:
+        value = json.loads(stored)
+        tags, metadata = value.get("tags") or {}, value.get("metadata") or {}
+    except (ValueError, AttributeError):
+        return {}, {}
+    if not isinstance(tags, dict) or not isinstance(metadata, dict):
+        return {}, {}
+    return {str(k): str(v) for k, v in tags.items()}, {str(k): str(v) for k, v in metadata.items()}
 
 
 def queue_dsn(conn: sqlite3.Connection, bodies: BodyStore, dsn: Envelope, pool: str, now: float) -> None:
