@@ -146,3 +146,47 @@ def test_backoff_doubles_up_to_its_cap_with_half_of_it_random() -> None:
     assert highest == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert lowest == [h / 2 for h in highest]
     assert backoff_s(10_000, 1.0, 30.0, lambda: 1.0) == 30.0  # no overflow after days of failures
+
+
+def test_the_cli_table_shows_backlog_errors_and_endpoints_no_longer_configured() -> None:
+    import io
+
+    from rich.console import Console
+
+    from postmux.admin.client import webhooks_table
+
+    rows = [
+        {
+            "endpoint": "crm",
+            "url": "http://127.0.0.1:9/h",
+            "configured": True,
+            "backlog": 3,
+            "oldest_pending_age_s": 0.4,
+            "last_success": 1.0,
+            "last_success_age_s": 1.0,
+            "last_error": "HTTP 503: try later",
+            "last_error_age_s": 12.0,
+            "failures_in_a_row": 2,
+            "next_try_in_s": 0.5,
+            "acknowledged": 10,
+        },
+        {
+            "endpoint": "old",
+            "url": "",
+            "configured": False,
+            "backlog": 7,
+            "oldest_pending_age_s": 300.0,
+            "last_success": None,
+            "last_success_age_s": None,
+            "last_error": "",
+            "last_error_age_s": None,
+            "failures_in_a_row": 0,
+            "next_try_in_s": None,
+            "acknowledged": 0,
+        },
+    ]
+    out = io.StringIO()
+    Console(file=out, width=200).print(webhooks_table(rows))
+    text = out.getvalue()
+    assert "12s ago: HTTP 503: try later (2 in a row)" in text
+    assert "old (not configured)" in text and "in 0.5s" in text
