@@ -94,7 +94,8 @@ class App:
         self.webhooks = Webhooks(
             settings.webhook, self.spool, self.metrics.count_webhook_request, clock=clock
         )
-        self.bus.subscribe(self.webhooks)
+        if settings.webhook:  # [[webhook]] is restart-only: no endpoint now, none until a restart
+            self.bus.subscribe(self.webhooks)
         self.metrics.add_live(self.webhooks.gauges)
         # Each component is built from its section and takes later ones through its own method; the
         # pools, their transports and the operator's drains are filled by configure below, the same call

@@ -46,7 +46,7 @@ class Scale:
     deadline_s: float  # for every event to arrive after the traffic stops
 
 
-FAST = Scale(clients=3, pause_s=0.08, acked_per_run=(15, 15, 10), deadline_s=40)
+FAST = Scale(clients=3, pause_s=0.08, acked_per_run=(15, 15, 10), deadline_s=60)
 LONG = Scale(clients=6, pause_s=0.01, acked_per_run=(200, 200, 100), deadline_s=300)
 
 
