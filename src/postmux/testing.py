@@ -149,6 +149,14 @@ class _Handler:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.upstream.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         up = self.upstream
         up.data_commands += 1
@@ -249,11 +257,13 @@ class Upstream:
         users: dict[str, str] | None = None,
         auth_require_tls: bool = True,
         index_headers: Sequence[str] = (),
+        pipelining: bool = True,
     ) -> None:
         """`hostname` is the name in the greeting ("<name>.test" by default); `tls` offers STARTTLS with
         that server context; `users` (name -> password) offers AUTH, only after STARTTLS unless
         `auth_require_tls` is False (RFC 4954 4); `index_headers` are read as each message arrives, so that
-        `header_values` of them costs nothing more when polled."""
+        `header_values` of them costs nothing more when polled. `pipelining` offers PIPELINING (RFC 2920), as
+        real servers do (aiosmtpd reads pipelined commands in order but does not say so)."""
         if hostname == "":
             # aiosmtpd takes an empty hostname as "ask socket.getfqdn()": a lookup no test may make.
             raise ValueError("Upstream hostname must not be empty")
@@ -265,6 +275,7 @@ class Upstream:
         self.smtputf8 = smtputf8
         self.users = users
         self.auth_require_tls = auth_require_tls
+        self.pipelining = pipelining
         self.logins = 0  # AUTH exchanges that reached the authenticator, right or wrong
         self.received: list[Received] = []
         self.commands: list[str] = []  # every MAIL and RCPT argument, as sent ("RCPT TO:<u@dest.test>")

@@ -29,6 +29,7 @@ from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
 from postmux.body import BodyFile, BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.pipelining import exchange
 from postmux.delivery.tls import describe_tls
 from postmux.reply import Reply
 from postmux.text import has_bare_cr_or_lf
@@ -153,6 +154,19 @@ async def send_data(
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return await send_text(client, data, timeout=timeout, tail=tail, clean=clean)
+
+
+async def send_text(
+    client: aiosmtplib.SMTP,
+    data: bytes,
+    *,
+    timeout: float,
+    tail: BodyFile | None = None,
+    clean: bool = False,
+) -> aiosmtplib.SMTPResponse:
+    """The text after the 354 (`data`, then `tail`'s chunks, then the end-of-data line) and its reply:
+    send_data's second half, and what follows a pipelined DATA's 354 (delivery/pipelining.py)."""
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -645,8 +659,11 @@ class SmtpTransport:
     async def _transaction(self, conn: _Connection, work: Transaction, paths: WirePaths) -> dict[int, Reply]:
         """MAIL, RCPT for each recipient `paths` can send, DATA: a reply for each of those recipients."""
         client = conn.client
+        options = self._mail_options(client, work, paths.eight_bit)
+        if client.supports_extension("pipelining"):
+            return await self._pipelined(client, work, paths, options)
         try:
-            await send_mail(client, paths.sender, self._mail_options(client, work, paths.eight_bit))
+            await send_mail(client, paths.sender, options)
         except aiosmtplib.SMTPSenderRefused as e:
             await self._reset(client)
             reply = Reply.parse(e.code, e.message)
@@ -679,6 +696,63 @@ class SmtpTransport:
         for rid in accepted:
             replies[rid] = reply
         return replies
+
+    async def _pipelined(
+        self, client: aiosmtplib.SMTP, work: Transaction, paths: WirePaths, options: list[str]
+    ) -> dict[int, Reply]:
+        """The transaction with MAIL, the RCPTs and DATA in one write (RFC 2920), then the text.
+
+        Each refusal means what it means one command at a time: MAIL refused, every recipient gets its
+        reply; a RCPT refused, that recipient; DATA refused, every recipient the server took.
+        """
+        mail = b" ".join([b"MAIL FROM:" + paths.sender, *(o.encode() for o in options)]) + b"\r\n"
+        rcpts = [b"RCPT TO:" + path + b"\r\n" for _, path in paths.recipients]
+        try:
+            group = await exchange(client, [mail, *rcpts, b"DATA\r\n"], self.delivery.command_timeout)
+        except (*_LOCAL_ERRORS, aiosmtplib.SMTPResponseException) as e:
+            # A reused connection the server had closed fails here, as at MAIL FROM one command at a time.
+            raise _ConnectionLost(e, "at MAIL FROM") from e
+        mail_reply, *rcpt_replies, data_reply = group
+        if mail_reply.code != 250:
+            await self._abandon(client, data_reply)
+            reply = Reply.parse(mail_reply.code, mail_reply.message)
+            return {r.rid: reply for r, _ in paths.recipients}
+        replies: dict[int, Reply] = {}
+        accepted = []
+        for (r, _), response in zip(paths.recipients, rcpt_replies, strict=True):
+            if response.code in (250, 251):
+                accepted.append(r.rid)
+            else:
+                replies[r.rid] = Reply.parse(response.code, response.message)
+        if not accepted or data_reply.code != 354:
+            await self._abandon(client, data_reply)
+            refused = Reply.parse(data_reply.code, data_reply.message)
+            return {**replies, **{rid: refused for rid in accepted}}
+        try:
+            response = await send_text(
+                client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
+            )
+            reply = Reply.parse(response.code, response.message)
+        except aiosmtplib.SMTPDataError as e:
+            reply = Reply.parse(e.code, e.message)
+            await self._reset(client)
+        except _LOCAL_ERRORS as e:
+            raise _ConnectionLost(e, "during DATA") from e
+        return {**replies, **{rid: reply for rid in accepted}}
+
+    async def _abandon(self, client: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPResponse) -> None:
+        """End a pipelined transaction that is not to carry the text, leaving the connection fit for more.
+
+        RFC 2920 3.1: a server may answer DATA with 354 though no recipient was taken; the client then
+        sends the end-of-data line alone (an empty text, which the server refuses), then RSET.
+        """
+        if data_reply.code == 354:
+            try:
+                await client.execute_command(b".", timeout=self.delivery.data_timeout)
+            except (aiosmtplib.SMTPException, *_LOCAL_ERRORS):
+                client.close()
+                return
+        await self._reset(client)
 
     @staticmethod
     def _mail_options(client: aiosmtplib.SMTP, work: Transaction, eight_bit: bool) -> list[str]:

@@ -1,0 +1,254 @@
+"""Delivery pipelines MAIL, RCPT and DATA where the server offers PIPELINING (RFC 2920), against a scripted
+server on loopback that records what arrived in each read and answers what the test says.
+
+Each refusal must mean what it means one command at a time, and a server whose replies cannot be paired
+with the commands must cost the connection, never a recipient's reply that is not its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
+from postmux.delivery.smtp_client import SmtpTransport
+from postmux.reply import Reply
+from tests.support import StartUpstream, make_settings
+
+WORK = Transaction(
+    sender="app@example.com",
+    recipients=(Recipient(1, "a@dest.test"), Recipient(2, "b@dest.test"), Recipient(3, "c@dest.test")),
+    data=b"Subject: hi\r\n\r\nhello\r\n",
+    domain="dest.test",
+)
+
+# What the scripted server answers each command with, by the command's first word (RCPT: by address).
+Script = Callable[[bytes], bytes | None]
+
+
+def standard(command: bytes) -> bytes | None:
+    word = command.split(b" ", 1)[0].split(b":", 1)[0].upper()
+    return {
+        b"MAIL": b"250 2.1.0 ok\r\n",
+        b"RCPT": b"250 2.1.5 ok\r\n",
+        b"DATA": b"354 go ahead\r\n",
+        b"RSET": b"250 2.0.0 reset\r\n",
+        b"QUIT": b"221 2.0.0 bye\r\n",
+        b"NOOP": b"250 2.0.0 ok\r\n",
+    }.get(word)
+
+
+class Scripted:
+    """An SMTP server that offers PIPELINING, answers by `script`, reads a text after 354 until ".", and
+    keeps every read (`reads`) and every command (`commands`)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.reads: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.texts: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        buffer = b""
+        in_text = False
+        try:
+            while chunk := await reader.read(65536):
+                self.reads.append(chunk)
+                buffer += chunk
+                replies = b""
+                while b"\r\n" in buffer:
+                    if in_text:
+                        end = buffer.find(b"\r\n.\r\n")
+                        if end < 0 and not buffer.startswith(b".\r\n"):
+                            break
+                        cut = 3 if buffer.startswith(b".\r\n") else end + 5
+                        self.texts.append(buffer[:cut])
+                        buffer, in_text = buffer[cut:], False
+                        replies += self.script(b".") or b"250 2.0.0 queued\r\n"
+                        continue
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    self.commands.append(line)
+                    if line.upper().startswith(b"EHLO"):
+                        replies += b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                        continue
+                    reply = self.script(line)
+                    if reply is None:
+                        return  # hang up
+                    replies += reply
+                    in_text = reply.startswith(b"354")
+                if replies:
+                    writer.write(replies)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[[Script], Scripted]]:
+    servers: list[Scripted] = []
+
+    def make(script: Script) -> Scripted:
+        servers.append(Scripted(script))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        await s.stop()
+
+
+async def attempt(tmp_path: Path, address: str, **delivery: str) -> AttemptOutcome:
+    pools = [{"name": "default", "members": [{"name": "up", "address": address}]}]
+    settings = make_settings(tmp_path, pools, delivery=delivery)
+    transport = SmtpTransport(settings.pool[0].members[0], settings.delivery, "postmux.test")
+    try:
+        return await transport.deliver(WORK)
+    finally:
+        await transport.close()
+
+
+def envelope_commands(server: Scripted) -> list[bytes]:
+    return [c.split(b" ")[0].split(b":")[0] for c in server.commands if not c.upper().startswith(b"EHLO")]
+
+
+async def test_mail_rcpts_and_data_go_in_one_write_and_each_recipient_gets_its_reply(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    def script(command: bytes) -> bytes | None:
+        return b"550 5.1.1 no such user\r\n" if command.startswith(b"RCPT TO:<b@") else standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    group = next(r for r in server.reads if r.startswith(b"MAIL"))
+    assert group == (
+        b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@dest.test>\r\nRCPT TO:<b@dest.test>\r\n"
+        b"RCPT TO:<c@dest.test>\r\nDATA\r\n"
+    )
+    assert outcome.replies == {
+        1: Reply(250, "2.0.0", "queued"),
+        2: Reply(550, "5.1.1", "no such user"),
+        3: Reply(250, "2.0.0", "queued"),
+    }
+    assert server.texts == [b"Subject: hi\r\n\r\nhello\r\n.\r\n"]
+
+
+async def test_a_refused_mail_from_gives_every_recipient_its_reply_and_resets(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    def script(command: bytes) -> bytes | None:
+        if command.startswith(b"MAIL"):
+            return b"451 4.7.1 slow down\r\n"
+        if command.startswith((b"RCPT", b"DATA")):
+            return b"503 5.5.1 need MAIL first\r\n"
+        return standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    assert set(outcome.replies.values()) == {Reply(451, "4.7.1", "slow down")}
+    assert (outcome.breakoff, outcome.local) == (None, False)
+    assert envelope_commands(server)[:6] == [b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA", b"RSET"]
+    assert server.texts == []
+
+
+async def test_a_354_with_no_recipient_taken_is_ended_with_an_empty_text_never_the_message(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    """RFC 2920 3.1: a server that answers DATA with 354 though it refused every RCPT gets "." alone."""
+
+    def script(command: bytes) -> bytes | None:
+        if command.startswith(b"RCPT"):
+            return b"550 5.1.1 no such user\r\n"
+        if command == b".":
+            return b"554 5.5.1 no valid recipients\r\n"
+        return standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    assert set(outcome.replies.values()) == {Reply(550, "5.1.1", "no such user")}
+    assert server.texts == [b".\r\n"]  # the end-of-data line alone: the text never went
+    assert envelope_commands(server)[-2:] == [b"RSET", b"QUIT"]
+
+
+async def test_a_refused_data_is_the_reply_of_every_recipient_the_server_took(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    def script(command: bytes) -> bytes | None:
+        if command.startswith(b"RCPT TO:<c@"):
+            return b"452 4.2.2 mailbox full\r\n"
+        if command == b"DATA":
+            return b"451 4.3.0 try later\r\n"
+        return standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    assert outcome.replies == {
+        1: Reply(451, "4.3.0", "try later"),
+        2: Reply(451, "4.3.0", "try later"),
+        3: Reply(452, "4.2.2", "mailbox full"),
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"250 2.1.0 ok\r\n250 2.1.0 one too many\r\n", id="a reply to no command"),
+        pytest.param(b"2x0 what\r\n", id="a line that is no reply"),
+    ],
+)
+async def test_replies_that_cannot_be_paired_with_the_commands_cost_the_connection_not_a_reply(
+    tmp_path: Path, scripted: Callable[[Script], Scripted], bad: bytes
+) -> None:
+    def script(command: bytes) -> bytes | None:
+        return bad if command.startswith(b"MAIL") else standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    assert outcome.breakoff is Breakoff.LOST and outcome.local
+    assert {r.code for r in outcome.replies.values()} == {451}
+    assert server.texts == []
+
+
+async def test_a_server_that_stops_answering_mid_group_times_out_within_the_command_timeout(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    def script(command: bytes) -> bytes | None:
+        # Answers MAIL and the first RCPT, then nothing more (the session stays open).
+        return b"" if command.startswith((b"RCPT TO:<b@", b"RCPT TO:<c@", b"DATA")) else standard(command)
+
+    server = scripted(script)
+    started = asyncio.get_running_loop().time()
+    outcome = await attempt(tmp_path, await server.start(), command_timeout="1s")
+    assert outcome.breakoff is Breakoff.TIMEOUT
+    assert 0.9 <= asyncio.get_running_loop().time() - started < 4
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_farm_member_is_delivered_to_with_or_without_pipelining(
+    tmp_path: Path, upstream: StartUpstream, pipelining: bool
+) -> None:
+    up = await upstream("up", pipelining=pipelining)
+    pools = [{"name": "default", "members": [{"name": "up", "address": up.address}]}]
+    settings = make_settings(tmp_path, pools)
+    transport = SmtpTransport(settings.pool[0].members[0], settings.delivery, "postmux.test")
+    try:
+        outcomes = [await transport.deliver(WORK) for _ in range(3)]  # one connection, reused
+    finally:
+        await transport.close()
+    assert all(
+        set(o.replies) == {1, 2, 3} and {r.code for r in o.replies.values()} == {250} for o in outcomes
+    )
+    assert len(up.received) == 3 and up.connections == 1
+    assert up.received[0].recipients == ["a@dest.test", "b@dest.test", "c@dest.test"]
