@@ -90,7 +90,7 @@ class App:
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
-        # bus brings the member and shaping events. With no [[webhook]], nothing is written or started.
+        # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
             settings.webhook, self.spool, self.metrics.count_webhook_request, clock=clock
         )

@@ -15,6 +15,7 @@ import httpx
 
 from postmux.app import App
 from postmux.config import Settings, load_config, settings_from_dict
+from postmux.events.types import Event, EventType
 from tests.integration.test_operator_control import body, cli_runner
 from tests.support import StartUpstream, send, wait_until
 from tests.webhook_receiver import Receiver, first_fail
@@ -195,3 +196,28 @@ url = "http://127.0.0.1:9/one"
         assert result.ok and result.needs_restart == ["webhook"]
         assert app.webhooks.senders["hooks"].settings.url == "http://127.0.0.1:9/one"
         assert app.settings.webhook[0].url == "http://127.0.0.1:9/one"
+
+
+async def test_events_only_the_bus_brings_are_appended_once_and_those_with_their_change_not_again(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    receiver = await Receiver(secret=SECRET).start()
+    try:
+        events = ["Reception", "Delivery", "Bounce", "MemberDown"]
+        cfg = settings(tmp_path, up.address, [hook(receiver, "ops", events=events)])
+        async with App(cfg) as app:
+            await send(app.smtp_port, "m1")
+            await wait_until(lambda: len(receiver.records()) >= 2, timeout=10)
+            # An operator's action (a path that hands no rows to the spool) and a member event.
+            app.bus.emit(Event(EventType.BOUNCE, id="by-operator", recipient="x@dest.test"))
+            app.bus.emit(Event(EventType.MEMBER_DOWN, pool="default", member="up"))
+            app.bus.emit(Event(EventType.MEMBER_UP, pool="default", member="up"))  # not asked for
+            await wait_until(lambda: len(receiver.records()) >= 4, timeout=10)
+            await asyncio.sleep(0.3)  # anything appended twice would arrive meanwhile
+        kinds = [(r["type"], r["id"]) for r in receiver.records()]
+        assert [k for k, _ in kinds] == ["Reception", "Delivery", "Bounce", "MemberDown"]
+        assert kinds[2] == ("Bounce", "by-operator")
+        assert len({r["event_id"] for r in receiver.records()}) == 4
+    finally:
+        await receiver.stop()

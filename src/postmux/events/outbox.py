@@ -5,6 +5,10 @@ its outbox rows are committed no later than the change the event reports, in the
 acceptor hands the Reception rows to `Spool.store`, the dispatcher a verdict's rows to `Spool.settle`
 beside its settlements. Neither knows the endpoints; each asks an `EventOutbox` for the rows of its
 events, and tells it once they are committed so the senders look at once.
+
+Events that only go through the bus (member and shaping events, and any another path emits without
+handing their rows to the spool) are appended by the bus subscriber a moment after they happen: never
+dropped, but a crash in that moment can lose one.
 """
 
 from __future__ import annotations
@@ -18,19 +22,6 @@ from typing import Protocol
 from postmux.config import WebhookSettings
 from postmux.events.types import Event, EventType
 from postmux.spool.base import OutboxRow
-
-# The events written with the change they report (Spool.store, Spool.settle). The others (member and
-# shaping events) report no change of the spool; they are appended on their own, at most a moment late.
-WITH_THEIR_CHANGE = frozenset(
-    {
-        EventType.RECEPTION,
-        EventType.DELIVERY,
-        EventType.TRANSIENT_FAILURE,
-        EventType.BOUNCE,
-        EventType.EXPIRATION,
-        EventType.HELD,
-    }
-)
 
 
 class EventOutbox(Protocol):

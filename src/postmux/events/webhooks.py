@@ -32,7 +32,7 @@ from standardwebhooks.webhooks import Webhook
 
 from postmux import __version__
 from postmux.config import WebhookSettings
-from postmux.events.outbox import WITH_THEIR_CHANGE, Fanout
+from postmux.events.outbox import Fanout
 from postmux.events.types import Event
 from postmux.spool.base import OutboxBacklog, OutboxEntry, OutboxRow, SpoolError, WebhookOutbox
 
@@ -41,6 +41,9 @@ log = structlog.get_logger("postmux.webhooks")
 IDLE_POLL_S = 1.0  # an idle sender looks at its outbox this often even unwoken (rows of an earlier run)
 READ_AHEAD = 256  # rows read at once: one read serves many requests of one record
 ACK_GATHER_S = 0.05  # acknowledgements gathered this long into one removal (one write, not one a request)
+# Events whose rows were handed to the spool with their change, remembered until the bus brings them (so
+# the subscriber does not append them again); bounded, for rows whose change failed and never came.
+WITH_CHANGE_MAX = 100_000
 BACKLOG_REFRESH_S = 2.0  # how fresh postmux_webhook_backlog is
 STOP_ACKS_S = 2.0  # at stop, how long acknowledgements on their way to the disk may take
 
@@ -257,23 +260,35 @@ class Webhooks:
         self.senders: dict[str, EndpointSender] = {}
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._loose: list[OutboxRow] = []  # member and shaping events waiting to be appended
+        self._loose: list[OutboxRow] = []  # events that came only by the bus, waiting to be appended
+        self._with_change: dict[str, None] = {}  # event_ids whose rows went with their change
         self._loose_ready = asyncio.Event()
         self._backlog: dict[str, OutboxBacklog] = {}
 
     # -- the EventOutbox the accept path and the dispatcher use ----------------------------------------
 
     def rows(self, events: Sequence[Event]) -> Sequence[OutboxRow]:
-        return self.fanout.rows(events)
+        rows = self.fanout.rows(events)
+        if rows:
+            remembered = self._with_change
+            remembered.update(dict.fromkeys(row.event_id for row in rows))
+            while len(remembered) > WITH_CHANGE_MAX:
+                del remembered[next(iter(remembered))]
+        return rows
 
     def committed(self) -> None:
         for sender in self.senders.values():
             sender.wake()
 
-    # -- the bus subscriber: events that go with no change of the spool --------------------------------
+    # -- the bus subscriber: events that came with no change of the spool --------------------------------
 
     def __call__(self, event: Event) -> None:
-        if event.type in WITH_THEIR_CHANGE or not self.fanout.wants(event.type):
+        """Append an event no caller handed to the spool (member and shaping events, or a path that does
+        not commit its events' rows): a moment late, so a crash in that moment can lose it."""
+        if not self.fanout.wants(event.type):
+            return
+        if event.event_id in self._with_change:
+            del self._with_change[event.event_id]  # already in the outbox, with its change
             return
         self._loose.extend(self.fanout.rows([event]))
         self._loose_ready.set()
