@@ -15,7 +15,7 @@ from standardwebhooks.webhooks import Webhook
 from postmux.config import ConfigError, WebhookSettings, settings_from_dict
 from postmux.events.outbox import NO_OUTBOX, Fanout
 from postmux.events.types import Event, EventType
-from postmux.events.webhooks import backoff_s, body_of, sign, webhook_id
+from postmux.events.webhooks import backoff_s, body_of, shown_url, sign, webhook_id
 from postmux.spool.base import OutboxEntry
 
 POOLS: list[dict[str, Any]] = [{"name": "default", "members": [{"name": "a", "address": "127.0.0.1:2601"}]}]
@@ -190,3 +190,11 @@ def test_the_cli_table_shows_backlog_errors_and_endpoints_no_longer_configured()
     text = out.getvalue()
     assert "12s ago: HTTP 503: try later (2 in a row)" in text
     assert "old (not configured)" in text and "in 0.5s" in text
+
+
+def test_a_password_in_the_url_is_never_shown() -> None:
+    assert (
+        shown_url("https://app:s3cret@hooks.example.com:8443/p?x=1")
+        == "https://app:***@hooks.example.com:8443/p?x=1"
+    )
+    assert shown_url("http://127.0.0.1:9/h") == "http://127.0.0.1:9/h"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -78,6 +79,15 @@ def body_of(batch: Sequence[OutboxEntry], as_array: bool) -> str:
 def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
     """The `webhook-signature` header value: `v1,<base64 HMAC-SHA256>` (the standardwebhooks package)."""
     return Webhook(secret).sign(message_id, datetime.fromtimestamp(timestamp, tz=UTC), body)
+
+
+def shown_url(url: str) -> str:
+    """The URL without a password it may carry (http://user:secret@host/...): for the admin API and CLI."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -356,7 +366,7 @@ class Webhooks:
         backlog = {b.endpoint: b for b in await self.store.outbox_backlog()}
         self._backlog = backlog
         now = self.clock()
-        out = [self._describe(e.name, e.url, backlog.get(e.name), now) for e in self.endpoints]
+        out = [self._describe(e.name, shown_url(e.url), backlog.get(e.name), now) for e in self.endpoints]
         configured = {e.name for e in self.endpoints}
         out += [self._describe(n, "", b, now) for n, b in sorted(backlog.items()) if n not in configured]
         return out
