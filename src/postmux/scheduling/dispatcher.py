@@ -429,6 +429,8 @@ class Dispatcher:
         for attempt in range(5):
             try:
                 # Events without a settlement (a try passed on to another member) are appended alone.
+                # Per message, rows commit in the order events happen: this write joins the spool's one
+                # writer queue before `retry_now`'s attempt can even start, let alone settle.
                 await self.spool.settle(settlements, now, outbox=rows)
                 if rows:
                     self.outbox.committed()
