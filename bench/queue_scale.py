@@ -98,8 +98,19 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
     (
         "settle: update",
         "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
-        " rounds = max(rounds, ?), local_errors = ? WHERE rid = ?",
-        ("delivered", 0.0, 1, "", 0, 0, 0),
+        " rounds = max(rounds, ?), local_errors = ?, last_member = coalesce(nullif(?, ''), last_member),"
+        " last_at = ? WHERE rid = ?",
+        ("delivered", 0.0, 1, "", 0, 0, "m", 0.0, 0),
+    ),
+    (
+        "settle: keep attempts",
+        "INSERT INTO attempt (message_id, rid, member, reply, at) VALUES (?, ?, ?, ?, ?)",
+        ("x", 0, "m", "451", 0.0),
+    ),
+    (
+        "settle: mark attempts kept",
+        "UPDATE message SET attempts_kept = 1 WHERE id = ? AND attempts_kept = 0",
+        ("x",),
     ),
     (
         "settle: open count",
@@ -107,7 +118,8 @@ SPOOL_QUERIES: tuple[tuple[str, str, tuple[object, ...]], ...] = (
         ("x",),
     ),
     ("settle: delete recipients", "DELETE FROM recipient WHERE message_id = ?", ("x",)),
-    ("settle: delete message", "DELETE FROM message WHERE id = ?", ("x",)),
+    ("settle: delete attempts (if kept)", "DELETE FROM attempt WHERE message_id = ?", ("x",)),
+    ("settle: delete message", "DELETE FROM message WHERE id = ? RETURNING seg, attempts_kept", ("x",)),
     ("counts (every 2 s, app.py)", "SELECT state, count(*) FROM recipient GROUP BY state", ()),
 )
 

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from postmux.admin.api import admin_api
 from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.queue import KnownDestinations
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
@@ -131,6 +132,9 @@ class App:
             dispatch=self.dispatcher,
             member_changed=self.member_changed,
             clock=clock,
+            router=self.router,
+            destinations=KnownDestinations(self.resolver),
+            reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
         )
         self.control = Control(

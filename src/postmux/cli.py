@@ -297,22 +297,269 @@ def resume(
     )
 
 
-MessageIdArgument = Annotated[str, typer.Argument(help="The message's id (the event log's id field).")]
+# -- the queue: a selector names the recipients a verb acts on -----------------------------------------
+
+IdOption = Annotated[str | None, typer.Option("--id", help="One message, by its id (the event log's id).")]
+PoolOption = Annotated[str | None, typer.Option("--pool", help="Recipients queued for this pool.")]
+DomainOption = Annotated[str | None, typer.Option("--domain", help="Recipients at this domain.")]
+ProviderOption = Annotated[
+    str | None,
+    typer.Option("--provider", help="Recipients at domains this provider runs (google, microsoft, ...)."),
+]
+MemberOption = Annotated[
+    str | None, typer.Option("--member", help="Recipients whose last attempt went to this member.")
+]
+SenderOption = Annotated[
+    str | None, typer.Option("--sender", help="Mail from this sender ('' for the null sender, DSNs).")
+]
+OlderThanOption = Annotated[
+    str | None, typer.Option("--older-than", help="Mail accepted at least this long ago: 30m, 2h, 5d.")
+]
+StateOption = Annotated[
+    str | None, typer.Option("--state", help="Recipients in this state: queued, leased, held.")
+]
+AllOption = Annotated[
+    bool, typer.Option("--all", help="Act on every message (a mass action without a selector needs it).")
+]
 
 
-@app.command()
-def release(
-    message_id: MessageIdArgument,
+def _selector(
+    id_: str | None,
+    pool: str | None,
+    domain: str | None,
+    provider: str | None,
+    member: str | None,
+    sender: str | None,
+    older_than: str | None,
+    state: str | None,
+    all_: bool = False,
+) -> dict[str, Any]:
+    named = {
+        "id": id_,
+        "pool": pool,
+        "domain": domain,
+        "provider": provider,
+        "member": member,
+        "sender": sender,
+        "older_than": older_than,
+        "state": state,
+    }
+    fields: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
+    if all_:
+        fields["all"] = True
+    return fields
+
+
+def _params(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: "true" if v is True else str(v) for k, v in fields.items()}
+
+
+queue_app = typer.Typer(
+    rich_markup_mode=None,
+    help="The queue: a summary by pool and destination, `list` of its messages, `show ID` of one.",
+)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.callback(invoke_without_command=True)
+def queue(
+    ctx: typer.Context,
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
     config: OptionalConfig = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Queue a held message again, due now (mail is held after max_local_errors crashes in a row)."""
-    from urllib.parse import quote
+    """The queue by pool and destination: recipients per state, the oldest message's age, the last error."""
+    if ctx.invoked_subcommand is not None:
+        return
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state)
+    _admin(config, url, token).queue_summary(_params(fields), as_json=json or not sys.stdout.isatty())
 
-    path = f"/messages/{quote(message_id, safe='')}/release"
-    _admin(config, url, token).post(path, as_json=json or not sys.stdout.isatty())
+
+@queue_app.command("list")
+def queue_list(
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    limit: Annotated[int, typer.Option("--limit", help="Messages per page (at most 1000).")] = 100,
+    after: Annotated[str, typer.Option("--after", help="The page after this message id.")] = "",
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Messages in the queue, oldest first, with the recipients the selector chooses."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state)
+    params = {**_params(fields), "limit": str(limit), **({"after": after} if after else {})}
+    _admin(config, url, token).queue_list(params, as_json=json or not sys.stdout.isatty())
+
+
+@queue_app.command("show")
+def queue_show(
+    message_id: Annotated[str, typer.Argument(help="The message's id (the event log's id field).")],
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """One message: its envelope, its header fields, each recipient's state, and every attempt kept."""
+    _admin(config, url, token).queue_show(message_id, as_json=json or not sys.stdout.isatty())
+
+
+def _queue_verb(
+    verb: str, fields: dict[str, Any], config: Path | None, url: str | None, token: str | None, json: bool
+) -> None:
+    _admin(config, url, token).queue_verb(verb, fields, as_json=json or not sys.stdout.isatty())
+
+
+@app.command()
+def flush(
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Make deferred recipients due now (as postqueue -f); held ones stay held."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state, all_)
+    _queue_verb("flush", fields, config, url, token, json)
+
+
+@app.command()
+def hold(
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Set queued recipients aside until released: never tried, never expired meanwhile."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state, all_)
+    _queue_verb("hold", fields, config, url, token, json)
+
+
+@app.command()
+def release(
+    message_id: Annotated[
+        str | None, typer.Argument(help="A message's id (or choose with --id, ...).")
+    ] = None,
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Queue held recipients again, due now (held by `hold`, or after max_local_errors crashes in a row)."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, None, all_)
+    if message_id is not None and not fields:
+        # `release ID`, as before selectors: that message's held recipients, 404 when none is held.
+        path = f"/messages/{quote(message_id, safe='')}/release"
+        _admin(config, url, token).post(path, as_json=json or not sys.stdout.isatty())
+        return
+    if message_id is not None:
+        fields["id"] = message_id
+    _queue_verb("release", fields, config, url, token, json)
+
+
+@app.command()
+def delete(
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Remove queued and held recipients silently: no DSN, no delivery (as postsuper -d)."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state, all_)
+    _queue_verb("delete", fields, config, url, token, json)
+
+
+@app.command()
+def bounce(
+    reason: Annotated[str, typer.Option("--reason", help="Why, in words: the sender reads it in the DSN.")],
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """End queued and held recipients as bounced (550 5.0.0 with the reason); each sender gets a DSN."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state, all_)
+    _queue_verb("bounce", {**fields, "reason": reason}, config, url, token, json)
+
+
+@app.command()
+def move(
+    to: Annotated[str, typer.Option("--to", help="The pool to give the recipients to.")],
+    id_: IdOption = None,
+    pool: PoolOption = None,
+    domain: DomainOption = None,
+    provider: ProviderOption = None,
+    member: MemberOption = None,
+    sender: SenderOption = None,
+    older_than: OlderThanOption = None,
+    state: StateOption = None,
+    all_: AllOption = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Give queued and held recipients to another pool, their state and due time kept."""
+    fields = _selector(id_, pool, domain, provider, member, sender, older_than, state, all_)
+    _queue_verb("move", {**fields, "to": to}, config, url, token, json)
 
 
 @app.command()

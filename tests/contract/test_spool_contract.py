@@ -115,7 +115,7 @@ async def test_calls_on_a_closed_spool_fail_clearly(spool_factory: SpoolFactory)
         spool.renew(0),
         spool.list_queue(Selector(), 0),
         spool.show("x", 0),
-        spool.hold(Selector(), 0),
+        spool.hold(Selector(everything=True), 0),
         spool.stats(Selector(), 0),
     ]
     for call in calls:

@@ -315,3 +315,186 @@ async def test_stats_count_the_queue_per_pool_and_domain_with_the_oldest_age(spo
     assert await spool.stats(Selector(pool="bulk"), 1000) == [
         DestinationStats("bulk", "one.test", {"queued": 1}, 800)
     ]
+
+
+async def test_show_keeps_each_attempt_with_its_member_reply_and_time_while_the_message_stays(
+    spool: SpoolBackend,
+) -> None:
+    mid = new_message_id()
+    env = Envelope("app@x.test", ("a@one.test", "b@two.test"), BODY)
+    [w1, w2] = await spool.store(mid, env, {"a@one.test": "p", "b@two.test": "p"}, 10)
+    a, b = w1.recipients[0].rid, w2.recipients[0].rid
+    later = "451 4.2.0 later"
+    await spool.settle(
+        [
+            Settlement(mid, [a], RecipientState.QUEUED, later, due=15, attempts=1, member="relay-a"),
+            Settlement(mid, [b], RecipientState.DELIVERED, "250 2.0.0 ok", attempts=1, member="relay-a"),
+        ],
+        now=11,
+    )
+    [again] = await spool.lease_due(now=15, limit=10)
+    assert [r.rid for r in again.recipients] == [a]
+    await spool.settle(
+        [Settlement(mid, [a], RecipientState.QUEUED, "452 4.2.2 full", due=99, attempts=2, member="relay-b")],
+        now=20,
+    )
+    # No attempt was made (no usable member): nothing kept, and the last attempt's member stays.
+    await spool.lease_due(now=99, limit=10)
+    await spool.settle(
+        [Settlement(mid, [a], RecipientState.QUEUED, "451 4.4.5 no usable member", due=200, attempts=2)],
+        now=30,
+    )
+    shown = await spool.show(mid, 40)
+    assert shown is not None
+    assert [(x.rid, x.member, x.reply, x.at) for x in shown.attempts] == [
+        (a, "relay-a", later, 11),
+        (b, "relay-a", "250 2.0.0 ok", 11),  # delivered, kept: its message stays in the queue
+        (a, "relay-b", "452 4.2.2 full", 20),
+    ]
+    assert [(r.address, r.last_member, r.last_at) for r in shown.recipients] == [
+        ("a@one.test", "relay-b", 30),
+        ("b@two.test", "relay-a", 11),
+    ]
+    listed_page = await spool.list_queue(Selector(message_id=mid), 40)
+    assert listed_page.messages[0].attempts == ()  # a listing carries no attempts, as it carries no bytes
+
+
+async def test_a_message_removed_takes_its_attempts_and_a_deleted_recipient_its_own(
+    spool: SpoolBackend,
+) -> None:
+    first = new_message_id()
+    env = Envelope("app@x.test", ("a@one.test", "b@two.test"), BODY)
+    pools = {"a@one.test": "p", "b@two.test": "p"}
+    [w1, w2] = await spool.store(first, env, pools, 10)
+    a, b = w1.recipients[0].rid, w2.recipients[0].rid
+    await spool.settle(
+        [Settlement(first, [a, b], RecipientState.QUEUED, "451", due=50, attempts=1, member="m")], now=11
+    )
+    assert await spool.delete(Selector(message_id=first, domain="one.test"), 12) == 1
+    shown = await spool.show(first, 12)
+    assert shown is not None and [x.rid for x in shown.attempts] == [b]
+    [leased] = await spool.lease_due(now=50, limit=10)
+    assert [r.rid for r in leased.recipients] == [b]
+    await spool.settle([Settlement(first, [b], RecipientState.DELIVERED, "250", member="m")], now=51)
+    assert await spool.show(first, 51) is None
+    # The same id again (never done by postmux, but it shows nothing of the first is left behind).
+    await spool.store(first, Envelope("app@x.test", ("c@one.test",), BODY), {"c@one.test": "p"}, 60)
+    shown = await spool.show(first, 60)
+    assert shown is not None and shown.attempts == ()
+
+
+async def test_member_and_domains_choose_recipients_and_an_empty_set_of_domains_chooses_none(
+    spool: SpoolBackend,
+) -> None:
+    q = await fill(spool)
+    await spool.lease_due(now=1000, limit=10)
+    shown = await spool.show(q.m1, 1000)
+    assert shown is not None
+    r1, r2 = (r.rid for r in shown.recipients)
+    await spool.settle(
+        [
+            Settlement(q.m1, [r1], RecipientState.QUEUED, "451", due=5000, member="relay-a"),
+            Settlement(q.m1, [r2], RecipientState.QUEUED, "451", due=5000, member="relay-b"),
+        ],
+        now=1000,
+    )
+    assert await listed(spool, Selector(member="relay-b")) == {q.m1: ["r2@two.test"]}
+    assert await listed(spool, Selector(domains=frozenset({"ONE.test.", "nowhere.test"}))) == {
+        q.m1: ["r1@one.test"],
+        q.m2: ["r3@one.test"],
+        q.flying: ["r5@one.test"],
+    }
+    none = Selector(domains=frozenset())
+    assert not none.is_empty  # a provider whose domains are not in the queue chooses nothing, not all
+    assert await listed(spool, none) == {}
+    assert await spool.hold(none, 1000) == 0
+    assert await spool.flush(Selector(member="relay-a"), 2000) == 1
+    assert [r.address for w in await spool.lease_due(now=2000, limit=10) for r in w.recipients] == [
+        "r1@one.test"
+    ]
+
+
+async def test_every_mass_action_refuses_a_selector_without_any_criterion(spool: SpoolBackend) -> None:
+    await fill(spool)
+    empty = Selector()
+    calls = {
+        "hold": lambda: spool.hold(empty, 1000),
+        "release": lambda: spool.release(empty, 1000),
+        "flush": lambda: spool.flush(empty, 1000),
+        "move": lambda: spool.move(empty, "bulk", 1000),
+        "delete": lambda: spool.delete(empty, 1000),
+        "bounce": lambda: spool.bounce(empty, 1000, reply="550", dsn=lambda m, rs: None, dsn_pool="p"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name} with no criterion"):
+            await call()
+    assert await spool.hold(Selector(everything=True), 1000) == 4  # all but r5, in flight
+    assert await spool.flush(Selector(everything=True), 1000) == 0  # held: flush leaves them
+    assert await spool.release(Selector(everything=True), 1000) == 4
+    assert await spool.move(Selector(everything=True), "bulk", 1000) == 3  # r3 is in bulk already
+
+
+async def test_a_bounce_queues_each_dsn_to_the_pool_its_sender_routes_to(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    pools = {"app@x.test": "app-dsn", "news@x.test": "news-dsn"}
+    bounced = await spool.bounce(
+        Selector(older_than_s=0),
+        1000,
+        reply="550 5.0.0 bounced by the operator",
+        dsn=DsnRecorder(),
+        dsn_pool=lambda message: pools[message.sender],
+    )
+    assert bounced == 4  # r1, r2, r3, r4 (r5 flies)
+    for pool, sender in (("app-dsn", "app@x.test"), ("news-dsn", "news@x.test")):
+        [dsn] = (await spool.list_queue(Selector(pool=pool), 1000)).messages
+        assert [r.address for r in dsn.recipients] == [sender]
+    assert await listed(spool, Selector(sender="app@x.test")) == {q.flying: ["r5@one.test"]}
+
+
+async def test_stats_give_each_destinations_last_error(spool: SpoolBackend) -> None:
+    q = await fill(spool)
+    await spool.lease_due(now=1000, limit=10)
+    shown = await spool.show(q.m1, 1000)
+    assert shown is not None
+    r1, r2 = (r.rid for r in shown.recipients)
+    await spool.settle(
+        [Settlement(q.m1, [r1], RecipientState.QUEUED, "421 4.7.0 try later", due=5000, member="a")],
+        now=1001,
+    )
+    await spool.settle(
+        [Settlement(q.m1, [r2], RecipientState.QUEUED, "451 4.3.0 first", due=5000, member="a")], now=1002
+    )
+    m2 = await spool.show(q.m2, 1000)
+    assert m2 is not None
+    await spool.settle(
+        [Settlement(q.m2, [m2.recipients[0].rid], RecipientState.QUEUED, "452 later", due=5000, member="a")],
+        now=1003,
+    )
+    by_destination = {(d.pool, d.domain): d.last_error for d in await spool.stats(Selector(), 1100)}
+    assert by_destination == {
+        ("p", "one.test"): "421 4.7.0 try later",
+        ("p", "two.test"): "451 4.3.0 first",
+        ("bulk", "one.test"): "452 later",
+    }
+
+
+async def test_a_view_carries_the_message_id_field_tags_and_metadata_for_events(spool: SpoolBackend) -> None:
+    mid = new_message_id()
+    env = Envelope(
+        "app@x.test",
+        ("a@one.test",),
+        BODY,
+        tags={"campaign": "spring"},
+        metadata={"customer": "42"},
+        message_id_header="abc@x.test",
+    )
+    await spool.store(mid, env, {"a@one.test": "p"}, 10, lease=False)
+    [listed_view] = (await spool.list_queue(Selector(message_id=mid), 20)).messages
+    shown = await spool.show(mid, 20)
+    for view in (listed_view, shown):
+        assert view is not None
+        assert (view.message_id_header, view.tags, view.metadata) == (
+            "abc@x.test",
+            {"campaign": "spring"},
+            {"customer": "42"},
+        )

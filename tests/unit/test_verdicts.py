@@ -89,6 +89,7 @@ def test_a_recipient_the_member_accepted_is_delivered_and_counted_for_the_member
     v = verdicts.after_attempt(item, "a", answered(OK), pool, rules, NOW)
     [s] = v.settlements
     assert (s.state, list(s.rids), s.attempts, s.dsn) == (RecipientState.DELIVERED, [1], 1, None)
+    assert s.reply == str(OK)  # the attempt's reply, kept while the message stays for others
     assert kinds(v) == [(EventType.DELIVERY, "a", 1)]
     assert v.events[0].tags == {"tls": "TLSv1.3 TLS_AES_256_GCM_SHA384"}
     assert v.tally == Tally(delivered=1) and v.retry_now is None and not v.held
@@ -150,6 +151,17 @@ def test_a_deferral_once_every_member_tried_waits_for_the_next_round_on_the_retr
     assert (s.state, s.reply, s.attempts, s.rounds) == (RecipientState.QUEUED, str(TRY_LATER), 3, 2)
     assert s.due == NOW + 5 * MINUTE  # intervals[1]: the wait after the second round, however many tries
     assert v.retry_now is None and v.tally == Tally(deferred=1)
+    assert s.member == "b"  # the spool keeps the attempt, and b as the recipient's last member
+
+
+def test_every_settlement_of_an_attempt_names_its_member_and_one_without_an_attempt_none() -> None:
+    pool, rules = setup("a")
+    v = verdicts.after_attempt(work(1, 2, tried={"a"}), "a", answered(OK, NO_SUCH_USER), pool, rules, NOW)
+    assert [s.member for s in v.settlements] == ["a", "a"]
+    v = verdicts.crashed(work(1, tried={"a"}), "a", RuntimeError("bug"), pool, rules, NOW)
+    assert [s.member for s in v.settlements] == ["a"]
+    pool.drain("a")
+    assert [s.member for s in verdicts.no_member(work(1), pool, rules, NOW).settlements] == [""]
 
 
 def test_no_usable_member_waits_without_using_up_a_round() -> None:

@@ -1,22 +1,26 @@
-"""The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, release,
-webhooks, reload.
+"""The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
+(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
-every route asks Control, which holds the node's parts.
+every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
+`{"error": "..."}` (and `field` when one field is at fault).
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from postmux.admin.control import Control, NothingHeld, UnknownMember
+from postmux.admin.queue import QueueControl, QueueRequestError, UnknownMessage, criteria, query_fields
 from postmux.config import parse_duration
 from postmux.ingress.http import json_error
+from postmux.spool.base import SpoolError
 
 ADMIN_PREFIX = "/api/v1"
 
@@ -89,6 +93,7 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
             return json_error(404, f"no held message with id {message_id!r}")
 
     _shaping_routes(app, control)
+    _queue_routes(app, control.queue)
 
     @app.get(f"{ADMIN_PREFIX}/webhooks")
     async def webhooks() -> dict[str, Any]:
@@ -126,3 +131,51 @@ def _shaping_routes(app: FastAPI, control: Control) -> None:
             return {"lanes": control.resume(name, destination or None)}
         except UnknownMember:
             return json_error(404, f"no member named {name!r}")
+
+
+async def _answer(work: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
+    """How the queue routes say no: a 4xx naming the field, 404 for a message, 503 for the spool."""
+    try:
+        return await work()
+    except QueueRequestError as e:
+        if e.field:
+            return json_error(e.status, str(e), field=e.field)
+        return json_error(e.status, str(e))
+    except UnknownMessage as e:
+        return json_error(404, f"no message with id {e.args[0]!r} in the queue")
+    except SpoolError as e:
+        return json_error(503, f"the spool could not answer: {e}")
+
+
+def _queue_routes(app: FastAPI, queue: QueueControl) -> None:
+    @app.get(f"{ADMIN_PREFIX}/queue")
+    async def summary(request: Request) -> Any:
+        return await _answer(lambda: queue.summary(criteria(query_fields(request.query_params))))
+
+    @app.get(f"{ADMIN_PREFIX}/queue/messages")
+    async def listing(request: Request) -> Any:
+        query = request.query_params
+
+        async def page() -> dict[str, Any]:
+            try:
+                limit = int(query.get("limit", "100"))
+            except ValueError:
+                raise QueueRequestError("limit", f"{query['limit']!r} is not a number") from None
+            return await queue.listing(criteria(query_fields(query)), limit, query.get("after", ""))
+
+        return await _answer(page)
+
+    @app.get(f"{ADMIN_PREFIX}/queue/messages/{{message_id:path}}")
+    async def show(message_id: str) -> Any:
+        return await _answer(lambda: queue.show(message_id))
+
+    @app.post(f"{ADMIN_PREFIX}/queue/{{verb}}")
+    async def act(verb: str, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as e:
+            return json_error(400, f"the body is not JSON: {e}")
+        if not isinstance(body, dict):
+            return json_error(400, "the body is a JSON object: the selector's fields, all, reason, to")
+        return await _answer(lambda: queue.act(verb, body))

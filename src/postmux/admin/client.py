@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -19,12 +21,19 @@ class AdminClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         url = f"{self.base_url}/api/v1{path}"
         try:
-            response = httpx.request(method, url, headers=headers, timeout=10.0)
-        except httpx.HTTPError as e:
+            response = httpx.request(method, url, headers=headers, params=params, json=payload, timeout=30.0)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             typer.echo(f"postmux is not answering at {self.base_url}: {e}", err=True)
             raise typer.Exit(EXIT_FAILED) from None
         try:
@@ -63,6 +72,143 @@ class AdminClient:
                 typer.echo(change)
             for key in body.get("needs_restart", []):
                 typer.echo(f"{key}: changed in the file, takes effect at the next restart")
+
+    # -- the queue -------------------------------------------------------------------------------------
+
+    def queue_summary(self, params: dict[str, str], *, as_json: bool) -> None:
+        body = self._call("GET", "/queue", params=params)
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+        elif not body["destinations"]:
+            typer.echo("the queue is empty" + (" (of what the selector chooses)" if params else ""))
+        else:
+            Console().print(queue_table(body))
+
+    def queue_list(self, params: dict[str, str], *, as_json: bool) -> None:
+        body = self._call("GET", "/queue/messages", params=params)
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+            return
+        if body["messages"]:
+            Console().print(messages_table(body["messages"]))
+        else:
+            typer.echo("no message in the queue matches")
+        if body["next_after"]:
+            typer.echo(f"more: add --after {body['next_after']}", err=True)
+
+    def queue_show(self, message_id: str, *, as_json: bool) -> None:
+        body = self._call("GET", f"/queue/messages/{quote(message_id, safe='')}")
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+            return
+        console = Console()
+        for key in ("id", "message_id", "sender", "client_ip", "size", "smtputf8", "tags", "metadata"):
+            if body.get(key) not in (None, {}, ""):
+                console.print(f"{key}: {body[key]}", highlight=False, markup=False)
+        console.print(f"age: {age(body['age_s'])}", highlight=False)
+        console.print(fields_table("headers", body["headers"]))
+        console.print(recipients_table(body["recipients"]))
+        console.print(attempts_table(body["attempts"]))
+
+    def queue_verb(self, verb: str, body: dict[str, Any], *, as_json: bool) -> None:
+        answer = self._call("POST", f"/queue/{verb}", payload=body)
+        if as_json:
+            typer.echo(json.dumps(answer, indent=2))
+        else:
+            for change in answer["changes"]:
+                typer.echo(change)
+
+
+def age(seconds: float) -> str:
+    """30s, 5m 10s, 2h 5m, 3d 4h: an age or a wait as a person reads it."""
+    s = int(seconds)
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // small_size
+            return f"{s // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{s}s"
+
+
+def queue_table(body: dict[str, Any]) -> Table:
+    n = body["recipients"]
+    table = Table(title=f"queue: {n} recipient{'s' if n != 1 else ''}, oldest {age(body['oldest_age_s'])}")
+    for column in ("pool", "domain", "destination", "recipients", "queued", "leased", "held", "oldest"):
+        table.add_column(column, justify="right" if column in _COUNTS else "left")
+    table.add_column("last error", overflow="fold")
+    for d in body["destinations"]:
+        table.add_row(
+            d["pool"],
+            d["domain"],
+            d["destination"],
+            *(str(d[c]) for c in ("recipients", "queued", "leased", "held")),
+            age(d["oldest_age_s"]),
+            d["last_error"][:100],
+        )
+    return table
+
+
+_COUNTS = ("recipients", "queued", "leased", "held", "oldest")
+
+
+def messages_table(messages: list[dict[str, Any]]) -> Table:
+    table = Table(title="messages")
+    for column in ("id", "age", "sender", "recipient", "pool", "state", "tries", "due in", "last member"):
+        table.add_column(column, justify="right" if column in ("age", "tries", "due in") else "left")
+    table.add_column("last reply", overflow="fold")
+    for m in messages:
+        for i, r in enumerate(m["recipients"]):
+            first = i == 0
+            table.add_row(
+                m["id"] if first else "",
+                age(m["age_s"]) if first else "",
+                (m["sender"] or "<>") if first else "",
+                r["address"],
+                r["pool"],
+                r["state"],
+                str(r["attempts"]),
+                age(r["due_in_s"]) if r["due_in_s"] is not None else "",
+                r["last_member"],
+                r["last_reply"][:80],
+            )
+    return table
+
+
+def fields_table(title: str, fields: list[dict[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("name")
+    table.add_column("value", overflow="fold")
+    for f in fields:
+        table.add_row(f["name"], f["value"])
+    return table
+
+
+def recipients_table(recipients: list[dict[str, Any]]) -> Table:
+    table = Table(title="recipients")
+    for column in ("recipient", "pool", "state", "tries", "due in", "last member"):
+        table.add_column(column, justify="right" if column in ("tries", "due in") else "left")
+    table.add_column("last reply", overflow="fold")
+    for r in recipients:
+        table.add_row(
+            r["address"],
+            r["pool"],
+            r["state"],
+            str(r["attempts"]),
+            age(r["due_in_s"]) if r["due_in_s"] is not None else "",
+            r["last_member"],
+            r["last_reply"],
+        )
+    return table
+
+
+def attempts_table(attempts: list[dict[str, Any]]) -> Table:
+    table = Table(title="attempts")
+    for column in ("time (UTC)", "recipient", "member"):
+        table.add_column(column)
+    table.add_column("reply", overflow="fold")
+    for a in attempts:
+        when = datetime.fromtimestamp(a["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(when, a["recipient"], a["member"], a["reply"])
+    return table
 
 
 def members_table(members: list[dict[str, Any]]) -> Table:

@@ -16,12 +16,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from postmux.admin.queue import KnownDestinations, QueueControl, QueueNode
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
 from postmux.spool.base import SpoolBackend
@@ -74,6 +76,11 @@ class NodeView:
     # Says that a member went up or down (log line and MemberUp/MemberDown event).
     member_changed: Callable[[Member, bool, str], None]
     clock: Callable[[], float]
+    # For the queue operations (admin/queue.py): where a bounce's DSN goes, which provider a domain's
+    # mail goes to, and the name a DSN says it comes from.
+    router: Router
+    destinations: KnownDestinations
+    reporting_mta: str
     webhooks: WebhookStatus | None = None
 
 
@@ -83,6 +90,18 @@ class Control:
         self.reloader = reloader
         self.drains = drains or DrainedMembers(None)
         self.drained = self.drains.load()
+        self.queue = QueueControl(
+            QueueNode(
+                node.spool,
+                node.pools,
+                node.router,
+                node.destinations,
+                node.bus,
+                node.dispatch,
+                node.clock,
+                node.reporting_mta,
+            )
+        )
 
     # -- members -------------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
-from postmux.spool.base import OutboxRow, Settlement, Spool, SpoolError
+from postmux.spool.base import AttemptView, OutboxRow, Settlement, Spool, SpoolError
 from postmux.work import WorkItem
 
 log = structlog.get_logger("postmux.dispatcher")
@@ -123,6 +123,8 @@ class Dispatcher:
         self.shaper = Shaper(settings.shaping)
         self.warmup = warmup or WarmupLedger(None)
         self._ready = ReadyQueues(self._destination, self._mx_destination, self._wake.set)
+        # Attempts not settled yet, by recipient: their work went at once to another member (_remember_tries).
+        self._tries: dict[int, list[AttemptView]] = {}
 
     # -- intake --------------------------------------------------------------------------------------
 
@@ -363,7 +365,24 @@ class Dispatcher:
         except Exception:  # what the attempt taught is lost, never the outcome: it is still recorded
             log.exception("learning from an attempt failed", member=member.name, message=item.message_id)
         verdict = verdicts.after_attempt(item, member.name, outcome, pool, self._rules(), now)
+        if verdict.retry_now is not None:
+            self._remember_tries(verdict.retry_now, member.name, outcome, now)
         await self._apply(verdict, pool, member, now)
+
+    def _remember_tries(self, item: WorkItem, member: str, outcome: AttemptOutcome, now: float) -> None:
+        """Work that goes at once to another member has no settlement for this attempt: it is kept here
+        until the recipients' own, so the spool keeps it too (Settlement.earlier, `postmux queue show`).
+
+        Bounded by the recipients in memory: each entry goes with the recipient's next settlement.
+        """
+        for r in item.recipients:
+            reply = outcome.replies.get(r.rid)
+            if reply is not None:
+                self._tries.setdefault(r.rid, []).append(AttemptView(r.rid, member, str(reply), now))
+
+    def _with_earlier(self, s: Settlement) -> Settlement:
+        earlier = [a for rid in s.rids for a in self._tries.pop(rid, ())]
+        return replace(s, earlier=(*s.earlier, *earlier)) if earlier else s
 
     def _learn(
         self,
@@ -426,6 +445,8 @@ class Dispatcher:
     ) -> None:
         if not settlements and not rows:
             return
+        if self._tries:  # empty on the usual path: an attempt retried at once on another member fills it
+            settlements = [self._with_earlier(s) for s in settlements]
         for attempt in range(5):
             try:
                 # Events without a settlement (a try passed on to another member) are appended alone.

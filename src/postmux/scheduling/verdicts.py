@@ -87,8 +87,15 @@ def after_attempt(
 ) -> Verdict:
     """The verdict on an attempt that ran (the transport returned); `item.tried` includes `member`."""
     if outcome.unfit:
-        return unfit(item, member, outcome, pool, rules, now)
-    return settled(item, member, outcome, pool, rules, now)
+        return attempted_by(unfit(item, member, outcome, pool, rules, now), member)
+    return attempted_by(settled(item, member, outcome, pool, rules, now), member)
+
+
+def attempted_by(v: Verdict, member: str) -> Verdict:
+    """Its settlements name the member whose attempt they come from: the spool keeps the attempt for the
+    operator's `postmux queue show` and the member as the recipient's last (`--member`)."""
+    v.settlements = [replace(s, member=member) for s in v.settlements]
+    return v
 
 
 def settled(
@@ -104,6 +111,7 @@ def settled(
         bumped = replace(r, attempts=r.attempts + 1, local_errors=0)  # answered: not a crash
         if reply.is_success:
             delivered.append(bumped)
+            accepted = reply  # the transaction's one answer to DATA: the same for every recipient
             kind = EventType.DELIVERY
         elif reply.is_permanent:
             bounced.append((bumped, reply))
@@ -117,7 +125,11 @@ def settled(
         attempts = max(r.attempts for r in delivered)
         v.settlements.append(
             Settlement(
-                item.message_id, [r.rid for r in delivered], RecipientState.DELIVERED, attempts=attempts
+                item.message_id,
+                [r.rid for r in delivered],
+                RecipientState.DELIVERED,
+                str(accepted),  # kept with the attempt while the message stays for other recipients
+                attempts=attempts,
             )
         )
     if bounced:
@@ -181,7 +193,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
     local_errors = max((r.local_errors for r in bumped), default=0)
     if local_errors >= rules.max_local_errors:
         _hold(v, item, bumped, pool, member, reply, error, now)
-        return v
+        return attempted_by(v, member)
     tags = {"local_error": type(error).__name__}
     for r in bumped:
         v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, tags=tags))
@@ -189,7 +201,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
         v.retry_now = replace(item, recipients=bumped)
     else:
         _defer_or_expire(v, item, pool, bumped, reply, rules, now)
-    return v
+    return attempted_by(v, member)
 
 
 def after_crash(item: WorkItem, error: Exception, pool: Pool, rules: Rules, now: float) -> Verdict:

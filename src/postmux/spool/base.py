@@ -22,8 +22,10 @@ from postmux.envelope import Envelope
 from postmux.spool.operations import (
     FINAL_STATES,
     OPEN_STATES,
+    AttemptView,
     DestinationStats,
     DsnBuilder,
+    DsnPool,
     MessageView,
     QueuePage,
     RecipientState,
@@ -35,8 +37,10 @@ from postmux.work import WorkItem
 __all__ = [
     "FINAL_STATES",
     "OPEN_STATES",
+    "AttemptView",
     "DestinationStats",
     "DsnBuilder",
+    "DsnPool",
     "MessageView",
     "OutboxBacklog",
     "OutboxEntry",
@@ -74,6 +78,13 @@ class Settlement:
     written as given, so any outcome that was not a crash starts the count again. A `dsn` envelope (for
     bounces and expiries) is queued in the same transaction, so a bounce can never be recorded without its
     DSN.
+
+    `member`: the member whose attempt this outcome comes from ("" when no attempt was made: no usable
+    member, every member held back). With one, the spool keeps the attempt (member, reply, time) for the
+    operator's `show`, and the member as the recipient's last; a recipient delivered and removed with its
+    message keeps nothing, so the hot path writes no more than before. `earlier`: attempts at these
+    recipients in the same round that ended without a settlement of their own (a 4xx from one member, then
+    the next at once), kept the same way.
     """
 
     message_id: str
@@ -86,6 +97,8 @@ class Settlement:
     local_errors: int = 0
     dsn: Envelope | None = None
     dsn_pool: str = ""
+    member: str = ""
+    earlier: Sequence[AttemptView] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +260,8 @@ class QueueOperations(Protocol):
         ...
 
     async def show(self, message_id: str, now: float) -> MessageView | None:
-        """One message with its bytes and every recipient (state, attempts, last reply, due, lease).
+        """One message with its bytes, every recipient (state, attempts, last reply and member, due,
+        lease) and every attempt kept (Settlement.member), oldest first.
 
         None when the spool does not have it (delivered and removed, or never accepted). Cost: one read.
         """
@@ -256,31 +270,33 @@ class QueueOperations(Protocol):
     async def hold(self, selector: Selector, now: float) -> int:
         """Set queued recipients aside (HELD) until released: never leased, never expired meanwhile.
 
-        Returns how many were held. Cost: one write per recipient chosen.
+        Refuses an empty selector. Returns how many were held. Cost: one write per recipient chosen.
         """
         ...
 
     async def release(self, selector: Selector | str, now: float) -> int:
         """Queue held recipients again, due at `now`, with their count of crashes cleared.
 
-        `selector` chooses them (a str: that message's held recipients). Returns how many were released
-        (0: nothing it chose is held): the way out of HELD.
+        `selector` chooses them (a str: that message's held recipients); an empty selector is refused.
+        Returns how many were released (0: nothing it chose is held): the way out of HELD.
         """
         ...
 
     async def delete(self, selector: Selector, now: float) -> int:
-        """Remove queued and held recipients without a DSN (as `postsuper -d`); a message with nothing
-        left in the queue goes with them. Refuses an empty selector. Returns how many were removed."""
+        """Remove queued and held recipients without a DSN (as `postsuper -d`), and their attempts; a
+        message with nothing left in the queue goes with them. Refuses an empty selector. Returns how many
+        were removed."""
         ...
 
     async def bounce(
-        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: str
+        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
     ) -> int:
         """End queued and held recipients as BOUNCED with `reply`, each message's DSN queued with it.
 
-        `dsn` builds the DSN of each message (None: send none) and is queued to `dsn_pool` in the same
-        transaction, so a bounce is never recorded without its DSN, and a builder that fails changes
-        nothing. Refuses an empty selector. Returns how many recipients were bounced. Cost: one read of
+        `dsn` builds the DSN of each message (None: send none) and is queued to `dsn_pool` (a pool, or
+        what gives the pool of a message's DSN: the route to its sender) in the same transaction, so a
+        bounce is never recorded without its DSN, and a builder that fails changes nothing. Refuses an
+        empty selector. Returns how many recipients were bounced. Cost: one read of
         each chosen message's bytes and one DSN built per message, inside one transaction.
         """
         ...
@@ -288,21 +304,23 @@ class QueueOperations(Protocol):
     async def flush(self, selector: Selector, now: float) -> int:
         """Make queued recipients due at `now` (their deferral ends early, as `postqueue -f`).
 
-        Held ones stay held (release does that). Returns how many. The caller wakes the dispatcher
-        (PostgreSQL will also NOTIFY the other nodes).
+        Held ones stay held (release does that). Refuses an empty selector. Returns how many. The caller
+        wakes the dispatcher (PostgreSQL will also NOTIFY the other nodes).
         """
         ...
 
     async def move(self, selector: Selector, pool: str, now: float) -> int:
         """Give queued and held recipients to another pool, their state and due time kept.
 
-        The spool does not know the pools: the caller checks `pool` names one. Returns how many moved.
+        The spool does not know the pools: the caller checks `pool` names one. Refuses an empty
+        selector. Returns how many moved.
         """
         ...
 
     async def stats(self, selector: Selector, now: float, *, limit: int = 1000) -> list[DestinationStats]:
-        """Recipients in the queue per pool and domain, with the age of the oldest message: the `limit`
-        largest, largest first. Cost: one pass over the recipients chosen, read beside the writer."""
+        """Recipients in the queue per pool and domain, with the age of the oldest message and the reply
+        recorded last for one of them that is not delivered: the `limit` largest, largest first. Cost: one
+        pass over the recipients chosen, read beside the writer."""
         ...
 
 

@@ -3,6 +3,10 @@
 These are the values the spool's queue operations take and return (spool/base.py, QueueOperations), and
 so the substrate of the admin API and the CLI's `queue`, `hold`, `release`, `delete`, `bounce`, `flush`
 and `move`. Plain values, no I/O: every backend returns the same ones.
+
+A provider (`postmux queue list --provider google`) is not a criterion here: the spool stores domains,
+and which domains a provider runs is the scheduler's knowledge (scheduling/providers.py, the MX cache).
+The admin side turns a provider into the `domains` it knows of, so the spool never needs DNS.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ class Selector:
     """Which recipients a queue operation acts on: every criterion given must hold; none given: all.
 
     Message criteria (`message_id`, `sender`, `older_than_s`) select all of a message's recipients;
-    recipient criteria (`pool`, `domain`, `state`) select some of them. `sender` is compared exactly, so
-    "" selects mail from the null sender (DSNs); `domain` is compared lower case, as it is stored.
+    recipient criteria (`pool`, `domain`, `domains`, `member`, `state`) select some of them. `sender` is
+    compared exactly, so "" selects mail from the null sender (DSNs); domains are compared lower case, as
+    they are stored. `domains`: the recipient's domain is one of these (a provider's, as the admin side
+    found them); an empty set chooses nothing. `member`: the member of the recipient's last attempt.
 
-    An irreversible operation (delete, bounce) refuses a selector without any criterion unless it says
-    `everything=True`, so a forgotten filter cannot empty the queue (as `postsuper -d ALL` must say ALL).
+    A mass action (hold, release, flush, move, delete, bounce) refuses a selector without any criterion
+    unless it says `everything=True`, so a forgotten filter cannot empty or stall the queue (as
+    `postsuper -d ALL` must say ALL).
     """
 
     message_id: str | None = None
@@ -54,6 +61,8 @@ class Selector:
     sender: str | None = None
     state: RecipientState | None = None
     older_than_s: float | None = None  # accepted at least this many seconds before the operation's `now`
+    member: str | None = None
+    domains: frozenset[str] | None = None
     everything: bool = False
 
     def __post_init__(self) -> None:
@@ -62,15 +71,26 @@ class Selector:
             raise ValueError(f"older_than_s must be a finite number of seconds >= 0, not {age}")
         if self.domain is not None:
             object.__setattr__(self, "domain", self.domain.lower().rstrip("."))
+        if self.domains is not None:
+            object.__setattr__(self, "domains", frozenset(d.lower().rstrip(".") for d in self.domains))
         if self.state is not None:
             object.__setattr__(self, "state", RecipientState(self.state))
 
     @property
     def is_empty(self) -> bool:
-        """No criterion and no `everything`: what delete and bounce refuse."""
+        """No criterion and no `everything`: what a mass action refuses."""
         return not self.everything and all(
             v is None
-            for v in (self.message_id, self.pool, self.domain, self.sender, self.state, self.older_than_s)
+            for v in (
+                self.message_id,
+                self.pool,
+                self.domain,
+                self.sender,
+                self.state,
+                self.older_than_s,
+                self.member,
+                self.domains,
+            )
         )
 
     def require_criterion(self, operation: str) -> None:
@@ -97,6 +117,23 @@ class RecipientView:
     # lease_until None on a leased recipient: the lease does not expire (a spool without lease_ttl_s).
     owner: str = ""
     lease_until: float | None = None
+    # The member of its last attempt and when its last outcome was recorded ("" and None: never tried).
+    last_member: str = ""
+    last_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    """One attempt at one recipient that the spool kept: the member, its reply, when it was recorded.
+
+    Kept while the message is in the queue: for recipients that waited (deferred, held) or failed, and
+    for delivered ones of a message that stays; removed with the message.
+    """
+
+    rid: int
+    member: str
+    reply: str
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +153,11 @@ class MessageView:
     smtputf8: bool
     recipients: tuple[RecipientView, ...]
     data: bytes | None = None
+    attempts: tuple[AttemptView, ...] = ()  # from `show` only: every attempt kept, oldest first
+    # For events about it (an operator's bounce): its Message-ID field, and the sender's tags and metadata.
+    message_id_header: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.created)
@@ -146,10 +188,15 @@ class DestinationStats:
     domain: str
     counts: Mapping[str, int] = field(default_factory=dict)  # per open state: queued, leased, held
     oldest_age_s: float = 0.0  # age of the oldest message with a recipient here
+    last_error: str = ""  # the reply recorded last for a recipient here that is not delivered
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+# Where the DSN of a message goes (a pool name), given the message: the route to its sender's domain.
+DsnPool = str | Callable[[MessageView], str]
 
 
 # Builds the DSN of a bounce an operator asked for: the message (with its bytes) and the recipients bounced

@@ -35,8 +35,10 @@ from postmux.envelope import Envelope, domain_of
 from postmux.spool import sqlite_outbox, sqlite_queue
 from postmux.spool.base import (
     FINAL_STATES,
+    AttemptView,
     DestinationStats,
     DsnBuilder,
+    DsnPool,
     MessageView,
     OutboxBacklog,
     OutboxEntry,
@@ -56,6 +58,7 @@ from postmux.spool.sqlite_schema import (
     prepare,
     quarantine,
     queue_dsn,
+    record_attempts,
     recover,
 )
 from postmux.work import WorkItem, WorkRecipient
@@ -389,10 +392,12 @@ class SqliteSpool:
         return await self._read_beside(lambda c: sqlite_queue.stats(c, selector, now, limit))
 
     async def hold(self, selector: Selector, now: float) -> int:
+        selector.require_criterion("hold")
         return await self._call(lambda c: sqlite_queue.hold(c, selector, now))
 
     async def release(self, selector: Selector | str, now: float) -> int:
         chosen = Selector(message_id=selector) if isinstance(selector, str) else selector
+        chosen.require_criterion("release")
         return await self._call(lambda c: sqlite_queue.release(c, chosen, now))
 
     async def delete(self, selector: Selector, now: float) -> int:
@@ -400,7 +405,7 @@ class SqliteSpool:
         return await self._call(lambda c: sqlite_queue.delete(c, self.bodies, selector, now))
 
     async def bounce(
-        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: str
+        self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
     ) -> int:
         selector.require_criterion("bounce")
         return await self._call(
@@ -408,9 +413,11 @@ class SqliteSpool:
         )
 
     async def flush(self, selector: Selector, now: float) -> int:
+        selector.require_criterion("flush")
         return await self._call(lambda c: sqlite_queue.flush(c, selector, now))
 
     async def move(self, selector: Selector, pool: str, now: float) -> int:
+        selector.require_criterion("move")
         return await self._call(lambda c: sqlite_queue.move(c, selector, pool, now))
 
     # -- the WebhookOutbox protocol ----------------------------------------------------------------
@@ -503,22 +510,43 @@ def _settle(
         sqlite_outbox.append(conn, outbox)
     touched: set[str] = set()
     waiting: set[str] = set()
+    delivered: list[Settlement] = []
     for s in settlements:
+        # last_member: the member of the last attempt; an outcome without one (no usable member) keeps it.
         conn.executemany(
             "UPDATE recipient SET state = ?, due = ?, attempts = max(attempts, ?), last_reply = ?,"
-            " rounds = max(rounds, ?), local_errors = ? WHERE rid = ?",
-            [(s.state.value, s.due, s.attempts, s.reply, s.rounds, s.local_errors, rid) for rid in s.rids],
+            " rounds = max(rounds, ?), local_errors = ?, last_member = coalesce(nullif(?, ''), last_member),"
+            " last_at = ? WHERE rid = ?",
+            [
+                (s.state.value, s.due, s.attempts, s.reply, s.rounds, s.local_errors, s.member, now, rid)
+                for rid in s.rids
+            ],
         )
         if s.dsn is not None:
             queue_dsn(conn, bodies, s.dsn, s.dsn_pool, now)
+        if s.member or s.earlier:
+            # Kept for the operator's view; a delivered recipient's only once its message is known to
+            # stay (below), so the usual message, delivered and removed, costs no row.
+            if s.state is RecipientState.DELIVERED:
+                delivered.append(s)
+            else:
+                record_attempts(conn, s.message_id, _attempts(s, now))
         if s.state in FINAL_STATES:
             touched.add(s.message_id)
         elif s.state in (RecipientState.QUEUED, RecipientState.HELD):
             waiting.add(s.message_id)
     for message_id in waiting:
         bodies.settle_in_row(conn, message_id)  # a message that waits holds no shared segment
-    for message_id in touched:
-        drop_if_finished(conn, bodies, message_id)
+    removed = {message_id for message_id in touched if drop_if_finished(conn, bodies, message_id)}
+    for s in delivered:
+        if s.message_id not in removed:
+            record_attempts(conn, s.message_id, _attempts(s, now))
+
+
+def _attempts(s: Settlement, now: float) -> list[AttemptView]:
+    """The attempts a settlement tells of: the earlier ones of its round, then its own (at `now`)."""
+    own = [AttemptView(rid, s.member, s.reply, now) for rid in s.rids] if s.member else []
+    return [*s.earlier, *own]
 
 
 _LEASE_COLUMNS = "rid, message_id, address, pool, domain, attempts, rounds, local_errors"

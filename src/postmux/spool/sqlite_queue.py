@@ -18,24 +18,29 @@ from postmux.spool.bodies import BodyStore
 from postmux.spool.operations import (
     MAX_PAGE,
     OPEN_STATES,
+    AttemptView,
     DestinationStats,
     DsnBuilder,
+    DsnPool,
     MessageView,
     QueuePage,
     RecipientState,
     RecipientView,
     Selector,
 )
-from postmux.spool.sqlite_schema import drop_if_finished, queue_dsn
+from postmux.spool.sqlite_schema import decode_labels, drop_if_finished, queue_dsn
 
 _QUEUED = (RecipientState.QUEUED,)
 _HELD = (RecipientState.HELD,)
 _WAITING = (RecipientState.QUEUED, RecipientState.HELD)  # what operations act on: not leased, not final
 
 _RECIPIENT_COLUMNS = (
-    "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until"
+    "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until,"
+    " last_member, last_at"
 )
-_MESSAGE_COLUMNS = "id, sender, created, length(data) + seg_length, client_ip, smtputf8"
+_MESSAGE_COLUMNS = (
+    "id, sender, created, length(data) + seg_length, client_ip, smtputf8, message_id_header, labels"
+)
 _CHUNK = 500  # message ids per IN (...): well under SQLite's limit of bound parameters on any build
 
 
@@ -55,10 +60,16 @@ def _recipient_terms(
         ("message_id", sel.message_id),
         ("pool", sel.pool),
         ("domain", sel.domain),
+        ("last_member", sel.member),
     ):
         if value is not None:
             terms.append(f"{prefix}{column} = ?")
             params.append(value)
+    if sel.domains is not None:
+        # A provider runs a handful of domains in any queue; an empty set chooses nothing.
+        domains = sorted(sel.domains)
+        terms.append(f"{prefix}domain IN ({', '.join('?' * len(domains))})" if domains else "0")
+        params += domains
     return terms, params
 
 
@@ -88,7 +99,8 @@ def _where(sel: Selector, now: float, states: Collection[RecipientState] | None)
 
 
 def _recipient_view(row: tuple[Any, ...]) -> RecipientView:
-    rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until = row
+    rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until = row[:11]
+    last_member, last_at = row[11:]
     leased = state == RecipientState.LEASED
     return RecipientView(
         rid,
@@ -102,21 +114,46 @@ def _recipient_view(row: tuple[Any, ...]) -> RecipientView:
         last_reply,
         owner if leased else "",
         lease_until if leased else None,
+        last_member,
+        last_at,
     )
 
 
 def _message_view(
-    row: tuple[Any, ...], recipients: tuple[RecipientView, ...], data: bytes | None = None
+    row: tuple[Any, ...],
+    recipients: tuple[RecipientView, ...],
+    data: bytes | None = None,
+    attempts: tuple[AttemptView, ...] = (),
 ) -> MessageView:
-    message_id, sender, created, size, client_ip, smtputf8 = row
-    return MessageView(message_id, sender, created, size, client_ip, bool(smtputf8), recipients, data)
+    message_id, sender, created, size, client_ip, smtputf8, header_id, labels = row
+    tags, metadata = decode_labels(labels)
+    return MessageView(
+        message_id,
+        sender,
+        created,
+        size,
+        client_ip,
+        bool(smtputf8),
+        recipients,
+        data,
+        attempts,
+        header_id,
+        tags,
+        metadata,
+    )
 
 
 def _read_message(
-    conn: sqlite3.Connection, bodies: BodyStore, message_id: str, limit: int | None = None
+    conn: sqlite3.Connection,
+    bodies: BodyStore,
+    message_id: str,
+    limit: int | None = None,
+    *,
+    with_attempts: bool = False,
 ) -> MessageView | None:
     """The message with its text (an operator's view), or with at most `limit` octets of its segment (a
-    DSN's source, which quotes only the header section: a 50 MB text is not read for a bounce).
+    DSN's source, which quotes only the header section: a 50 MB text is not read for a bounce), and its
+    attempts when asked.
 
     Its text is None when its segment file is gone (it was delivered between the two reads, or the spool
     is damaged).
@@ -129,7 +166,7 @@ def _read_message(
         return None
     data: bytes | None
     try:
-        data = bodies.joined(row[6], row[7], row[8], row[9], limit)
+        data = bodies.joined(row[8], row[9], row[10], row[11], limit)
     except OSError:
         data = None
     recipients = tuple(
@@ -138,7 +175,16 @@ def _read_message(
             f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid", (message_id,)
         )
     )
-    return _message_view(row[:6], recipients, data)
+    attempts: tuple[AttemptView, ...] = ()
+    if with_attempts:
+        attempts = tuple(
+            AttemptView(*r)
+            for r in conn.execute(
+                "SELECT rid, member, reply, at FROM attempt WHERE message_id = ? ORDER BY at, aid",
+                (message_id,),
+            )
+        )
+    return _message_view(row[:8], recipients, data, attempts)
 
 
 # -- reads ---------------------------------------------------------------------------------------------
@@ -186,26 +232,40 @@ def _chosen_recipients(
 
 
 def show(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> MessageView | None:
-    return _read_message(conn, bodies, message_id)
+    return _read_message(conn, bodies, message_id, with_attempts=True)
 
 
 def stats(conn: sqlite3.Connection, sel: Selector, now: float, limit: int) -> list[DestinationStats]:
     r_terms, r_params = _recipient_terms(sel, OPEN_STATES, "r.")
     m_terms, m_params = _message_terms(sel, now, "m.")
+    where = " AND ".join([*r_terms, *m_terms])
+    params = [*r_params, *m_params]
     rows = conn.execute(
         "SELECT r.pool, r.domain, r.state, count(*), min(m.created)"
-        " FROM recipient r JOIN message m ON m.id = r.message_id"
-        f" WHERE {' AND '.join([*r_terms, *m_terms])} GROUP BY r.pool, r.domain, r.state",
-        [*r_params, *m_params],
+        f" FROM recipient r JOIN message m ON m.id = r.message_id WHERE {where}"
+        " GROUP BY r.pool, r.domain, r.state",
+        params,
     ).fetchall()
+    # SQLite's bare column: beside one max(), r.last_reply comes from the row that holds the maximum, so
+    # this is each group's reply recorded last (work settled before last_at existed has none).
+    last_error = {
+        (pool, domain): reply
+        for pool, domain, reply, _ in conn.execute(
+            "SELECT r.pool, r.domain, r.last_reply, max(r.last_at)"
+            f" FROM recipient r JOIN message m ON m.id = r.message_id WHERE {where}"
+            " AND r.last_reply != '' AND r.last_at IS NOT NULL GROUP BY r.pool, r.domain",
+            params,
+        )
+    }
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
     oldest: dict[tuple[str, str], float] = {}
     for pool, domain, state, n, created in rows:
         counts[(pool, domain)][state] = n
         oldest[(pool, domain)] = min(created, oldest.get((pool, domain), created))
     found = [
-        DestinationStats(pool, domain, n, max(0.0, now - oldest[(pool, domain)]))
-        for (pool, domain), n in counts.items()
+        DestinationStats(pool, domain, n, max(0.0, now - oldest[key]), last_error.get(key, ""))
+        for key, n in counts.items()
+        for pool, domain in (key,)
     ]
     found.sort(key=lambda d: (-d.total, d.pool, d.domain))
     return found[:limit]
@@ -215,11 +275,13 @@ def stats(conn: sqlite3.Connection, sel: Selector, now: float, limit: int) -> li
 
 
 def hold(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    sel.require_criterion("hold")
     where, params = _where(sel, now, _QUEUED)
     return conn.execute(f"UPDATE recipient SET state = 'held' WHERE {where}", params).rowcount
 
 
 def release(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    sel.require_criterion("release")
     # The crash count starts again: the operator released it because the fault is believed fixed, and a
     # message that still crashes gets the full count before it is held again. Rounds are kept, so the
     # retry schedule and max_age go on where they were (mail past max_age gets one try, then expires,
@@ -231,6 +293,7 @@ def release(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
 
 
 def flush(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
+    sel.require_criterion("flush")
     # Only what is not due yet: one already due keeps its earlier time, and with it its place in line.
     where, params = _where(sel, now, _QUEUED)
     return conn.execute(
@@ -239,6 +302,7 @@ def flush(conn: sqlite3.Connection, sel: Selector, now: float) -> int:
 
 
 def move(conn: sqlite3.Connection, sel: Selector, pool: str, now: float) -> int:
+    sel.require_criterion("move")
     where, params = _where(sel, now, _WAITING)
     return conn.execute(
         f"UPDATE recipient SET pool = ? WHERE pool != ? AND {where}", [pool, pool, *params]
@@ -249,6 +313,7 @@ def delete(conn: sqlite3.Connection, bodies: BodyStore, sel: Selector, now: floa
     sel.require_criterion("delete")
     where, params = _where(sel, now, _WAITING)
     touched = [m for (m,) in conn.execute(f"SELECT DISTINCT message_id FROM recipient WHERE {where}", params)]
+    conn.execute(f"DELETE FROM attempt WHERE rid IN (SELECT rid FROM recipient WHERE {where})", params)
     removed = conn.execute(f"DELETE FROM recipient WHERE {where}", params).rowcount
     for message_id in touched:
         drop_if_finished(conn, bodies, message_id)
@@ -262,7 +327,7 @@ def bounce(
     now: float,
     reply: str,
     dsn: DsnBuilder,
-    dsn_pool: str,
+    dsn_pool: DsnPool,
 ) -> int:
     sel.require_criterion("bounce")
     where, params = _where(sel, now, _WAITING)
@@ -279,10 +344,12 @@ def bounce(
         wanted = set(rids)
         envelope = dsn(message, [r for r in message.recipients if r.rid in wanted])
         conn.executemany(
-            "UPDATE recipient SET state = 'bounced', last_reply = ? WHERE rid = ?", [(reply, r) for r in rids]
+            "UPDATE recipient SET state = 'bounced', last_reply = ?, last_at = ? WHERE rid = ?",
+            [(reply, now, r) for r in rids],
         )
         if envelope is not None:
-            queue_dsn(conn, bodies, envelope, dsn_pool, now)
+            pool = dsn_pool if isinstance(dsn_pool, str) else dsn_pool(message)
+            queue_dsn(conn, bodies, envelope, pool, now)
         drop_if_finished(conn, bodies, message_id)
         bounced += len(rids)
     return bounced

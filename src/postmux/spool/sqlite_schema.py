@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import structlog
 
 from postmux.envelope import Envelope, domain_of, new_message_id
 from postmux.spool.bodies import MESSAGES_IN_SEG, BodyStore, Placed
+from postmux.spool.operations import AttemptView
 
 log = structlog.get_logger("postmux.spool")
 
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS message (
     seg_length INTEGER NOT NULL DEFAULT 0,
     clean      INTEGER NOT NULL DEFAULT 0,
     message_id_header TEXT NOT NULL DEFAULT '',
-    labels     TEXT NOT NULL DEFAULT ''
+    labels     TEXT NOT NULL DEFAULT '',
+    attempts_kept INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipient (
     rid         INTEGER PRIMARY KEY,
@@ -47,10 +49,24 @@ CREATE TABLE IF NOT EXISTS recipient (
     rounds      INTEGER NOT NULL DEFAULT 0,
     local_errors INTEGER NOT NULL DEFAULT 0,
     owner       TEXT NOT NULL DEFAULT '',
-    lease_until REAL
+    lease_until REAL,
+    last_member TEXT NOT NULL DEFAULT '',
+    last_at     REAL
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, due);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+-- The attempts kept for the operator's `postmux queue show` (Settlement.member): one row per recipient
+-- per attempt, written in the settle transaction for recipients that stay in the queue, removed with
+-- their message. A spool file from before it gets the table at open (CREATE ... IF NOT EXISTS).
+CREATE TABLE IF NOT EXISTS attempt (
+    aid         INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL,
+    rid         INTEGER NOT NULL,
+    member      TEXT NOT NULL,
+    reply       TEXT NOT NULL,
+    at          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempt_message ON attempt(message_id);
 -- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
 -- The webhook outbox (events/webhooks.py): an event record per endpoint that asked for it, appended in the
 -- transaction of the change it reports, removed when the endpoint acknowledged it. seq orders one
@@ -95,6 +111,13 @@ _ADDED_COLUMNS = (
     # {"tags": {...}, "metadata": {...}} ('' when it gave none: nothing to encode on the hot path).
     ("message", "message_id_header", "TEXT NOT NULL DEFAULT ''"),
     ("message", "labels", "TEXT NOT NULL DEFAULT ''"),
+    # The member of the recipient's last attempt and when its last outcome was recorded (the selector's
+    # `member`, the summary's last error); work settled before them has '' and NULL.
+    ("recipient", "last_member", "TEXT NOT NULL DEFAULT ''"),
+    ("recipient", "last_at", "REAL"),
+    # 1 once the attempt table holds rows of the message: only then does its removal look there, so the
+    # usual message, delivered at its first attempt, is removed with no more statements than before.
+    ("message", "attempts_kept", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 # Indexes on added columns, made once the columns are there. recipient_lease holds only leases that can
@@ -188,8 +211,10 @@ def queue_dsn(conn: sqlite3.Connection, bodies: BodyStore, dsn: Envelope, pool: 
         )
 
 
-def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
-    """Remove a message none of whose recipients is still in the queue (every one final, or none left)."""
+def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> bool:
+    """Remove a message none of whose recipients is still in the queue (every one final, or none left).
+
+    Returns whether it was removed."""
     (open_count,) = conn.execute(
         "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')",
         (message_id,),
@@ -197,12 +222,28 @@ def drop_if_finished(conn: sqlite3.Connection, bodies: BodyStore, message_id: st
     if open_count == 0:
         conn.execute("DELETE FROM recipient WHERE message_id = ?", (message_id,))
         delete_message(conn, bodies, message_id)
+        return True
+    return False
 
 
 def delete_message(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -> None:
-    """The message row goes, and its segment file with it once no other row names it."""
-    for (seg,) in conn.execute("DELETE FROM message WHERE id = ? RETURNING seg", (message_id,)).fetchall():
+    """The message row goes with its attempts, and its segment file once no other row names it."""
+    gone = conn.execute(
+        "DELETE FROM message WHERE id = ? RETURNING seg, attempts_kept", (message_id,)
+    ).fetchall()
+    for seg, attempts_kept in gone:
+        if attempts_kept:
+            conn.execute("DELETE FROM attempt WHERE message_id = ?", (message_id,))
         bodies.release(conn, seg)
+
+
+def record_attempts(conn: sqlite3.Connection, message_id: str, attempts: Iterable[AttemptView]) -> None:
+    """Keep attempts for the operator's view (spool/base.py, Settlement.member and earlier)."""
+    rows = [(message_id, a.rid, a.member, a.reply, a.at) for a in attempts]
+    if not rows:
+        return
+    conn.executemany("INSERT INTO attempt (message_id, rid, member, reply, at) VALUES (?, ?, ?, ?, ?)", rows)
+    conn.execute("UPDATE message SET attempts_kept = 1 WHERE id = ? AND attempts_kept = 0", (message_id,))
 
 
 # -- the quarantine ----------------------------------------------------------------------------------
@@ -267,6 +308,7 @@ def quarantine(
         if bodies is not None:
             delete_message(conn, bodies, message_id)
         else:
+            conn.execute("DELETE FROM attempt WHERE message_id = ?", (message_id,))
             conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
         moved += 1
     return moved

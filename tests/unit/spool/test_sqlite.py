@@ -247,6 +247,52 @@ async def test_a_spool_file_from_before_lease_owners_is_upgraded_at_open_and_lea
     ]
 
 
+async def test_a_spool_file_from_before_attempts_were_kept_gets_the_table_and_columns_at_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "before.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_BEFORE_OWNERS)
+    db.close()
+    spool = await open_spool(path)
+    [item] = await spool.lease_due(now=2, limit=10)
+    [a] = item.recipients
+    shown = await spool.show("m1", 2)
+    assert shown is not None and shown.attempts == ()
+    assert [(r.last_member, r.last_at) for r in shown.recipients] == [("", None), ("", None)]
+    await spool.settle([Settlement("m1", [a.rid], RecipientState.QUEUED, "451", due=9, member="x")], now=3)
+    shown = await spool.show("m1", 3)
+    await spool.close()
+    assert shown is not None
+    assert [(x.member, x.reply, x.at) for x in shown.attempts] == [("x", "451", 3)]
+    assert shown.recipients[0].last_member == "x"
+
+
+async def test_a_message_delivered_at_its_first_attempt_writes_no_attempt_row(tmp_path: Path) -> None:
+    # The hot path: a delivered recipient's attempt is kept only when its message stays in the queue.
+    spool = await open_spool(tmp_path / "s.db")
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = (r.rid for r in work.recipients)
+    await spool.settle(
+        [
+            Settlement(mid, [a], RecipientState.DELIVERED, "250", member="m"),
+            Settlement(mid, [b], RecipientState.DELIVERED, "250", member="m"),
+        ],
+        now=1,
+    )
+    bounced = new_message_id()
+    [work] = await spool.store(bounced, envelope("c@one.test"), {"c@one.test": "p"}, 0)
+    await spool.settle(
+        [Settlement(bounced, [work.recipients[0].rid], RecipientState.BOUNCED, "550", member="m")], now=1
+    )
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT count(*) FROM attempt").fetchone() == (0,)  # written and removed with it
+
+
 async def test_the_checkpointer_copies_the_wal_into_the_database_beside_the_writer(tmp_path: Path) -> None:
     import os
     import threading
