@@ -17,21 +17,21 @@ from postmux.app import App
 from postmux.config import Settings, load_config, settings_from_dict
 from postmux.events.types import Event, EventType
 from tests.integration.test_operator_control import body, cli_runner
-from tests.support import StartUpstream, send, wait_until
+from tests.support import StartUpstream, always, send, wait_until
 from tests.webhook_receiver import Receiver, first_fail
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 TOKEN = "t0ken-for-the-tests-only"
 
 
-def settings(tmp_path: Path, member: str, webhooks: list[dict[str, Any]]) -> Settings:
+def settings(tmp_path: Path, member: str, webhooks: list[dict[str, Any]], retry: str = "1s") -> Settings:
     return settings_from_dict(
         {
             "smtp": {"listen": "127.0.0.1:0", "hostname": "postmux.test"},
             "http": {"listen": "127.0.0.1:0", "admin_token": TOKEN},
             "spool": {"path": str(tmp_path / "spool.db")},
             "events": {"log": str(tmp_path / "events.jsonl")},
-            "retry": {"intervals": ["1s"], "max_age": "1h", "jitter": 0},
+            "retry": {"intervals": [retry], "max_age": "1h", "jitter": 0},
             "pool": [{"name": "default", "members": [{"name": "up", "address": member}]}],
             "webhook": webhooks,
         }
@@ -219,5 +219,35 @@ async def test_events_only_the_bus_brings_are_appended_once_and_those_with_their
         assert [k for k, _ in kinds] == ["Reception", "Delivery", "Bounce", "MemberDown"]
         assert kinds[2] == ("Bounce", "by-operator")
         assert len({r["event_id"] for r in receiver.records()}) == 4
+    finally:
+        await receiver.stop()
+
+
+async def test_an_operators_bounce_through_the_queue_api_reaches_the_endpoint(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up", always("451 4.3.0 not now"))
+    receiver = await Receiver(secret=SECRET).start()
+    try:
+        # Deferred for a minute: queued, not leased, when the operator bounces it.
+        cfg = settings(tmp_path, up.address, [hook(receiver, "ops")], retry="1m")
+        async with App(cfg) as app:
+            reply = await send(app.smtp_port, "m1")
+            queue_id = reply.rsplit(" ", 1)[-1]
+            await wait_until(
+                lambda: "TransientFailure" in {r["type"] for r in receiver.records()}, timeout=10
+            )
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
+                answer = await client.post(
+                    "/api/v1/queue/bounce",
+                    json={"id": queue_id, "reason": "by the operator"},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                assert answer.status_code == 200, answer.text
+            await wait_until(lambda: "Bounce" in {r["type"] for r in receiver.records()}, timeout=10)
+        [bounce] = [r for r in receiver.records() if r["type"] == "Bounce"]
+        assert bounce["id"] == queue_id and bounce["recipient"] == "user@dest.test"
+        types = [r["type"] for r in receiver.records() if r["id"] == queue_id]
+        assert types[0] == "Reception" and types[-1] == "Bounce"
     finally:
         await receiver.stop()
