@@ -35,6 +35,7 @@ from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
 from postmux.events.metrics import Metrics
 from postmux.events.types import Event, EventType
+from postmux.events.webhooks import Webhooks
 from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
@@ -102,6 +103,14 @@ class App:
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
+        # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
+        # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
+        self.webhooks = Webhooks(
+            settings.webhook, self.spool, self.metrics.count_webhook_request, clock=clock
+        )
+        if settings.webhook:  # [[webhook]] is restart-only: no endpoint now, none until a restart
+            self.bus.subscribe(self.webhooks)
+        self.metrics.add_live(self.webhooks.gauges)
         # Each component is built from its section and takes later ones through its own method; the
         # pools, their transports and the operator's drains are filled by configure below, the same call
         # a reload makes (admin/reload.py).
@@ -121,9 +130,10 @@ class App:
             limits=limits or DispatchLimits(),
             resolver=self.resolver,
             warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
+            outbox=self.webhooks,
         )
         self.acceptor = Acceptor(
-            self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock
+            self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock, self.webhooks
         )
         node = NodeView(
             pools=self.pools,
@@ -138,6 +148,7 @@ class App:
             router=self.router,
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
+            webhooks=self.webhooks,
         )
         self.control = Control(
             node,
@@ -222,6 +233,10 @@ class App:
             await self.http.start()
         self._undo.append(("stop counting the queue", self._stop_counting))
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
+        # Before the dispatcher and the listener, so it stops after them: what they commit last is
+        # posted at the next start, and acknowledgements in flight reach the disk before the spool closes.
+        self._undo.append(("stop the webhook senders", self.webhooks.stop))
+        await self.webhooks.start()
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))

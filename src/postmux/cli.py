@@ -205,6 +205,14 @@ def shaping(
     _admin(config, url, token).show("/shaping", as_json=json or not sys.stdout.isatty())
 
 
+@app.command()
+def webhooks(
+    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+) -> None:
+    """Each webhook endpoint: records waiting (backlog), the oldest one's age, last success, last error."""
+    _admin(config, url, token).show("/webhooks", as_json=json or not sys.stdout.isatty())
+
+
 NameArgument = Annotated[str, typer.Argument(help="The member's name (in every pool that has it).")]
 
 

@@ -47,6 +47,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[dns]": config.DnsSettings,
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
+    "[[webhook]]": config.WebhookSettings,
 }
 
 

@@ -1,5 +1,5 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
-(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), reload.
+(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -101,6 +101,10 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
 
     _shaping_routes(app, control)
     _queue_routes(app, control.queue)
+
+    @app.get(f"{ADMIN_PREFIX}/webhooks")
+    async def webhooks() -> dict[str, Any]:
+        return {"webhooks": await control.webhooks()}
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:

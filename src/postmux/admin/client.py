@@ -298,7 +298,40 @@ def shaping_table(lanes: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def webhooks_table(endpoints: list[dict[str, Any]]) -> Table:
+    table = Table(title="webhooks")
+    for column in ("endpoint", "backlog", "oldest pending", "last success", "last error", "next try"):
+        table.add_column(column, justify="right" if column == "backlog" else "left")
+    for e in endpoints:
+        error = e["last_error"]
+        if error:
+            error = f"{_age(e['last_error_age_s'])}: {error}"[:80]
+            if e["failures_in_a_row"]:
+                error += f" ({e['failures_in_a_row']} in a row)"
+        oldest = e["oldest_pending_age_s"]
+        table.add_row(
+            e["endpoint"] + ("" if e["configured"] else " (not configured)"),
+            str(e["backlog"]),
+            "-" if oldest is None else f"{oldest:.1f}s",
+            _age(e["last_success_age_s"]),
+            error or "-",
+            "-" if e["next_try_in_s"] is None else f"in {e['next_try_in_s']:.1f}s",
+        )
+    return table
+
+
 _TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Table]]] = {
     "/members": ("members", members_table),
     "/shaping": ("lanes", shaping_table),
+    "/webhooks": ("webhooks", webhooks_table),
 }

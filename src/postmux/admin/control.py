@@ -51,6 +51,14 @@ class Dispatch(Protocol):
         ...
 
 
+class WebhookStatus(Protocol):
+    """What the admin side reads of the webhook senders (events/webhooks.py Webhooks)."""
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each endpoint: backlog, oldest pending age, last success, last error."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """The parts of a running node the admin side reads and steers; each is the live object, not a copy.
@@ -73,6 +81,7 @@ class NodeView:
     router: Router
     destinations: KnownDestinations
     reporting_mta: str
+    webhooks: WebhookStatus | None = None
 
 
 class Control:
@@ -252,6 +261,14 @@ class Control:
                 timestamp=now,
             )
         )
+
+    # -- webhooks ------------------------------------------------------------------------------------
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook endpoint's backlog and how its last requests went (`postmux webhooks`)."""
+        if self.node.webhooks is None:
+            return []
+        return await self.node.webhooks.status()
 
     # -- reload --------------------------------------------------------------------------------------
 

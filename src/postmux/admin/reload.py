@@ -21,6 +21,8 @@ log = structlog.get_logger("postmux.control")
 # process or in ingress workers) is built once from [smtp]; the HTTP listener and its admin token, the
 # spool and the event log are opened once at start; [shutdown] is handed to the ingress workers at start.
 RESTART_ONLY = ("smtp", "http", "spool", "events", "shutdown")
+# Lists of tables a running process keeps as they were at start: the webhook senders are started once.
+RESTART_ONLY_LISTS = ("webhook",)
 
 # Applies settings to the running node and returns what changed, in words for the operator.
 Configure = Callable[[Settings], list[str]]
@@ -67,7 +69,8 @@ class Reloader:
 
     def running(self, settings: Settings) -> Settings:
         """What runs on: the file's live sections, and the restart-only ones as they were at start."""
-        return settings.model_copy(update={s: getattr(self.started, s) for s in RESTART_ONLY})
+        kept = (*RESTART_ONLY, *RESTART_ONLY_LISTS)
+        return settings.model_copy(update={s: getattr(self.started, s) for s in kept})
 
     def _restart_only(self, new: Settings) -> list[str]:
         """Restart-only keys whose value in the file differs from what is running.
@@ -80,4 +83,8 @@ class Reloader:
             for section in RESTART_ONLY
             for key, value in getattr(new, section)
             if value != getattr(getattr(self.started, section), key)
+        ] + [
+            section
+            for section in RESTART_ONLY_LISTS
+            if getattr(new, section) != getattr(self.started, section)
         ]

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -46,6 +47,7 @@ from postmux.config.sections import (
     SmtpUser,
     SpoolSettings,
     WarmupSettings,
+    WebhookSettings,
     sqlite_path_of,
 )
 from postmux.config.shaping import (
@@ -84,6 +86,17 @@ class Settings(_Frozen):
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
     api_key: tuple[ApiKey, ...] = ()
+    webhook: tuple[WebhookSettings, ...] = ()
+
+    @field_validator("webhook")
+    @classmethod
+    def _unique_webhooks(cls, v: tuple[WebhookSettings, ...]) -> tuple[WebhookSettings, ...]:
+        names = [w.name for w in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            # Each endpoint's backlog is kept under its name: two with one name would share one.
+            raise ValueError(f"webhook names must be unique; repeated: {', '.join(dupes)}")
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -229,6 +242,7 @@ __all__ = [
     "SmtpUser",
     "SpoolSettings",
     "WarmupSettings",
+    "WebhookSettings",
     "http_notes",
     "load_config",
     "parse_duration",

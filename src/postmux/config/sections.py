@@ -12,6 +12,7 @@ from urllib.parse import unquote
 from pydantic import (
     BeforeValidator,
     Field,
+    PrivateAttr,
     SecretStr,
     StrictBool,
     ValidationInfo,
@@ -510,3 +511,138 @@ class RouteMatch(_Frozen):
 class RouteSettings(_Frozen):
     match: RouteMatch
     pool: str
+
+
+# The event types a webhook may ask for (events/types.py EventType, by value), and the default: every
+# event about a message. Member and shaping events are the operator's, asked for by name.
+WebhookEventName = Literal[
+    "Reception",
+    "Delivery",
+    "TransientFailure",
+    "Bounce",
+    "Expiration",
+    "Held",
+    "MemberDown",
+    "MemberUp",
+    "ShapingChanged",
+]
+MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
+    "Reception",
+    "Delivery",
+    "TransientFailure",
+    "Bounce",
+    "Expiration",
+    "Held",
+)
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def webhook_secret(value: str) -> str:
+    """A Standard Webhooks secret: `whsec_` then the base64 of the key, which the spec asks to be 24 to 64
+    random bytes. Checked here, because the package's own decoding skips characters it does not know."""
+    import base64
+    import binascii
+
+    text = value.strip()
+    if not text.startswith("whsec_"):
+        raise ValueError("a Standard Webhooks secret starts with 'whsec_' (then the base64 of the key)")
+    try:
+        key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part after 'whsec_' is not base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"the key is {len(key)} bytes; Standard Webhooks asks for 24 to 64 random bytes")
+    return text
+
+
+class WebhookSettings(_Frozen):
+    """One endpoint that is told of events over HTTP(S), signed as Standard Webhooks (events/webhooks.py)."""
+
+    name: str
+    url: str
+    events: tuple[WebhookEventName, ...] = MESSAGE_EVENT_NAMES
+    # 1: one record per request, as a JSON object; more: up to this many records per request, as an array.
+    batch_size: int = Field(default=1, ge=1, le=1000)
+    # How long a batch that is not full waits for more records, counted from its oldest record.
+    batch_wait: Duration = 0.0
+    secret: SecretStr | None = None
+    secret_file: str | None = None
+    timeout: PositiveDuration = 10.0
+    # A failed request is retried after a wait that doubles from min_backoff up to max_backoff, with jitter.
+    min_backoff: PositiveDuration = 1.0
+    max_backoff: PositiveDuration = 600.0
+    _signing_secret: str | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _WEBHOOK_NAME.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a webhook name: 1-64 letters, digits, '_', '.' or '-', starting with a letter"
+                " or digit (it is a metric label and a CLI word)"
+            )
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL with a host is needed")
+        if any(c.isspace() for c in v):
+            raise ValueError("a URL has no spaces")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one event type is needed (leave the key out for every message event)")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            webhook_secret(v.get_secret_value())  # the value is never echoed
+        return v
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                webhook_secret(_read_secret_file(v))
+            except ValueError as e:
+                raise ValueError(f"{v!r} does not hold a usable secret: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _signing(self) -> WebhookSettings:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        if self.min_backoff > self.max_backoff:
+            raise ValueError("min_backoff is longer than max_backoff")
+        if self.secret is not None:
+            self._signing_secret = webhook_secret(self.secret.get_secret_value())
+        elif self.secret_file is not None:
+            self._signing_secret = webhook_secret(_read_secret_file(self.secret_file))
+        return self
+
+    @property
+    def signing_secret(self) -> str | None:
+        """The `whsec_...` secret requests are signed with (`secret` or `secret_file`); None: unsigned."""
+        return self._signing_secret
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} cannot be read: {e}") from None

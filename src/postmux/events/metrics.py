@@ -62,6 +62,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.webhook_requests = Counter(
+            "postmux_webhook_requests",
+            "Webhook requests per endpoint by result: 2xx (acknowledged), 3xx/4xx/5xx, timeout, error",
+            ["endpoint", "result"],
+            registry=self.registry,
+        )
         self._last_reception = ""
         self._last_held = ""
 
@@ -90,6 +96,9 @@ class Metrics:
         if result is None:
             return
         self.deliveries.labels(event.pool, event.member, result).inc()
+
+    def count_webhook_request(self, endpoint: str, result: str) -> None:
+        self.webhook_requests.labels(endpoint, result).inc()
 
     def observe_attempt(self, pool: str, member: str, seconds: float) -> None:
         self.duration.labels(pool, member).observe(seconds)

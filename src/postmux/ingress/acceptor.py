@@ -23,6 +23,7 @@ from postmux.envelope import (
     new_message_id,
 )
 from postmux.events.bus import EventBus
+from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
 from postmux.spool.base import Answered, NewMessage, Spool
@@ -90,6 +91,7 @@ class Acceptor:
         bus: EventBus,
         hostname: str,
         clock: Callable[[], float] = time.time,
+        outbox: EventOutbox = NO_OUTBOX,
     ) -> None:
         self.hostname = hostname
         self.spool = spool
@@ -97,15 +99,17 @@ class Acceptor:
         self.sink = sink
         self.bus = bus
         self.clock = clock
+        self.outbox = outbox
 
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not."""
         now = self.clock()
-        message = self._prepare(envelope, "", now)
+        message, receptions = self._prepare(envelope, "", now)
         hot = self.sink.has_room()
-        work = await self.spool.store(message.message_id, message.envelope, message.pools, now, lease=hot)
-        self._hand_on(work, hot)
-        self._announce(message, now)
+        work = await self.spool.store(
+            message.message_id, message.envelope, message.pools, now, lease=hot, outbox=message.outbox
+        )
+        self._hand_on([message], work, hot, receptions)
         return message.message_id
 
     async def accept_all(
@@ -118,19 +122,19 @@ class Acceptor:
         Raises SpoolError when nothing could be stored.
         """
         now = self.clock()
-        messages = [self._prepare(s.envelope, s.pool, now) for s in submissions]
+        prepared = [self._prepare(s.envelope, s.pool, now) for s in submissions]
+        messages = [message for message, _ in prepared]
         record = answer([m.message_id for m in messages]) if answer is not None else None
         hot = self.sink.has_room()
         stored = await self.spool.store_all(messages, now, lease=hot, answer=record)
         if stored.answered is not None:
             return stored.answered
-        self._hand_on(stored.work, hot)
-        for message in messages:
-            self._announce(message, now)
+        self._hand_on(messages, stored.work, hot, [e for _, events in prepared for e in events])
         return [m.message_id for m in messages]
 
-    def _prepare(self, envelope: Envelope, pool: str, now: float) -> NewMessage:
-        """The message as it will be stored: its id, its Received field, each recipient's pool.
+    def _prepare(self, envelope: Envelope, pool: str, now: float) -> tuple[NewMessage, list[Event]]:
+        """The message as it will be stored (its id, its Received field, each recipient's pool, the webhook
+        rows of its Reception events, which commit with it), and those events.
 
         `pool`, when given (the HTTP API's `pool`, checked by the caller), takes every recipient;
         otherwise the routes choose, the X-Postmux-Pool header among what they match.
@@ -153,18 +157,23 @@ class Acceptor:
             metadata=asked.metadata,
             message_id_header=asked.message_id_header,
         )
-        return NewMessage(message_id, envelope, pools)
+        receptions = [reception(envelope, message_id, rcpt, pools[rcpt], now) for rcpt in envelope.recipients]
+        # The webhook rows commit with the message (events/outbox.py): a kept message's Reception is
+        # never lost, and one refused has none. No webhook: no rows, nothing encoded.
+        return NewMessage(message_id, envelope, pools, self.outbox.rows(receptions)), receptions
 
-    def _hand_on(self, work: list[WorkItem], hot: bool) -> None:
+    def _hand_on(
+        self, messages: list[NewMessage], work: list[WorkItem], hot: bool, receptions: list[Event]
+    ) -> None:
+        """After the commit: the senders told of new webhook rows, the work handed on, the events out."""
+        if any(m.outbox for m in messages):
+            self.outbox.committed()
         if hot:
             self.sink.submit(work)
         else:
             self.sink.scan_soon()
-
-    def _announce(self, message: NewMessage, now: float) -> None:
-        envelope, pools = message.envelope, message.pools
-        for rcpt in envelope.recipients:
-            self.bus.emit(reception(envelope, message.message_id, rcpt, pools[rcpt], now))
+        for event in receptions:
+            self.bus.emit(event)
 
     def _received(self, envelope: Envelope, message_id: str, now: float) -> bytes:
         """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes here.

@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,6 +35,7 @@ from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
+from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
 from postmux.scheduling.gate import Gate, gate
@@ -45,7 +46,7 @@ from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
-from postmux.spool.base import AttemptView, Settlement, Spool, SpoolError
+from postmux.spool.base import AttemptView, OutboxRow, Settlement, Spool, SpoolError
 from postmux.work import WorkItem
 
 log = structlog.get_logger("postmux.dispatcher")
@@ -100,8 +101,10 @@ class Dispatcher:
         limits: DispatchLimits | None = None,
         resolver: MxResolver | None = None,
         warmup: WarmupLedger | None = None,
+        outbox: EventOutbox = NO_OUTBOX,
     ) -> None:
         self.settings = settings
+        self.outbox = outbox
         self.spool = spool
         self.pools = pools
         self.transports = transports
@@ -420,7 +423,11 @@ class Dispatcher:
         return Rules(self.retry, self.router, self.settings.smtp.hostname)
 
     async def _apply(self, verdict: Verdict, pool: Pool, member: Member | None, now: float) -> None:
-        """Do what `verdict` says, in its order: events, tally, work for another member, the record."""
+        """Do what `verdict` says, in its order: events, tally, work for another member, the record.
+
+        The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
+        """
+        rows = self.outbox.rows(verdict.events)
         for event in verdict.events:
             self.bus.emit(event)
         if member is not None and verdict.tally is not verdicts.NO_TALLY:
@@ -431,16 +438,23 @@ class Dispatcher:
             log.warning("message held", message=s.message_id, reason="local_error", crashes=s.local_errors)
         if verdict.retry_now is not None:
             self.submit([verdict.retry_now], front=True)
-        await self._record(verdict.settlements, now)
+        await self._record(verdict.settlements, now, rows)
 
-    async def _record(self, settlements: list[Settlement], now: float) -> None:
-        if not settlements:
+    async def _record(
+        self, settlements: list[Settlement], now: float, rows: Sequence[OutboxRow] = ()
+    ) -> None:
+        if not settlements and not rows:
             return
         if self._tries:  # empty on the usual path: an attempt retried at once on another member fills it
             settlements = [self._with_earlier(s) for s in settlements]
         for attempt in range(5):
             try:
-                await self.spool.settle(settlements, now)
+                # Events without a settlement (a try passed on to another member) are appended alone.
+                # Per message, rows commit in the order events happen: this write joins the spool's one
+                # writer queue before `retry_now`'s attempt can even start, let alone settle.
+                await self.spool.settle(settlements, now, outbox=rows)
+                if rows:
+                    self.outbox.committed()
                 break
             except SpoolError as e:
                 # Until this is recorded the work stays leased, so it is retried after a restart at worst.

@@ -44,6 +44,9 @@ __all__ = [
     "DsnPool",
     "MessageView",
     "NewMessage",
+    "OutboxBacklog",
+    "OutboxEntry",
+    "OutboxRow",
     "QueueOperations",
     "QueuePage",
     "RecipientState",
@@ -54,6 +57,7 @@ __all__ = [
     "SpoolBackend",
     "SpoolError",
     "Stored",
+    "WebhookOutbox",
 ]
 
 
@@ -102,11 +106,12 @@ class Settlement:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """One message of `Spool.store_all`: as `store`'s arguments."""
+    """One message of `Spool.store_all`: as `store`'s arguments (`outbox`: its webhook rows)."""
 
     message_id: str
     envelope: Envelope
     pools: Mapping[str, str]
+    outbox: Sequence[OutboxRow] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,38 @@ class Stored:
 
     work: list[WorkItem]
     answered: Answered | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An event record for one webhook endpoint, to append to that endpoint's outbox (events/webhooks.py).
+
+    `record` is the JSON text of Event.as_record(), sent as it is (never parsed again).
+    """
+
+    endpoint: str
+    event_id: str
+    record: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A row waiting in an endpoint's outbox: `seq` orders one endpoint's rows as they were committed."""
+
+    seq: int
+    event_id: str
+    record: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """What waits for one endpoint: how many rows, and when the oldest (the head) was appended."""
+
+    endpoint: str
+    rows: int
+    oldest_created: float
 
 
 class Spool(Protocol):
@@ -174,9 +211,19 @@ class Spool(Protocol):
         ...
 
     async def store(
-        self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
+        self,
+        message_id: str,
+        envelope: Envelope,
+        pools: Mapping[str, str],
+        now: float,
+        *,
+        lease: bool = True,
+        outbox: Sequence[OutboxRow] = (),
     ) -> list[WorkItem]:
         """Store a message durably under `message_id`; `pools` maps each recipient to its pool.
+
+        `outbox`: webhook rows (the message's Reception events) appended in the same transaction, so an
+        accepted message's events can never be lost while the message is kept; none given, none written.
 
         The text is envelope.data then envelope.tail (a file in `spill_dir`), both durable before this
         returns. The tail's file is the spool's from the call on, whatever the outcome: kept as the
@@ -196,7 +243,8 @@ class Spool(Protocol):
         lease: bool = True,
         answer: Answered | None = None,
     ) -> Stored:
-        """Store several messages, as `store` does each, in one transaction: all of them or none.
+        """Store several messages, as `store` does each (their webhook rows too), in one transaction: all
+        of them or none.
 
         With `answer`, the idempotency record is written in that same transaction, so a request is
         either stored with its answer or not at all, whatever crash comes between. If a live record for
@@ -211,8 +259,14 @@ class Spool(Protocol):
         beside the writer."""
         ...
 
-    async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
+    async def settle(
+        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+    ) -> None:
         """Record outcomes; a message whose recipients are all final is removed.
+
+        `outbox`: webhook rows (the events that tell of these outcomes) appended in the same transaction:
+        an outcome is never recorded without its events, nor its events without it. Settlements may be
+        empty, to append events that report no change of state (a try passed on to another member).
 
         Recorded whoever holds the lease now: an outcome is a fact about the recipient, even from a node
         whose lease ran out meanwhile. Cost: one round trip, one write per recipient.
@@ -333,5 +387,42 @@ class QueueOperations(Protocol):
         ...
 
 
-class SpoolBackend(Spool, QueueOperations, Protocol):
+class WebhookOutbox(Protocol):
+    """The webhook outbox: per endpoint, event records in the order they were committed, until sent.
+
+    Rows are appended with the change they report (`Spool.store` and `Spool.settle` take them), or alone
+    with `outbox_append`; a sender reads an endpoint's head, posts it, and acknowledges it. Each endpoint
+    has rows of its own (fanned out when appended), so a slow endpoint's backlog never holds up another.
+    Nothing is written for an endpoint that does not exist: with no webhook configured the outbox costs
+    nothing. Reads do not hold up the writer.
+    """
+
+    async def outbox_append(self, rows: Sequence[OutboxRow]) -> None:
+        """Append rows in one transaction (events that go with no change of the queue: member events).
+        Cost: one round trip, shared with other writes (group commit)."""
+        ...
+
+    async def outbox_head(self, endpoint: str, after: int, limit: int) -> list[OutboxEntry]:
+        """Up to `limit` of the endpoint's rows with seq > `after`, oldest first.
+
+        `after` is the last seq the sender already posted (its acknowledgement may still be on its way to
+        the disk). So seq order must be commit order: once a reader has seen seq N, no row with a seq
+        below N may commit later (SQLite: one writer; PostgreSQL will need a commit-ordered sequence or a
+        lock on append, else a sender reading past a row still uncommitted would skip it for good).
+        Cost: one index search, read beside the writer.
+        """
+        ...
+
+    async def outbox_ack(self, endpoint: str, seqs: Sequence[int]) -> int:
+        """Remove rows the endpoint acknowledged; returns how many went. Durable on return, but a sender
+        need not wait for it: a row whose removal a crash undoes is posted again (at least once)."""
+        ...
+
+    async def outbox_backlog(self) -> list[OutboxBacklog]:
+        """Per endpoint that has rows (configured or not), how many and the oldest's time, by name.
+        Cost: one pass over the outbox index, read beside the writer."""
+        ...
+
+
+class SpoolBackend(Spool, QueueOperations, WebhookOutbox, Protocol):
     """What a spool implementation provides (SqliteSpool; a PostgreSQL spool next)."""

@@ -32,7 +32,7 @@ import structlog
 
 from postmux.body import BodyFile
 from postmux.envelope import Envelope, domain_of
-from postmux.spool import sqlite_queue
+from postmux.spool import sqlite_outbox, sqlite_queue
 from postmux.spool.base import (
     FINAL_STATES,
     Answered,
@@ -42,6 +42,9 @@ from postmux.spool.base import (
     DsnPool,
     MessageView,
     NewMessage,
+    OutboxBacklog,
+    OutboxEntry,
+    OutboxRow,
     QueuePage,
     RecipientState,
     Selector,
@@ -337,11 +340,20 @@ class SqliteSpool:
         self._lock.release()
 
     async def store(
-        self, message_id: str, envelope: Envelope, pools: Mapping[str, str], now: float, *, lease: bool = True
+        self,
+        message_id: str,
+        envelope: Envelope,
+        pools: Mapping[str, str],
+        now: float,
+        *,
+        lease: bool = True,
+        outbox: Sequence[OutboxRow] = (),
     ) -> list[WorkItem]:
         taken = self._lease(now) if lease else None
         try:
-            return await self._call(lambda c: _store(c, self.bodies, message_id, envelope, pools, now, taken))
+            return await self._call(
+                lambda c: _store(c, self.bodies, message_id, envelope, pools, now, taken, outbox)
+            )
         except BaseException:
             # The tail is the spool's from the call on: unless adopted by a committed row, it goes.
             if envelope.tail is not None:
@@ -370,8 +382,10 @@ class SqliteSpool:
     async def answered(self, client: str, key: str, now: float) -> Answered | None:
         return await self._read_beside(lambda c: _answered(c, client, key, now))
 
-    async def settle(self, settlements: Sequence[Settlement], now: float) -> None:
-        await self._call(lambda c: _settle(c, self.bodies, settlements, now))
+    async def settle(
+        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+    ) -> None:
+        await self._call(lambda c: _settle(c, self.bodies, settlements, now, outbox))
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
@@ -430,6 +444,23 @@ class SqliteSpool:
         selector.require_criterion("move")
         return await self._call(lambda c: sqlite_queue.move(c, selector, pool, now))
 
+    # -- the WebhookOutbox protocol ----------------------------------------------------------------
+
+    async def outbox_append(self, rows: Sequence[OutboxRow]) -> None:
+        if rows:
+            await self._call(lambda c: sqlite_outbox.append(c, rows))
+
+    async def outbox_head(self, endpoint: str, after: int, limit: int) -> list[OutboxEntry]:
+        return await self._read_beside(lambda c: sqlite_outbox.head(c, endpoint, after, limit))
+
+    async def outbox_ack(self, endpoint: str, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        return await self._call(lambda c: sqlite_outbox.ack(c, endpoint, seqs))
+
+    async def outbox_backlog(self) -> list[OutboxBacklog]:
+        return await self._read_beside(sqlite_outbox.backlog)
+
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -450,8 +481,11 @@ def _store(
     pools: Mapping[str, str],
     now: float,
     lease: _Lease | None,
+    outbox: Sequence[OutboxRow] = (),
 ) -> list[WorkItem]:
     placed = insert_message(conn, bodies, message_id, env, now)
+    if outbox:
+        sqlite_outbox.append(conn, outbox)
     state = RecipientState.LEASED if lease else RecipientState.QUEUED
     owner, until = (lease.owner, lease.until) if lease else ("", None)
     groups: dict[tuple[str, str], list[WorkRecipient]] = defaultdict(list)
@@ -509,7 +543,7 @@ def _store_all(
         )
     work: list[WorkItem] = []
     for m in messages:
-        work += _store(conn, bodies, m.message_id, m.envelope, m.pools, now, lease)
+        work += _store(conn, bodies, m.message_id, m.envelope, m.pools, now, lease, m.outbox)
     return Stored(work)
 
 
@@ -531,8 +565,14 @@ def _answered(conn: sqlite3.Connection, client: str, key: str, now: float) -> An
 
 
 def _settle(
-    conn: sqlite3.Connection, bodies: BodyStore, settlements: Sequence[Settlement], now: float
+    conn: sqlite3.Connection,
+    bodies: BodyStore,
+    settlements: Sequence[Settlement],
+    now: float,
+    outbox: Sequence[OutboxRow] = (),
 ) -> None:
+    if outbox:
+        sqlite_outbox.append(conn, outbox)
     touched: set[str] = set()
     waiting: set[str] = set()
     delivered: list[Settlement] = []

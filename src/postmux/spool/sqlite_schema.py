@@ -80,6 +80,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 -- Rows found unusable at open, moved aside with the reason so an operator can look (or repair and re-add).
+-- The webhook outbox (events/webhooks.py): an event record per endpoint that asked for it, appended in the
+-- transaction of the change it reports, removed when the endpoint acknowledged it. seq orders one
+-- endpoint's rows as they were committed; AUTOINCREMENT so a seq is never reused, even after the newest
+-- row went (a sender's place is "after seq N").
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint  TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    created   REAL NOT NULL,
+    record    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_endpoint ON webhook_outbox(endpoint, seq);
 CREATE TABLE IF NOT EXISTS quarantine (
     qid         INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
