@@ -24,7 +24,9 @@ from postmux.config import load_config
 from postmux.passwords import hash_password
 from postmux.spool.base import SpoolError
 from tests.support import StartUpstream, Upstream, make_settings, read_events, wait_until
+from tests.webhook_receiver import Receiver
 
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"w" * 32).decode()
 SHOP_KEY = "shop-" + "k" * 27
 BLOG_KEY = "blog-" + "b" * 27
 # A cheap scrypt cost: the tests check which key matches, not how slow a guess is.
@@ -436,3 +438,37 @@ hash = "{key_hash}"
         assert (await app.reload()).ok
         assert (await node.post(message(), key=BLOG_KEY)).status_code == 202
         assert (await node.post(message())).status_code == 401  # remembered no longer: the key is gone
+
+
+async def test_a_batchs_events_reach_a_webhook_with_their_tags(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")
+    receiver = await Receiver(secret=WEBHOOK_SECRET).start()
+    try:
+        hook = {"name": "each", "url": receiver.url("/each"), "secret": WEBHOOK_SECRET}
+        async with App(settings_for(tmp_path, up, webhook=[hook])) as app:
+            batch = {
+                "messages": [
+                    message(
+                        recipients=[{"email": f"u{i}@dest.test"}], tags={"n": str(i)}, metadata={"k": "v"}
+                    )
+                    for i in range(3)
+                ]
+            }
+            response = await Node(app, up, tmp_path).post(batch, "/api/v1/messages/batch")
+            assert response.status_code == 202
+            ids = {r["messages"][0]["id"] for r in response.json()["results"]}
+            await wait_until(lambda: len(receiver.records("/each")) >= 6, timeout=10)
+        records = receiver.records("/each")
+        assert receiver.bad_signatures == []
+        assert {(r["id"], r["type"]) for r in records} == {
+            (i, t) for i in ids for t in ("Reception", "Delivery")
+        }
+        assert all(
+            r["metadata"] == {"k": "v"} and r["auth_user"] == "shop"
+            for r in records
+            if r["type"] == "Reception"
+        )
+    finally:
+        await receiver.stop()
