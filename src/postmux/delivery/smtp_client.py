@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Protocol, cast
 
 import aiosmtplib
 import structlog
@@ -265,6 +265,20 @@ async def _drained(protocol: SMTPProtocol, timeout: float) -> None:
         await asyncio.wait_for(protocol._drain_helper(), timeout)
     except TimeoutError as e:
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message text") from e
+
+
+class _SendsText(Protocol):
+    """send_data or send_text: how the text goes, and the reply to it."""
+
+    async def __call__(
+        self,
+        client: aiosmtplib.SMTP,
+        data: bytes,
+        *,
+        timeout: float,
+        tail: BodyFile | None = None,
+        clean: bool = False,
+    ) -> aiosmtplib.SMTPResponse: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,16 +697,7 @@ class SmtpTransport:
         if not accepted:
             await self._reset(client)
             return replies
-        try:
-            response = await send_data(
-                client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
-            )
-            reply = Reply.parse(response.code, response.message)
-        except aiosmtplib.SMTPDataError as e:
-            reply = Reply.parse(e.code, e.message)
-            await self._reset(client)
-        except _LOCAL_ERRORS as e:
-            raise _ConnectionLost(e, "during DATA") from e
+        reply = await self._text(client, work, send_data)
         for rid in accepted:
             replies[rid] = reply
         return replies
@@ -728,17 +733,22 @@ class SmtpTransport:
             await self._abandon(client, data_reply)
             refused = Reply.parse(data_reply.code, data_reply.message)
             return {**replies, **{rid: refused for rid in accepted}}
+        reply = await self._text(client, work, send_text)
+        return {**replies, **{rid: reply for rid in accepted}}
+
+    async def _text(self, client: aiosmtplib.SMTP, work: Transaction, send: _SendsText) -> Reply:
+        """The text sent by `send` (send_data: DATA first; send_text: after a pipelined DATA's 354) and
+        the reply every accepted recipient gets; a refusal resets the transaction for the next one."""
         try:
-            response = await send_text(
+            response = await send(
                 client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
             )
-            reply = Reply.parse(response.code, response.message)
         except aiosmtplib.SMTPDataError as e:
-            reply = Reply.parse(e.code, e.message)
             await self._reset(client)
+            return Reply.parse(e.code, e.message)
         except _LOCAL_ERRORS as e:
             raise _ConnectionLost(e, "during DATA") from e
-        return {**replies, **{rid: reply for rid in accepted}}
+        return Reply.parse(response.code, response.message)
 
     async def _abandon(self, client: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPResponse) -> None:
         """End a pipelined transaction that is not to carry the text, leaving the connection fit for more.
