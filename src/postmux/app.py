@@ -31,6 +31,7 @@ from postmux.config import Settings, http_notes
 from postmux.delivery.factory import MemberTransports, TransportFactory, smtp_transport
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.transport import MemberTransport
+from postmux.dkim import DkimSigner
 from postmux.events.bus import EventBus
 from postmux.events.log import JsonLinesLog
 from postmux.events.metrics import Metrics
@@ -132,8 +133,16 @@ class App:
             warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
             outbox=self.webhooks,
         )
+        self.signer = DkimSigner(settings.dkim, clock)
         self.acceptor = Acceptor(
-            self.spool, self.router, self.dispatcher, self.bus, settings.smtp.hostname, clock, self.webhooks
+            self.spool,
+            self.router,
+            self.dispatcher,
+            self.bus,
+            settings.smtp.hostname,
+            clock,
+            self.webhooks,
+            self.signer,
         )
         node = NodeView(
             pools=self.pools,
@@ -385,6 +394,9 @@ class App:
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)
         self.submissions.reconfigure(settings)
+        # [[dkim]]: the keys were read again with the file (config loads them), so a rotated key file
+        # is taken at reload even under the same selector name.
+        changes.extend(self.signer.reconfigure(settings.dkim))
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

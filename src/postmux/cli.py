@@ -144,6 +144,55 @@ def passwd() -> None:
     typer.echo(hash_password(password))
 
 
+dkim_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="DKIM keys ([[dkim]] in the config)."
+)
+app.add_typer(dkim_app, name="dkim")
+
+
+@dkim_app.command("genkey")
+def dkim_genkey(
+    domain: Annotated[str, typer.Argument(help="The signing domain (d=).")],
+    selector: Annotated[str, typer.Argument(help="The selector (s=): where the record goes in DNS.")],
+    algorithm: Annotated[
+        str, typer.Option(help="rsa (RSA-2048, rsa-sha256) or ed25519 (ed25519-sha256, RFC 8463).")
+    ] = "rsa",
+    out: Annotated[Path, typer.Option(help="The directory the key file is written to.")] = Path("."),
+) -> None:
+    """Write a new private key to OUT/DOMAIN.SELECTOR.key (mode 0600; never over an existing file) and print
+    the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN, then the [[dkim]] lines for the config."""
+    import os
+
+    from postmux.dkim import Algorithm, generate_key
+
+    if algorithm not in ("rsa", "ed25519"):
+        typer.echo(f"postmux dkim genkey: --algorithm is rsa or ed25519, not {algorithm!r}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    full: Algorithm = "rsa-sha256" if algorithm == "rsa" else "ed25519-sha256"
+    pem, key = generate_key(full)
+    path = out / f"{domain}.{selector}.key"
+    try:
+        # O_EXCL: a key in use is never overwritten; 0600 from the start, never readable by others.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        typer.echo(f"postmux dkim genkey: {path}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    typer.echo(f"; private key written to {path}", err=True)
+    typer.echo(f"{selector}._domainkey.{domain}. IN TXT {_txt_strings(key.record())}")
+    typer.echo(
+        f'; config:\n; [[dkim]]\n; domain = "{domain}"\n; selectors = [{{ name = "{selector}", '
+        f'algorithm = "{full}", key_file = "{path.resolve()}" }}]',
+        err=True,
+    )
+
+
+def _txt_strings(record: str) -> str:
+    """A TXT value in quoted strings of at most 255 octets each (RFC 1035 3.3.14; RSA-2048's is ~400)."""
+    return " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+
+
 @app.command()
 def demo(
     messages: Annotated[int, typer.Option(help="How many messages to send through the farm.")] = 3000,

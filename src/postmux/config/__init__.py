@@ -29,6 +29,8 @@ from postmux.config.sections import (
     ApiSettings,
     CheckSettings,
     DeliverySettings,
+    DkimSelectorSettings,
+    DkimSettings,
     EventSettings,
     HashKey,
     HealthSettings,
@@ -48,6 +50,7 @@ from postmux.config.sections import (
     SpoolSettings,
     WarmupSettings,
     WebhookSettings,
+    dkim_problems,
     sqlite_path_of,
 )
 from postmux.config.shaping import (
@@ -87,6 +90,15 @@ class Settings(_Frozen):
     api: ApiSettings = ApiSettings()
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
+    dkim: tuple[DkimSettings, ...] = ()
+
+    @field_validator("dkim")
+    @classmethod
+    def _dkim_entries(cls, v: tuple[DkimSettings, ...]) -> tuple[DkimSettings, ...]:
+        problem = dkim_problems(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("webhook")
     @classmethod
@@ -211,6 +223,8 @@ __all__ = [
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
+    "DkimSelectorSettings",
+    "DkimSettings",
     "DnsSettings",
     "Duration",
     "EventSettings",

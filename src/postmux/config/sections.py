@@ -30,6 +30,14 @@ from postmux.config.values import (
     parse_duration,
     split_hostport,
 )
+from postmux.dkim import (
+    DEFAULT_HEADERS,
+    DEFAULT_OVERSIGN,
+    NEVER_SIGNED,
+    KeyProblem,
+    PrivateKey,
+    load_private_key,
+)
 
 
 class SmtpUser(_Frozen):
@@ -646,3 +654,112 @@ def _read_secret_file(path: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path!r} cannot be read: {e}") from None
+
+
+# RFC 5322 3.6.8: a field name is printable US-ASCII but ":".
+_FIELD_NAME = re.compile(r"[!-9;-~]+\Z", re.ASCII)
+# RFC 6376 3.1: a selector is one or more DNS labels.
+_SELECTOR = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*\Z"
+)
+
+
+class DkimSelectorSettings(_Frozen):
+    """One selector of a signing domain: its name in DNS, its algorithm, and the file of its private key
+    (never the key itself here). The key is read when the file is loaded, at start and at each reload."""
+
+    name: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    key_file: str
+    _key: PrivateKey | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        if not _SELECTOR.match(v) or len(v) > 63:
+            raise ValueError(f"{v!r} is not a selector (DNS labels, RFC 6376 3.1)")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _load(self) -> DkimSelectorSettings:
+        try:
+            self._key = load_private_key(self.key_file, self.algorithm)
+        except KeyProblem as e:
+            raise ValueError(f"key_file: {e}") from None
+        return self
+
+    @property
+    def key(self) -> PrivateKey:
+        assert self._key is not None  # set by _load, or the settings were refused
+        return self._key
+
+
+def _field_names(v: tuple[str, ...]) -> tuple[str, ...]:
+    for name in v:
+        if not _FIELD_NAME.match(name):
+            raise ValueError(f"{name!r} is not a header field name")
+        if name.lower() in NEVER_SIGNED:
+            raise ValueError(f"{name} changes on the way and must not be signed (RFC 6376 5.4)")
+    return v
+
+
+class DkimSettings(_Frozen):
+    """A signing domain (d=): mail whose From: domain is it (or, with `subdomains`, below it; or any
+    domain without an entry, with `fallback`) is signed once per selector: several selectors, several
+    signatures (RSA and Ed25519 side by side, RFC 8463 5)."""
+
+    domain: Hostname
+    selectors: tuple[DkimSelectorSettings, ...] = Field(min_length=1)
+    subdomains: StrictBool = False
+    fallback: StrictBool = False
+    headers: tuple[str, ...] = DEFAULT_HEADERS
+    oversign: tuple[str, ...] = DEFAULT_OVERSIGN
+
+    @field_validator("domain")
+    @classmethod
+    def _a_labels(cls, v: str) -> str:
+        import idna
+
+        try:
+            # d= is written in A-labels (RFC 8616 4).
+            return idna.encode(v.rstrip("."), uts46=True).decode("ascii").lower()
+        except idna.IDNAError as e:
+            raise ValueError(f"{v!r} is not a domain: {e}") from None
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        _field_names(v)
+        if "from" not in {h.lower() for h in v}:
+            raise ValueError("From must be signed (RFC 6376 5.4)")
+        return v
+
+    @field_validator("oversign")
+    @classmethod
+    def _oversign(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _field_names(v)
+
+    @field_validator("selectors")
+    @classmethod
+    def _unique_selectors(cls, v: tuple[DkimSelectorSettings, ...]) -> tuple[DkimSelectorSettings, ...]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"selector names must be unique in a domain; repeated: {', '.join(dupes)}")
+        return v
+
+    @property
+    def keys(self) -> tuple[DkimSelectorSettings, ...]:
+        return self.selectors
+
+
+def dkim_problems(entries: tuple[DkimSettings, ...]) -> str:
+    """What is wrong across [[dkim]] entries ("" when nothing): a domain twice, or two fallbacks."""
+    domains = [d.domain for d in entries]
+    dupes = sorted({d for d in domains if domains.count(d) > 1})
+    if dupes:
+        return f"each domain has one entry; repeated: {', '.join(dupes)}"
+    fallbacks = [d.domain for d in entries if d.fallback]
+    if len(fallbacks) > 1:
+        return f"one entry at most is the fallback; these are: {', '.join(fallbacks)}"
+    return ""
