@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import dkim
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from postmux.app import App
 from postmux.cli import app as cli
+from postmux.config import ConfigError, load_config
+from postmux.dkim import generate_key
 from tests.dns_server import LoopbackDns
 from tests.support import StartUpstream, make_settings, wait_until
 
@@ -223,3 +226,62 @@ async def test_the_fallback_domain_signs_mail_of_other_domains(
     data = up.received[0].data
     assert b"d=example.test" in data
     assert mail_dkim(data, dns)["rsa1"] == "pass"
+
+
+async def test_mail_sent_through_the_http_api_is_signed(
+    tmp_path: Path, upstream: StartUpstream, keys: Keys, dns: LoopbackDns
+) -> None:
+    from tests.integration.test_submission_api import SHOP_KEY, message, settings_for
+
+    up = await upstream("up")
+    entry = keys.dkim(domain="shop.test")
+    async with App(settings_for(tmp_path, up, dkim=entry)) as app:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", headers={"Authorization": f"Bearer {SHOP_KEY}"}
+        ) as client:
+            response = await client.post("/api/v1/messages", json=message(tags={"campaign": "x"}))
+        assert response.status_code == 202, response.text
+        await wait_until(lambda: len(up.received) == 1)
+    data = up.received[0].data
+    assert data.count(b"DKIM-Signature:") == 2 and b"d=shop.test" in data
+    zone = keys.zone.replace(f"._domainkey.{DOMAIN}.", "._domainkey.shop.test.")
+    with LoopbackDns(zone) as shop_dns:
+        assert mail_dkim(data, shop_dns)["rsa1"] == "pass"
+
+
+async def test_reload_takes_a_rotated_key_and_refuses_a_bad_one(
+    tmp_path: Path, upstream: StartUpstream, keys: Keys, dns: LoopbackDns
+) -> None:
+    up = await upstream("up")
+    key = tmp_path / "rotating.key"
+    shutil.copy(keys.dir / f"{DOMAIN}.ed1.key", key)  # at first, ed1's key under selector rsa1's name
+    cfg = tmp_path / "postmux.toml"
+    cfg.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:0"\nhostname = "postmux.test"\n[http]\nlisten = "127.0.0.1:0"\n'
+        f'[spool]\npath = "{tmp_path / "spool.db"}"\n[events]\nlog = "{tmp_path / "events.jsonl"}"\n'
+        f'[[pool]]\nname = "default"\nmembers = [{{ name = "up", address = "{up.address}" }}]\n'
+        f'[[dkim]]\ndomain = "{DOMAIN}"\n'
+        f'selectors = [{{ name = "rsa1", algorithm = "rsa-sha256", key_file = "{key}" }}]\n'
+    )
+    with pytest.raises(ConfigError, match="is not an RSA key"):
+        load_config(cfg)
+    shutil.copy(keys.dir / f"{DOMAIN}.rsa1.key", key)
+    async with App(load_config(cfg), config_path=cfg) as app:
+        await send_raw(app.smtp_port, CASES["plain"][0])
+        await wait_until(lambda: len(up.received) == 1)
+        # Rotation: a new key in the same file (its record not published): taken at reload.
+        new_pem, _ = generate_key("rsa-sha256")
+        key.write_bytes(new_pem)
+        assert (await app.reload()).ok
+        await send_raw(app.smtp_port, CASES["plain"][0])
+        await wait_until(lambda: len(up.received) == 2)
+        # A broken key file: the reload is refused, naming the file, and signing goes on with the last key.
+        key.write_bytes(b"garbage")
+        refused = await app.reload()
+        assert not refused.ok and str(key) in refused.problems[0][1]
+        await send_raw(app.smtp_port, CASES["plain"][0])
+        await wait_until(lambda: len(up.received) == 3)
+    results = [mail_dkim(r.data, dns)["rsa1"] for r in up.received]
+    assert results[0] == "pass"
+    assert results[1].startswith("fail") and results[2].startswith("fail")  # signed with the rotated key
+    assert up.received[1].data.count(b"DKIM-Signature:") == up.received[2].data.count(b"DKIM-Signature:") == 1
