@@ -34,6 +34,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from postmux.body import BodyFile
 from postmux.headers import head_field_value, header_section_end
+from postmux.text import has_bare_cr_or_lf
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
@@ -253,7 +254,8 @@ class RelaxedBodyHash:
     line without its line end gets one. An empty body hashes as "" (RFC 6376 erratum 3192).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, clean: bool = False) -> None:
+        self._clean = clean  # postmux.body: CRLF line ends only, known already; nothing to look for
         self._sha = hashlib.sha256()
         self._carry = b""  # the start of a line not yet ended
         self._empty_lines = 0  # empty lines seen and not yet hashed: they count only if text follows
@@ -276,9 +278,11 @@ class RelaxedBodyHash:
 
     def _lines(self, block: bytes) -> None:
         """Whole lines (`block` ends with a line end)."""
-        if _has_bare_cr_or_lf(block):
+        if not self._clean and has_bare_cr_or_lf(block):
             block = _ANY_LINE_END.sub(b"\r\n", block)
-        block = _WSP_RUN.sub(b" ", block).replace(b" \r\n", b"\r\n")
+        if b"\t" in block or b"  " in block:  # two searches at memchr speed; the regex costs 10 times more
+            block = _WSP_RUN.sub(b" ", block)
+        block = block.replace(b" \r\n", b"\r\n")
         text = block.rstrip(b"\r\n")
         if not text:
             self._empty_lines += len(block) // 2
@@ -287,13 +291,9 @@ class RelaxedBodyHash:
         self._empty_lines = (len(block) - len(text)) // 2 - 1
 
 
-def _has_bare_cr_or_lf(octets: bytes) -> bool:
-    return octets.count(b"\n") != octets.count(b"\r\n") or octets.count(b"\r") != octets.count(b"\r\n")
-
-
-def body_hash(data: bytes, start: int, tail: BodyFile | None) -> bytes:
+def body_hash(data: bytes, start: int, tail: BodyFile | None, *, clean: bool = False) -> bytes:
     """The relaxed body hash of the text from `start` in `data`, then its `tail` read in chunks."""
-    hashed = RelaxedBodyHash()
+    hashed = RelaxedBodyHash(clean=clean)
     hashed.update(data[start:])
     if tail is not None:
         for chunk in tail.chunks():
@@ -342,12 +342,12 @@ class DkimSigner:
         if tail is not None and end == len(data) and not data.endswith((b"\n\n", b"\r\n\r\n")):
             return b""
         head = data[:end]
-        if not clean and _has_bare_cr_or_lf(head):
+        if not clean and has_bare_cr_or_lf(head):
             head = _ANY_LINE_END.sub(b"\r\n", head)
         entry = signing_domain(author_domain(head), self.domains)
         if entry is None:
             return b""
-        bh = base64.b64encode(body_hash(data, end, tail))
+        bh = base64.b64encode(body_hash(data, end, tail, clean=clean))
         return b"".join(self._signature(head, bh, entry, key) for key in entry.keys)
 
     def _signature(self, head: bytes, bh: bytes, entry: DkimDomain, selector: DkimSelector) -> bytes:

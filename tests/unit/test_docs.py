@@ -48,6 +48,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,
+    "[[dkim]]": config.DkimSettings,
+    "Selectors": config.DkimSelectorSettings,
 }
 
 
