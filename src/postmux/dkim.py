@@ -22,7 +22,7 @@ import base64
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
@@ -309,7 +309,7 @@ def header_list(present: Iterable[bytes], headers: Sequence[str], oversign: Sequ
         seen[found] = seen.get(found, 0) + 1
     over = {o.lower() for o in oversign}
     names: list[bytes] = []
-    for name in dict.fromkeys([*(h.lower() for h in headers), *over]):
+    for name in dict.fromkeys([*(h.lower() for h in headers), *(o.lower() for o in oversign)]):
         wanted = name.encode("ascii")
         names.extend([wanted] * (seen.get(wanted, 0) + (1 if name in over else 0)))
     return names
@@ -320,7 +320,7 @@ class DkimSigner:
     per selector, one RSA-2048 (~1 ms) or Ed25519 (~0.1 ms) signature (bench/README.md).
     Thread-safe: it holds nothing per message, and `reconfigure` swaps one tuple."""
 
-    def __init__(self, domains: Sequence[DkimDomain] = (), clock: Any = time.time) -> None:
+    def __init__(self, domains: Sequence[DkimDomain] = (), clock: Callable[[], float] = time.time) -> None:
         self.domains: tuple[DkimDomain, ...] = tuple(domains)
         self.clock = clock
 
