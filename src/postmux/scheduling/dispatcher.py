@@ -36,9 +36,10 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
+from postmux.reputation.spf import SpfEvaluator
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
-from postmux.scheduling.gate import Gate, gate
+from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.ready import ReadyQueues
 from postmux.scheduling.retry import RetrySchedule
@@ -102,6 +103,7 @@ class Dispatcher:
         resolver: MxResolver | None = None,
         warmup: WarmupLedger | None = None,
         outbox: EventOutbox = NO_OUTBOX,
+        spf: SpfEvaluator | None = None,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
@@ -122,6 +124,10 @@ class Dispatcher:
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
         self.shaper = Shaper(settings.shaping)
         self.warmup = warmup or WarmupLedger(None)
+        self.spf = spf or SpfEvaluator(settings.spf, settings.dns, clock)
+        # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
+        # evaluation has answered (as ReadyQueues parks work for an MX answer).
+        self._spf_parked: dict[str, list[WorkItem]] = {}
         self._ready = ReadyQueues(self._destination, self._mx_destination, self._wake.set)
         # Attempts not settled yet, by recipient: their work went at once to another member (_remember_tries).
         self._tries: dict[int, list[AttemptView]] = {}
@@ -167,6 +173,7 @@ class Dispatcher:
         self.settings = settings
         self.retry = RetrySchedule(settings.retry)
         self.shaper.configure(settings.shaping)
+        self.spf.reconfigure(settings.spf, settings.dns)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class Dispatcher:
         Work still in memory stays leased in the spool and is recovered at the next start.
         """
         self._accepting_work = False
-        lookups = list(self._ready.lookups)
+        lookups = [*self._ready.lookups, *self.spf.pending]
         for task in [*self._loops, *lookups]:
             task.cancel()
         await asyncio.gather(*self._loops, *lookups, return_exceptions=True)
@@ -231,6 +238,7 @@ class Dispatcher:
                 transport.reap_idle(now)
             self.shaper.prune(self.clock())
             self.resolver.prune()
+            self.spf.prune()
             self.warmup.flush()
 
     def _dispatch_ready(self) -> float:
@@ -244,17 +252,25 @@ class Dispatcher:
             while q and self._accepting_work:
                 item = q[0]
                 pool = self._pool_of(item)
+                barred = self._spf_barred(item, pool, now)
+                if barred is None:  # its sender domain's first SPF verdict is on its way
+                    self._park_for_spf(ready.take(q))
+                    continue
                 held = self._gate(pool, item.destination, now)
                 # Suspended or capped members are passed over (their mail may go to a lower tier);
                 # busy or rate-limited ones are waited for, like a member at its connection limit.
-                member = pool.pick(self._hash_key(pool, item), now, item.tried | held.away, held.closed)
+                # Members the SPF record does not permit are passed over as if tried.
+                unfit = item.tried | barred
+                member = pool.pick(self._hash_key(pool, item), now, unfit | held.away, held.closed)
                 if member is None:
-                    if pool.can_serve(now, item.tried | held.away):
+                    if pool.can_serve(now, unfit | held.away):
                         next_turn = min(next_turn, held.next_turn)
                         break  # every member that may take it is busy or waits its turn: the queue waits
                     ready.take(q)
-                    if held.away and pool.can_serve(now, item.tried):
+                    if held.away and pool.can_serve(now, unfit):
                         self._hold_back(item, pool, held, now)
+                    elif barred and not item.tried and pool.can_serve(now, item.tried | held.away):
+                        self._spawn(self._spf_refused(item, pool, barred))
                     else:
                         self._spawn(self._no_member(item, pool))
                     continue
@@ -263,6 +279,57 @@ class Dispatcher:
             if not q:
                 del queues[name]
         return next_turn
+
+    # -- SPF: members the sender domain does not permit -------------------------------------------------
+
+    def _spf_barred(self, item: WorkItem, pool: Pool, now: float) -> frozenset[str] | None:
+        """The members SPF keeps from this work; None while its domain's first verdict is evaluated.
+
+        Never waits: an expired verdict is used while one evaluation refreshes it, so only a domain's
+        first message (and what comes with it) waits for DNS, parked apart from the queue.
+        The null sender (bounces, DSNs) is exempt: its mail must go out, and what receivers check for
+        it is the HELO name (RFC 7208 2.3), the operator's own, which the doctor checks instead.
+        """
+        if not self.spf.enabled:
+            return NONE_BARRED
+        domain = domain_of(item.sender).lower()
+        ips = {ip for m in pool.members for ip in m.settings.spf_ips}
+        if not domain or not ips:
+            return NONE_BARRED
+        verdict = self.spf.cached(domain)
+        fresh = verdict is not None and verdict.expires > now and verdict.covers(ips)
+        if not fresh:
+            self._spf_refresh(domain)
+        if verdict is None:
+            return None
+        return spf_barred(verdict, pool, self.settings.spf)
+
+    def _spf_refresh(self, domain: str) -> None:
+        """One evaluation of `domain` for every judged IP of the farm; parked work goes back when it ends."""
+        ips = {ip for p in self.pools.values() for m in p.members for ip in m.settings.spf_ips}
+        task = self.spf.refresh(domain, ips)
+        if task is not None:
+            task.add_done_callback(lambda _: self._spf_answered(domain))
+
+    def _spf_answered(self, domain: str) -> None:
+        items = self._spf_parked.pop(domain, [])
+        self._ready.count -= len(items)
+        if items:
+            self.submit(items, front=True)
+        self._wake.set()
+
+    def _park_for_spf(self, item: WorkItem) -> None:
+        self._ready.count += 1  # still work in memory (has_room), though out of its queue
+        self._spf_parked.setdefault(domain_of(item.sender).lower(), []).append(item)
+
+    async def _spf_refused(self, item: WorkItem, pool: Pool, barred: frozenset[str]) -> None:
+        """No member the SPF record permits is left for this work: it waits (verdicts.spf_refused)."""
+        now = self.clock()
+        domain = domain_of(item.sender).lower()
+        log.warning("no member permitted by spf", domain=domain, pool=pool.name, barred=sorted(barred))
+        await self._apply(
+            verdicts.spf_refused(item, pool, domain, barred, self._rules(), now), pool, None, now
+        )
 
     def _gate(self, pool: Pool, destination: str, now: float) -> Gate:
         return gate(self.shaper, self.warmup, pool, destination, now)

@@ -247,6 +247,28 @@ def no_member(item: WorkItem, pool: Pool, rules: Rules, now: float) -> Verdict:
     return v
 
 
+def spf_refused(
+    item: WorkItem, pool: Pool, domain: str, barred: Collection[str], rules: Rules, now: float
+) -> Verdict:
+    """Every member that could take the work is one the sender domain's SPF record does not permit.
+
+    A transient failure, never a bounce: the operator can fix it (publish the members' IPs in the record,
+    add a permitted member), so the work waits on the retry schedule and expires with a DSN after
+    `max_age` as deferred work does. RFC 7372 3: X.7.23, "SPF validation failed".
+    """
+    v = Verdict()
+    names = ", ".join(sorted(barred))
+    reply = Reply(
+        451, "4.7.23", f"no member of pool {pool.name} is permitted by the SPF record of {domain} ({names})"
+    )
+    tags = {"reason": "spf_not_permitted", "spf_domain": domain}
+    _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)  # its Expiration events, if any
+    if not v.events:
+        for r in item.recipients:
+            v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now, tags=tags))
+    return v
+
+
 def overflow(item: WorkItem, gate: Gate, pools: Collection[str]) -> WorkItem | None:
     """The work, moved to the overflow pool of a warm-up-capped member that could take it; None: stays.
 
