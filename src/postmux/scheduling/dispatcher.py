@@ -39,7 +39,7 @@ from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.reputation.spf import SpfEvaluator
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
-from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred
+from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred, spf_why
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.ready import ReadyQueues
 from postmux.scheduling.retry import RetrySchedule
@@ -326,10 +326,11 @@ class Dispatcher:
         """No member the SPF record permits is left for this work: it waits (verdicts.spf_refused)."""
         now = self.clock()
         domain = domain_of(item.sender).lower()
-        log.warning("no member permitted by spf", domain=domain, pool=pool.name, barred=sorted(barred))
-        await self._apply(
-            verdicts.spf_refused(item, pool, domain, barred, self._rules(), now), pool, None, now
-        )
+        verdict = self.spf.cached(domain)
+        why = spf_why(verdict, pool, self.settings.spf, barred) if verdict else dict.fromkeys(barred, "?")
+        log.warning("no member permitted by spf", domain=domain, pool=pool.name, members=why)
+        v = verdicts.spf_refused(item, pool, domain, why, self._rules(), now)
+        await self._apply(v, pool, None, now)
 
     def _gate(self, pool: Pool, destination: str, now: float) -> Gate:
         return gate(self.shaper, self.warmup, pool, destination, now)

@@ -10,6 +10,7 @@ unlimited costs one dictionary look-up, and only lanes that may hold an attempt 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -116,3 +117,16 @@ def spf_barred(verdict: SpfVerdict, pool: Pool, rules: SpfSettings) -> frozenset
 
 
 NONE_BARRED: frozenset[str] = frozenset()
+
+
+def spf_why(verdict: SpfVerdict, pool: Pool, rules: SpfSettings, barred: Collection[str]) -> dict[str, str]:
+    """For the operator: each barred member and the SPF result that keeps it out (its first such IP)."""
+    why: dict[str, str] = {}
+    for m in pool.members:
+        if m.name in barred:
+            for ip in m.settings.spf_ips:
+                result = verdict.results.get(ip, "none")
+                if not spf_permits(result, rules):
+                    why[m.name] = f"{ip} {result}"
+                    break
+    return why

@@ -248,19 +248,27 @@ def no_member(item: WorkItem, pool: Pool, rules: Rules, now: float) -> Verdict:
 
 
 def spf_refused(
-    item: WorkItem, pool: Pool, domain: str, barred: Collection[str], rules: Rules, now: float
+    item: WorkItem, pool: Pool, domain: str, why: Mapping[str, str], rules: Rules, now: float
 ) -> Verdict:
     """Every member that could take the work is one the sender domain's SPF record does not permit.
 
-    A transient failure, never a bounce: the operator can fix it (publish the members' IPs in the record,
-    add a permitted member), so the work waits on the retry schedule and expires with a DSN after
-    `max_age` as deferred work does. RFC 7372 3: X.7.23, "SPF validation failed".
+    `why`: each barred member and the result that keeps it out ("192.0.2.20 fail"). A transient failure,
+    never a bounce: the operator can fix it (publish the members' IPs in the record, add a permitted
+    member), so the work waits on the retry schedule and expires with a DSN after `max_age` as deferred
+    work does. RFC 7372 3: X.7.23 "SPF validation failed", X.7.24 "SPF validation error" when only
+    records that could not be evaluated (temperror, permerror, with [spf] on_error = "closed") keep it.
     """
     v = Verdict()
-    names = ", ".join(sorted(barred))
-    reply = Reply(
-        451, "4.7.23", f"no member of pool {pool.name} is permitted by the SPF record of {domain} ({names})"
-    )
+    errors = all(r.split()[-1] in ("temperror", "permerror") for r in why.values())
+    members = ", ".join(f"{name}: {result}" for name, result in sorted(why.items()))
+    if errors:
+        reply = Reply(451, "4.7.24", f"the SPF record of {domain} could not be evaluated ({members})")
+    else:
+        reply = Reply(
+            451,
+            "4.7.23",
+            f"no member of pool {pool.name} is permitted by the SPF record of {domain} ({members})",
+        )
     tags = {"reason": "spf_not_permitted", "spf_domain": domain}
     _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)  # its Expiration events, if any
     if not v.events:

@@ -1,0 +1,158 @@
+"""SPF-aware routing end to end: relays declare their sending IPs, a loopback zone holds the records."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from postmux.app import App
+from tests.dns_server import LoopbackDns
+from tests.support import StartUpstream, make_settings, read_events, send, send_many, wait_until
+
+ZONE = """
+example.com.        300 IN TXT "v=spf1 include:_spf.farm.test -all"
+_spf.farm.test.     300 IN TXT "v=spf1 ip4:192.0.2.10 ~all"
+nobody.test.        300 IN TXT "v=spf1 ip4:203.0.113.0/24 -all"
+"""
+
+
+def relays(a: str, b: str) -> dict[str, Any]:
+    return {
+        "name": "default",
+        "policy": "round_robin",
+        "members": [
+            {"name": "relay-a", "address": a, "sending_ips": ["192.0.2.10"]},
+            {"name": "relay-b", "address": b, "sending_ips": ["192.0.2.20"]},
+        ],
+    }
+
+
+async def test_every_message_goes_to_the_one_relay_the_spf_record_permits(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(
+            tmp_path,
+            [relays(a.address, b.address)],
+            dns={"nameservers": [dns.address]},
+            spf={"enabled": True},
+        )
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"m{i}" for i in range(20)])
+            await wait_until(lambda: len(a.received) == 20)
+        # One evaluation served all 20 messages (the record was asked for once, then cached).
+        assert dns.queries[("example.com", "TXT")] == 1
+    assert len(b.received) == 0
+
+
+async def test_without_spf_routing_both_relays_share_the_mail(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(tmp_path, [relays(a.address, b.address)], dns={"nameservers": [dns.address]})
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"m{i}" for i in range(20)])
+            await wait_until(lambda: len(a.received) + len(b.received) == 20)
+        assert not dns.queries  # off by default: no lookup at all
+    assert a.received and b.received
+
+
+async def test_no_permitted_member_defers_with_the_reason_and_an_event(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(
+            tmp_path,
+            [relays(a.address, b.address)],
+            dns={"nameservers": [dns.address]},
+            spf={"enabled": True},
+        )
+        async with App(settings) as app:
+            await send(app.smtp_port, "refused", sender="app@nobody.test")
+            events = tmp_path / "events.jsonl"
+            await wait_until(lambda: any(e["type"] == "TransientFailure" for e in read_events(events)))
+    deferred = [e for e in read_events(events) if e["type"] == "TransientFailure"]
+    e = deferred[0]
+    assert e["response"]["code"] == 451 and e["response"]["enhanced_code"] == "4.7.23"
+    assert "permitted by the SPF record of nobody.test" in e["response"]["text"]
+    assert "relay-a: 192.0.2.10 fail" in e["response"]["text"]
+    assert "relay-b: 192.0.2.20 fail" in e["response"]["text"]
+    assert e["tags"]["reason"] == "spf_not_permitted" and e["tags"]["spf_domain"] == "nobody.test"
+    assert not any(ev["type"] in ("Bounce", "Delivery") for ev in read_events(events))
+    assert not a.received and not b.received
+
+
+async def test_softfail_permitted_by_configuration_lets_the_softfailed_relay_take_mail(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    zone = 'soft.test. 300 IN TXT "v=spf1 ip4:192.0.2.10 ~all"'
+    with LoopbackDns(zone) as dns:
+        settings = make_settings(
+            tmp_path,
+            [relays(a.address, b.address)],
+            dns={"nameservers": [dns.address]},
+            spf={"enabled": True, "softfail": "permitted"},
+        )
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"m{i}" for i in range(10)], sender="app@soft.test")
+            await wait_until(lambda: len(a.received) + len(b.received) == 10)
+    assert a.received and b.received
+
+
+async def test_the_null_sender_is_not_judged(tmp_path: Path, upstream: StartUpstream) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    with LoopbackDns(ZONE) as dns:
+        settings = make_settings(
+            tmp_path,
+            [relays(a.address, b.address)],
+            dns={"nameservers": [dns.address]},
+            spf={"enabled": True},
+        )
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"m{i}" for i in range(10)], sender="")
+            await wait_until(lambda: len(a.received) + len(b.received) == 10)
+        assert not dns.queries
+    assert a.received and b.received
+
+
+async def _with_silent_nameserver(tmp_path: Path, upstream: StartUpstream, on_error: str) -> tuple[int, Path]:
+    a = await upstream("relay-a")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        pool = {
+            "name": "default",
+            "members": [{"name": "relay-a", "address": a.address, "sending_ips": ["192.0.2.10"]}],
+        }
+        settings = make_settings(
+            tmp_path,
+            [pool],
+            dns={"nameservers": [f"127.0.0.1:{silent.getsockname()[1]}"], "timeout": "0.3s"},
+            spf={"enabled": True, "on_error": on_error, "timeout": "1s"},
+        )
+        events = tmp_path / "events.jsonl"
+        async with App(settings) as app:
+            await send(app.smtp_port, "timeout")
+            await wait_until(
+                lambda: (
+                    len(a.received) == 1 or any(e["type"] == "TransientFailure" for e in read_events(events))
+                )
+            )
+    return len(a.received), events
+
+
+async def test_a_lookup_timeout_fails_open_by_default(tmp_path: Path, upstream: StartUpstream) -> None:
+    delivered, _ = await _with_silent_nameserver(tmp_path, upstream, "open")
+    assert delivered == 1
+
+
+async def test_a_lookup_timeout_fails_closed_when_configured(tmp_path: Path, upstream: StartUpstream) -> None:
+    delivered, events = await _with_silent_nameserver(tmp_path, upstream, "closed")
+    assert delivered == 0
+    [e] = [e for e in read_events(events) if e["type"] == "TransientFailure"]
+    assert e["response"]["enhanced_code"] == "4.7.24" and e["tags"]["reason"] == "spf_not_permitted"
+    assert "could not be evaluated (relay-a: 192.0.2.10 temperror)" in e["response"]["text"]
