@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,56 @@ async def test_a_lookup_timeout_fails_closed_when_configured(tmp_path: Path, ups
     [e] = [e for e in read_events(events) if e["type"] == "TransientFailure"]
     assert e["response"]["enhanced_code"] == "4.7.24" and e["tags"]["reason"] == "spf_not_permitted"
     assert "could not be evaluated (relay-a: 192.0.2.10 temperror)" in e["response"]["text"]
+
+
+async def test_a_changed_record_takes_effect_once_the_verdict_expires(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    from dnslib import RR
+
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    with LoopbackDns('example.com. 1 IN TXT "v=spf1 ip4:192.0.2.10 -all"') as dns:
+        settings = make_settings(
+            tmp_path,
+            [relays(a.address, b.address)],
+            dns={"nameservers": [dns.address], "min_ttl": "1s", "max_ttl": "1s"},
+            spf={"enabled": True},
+        )
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"a{i}" for i in range(5)])
+            await wait_until(lambda: len(a.received) == 5)
+            # The domain moves its mail to relay-b's IP; within a TTL postmux follows.
+            dns.zone.records = RR.fromZone('example.com. 1 IN TXT "v=spf1 ip4:192.0.2.20 -all"')
+            await asyncio.sleep(1.2)
+            # The first message after expiry may still go by the old verdict while the new one is asked.
+            await send(app.smtp_port, "refresh")
+            await wait_until(lambda: dns.queries[("example.com", "TXT")] == 2)
+            await send_many(app.smtp_port, [f"b{i}" for i in range(5)])
+            await wait_until(lambda: len(b.received) >= 5)
+    assert {r.test_id for r in b.received} >= {f"b{i}" for i in range(5)}
+    assert len(a.received) + len(b.received) == 11
+
+
+async def test_source_members_are_judged_by_their_own_address(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    mx = await upstream("mx")
+    zone = 'example.com. 300 IN TXT "v=spf1 ip4:127.0.0.3 -all"'
+    with LoopbackDns(zone) as dns:
+        pool = {
+            "name": "default",
+            "members": [
+                {"name": "ip2", "kind": "source", "source_address": "127.0.0.2"},
+                {"name": "ip3", "kind": "source", "source_address": "127.0.0.3"},
+            ],
+        }
+        settings = make_settings(
+            tmp_path,
+            [pool],
+            dns={"nameservers": [dns.address], "overrides": {"dest.test": mx.address}},
+            spf={"enabled": True},
+        )
+        async with App(settings) as app:
+            await send_many(app.smtp_port, [f"m{i}" for i in range(10)])
+            await wait_until(lambda: len(mx.received) == 10)
+    assert {r.peer for r in mx.received} == {"127.0.0.3"}

@@ -275,6 +275,7 @@ class Dispatcher:
                         self._spawn(self._no_member(item, pool))
                     continue
                 ready.take(q)
+                item.barred = barred
                 self._start(item, pool, member, now, q)
             if not q:
                 del queues[name]

@@ -136,7 +136,7 @@ def settled(
         v.settlements.append(final(item, bounced, RecipientState.BOUNCED, outcome.remote, rules, now))
     if deferred:
         retry_now = [r for r, _ in deferred]
-        if pool.can_serve(now, item.tried):
+        if pool.can_serve(now, item.tried | item.barred):
             v.retry_now = replace(item, recipients=retry_now)
         else:
             _defer_or_expire(v, item, pool, retry_now, deferred[-1][1], rules, now)
@@ -155,7 +155,7 @@ def unfit(
     """
     v = Verdict()
     unable = item.unfit | {member}
-    if pool.can_serve(now, item.tried):
+    if pool.can_serve(now, item.tried | item.barred):
         for r in item.recipients:
             reply = outcome.replies[r.rid]
             v.events.append(
@@ -197,7 +197,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
     tags = {"local_error": type(error).__name__}
     for r in bumped:
         v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, tags=tags))
-    if pool.can_serve(now, item.tried):
+    if pool.can_serve(now, item.tried | item.barred):
         v.retry_now = replace(item, recipients=bumped)
     else:
         _defer_or_expire(v, item, pool, bumped, reply, rules, now)
