@@ -36,7 +36,7 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
-from postmux.reputation.spf import SpfEvaluator
+from postmux.reputation.spf import SpfEvaluator, SpfVerdict
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
 from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred, spf_why
@@ -128,6 +128,9 @@ class Dispatcher:
         # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
         # evaluation has answered (as ReadyQueues parks work for an MX answer).
         self._spf_parked: dict[str, list[WorkItem]] = {}
+        # What the pure judgement said, per (pool, sender domain), for a verdict and a roster (_spf_barred).
+        self._spf_judged: dict[tuple[str, str], tuple[SpfVerdict, int, frozenset[str]]] = {}
+        self._spf_pool_ips: dict[str, tuple[int, frozenset[str]]] = {}
         self._ready = ReadyQueues(self._destination, self._mx_destination, self._wake.set)
         # Attempts not settled yet, by recipient: their work went at once to another member (_remember_tries).
         self._tries: dict[int, list[AttemptView]] = {}
@@ -174,6 +177,8 @@ class Dispatcher:
         self.retry = RetrySchedule(settings.retry)
         self.shaper.configure(settings.shaping)
         self.spf.reconfigure(settings.spf, settings.dns)
+        self._spf_judged.clear()
+        self._spf_pool_ips.clear()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -239,6 +244,8 @@ class Dispatcher:
             self.shaper.prune(self.clock())
             self.resolver.prune()
             self.spf.prune()
+            if len(self._spf_judged) > 10_000:  # bounded: judged again at the next pick, cheaply
+                self._spf_judged.clear()
             self.warmup.flush()
 
     def _dispatch_ready(self) -> float:
@@ -293,17 +300,30 @@ class Dispatcher:
         """
         if not self.spf.enabled:
             return NONE_BARRED
+        ips = self._spf_ips(pool)
         domain = domain_of(item.sender).lower()
-        ips = {ip for m in pool.members for ip in m.settings.spf_ips}
         if not domain or not ips:
             return NONE_BARRED
         verdict = self.spf.cached(domain)
-        fresh = verdict is not None and verdict.expires > now and verdict.covers(ips)
-        if not fresh:
+        if verdict is None or verdict.expires <= now or not verdict.covers(ips):
             self._spf_refresh(domain)
-        if verdict is None:
-            return None
-        return spf_barred(verdict, pool, self.settings.spf)
+            if verdict is None:
+                return None
+        # Judged once per verdict and roster: judging afresh cost ~11 us a pick for 10 members.
+        key = (pool.name, domain)
+        judged = self._spf_judged.get(key)
+        if judged is None or judged[0] is not verdict or judged[1] != pool.version:
+            judged = (verdict, pool.version, spf_barred(verdict, pool, self.settings.spf))
+            self._spf_judged[key] = judged
+        return judged[2]
+
+    def _spf_ips(self, pool: Pool) -> frozenset[str]:
+        """The IPs SPF judges `pool`'s members by, as of its current roster."""
+        known = self._spf_pool_ips.get(pool.name)
+        if known is None or known[0] != pool.version:
+            known = (pool.version, frozenset(ip for m in pool.members for ip in m.settings.spf_ips))
+            self._spf_pool_ips[pool.name] = known
+        return known[1]
 
     def _spf_refresh(self, domain: str) -> None:
         """One evaluation of `domain` for every judged IP of the farm; parked work goes back when it ends."""
