@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dns.exception
-import dns.nameserver
 import dns.resolver
 import spf  # type: ignore[import-untyped]
 import structlog
 
-from postmux.config import DnsSettings, SpfSettings, split_hostport
+from postmux.config import DnsSettings, SpfSettings
+from postmux.delivery.mx import nameserver
 
 log = structlog.get_logger("postmux.spf")
 
@@ -107,13 +107,6 @@ def _routed_lookup(name: str, qtype: str, strict: object = True, timeout: float 
 
 
 spf.DNSLookup = _routed_lookup
-
-
-def _nameserver(spec: str) -> dns.nameserver.Nameserver:
-    if spec.count(":") == 1 or spec.startswith("["):
-        host, port = split_hostport(spec)
-        return dns.nameserver.Do53Nameserver(host, port)
-    return dns.nameserver.Do53Nameserver(spec, 53)
 
 
 def check_host(
@@ -212,7 +205,7 @@ class SpfEvaluator:
         if self._resolver is None:
             if self.dns_settings.nameservers:
                 r = dns.resolver.Resolver(configure=False)
-                r.nameservers = [_nameserver(ns) for ns in self.dns_settings.nameservers]
+                r.nameservers = [nameserver(ns) for ns in self.dns_settings.nameservers]
             else:
                 r = dns.resolver.Resolver()
             r.lifetime = self.dns_settings.timeout

@@ -267,14 +267,14 @@ class Dispatcher:
                 # Suspended or capped members are passed over (their mail may go to a lower tier);
                 # busy or rate-limited ones are waited for, like a member at its connection limit.
                 # Members the SPF record does not permit are passed over as if tried.
-                unfit = item.tried | barred
-                member = pool.pick(self._hash_key(pool, item), now, unfit | held.away, held.closed)
+                passed_over = item.tried | barred
+                member = pool.pick(self._hash_key(pool, item), now, passed_over | held.away, held.closed)
                 if member is None:
-                    if pool.can_serve(now, unfit | held.away):
+                    if pool.can_serve(now, passed_over | held.away):
                         next_turn = min(next_turn, held.next_turn)
                         break  # every member that may take it is busy or waits its turn: the queue waits
                     ready.take(q)
-                    if held.away and pool.can_serve(now, unfit):
+                    if held.away and pool.can_serve(now, passed_over):
                         self._hold_back(item, pool, held, now)
                     elif barred and not item.tried and pool.can_serve(now, item.tried | held.away):
                         self._spawn(self._spf_refused(item, pool, barred))
@@ -296,7 +296,7 @@ class Dispatcher:
         Never waits: an expired verdict is used while one evaluation refreshes it, so only a domain's
         first message (and what comes with it) waits for DNS, parked apart from the queue.
         The null sender (bounces, DSNs) is exempt: its mail must go out, and what receivers check for
-        it is the HELO name (RFC 7208 2.3), the operator's own, which the doctor checks instead.
+        it is the member's HELO name (RFC 7208 2.3), the operator's own rather than a customer's.
         """
         if not self.spf.enabled:
             return NONE_BARRED
