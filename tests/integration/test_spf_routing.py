@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from postmux.app import App
+from postmux.config import load_config
 from tests.dns_server import LoopbackDns
 from tests.support import StartUpstream, make_settings, read_events, send, send_many, wait_until
 
@@ -210,3 +211,46 @@ async def test_source_members_are_judged_by_their_own_address(
             await send_many(app.smtp_port, [f"m{i}" for i in range(10)])
             await wait_until(lambda: len(mx.received) == 10)
     assert {r.peer for r in mx.received} == {"127.0.0.3"}
+
+
+async def test_a_reload_that_moves_sending_ips_moves_the_mail_at_once(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("relay-a"), await upstream("relay-b")
+    cfg = tmp_path / "postmux.toml"
+
+    def write(ip_a: str, ip_b: str) -> None:
+        cfg.write_text(
+            f"""
+[smtp]
+listen = "127.0.0.1:0"
+hostname = "postmux.test"
+[http]
+listen = "127.0.0.1:0"
+[spool]
+path = "{tmp_path / "spool.db"}"
+[events]
+log = "{tmp_path / "events.jsonl"}"
+[dns]
+nameservers = ["{dns.address}"]
+[spf]
+enabled = true
+[[pool]]
+name = "default"
+members = [
+  {{ name = "relay-a", address = "{a.address}", sending_ips = ["{ip_a}"] }},
+  {{ name = "relay-b", address = "{b.address}", sending_ips = ["{ip_b}"] }},
+]
+"""
+        )
+
+    with LoopbackDns('example.com. 300 IN TXT "v=spf1 ip4:192.0.2.10 -all"') as dns:
+        write("192.0.2.10", "192.0.2.20")
+        async with App(load_config(cfg), config_path=cfg) as app:
+            await send_many(app.smtp_port, [f"a{i}" for i in range(5)])
+            await wait_until(lambda: len(a.received) == 5)
+            write("192.0.2.20", "192.0.2.10")  # the relays' addresses were swapped
+            app.control.reload()
+            await send_many(app.smtp_port, [f"b{i}" for i in range(5)])
+            await wait_until(lambda: len(b.received) == 5)
+    assert len(a.received) == 5
