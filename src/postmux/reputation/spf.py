@@ -157,6 +157,9 @@ class SpfEvaluator:
     def pending(self) -> list[asyncio.Task[SpfVerdict]]:
         return list(self._pending.values())
 
+    def evaluating(self, domain: str) -> bool:
+        return domain in self._pending
+
     def refresh(self, domain: str, ips: Collection[str]) -> asyncio.Task[SpfVerdict] | None:
         """Start evaluating `domain` for `ips`; None when an evaluation of it is under way already."""
         if domain in self._pending:

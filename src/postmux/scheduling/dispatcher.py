@@ -301,20 +301,23 @@ class Dispatcher:
         if not self.spf.enabled:
             return NONE_BARRED
         ips = self._spf_ips(pool)
-        domain = domain_of(item.sender).lower()
+        domain = domain_of(item.sender)
         if not domain or not ips:
             return NONE_BARRED
         verdict = self.spf.cached(domain)
-        if verdict is None or verdict.expires <= now or not verdict.covers(ips):
+        if verdict is None:
             self._spf_refresh(domain)
-            if verdict is None:
-                return None
-        # Judged once per verdict and roster: judging afresh cost ~11 us a pick for 10 members.
+            return None
+        # Judged once per verdict and roster: judging afresh cost ~11 us a pick for 10 members (a hit, 1-2).
         key = (pool.name, domain)
         judged = self._spf_judged.get(key)
         if judged is None or judged[0] is not verdict or judged[1] != pool.version:
+            if not verdict.covers(ips):  # a member added since: its IPs are judged by the next verdict
+                self._spf_refresh(domain)
             judged = (verdict, pool.version, spf_barred(verdict, pool, self.settings.spf))
             self._spf_judged[key] = judged
+        if verdict.expires <= now:
+            self._spf_refresh(domain)  # this work goes by the expired verdict meanwhile
         return judged[2]
 
     def _spf_ips(self, pool: Pool) -> frozenset[str]:
@@ -327,6 +330,8 @@ class Dispatcher:
 
     def _spf_refresh(self, domain: str) -> None:
         """One evaluation of `domain` for every judged IP of the farm; parked work goes back when it ends."""
+        if self.spf.evaluating(domain):  # asked at every pick while a verdict is refreshed: cheap
+            return
         ips = {ip for p in self.pools.values() for m in p.members for ip in m.settings.spf_ips}
         task = self.spf.refresh(domain, ips)
         if task is not None:
@@ -341,12 +346,12 @@ class Dispatcher:
 
     def _park_for_spf(self, item: WorkItem) -> None:
         self._ready.count += 1  # still work in memory (has_room), though out of its queue
-        self._spf_parked.setdefault(domain_of(item.sender).lower(), []).append(item)
+        self._spf_parked.setdefault(domain_of(item.sender), []).append(item)
 
     async def _spf_refused(self, item: WorkItem, pool: Pool, barred: frozenset[str]) -> None:
         """No member the SPF record permits is left for this work: it waits (verdicts.spf_refused)."""
         now = self.clock()
-        domain = domain_of(item.sender).lower()
+        domain = domain_of(item.sender)
         verdict = self.spf.cached(domain)
         why = spf_why(verdict, pool, self.settings.spf, barred) if verdict else dict.fromkeys(barred, "?")
         log.warning("no member permitted by spf", domain=domain, pool=pool.name, members=why)
