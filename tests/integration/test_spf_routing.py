@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dnslib import RR
+
 from postmux.app import App
 from postmux.config import load_config
 from tests.dns_server import LoopbackDns
@@ -163,8 +165,6 @@ async def test_a_lookup_timeout_fails_closed_when_configured(tmp_path: Path, ups
 async def test_a_changed_record_takes_effect_once_the_verdict_expires(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    from dnslib import RR
-
     a, b = await upstream("relay-a"), await upstream("relay-b")
     with LoopbackDns('example.com. 1 IN TXT "v=spf1 ip4:192.0.2.10 -all"') as dns:
         settings = make_settings(

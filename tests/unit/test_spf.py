@@ -7,11 +7,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from dnslib import RR
 
 from postmux.balancing.pool import Pool
-from postmux.config import DnsSettings, PoolSettings, SpfSettings
+from postmux.config import DnsSettings, PoolSettings, SpfSettings, settings_from_dict
+from postmux.events.bus import EventBus
 from postmux.reputation.spf import SpfEvaluator, SpfVerdict
+from postmux.scheduling.dispatcher import Dispatcher
 from postmux.scheduling.gate import spf_barred, spf_permits
+from postmux.scheduling.router import Router
+from postmux.work import WorkItem, WorkRecipient
 from tests.dns_server import LoopbackDns
 
 ZONE = """
@@ -178,3 +183,61 @@ def test_source_members_are_judged_by_their_source_address() -> None:
     verdict = SpfVerdict("x.test", {"192.0.2.10": "pass", "192.0.2.20": "softfail"}, expires=0.0)
     assert spf_barred(verdict, pool, SpfSettings(enabled=True)) == {"ip2"}
     assert spf_barred(verdict, pool, SpfSettings(enabled=True, softfail="permitted")) == set()
+
+
+# -- the dispatcher's reading of verdicts: never waiting on DNS once a domain was seen ---------------------
+
+
+class ManualClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dispatcher_on(nameserver: str, clock: ManualClock) -> tuple[Dispatcher, Pool]:
+    members = [
+        {"name": "a", "address": "127.0.0.1:2601", "sending_ips": ["192.0.2.10"]},
+        {"name": "b", "address": "127.0.0.1:2602", "sending_ips": ["192.0.2.20"]},
+    ]
+    s = settings_from_dict(
+        {
+            "pool": [{"name": "default", "members": members}],
+            "dns": {"nameservers": [nameserver], "min_ttl": "10s", "max_ttl": "10s"},
+            "spf": {"enabled": True},
+        }
+    )
+    pools = {"default": Pool(s.pool[0])}
+    return Dispatcher(s, None, pools, {}, Router(s), EventBus(), clock=clock), pools["default"]  # type: ignore[arg-type]
+
+
+def mail_from(sender: str) -> WorkItem:
+    return WorkItem("m1", sender, "default", "dest.test", [WorkRecipient(1, "u@dest.test", 0)], b"x", 0.0)
+
+
+async def test_an_expired_verdict_is_used_while_one_evaluation_refreshes_it() -> None:
+    with LoopbackDns('example.com. 10 IN TXT "v=spf1 ip4:192.0.2.10 -all"') as dns:
+        clock = ManualClock(time.time())
+        d, pool = dispatcher_on(dns.address, clock)
+        item = mail_from("app@example.com")
+        assert d._spf_barred(item, pool, clock.now) is None  # the first: wait for the one evaluation
+        first = d.spf._pending["example.com"]
+        assert d._spf_barred(item, pool, clock.now) is None and d.spf._pending["example.com"] is first
+        await first
+        assert d._spf_barred(item, pool, clock.now) == {"b"}
+        # The domain moves its mail to b's IP; the verdict expires.
+        dns.zone.records = RR.fromZone('example.com. 10 IN TXT "v=spf1 ip4:192.0.2.20 -all"')
+        clock.now += 11
+        assert d._spf_barred(item, pool, clock.now) == {"b"}  # the old verdict, not a wait
+        refresh = d.spf._pending["example.com"]
+        await refresh
+        assert d._spf_barred(item, pool, clock.now) == {"a"}
+        assert dns.queries[("example.com", "TXT")] == 2
+
+
+def test_the_null_sender_and_unjudged_pools_ask_nothing() -> None:
+    clock = ManualClock(time.time())
+    d, pool = dispatcher_on("127.0.0.1:9", clock)
+    assert d._spf_barred(mail_from(""), pool, clock.now) == frozenset()
+    assert not d.spf.pending
