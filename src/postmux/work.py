@@ -40,6 +40,9 @@ class WorkItem:
     tried: set[str] = field(default_factory=set)
     # Members that cannot take this message at all in this round (no SMTPUTF8), a subset of `tried`.
     unfit: set[str] = field(default_factory=set)
+    # Members the sender domain's SPF record does not permit (postmux.scheduling.gate.spf_barred), as of
+    # the dispatcher's last pick: verdicts pass them over as they do tried ones. Not stored.
+    barred: frozenset[str] = frozenset()
     # The shaping key (provider, else domain), set by the dispatcher; not stored.
     destination: str = ""
     # The pool whose warmed-up members sent this work to an overflow pool; it overflows only once.

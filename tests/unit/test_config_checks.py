@@ -205,3 +205,27 @@ def test_help_keeps_words_in_square_brackets(command: list[str], words: list[str
     text = " ".join(result.stdout.split())  # help wraps lines
     for word in words:
         assert word in text, result.stdout
+
+
+def test_sending_ips_must_be_addresses_and_belong_to_relays() -> None:
+    pools = [
+        {
+            "name": "default",
+            "members": [{"name": "a", "address": "127.0.0.1:1", "sending_ips": ["192.0.2.1", "mail.test"]}],
+        },
+        {
+            "name": "direct",
+            "members": [
+                {"name": "s", "kind": "source", "source_address": "127.0.0.2", "sending_ips": ["192.0.2.2"]}
+            ],
+        },
+    ]
+    found = problems({"pool": pools})
+    assert found["pool[0].members[0].sending_ips"] == "'mail.test' is not an IP address"
+    assert found["pool[1].members[0]"] == "a source member sends from its source_address: no sending_ips"
+
+
+def test_spf_choices_are_named_in_the_error() -> None:
+    found = problems({"spf": {"enabled": True, "softfail": "maybe", "on_error": "retry"}})
+    assert "'permitted' or 'not_permitted'" in found["spf.softfail"]
+    assert "'open' or 'closed'" in found["spf.on_error"]

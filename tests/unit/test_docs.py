@@ -45,6 +45,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[pool.health]": config.HealthSettings,
     "[pool.check]": config.CheckSettings,
     "[dns]": config.DnsSettings,
+    "[spf]": config.SpfSettings,
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,

@@ -320,3 +320,44 @@ def test_work_only_warm_up_capped_members_could_take_moves_once_to_their_overflo
     assert item.pool == "default" and item.tried == {"ip1"}  # the work given is left as it was
     assert verdicts.overflow(moved, capped, {"default", "relays"}) is None  # once only
     assert verdicts.overflow(item, capped, {"default"}) is None  # no such pool (any more): it waits
+
+
+# -- SPF: no member the sender domain permits ---------------------------------------------------------------
+
+
+def test_work_no_permitted_member_can_take_waits_with_the_spf_reason_and_uses_no_round() -> None:
+    pool, rules = setup()
+    why = {"a": "192.0.2.10 fail", "b": "192.0.2.20 softfail"}
+    v = verdicts.spf_refused(work(1), pool, "app.example", why, rules, NOW)
+    [s] = v.settlements
+    assert s.state is RecipientState.QUEUED and s.due == NOW + MINUTE and s.rounds == 0 and s.dsn is None
+    [e] = v.events
+    assert e.type is EventType.TRANSIENT_FAILURE and e.response is not None
+    assert (e.response.code, e.response.enhanced_code) == (451, "4.7.23")
+    assert "SPF record of app.example (a: 192.0.2.10 fail, b: 192.0.2.20 softfail)" in e.response.text
+    assert e.tags == {"reason": "spf_not_permitted", "spf_domain": "app.example"}
+
+
+def test_a_record_that_could_not_be_evaluated_says_so_with_x_7_24() -> None:
+    pool, rules = setup()
+    v = verdicts.spf_refused(work(1), pool, "app.example", {"a": "192.0.2.10 temperror"}, rules, NOW)
+    assert v.events[0].response == Reply(
+        451, "4.7.24", "the SPF record of app.example could not be evaluated (a: 192.0.2.10 temperror)"
+    )
+
+
+def test_work_spf_keeps_from_every_member_expires_with_a_dsn_after_max_age() -> None:
+    pool, rules = setup()
+    v = verdicts.spf_refused(work(1, age_s=2 * 86400), pool, "app.example", {"a": "x fail"}, rules, NOW)
+    [s] = v.settlements
+    assert s.state is RecipientState.EXPIRED and s.dsn is not None
+    assert [e.type for e in v.events] == [EventType.EXPIRATION]
+
+
+def test_a_deferral_is_not_passed_on_to_a_member_spf_bars() -> None:
+    pool, rules = setup()
+    item = replace(work(1, tried={"a"}), barred=frozenset({"b"}))
+    v = verdicts.after_attempt(item, "a", answered(TRY_LATER), pool, rules, NOW)
+    assert v.retry_now is None  # b is untried but barred: the work waits its round with a's reply
+    [s] = v.settlements
+    assert s.state is RecipientState.QUEUED and s.reply == str(TRY_LATER)

@@ -61,6 +61,7 @@ from postmux.config.shaping import (
     ReactionRule,
     ShapingRule,
     ShapingSettings,
+    SpfSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -85,6 +86,7 @@ class Settings(_Frozen):
     pool: tuple[PoolSettings, ...] = Field(min_length=1)
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
+    spf: SpfSettings = SpfSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
@@ -254,6 +256,7 @@ __all__ = [
     "SmtpSettings",
     "SmtpTlsSettings",
     "SmtpUser",
+    "SpfSettings",
     "SpoolSettings",
     "WarmupSettings",
     "WebhookSettings",

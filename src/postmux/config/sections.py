@@ -343,6 +343,9 @@ class MemberSettings(_Frozen):
     # SMTP AUTH (RFC 4954) toward a relay that wants it.
     username: str | None = Field(default=None, min_length=1)
     password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or a dump
+    # A relay's own outbound IPs, which receivers see: SPF-aware routing ([spf]) judges the relay by them.
+    # A relay without them is not judged; a source member is judged by its source_address.
+    sending_ips: tuple[str, ...] = ()
 
     @field_validator("tls_ca_file")
     @classmethod
@@ -361,6 +364,16 @@ class MemberSettings(_Frozen):
                 raise ValueError(f"{v!r} is not an IP address") from None
         return v
 
+    @field_validator("sending_ips")
+    @classmethod
+    def _sending_ips(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ip in v:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"{ip!r} is not an IP address") from None
+        return v
+
     @model_validator(mode="after")
     def _kind(self) -> MemberSettings:
         if self.kind == "relay" and self.address is None:
@@ -369,6 +382,8 @@ class MemberSettings(_Frozen):
             raise ValueError("a source member needs a source_address (a local IP to send from)")
         if self.kind == "source" and self.address is not None:
             raise ValueError("a source member delivers to each domain's MX: it takes no address")
+        if self.kind == "source" and self.sending_ips:
+            raise ValueError("a source member sends from its source_address: no sending_ips")
         self._check_tls()
         return self
 
@@ -387,6 +402,13 @@ class MemberSettings(_Frozen):
             raise ValueError('tls_ca_file and tls_server_name apply only with tls = "verify"')
         if self.kind == "source" and self.tls_server_name is not None:
             raise ValueError("a source member checks each MX host's own name: no tls_server_name")
+
+    @property
+    def spf_ips(self) -> tuple[str, ...]:
+        """The IPs receivers see this member's mail come from; empty: not known, so not judged by SPF."""
+        if self.kind == "source" and self.source_address is not None:
+            return (self.source_address,)
+        return self.sending_ips
 
     @property
     def tls_mode(self) -> MemberTls:

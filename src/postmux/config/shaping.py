@@ -65,6 +65,28 @@ class DnsSettings(_Frozen):
         return v
 
 
+SpfSoftfail = Literal["permitted", "not_permitted"]
+SpfOnError = Literal["open", "closed"]
+
+
+class SpfSettings(_Frozen):
+    """SPF-aware routing: a member whose sending IPs the sender domain's SPF record does not permit is not
+    used for that domain's mail (postmux.reputation.spf evaluates, postmux.scheduling.gate judges)."""
+
+    enabled: StrictBool = False
+    # "~all": a receiver marks the mail but rarely refuses it; it is still no SPF pass, so DMARC does not
+    # align on it. An operator who routes by SPF wants a pass: softfail counts as not permitted.
+    softfail: SpfSoftfail = "not_permitted"
+    # temperror (DNS failed) or permerror (a broken record): "open" uses every member, as if the domain
+    # published nothing; "closed" uses none, and the mail waits until the record evaluates.
+    on_error: SpfOnError = "open"
+    # The longest one evaluation may take, every lookup of every include and redirect together
+    # (RFC 7208 4.6.4 suggests at least 20 s); each lookup also stops at [dns] timeout.
+    timeout: Duration = 20.0
+    # How long a verdict that met a temperror is kept before asking again.
+    error_ttl: Duration = 60.0
+
+
 class ProviderSettings(_Frozen):
     """A mailbox provider: destinations whose MX hosts end in one of `mx_suffixes` share one queue and one
     set of limits (as KumoMTA's sites do); `domains` names its own domains, so relay pools, which never

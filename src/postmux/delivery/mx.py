@@ -69,7 +69,8 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _nameserver(spec: str) -> dns.nameserver.Nameserver:
+def nameserver(spec: str) -> dns.nameserver.Nameserver:
+    """A [dns] nameservers entry, "ip" or "ip:port" ("[v6]:port"), as dnspython's nameserver."""
     if spec.count(":") == 1 or spec.startswith("["):
         host, port = split_hostport(spec)
         return dns.nameserver.Do53Nameserver(host, port)
@@ -97,7 +98,7 @@ class MxResolver:
         if self._resolver is None:
             if self.settings.nameservers:
                 r = dns.asyncresolver.Resolver(configure=False)
-                r.nameservers = [_nameserver(ns) for ns in self.settings.nameservers]
+                r.nameservers = [nameserver(ns) for ns in self.settings.nameservers]
             else:
                 r = dns.asyncresolver.Resolver()
             r.lifetime = self.settings.timeout

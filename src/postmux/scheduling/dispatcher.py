@@ -36,9 +36,10 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
+from postmux.reputation.spf import SpfEvaluator, SpfVerdict
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
-from postmux.scheduling.gate import Gate, gate
+from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred, spf_why
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.ready import ReadyQueues
 from postmux.scheduling.retry import RetrySchedule
@@ -102,6 +103,7 @@ class Dispatcher:
         resolver: MxResolver | None = None,
         warmup: WarmupLedger | None = None,
         outbox: EventOutbox = NO_OUTBOX,
+        spf: SpfEvaluator | None = None,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
@@ -122,6 +124,13 @@ class Dispatcher:
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
         self.shaper = Shaper(settings.shaping)
         self.warmup = warmup or WarmupLedger(None)
+        self.spf = spf or SpfEvaluator(settings.spf, settings.dns, clock)
+        # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
+        # evaluation has answered (as ReadyQueues parks work for an MX answer).
+        self._spf_parked: dict[str, list[WorkItem]] = {}
+        # What the pure judgement said, per (pool, sender domain), for a verdict and a roster (_spf_barred).
+        self._spf_judged: dict[tuple[str, str], tuple[SpfVerdict, int, frozenset[str]]] = {}
+        self._spf_pool_ips: dict[str, tuple[int, frozenset[str]]] = {}
         self._ready = ReadyQueues(self._destination, self._mx_destination, self._wake.set)
         # Attempts not settled yet, by recipient: their work went at once to another member (_remember_tries).
         self._tries: dict[int, list[AttemptView]] = {}
@@ -167,6 +176,9 @@ class Dispatcher:
         self.settings = settings
         self.retry = RetrySchedule(settings.retry)
         self.shaper.configure(settings.shaping)
+        self.spf.reconfigure(settings.spf, settings.dns)
+        self._spf_judged.clear()
+        self._spf_pool_ips.clear()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -183,7 +195,7 @@ class Dispatcher:
         Work still in memory stays leased in the spool and is recovered at the next start.
         """
         self._accepting_work = False
-        lookups = list(self._ready.lookups)
+        lookups = [*self._ready.lookups, *self.spf.pending]
         for task in [*self._loops, *lookups]:
             task.cancel()
         await asyncio.gather(*self._loops, *lookups, return_exceptions=True)
@@ -231,6 +243,9 @@ class Dispatcher:
                 transport.reap_idle(now)
             self.shaper.prune(self.clock())
             self.resolver.prune()
+            self.spf.prune()
+            if len(self._spf_judged) > 10_000:  # bounded: judged again at the next pick, cheaply
+                self._spf_judged.clear()
             self.warmup.flush()
 
     def _dispatch_ready(self) -> float:
@@ -244,25 +259,104 @@ class Dispatcher:
             while q and self._accepting_work:
                 item = q[0]
                 pool = self._pool_of(item)
+                barred = self._spf_barred(item, pool, now)
+                if barred is None:  # its sender domain's first SPF verdict is on its way
+                    self._park_for_spf(ready.take(q))
+                    continue
                 held = self._gate(pool, item.destination, now)
                 # Suspended or capped members are passed over (their mail may go to a lower tier);
                 # busy or rate-limited ones are waited for, like a member at its connection limit.
-                member = pool.pick(self._hash_key(pool, item), now, item.tried | held.away, held.closed)
+                # Members the SPF record does not permit are passed over as if tried.
+                passed_over = item.tried | barred
+                member = pool.pick(self._hash_key(pool, item), now, passed_over | held.away, held.closed)
                 if member is None:
-                    if pool.can_serve(now, item.tried | held.away):
+                    if pool.can_serve(now, passed_over | held.away):
                         next_turn = min(next_turn, held.next_turn)
                         break  # every member that may take it is busy or waits its turn: the queue waits
                     ready.take(q)
-                    if held.away and pool.can_serve(now, item.tried):
+                    if held.away and pool.can_serve(now, passed_over):
                         self._hold_back(item, pool, held, now)
+                    elif barred and not item.tried and pool.can_serve(now, item.tried | held.away):
+                        self._spawn(self._spf_refused(item, pool, barred))
                     else:
                         self._spawn(self._no_member(item, pool))
                     continue
                 ready.take(q)
+                item.barred = barred
                 self._start(item, pool, member, now, q)
             if not q:
                 del queues[name]
         return next_turn
+
+    # -- SPF: members the sender domain does not permit -------------------------------------------------
+
+    def _spf_barred(self, item: WorkItem, pool: Pool, now: float) -> frozenset[str] | None:
+        """The members SPF keeps from this work; None while its domain's first verdict is evaluated.
+
+        Never waits: an expired verdict is used while one evaluation refreshes it, so only a domain's
+        first message (and what comes with it) waits for DNS, parked apart from the queue.
+        The null sender (bounces, DSNs) is exempt: its mail must go out, and what receivers check for
+        it is the member's HELO name (RFC 7208 2.3), the operator's own rather than a customer's.
+        """
+        if not self.spf.enabled:
+            return NONE_BARRED
+        ips = self._spf_ips(pool)
+        domain = domain_of(item.sender)
+        if not domain or not ips:
+            return NONE_BARRED
+        verdict = self.spf.cached(domain)
+        if verdict is None:
+            self._spf_refresh(domain)
+            return None
+        # Judged once per verdict and roster: judging afresh cost ~11 us a pick for 10 members (a hit, 1-2).
+        key = (pool.name, domain)
+        judged = self._spf_judged.get(key)
+        if judged is None or judged[0] is not verdict or judged[1] != pool.version:
+            if not verdict.covers(ips):  # a member added since: its IPs are judged by the next verdict
+                self._spf_refresh(domain)
+            judged = (verdict, pool.version, spf_barred(verdict, pool, self.settings.spf))
+            self._spf_judged[key] = judged
+        if verdict.expires <= now:
+            self._spf_refresh(domain)  # this work goes by the expired verdict meanwhile
+        return judged[2]
+
+    def _spf_ips(self, pool: Pool) -> frozenset[str]:
+        """The IPs SPF judges `pool`'s members by, as of its current roster."""
+        known = self._spf_pool_ips.get(pool.name)
+        if known is None or known[0] != pool.version:
+            known = (pool.version, frozenset(ip for m in pool.members for ip in m.settings.spf_ips))
+            self._spf_pool_ips[pool.name] = known
+        return known[1]
+
+    def _spf_refresh(self, domain: str) -> None:
+        """One evaluation of `domain` for every judged IP of the farm; parked work goes back when it ends."""
+        if self.spf.evaluating(domain):  # asked at every pick while a verdict is refreshed: cheap
+            return
+        ips = {ip for p in self.pools.values() for m in p.members for ip in m.settings.spf_ips}
+        task = self.spf.refresh(domain, ips)
+        if task is not None:
+            task.add_done_callback(lambda _: self._spf_answered(domain))
+
+    def _spf_answered(self, domain: str) -> None:
+        items = self._spf_parked.pop(domain, [])
+        self._ready.count -= len(items)
+        if items:
+            self.submit(items, front=True)
+        self._wake.set()
+
+    def _park_for_spf(self, item: WorkItem) -> None:
+        self._ready.count += 1  # still work in memory (has_room), though out of its queue
+        self._spf_parked.setdefault(domain_of(item.sender), []).append(item)
+
+    async def _spf_refused(self, item: WorkItem, pool: Pool, barred: frozenset[str]) -> None:
+        """No member the SPF record permits is left for this work: it waits (verdicts.spf_refused)."""
+        now = self.clock()
+        domain = domain_of(item.sender)
+        verdict = self.spf.cached(domain)
+        why = spf_why(verdict, pool, self.settings.spf, barred) if verdict else dict.fromkeys(barred, "?")
+        log.warning("no member permitted by spf", domain=domain, pool=pool.name, members=why)
+        v = verdicts.spf_refused(item, pool, domain, why, self._rules(), now)
+        await self._apply(v, pool, None, now)
 
     def _gate(self, pool: Pool, destination: str, now: float) -> Gate:
         return gate(self.shaper, self.warmup, pool, destination, now)

@@ -136,7 +136,7 @@ def settled(
         v.settlements.append(final(item, bounced, RecipientState.BOUNCED, outcome.remote, rules, now))
     if deferred:
         retry_now = [r for r, _ in deferred]
-        if pool.can_serve(now, item.tried):
+        if pool.can_serve(now, item.tried | item.barred):
             v.retry_now = replace(item, recipients=retry_now)
         else:
             _defer_or_expire(v, item, pool, retry_now, deferred[-1][1], rules, now)
@@ -155,7 +155,7 @@ def unfit(
     """
     v = Verdict()
     unable = item.unfit | {member}
-    if pool.can_serve(now, item.tried):
+    if pool.can_serve(now, item.tried | item.barred):
         for r in item.recipients:
             reply = outcome.replies[r.rid]
             v.events.append(
@@ -197,7 +197,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
     tags = {"local_error": type(error).__name__}
     for r in bumped:
         v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, reply, now, tags=tags))
-    if pool.can_serve(now, item.tried):
+    if pool.can_serve(now, item.tried | item.barred):
         v.retry_now = replace(item, recipients=bumped)
     else:
         _defer_or_expire(v, item, pool, bumped, reply, rules, now)
@@ -244,6 +244,36 @@ def no_member(item: WorkItem, pool: Pool, rules: Rules, now: float) -> Verdict:
     v = Verdict()
     reply = Reply(451, "4.4.5", f"no usable member in pool {pool.name}")
     _defer_or_expire(v, item, pool, item.recipients, reply, rules, now, attempted=False)
+    return v
+
+
+def spf_refused(
+    item: WorkItem, pool: Pool, domain: str, why: Mapping[str, str], rules: Rules, now: float
+) -> Verdict:
+    """Every member that could take the work is one the sender domain's SPF record does not permit.
+
+    `why`: each barred member and the result that keeps it out ("192.0.2.20 fail"). A transient failure,
+    never a bounce: the operator can fix it (publish the members' IPs in the record, add a permitted
+    member), so the work waits on the retry schedule and expires with a DSN after `max_age` as deferred
+    work does. RFC 7372 3: X.7.23 "SPF validation failed", X.7.24 "SPF validation error" when only
+    records that could not be evaluated (temperror, permerror, with [spf] on_error = "closed") keep it.
+    """
+    v = Verdict()
+    errors = all(r.split()[-1] in ("temperror", "permerror") for r in why.values())
+    members = ", ".join(f"{name}: {result}" for name, result in sorted(why.items()))
+    if errors:
+        reply = Reply(451, "4.7.24", f"the SPF record of {domain} could not be evaluated ({members})")
+    else:
+        reply = Reply(
+            451,
+            "4.7.23",
+            f"no member of pool {pool.name} is permitted by the SPF record of {domain} ({members})",
+        )
+    tags = {"reason": "spf_not_permitted", "spf_domain": domain}
+    _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)  # its Expiration events, if any
+    if not v.events:
+        for r in item.recipients:
+            v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now, tags=tags))
     return v
 
 
