@@ -72,6 +72,7 @@ from postmux.config.values import (
     _Frozen,
     parse_duration,
     parse_rate,
+    repeated,
     split_hostport,
 )
 
@@ -105,11 +106,9 @@ class Settings(_Frozen):
     @field_validator("webhook")
     @classmethod
     def _unique_webhooks(cls, v: tuple[WebhookSettings, ...]) -> tuple[WebhookSettings, ...]:
-        names = [w.name for w in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            # Each endpoint's backlog is kept under its name: two with one name would share one.
-            raise ValueError(f"webhook names must be unique; repeated: {', '.join(dupes)}")
+        # Each endpoint's backlog is kept under its name: two with one name would share one.
+        if dupes := repeated([w.name for w in v]):
+            raise ValueError(f"webhook names must be unique; repeated: {dupes}")
         return v
 
     @model_validator(mode="after")

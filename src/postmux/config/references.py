@@ -18,6 +18,7 @@ from postmux.config.shaping import (
     ShapingSettings,
 )
 from postmux.config.values import (
+    repeated,
     split_hostport,
 )
 
@@ -45,9 +46,8 @@ def reference_problems(
     """
     names = [p.name for p in pools]
     problems: list[tuple[str, str]] = []
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        problems.append(("pool", f"pool names must be unique; repeated: {', '.join(dupes)}"))
+    if dupes := repeated(names):
+        problems.append(("pool", f"pool names must be unique; repeated: {dupes}"))
     if len(pools) > 1 and "default" not in names:
         problems.append(
             ("pool", "with several pools, one must be named 'default' to take mail no route matches")
@@ -73,10 +73,8 @@ def api_key_problems(pools: Sequence[PoolSettings], keys: Sequence[ApiKey]) -> l
     """API keys with a name already taken, or naming a pool there is not."""
     names = [p.name for p in pools]
     problems: list[tuple[str, str]] = []
-    key_names = [k.name for k in keys]
-    dupes = sorted({n for n in key_names if key_names.count(n) > 1})
-    if dupes:
-        problems.append(("api_key", f"API key names must be unique; repeated: {', '.join(dupes)}"))
+    if dupes := repeated([k.name for k in keys]):
+        problems.append(("api_key", f"API key names must be unique; repeated: {dupes}"))
     for i, key in enumerate(keys):
         for j, pool in enumerate(key.pools):
             if pool not in names:

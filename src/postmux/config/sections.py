@@ -28,6 +28,7 @@ from postmux.config.values import (
     Rate,
     _Frozen,
     parse_duration,
+    repeated,
     split_hostport,
 )
 from postmux.dkim import (
@@ -135,10 +136,8 @@ class SmtpSettings(_Frozen):
     @field_validator("users")
     @classmethod
     def _unique_users(cls, v: tuple[SmtpUser, ...]) -> tuple[SmtpUser, ...]:
-        names = [u.name for u in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"user names must be unique; repeated: {', '.join(dupes)}")
+        if dupes := repeated([u.name for u in v]):
+            raise ValueError(f"user names must be unique; repeated: {dupes}")
         return v
 
 
@@ -764,10 +763,8 @@ class DkimSettings(_Frozen):
     @field_validator("selectors")
     @classmethod
     def _unique_selectors(cls, v: tuple[DkimSelectorSettings, ...]) -> tuple[DkimSelectorSettings, ...]:
-        names = [s.name for s in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"selector names must be unique in a domain; repeated: {', '.join(dupes)}")
+        if dupes := repeated([s.name for s in v]):
+            raise ValueError(f"selector names must be unique in a domain; repeated: {dupes}")
         return v
 
     @property
@@ -777,10 +774,8 @@ class DkimSettings(_Frozen):
 
 def dkim_problems(entries: tuple[DkimSettings, ...]) -> str:
     """What is wrong across [[dkim]] entries ("" when nothing): a domain twice, or two fallbacks."""
-    domains = [d.domain for d in entries]
-    dupes = sorted({d for d in domains if domains.count(d) > 1})
-    if dupes:
-        return f"each domain has one entry; repeated: {', '.join(dupes)}"
+    if dupes := repeated([d.domain for d in entries]):
+        return f"each domain has one entry; repeated: {dupes}"
     fallbacks = [d.domain for d in entries if d.fallback]
     if len(fallbacks) > 1:
         return f"one entry at most is the fallback; these are: {', '.join(fallbacks)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import (
@@ -13,6 +14,13 @@ from pydantic import (
     ConfigDict,
     Field,
 )
+
+
+def repeated(names: Sequence[str]) -> str:
+    """The names given more than once, sorted and comma-separated ("" when each is unique): what every
+    "must be unique" check of the configuration reports."""
+    return ", ".join(sorted({n for n in names if names.count(n) > 1}))
+
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
