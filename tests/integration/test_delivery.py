@@ -55,6 +55,7 @@ async def test_connection_dropped_during_data_is_retried_on_another_member(
     events = read_events(tmp_path / "events.jsonl")
     lost = [e for e in events if e["type"] == "TransientFailure" and e["member"] == "dropper"]
     assert lost and all(e["response"]["text"].startswith("connection lost during DATA") for e in lost)
+    assert all(e["peer"] == dropper.address and e["source_ip"] == "127.0.0.1" for e in lost)
     assert sorted(r.test_id for r in good.received) == sorted(f"x{i}" for i in range(10))
 
 

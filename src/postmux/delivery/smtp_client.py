@@ -518,7 +518,8 @@ class SmtpTransport:
             if fresh_retry_allowed and lost.stage == "at MAIL FROM":
                 return None
             breakoff, reply = local_failure(lost.error, f"{lost.stage} with {remote}")
-            return self._all(work, reply, breakoff, remote)
+            # The connection was made: the event says where it went, though it broke off.
+            return replace(self._all(work, reply, breakoff, remote), peer=conn.peer, source_ip=conn.source_ip)
         except BaseException:
             # The attempt crashed (a tail that cannot be read, a bug): the connection, in whatever state
             # it was left, is closed rather than leaked.
