@@ -1,8 +1,9 @@
 """A real HAProxy (Debian's package) before two postmux nodes: PROXY protocol v1 to one, v2 to the other.
 
-The configuration is docs/deployment.md's, on loopback: `mode tcp`, `send-proxy` / `send-proxy-v2`, health
-checks with `option smtpchk` (they carry a header too: v1 UNKNOWN, v2 LOCAL). Clients connect from 127.0.0.2
-and 127.0.0.3; HAProxy connects to the nodes from 127.0.0.1. The events must name the clients.
+The configuration has docs/deployment.md's shape, on loopback: `mode tcp`, `send-proxy` and
+`send-proxy-v2`, health checks with `option smtpchk` (they carry a header too: v1 UNKNOWN, v2 LOCAL).
+Clients connect from 127.0.0.2 and 127.0.0.3; HAProxy connects to the nodes from 127.0.0.1. The events
+must name the clients.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ frontend smtp
 backend postmux
     balance roundrobin
     option smtpchk EHLO haproxy.test
-    default-server check inter 200ms fall 2 rise 1
+    default-server check check-send-proxy inter 200ms fall 2 rise 1
     server node1 127.0.0.1:{v1} send-proxy
     server node2 127.0.0.1:{v2} send-proxy-v2
 """
