@@ -1,5 +1,6 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
-(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, reload.
+(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, the DNS
+doctor of a sending domain, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -20,6 +21,7 @@ from postmux.admin.control import Control, NothingHeld, UnknownMember
 from postmux.admin.queue import QueueControl, QueueRequestError, UnknownMessage, criteria, query_fields
 from postmux.config import parse_duration
 from postmux.ingress.http import json_error
+from postmux.reputation.doctor import Report
 from postmux.spool.base import SpoolError
 
 ADMIN_PREFIX = "/api/v1"
@@ -105,6 +107,14 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     @app.get(f"{ADMIN_PREFIX}/webhooks")
     async def webhooks() -> dict[str, Any]:
         return {"webhooks": await control.webhooks()}
+
+    # The domain is one path segment; what is not a domain name is a 400 before any lookup.
+    @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report)
+    async def doctor(domain: str) -> Any:
+        try:
+            return await control.doctor(domain)
+        except ValueError as e:
+            return json_error(400, str(e))
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:
