@@ -4,8 +4,10 @@ exit code, and the admin API's route on a running node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -399,6 +401,13 @@ selectors = [
 """
 
 
+def printed(stdout: str) -> Any:
+    """The JSON document the CLI printed (the node in this process logs to the same stdout meanwhile)."""
+    found = re.search(r"^\{$.*^\}$", stdout, re.MULTILINE | re.DOTALL)
+    assert found, stdout
+    return json.loads(found.group(0))
+
+
 async def test_the_admin_api_examines_a_domain_behind_the_admin_token(doctor: Doctor, tmp_path: Path) -> None:
     settings = doctor.settings.model_copy(
         update={"http": doctor.settings.http.model_copy(update={"admin_token": "doctor-token"})}
@@ -414,9 +423,18 @@ async def test_the_admin_api_examines_a_domain_behind_the_admin_token(doctor: Do
             bad = await client.get(f"{base}/dkim-unpublished.test", headers=auth)
             refused = await client.get(f"{base}/good.test")
             nonsense = await client.get(f"{base}/not_a..domain", headers=auth)
+        # The CLI without --local asks the node: the same report, and the same exit codes.
+        url = f"http://127.0.0.1:{node.http_port}"
+        words = ["--url", url, "--token", "doctor-token", "--json"]
+        by_cli = await asyncio.to_thread(CliRunner().invoke, cli, ["doctor", "good.test", *words])
+        failing = await asyncio.to_thread(CliRunner().invoke, cli, ["doctor", "dmarc-none.test", *words])
+        unexamined = await asyncio.to_thread(CliRunner().invoke, cli, ["doctor", "a..b", *words])
     assert good.status_code == 200, good.text
     assert good.json()["ok"] is True and good.json()["domain"] == "good.test"
     assert bad.status_code == 200 and bad.json()["ok"] is False
     assert any(f["check"] == "dkim" and f["status"] == "fail" for f in bad.json()["checks"])
     assert refused.status_code == 401
     assert nonsense.status_code == 400 and "not a domain" in nonsense.json()["error"]
+    assert by_cli.exit_code == 0 and printed(by_cli.stdout) == good.json()
+    assert failing.exit_code == 1 and printed(failing.stdout)["ok"] is False
+    assert unexamined.exit_code == 2 and "not a domain" in unexamined.stderr

@@ -109,8 +109,11 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
         return {"webhooks": await control.webhooks()}
 
     # The domain is one path segment; what is not a domain name is a 400 before any lookup.
-    @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report)
+    @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report, summary="DNS doctor of a domain")
     async def doctor(domain: str) -> Any:
+        """The sending domain's MX, SPF, DKIM, DMARC, MTA-STS and TLS-RPT records and its source members'
+        reverse DNS, checked against the running configuration; then the Gmail/Yahoo bulk-sender rules.
+        `ok` is false when a check or a rule fails (docs/api.md)."""
         try:
             return await control.doctor(domain)
         except ValueError as e:
