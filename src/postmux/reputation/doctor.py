@@ -209,6 +209,7 @@ def wanted(inputs: DoctorInputs, answers: Answers) -> set[Lookup]:
     out |= _mx_wanted(d, answers)
     out |= walk_spf(d, answers).asked
     out |= {(name, "TXT") for name in _dmarc_walk(d, answers)[2]}
+    out |= {(name, "TXT") for name in _report_authorizations(d, answers).values()}
     for _, ip in inputs.source_ips:
         for name in answers.get((reverse_name(ip), "PTR"), NOT_ASKED).records:
             out |= {(name, "A"), (name, "AAAA")}
@@ -687,7 +688,7 @@ def check_dmarc(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
         Finding("dmarc", "record", "pass", found),
         _dmarc_policy(policy_tag, policy, tags),
         _dmarc_alignment(inputs, tags, answers),
-        _dmarc_reports(tags, where),
+        _dmarc_reports(d, tags, where, answers),
     ]
 
 
@@ -718,7 +719,21 @@ def _dmarc_alignment(inputs: DoctorInputs, tags: dict[str, str], answers: Answer
     return Finding("dmarc", "alignment", "fail", f"{found}; neither DKIM nor SPF can align", fix)
 
 
-def _dmarc_reports(tags: dict[str, str], where: str) -> Finding:
+def _report_authorizations(domain: str, answers: Answers) -> dict[str, str]:
+    """RFC 7489 7.1: each rua domain outside the domain's own, and where it must say it takes the reports
+    (DOMAIN._report._dmarc.RUA-DOMAIN)."""
+    where, records, _ = _dmarc_walk(domain, answers)
+    if where is None or len(records) != 1:
+        return {}
+    try:
+        rua = tag_list(records[0]).get("rua", "")
+    except RecordProblem:
+        return {}
+    # Relaxed alignment stands in for "the same organizational domain" (see `aligned`).
+    return {r: f"{domain}._report._dmarc.{r}" for r in mailto_domains(rua) if not aligned(r, domain)}
+
+
+def _dmarc_reports(domain: str, tags: dict[str, str], where: str, answers: Answers) -> Finding:
     rua = tags.get("rua", "")
     if not rua:
         fix = f"add rua=mailto:... to the record at {where} to learn who sends as the domain and how it fares"
@@ -726,6 +741,14 @@ def _dmarc_reports(tags: dict[str, str], where: str) -> Finding:
     if not mailto_domains(rua):
         fix = "write rua as mailto: URIs (RFC 7489 6.4)"
         return Finding("dmarc", "reports", "fail", f"rua={rua} has no mailto: address", fix)
+    for rua_domain, name in _report_authorizations(domain, answers).items():
+        answer = _txt(answers, name)
+        if answer.failed:
+            return _lookup_failed("dmarc", "reports", name, "TXT", answer)
+        if not any(starts_with(r, "DMARC1") for r in answer.records):
+            fix = f'ask {rua_domain} to publish "v=DMARC1" at {name} (RFC 7489 7.1)'
+            found = f"rua={rua}: {rua_domain} does not say it takes the domain's reports, so none are sent"
+            return Finding("dmarc", "reports", "warn", found, fix)
     return Finding("dmarc", "reports", "pass", f"rua={rua}")
 
 
