@@ -235,7 +235,7 @@ def reverse_name(ip: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Finding:
     check: str  # one of CHECKS
-    subject: str  # what was looked at: "record", "selector rsa1", "member a (192.0.2.10)"
+    subject: str  # what was looked at: "record", "selector rsa1", "member default/a 192.0.2.10"
     status: Status
     found: str
     fix: str = ""  # one sentence; "" when it passes
@@ -342,9 +342,9 @@ def _implicit_mx(domain: str, answers: Answers, note: str) -> Finding:
 
 def _mx_host(host: str, answers: Answers) -> Finding:
     a, aaaa = answers.get((host, "A"), NOT_ASKED), answers.get((host, "AAAA"), NOT_ASKED)
-    if a.failed and aaaa.failed:
-        return _lookup_failed("mx", f"host {host}", host, "A", a)
     addresses = a.records + aaaa.records
+    if not addresses and (a.failed or aaaa.failed):
+        return _lookup_failed("mx", f"host {host}", host, "A/AAAA", a if a.failed else aaaa)
     if not addresses:
         fix = f"give {host} an A or AAAA record, or take it out of the MX records"
         return Finding("mx", f"host {host}", "fail", "no address", fix)
