@@ -3,16 +3,19 @@ what is asked next, which pools a domain's mail may take, and what counts as a d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from postmux.reputation.doctor import (
     Answer,
+    DkimKey,
     DoctorInputs,
     Sender,
     aligned,
     check_dmarc,
+    diagnose,
     doctor_domain,
     pools_for,
     walk_spf,
@@ -194,3 +197,29 @@ def test_tag_lists_refuse_a_repeated_tag_and_join_a_split_value() -> None:
     with pytest.raises(RecordProblem):
         tag_list("p=a; p=b")
     assert mailto_domains("mailto:a@x.test!10m, https://r.test/, mailto:b@Y.test") == ["x.test", "y.test"]
+
+
+def test_a_member_sending_in_clear_fails_the_tls_rule_and_a_relay_without_ips_is_not_judged() -> None:
+    relay = Sender("bulk", "relay-a", "relay", (), "postmux.test", "none")
+    report = diagnose(DoctorInputs("good.test", (), "good.test", (relay,)), {}, {})
+    rules = {r.requirement: r for r in report.bulk_sender}
+    assert rules["TLS"].status == "fail" and "bulk/relay-a" in rules["TLS"].found
+    assert rules["forward-confirmed reverse DNS"].status == "unchecked"  # no source member
+    spf = [f for f in report.checks if f.subject == "member bulk/relay-a"]
+    assert [f.status for f in spf] == ["warn"] and "sending_ips" in spf[0].fix
+    assert not report.ok
+
+
+def test_nothing_answered_is_a_failure_of_every_check_never_an_exception() -> None:
+    key = DkimKey("good.test", "s1", "ed25519-sha256", b"AAAA", 256, "s1.key")
+    report = diagnose(replace(inputs(), keys=(key,)), {}, {})
+    assert {f.check for f in report.checks if f.status == "fail"} == {
+        "mx",
+        "spf",
+        "dkim",
+        "dmarc",
+        "fcrdns",
+        "mta-sts",
+        "tls-rpt",
+    }
+    assert all("not looked up" in f.found for f in report.checks if f.check in ("mx", "dmarc", "fcrdns"))
