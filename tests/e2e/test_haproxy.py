@@ -48,6 +48,8 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
+    # A check's reply may take this long on a busy machine (without it, `inter` bounds the whole check).
+    timeout check 5s
 
 frontend smtp
     bind 127.0.0.1:{frontend_port}
@@ -56,7 +58,7 @@ frontend smtp
 backend postmux
     balance roundrobin
     option smtpchk EHLO haproxy.test
-    default-server check check-send-proxy inter 200ms fall 2 rise 1
+    default-server check check-send-proxy inter 300ms fall 3 rise 1
     server node1 127.0.0.1:{v1} send-proxy
     server node2 127.0.0.1:{v2} send-proxy-v2
 """
@@ -168,8 +170,8 @@ async def test_events_behind_haproxy_name_the_client_not_haproxy(
         await wait_until(lambda: len(up.received) == len(sent))
         events = [tmp_path / name / "events.jsonl" for name in ("node1", "node2")]
         await wait_until(lambda: sum(len(receptions(p)) for p in events) == len(sent))
-        # HAProxy's checks (every 200 ms) carry a header too (v1 UNKNOWN, v2 LOCAL) and get a 250 to EHLO.
-        deadline = time.monotonic() + 5
+        # HAProxy's checks (every 300 ms) carry a header too (v1 UNKNOWN, v2 LOCAL) and get a 250 to EHLO.
+        deadline = time.monotonic() + 10
         while (status := await check_status(stats)) != {"node1": ("UP", "L7OK"), "node2": ("UP", "L7OK")}:
             assert time.monotonic() < deadline, status
             await asyncio.sleep(0.1)
