@@ -8,8 +8,8 @@ refused, unless [smtp] long_lines = "refuse" (ingress/folding.py). `PostmuxSMTP`
 lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits (a slot given
 back as soon as the client hangs up), an error budget, a whole-session timeout, a 421 on timeouts, scrypt
 AUTH checked off the event loop with a delay after each failure and budgets across connections
-(ingress/logins.py), and enhanced status codes (RFC 3463, RFC 2034) on every reply but the greeting and
-EHLO's.
+(ingress/logins.py), enhanced status codes (RFC 3463, RFC 2034) on every reply but the greeting and
+EHLO's, and the client's address from a trusted proxy's PROXY header (ingress/proxy.py).
 """
 
 from __future__ import annotations
