@@ -389,7 +389,9 @@ class App:
         an object to put into another one's field. Returns what changed, in words for the operator.
         """
         changes = self._configure_pools(settings, self.clock())
-        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        providers = Providers(settings.shaping)
+        self.resolver.reconfigure(settings.dns, providers)
+        self.metrics.providers = providers.names
         self.sync_transports(settings)
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)

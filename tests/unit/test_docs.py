@@ -46,6 +46,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[pool.check]": config.CheckSettings,
     "[dns]": config.DnsSettings,
     "[spf]": config.SpfSettings,
+    "[bounces]": config.BounceSettings,
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,

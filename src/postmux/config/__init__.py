@@ -24,6 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
 )
+from postmux.config.reputation import BounceSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -94,6 +95,7 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    bounces: BounceSettings = BounceSettings()
 
     @field_validator("dkim")
     @classmethod
@@ -221,6 +223,7 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BounceSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",

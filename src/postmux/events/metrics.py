@@ -68,6 +68,15 @@ class Metrics:
             ["endpoint", "result"],
             registry=self.registry,
         )
+        self.failures = Counter(
+            "postmux_failures",
+            "Bounced and deferred recipients by bounce class, per member and provider (google, microsoft, "
+            "...; a destination no provider claims counts as other)",
+            ["pool", "member", "provider", "bounce_class", "result"],
+            registry=self.registry,
+        )
+        # The provider names of [shaping] (shipped and configured): a bounded set, so a label.
+        self.providers: frozenset[str] = frozenset()
         self._last_reception = ""
         self._last_held = ""
 
@@ -96,6 +105,15 @@ class Metrics:
         if result is None:
             return
         self.deliveries.labels(event.pool, event.member, result).inc()
+        if event.bounce_class:
+            provider = self.provider_of(event.queue)
+            self.failures.labels(event.pool, event.member, provider, event.bounce_class, result).inc()
+
+    def provider_of(self, queue: str) -> str:
+        """The provider of a queue ("pool/destination"): its destination when that is a provider's name,
+        else "other" (a destination that is a domain must never become a label)."""
+        destination = queue.partition("/")[2]
+        return destination if destination in self.providers else "other"
 
     def count_webhook_request(self, endpoint: str, result: str) -> None:
         self.webhook_requests.labels(endpoint, result).inc()

@@ -521,6 +521,7 @@ class Dispatcher:
 
         The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
         """
+        verdicts.classify_failures(verdict.events, self.settings.bounces.classifier)
         rows = self.outbox.rows(verdict.events)
         for event in verdict.events:
             self.bus.emit(event)
