@@ -23,6 +23,7 @@ from postmux.balancing.pool import Pool
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
@@ -82,6 +83,7 @@ class NodeView:
     destinations: KnownDestinations
     reporting_mta: str
     webhooks: WebhookStatus | None = None
+    suppressions: SuppressionList | None = None
 
 
 class Control:

@@ -24,7 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
 )
-from postmux.config.reputation import BounceSettings
+from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -96,6 +96,7 @@ class Settings(_Frozen):
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
     bounces: BounceSettings = BounceSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
 
     @field_validator("dkim")
     @classmethod
@@ -260,6 +261,8 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "SuppressedAction",
+    "SuppressionSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

@@ -1,10 +1,12 @@
-"""The [bounces] table: how failure replies are classed."""
+"""The [bounces] and [suppression] tables: how failure replies are classed, and who gets no more mail."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import PrivateAttr, StrictBool, field_validator, model_validator
 
-from postmux.config.values import _Frozen
+from postmux.config.values import Duration, _Frozen
 from postmux.reputation.bounces import BounceClassifier, BounceRulesError
 
 
@@ -42,3 +44,20 @@ class BounceSettings(_Frozen):
     def classifier(self) -> BounceClassifier:
         assert self._classifier is not None  # set by _compile, or the settings were refused
         return self._classifier
+
+
+SuppressedAction = Literal["refuse", "drop"]
+
+
+class SuppressionSettings(_Frozen):
+    """The suppression list (postmux.reputation.suppression), kept in the spool."""
+
+    # Look recipients up at all; false: the list is kept (and added to) but nothing is refused or dropped.
+    enabled: StrictBool = True
+    # What a suppressed recipient gets: "refuse" answers RCPT (or the API's recipient) 550 5.7.1; "drop"
+    # accepts it and drops it with a Suppressed event, so a sender's tools see one outcome per recipient.
+    action: SuppressedAction = "refuse"
+    # A bounce of class InvalidRecipient, BadDomain or InactiveMailbox adds its recipient.
+    hard_bounces: StrictBool = True
+    # How long an entry from a hard bounce lasts; 0: until removed.
+    hard_bounce_expiry: Duration = 0.0
