@@ -47,6 +47,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[dns]": config.DnsSettings,
     "[spf]": config.SpfSettings,
     "[bounces]": config.BounceSettings,
+    "[suppression]": config.SuppressionSettings,
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,
