@@ -13,6 +13,7 @@ from postmux.reputation.bounces import (
     UNCATEGORIZED,
     BounceClassifier,
     BounceRulesError,
+    reply_from_dsn,
     shipped_rules,
 )
 
@@ -114,3 +115,30 @@ def test_a_bad_rules_file_is_refused_naming_the_file_rule_and_reason(
 def test_a_missing_rules_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BounceRulesError, match="cannot be read"):
         BounceClassifier.load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("status", "diagnostic", "reply", "expected"),
+    [
+        (
+            "5.1.1",
+            "smtp; 550-5.1.1 The email account that you tried to reach does not exist.",
+            Reply(550, "5.1.1", "The email account that you tried to reach does not exist."),
+            "InvalidRecipient",
+        ),
+        (
+            "5.0.0 (permanent failure)",
+            "SMTP; 552 1 Requested mail action aborted, mailbox not found",
+            Reply(552, "5.0.0", "1 Requested mail action aborted, mailbox not found"),
+            "InvalidRecipient",
+        ),
+        ("4.2.2", "", Reply(450, "4.2.2", ""), "QuotaIssues"),
+        ("5.7.1", "X-Unix; mailbox on fire", Reply(550, "5.7.1", "X-Unix; mailbox on fire"), "PolicyRelated"),
+    ],
+)
+def test_a_dsns_status_and_diagnostic_code_are_classed_as_a_reply(
+    shipped: BounceClassifier, status: str, diagnostic: str, reply: Reply, expected: str
+) -> None:
+    # RFC 3464 2.3.4 and 2.3.6: what a later DSN (asynchronous bounce) says about one recipient.
+    assert reply_from_dsn(status, diagnostic) == reply
+    assert shipped.classify(reply) == expected

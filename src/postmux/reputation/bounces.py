@@ -114,6 +114,25 @@ def _enhanced_pattern(code: str) -> str:
     )
 
 
+_DIAGNOSTIC = re.compile(r"^\s*(?:[A-Za-z-]+\s*;)?\s*(\d{3})[ -]?(.*)$", re.DOTALL)
+
+
+def reply_from_dsn(status: str, diagnostic_code: str = "") -> Reply:
+    """The reply a DSN reports for one recipient (RFC 3464 2.3.4 Status, 2.3.6 Diagnostic-Code), to be
+    classed as a synchronous reply is: "smtp; 550-5.1.1 The email account ..." gives 550, 5.1.1 and the
+    words. Without a diagnostic (or one not in SMTP terms), the Status alone: 5.x.x as 550, 4.x.x as 450.
+    """
+    status = status.strip().split()[0] if status.strip() else ""
+    m = _DIAGNOSTIC.match(" ".join(diagnostic_code.split()))
+    if m:
+        reply = Reply.parse(int(m.group(1)), m.group(2))
+        if reply.enhanced_code or not status:
+            return reply
+        return Reply(reply.code, status, reply.text)
+    code = 450 if status.startswith("4") else 550
+    return Reply(code, status, " ".join(diagnostic_code.split()))
+
+
 def _line(reply: Reply) -> str:
     # A reply without an enhanced code gets "-", so a rule with `enhanced` never matches it by accident.
     return f"{reply.code} {reply.enhanced_code or '-'} {reply.text}"
