@@ -165,6 +165,7 @@ class App:
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
             suppressions=self.suppressions,
+            settings=lambda: self.settings,
         )
         self.control = Control(
             node,
