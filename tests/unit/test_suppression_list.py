@@ -92,6 +92,7 @@ async def test_only_hard_bounces_suppress_and_for_as_long_as_configured(spool: S
             bounce("e@dest.test", "SpamBlock"),
             bounce("f@dest.test", "AdminBounce"),
             bounce("g@dest.test", "InvalidRecipient", EventType.TRANSIENT_FAILURE),
+            bounce('"a b"@dest.test', "InvalidRecipient"),  # no entry can hold it: skipped, not raised
         ]
     )
     assert [e.address for e in made] == ["a@dest.test", "b@dest.test", "c@dest.test"]

@@ -26,11 +26,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import structlog
+
 from postmux.config import SuppressionSettings
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
 from postmux.reputation.bounces import HARD_BOUNCE_CLASSES
 from postmux.spool.base import Suppression, SuppressionStore
+
+log = structlog.get_logger("postmux.suppression")
 
 SOURCES = ("bounce", "complaint", "unsubscribe", "manual")
 GLOBAL = "global"
@@ -218,17 +222,22 @@ class SuppressionList:
             return []
         now = self.clock()
         expiry = self.settings.hard_bounce_expiry
-        made = [
-            entry(
-                e.recipient,
-                reason=f"{e.bounce_class}: {e.response}",
-                source="bounce",
-                created=now,
-                expires=now + expiry if expiry else None,
-            )
-            for e in events
-            if e.type is EventType.BOUNCE and e.bounce_class in HARD_BOUNCE_CLASSES and "@" in e.recipient
-        ]
+        made = []
+        for e in events:
+            if e.type is not EventType.BOUNCE or e.bounce_class not in HARD_BOUNCE_CLASSES:
+                continue
+            try:
+                made.append(
+                    entry(
+                        e.recipient,
+                        reason=f"{e.bounce_class}: {e.response}",
+                        source="bounce",
+                        created=now,
+                        expires=now + expiry if expiry else None,
+                    )
+                )
+            except SuppressionError as error:  # an address no entry can hold (a quoted local part)
+                log.warning("hard bounce not suppressed", recipient=e.recipient, reason=str(error))
         if made:
             await self.add_all(made)
         return made
