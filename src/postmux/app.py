@@ -107,7 +107,9 @@ class App:
         self.spool = make_spool(settings.spool)
         # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
         # share it (postmux.reputation.suppression).
-        self.suppressions = SuppressionList(self.spool, settings.suppression, clock)
+        self.suppressions = SuppressionList(
+            self.spool, settings.suppression, clock, refused=self.metrics.count_suppressed
+        )
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
@@ -518,4 +520,8 @@ class App:
             "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
         )
         commits.add_metric([], self.spool.commits)
-        return [queue, up, conns, in_flight, commits]
+        suppression = GaugeMetricFamily(
+            "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
+        )
+        suppression.add_metric([], self.suppressions.active())
+        return [queue, up, conns, in_flight, commits, suppression]

@@ -18,6 +18,7 @@ from postmux.app import App
 from postmux.cli import app as cli
 from postmux.passwords import hash_password
 from postmux.testing import Upstream
+from tests.integration.test_metrics import samples
 from tests.support import StartUpstream, make_settings, message, read_events, send, wait_until
 
 TOKEN = "admin-token-for-suppression-tests"
@@ -39,7 +40,7 @@ class Clock:
         self.offset += seconds
 
 
-def settings(tmp_path: Path, up: Upstream, **suppression: Any) -> Any:
+def settings(tmp_path: Path, up: Upstream, smtp: dict[str, Any] | None = None, **suppression: Any) -> Any:
     pools = [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
     keys = [{"name": "shop", "hash": hash_password(API_KEY, n=16)}]
     return make_settings(
@@ -48,6 +49,7 @@ def settings(tmp_path: Path, up: Upstream, **suppression: Any) -> Any:
         suppression=suppression,
         http={"listen": "127.0.0.1:0", "admin_token": TOKEN},
         api_key=keys,
+        smtp=smtp or {},
     )
 
 
@@ -77,6 +79,11 @@ def delivered_to(up: Upstream) -> list[tuple[str, str]]:
     return [(r.test_id, rcpt) for r in up.received for rcpt in r.recipients]
 
 
+async def metrics(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
+        return samples((await client.get("/metrics")).text)
+
+
 async def bounce_gone(app: App, up: Upstream, log: Path) -> None:
     """The first message: GONE bounces 550 5.1.1 at the upstream, first@ is delivered."""
     up.rcpt_refusals[GONE] = "550 5.1.1 <gone@dest.test>: Recipient address rejected: User unknown"
@@ -100,6 +107,9 @@ async def test_a_hard_bounce_suppresses_the_recipient_and_the_next_message_is_re
         assert codes == {GONE: 550, "second@dest.test": 250}
         assert REFUSALS[0].startswith(f"5.7.1 <{GONE}>: suppressed (bounce: InvalidRecipient: 550 5.1.1")
         await wait_until(lambda: ("m2", "second@dest.test") in delivered_to(up))
+        got = await metrics(app)
+        assert got[("postmux_suppressed_recipients_total", (("action", "refuse"), ("source", "bounce")))] == 1
+        assert got[("postmux_suppression_entries", ())] == 1
     assert [rcpt for test_id, rcpt in delivered_to(up) if test_id == "m2"] == ["second@dest.test"]
     assert not any(e["type"] == "Suppressed" for e in read_events(log))  # refused: the client knows
     # The entry is in the spool: a restart still refuses.
@@ -120,6 +130,8 @@ async def test_with_action_drop_the_recipient_is_accepted_and_dropped_with_a_sup
         await wait_until(lambda: any(e["type"] == "Suppressed" for e in read_events(log)))
         await send(app.smtp_port, "m3", to=[GONE])  # every recipient suppressed: 250, nothing stored
         await wait_until(lambda: sum(e["type"] == "Suppressed" for e in read_events(log)) == 2)
+        got = await metrics(app)
+        assert got[("postmux_suppressed_recipients_total", (("action", "drop"), ("source", "bounce")))] == 2
     assert [rcpt for test_id, rcpt in delivered_to(up) if test_id in ("m2", "m3")] == ["second@dest.test"]
     dropped = [e for e in read_events(log) if e["type"] == "Suppressed"]
     assert [e["recipient"] for e in dropped] == [GONE, GONE]
@@ -275,3 +287,21 @@ async def test_a_turned_off_list_stops_nobody_but_still_learns(
         up.rcpt_refusals.clear()
         assert await rcpt_replies(app.smtp_port, "m2", [GONE]) == {GONE: 250}
         await wait_until(lambda: ("m2", GONE) in delivered_to(up))
+
+
+async def test_with_ingress_workers_a_suppressed_recipient_is_dropped_by_the_main_process(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    # A worker holds no list, so it cannot refuse at RCPT: the one accept path drops, visibly.
+    up = await upstream("a")
+    log = tmp_path / "events.jsonl"
+    async with App(settings(tmp_path, up, smtp={"workers": 1})) as app:
+        assert app.workers is not None
+        await app.suppressions.add(GONE, reason="bounced before")
+        assert await rcpt_replies(app.smtp_port, "w1", [GONE, "ok@dest.test"]) == {
+            GONE: 250,
+            "ok@dest.test": 250,
+        }
+        await wait_until(lambda: ("w1", "ok@dest.test") in delivered_to(up), timeout=15)
+        await wait_until(lambda: any(e["type"] == "Suppressed" for e in read_events(log)))
+    assert [rcpt for _, rcpt in delivered_to(up)] == ["ok@dest.test"]

@@ -124,10 +124,14 @@ class SuppressionList:
         store: SuppressionStore,
         settings: SuppressionSettings | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings or SuppressionSettings()
         self.clock = clock
+        # Told (action, source) of each recipient refused here (metrics); drops are told by their events.
+        self._refused = refused or (lambda action, source: None)
         self._entries: dict[tuple[str, str], Suppression] = {}
 
     def reconfigure(self, settings: SuppressionSettings) -> None:
@@ -175,7 +179,15 @@ class SuppressionList:
         """The recipient to refuse now (at RCPT, or in the API's answer): only with action "refuse"."""
         if self.settings.action != "refuse":
             return None
-        return self.stopped(recipient, sender, api_key)
+        found = self.stopped(recipient, sender, api_key)
+        if found is not None:
+            self._refused("refuse", found.entry.source)
+        return found
+
+    def active(self) -> int:
+        """Entries that stop mail now (a pass over them: for a scrape, not per RCPT)."""
+        now = self.clock()
+        return sum(1 for e in self._entries.values() if not e.expired(now))
 
     def entries(self, *, expired: bool = False) -> list[Suppression]:
         now = self.clock()
