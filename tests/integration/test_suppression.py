@@ -305,3 +305,32 @@ async def test_with_ingress_workers_a_suppressed_recipient_is_dropped_by_the_mai
         await wait_until(lambda: ("w1", "ok@dest.test") in delivered_to(up), timeout=15)
         await wait_until(lambda: any(e["type"] == "Suppressed" for e in read_events(log)))
     assert [rcpt for _, rcpt in delivered_to(up)] == ["ok@dest.test"]
+
+
+async def test_with_action_drop_the_http_api_takes_the_recipient_and_drops_it_by_its_keys_entry(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("a")
+    log = tmp_path / "events.jsonl"
+    async with App(settings(tmp_path, up, action="drop")) as app:
+        await app.suppressions.add("k@dest.test", reason="asked the shop", scope="api_key:shop")
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as client:
+            body = {
+                "envelope_sender": "app@example.com",
+                "recipients": [{"email": "k@dest.test"}, {"email": "ok@dest.test"}],
+                "content": "Subject: hi\r\nX-Test-Id: h2\r\n\r\nhello\r\n",
+            }
+            response = await client.post("/api/v1/messages", json=body)
+        await wait_until(lambda: len(up.received) == 1)
+        await wait_until(lambda: any(e["type"] == "Suppressed" for e in read_events(log)))
+        # The same recipient over SMTP (no API key) is not in the key's scope.
+        assert await rcpt_replies(app.smtp_port, "s1", ["k@dest.test"]) == {"k@dest.test": 250}
+    assert response.status_code == 202
+    ((queued,),) = [response.json()["messages"]]
+    assert queued["recipients"] == ["k@dest.test", "ok@dest.test"] and "suppressed" not in response.json()
+    (dropped,) = [e for e in read_events(log) if e["type"] == "Suppressed"]
+    assert (dropped["id"], dropped["recipient"]) == (queued["id"], "k@dest.test")
+    assert dropped["tags"]["suppression_scope"] == "api_key:shop"
+    assert up.received[0].recipients == ["ok@dest.test"]
