@@ -24,6 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
 )
+from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -94,6 +95,8 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    bounces: BounceSettings = BounceSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
 
     @field_validator("dkim")
     @classmethod
@@ -221,6 +224,7 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BounceSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
@@ -257,6 +261,8 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "SuppressedAction",
+    "SuppressionSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

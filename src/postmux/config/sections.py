@@ -566,6 +566,7 @@ WebhookEventName = Literal[
     "Bounce",
     "Expiration",
     "Held",
+    "Suppressed",
     "MemberDown",
     "MemberUp",
     "ShapingChanged",
@@ -577,6 +578,7 @@ MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
     "Bounce",
     "Expiration",
     "Held",
+    "Suppressed",
 )
 _WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

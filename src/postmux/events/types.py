@@ -22,6 +22,8 @@ class EventType(enum.StrEnum):
     MEMBER_UP = "MemberUp"
     SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
     HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
+    # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
+    SUPPRESSED = "Suppressed"
 
 
 _PREFIX = os.urandom(3).hex()

@@ -46,6 +46,7 @@ from postmux.ingress.hygiene import (
 from postmux.ingress.logins import LoginGuard, LoginOutcome
 from postmux.ingress.proxy import ProxyRefusal, judge_header, read_header
 from postmux.ingress.replies import enhanced
+from postmux.reputation.suppression import SuppressionList
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.smtp")
@@ -628,11 +629,16 @@ ADDRESS_THROTTLED = (
 
 
 class IngressHandler:
-    """aiosmtpd hooks: relay policy at RCPT, the durable accept at the final dot."""
+    """aiosmtpd hooks: relay policy and the suppression list at RCPT, the durable accept at the final dot."""
 
-    def __init__(self, settings: SmtpSettings, acceptor: Accepts) -> None:
+    def __init__(
+        self, settings: SmtpSettings, acceptor: Accepts, suppressions: SuppressionList | None = None
+    ) -> None:
         self.settings = settings
         self.acceptor = acceptor
+        # None in an ingress worker (ingress/workers.py), which has no list: the main process's accept
+        # drops what it would have refused, with a Suppressed event (Acceptor.accept).
+        self.suppressions = suppressions
         self.trusted_networks = settings.trusted()
         # Whether a client address may relay, asked at every RCPT: ipaddress parses the address each time
         # (3.5 µs), for an answer that depends on the address string alone. Bounded, so a client with many
@@ -680,6 +686,11 @@ class IngressHandler:
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return TOO_MANY_RECIPIENTS
+        if self.suppressions is not None:
+            # Refused alone: the message's other recipients carry on (RFC 5321 3.3: RCPT by RCPT).
+            found = self.suppressions.refusal(address, envelope.mail_from or "")
+            if found is not None:
+                return found.smtp_reply()
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -750,6 +761,7 @@ async def start_smtp_server(
     *,
     limits: ConnectionLimits | None = None,
     spill_dir: Path | None = None,
+    suppressions: SuppressionList | None = None,
 ) -> asyncio.Server:
     """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
 
@@ -757,7 +769,7 @@ async def start_smtp_server(
     `spill_dir` is where a text past [smtp] spill_bytes is written (the spool's spill directory, on its
     filesystem, so the spool takes the file over with a rename); None keeps every text in memory.
     """
-    handler = IngressHandler(settings, acceptor)
+    handler = IngressHandler(settings, acceptor, suppressions)
     limits = limits or ConnectionLimits(
         settings.max_connections, settings.max_connections_per_ip, settings.hostname
     )
