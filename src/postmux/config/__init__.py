@@ -23,6 +23,7 @@ from postmux.config.references import (
     api_key_problems,
     http_notes,
     reference_problems,
+    unsubscribe_problems,
 )
 from postmux.config.sections import (
     ApiKey,
@@ -31,6 +32,7 @@ from postmux.config.sections import (
     DeliverySettings,
     DkimSelectorSettings,
     DkimSettings,
+    DmarcSettings,
     EventSettings,
     HashKey,
     HealthSettings,
@@ -48,6 +50,7 @@ from postmux.config.sections import (
     SmtpTlsSettings,
     SmtpUser,
     SpoolSettings,
+    UnsubscribeSettings,
     WarmupSettings,
     WebhookSettings,
     dkim_problems,
@@ -94,6 +97,8 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    dmarc: DmarcSettings = DmarcSettings()
+    unsubscribe: UnsubscribeSettings | None = None
 
     @field_validator("dkim")
     @classmethod
@@ -113,8 +118,10 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        problems = reference_problems(self.pool, self.route, self.shaping) + api_key_problems(
-            self.pool, self.api_key
+        problems = (
+            reference_problems(self.pool, self.route, self.shaping)
+            + api_key_problems(self.pool, self.api_key)
+            + unsubscribe_problems(self.pool, self.unsubscribe)
         )
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
@@ -226,6 +233,7 @@ __all__ = [
     "DeliverySettings",
     "DkimSelectorSettings",
     "DkimSettings",
+    "DmarcSettings",
     "DnsSettings",
     "Duration",
     "EventSettings",
@@ -257,6 +265,7 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "UnsubscribeSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",
