@@ -132,6 +132,14 @@ def judge(
 
 
 def _misaligned(author: str, dkim_domain: str, spf_domain: str, dkim_mode: Mode, spf_mode: Mode) -> str:
-    signed = f"DKIM d={dkim_domain} ({dkim_mode})" if dkim_domain else "no DKIM signature"
-    spf = f"MAIL FROM domain {spf_domain} ({spf_mode})" if spf_domain else "no MAIL FROM domain counted"
+    signed = (
+        f"DKIM d={dkim_domain} ({dkim_mode})"
+        if dkim_domain
+        else "a DKIM signature (no [[dkim]] entry signs it)"
+    )
+    spf = (
+        f"MAIL FROM domain {spf_domain} ({spf_mode})"
+        if spf_domain
+        else "a MAIL FROM domain (the null sender, or [dmarc] count_spf = false)"
+    )
     return f"From: domain {author} aligns with neither {signed} nor {spf} (RFC 7489 3.1)"
