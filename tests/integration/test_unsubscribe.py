@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import httpx
 import pytest
 
@@ -44,6 +45,7 @@ def settings(
     up_address: str,
     keys: Keys,
     webhook: list[dict[str, Any]] | None = None,
+    smtp: dict[str, Any] | None = None,
     **unsubscribe: Any,
 ) -> Any:
     secret = tmp_path / "unsubscribe.key"
@@ -59,6 +61,7 @@ def settings(
         "route": [{"match": {"recipient_domain": "list.test"}, "pool": "bulk"}],
         "unsubscribe": {**table, **unsubscribe},
         "webhook": webhook or [],
+        "smtp": smtp or {},
     }
     return make_settings(tmp_path, pools, **sections)
 
@@ -202,3 +205,25 @@ async def test_the_http_api_answers_one_id_per_copy_each_with_its_recipient(
         claim = verify(token_of(received), (SECRET,), 0, 0)
         assert [claim.recipient] == received.recipients and claim.sender_domain == "shop.test"
         assert claim.queue_id in {m["id"] for m in answered}
+
+
+async def test_a_text_in_a_file_is_copied_whole_for_each_recipient(
+    tmp_path: Path, upstream: StartUpstream, dkim_keys: Keys, dkim_dns: LoopbackDns
+) -> None:
+    up = await upstream("up")
+    body = "".join(f"line {i} {'x' * 60}\r\n" for i in range(3000))  # ~200 KB: past spill_bytes
+    text = f"From: news@{DOMAIN}\r\nTo: list@list.test\r\nSubject: big\r\n\r\n{body}".encode()
+    rcpts = ["ann@list.test", "bob@list.test", "cy@list.test"]
+    async with App(settings(tmp_path, up.address, dkim_keys, smtp={"spill_bytes": 4096})) as app:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=app.smtp_port, local_hostname="c.test", start_tls=False
+        )
+        await client.connect()
+        await client.sendmail(f"news@{DOMAIN}", rcpts, text)
+        client.close()
+        await wait_until(lambda: len(up.received) == 3)
+        assert list(app.spool.spill_dir.iterdir()) == []  # each copy's file adopted by the spool
+    for received in up.received:
+        assert received.data.endswith(body.encode()), received.recipients
+        assert mail_dkim(received.data, dkim_dns)["rsa1"] == "pass"
+    assert sorted(r.recipients[0] for r in up.received) == rcpts
