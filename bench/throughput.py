@@ -102,25 +102,28 @@ def find_tool(name: str) -> str | None:
 
 def install_postfix() -> None:
     """Install Debian's postfix for its tools, with policy-rc.d keeping the system's Postfix stopped."""
+    apt_install("postfix", selections=b"postfix postfix/main_mailer_type select No configuration\n")
+
+
+def apt_install(*packages: str, selections: bytes = b"") -> None:
+    """Install Debian packages for the bench's peers, with policy-rc.d keeping their daemons stopped: the
+    bench starts its own private instances, never the system's."""
+    names = " ".join(packages)
     if os.geteuid() != 0:
-        raise BenchError("smtp-source/smtp-sink missing; run as root or: apt-get install postfix")
+        raise BenchError(f"{names} missing; run as root or: apt-get install {names}")
     # A policy-rc.d that already forbids every start (Docker images ship one) is kept as it is.
     ours = not POLICY_RC.exists()
     if not ours and not forbids_starts(POLICY_RC):
-        raise BenchError(f"{POLICY_RC} exists already; install postfix by hand (its daemon must not start)")
+        raise BenchError(f"{POLICY_RC} exists already; install {names} by hand (no daemon may start)")
     if ours:
         POLICY_RC.write_text("#!/bin/sh\n# bench: no daemon starts during the install\nexit 101\n")
         POLICY_RC.chmod(0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        subprocess.run(
-            ["debconf-set-selections"],
-            input=b"postfix postfix/main_mailer_type select No configuration\n",
-            check=False,
-            timeout=60,
-        )
+        if selections:
+            subprocess.run(["debconf-set-selections"], input=selections, check=False, timeout=60)
         subprocess.run(["apt-get", "update"], check=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "postfix"], check=True, env=env, timeout=900)
+        subprocess.run(["apt-get", "install", "-y", *packages], check=True, env=env, timeout=900)
     finally:
         if ours:
             POLICY_RC.unlink(missing_ok=True)

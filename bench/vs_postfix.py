@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -32,14 +33,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import aiosmtplib
+import dkim
 from throughput import (
     BenchError,
+    apt_install,
     cpu_seconds,
     delivery_results,
     ensure_tools,
@@ -58,6 +60,8 @@ from throughput import (
     write_config,
     write_json,
 )
+
+from postmux.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN, generate_key
 
 SYSTEMS = ("postmux", "postfix")
 SINK_COUNT = 3
@@ -79,6 +83,7 @@ class Options:
     delivery_timeout_s: float
     keep: bool
     workers: int = 0
+    dkim: bool = False
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Sink:
         return 0
 
 
-@contextmanager
+@contextlib.contextmanager
 def counting_sinks(sink_tool: str, workdir: Path) -> Iterator[list[Sink]]:
     sinks: list[Sink] = []
     try:
@@ -233,9 +238,98 @@ class Target:
     check: Callable[[int], list[str]]
 
 
-@contextmanager
-def postmux_target(workdir: Path, sinks: Sequence[Sink], workers: int = 0) -> Iterator[Target]:
+# -- DKIM signing in both (--dkim) -----------------------------------------------------------------------
+
+# smtp-source writes `From: <bench@example.com>` and the probe `From: probe@example.com`: both systems sign
+# d=example.com with the same RSA-2048 key, relaxed/relaxed, the same header fields (postmux's defaults).
+DKIM_DOMAIN = "example.com"
+DKIM_SELECTOR = "bench"
+
+
+@dataclass(frozen=True)
+class Signing:
+    key_file: Path
+    record: str  # the TXT record at bench._domainkey.example.com, for checking what arrives
+
+
+def make_signing(base: Path) -> Signing:
+    pem, key = generate_key("rsa-sha256", 2048)
+    path = base / "dkim-bench.key"
+    path.write_bytes(pem)
+    path.chmod(0o600)  # OpenDKIM refuses a key others can read, unless told not to care
+    return Signing(path, key.record())
+
+
+def postmux_dkim_block(signing: Signing) -> str:
+    return f"""
+[[dkim]]
+domain = "{DKIM_DOMAIN}"
+selectors = [{{ name = "{DKIM_SELECTOR}", algorithm = "rsa-sha256", key_file = "{signing.key_file}" }}]
+"""
+
+
+OPENDKIM_CONF = """\
+# A private OpenDKIM for bench/vs_postfix.py --dkim: a signing milter for the private Postfix, on loopback.
+Syslog no
+Mode s
+Domain {domain}
+Selector {selector}
+KeyFile {key_file}
+Canonicalization relaxed/relaxed
+SignatureAlgorithm rsa-sha256
+SignHeaders {headers}
+OversignHeaders {oversign}
+Socket inet:{port}@127.0.0.1
+PidFile {workdir}/opendkim.pid
+Background no
+RequireSafeKeys false
+# Signing asks DNS nothing; should anything try, it asks loopback, never the machine's resolver.
+Nameservers 127.0.0.1
+"""
+
+
+@contextlib.contextmanager
+def running_opendkim(workdir: Path, signing: Signing) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    conf = workdir / "opendkim.conf"
+    conf.write_text(
+        OPENDKIM_CONF.format(
+            domain=DKIM_DOMAIN,
+            selector=DKIM_SELECTOR,
+            key_file=signing.key_file,
+            headers=",".join(DEFAULT_HEADERS),
+            oversign=",".join(DEFAULT_OVERSIGN),
+            port=port,
+            workdir=workdir,
+        )
+    )
+    with (workdir / "opendkim.log").open("wb") as log:
+        proc = subprocess.Popen(["opendkim", "-x", str(conf), "-f"], stdout=log, stderr=log)
+    try:
+        wait_for_port(port, proc)
+        yield port, proc
+    finally:
+        stop_process(proc, 10.0)
+
+
+def check_signature(text: bytes, signing: Signing) -> str | None:
+    """Why a delivered message's DKIM-Signature does not verify (against the bench's key), or None."""
+    text = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # smtp-sink -d writes lines ended by LF
+    if b"\r\nDKIM-Signature:" not in b"\r\n" + text.split(b"\r\n\r\n", 1)[0]:
+        return "no DKIM-Signature field"
+    record = signing.record.encode()
+    if not dkim.verify(text, dnsfunc=lambda name, timeout=5: record):
+        return "the DKIM-Signature does not verify"
+    return None
+
+
+@contextlib.contextmanager
+def postmux_target(
+    workdir: Path, sinks: Sequence[Sink], workers: int = 0, signing: Signing | None = None
+) -> Iterator[Target]:
     config = write_config(workdir, True, [s.port for s in sinks], workers)
+    if signing is not None:
+        config.write_text(config.read_text() + postmux_dkim_block(signing))
     with running_postmux(config, workdir / "postmux.log") as (proc, smtp_port, http_port):
 
         def check(expected: int) -> list[str]:
@@ -334,7 +428,7 @@ def queued_files(queue: Path) -> int:
     return sum(1 for d in QUEUE_SUBDIRS for p in (queue / d).rglob("*") if p.is_file())
 
 
-def write_postfix_config(workdir: Path, port: int, relay_port: int) -> tuple[Path, Path]:
+def write_postfix_config(workdir: Path, port: int, relay_port: int, milter: int = 0) -> tuple[Path, Path]:
     conf, queue, data = workdir / "postfix-etc", workdir / "postfix-queue", workdir / "postfix-data"
     workdir.chmod(0o755)  # mkdtemp makes it 0700: Postfix's unprivileged daemons must reach their data
     for d in (conf, queue, data):
@@ -342,6 +436,9 @@ def write_postfix_config(workdir: Path, port: int, relay_port: int) -> tuple[Pat
     shutil.chown(data, "postfix", "postfix")
     maillog = workdir / "postfix.log"
     main_cf = MAIN_CF.format(queue=queue, data=data, maillog=maillog, workdir=workdir, relay_port=relay_port)
+    if milter:
+        # A milter that cannot answer holds the mail back (4xx), never lets it through unsigned.
+        main_cf += f"smtpd_milters = inet:127.0.0.1:{milter}\nmilter_default_action = tempfail\n"
     (conf / "main.cf").write_text(main_cf)
     (conf / "master.cf").write_text(MASTER_CF.format(port=port))
     return conf, queue
@@ -376,10 +473,28 @@ def stop_postfix(conf: Path, pid: int | None) -> None:
         os.kill(pid, 9)
 
 
-@contextmanager
-def postfix_target(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Target]:
+@contextlib.contextmanager
+def postfix_target(workdir: Path, sinks: Sequence[Sink], signing: Signing | None = None) -> Iterator[Target]:
+    if signing is None:
+        with postfix_alone(workdir, sinks) as target:
+            yield target
+        return
+    # Postfix signs through OpenDKIM's milter: count OpenDKIM's CPU and memory as Postfix's.
+    with contextlib.ExitStack() as stack:
+        milter, opendkim = stack.enter_context(running_opendkim(workdir, signing))
+        target = stack.enter_context(postfix_alone(workdir, sinks, milter))
+        yield Target(
+            target.port,
+            lambda: [*target.pids(), opendkim.pid],
+            lambda: target.cpu_s() + cpu_seconds(opendkim.pid),
+            target.check,
+        )
+
+
+@contextlib.contextmanager
+def postfix_alone(workdir: Path, sinks: Sequence[Sink], milter: int = 0) -> Iterator[Target]:
     port = free_port()
-    conf, queue = write_postfix_config(workdir, port, sinks[0].port)
+    conf, queue = write_postfix_config(workdir, port, sinks[0].port, milter)
     started = postfix_cmd(conf, "start", timeout_s=POSTFIX_START_TIMEOUT_S)
     if started.returncode != 0:
         # postfix(1) writes its reasons to stderr only when that is a terminal: say how to see them.
@@ -478,17 +593,63 @@ def percentile(values: Sequence[float], q: float) -> float:
 # -- one run ---------------------------------------------------------------------------------------------
 
 
-def run_once(system: str, size: int, pair: int, opts: Options, source: str, sinks: Sequence[Sink]) -> Run:
+def target_of(
+    system: str, workdir: Path, sinks: Sequence[Sink], opts: Options, signing: Signing | None
+) -> contextlib.AbstractContextManager[Target]:
+    if system == "postmux":
+        return postmux_target(workdir, sinks, opts.workers, signing)
+    return postfix_target(workdir, sinks, signing)
+
+
+def check_signing(system: str, opts: Options, sink_tool: str, signing: Signing) -> None:
+    """Before the timed runs: one message through the system into a sink that keeps it, whose signature
+    must verify. A bench of signers that do not sign would measure nothing."""
+    base, _ = pick_base_dir()
+    workdir = Path(tempfile.mkdtemp(prefix=f"vs-postfix-dkim-{system}-", dir=base))
+    try:
+        workdir.chmod(0o755)  # the sink writes as nobody
+        kept = workdir / "kept"
+        kept.mkdir()
+        shutil.chown(kept, "nobody")
+        port, counters = free_port(), workdir / "sink.counters"
+        with counters.open("wb") as out:
+            cmd = [sink_tool, "-u", "nobody", "-c", "-d", f"{kept}/%M.", f"127.0.0.1:{port}", SINK_BACKLOG]
+            proc = subprocess.Popen(cmd, stdout=out)
+        sink = Sink(port, proc, counters)
+        try:
+            wait_for_port(port, proc)
+            with target_of(system, workdir, [sink], opts, signing) as target:
+                asyncio.run(probe_once(target.port, 1500, 0))
+                wait_sinks([sink], 1, time.monotonic(), 60.0)
+        finally:
+            stop_process(proc, 10.0)
+        texts = [f.read_bytes() for f in kept.iterdir()]
+        why = check_signature(texts[0], signing) if texts else "the sink kept no message"
+        if why:
+            raise BenchError(f"{system} with --dkim: {why} (kept in {workdir})")
+        print(f"{system}: the DKIM-Signature verifies", file=sys.stderr)
+    except BaseException:
+        opts = Options(**{**asdict(opts), "keep": True})
+        raise
+    finally:
+        if not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_once(
+    system: str,
+    size: int,
+    pair: int,
+    opts: Options,
+    source: str,
+    sinks: Sequence[Sink],
+    signing: Signing | None = None,
+) -> Run:
     base, _ = pick_base_dir()
     load = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix=f"vs-postfix-{system}-", dir=base))
     try:
-        target_cm = (
-            postmux_target(workdir, sinks, opts.workers)
-            if system == "postmux"
-            else postfix_target(workdir, sinks)
-        )
-        with target_cm as target:
+        with target_of(system, workdir, sinks, opts, signing) as target:
             before = sink_total(sinks)
             with MemorySampler(target.pids) as memory:
                 start = time.monotonic()
@@ -577,12 +738,25 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--delivery-timeout", type=float, default=600.0, help="seconds per run (600)")
     p.add_argument("--keep", action="store_true", help="keep each run's directory (configs, logs, queues)")
     p.add_argument("--workers", type=int, default=0, help="postmux's [smtp] workers (ingress processes)")
+    p.add_argument(
+        "--dkim",
+        action="store_true",
+        help="both sign RSA-2048: postmux's [[dkim]], Postfix with OpenDKIM's milter (installed if missing)",
+    )
     a = p.parse_args(argv)
     sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip())
     if min(a.messages, a.sessions, a.pairs, *sizes) < 1 or a.probe_interval <= 0:
         p.error("--messages, --sessions, --pairs, --sizes and --probe-interval must be positive")
     return Options(
-        a.messages, a.sessions, sizes, a.pairs, a.probe_interval, a.delivery_timeout, a.keep, a.workers
+        a.messages,
+        a.sessions,
+        sizes,
+        a.pairs,
+        a.probe_interval,
+        a.delivery_timeout,
+        a.keep,
+        a.workers,
+        a.dkim,
     )
 
 
@@ -600,6 +774,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     source, sink_tool = ensure_postfix()
     base, kind = pick_base_dir()
     print(f"spool and queues under {base} (filesystem {kind})", file=sys.stderr)
+    signing = None
+    if opts.dkim:
+        if find_tool("opendkim") is None:
+            apt_install("opendkim")
+        signing = make_signing(base)
+        for system in SYSTEMS:
+            check_signing(system, opts, sink_tool, signing)
     runs: list[Run] = []
     sinkdir = Path(tempfile.mkdtemp(prefix="vs-postfix-sinks-", dir=base))
     try:
@@ -608,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for pair in range(1, opts.pairs + 1):
                     for system in SYSTEMS:
                         print(f"[{size} B, pair {pair}] {system} ...", file=sys.stderr, flush=True)
-                        r = run_once(system, size, pair, opts, source, sinks)
+                        r = run_once(system, size, pair, opts, source, sinks, signing)
                         print(
                             f"    accepted {r.accepted_rate:.0f}/s, end to end {r.end_to_end_rate:.0f}/s,"
                             f" p50/p99 {r.latency_p50_ms:.1f}/{r.latency_p99_ms:.1f} ms ({r.probes} probes),"
@@ -620,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.append(r)
     finally:
         shutil.rmtree(sinkdir, ignore_errors=True)
+        if signing is not None:
+            signing.key_file.unlink(missing_ok=True)
     medians = print_tables(runs, opts.sizes)
     problems = [p for r in runs for p in r.problems]
     for problem in problems:
