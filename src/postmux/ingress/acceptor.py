@@ -19,7 +19,7 @@ from typing import Protocol
 import dkim
 import structlog
 
-from postmux import dmarc
+from postmux import dmarc as dmarc_module
 from postmux.address import literal_address
 from postmux.body import BodyFile
 from postmux.config import DmarcSettings, UnsubscribeSettings
@@ -123,6 +123,8 @@ class Acceptor:
 
     def reconfigure(self, dmarc: DmarcSettings, unsubscribe: UnsubscribeSettings | None) -> None:
         """The accept-time policies ([dmarc], [unsubscribe]), at build and at each reload."""
+        if dmarc.alignment != "off":
+            dmarc_module.organizational_domain("example.com")  # the PSL loads here (~0.1 s), not in a DATA
         self.dmarc = dmarc
         self.unsubscribe = unsubscribe
 
@@ -230,7 +232,7 @@ class Acceptor:
         if policy.alignment == "off":
             return {}
         head = asked.data[: header_section_end(asked.data)]
-        verdict = dmarc.judge(
+        verdict = dmarc_module.judge(
             head,
             self.signer.signing_domain(head),
             envelope.sender_domain,
