@@ -25,6 +25,8 @@ LIST_UNSUBSCRIBE_POST = "List-Unsubscribe-Post"
 SIGNED_FIELDS = (LIST_UNSUBSCRIBE, LIST_UNSUBSCRIBE_POST)
 ONE_CLICK = "List-Unsubscribe=One-Click"  # RFC 8058 3.1: the field's only value, and the POST's body
 SECRET_MIN_BYTES = 32  # HMAC-SHA256's own key size; fewer would be the weak link
+LINE_MAX = 998  # RFC 5322 2.1.1: octets in a line, CRLF not counted
+MESSAGE_ID_MAX = 128  # a longer Message-ID is left out of the token (the queue id names the copy anyway)
 TOKEN_MAX = 2048  # a token longer than this was never made here: refused before any decoding
 # The MAC's input starts with a purpose, so the secret signs nothing else that could pass for a token.
 _PURPOSE = b"postmux-unsubscribe-v1."
@@ -106,15 +108,26 @@ def verify(token: str, secrets: tuple[bytes, ...], now: float, max_age_s: float)
     return claim
 
 
-def fields(url_base: str, mailto: str, token: str) -> bytes:
+def fields(url_base: str, mailto: str, token: str) -> bytes | None:
     """The two fields to put at the top of the header section (RFC 2369 3.2, RFC 8058 3.1): the HTTPS URI
-    first, the mailto second (each on its own line: a token is long, lines stay under 998 octets)."""
-    uris = [f"<{url_base}{token}>"]
+    first, the mailto second, each on a line of its own; None when the HTTPS URI cannot fit on one line.
+
+    RFC 5322 2.1.1: a line is at most 998 octets, and a URI cannot be folded. A token is ~200 characters
+    for everyday addresses, but grows with the recipient's and the domain's length: the HTTPS URI goes on
+    a line of its own when it does not fit after the field name, and the mailto URI goes without the token
+    (its mail is still told apart by its sender) when that line would be too long.
+    """
+    https = f"<{url_base}{token}>"
+    if 1 + len(https) + 1 > LINE_MAX:
+        return None
+    head = f"{LIST_UNSUBSCRIBE}: {https}"
+    lines = [head if len(head) + 1 <= LINE_MAX else f"{LIST_UNSUBSCRIBE}:\r\n {https}"]
     if mailto:
-        # The token in the subject, so the mail taken at that address (issue 15) names what to undo.
-        uris.append(f"<mailto:{mailto}?subject=unsubscribe%20{token}>")
-    folded = ",\r\n ".join(uris)
-    return f"{LIST_UNSUBSCRIBE}: {folded}\r\n{LIST_UNSUBSCRIBE_POST}: {ONE_CLICK}\r\n".encode("ascii")
+        # The token in the subject, so the mail taken at that address names what to undo.
+        uri = f"<mailto:{mailto}?subject=unsubscribe%20{token}>"
+        lines.append(uri if 1 + len(uri) <= LINE_MAX else f"<mailto:{mailto}?subject=unsubscribe>")
+    folded = ",\r\n ".join(lines)
+    return f"{folded}\r\n{LIST_UNSUBSCRIBE_POST}: {ONE_CLICK}\r\n".encode("ascii")
 
 
 def has_list_unsubscribe(head: bytes) -> bool:

@@ -92,6 +92,30 @@ def test_the_fields_carry_the_https_uri_then_the_mailto_each_on_its_line() -> No
     assert not has_list_unsubscribe(b"From: a@b\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
 
 
+@given(
+    st.emails(),
+    st.from_regex(r"[a-z0-9]{1,63}(\.[a-z0-9]{1,63}){0,3}", fullmatch=True),
+    st.text(max_size=128),
+    st.integers(0, 170),
+    st.booleans(),
+)
+def test_the_fields_never_make_a_line_over_998_octets(
+    rcpt: str, domain: str, message_id: str, url_pad: int, mailto: bool
+) -> None:
+    url = "https://u.example.com/" + "p" * url_pad + "/"  # up to the 200 characters config allows
+    token = issue(Claim(rcpt, domain, "18c1f2a9b3c40a1b2c3d4", message_id, 2**31), SECRET)
+    out = fields(url, "u" * 64 + "@" + "d" * 180 + ".example" if mailto else "", token)
+    assert out is not None  # the largest address, domain and Message-ID still fit
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+    assert f"<{url}{token}>".encode() in out
+
+
+def test_a_uri_that_cannot_fit_on_a_line_gives_no_fields() -> None:
+    assert fields("https://u.test/", "", "t" * 996) is None
+    long = fields("https://u.test/", "a@b.test", "t" * 960)
+    assert long is not None and b"<mailto:a@b.test?subject=unsubscribe>" in long  # its token left out
+
+
 def problems(tmp_path: Path, **entry: Any) -> dict[str, str]:
     secret = tmp_path / "unsub.key"
     secret.write_bytes(SECRET)
@@ -110,6 +134,7 @@ def test_config_errors_name_the_key_and_why(tmp_path: Path) -> None:
     assert "did you mean 'default'" in problems(tmp_path, pools=["defualt"])["unsubscribe.pools[0]"]
     assert "name the pools or sender_domains" in problems(tmp_path, pools=[])["unsubscribe"]
     assert "plain ASCII address" in problems(tmp_path, mailto="a b@x")["unsubscribe.mailto"]
+    assert "at most 200" in problems(tmp_path, url="https://u.test/" + "p" * 190)["unsubscribe.url"]
 
 
 def test_a_good_table_loads_its_secrets_and_ends_the_url_with_a_slash(tmp_path: Path) -> None:

@@ -835,6 +835,9 @@ class UnsubscribeSettings(_Frozen):
             raise ValueError("an https:// URL with a host is needed (RFC 8058 3.1)")
         if not v.isascii() or any(c.isspace() or c in '<>,"' for c in v) or parts.query or parts.fragment:
             raise ValueError("a URL of ASCII without spaces, <>, commas, quotes, query or fragment")
+        if len(v) > 200:
+            # The token follows it on one line of at most 998 octets (RFC 5322 2.1.1).
+            raise ValueError(f"a URL of at most 200 characters (this one has {len(v)})")
         return v if v.endswith("/") else v + "/"
 
     @field_validator("mailto")

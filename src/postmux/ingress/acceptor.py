@@ -38,7 +38,7 @@ from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
 from postmux.ingress.compose import sender_domain_allowed
 from postmux.spool.base import Answered, NewMessage, Spool
-from postmux.unsubscribe import Claim, has_list_unsubscribe, issue
+from postmux.unsubscribe import MESSAGE_ID_MAX, Claim, has_list_unsubscribe, issue
 from postmux.unsubscribe import fields as unsubscribe_fields
 from postmux.work import WorkItem
 
@@ -272,12 +272,19 @@ class Acceptor:
         self, envelope: Envelope, asked: Asked, rcpt: str, message_id: str, now: float
     ) -> bytes:
         """RFC 8058's two fields for one recipient's copy, with its signed token: put before the text's
-        own fields, under the DKIM signature made next (RFC 8058 4)."""
+        own fields, under the DKIM signature made next (RFC 8058 4). b"" when the URI would not fit on a
+        line (an address and domain of hundreds of octets each): that copy goes without, said in the log."""
         policy = self.unsubscribe
         assert policy is not None
-        claim = Claim(rcpt, envelope.sender_domain, message_id, asked.message_id_header, int(now))
-        token = issue(claim, policy.secrets[0])
-        return unsubscribe_fields(policy.url, policy.mailto, token)
+        message_id_header = asked.message_id_header
+        if len(message_id_header) > MESSAGE_ID_MAX:
+            message_id_header = ""  # not in the token: it would only make the URI longer
+        claim = Claim(rcpt, envelope.sender_domain, message_id, message_id_header, int(now))
+        made = unsubscribe_fields(policy.url, policy.mailto, issue(claim, policy.secrets[0]))
+        if made is None:
+            log.warning("unsubscribe fields left out: the URI is over 998 octets", recipient=rcpt)
+            return b""
+        return made
 
     async def _signatures(self, envelope: Envelope, asked: Asked) -> bytes:
         """The DKIM-Signature fields of the text as it will be stored ([[dkim]]; b"" when none applies).
