@@ -147,6 +147,8 @@ async def test_the_post_records_an_unsubscribe_event_and_a_forged_or_altered_tok
                     **body,
                 )
                 assert good.status_code == 200, good.text
+                metrics = (await client.get("/metrics")).text
+                assert "postmux_unsubscribes_total 1.0" in metrics
                 assert good.json() == {
                     "unsubscribed": True,
                     "recipient": "ann@list.test",
