@@ -41,6 +41,7 @@ from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
+from postmux.ingress.unsubscribe import Unsubscribes
 from postmux.ingress.workers import IngressWorkers
 from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
@@ -152,6 +153,7 @@ class App:
             self.signer,
             self.suppressions,
         )
+        self.unsubscribes = Unsubscribes(settings.unsubscribe, self.spool, self.bus, self.webhooks, clock)
         node = NodeView(
             pools=self.pools,
             transports=self.transports,
@@ -183,6 +185,7 @@ class App:
                 self.metrics,
                 admin_api(self.control, settings.http.admin_token, PUBLIC_ROUTES),
                 self.submissions.mount,
+                self.unsubscribes.mount,
             ),
         )
         self.metrics.add_live(self._live_gauges)
@@ -415,6 +418,9 @@ class App:
         # [[dkim]]: the keys were read again with the file (config loads them), so a rotated key file
         # is taken at reload even under the same selector name.
         changes.extend(self.signer.reconfigure(settings.dkim))
+        # [dmarc] and [unsubscribe]: taken by the next message; a rotated secret file is read again.
+        self.acceptor.reconfigure(settings.dmarc, settings.unsubscribe)
+        self.unsubscribes.reconfigure(settings.unsubscribe)
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

@@ -53,6 +53,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[[webhook]]": config.WebhookSettings,
     "[[dkim]]": config.DkimSettings,
     "Selectors": config.DkimSelectorSettings,
+    "[dmarc]": config.DmarcSettings,
+    "[unsubscribe]": config.UnsubscribeSettings,
 }
 
 

@@ -23,6 +23,7 @@ from postmux.config.references import (
     api_key_problems,
     http_notes,
     reference_problems,
+    unsubscribe_problems,
 )
 from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
@@ -32,6 +33,7 @@ from postmux.config.sections import (
     DeliverySettings,
     DkimSelectorSettings,
     DkimSettings,
+    DmarcSettings,
     EventSettings,
     HashKey,
     HealthSettings,
@@ -49,6 +51,7 @@ from postmux.config.sections import (
     SmtpTlsSettings,
     SmtpUser,
     SpoolSettings,
+    UnsubscribeSettings,
     WarmupSettings,
     WebhookSettings,
     dkim_problems,
@@ -97,6 +100,8 @@ class Settings(_Frozen):
     dkim: tuple[DkimSettings, ...] = ()
     bounces: BounceSettings = BounceSettings()
     suppression: SuppressionSettings = SuppressionSettings()
+    dmarc: DmarcSettings = DmarcSettings()
+    unsubscribe: UnsubscribeSettings | None = None
 
     @field_validator("dkim")
     @classmethod
@@ -116,8 +121,10 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        problems = reference_problems(self.pool, self.route, self.shaping) + api_key_problems(
-            self.pool, self.api_key
+        problems = (
+            reference_problems(self.pool, self.route, self.shaping)
+            + api_key_problems(self.pool, self.api_key)
+            + unsubscribe_problems(self.pool, self.unsubscribe)
         )
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
@@ -230,6 +237,7 @@ __all__ = [
     "DeliverySettings",
     "DkimSelectorSettings",
     "DkimSettings",
+    "DmarcSettings",
     "DnsSettings",
     "Duration",
     "EventSettings",
@@ -263,6 +271,7 @@ __all__ = [
     "SpoolSettings",
     "SuppressedAction",
     "SuppressionSettings",
+    "UnsubscribeSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

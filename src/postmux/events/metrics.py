@@ -62,6 +62,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.unsubscribes = Counter(
+            "postmux_unsubscribes",
+            "One-click unsubscribes recorded (POST /unsubscribe/TOKEN; who and what: the Unsubscribe events)",
+            registry=self.registry,
+        )
         self.webhook_requests = Counter(
             "postmux_webhook_requests",
             "Webhook requests per endpoint by result: 2xx (acknowledged), 3xx/4xx/5xx, timeout, error",
@@ -107,6 +112,9 @@ class Metrics:
             return
         if event.type is EventType.SUPPRESSED:
             self.count_suppressed("drop", event.tags.get("suppression_source", ""))
+            return
+        if event.type is EventType.UNSUBSCRIBE:
+            self.unsubscribes.inc()
             return
         if event.type is EventType.SHAPING_CHANGED:
             self.shaping_changes.labels(event.pool, event.member).inc()

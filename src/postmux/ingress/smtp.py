@@ -34,7 +34,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
-from postmux.ingress.acceptor import Accepts
+from postmux.ingress.acceptor import AcceptRefused, Accepts
 from postmux.ingress.data import LOCAL_ERROR, NO_STORAGE, BlockDataSMTP, DataText, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
@@ -716,6 +716,10 @@ class IngressHandler:
             # Shielded: a client that hangs up (or times out) while the spool commits must not cancel a
             # store that may already be durable; the message is then delivered, never half-stored.
             queue_id = await asyncio.shield(self.acceptor.accept(message))
+        except AcceptRefused as e:
+            # Before any 250 (RFC 5321 4.2.5: the reply to the final dot is the one that counts); nothing
+            # was stored.
+            return e.reply
         except SpoolError as e:
             log.error("spool refused a message", error=str(e), disk_full=e.disk_full)
             if e.disk_full:

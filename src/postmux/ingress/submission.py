@@ -26,6 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import structlog
@@ -36,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from postmux.config import ApiKey, Settings
-from postmux.ingress.acceptor import Acceptor, Submission
+from postmux.ingress.acceptor import Acceptor, AcceptRefused, Submission
 from postmux.ingress.api_keys import ApiKeys
 from postmux.ingress.compose import (
     BadInput,
@@ -329,10 +330,19 @@ class Submissions:
             where = f"messages[{i}]." if batch else ""
             pool = self._pool(key, message, where)
             message, suppressed = self._without_suppressed(key, message, where)
-            composed = compose(message, self.rules, now, where)
-            made.append(composed)
+            copies: list[Composed] = []
+            for c in compose(message, self.rules, now, where):
+                submission = Submission(as_envelope(c, message, client_ip, key.name), pool)
+                try:
+                    self.acceptor.check(submission.envelope)
+                except AcceptRefused as e:
+                    raise BadInput(f"{where}content", e.reason) from None
+                # [unsubscribe]: one copy per recipient whose mail gets a token, each with its own id.
+                for part in self.acceptor.split(submission):
+                    copies.append(replace(c, recipients=part.envelope.recipients))
+                    submissions.append(part)
+            made.append(copies)
             refused.append(suppressed)
-            submissions += [Submission(as_envelope(c, message, client_ip, key.name), pool) for c in composed]
         return made, submissions, refused
 
     def _without_suppressed(
@@ -365,6 +375,8 @@ class Submissions:
             # Shielded, as the SMTP side's accept: a client that hangs up while the spool commits must not
             # cancel a store that may already be durable.
             return await asyncio.shield(self.acceptor.accept_all(submissions, record))
+        except AcceptRefused as e:
+            raise Refused(422, e.reason) from None
         except SpoolError as e:
             log.error("spool refused a submission", error=str(e), disk_full=e.disk_full, key=key.name)
             status, words = (
