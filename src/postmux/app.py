@@ -153,7 +153,9 @@ class App:
             self.signer,
             self.suppressions,
         )
-        self.unsubscribes = Unsubscribes(settings.unsubscribe, self.spool, self.bus, self.webhooks, clock)
+        self.unsubscribes = Unsubscribes(
+            settings.unsubscribe, self.spool, self.bus, self.webhooks, clock, self.suppressions
+        )
         node = NodeView(
             pools=self.pools,
             transports=self.transports,

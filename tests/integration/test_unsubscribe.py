@@ -155,6 +155,15 @@ async def test_the_post_records_an_unsubscribe_event_and_a_forged_or_altered_tok
                     "sender_domain": DOMAIN,
                 }
             await wait_until(lambda: len(receiver.records("/h")) == 1)
+            # The suppression list took it, for that sender domain only: the next newsletter to ann is
+            # refused at RCPT, mail to her from another domain still goes.
+            found = app.suppressions.find("ann@list.test", f"news@{DOMAIN}")
+            assert found is not None and found.source == "unsubscribe"
+            assert found.scope == f"sender_domain:{DOMAIN}"
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused, match="suppressed"):
+                await send(app.smtp_port, "two", sender=f"news@{DOMAIN}", to=["ann@list.test"])
+            await send(app.smtp_port, "three", sender="shop@other.test", to=["ann@list.test"])
+            await wait_until(lambda: len(up.received) == 2)
         # One event: the GET and the refused tokens recorded none.
         (event,) = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "Unsubscribe"]
         reception = next(e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "Reception")

@@ -25,6 +25,7 @@ from postmux.events.bus import EventBus
 from postmux.events.outbox import EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.ingress.http import json_error
+from postmux.reputation.suppression import GLOBAL, SuppressionError, SuppressionList
 from postmux.spool.base import SpoolError, WebhookOutbox
 from postmux.unsubscribe import BadToken, Claim, verify
 
@@ -61,11 +62,13 @@ class Unsubscribes:
         bus: EventBus,
         outbox: EventOutbox,
         clock: Callable[[], float] = time.time,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
         self.outbox = outbox
         self.clock = clock
+        self.suppressions = suppressions
         self.reconfigure(settings)
 
     def reconfigure(self, settings: UnsubscribeSettings | None) -> None:
@@ -103,6 +106,21 @@ class Unsubscribes:
         except BadToken as e:
             return json_error(400, f"bad unsubscribe token: {e}")
 
+    async def _suppress(self, claim: Claim) -> None:
+        """The recipient goes on the suppression list for the sender domain it unsubscribed from (durable
+        before the 200): RFC 8058 asks that the POST alone stop the mail, with nothing more to click."""
+        if self.suppressions is None:
+            return
+        try:
+            await self.suppressions.add(
+                claim.recipient,
+                reason="one-click unsubscribe",
+                source="unsubscribe",
+                scope=f"sender_domain:{claim.sender_domain}" if claim.sender_domain else GLOBAL,
+            )
+        except SuppressionError as e:  # an address no entry can hold (a quoted local part): said, not lost
+            log.warning("unsubscribe not suppressed", recipient=claim.recipient, reason=str(e))
+
     async def _record(self, claim: Claim) -> Response:
         now = self.clock()
         event = Event(
@@ -115,6 +133,13 @@ class Unsubscribes:
             created=float(claim.issued),
             tags={"method": "one-click"},
         )
+        try:
+            await self._suppress(claim)
+        except SpoolError as e:
+            log.error("unsubscribe not recorded", error=str(e))
+            return json_error(
+                503, "the unsubscribe could not be recorded; try again", {"Retry-After": str(RETRY_AFTER_S)}
+            )
         rows = self.outbox.rows([event])
         if rows:
             try:
