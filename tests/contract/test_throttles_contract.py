@@ -14,11 +14,25 @@ from pathlib import Path
 
 import pytest
 
+from postmux.scheduling.redis_throttles import RedisThrottles
 from postmux.scheduling.throttles import ALLOWED, Allowed, MemoryThrottles, RetryAfter, Suspension, Throttles
 from postmux.scheduling.warmup import MemoryWarmupCounts, SqliteWarmupCounts, WarmupCounts
+from tests.redis_support import redis_client, redis_prefix
 
 T0 = 1_700_000_000.0
-BACKENDS: dict[str, Callable[[Path], Throttles]] = {"memory": lambda _: MemoryThrottles()}
+
+
+def _redis(request: pytest.FixtureRequest) -> Throttles:
+    """The machine's Redis under a prefix of the test's own, on the test's clock (`now`), not Redis's."""
+    client = redis_client()
+    request.addfinalizer(client.close)
+    return RedisThrottles(client, request.getfixturevalue(redis_prefix.__name__), clock="caller")
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Throttles]] = {
+    "memory": lambda _: MemoryThrottles(),
+    "redis": _redis,
+}
 COUNT_BACKENDS: dict[str, Callable[[Path], WarmupCounts]] = {
     "memory": lambda _: MemoryWarmupCounts(),
     "sqlite": lambda tmp: SqliteWarmupCounts(tmp / "warmup.db"),
@@ -26,8 +40,8 @@ COUNT_BACKENDS: dict[str, Callable[[Path], WarmupCounts]] = {
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def throttles(request: pytest.FixtureRequest, tmp_path: Path) -> Throttles:
-    return BACKENDS[request.param](tmp_path)
+def throttles(request: pytest.FixtureRequest) -> Throttles:
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture(params=sorted(COUNT_BACKENDS))
