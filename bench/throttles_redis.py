@@ -48,7 +48,10 @@ def rate_probe(throttles: Throttles) -> Callable[[int], object]:
 
 
 def attempt(throttles: Throttles) -> Callable[[int], object]:
-    lanes = [Lane("p", f"m{n}", "dest", Limits(5, rate=1e6, burst=10), connections=5.0, rate=1e6) for n in range(10)]
+    lanes = [
+        Lane("p", f"m{n}", "dest", Limits(5, rate=1e6, burst=10), connections=5.0, rate=1e6)
+        for n in range(10)
+    ]
     for lane in lanes:
         lane.throttles = throttles
 

@@ -62,6 +62,7 @@ from postmux.config.shaping import (
     ShapingRule,
     ShapingSettings,
     SpfSettings,
+    ThrottlesSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -89,6 +90,7 @@ class Settings(_Frozen):
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
     shaping: ShapingSettings = ShapingSettings()
+    throttles: ThrottlesSettings = ThrottlesSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
     api_key: tuple[ApiKey, ...] = ()
@@ -257,6 +259,7 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "ThrottlesSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

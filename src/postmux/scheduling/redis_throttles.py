@@ -51,7 +51,16 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from postmux.scheduling.throttles import ALLOWED, Allowed, Lease, MemoryThrottles, RetryAfter, Suspension
+from postmux.config import ThrottlesSettings
+from postmux.scheduling.throttles import (
+    ALLOWED,
+    Allowed,
+    Lease,
+    MemoryThrottles,
+    RetryAfter,
+    Suspension,
+    Throttles,
+)
 
 Clock = Literal["store", "caller"]
 
@@ -400,6 +409,17 @@ class RedisThrottles:
             self.client.delete(f"{self.prefix}suspend:{key}")
         except _UNREACHABLE as e:
             self._fall_back(e)
+
+
+def make_throttles(
+    settings: ThrottlesSettings, on_change: Callable[[BackendChange], None] | None = None
+) -> Throttles:
+    """[throttles]: this process's memory, or Redis (connected lazily: the first call or beat connects)."""
+    if settings.backend == "memory":
+        return MemoryThrottles()
+    return RedisThrottles.from_url(
+        settings.url, settings.prefix, timeout_s=settings.timeout, on_change=on_change
+    )
 
 
 class _Away(Exception):
