@@ -47,6 +47,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[dns]": config.DnsSettings,
     "[spf]": config.SpfSettings,
     "[shaping]": config.ShapingSettings,
+    "[throttles]": config.ThrottlesSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,
     "[[dkim]]": config.DkimSettings,
