@@ -4,6 +4,8 @@ of its own that is deleted after it, so tests and helpers sharing the server nev
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -34,3 +36,67 @@ def redis_prefix() -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, a child process stopped by its PID: an
+    outage is simulated on it, never on the machine's shared server. `stop` then `start` is a restart
+    (without persistence, as the machine's: what it held is gone)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        deadline = time.monotonic() + 10.0
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.exceptions.ConnectionError:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10.0)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    from tests.support import free_port
+
+    server = PrivateRedis(free_port()).start()
+    yield server
+    server.stop()

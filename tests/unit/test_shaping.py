@@ -54,6 +54,20 @@ def test_rate_waits_say_when_the_next_turn_is() -> None:
     assert at == pytest.approx(0.5)
 
 
+def test_a_turn_another_node_took_between_asking_and_starting_is_paid_from_the_next_one() -> None:
+    shared = MemoryThrottles()  # as Redis is to several nodes
+    settings = shaping(rule=[{"rate": "2/s"}])
+    mine, theirs = (Shaper(settings, shared).lane("p", MEMBER, "d", 0.0) for _ in range(2))
+    assert mine.admission(0.0)[0] is Admission.OPEN and theirs.admission(0.0)[0] is Admission.OPEN
+    theirs.start(0.0)
+    mine.start(0.0)  # it asked before the other took the turn: started all the same, one turn owed
+    assert mine.owed == 1
+    assert mine.admission(0.5) == (Admission.RATE, 1.0)  # the turn at 0.5 pays the debt
+    assert mine.owed == 0 and theirs.admission(0.5) == (Admission.RATE, 1.0)
+    # Two starts in one interval, then one per interval: over time the rate is the rule's.
+    assert mine.admission(1.0)[0] is Admission.OPEN
+
+
 def test_more_specific_rules_win_key_by_key() -> None:
     shaper = Shaper(
         shaping(

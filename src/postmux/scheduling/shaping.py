@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from postmux.config import MemberSettings, ReactionRule, ShapingRule, ShapingSettings
 from postmux.reply import Reply
-from postmux.scheduling.throttles import Lease, MemoryThrottles, RetryAfter, Throttles
+from postmux.scheduling.throttles import ALLOWED, Lease, MemoryThrottles, RetryAfter, Throttles
 
 # Receivers' well-known ways of saying "slow down". Config reactions are tried first.
 DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
@@ -69,6 +69,7 @@ class Lane:
     connections: float = 0.0  # allowed now, AIMD-adjusted (a float so additive increase can be gradual)
     rate: float | None = None  # allowed now, messages per second; None: no limit
     in_flight: int = 0  # attempts this node runs on the lane; each holds one of `leases`, if granted
+    owed: int = 0  # rate turns of attempts that started after another node took the turn (see start)
     suspended_until: float = 0.0  # the suspension as the lane last saw it in the throttles (0.0: none)
     cut_at: float = -math.inf
     restore_at: float = 0.0  # when a throttle ends on a lane that AIMD does not raise by itself
@@ -141,6 +142,11 @@ class Lane:
         if self.in_flight >= allowed or throttles.leases_held(self.key, now) >= allowed:
             return Admission.BUSY, 0.0
         if self.rate is not None:
+            while self.owed:  # paid first, from the next free turns: the rate holds over time
+                turn = throttles.rate(self.key, self.rate, self.ceiling.burst, now)
+                if isinstance(turn, RetryAfter):
+                    return Admission.RATE, now + turn.seconds
+                self.owed -= 1
             turn = throttles.rate(self.key, self.rate, self.ceiling.burst, now, take=0)
             if isinstance(turn, RetryAfter):
                 return Admission.RATE, now + turn.seconds
@@ -163,8 +169,13 @@ class Lane:
         lease = throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
         if lease is not None:
             self.leases.append(lease)
-        if self.rate is not None:
-            throttles.rate(self.key, self.rate, self.ceiling.burst, now)
+        if (
+            self.rate is not None
+            and throttles.rate(self.key, self.rate, self.ceiling.burst, now) is not ALLOWED
+        ):
+            # With throttles shared between nodes, another node may take the turn between this node's
+            # asking (admission) and starting: the attempt has started, so its turn is owed.
+            self.owed += 1
         self.started.append(now)
         if self.first_start is None:
             self.first_start = now
