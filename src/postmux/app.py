@@ -44,7 +44,12 @@ from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
-from postmux.scheduling.redis_throttles import BackendChange, RedisThrottles, make_throttles
+from postmux.scheduling.redis_throttles import (
+    BackendChange,
+    RedisThrottles,
+    RedisWarmupCounts,
+    make_throttles,
+)
 from postmux.scheduling.router import Router
 from postmux.scheduling.throttles import MemoryThrottles, RetryAfter, Throttles
 from postmux.scheduling.warmup import WarmupLedger
@@ -134,7 +139,12 @@ class App:
             clock=clock,
             limits=limits or DispatchLimits(),
             resolver=self.resolver,
-            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
+            warmup=WarmupLedger(
+                # With Redis, every node's messages count toward one daily cap.
+                RedisWarmupCounts(self.throttles)
+                if isinstance(self.throttles, RedisThrottles)
+                else Path(settings.spool.path).with_name("warmup.db")
+            ),
             outbox=self.webhooks,
             throttles=self.throttles,
         )

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import date, timedelta
-from pathlib import Path
 
 import pytest
 
-from postmux.scheduling.redis_throttles import RedisThrottles
+from postmux.scheduling.redis_throttles import RedisThrottles, RedisWarmupCounts
 from postmux.scheduling.throttles import ALLOWED, Allowed, MemoryThrottles, RetryAfter, Suspension, Throttles
 from postmux.scheduling.warmup import MemoryWarmupCounts, SqliteWarmupCounts, WarmupCounts
 from tests.redis_support import redis_client, redis_prefix
@@ -29,13 +28,20 @@ def _redis(request: pytest.FixtureRequest) -> Throttles:
     return RedisThrottles(client, request.getfixturevalue(redis_prefix.__name__), clock="caller")
 
 
+def _redis_counts(request: pytest.FixtureRequest) -> WarmupCounts:
+    throttles = _redis(request)
+    assert isinstance(throttles, RedisThrottles)
+    return RedisWarmupCounts(throttles)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Throttles]] = {
     "memory": lambda _: MemoryThrottles(),
     "redis": _redis,
 }
-COUNT_BACKENDS: dict[str, Callable[[Path], WarmupCounts]] = {
+COUNT_BACKENDS: dict[str, Callable[[pytest.FixtureRequest], WarmupCounts]] = {
     "memory": lambda _: MemoryWarmupCounts(),
-    "sqlite": lambda tmp: SqliteWarmupCounts(tmp / "warmup.db"),
+    "sqlite": lambda request: SqliteWarmupCounts(request.getfixturevalue("tmp_path") / "warmup.db"),
+    "redis": _redis_counts,
 }
 
 
@@ -45,8 +51,8 @@ def throttles(request: pytest.FixtureRequest) -> Throttles:
 
 
 @pytest.fixture(params=sorted(COUNT_BACKENDS))
-def counts(request: pytest.FixtureRequest, tmp_path: Path) -> WarmupCounts:
-    return COUNT_BACKENDS[request.param](tmp_path)
+def counts(request: pytest.FixtureRequest) -> WarmupCounts:
+    return COUNT_BACKENDS[request.param](request)
 
 
 # -- rate: GCRA -----------------------------------------------------------------------------------------

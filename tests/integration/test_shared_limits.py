@@ -15,10 +15,11 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from postmux.app import App
-from postmux.scheduling.redis_throttles import RedisThrottles
+from postmux.scheduling.redis_throttles import RedisThrottles, RedisWarmupCounts
 from tests.redis_support import REDIS_URL, PrivateRedis, private_redis, redis_prefix
 from tests.support import Upstream, make_settings, read_events, send_many, wait_until
 
@@ -124,3 +125,38 @@ async def test_with_redis_away_each_node_sends_its_share_and_rejoins_when_it_is_
         ]
         assert [e["tags"]["state"] for e in changes] == ["fallback", "redis"]
         assert changes[0]["tags"]["live_nodes"] == "3" and "ConnectionError" in changes[0]["tags"]["reason"]
+
+
+async def test_a_warming_members_daily_cap_is_one_for_every_node(tmp_path: Path, redis_prefix: str) -> None:
+    new, old = await Upstream("new").start(), await Upstream("old").start()
+    today = datetime.now(UTC).date()
+    pool = {
+        "name": "default",
+        "policy": "weighted",
+        "members": [
+            {
+                "name": "new",
+                "address": new.address,
+                "weight": 100,
+                "warmup": {"start": today.isoformat(), "days": [30]},
+            },
+            {"name": "old", "address": old.address},
+        ],
+    }
+    apps = []
+    for i in range(2):
+        home = tmp_path / f"node{i}"
+        home.mkdir()
+        throttles = {"backend": "redis", "url": REDIS_URL, "prefix": redis_prefix}
+        apps.append(App(make_settings(home, [pool], throttles=throttles)))
+    async with apps[0] as first, apps[1] as second:
+        counts = RedisWarmupCounts(shared(first))
+        await send_many(first.smtp_port, [f"a{i}" for i in range(40)], concurrency=5)
+        await wait_until(lambda: len(new.received) + len(old.received) == 40, timeout=20)
+        await wait_until(lambda: counts.load(today).get("default/new/*") == 30, timeout=5)  # flushed
+        await send_many(second.smtp_port, [f"b{i}" for i in range(20)], concurrency=5)
+        await wait_until(lambda: len(new.received) + len(old.received) == 60, timeout=20)
+    assert len(new.received) == 30  # the second node knew the first had used the day's cap
+    assert {r.test_id for r in old.received if r.test_id.startswith("b")} == {f"b{i}" for i in range(20)}
+    for u in (new, old):
+        await u.stop()

@@ -41,8 +41,9 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from typing import Any, Final, Literal
 
 import redis
@@ -190,6 +191,14 @@ keep(KEYS[1], ttl)
 return redis.call('ZCARD', KEYS[1])
 """
 )
+
+# KEYS: the day's hash. ARGV: ttl, then key, delta pairs. Every count of the day after the deltas.
+_WARMUP_ADD = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if #ARGV > 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return redis.call('HGETALL', KEYS[1])
+"""
+_WARMUP_KEEP_S = 8 * 86400  # a week of past days to look at, as the other stores keep (warmup._KEEP_DAYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +418,37 @@ class RedisThrottles:
             self.client.delete(f"{self.prefix}suspend:{key}")
         except _UNREACHABLE as e:
             self._fall_back(e)
+
+
+class WarmupCountsAway(Exception):
+    """Redis is not answering: the warm-up ledger keeps its counts for its next flush."""
+
+
+class RedisWarmupCounts:
+    """The warm-up counts (scheduling/warmup.py) in Redis beside the throttles, so every node's messages
+    count toward one daily cap: a hash per UTC day, `{prefix}warmup:{day}`, kept a week.
+
+    Shares the throttles' client and their fallback: while they are fallen back no call is tried (the
+    ledger keeps what it counted and flushes it when Redis is back); each node then goes by the totals
+    it last saw plus its own counts.
+    """
+
+    def __init__(self, throttles: RedisThrottles) -> None:
+        self.throttles = throttles
+        self._add = throttles.client.register_script(_WARMUP_ADD)
+
+    def load(self, day: date) -> dict[str, int]:
+        return self.add(day, {})
+
+    def add(self, day: date, deltas: Mapping[str, int]) -> dict[str, int]:
+        args: list[Any] = [_WARMUP_KEEP_S]
+        for key, n in deltas.items():
+            args += [key, n]
+        try:
+            flat = self.throttles._ask(self._add, [f"{self.throttles.prefix}warmup:{day.isoformat()}"], args)
+        except _Away as e:
+            raise WarmupCountsAway(f"Redis is not answering ({self.throttles.state})") from e
+        return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def make_throttles(
