@@ -68,6 +68,22 @@ def test_a_turn_another_node_took_between_asking_and_starting_is_paid_from_the_n
     assert mine.admission(1.0)[0] is Admission.OPEN
 
 
+def test_a_lane_whose_slots_other_nodes_hold_is_asked_until_it_gets_one_again() -> None:
+    shared = MemoryThrottles()
+    settings = shaping(rule=[{"max_connections": 1}])
+    mine, theirs = (Shaper(settings, shared).lane("p", MEMBER, "d", 0.0) for _ in range(2))
+    theirs.start(0.0)
+    assert mine.surely_open  # by this node's own count: nothing in flight here
+    mine.start(0.0)  # started without a slot: the other node holds it
+    mine.finish(0.1)
+    assert not mine.surely_open and mine.admission(0.2)[0] is Admission.BUSY
+    theirs.finish(0.3)
+    assert mine.admission(0.4)[0] is Admission.OPEN
+    mine.start(0.4)  # a slot again
+    mine.finish(0.5)
+    assert mine.surely_open
+
+
 def test_more_specific_rules_win_key_by_key() -> None:
     shaper = Shaper(
         shaping(

@@ -70,6 +70,7 @@ class Lane:
     rate: float | None = None  # allowed now, messages per second; None: no limit
     in_flight: int = 0  # attempts this node runs on the lane; each holds one of `leases`, if granted
     owed: int = 0  # rate turns of attempts that started after another node took the turn (see start)
+    contended: bool = False  # the last attempt found every shared slot taken by other nodes (see start)
     suspended_until: float = 0.0  # the suspension as the lane last saw it in the throttles (0.0: none)
     cut_at: float = -math.inf
     restore_at: float = 0.0  # when a throttle ends on a lane that AIMD does not raise by itself
@@ -99,10 +100,13 @@ class Lane:
 
         Only such a lane's admission is independent of the clock, so only it may be left out of a gate.
         It is this node's view: with throttles shared between nodes, another node's suspension or leases
-        show only when the lane is asked (issue 17 decides how a gate learns of them).
+        show only when the lane is asked. A lane whose last attempt found every slot taken elsewhere is
+        asked from then on (`contended`), until one of its attempts gets a slot again; another node's
+        suspension shows once the lane is asked, or when this node's own reply says the same.
         """
         return (
-            self.rate is None
+            not self.contended
+            and self.rate is None
             and not self.suspended_until
             and not self.restore_at
             and self.in_flight < self.allowed_connections
@@ -169,6 +173,8 @@ class Lane:
         lease = throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
         if lease is not None:
             self.leases.append(lease)
+        # No slot while this node had one free by its own count: other nodes hold them (shared throttles).
+        self.contended = lease is None and self.in_flight <= self.allowed_connections
         if (
             self.rate is not None
             and throttles.rate(self.key, self.rate, self.ceiling.burst, now) is not ALLOWED
