@@ -1,4 +1,4 @@
-"""Per-call cost of the throttles on Redis against memory, and of a synchronous against an asynchronous client.
+"""Per-call cost of the throttles on Redis against memory, and of a synchronous against an async client.
 
     .venv/bin/python bench/throttles_redis.py [--url redis://127.0.0.1:6379/0] [--calls 5000] [--rounds 5]
 
