@@ -184,6 +184,19 @@ def test_a_shorter_suspension_does_not_cut_a_longer_one_short(throttles: Throttl
     assert throttles.suspended("k", T0 + 59.0) == Suspension(T0 + 60.0, "short")
 
 
+def test_suspensions_in_force_are_told_for_many_keys_at_once(throttles: Throttles) -> None:
+    assert throttles.suspensions([], T0) == {}
+    throttles.suspend("a", T0 + 900.0, "421 4.7.28")
+    throttles.suspend("b", T0 + 60.0, "by operator")
+    throttles.suspend("c", T0 + 60.0, "lifted")
+    throttles.lift("c")
+    assert throttles.suspensions(["a", "b", "c", "d"], T0) == {
+        "a": Suspension(T0 + 900.0, "421 4.7.28"),
+        "b": Suspension(T0 + 60.0, "by operator"),
+    }
+    assert throttles.suspensions(["a", "b"], T0 + 60.0) == {"a": Suspension(T0 + 900.0, "421 4.7.28")}
+
+
 def test_the_three_families_do_not_share_keys(throttles: Throttles) -> None:
     throttles.suspend("k", T0 + 900.0, "away")
     assert isinstance(throttles.rate("k", 2.0, 1, T0), Allowed)

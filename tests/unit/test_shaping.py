@@ -84,6 +84,18 @@ def test_a_lane_whose_slots_other_nodes_hold_is_asked_until_it_gets_one_again() 
     assert mine.surely_open
 
 
+def test_a_suspension_another_node_set_reaches_this_nodes_open_lanes_within_a_prune() -> None:
+    shared = MemoryThrottles()
+    mine_shaper, theirs_shaper = Shaper(shaping(), shared), Shaper(shaping(), shared)
+    mine, theirs = (s.lane("p", MEMBER, "d", 0.0) for s in (mine_shaper, theirs_shaper))
+    other = mine_shaper.lane("p", MEMBER, "elsewhere", 0.0)
+    theirs_shaper.react(theirs, Reply(421, "4.7.28", "unusual rate"), 0.0, 1.0)
+    assert mine.surely_open  # not asked by gates: it would go on sending
+    mine_shaper.prune(1.5)
+    assert not mine.surely_open and mine.admission(2.0) == (Admission.SUSPENDED, 901.0)
+    assert other.surely_open
+
+
 def test_more_specific_rules_win_key_by_key() -> None:
     shaper = Shaper(
         shaping(

@@ -41,7 +41,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Final, Literal
@@ -180,6 +180,23 @@ return false
 """
 )
 
+# KEYS: suspensions. ARGV: now. For each in force: its index (from 1), until, reason.
+_SUSPENSIONS = (
+    _PRELUDE
+    + """
+local now, found = clock(ARGV[1]), {}
+for i, key in ipairs(KEYS) do
+  local s = redis.call('HMGET', key, 'until', 'reason')
+  if s[1] and now < tonumber(s[1]) then
+    found[#found + 1] = i
+    found[#found + 1] = s[1]
+    found[#found + 1] = s[2]
+  end
+end
+return found
+"""
+)
+
 # KEYS: the node set. ARGV: node id, node ttl. How many nodes have beaten within the ttl, this one included.
 _BEAT = (
     _PRELUDE
@@ -243,8 +260,11 @@ class RedisThrottles:
         self._caller_clock = clock == "caller"
         self._on_change = on_change or (lambda change: None)
         self._wall = wall
-        self._rate, self._lease, self._renew, self._held, self._suspend, self._suspended, self._beat = (
-            client.register_script(s) for s in (_RATE, _LEASE, _RENEW, _HELD, _SUSPEND, _SUSPENDED, _BEAT)
+        self._rate, self._lease, self._renew, self._held = (
+            client.register_script(s) for s in (_RATE, _LEASE, _RENEW, _HELD)
+        )
+        self._suspend, self._suspended, self._suspensions, self._beat = (
+            client.register_script(s) for s in (_SUSPEND, _SUSPENDED, _SUSPENSIONS, _BEAT)
         )
         self._ids_key = f"{prefix}lease-ids"
         self._nodes_key = f"{prefix}nodes"
@@ -409,6 +429,25 @@ class RedisThrottles:
             self.local.lift(key)
             self.local.suspend(key, suspension.until, suspension.reason)
         return suspension
+
+    def suspensions(self, keys: Collection[str], now: float) -> dict[str, Suspension]:
+        if not keys:
+            return {}
+        ordered = list(keys)
+        try:
+            flat = self._ask(
+                self._suspensions, [f"{self.prefix}suspend:{k}" for k in ordered], [self._now(now)]
+            )
+        except _Away:
+            return self.local.suspensions(ordered, now)
+        found = {}
+        for i in range(0, len(flat), 3):
+            key, suspension = ordered[int(flat[i]) - 1], Suspension(float(flat[i + 1]), flat[i + 2].decode())
+            found[key] = suspension
+            if self.local.suspended(key, now) != suspension:  # kept for an outage, as `suspended` does
+                self.local.lift(key)
+                self.local.suspend(key, suspension.until, suspension.reason)
+        return found
 
     def lift(self, key: str) -> None:
         self.local.lift(key)

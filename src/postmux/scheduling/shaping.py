@@ -487,8 +487,10 @@ class Shaper:
         """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same.
 
         And renew the connection leases of attempts still running once half their time to live is gone
-        (the dispatcher calls this every second).
+        (the dispatcher calls this every second), and learn of suspensions in force that this node's
+        lanes have not seen (set by another node sharing the throttles, or an operator there).
         """
+        self._learn_suspensions(now)
         idle = []
         renew_before = now + LEASE_TTL_S / 2
         for key, lane in self.lanes.items():
@@ -507,6 +509,19 @@ class Shaper:
             self._forget_groups()
         for key in idle:
             del self.lanes[key]
+
+    def _learn_suspensions(self, now: float) -> None:
+        """One question for every lane not known to be suspended: a lane left out of gates (surely open)
+        would otherwise go on sending where another node was told to stop, until its own reply said so."""
+        unaware = [lane for lane in self.lanes.values() if not lane.suspended_until]
+        if not unaware:
+            return
+        found = self.throttles.suspensions([lane.key for lane in unaware], now)
+        for lane in unaware:
+            suspension = found.get(lane.key)
+            if suspension is not None:
+                lane.suspended_until = suspension.until
+                lane._mark()
 
 
 def describe_lane(lane: Lane, now: float) -> dict[str, object]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
@@ -117,6 +118,11 @@ class Throttles(Protocol):
 
     def lift(self, key: str) -> None:
         """End the key's suspension now, whoever set it."""
+        ...
+
+    def suspensions(self, keys: Collection[str], now: float) -> dict[str, Suspension]:
+        """The suspensions in force at `now` among `keys`, by key: many lanes' in one call (one round
+        trip), so a node learns of what another node suspended without asking each lane."""
         ...
 
 
@@ -250,6 +256,14 @@ class MemoryThrottles:
 
     def lift(self, key: str) -> None:
         self._suspensions.pop(key, None)
+
+    def suspensions(self, keys: Collection[str], now: float) -> dict[str, Suspension]:
+        found = {}
+        for key in keys:
+            current = self._suspensions.get(key)
+            if current is not None and now < current.until:
+                found[key] = current
+        return found
 
     # -- housekeeping --------------------------------------------------------------------------------
 
