@@ -15,9 +15,10 @@ Numbers cross the Lua boundary as "%.17g" strings: Redis turns a Lua number into
 to an integer, and into an argument with "%.14g", and either would make a retry-after inexact.
 
 The calls are synchronous, as the dispatcher's gate asks them within one pass of its loop. On loopback a
-script costs about 50-100 us of the event loop (bench/throttles_redis.py; bench/README.md), so the client
-is redis-py's synchronous one with a short timeout, not an asynchronous client behind a local view that
-would let every node overshoot by what it sends between refreshes.
+script costs about 80-110 us of the event loop, and the same script awaited on redis-py's asyncio client
+150-180 us (bench/throttles_redis.py; bench/README.md), so the client is redis-py's synchronous one with a
+short timeout, not an asynchronous client behind a local view that would let every node overshoot by
+what it sends between refreshes.
 
 When Redis cannot be reached (refused, timed out, loading), the node falls back to `MemoryThrottles` with
 its share of each limit: a rate of per_s / live nodes, a burst and a connection limit of limit // live
