@@ -42,6 +42,7 @@ from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
+from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.redis_throttles import (
@@ -110,6 +111,11 @@ class App:
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
+        # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
+        # share it (postmux.reputation.suppression).
+        self.suppressions = SuppressionList(
+            self.spool, settings.suppression, clock, refused=self.metrics.count_suppressed
+        )
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
@@ -147,6 +153,7 @@ class App:
             ),
             outbox=self.webhooks,
             throttles=self.throttles,
+            suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
         self.acceptor = Acceptor(
@@ -158,6 +165,7 @@ class App:
             clock,
             self.webhooks,
             self.signer,
+            self.suppressions,
         )
         node = NodeView(
             pools=self.pools,
@@ -173,6 +181,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            suppressions=self.suppressions,
             settings=lambda: self.settings,
         )
         self.control = Control(
@@ -250,6 +259,8 @@ class App:
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
+        with _starting("suppression list", settings.spool.path):
+            await self.suppressions.load()
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
         self._undo.append(("close the event log", self.event_log.stop))
@@ -288,7 +299,10 @@ class App:
                 # A long text goes to the spool's own directory as it arrives: the store adopts it by a
                 # rename (spool/base.py, Spool.spill_dir).
                 self._smtp = await start_smtp_server(
-                    settings.smtp, self.acceptor, spill_dir=self.spool.spill_dir
+                    settings.smtp,
+                    self.acceptor,
+                    spill_dir=self.spool.spill_dir,
+                    suppressions=self.suppressions,
                 )
 
     def _announce_http(self) -> None:
@@ -453,7 +467,10 @@ class App:
         an object to put into another one's field. Returns what changed, in words for the operator.
         """
         changes = self._configure_pools(settings, self.clock())
-        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        providers = Providers(settings.shaping)
+        self.resolver.reconfigure(settings.dns, providers)
+        self.metrics.providers = providers.names
+        self.suppressions.reconfigure(settings.suppression)
         self.sync_transports(settings)
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)
@@ -566,4 +583,8 @@ class App:
             "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
         )
         commits.add_metric([], self.spool.commits)
-        return [queue, up, conns, in_flight, commits]
+        suppression = GaugeMetricFamily(
+            "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
+        )
+        suppression.add_metric([], self.suppressions.active())
+        return [queue, up, conns, in_flight, commits, suppression]

@@ -24,6 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
 )
+from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -96,6 +97,8 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    bounces: BounceSettings = BounceSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
 
     @field_validator("dkim")
     @classmethod
@@ -223,6 +226,7 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BounceSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
@@ -259,6 +263,8 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "SuppressedAction",
+    "SuppressionSettings",
     "ThrottlesSettings",
     "WarmupSettings",
     "WebhookSettings",

@@ -25,6 +25,8 @@ class EventType(enum.StrEnum):
     # The node's shared limits went to its own share of each (Redis unreachable) or back to Redis;
     # tags.state ("fallback" | "redis"), tags.reason, tags.live_nodes.
     THROTTLES_BACKEND_CHANGED = "ThrottlesBackendChanged"
+    # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
+    SUPPRESSED = "Suppressed"
 
 
 _PREFIX = os.urandom(3).hex()
