@@ -46,6 +46,12 @@ from postmux.ingress.workers import IngressWorkers
 from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
+from postmux.scheduling.redis_throttles import (
+    BackendChange,
+    RedisThrottles,
+    RedisWarmupCounts,
+    make_throttles,
+)
 from postmux.scheduling.router import Router
 from postmux.scheduling.throttles import MemoryThrottles, RetryAfter, Throttles
 from postmux.scheduling.warmup import WarmupLedger
@@ -126,6 +132,9 @@ class App:
         self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
         self.pools: dict[str, Pool] = {}
         self.transports = MemberTransports(transport_factory, self.resolver)
+        # [throttles]: the limits this node shares with others (Redis), or keeps alone (memory).
+        self.throttles = make_throttles(settings.throttles, self._throttles_changed)
+        self.metrics.add_live(self._throttles_gauges)
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -137,8 +146,14 @@ class App:
             clock=clock,
             limits=limits or DispatchLimits(),
             resolver=self.resolver,
-            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
+            warmup=WarmupLedger(
+                # With Redis, every node's messages count toward one daily cap.
+                RedisWarmupCounts(self.throttles)
+                if isinstance(self.throttles, RedisThrottles)
+                else Path(settings.spool.path).with_name("warmup.db")
+            ),
             outbox=self.webhooks,
+            throttles=self.throttles,
             suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
@@ -180,7 +195,9 @@ class App:
         )
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
-        self.submissions = Submissions(self.acceptor, self.spool, settings, ThrottleTurns(), clock)
+        self.submissions = Submissions(
+            self.acceptor, self.spool, settings, ThrottleTurns(self.throttles), clock
+        )
         self.http = HttpServer(
             settings.http,
             make_http_app(
@@ -258,6 +275,8 @@ class App:
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
         self._undo.append(("stop counting the queue", self._stop_counting))
+        self._undo.append(("leave the shared throttles", self._leave_throttles))
+        self._join_throttles()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         # Before the dispatcher and the listener, so it stops after them: what they commit last is
         # posted at the next start, and acknowledgements in flight reach the disk before the spool closes.
@@ -358,6 +377,50 @@ class App:
         if self._spool_opened:
             self._spool_opened = False
             self._say("shutdown: spool closed")
+
+    def _join_throttles(self) -> None:
+        """With Redis: count this node in (each node's share while Redis is away) and keep it counted."""
+        throttles = self.throttles
+        if isinstance(throttles, RedisThrottles):
+            live = throttles.beat()
+            log.info("throttles shared", backend=throttles.state, live_nodes=live, prefix=throttles.prefix)
+            self._tasks.add(asyncio.create_task(throttles.run_heartbeat(), name="throttles-heartbeat"))
+
+    async def _leave_throttles(self) -> None:
+        throttles = self.throttles
+        if isinstance(throttles, RedisThrottles):
+            beating = [t for t in self._tasks if t.get_name() == "throttles-heartbeat"]
+            for task in beating:
+                task.cancel()
+                self._tasks.discard(task)
+            await asyncio.gather(*beating, return_exceptions=True)
+            throttles.leave()
+            throttles.close()
+
+    def _throttles_changed(self, change: BackendChange) -> None:
+        fallen = change.state == "fallback"
+        (log.warning if fallen else log.info)(
+            "throttles fell back to this node's share" if fallen else "throttles rejoined",
+            state=change.state,
+            reason=change.reason,
+            live_nodes=change.live_nodes,
+        )
+        tags = {"state": change.state, "reason": change.reason, "live_nodes": str(change.live_nodes)}
+        self.bus.emit(Event(EventType.THROTTLES_BACKEND_CHANGED, timestamp=self.clock(), tags=tags))
+
+    def _throttles_gauges(self) -> Iterable[GaugeMetricFamily]:
+        throttles = self.throttles
+        state = throttles.state if isinstance(throttles, RedisThrottles) else "memory"
+        backend = GaugeMetricFamily(
+            "postmux_throttles_backend",
+            "1 for where shared limits are kept now: memory, redis, or fallback (this node's share)",
+            labels=["state"],
+        )
+        for name in ("memory", "redis", "fallback"):
+            backend.add_metric([name], 1 if name == state else 0)
+        live = GaugeMetricFamily("postmux_throttles_live_nodes", "Nodes counted live sharing the limits")
+        live.add_metric([], throttles.live_nodes if isinstance(throttles, RedisThrottles) else 1)
+        return [backend, live]
 
     async def _stop_counting(self) -> None:
         if self._counter is not None:

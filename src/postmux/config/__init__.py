@@ -66,6 +66,7 @@ from postmux.config.shaping import (
     ShapingRule,
     ShapingSettings,
     SpfSettings,
+    ThrottlesSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -93,6 +94,7 @@ class Settings(_Frozen):
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
     shaping: ShapingSettings = ShapingSettings()
+    throttles: ThrottlesSettings = ThrottlesSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
     api_key: tuple[ApiKey, ...] = ()
@@ -271,6 +273,7 @@ __all__ = [
     "SpoolSettings",
     "SuppressedAction",
     "SuppressionSettings",
+    "ThrottlesSettings",
     "UnsubscribeSettings",
     "WarmupSettings",
     "WebhookSettings",

@@ -1,4 +1,5 @@
-"""The [dns] and [shaping] tables: how source members find mail servers, and the limits per destination."""
+"""The [dns], [shaping] and [throttles] tables: how source members find mail servers, the limits per
+destination, and where the limits shared between nodes are kept."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydantic import (
 from postmux.config.values import (
     Duration,
     HostPort,
+    PositiveDuration,
     Rate,
     _Frozen,
     split_hostport,
@@ -189,3 +191,25 @@ class ShapingSettings(_Frozen):
     rule: tuple[ShapingRule, ...] = ()
     reaction: tuple[ReactionRule, ...] = ()
     provider: tuple[ProviderSettings, ...] = ()
+
+
+class ThrottlesSettings(_Frozen):
+    """Where shaping's shared state lives (scheduling/throttles.py): this process's memory, or a Redis that
+    several nodes share (scheduling/redis_throttles.py) so their limits toward a destination add up to one."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    # Every key postmux writes starts with this: several farms (or tests) may share one Redis.
+    prefix: str = Field(default="postmux:", min_length=1)
+    # How long a call may block the event loop before the node falls back to its share of each limit.
+    timeout: PositiveDuration = 0.1
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+            # The value is not echoed: a URL may carry a password.
+            raise ValueError(
+                "not a Redis URL: write 'redis://HOST:PORT/DB', 'rediss://...' or 'unix:///PATH'"
+            )
+        return v

@@ -47,6 +47,7 @@ from postmux.scheduling.ready import ReadyQueues
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper
+from postmux.scheduling.throttles import Throttles
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import AttemptView, OutboxRow, Settlement, Spool, SpoolError
@@ -106,6 +107,7 @@ class Dispatcher:
         warmup: WarmupLedger | None = None,
         outbox: EventOutbox = NO_OUTBOX,
         spf: SpfEvaluator | None = None,
+        throttles: Throttles | None = None,
         suppressions: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
@@ -126,7 +128,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._accepting_work = True
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
-        self.shaper = Shaper(settings.shaping)
+        self.shaper = Shaper(settings.shaping, throttles)  # its lanes' shared state: memory, or Redis
         self.warmup = warmup or WarmupLedger(None)
         self.spf = spf or SpfEvaluator(settings.spf, settings.dns, clock)
         # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
