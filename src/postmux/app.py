@@ -42,6 +42,7 @@ from postmux.ingress.http import HttpServer, make_http_app
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
+from postmux.reputation.blocklists import BlocklistWatch
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
@@ -134,6 +135,8 @@ class App:
             outbox=self.webhooks,
         )
         self.signer = DkimSigner(settings.dkim, clock)
+        self.blocklists = BlocklistWatch(self.pools, self.bus.emit, clock)
+        self.metrics.add_live(self.blocklists.gauges)
         self.acceptor = Acceptor(
             self.spool,
             self.router,
@@ -158,6 +161,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            blocklists=self.blocklists,
         )
         self.control = Control(
             node,
@@ -250,6 +254,8 @@ class App:
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))
         await self.dispatcher.start()
+        self._undo.append(("stop the blocklist watch", self.blocklists.stop))
+        await self.blocklists.start()
         self._undo.append(("stop health checks", self._stop_checks))
         self._checking = True
         self.sync_checkers()
@@ -397,6 +403,7 @@ class App:
         # [[dkim]]: the keys were read again with the file (config loads them), so a rotated key file
         # is taken at reload even under the same selector name.
         changes.extend(self.signer.reconfigure(settings.dkim))
+        self.blocklists.reconfigure(settings)
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

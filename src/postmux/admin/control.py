@@ -59,6 +59,14 @@ class WebhookStatus(Protocol):
         ...
 
 
+class BlocklistStatus(Protocol):
+    """What the admin side reads of the blocklist watch (reputation/blocklists.py BlocklistWatch)."""
+
+    def status(self) -> dict[str, object]:
+        """Zones, the last round's time, every subject x zone answered, zones not believed."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """The parts of a running node the admin side reads and steers; each is the live object, not a copy.
@@ -82,6 +90,7 @@ class NodeView:
     destinations: KnownDestinations
     reporting_mta: str
     webhooks: WebhookStatus | None = None
+    blocklists: BlocklistStatus | None = None
 
 
 class Control:
@@ -130,6 +139,7 @@ class Control:
             "tls_mode": m.settings.tls_mode,
             "tls": m.tls,
             "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
+            "listed": list(m.listed),
         }
 
     # -- shaping -------------------------------------------------------------------------------------
@@ -270,6 +280,14 @@ class Control:
             return []
         return await self.node.webhooks.status()
 
+    # -- blocklists ----------------------------------------------------------------------------------
+
+    def blocklists(self) -> dict[str, Any]:
+        """What the blocklist watch last found: each subject x zone, listed or not; zones not believed."""
+        if self.node.blocklists is None:
+            return {"enabled": False, "checked": []}
+        return dict(self.node.blocklists.status())
+
     # -- reload --------------------------------------------------------------------------------------
 
     def reload(self) -> ReloadResult:
@@ -284,6 +302,8 @@ def member_state(m: Any, now: float) -> str:
         return "draining"
     if m.ejected(now):
         return "ejected"
+    if m.listed:
+        return "listed"
     if not m.check_up:
         return "check-failed"
     if m.ramp_started is not None:

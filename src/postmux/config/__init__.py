@@ -55,6 +55,8 @@ from postmux.config.sections import (
 )
 from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
+    BlocklistSettings,
+    BlocklistZone,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -88,6 +90,7 @@ class Settings(_Frozen):
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
+    blocklists: BlocklistSettings = BlocklistSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
@@ -221,6 +224,8 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BlocklistSettings",
+    "BlocklistZone",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",

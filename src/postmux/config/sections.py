@@ -554,6 +554,7 @@ WebhookEventName = Literal[
     "MemberDown",
     "MemberUp",
     "ShapingChanged",
+    "BlocklistChanged",
 ]
 MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
     "Reception",

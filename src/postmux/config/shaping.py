@@ -1,4 +1,5 @@
-"""The [dns] and [shaping] tables: how source members find mail servers, and the limits per destination."""
+"""The [dns], [spf], [blocklists] and [shaping] tables: how source members find mail servers, what the
+sender's and the sending IPs' standing in DNS allows, and the limits per destination."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pydantic import (
 
 from postmux.config.values import (
     Duration,
+    Hostname,
     HostPort,
+    PositiveDuration,
     Rate,
     _Frozen,
     split_hostport,
@@ -85,6 +88,72 @@ class SpfSettings(_Frozen):
     timeout: Duration = 20.0
     # How long a verdict that met a temperror is kept before asking again.
     error_ttl: Duration = 60.0
+
+
+# Spamhaus answers 127.255.255.252-255 for a query it refuses (a typo in the zone, a public resolver, too
+# many queries): an error about the query, never a listing of the address.
+_DNSBL_ERRORS = ipaddress.ip_network("127.255.255.0/24")
+_DNSBL_ANSWERS = ipaddress.ip_network("127.0.0.0/8")  # RFC 5782 2.1: a DNSxL answers in 127.0.0.0/8
+
+
+class BlocklistZone(_Frozen):
+    """One DNS blocklist (RFC 5782): `zone` is asked `<reversed IP>.zone` (or `<domain>.zone` for a domain
+    list); an A answer in `listed` means listed. Empty `listed`: any 127.0.0.0/8 answer but 127.255.255.x."""
+
+    zone: Hostname
+    listed: tuple[str, ...] = ()
+
+    @field_validator("listed")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or network") from None
+        return v
+
+    def means_listed(self, answer: str) -> bool | None:
+        """True: `answer` lists the subject; False: it does not; None: it is an error answer."""
+        try:
+            address = ipaddress.ip_address(answer)
+        except ValueError:
+            return None
+        if self.listed:
+            return any(address in ipaddress.ip_network(n, strict=False) for n in self.listed)
+        if address not in _DNSBL_ANSWERS or address in _DNSBL_ERRORS:
+            return None
+        return True
+
+
+def _zones(v: Any) -> Any:
+    """A zone may be given as its name alone."""
+    if isinstance(v, (list, tuple)):
+        return [{"zone": z} if isinstance(z, str) else z for z in v]
+    return v
+
+
+class BlocklistSettings(_Frozen):
+    """Blocklist watch: each member's sending IPs asked of `zones`, the sending domains of `domain_zones`,
+    every `interval`; a member with a listed IP is out of rotation until it is delisted."""
+
+    zones: tuple[BlocklistZone, ...] = ()
+    domain_zones: tuple[BlocklistZone, ...] = ()
+    # Domains checked against domain_zones besides the [[dkim]] signing domains.
+    domains: tuple[Hostname, ...] = ()
+    # Public lists ask for restraint (Spamhaus: cache, do not hammer): their listings change in minutes.
+    interval: PositiveDuration = 600.0
+    # A receiver's reply that names a blocklist suspends that member x destination this long; 0: do not.
+    reply_suspend: Duration = 3600.0
+
+    @field_validator("zones", "domain_zones", mode="before")
+    @classmethod
+    def _zone_names(cls, v: Any) -> Any:
+        return _zones(v)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.zones or self.domain_zones)
 
 
 class ProviderSettings(_Frozen):

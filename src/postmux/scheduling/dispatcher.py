@@ -36,6 +36,7 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
+from postmux.reputation.blocklists import reply_reactions
 from postmux.reputation.spf import SpfEvaluator, SpfVerdict
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
@@ -122,7 +123,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._accepting_work = True
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
-        self.shaper = Shaper(settings.shaping)
+        self.shaper = Shaper(settings.shaping, extra=reply_reactions(settings.blocklists))
         self.warmup = warmup or WarmupLedger(None)
         self.spf = spf or SpfEvaluator(settings.spf, settings.dns, clock)
         # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
@@ -175,7 +176,7 @@ class Dispatcher:
         """
         self.settings = settings
         self.retry = RetrySchedule(settings.retry)
-        self.shaper.configure(settings.shaping)
+        self.shaper.configure(settings.shaping, reply_reactions(settings.blocklists))
         self.spf.reconfigure(settings.spf, settings.dns)
         self._spf_judged.clear()
         self._spf_pool_ips.clear()
