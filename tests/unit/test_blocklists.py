@@ -9,7 +9,8 @@ import pytest
 
 from postmux.balancing.pool import Pool
 from postmux.config import BlocklistSettings, BlocklistZone, PoolSettings, settings_from_dict
-from postmux.reputation.blocklists import Finding, judge, look, query_name, reply_reactions
+from postmux.events.types import Event, EventType
+from postmux.reputation.blocklists import BlocklistWatch, Finding, judge, look, query_name, reply_reactions
 
 
 def test_an_ipv4_address_is_asked_with_its_octets_reversed() -> None:
@@ -173,3 +174,26 @@ def test_when_too_many_are_listed_the_pool_panics_and_uses_them_all() -> None:
         pool.record_listing(pool.member(name), ("listed",), 10.0)
     assert pool.in_panic(10.0)
     assert [m.name for m in pool.usable(10.0)] == ["a", "b", "c"]
+
+
+async def test_a_listed_signing_domain_is_reported_and_takes_no_member_out() -> None:
+    settings = settings_from_dict(
+        {
+            "pool": [{"name": "p", "members": [{"name": "a", "address": "127.0.0.1:2501"}]}],
+            "blocklists": {"domain_zones": ["dbl.example"], "domains": ["news.example.com"]},
+        }
+    )
+    pool = Pool(settings.pool[0])
+    events: list[Event] = []
+    answers = ZoneAnswers({"news.example.com.dbl.example": ["127.0.1.2"]})
+    watch = BlocklistWatch({"p": pool}, events.append, clock=lambda: 100.0, lookups=lambda _dns: answers)
+    watch.reconfigure(settings)
+    await watch.check()
+    assert [(e.type, e.tags["subject"], e.tags["listed"]) for e in events] == [
+        (EventType.BLOCKLIST_CHANGED, "news.example.com", "true")
+    ]
+    assert "invalid.dbl.example" in answers.asked  # the never-listed name, asked first
+    assert pool.usable(100.0) == [pool.member("a")]
+    answers.answers.clear()
+    await watch.check()
+    assert [e.tags["listed"] for e in events] == ["true", "false"]
