@@ -43,6 +43,7 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
 from postmux.reputation.blocklists import BlocklistWatch
+from postmux.reputation.breaker import ReputationBreaker
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
@@ -168,6 +169,9 @@ class App:
             Reloader(config_path, settings, self.configure),
             DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
+        # Last on the bus: the Bounce that trips it is logged before the ShapingChanged the trip emits.
+        self.breaker = ReputationBreaker(settings.breaker, self.control.trip, clock)
+        self.bus.subscribe(self.breaker)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.submissions = Submissions(self.acceptor, self.spool, settings, ThrottleTurns(), clock)
@@ -404,6 +408,7 @@ class App:
         # is taken at reload even under the same selector name.
         changes.extend(self.signer.reconfigure(settings.dkim))
         self.blocklists.reconfigure(settings)
+        self.breaker.reconfigure(settings.breaker)
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

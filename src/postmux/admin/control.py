@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from postmux.balancing.pool import Pool
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.reputation.breaker import Trip
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
@@ -229,12 +230,30 @@ class Control:
 
     def suspend(self, name: str, destination: str, duration_s: float) -> list[dict[str, Any]]:
         """Keep a member (in every pool that has it) from one destination for a while, as a reaction would."""
+        return self._suspend(self._named(name), destination, duration_s, "by operator", "operator")
+
+    def trip(self, trip: Trip) -> None:
+        """The reputation breaker tripped: the lanes of the IP (every source member sending from it), or of
+        the relay, toward that destination are suspended for the cool-down; `resume` lifts them earlier."""
+        members = [
+            (pool, m)
+            for pool in self.node.pools.values()
+            for m in pool.members
+            if (trip.ip and m.settings.kind == "source" and m.settings.source_address == trip.ip)
+            or (not trip.ip and pool.name == trip.pool and m.name == trip.member)
+        ]
+        why = f"by the reputation breaker: {trip.why}"
+        self._suspend(members, trip.destination, trip.cooldown_s, why, "breaker")
+
+    def _suspend(
+        self, members: Iterable[tuple[Pool, Member]], destination: str, duration_s: float, why: str, by: str
+    ) -> list[dict[str, Any]]:
         now = self.node.clock()
         shaper = self.node.shaper
         lanes = []
-        for pool, m in self._named(name):
+        for pool, m in members:
             lane = shaper.lane(pool.name, m.settings, destination, now)
-            self._shaping_event(lane, shaper.suspend(lane, duration_s, "by operator", now), now)
+            self._shaping_event(lane, shaper.suspend(lane, duration_s, why, now), now, by)
             lanes.append(lane)
         self.node.dispatch.wake()
         return [describe_lane(lane, now) for lane in lanes]
@@ -257,7 +276,7 @@ class Control:
         self.node.dispatch.wake()
         return [describe_lane(lane, now) for lane in lifted]
 
-    def _shaping_event(self, lane: Lane, change: str, now: float) -> None:
+    def _shaping_event(self, lane: Lane, change: str, now: float, by: str = "operator") -> None:
         log.info(
             "shaping changed", pool=lane.pool, member=lane.member, destination=lane.destination, change=change
         )
@@ -267,7 +286,7 @@ class Control:
                 queue=f"{lane.pool}/{lane.destination}",
                 pool=lane.pool,
                 member=lane.member,
-                tags={"change": change, "by": "operator"},
+                tags={"change": change, "by": by},
                 timestamp=now,
             )
         )

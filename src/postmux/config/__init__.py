@@ -57,6 +57,7 @@ from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
     BlocklistSettings,
     BlocklistZone,
+    BreakerSettings,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -91,6 +92,7 @@ class Settings(_Frozen):
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
     blocklists: BlocklistSettings = BlocklistSettings()
+    breaker: BreakerSettings = BreakerSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
@@ -226,6 +228,7 @@ __all__ = [
     "ApiSettings",
     "BlocklistSettings",
     "BlocklistZone",
+    "BreakerSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",

@@ -551,6 +551,7 @@ WebhookEventName = Literal[
     "Bounce",
     "Expiration",
     "Held",
+    "Complaint",
     "MemberDown",
     "MemberUp",
     "ShapingChanged",

@@ -156,6 +156,23 @@ class BlocklistSettings(_Frozen):
         return bool(self.zones or self.domain_zones)
 
 
+class BreakerSettings(_Frozen):
+    """The reputation breaker: a sending IP x destination whose hard-bounce or complaint rate over `window`
+    passes its threshold is paused (suspended) for `cooldown`, or until an operator resumes it."""
+
+    # Which members' lanes it watches: "sources" (direct-to-MX members, whose IP's reputation is postmux's
+    # own), "all" (relays too, each relay by its name), "off".
+    members: Literal["off", "sources", "all"] = "sources"
+    window: PositiveDuration = 3600.0
+    # No verdict on fewer recipients (delivered + bounced) in the window: three bounces of five say little.
+    min_messages: int = Field(default=100, gt=0)
+    # Mailbox providers start to distrust a sender past a few percent of dead addresses; ESPs suspend
+    # customers near 5-10%. Gmail and Yahoo's bulk-sender rules ask for a spam complaint rate under 0.3%.
+    hard_bounce_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    complaint_rate: float = Field(default=0.003, gt=0.0, le=1.0)
+    cooldown: PositiveDuration = 4 * 3600.0
+
+
 class ProviderSettings(_Frozen):
     """A mailbox provider: destinations whose MX hosts end in one of `mx_suffixes` share one queue and one
     set of limits (as KumoMTA's sites do); `domains` names its own domains, so relay pools, which never

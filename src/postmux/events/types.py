@@ -22,6 +22,7 @@ class EventType(enum.StrEnum):
     MEMBER_UP = "MemberUp"
     SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
     HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
+    COMPLAINT = "Complaint"  # a recipient reported the message as spam (an ARF report, RFC 5965)
     BLOCKLIST_CHANGED = "BlocklistChanged"  # a sending IP or domain listed or delisted (tags: subject, zone)
 
 
