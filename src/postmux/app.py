@@ -44,6 +44,8 @@ from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
 from postmux.reputation.blocklists import BlocklistWatch
 from postmux.reputation.breaker import ReputationBreaker
+from postmux.reputation.returns import ReturnedMail
+from postmux.reputation.verp import VerpCodec
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
@@ -138,6 +140,13 @@ class App:
         self.signer = DkimSigner(settings.dkim, clock)
         self.blocklists = BlocklistWatch(self.pools, self.bus.emit, clock)
         self.metrics.add_live(self.blocklists.gauges)
+        self.returns = ReturnedMail(
+            VerpCodec(settings.verp),
+            self.bus.emit,
+            self._destination_of,
+            self._sending_from,
+            clock=clock,
+        )
         self.acceptor = Acceptor(
             self.spool,
             self.router,
@@ -147,6 +156,7 @@ class App:
             clock,
             self.webhooks,
             self.signer,
+            self.returns,
         )
         node = NodeView(
             pools=self.pools,
@@ -272,14 +282,34 @@ class App:
                     settings.smtp.workers,
                     self.drain_timeout_s,
                     spill_dir=self.spool.spill_dir,
+                    return_domains=self._return_domains(),
                 )
                 await self.workers.start()
             else:
                 # A long text goes to the spool's own directory as it arrives: the store adopts it by a
                 # rename (spool/base.py, Spool.spill_dir).
                 self._smtp = await start_smtp_server(
-                    settings.smtp, self.acceptor, spill_dir=self.spool.spill_dir
+                    settings.smtp,
+                    self.acceptor,
+                    spill_dir=self.spool.spill_dir,
+                    return_domains=self._return_domains(),
                 )
+
+    def _return_domains(self) -> tuple[str, ...]:
+        domain = self.settings.verp.domain
+        return (domain,) if domain else ()
+
+    def _destination_of(self, domain: str) -> str:
+        """The destination (provider, else the domain) of a recipient domain, as lanes name it."""
+        return Providers(self.settings.shaping).destination(domain)
+
+    def _sending_from(self, ip: str) -> tuple[str, str] | None:
+        """The (pool, member) whose mail leaves from `ip`: a source member's address, a relay's."""
+        for pool in self.pools.values():
+            for m in pool.members:
+                if ip and ip in m.settings.spf_ips:
+                    return pool.name, m.name
+        return None
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -409,6 +439,7 @@ class App:
         changes.extend(self.signer.reconfigure(settings.dkim))
         self.blocklists.reconfigure(settings)
         self.breaker.reconfigure(settings.breaker)
+        self.returns.codec = VerpCodec(settings.verp)  # the listener's domain itself is restart-only
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

@@ -65,6 +65,7 @@ from postmux.config.shaping import (
     ShapingRule,
     ShapingSettings,
     SpfSettings,
+    VerpSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -93,6 +94,7 @@ class Settings(_Frozen):
     spf: SpfSettings = SpfSettings()
     blocklists: BlocklistSettings = BlocklistSettings()
     breaker: BreakerSettings = BreakerSettings()
+    verp: VerpSettings = VerpSettings()
     shaping: ShapingSettings = ShapingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
@@ -121,6 +123,12 @@ class Settings(_Frozen):
         problems = reference_problems(self.pool, self.route, self.shaping) + api_key_problems(
             self.pool, self.api_key
         )
+        names = {p.name for p in self.pool}
+        problems += [
+            (f"verp.pools[{i}]", f"no pool named {name!r}")
+            for i, name in enumerate(self.verp.pools)
+            if name not in names
+        ]
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
             # passes through, and settings_from_dict reports each problem under its own key.
@@ -265,6 +273,7 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "VerpSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

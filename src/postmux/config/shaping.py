@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
     Field,
+    PrivateAttr,
     StrictBool,
     field_validator,
     model_validator,
@@ -171,6 +173,39 @@ class BreakerSettings(_Frozen):
     hard_bounce_rate: float = Field(default=0.05, gt=0.0, le=1.0)
     complaint_rate: float = Field(default=0.003, gt=0.0, le=1.0)
     cooldown: PositiveDuration = 4 * 3600.0
+
+
+class VerpSettings(_Frozen):
+    """VERP return paths: mail of the chosen pools goes out with an envelope sender that names the message
+    and the recipient (signed), at `domain`, whose mail postmux takes itself: DSNs and ARF complaints
+    sent there are matched to what was sent (reputation/returns.py)."""
+
+    domain: Hostname | None = None  # the return-path domain; its MX must point at postmux's [smtp] listener
+    secret_file: str | None = None  # the signing key of the return paths (16 octets or more)
+    pools: tuple[str, ...] = ()  # pools whose mail goes out with VERP return paths; empty: every pool
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _load(self) -> VerpSettings:
+        if self.domain is None:
+            return self
+        if self.secret_file is None:
+            raise ValueError("a VERP domain needs a secret_file (its return paths are signed)")
+        try:
+            secret = Path(self.secret_file).read_bytes().strip()
+        except OSError as e:
+            raise ValueError(f"secret_file: {self.secret_file!r} cannot be read: {e.strerror}") from None
+        if len(secret) < 16:
+            raise ValueError(f"secret_file: {self.secret_file!r} holds {len(secret)} octets; 16 or more")
+        self._secret = secret
+        return self
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+    def applies_to(self, pool: str) -> bool:
+        return self.domain is not None and (not self.pools or pool in self.pools)
 
 
 class ProviderSettings(_Frozen):

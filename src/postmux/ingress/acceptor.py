@@ -31,6 +31,7 @@ from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
+from postmux.reputation.returns import ReturnedMail
 from postmux.spool.base import Answered, NewMessage, Spool
 from postmux.work import WorkItem
 
@@ -100,8 +101,10 @@ class Acceptor:
         clock: Callable[[], float] = time.time,
         outbox: EventOutbox = NO_OUTBOX,
         signer: DkimSigner | None = None,
+        returns: ReturnedMail | None = None,
     ) -> None:
         self.hostname = hostname
+        self.returns = returns
         self.signer = signer or DkimSigner()
         self.spool = spool
         self.routes = routes
@@ -111,7 +114,14 @@ class Acceptor:
         self.outbox = outbox
 
     async def accept(self, envelope: Envelope) -> str:
-        """Store the message durably and return its queue id; raises SpoolError when it could not."""
+        """Store the message durably and return its queue id; raises SpoolError when it could not.
+
+        Mail to the return-path domain ([verp]: DSNs, complaint reports) is not queued: it is read and
+        told as events (reputation/returns.py), and its answer names no queue id.
+        """
+        if self.returns is not None and self.returns.takes(envelope):
+            self.returns.take(envelope)
+            return "report"
         now = self.clock()
         asked = take_requests(envelope)
         signed = await self._signatures(envelope, asked)
