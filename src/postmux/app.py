@@ -173,6 +173,7 @@ class App:
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
             blocklists=self.blocklists,
+            settings=lambda: self.settings,
         )
         self.control = Control(
             node,

@@ -1,6 +1,6 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
 (summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks,
-blocklists, reload.
+blocklists, the DNS doctor of a sending domain, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -21,6 +21,7 @@ from postmux.admin.control import Control, NothingHeld, UnknownMember
 from postmux.admin.queue import QueueControl, QueueRequestError, UnknownMessage, criteria, query_fields
 from postmux.config import parse_duration
 from postmux.ingress.http import json_error
+from postmux.reputation.doctor import Report
 from postmux.spool.base import SpoolError
 
 ADMIN_PREFIX = "/api/v1"
@@ -111,6 +112,17 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     async def blocklists() -> dict[str, Any]:
         """The blocklist watch: zones, the last round, every sending IP and domain x zone, listed or not."""
         return control.blocklists()
+
+    # The domain is one path segment; what is not a domain name is a 400 before any lookup.
+    @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report, summary="DNS doctor of a domain")
+    async def doctor(domain: str) -> Any:
+        """The sending domain's MX, SPF, DKIM, DMARC, MTA-STS and TLS-RPT records and its source members'
+        reverse DNS, checked against the running configuration; then the Gmail/Yahoo bulk-sender rules.
+        `ok` is false when a check or a rule fails (docs/api.md)."""
+        try:
+            return await control.doctor(domain)
+        except ValueError as e:
+            return json_error(400, str(e))
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:

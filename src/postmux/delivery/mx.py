@@ -77,9 +77,9 @@ def nameserver(spec: str) -> dns.nameserver.Nameserver:
     return dns.nameserver.Do53Nameserver(spec, 53)
 
 
-def async_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
-    """A resolver asking [dns] nameservers (else the system's), with [dns] timeout, caching nothing:
-    each user keeps its own cache, with its own TTL bounds."""
+def dns_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+    """The resolver [dns] configures: its nameservers, else the system's (/etc/resolv.conf); no cache of
+    dnspython's (whoever asks keeps answers by its own TTL bounds, or not at all)."""
     if settings.nameservers:
         r = dns.asyncresolver.Resolver(configure=False)
         r.nameservers = [nameserver(ns) for ns in settings.nameservers]
@@ -109,7 +109,7 @@ class MxResolver:
     def _dns(self) -> dns.asyncresolver.Resolver:
         # Built on first use: a node with only relay members never reads /etc/resolv.conf.
         if self._resolver is None:
-            self._resolver = async_resolver(self.settings)
+            self._resolver = dns_resolver(self.settings)  # postmux keeps its own cache, by its TTL bounds
         return self._resolver
 
     def prune(self) -> None:

@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 
 from postmux.balancing.pool import Pool
 from postmux.config import BlocklistSettings, BlocklistZone, DnsSettings, ReactionRule, Settings
-from postmux.delivery.mx import async_resolver
+from postmux.delivery.mx import dns_resolver
 from postmux.events.types import Event, EventType
 
 log = structlog.get_logger("postmux.blocklists")
@@ -131,7 +131,7 @@ class DnsLookups:
     are given), uncached: each round asks afresh, as often as `interval` says."""
 
     def __init__(self, settings: DnsSettings) -> None:
-        self.resolver: dns.asyncresolver.Resolver = async_resolver(settings)
+        self.resolver: dns.asyncresolver.Resolver = dns_resolver(settings)
 
     async def a(self, name: str) -> list[str] | None:
         try:
