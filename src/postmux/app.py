@@ -45,6 +45,7 @@ from postmux.ingress.workers import IngressWorkers
 from postmux.reputation.blocklists import BlocklistWatch
 from postmux.reputation.breaker import ReputationBreaker
 from postmux.reputation.returns import ReturnedMail
+from postmux.reputation.suppression import SuppressionList
 from postmux.reputation.verp import VerpCodec
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
@@ -108,6 +109,11 @@ class App:
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
         self.spool = make_spool(settings.spool)
+        # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
+        # share it (postmux.reputation.suppression).
+        self.suppressions = SuppressionList(
+            self.spool, settings.suppression, clock, refused=self.metrics.count_suppressed
+        )
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
@@ -136,15 +142,16 @@ class App:
             resolver=self.resolver,
             warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
             outbox=self.webhooks,
+            suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
         self.blocklists = BlocklistWatch(self.pools, self.bus.emit, clock)
         self.metrics.add_live(self.blocklists.gauges)
         self.returns = ReturnedMail(
             VerpCodec(settings.verp),
-            self.bus.emit,
             self._destination_of,
             self._sending_from,
+            classify=lambda reply: self.settings.bounces.classifier.classify(reply),
             clock=clock,
         )
         self.acceptor = Acceptor(
@@ -156,7 +163,8 @@ class App:
             clock,
             self.webhooks,
             self.signer,
-            self.returns,
+            suppressions=self.suppressions,
+            returns=self.returns,
         )
         node = NodeView(
             pools=self.pools,
@@ -173,6 +181,7 @@ class App:
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
             blocklists=self.blocklists,
+            suppressions=self.suppressions,
             settings=lambda: self.settings,
         )
         self.control = Control(
@@ -181,7 +190,7 @@ class App:
             DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
         # Last on the bus: the Bounce that trips it is logged before the ShapingChanged the trip emits.
-        self.breaker = ReputationBreaker(settings.breaker, self.control.trip, clock)
+        self.breaker = ReputationBreaker(settings.breaker, self.control.trip, self._member_kind, clock)
         self.bus.subscribe(self.breaker)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
@@ -251,6 +260,8 @@ class App:
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
+        with _starting("suppression list", settings.spool.path):
+            await self.suppressions.load()
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
         self._undo.append(("close the event log", self.event_log.stop))
@@ -294,6 +305,7 @@ class App:
                     self.acceptor,
                     spill_dir=self.spool.spill_dir,
                     return_domains=self._return_domains(),
+                    suppressions=self.suppressions,
                 )
 
     def _return_domains(self) -> tuple[str, ...]:
@@ -303,6 +315,13 @@ class App:
     def _destination_of(self, domain: str) -> str:
         """The destination (provider, else the domain) of a recipient domain, as lanes name it."""
         return Providers(self.settings.shaping).destination(domain)
+
+    def _member_kind(self, pool: str, member: str) -> str | None:
+        """A member's kind ("source", "relay"), None for one no longer configured."""
+        try:
+            return self.pools[pool].member(member).settings.kind
+        except KeyError:
+            return None
 
     def _sending_from(self, ip: str) -> tuple[str, str] | None:
         """The (pool, member) whose mail leaves from `ip`: a source member's address, a relay's."""
@@ -430,7 +449,10 @@ class App:
         an object to put into another one's field. Returns what changed, in words for the operator.
         """
         changes = self._configure_pools(settings, self.clock())
-        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        providers = Providers(settings.shaping)
+        self.resolver.reconfigure(settings.dns, providers)
+        self.metrics.providers = providers.names
+        self.suppressions.reconfigure(settings.suppression)
         self.sync_transports(settings)
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)
@@ -546,4 +568,8 @@ class App:
             "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
         )
         commits.add_metric([], self.spool.commits)
-        return [queue, up, conns, in_flight, commits]
+        suppression = GaugeMetricFamily(
+            "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
+        )
+        suppression.add_metric([], self.suppressions.active())
+        return [queue, up, conns, in_flight, commits, suppression]

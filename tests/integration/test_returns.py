@@ -68,8 +68,21 @@ async def test_each_recipient_gets_its_own_return_path_and_a_dsn_to_it_is_matche
         await hand_back(app.smtp_port, return_path, dsn)
         await wait_until(lambda: any(e["type"] == "Bounce" for e in read_events(events)))
         assert len(up.received) == 2  # returned mail is taken, never relayed
+        # The hard bounce suppressed its recipient (on disk before the 250): the next message to it is
+        # refused at RCPT, its other recipient still goes.
+        found = app.suppressions.find("user@dest.example")
+        assert found is not None and found.source == "bounce"
+        try:
+            await send(app.smtp_port, "again", to=["user@dest.example"])
+        except aiosmtplib.SMTPRecipientRefused as e:
+            assert e.code == 550 and "suppressed (bounce: InvalidRecipient" in e.message
+        else:
+            raise AssertionError("a suppressed recipient was taken")
+        await send(app.smtp_port, "other", to=["other@dest.example"])
+        await wait_until(lambda: len(up.received) == 3)
     bounce = next(e for e in read_events(events) if e["type"] == "Bounce")
     assert (bounce["id"], bounce["recipient"]) == (message_id, "user@dest.example")
+    assert bounce["bounce_class"] == "InvalidRecipient"
     assert bounce["response"]["code"] == 550 and bounce["response"]["enhanced_code"] == "5.1.1"
     assert bounce["tags"]["async"] == "true" and bounce["tags"]["reporting_mta"] == "mx.dest.example"
     assert bounce["queue"] == "/dest.example"
@@ -93,6 +106,8 @@ async def test_an_arf_report_to_the_feedback_address_is_a_complaint_about_the_me
         # Feedback loops send to the address registered with them, not to the return path.
         await hand_back(app.smtp_port, f"fbl@{DOMAIN}", report)
         await wait_until(lambda: any(e["type"] == "Complaint" for e in read_events(events)))
+        found = app.suppressions.find("user@dest.example")
+        assert found is not None and found.source == "complaint" and found.reason == "complaint (abuse)"
     complaint = next(e for e in read_events(events) if e["type"] == "Complaint")
     assert (complaint["id"], complaint["recipient"]) == (message_id, "user@dest.example")
     assert complaint["source_ip"] == "192.0.2.10" and complaint["member"] == "relay-a"

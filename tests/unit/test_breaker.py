@@ -23,7 +23,14 @@ def breaker(**settings: object) -> tuple[ReputationBreaker, list[Trip], Clock]:
     trips: list[Trip] = []
     clock = Clock()
     defaults: dict[str, object] = {"min_messages": 20, "hard_bounce_rate": 0.1, "window": 600}
-    b = ReputationBreaker(BreakerSettings.model_validate({**defaults, **settings}), trips.append, clock)
+    # mx-* are source members, relay-* relays (as the pools would say).
+    kinds = {"mx-a": "source", "relay-a": "relay"}
+    b = ReputationBreaker(
+        BreakerSettings.model_validate({**defaults, **settings}),
+        trips.append,
+        lambda pool, member: kinds.get(member),
+        clock,
+    )
     return b, trips, clock
 
 
@@ -91,11 +98,12 @@ def test_after_a_trip_the_lane_counts_afresh() -> None:
 def test_relays_are_judged_by_name_only_when_asked() -> None:
     b, trips, _ = breaker()
     for _ in range(25):
-        b(sent(EventType.BOUNCE, ip="", member="relay-a", klass="InvalidRecipient"))
+        b(sent(EventType.BOUNCE, ip="127.0.0.1", member="relay-a", klass="InvalidRecipient"))
     assert not trips  # members = "sources": a relay's IP is the relay's business
     b, trips, _ = breaker(members="all")
     for _ in range(25):
-        b(sent(EventType.BOUNCE, ip="", member="relay-a", klass="InvalidRecipient"))
+        # The event's source_ip is this host's end of the connection to the relay: not the relay's IP.
+        b(sent(EventType.BOUNCE, ip="127.0.0.1", member="relay-a", klass="InvalidRecipient"))
     assert [(t.ip, t.member) for t in trips] == [("", "relay-a")]
 
 

@@ -24,6 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
 )
+from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -101,6 +102,8 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    bounces: BounceSettings = BounceSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
 
     @field_validator("dkim")
     @classmethod
@@ -236,6 +239,7 @@ __all__ = [
     "ApiSettings",
     "BlocklistSettings",
     "BlocklistZone",
+    "BounceSettings",
     "BreakerSettings",
     "CheckSettings",
     "ConfigError",
@@ -273,6 +277,8 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "SuppressedAction",
+    "SuppressionSettings",
     "VerpSettings",
     "WarmupSettings",
     "WebhookSettings",

@@ -119,8 +119,14 @@ class SmtpSettings(_Frozen):
     # A message's text past this many octets goes to a file in the spool's directory as it arrives,
     # instead of staying in memory (ingress/kept.py): memory stays flat for large messages. 0: never.
     spill_bytes: int = Field(default=1_048_576, ge=0)
+    # PROXY protocol v1/v2 (HAProxy's) before SMTP on every connection (ingress/proxy.py): the client's
+    # address is the one the header names. Only peers in proxy_trusted are heard; the others are closed.
+    proxy_protocol: StrictBool = False
+    proxy_trusted: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # How long a proxy has to send its header after connecting (HAProxy sends it at once).
+    proxy_timeout: PositiveDuration = 5.0
 
-    @field_validator("trusted_networks")
+    @field_validator("trusted_networks", "proxy_trusted")
     @classmethod
     def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for net in v:
@@ -132,6 +138,15 @@ class SmtpSettings(_Frozen):
 
     def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+    def proxies(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.proxy_trusted]
+
+    @model_validator(mode="after")
+    def _proxied(self) -> SmtpSettings:
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError("proxy_protocol = true needs the proxies' networks in proxy_trusted")
+        return self
 
     @field_validator("users")
     @classmethod
@@ -552,6 +567,7 @@ WebhookEventName = Literal[
     "Expiration",
     "Held",
     "Complaint",
+    "Suppressed",
     "MemberDown",
     "MemberUp",
     "ShapingChanged",
@@ -564,6 +580,7 @@ MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
     "Bounce",
     "Expiration",
     "Held",
+    "Suppressed",
 )
 _WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

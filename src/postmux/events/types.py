@@ -24,6 +24,8 @@ class EventType(enum.StrEnum):
     HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
     COMPLAINT = "Complaint"  # a recipient reported the message as spam (an ARF report, RFC 5965)
     BLOCKLIST_CHANGED = "BlocklistChanged"  # a sending IP or domain listed or delisted (tags: subject, zone)
+    # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
+    SUPPRESSED = "Suppressed"
 
 
 _PREFIX = os.urandom(3).hex()

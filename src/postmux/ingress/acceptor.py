@@ -32,6 +32,7 @@ from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
 from postmux.reputation.returns import ReturnedMail
+from postmux.reputation.suppression import Found, SuppressionList
 from postmux.spool.base import Answered, NewMessage, Spool
 from postmux.work import WorkItem
 
@@ -101,9 +102,11 @@ class Acceptor:
         clock: Callable[[], float] = time.time,
         outbox: EventOutbox = NO_OUTBOX,
         signer: DkimSigner | None = None,
+        suppressions: SuppressionList | None = None,
         returns: ReturnedMail | None = None,
     ) -> None:
         self.hostname = hostname
+        self.suppressions = suppressions
         self.returns = returns
         self.signer = signer or DkimSigner()
         self.spool = spool
@@ -116,14 +119,22 @@ class Acceptor:
     async def accept(self, envelope: Envelope) -> str:
         """Store the message durably and return its queue id; raises SpoolError when it could not.
 
+        Recipients on the suppression list are left out, each with a Suppressed event; a message left
+        with none is not stored, and its id is only in those events.
+
         Mail to the return-path domain ([verp]: DSNs, complaint reports) is not queued: it is read and
         told as events (reputation/returns.py), and its answer names no queue id.
         """
         if self.returns is not None and self.returns.takes(envelope):
-            self.returns.take(envelope)
+            await self._take_returned(envelope, self.returns)
             return "report"
         now = self.clock()
         asked = take_requests(envelope)
+        envelope, stopped = self._sort_out(envelope)
+        if not envelope.recipients:
+            message_id = new_message_id()
+            self._tell_suppressed(_as_asked(envelope, asked), message_id, stopped, now)
+            return message_id
         signed = await self._signatures(envelope, asked)
         message, receptions = self._prepare(envelope, asked, signed, "", now)
         hot = self.sink.has_room()
@@ -131,7 +142,18 @@ class Acceptor:
             message.message_id, message.envelope, message.pools, now, lease=hot, outbox=message.outbox
         )
         self._hand_on([message], work, hot, receptions)
+        self._tell_suppressed(message.envelope, message.message_id, stopped, now)
         return message.message_id
+
+    async def _take_returned(self, envelope: Envelope, returns: ReturnedMail) -> None:
+        """A DSN or complaint report: its hard bounces and complaints go on the suppression list (durable
+        before the 250), then its events out."""
+        events = returns.read(envelope)
+        if self.suppressions is not None:
+            await self.suppressions.note_bounces(events)
+            await self.suppressions.note_complaints(events)
+        for event in events:
+            self.bus.emit(event)
 
     async def accept_all(
         self, submissions: Sequence[Submission], answer: Callable[[list[str]], Answered] | None = None
@@ -140,23 +162,54 @@ class Acceptor:
 
         `answer`, given the ids, makes the idempotency record stored with them (Spool.store_all): when
         its key was answered already, nothing is stored and that first answer is returned instead.
-        Raises SpoolError when nothing could be stored.
+        Raises SpoolError when nothing could be stored. Suppressed recipients as in `accept`.
         """
         now = self.clock()
         asked = [take_requests(s.envelope) for s in submissions]
-        signed = [await self._signatures(s.envelope, a) for s, a in zip(submissions, asked, strict=True)]
-        prepared = [
-            self._prepare(s.envelope, a, sig, s.pool, now)
-            for s, a, sig in zip(submissions, asked, signed, strict=True)
-        ]
-        messages = [message for message, _ in prepared]
-        record = answer([m.message_id for m in messages]) if answer is not None else None
+        sorted_out = [self._sort_out(s.envelope) for s in submissions]
+        kept = [i for i, (envelope, _) in enumerate(sorted_out) if envelope.recipients]
+        signed = {i: await self._signatures(sorted_out[i][0], asked[i]) for i in kept}
+        prepared = {
+            i: self._prepare(sorted_out[i][0], asked[i], signed[i], submissions[i].pool, now) for i in kept
+        }
+        ids = [prepared[i][0].message_id if i in prepared else new_message_id() for i in range(len(asked))]
+        messages = [message for message, _ in prepared.values()]
+        record = answer(ids) if answer is not None else None
         hot = self.sink.has_room()
         stored = await self.spool.store_all(messages, now, lease=hot, answer=record)
         if stored.answered is not None:
             return stored.answered
-        self._hand_on(messages, stored.work, hot, [e for _, events in prepared for e in events])
-        return [m.message_id for m in messages]
+        self._hand_on(messages, stored.work, hot, [e for _, events in prepared.values() for e in events])
+        for i, (envelope, stopped) in enumerate(sorted_out):
+            shown = prepared[i][0].envelope if i in prepared else _as_asked(envelope, asked[i])
+            self._tell_suppressed(shown, ids[i], stopped, now)
+        return ids
+
+    def _sort_out(self, envelope: Envelope) -> tuple[Envelope, list[Found]]:
+        """The envelope without the recipients the suppression list stops, and those, with the entry.
+
+        At RCPT (SMTP) or in the API (refuse) they were refused already; what reaches here was accepted
+        to be dropped ([suppression] action = "drop"), came through an ingress worker (which has no
+        list), or was added to the list since its RCPT.
+        """
+        if self.suppressions is None or not len(self.suppressions):
+            return envelope, []
+        api_key = envelope.auth_user if envelope.protocol == "HTTP" else ""
+        stopped: list[Found] = []
+        kept: list[str] = []
+        for rcpt in envelope.recipients:
+            found = self.suppressions.stopped(rcpt, envelope.sender, api_key)
+            if found is None:
+                kept.append(rcpt)
+            else:
+                stopped.append(found)
+        if not stopped:
+            return envelope, []
+        return replace(envelope, recipients=tuple(kept)), stopped
+
+    def _tell_suppressed(self, envelope: Envelope, message_id: str, stopped: list[Found], now: float) -> None:
+        for found in stopped:
+            self.bus.emit(suppressed(envelope, message_id, found, now))
 
     async def _signatures(self, envelope: Envelope, asked: Asked) -> bytes:
         """The DKIM-Signature fields of the text as it will be stored ([[dkim]]; b"" when none applies).
@@ -300,6 +353,38 @@ def reception(envelope: Envelope, message_id: str, rcpt: str, pool: str, now: fl
         client=envelope.client_ip,
         helo=envelope.helo,
         auth_user=envelope.auth_user,
+    )
+
+
+def suppressed(envelope: Envelope, message_id: str, found: Found, now: float) -> Event:
+    """The Suppressed event of one recipient dropped for the suppression list, and why (tags)."""
+    return Event(
+        EventType.SUPPRESSED,
+        id=message_id,
+        sender=envelope.sender,
+        recipient=found.recipient,
+        size=envelope.size,
+        response=found.reply,
+        timestamp=now,
+        tags={
+            **envelope.tags,
+            "reason": "suppressed",
+            "suppression_source": found.entry.source,
+            "suppression_scope": found.entry.scope,
+        },
+        metadata=envelope.metadata,
+        message_id=envelope.message_id_header,
+        created=now,
+        client=envelope.client_ip,
+        auth_user=envelope.auth_user,
+    )
+
+
+def _as_asked(envelope: Envelope, asked: Asked) -> Envelope:
+    """The envelope with what its header fields asked for (tags, metadata), for the events of a message
+    that is not stored."""
+    return replace(
+        envelope, tags=asked.tags, metadata=asked.metadata, message_id_header=asked.message_id_header
     )
 
 

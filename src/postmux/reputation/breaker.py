@@ -24,10 +24,10 @@ import structlog
 
 from postmux.config import BreakerSettings
 from postmux.events.types import Event, EventType
+from postmux.reputation.bounces import HARD_BOUNCE_CLASSES
 
 log = structlog.get_logger("postmux.breaker")
 
-HARD_BOUNCE_CLASSES = frozenset({"InvalidRecipient", "BadDomain", "InactiveMailbox"})
 _BUCKET_S = 60.0
 _PRUNE_EVERY = 10_000  # events between sweeps of idle lanes
 
@@ -82,18 +82,22 @@ class Trip:
     cooldown_s: float  # how long its lanes stay suspended
 
 
-def lane_of(event: Event, members: str) -> tuple[str, str, str] | None:
+KindOf = Callable[[str, str], str | None]  # (pool, member) -> "source" | "relay", None when unknown
+
+
+def lane_of(event: Event, members: str, kind: str | None) -> tuple[str, str, str] | None:
     """(ip, member, destination) the event counts toward, or None when the breaker does not watch it.
 
-    Source members' attempts carry the IP they left from; relays' do not (the relay chooses), so a relay
+    A source member's mail leaves from its own IP, which the event names: the lane is that IP's. A relay
+    chooses its IPs itself (the event's source_ip is only this host's end of the connection), so a relay
     is judged by its name, and only when `members = "all"`.
     """
-    if members == "off" or not event.member:
+    if members == "off" or not event.member or kind is None:
         return None
     destination = event.queue.rpartition("/")[2]
-    if event.source_ip:
+    if kind == "source" and event.source_ip:
         return event.source_ip, "", destination
-    if members == "all":
+    if kind == "relay" and members == "all":
         return "", event.member, destination
     return None
 
@@ -105,10 +109,12 @@ class ReputationBreaker:
         self,
         settings: BreakerSettings,
         trip: Callable[[Trip], None],
+        kind_of: KindOf,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.trip = trip
+        self.kind_of = kind_of
         self.clock = clock
         self.windows: dict[tuple[str, str, str], Window] = {}
         self.trips = 0
@@ -139,7 +145,7 @@ class ReputationBreaker:
         """Count one event; a Trip when it takes its lane past a threshold (the lane's counts start over)."""
         if event.type not in (EventType.DELIVERY, EventType.BOUNCE, EventType.COMPLAINT):
             return None
-        key = lane_of(event, self.settings.members)
+        key = lane_of(event, self.settings.members, self.kind_of(event.pool, event.member))
         if key is None:
             return None
         now = self.clock()

@@ -31,13 +31,13 @@ from flufl.bounce import all_failures
 from postmux.envelope import Envelope, domain_of
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
+from postmux.reputation.bounces import reply_from_dsn
 from postmux.reputation.verp import ReturnedFor, VerpCodec
 
 log = structlog.get_logger("postmux.returns")
 
 ReportKind = Literal["bounce", "delayed", "complaint"]
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-_SMTP_CODE = re.compile(r"^\s*([245]\d\d)[\s-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +54,12 @@ class Report:
     return_path: str = ""  # the original message's Return-Path, when the report carries it
 
     def reply(self) -> Reply:
-        """The receiver's reply as postmux's events carry it: the code from the diagnostic, else from the
-        status class (5 -> 550, 4 -> 450)."""
-        text = self.diagnostic.split(";", 1)[-1].strip() if self.diagnostic else ""
-        m = _SMTP_CODE.match(text)
-        code = int(m.group(1)) if m else (550 if self.status.startswith("5") else 450)
-        if m:
-            text = text[m.end() :].strip()
-            if self.status and text.startswith(self.status):
-                text = text[len(self.status) :].strip()
+        """The receiver's reply as postmux's events carry it (bounces.reply_from_dsn)."""
+        reply = reply_from_dsn(self.status, self.diagnostic)
+        if reply.text:
+            return reply
         said = f"reported by {self.reporting_mta}" if self.reporting_mta else "returned without a reason"
-        return Reply(code, self.status or f"{str(code)[0]}.0.0", text or said)
+        return Reply(reply.code, reply.enhanced_code, said)
 
 
 def _parse(text: bytes) -> email.message.Message:
@@ -204,19 +199,18 @@ MAX_REPORT_OCTETS = 1 << 20
 
 
 class ReturnedMail:
-    """Takes mail sent to the return-path domain: reads it, matches it, tells the event bus."""
+    """Reads mail sent to the return-path domain into the events it tells of (the acceptor records and
+    emits them: the suppression list first, so a 250 means the entries are on disk)."""
 
     def __init__(
         self,
         codec: VerpCodec,
-        emit: Callable[[Event], None],
         destination: Destination,
         sender_of: SenderOf = lambda ip: None,
         classify: Classify = lambda reply: "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.codec = codec
-        self.emit = emit
         self.destination = destination
         self.sender_of = sender_of
         self.classify = classify
@@ -226,8 +220,8 @@ class ReturnedMail:
         """Whether this is returned mail: every recipient is at the return-path domain."""
         return bool(envelope.recipients) and all(self.codec.is_return_address(r) for r in envelope.recipients)
 
-    def take(self, envelope: Envelope) -> list[Event]:
-        """Read, match and announce; returns the events. The text's file, if it had one, is removed."""
+    def read(self, envelope: Envelope) -> list[Event]:
+        """Read and match; returns the events. The text's file, if it had one, is removed."""
         text = envelope.data
         if envelope.tail is not None:
             text += envelope.tail.head(max(0, MAX_REPORT_OCTETS - len(text)))
@@ -244,8 +238,6 @@ class ReturnedMail:
             matched=len(matched),
             events=[f"{e.type.value} {e.recipient}" for e in events],
         )
-        for event in events:
-            self.emit(event)
         return events
 
     def _event(self, m: Matched, envelope: Envelope, now: float) -> Event | None:
