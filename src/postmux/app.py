@@ -43,7 +43,11 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.unsubscribe import Unsubscribes
 from postmux.ingress.workers import IngressWorkers
+from postmux.reputation.blocklists import BlocklistWatch
+from postmux.reputation.breaker import ReputationBreaker
+from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import SuppressionList
+from postmux.reputation.verp import VerpCodec
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.redis_throttles import (
@@ -157,6 +161,15 @@ class App:
             suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
+        self.blocklists = BlocklistWatch(self.pools, self.bus.emit, clock)
+        self.metrics.add_live(self.blocklists.gauges)
+        self.returns = ReturnedMail(
+            VerpCodec(settings.verp),
+            self._destination_of,
+            self._sending_from,
+            classify=lambda reply: self.settings.bounces.classifier.classify(reply),
+            clock=clock,
+        )
         self.acceptor = Acceptor(
             self.spool,
             self.router,
@@ -166,7 +179,8 @@ class App:
             clock,
             self.webhooks,
             self.signer,
-            self.suppressions,
+            suppressions=self.suppressions,
+            returns=self.returns,
         )
         self.unsubscribes = Unsubscribes(
             settings.unsubscribe, self.spool, self.bus, self.webhooks, clock, self.suppressions
@@ -185,6 +199,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            blocklists=self.blocklists,
             suppressions=self.suppressions,
             settings=lambda: self.settings,
         )
@@ -193,6 +208,9 @@ class App:
             Reloader(config_path, settings, self.configure),
             DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
+        # Last on the bus: the Bounce that trips it is logged before the ShapingChanged the trip emits.
+        self.breaker = ReputationBreaker(settings.breaker, self.control.trip, self._member_kind, clock)
+        self.bus.subscribe(self.breaker)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.submissions = Submissions(
@@ -286,6 +304,8 @@ class App:
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))
         await self.dispatcher.start()
+        self._undo.append(("stop the blocklist watch", self.blocklists.stop))
+        await self.blocklists.start()
         self._undo.append(("stop health checks", self._stop_checks))
         self._checking = True
         self.sync_checkers()
@@ -298,6 +318,7 @@ class App:
                     settings.smtp.workers,
                     self.drain_timeout_s,
                     spill_dir=self.spool.spill_dir,
+                    return_domains=self._return_domains(),
                 )
                 await self.workers.start()
             else:
@@ -307,8 +328,32 @@ class App:
                     settings.smtp,
                     self.acceptor,
                     spill_dir=self.spool.spill_dir,
+                    return_domains=self._return_domains(),
                     suppressions=self.suppressions,
                 )
+
+    def _return_domains(self) -> tuple[str, ...]:
+        domain = self.settings.verp.domain
+        return (domain,) if domain else ()
+
+    def _destination_of(self, domain: str) -> str:
+        """The destination (provider, else the domain) of a recipient domain, as lanes name it."""
+        return Providers(self.settings.shaping).destination(domain)
+
+    def _member_kind(self, pool: str, member: str) -> str | None:
+        """A member's kind ("source", "relay"), None for one no longer configured."""
+        try:
+            return self.pools[pool].member(member).settings.kind
+        except KeyError:
+            return None
+
+    def _sending_from(self, ip: str) -> tuple[str, str] | None:
+        """The (pool, member) whose mail leaves from `ip`: a source member's address, a relay's."""
+        for pool in self.pools.values():
+            for m in pool.members:
+                if ip and ip in m.settings.spf_ips:
+                    return pool.name, m.name
+        return None
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -486,6 +531,9 @@ class App:
         # [dmarc] and [unsubscribe]: taken by the next message; a rotated secret file is read again.
         self.acceptor.reconfigure(settings.dmarc, settings.unsubscribe)
         self.unsubscribes.reconfigure(settings.unsubscribe)
+        self.blocklists.reconfigure(settings)
+        self.breaker.reconfigure(settings.breaker)
+        self.returns.codec = VerpCodec(settings.verp)  # the listener's domain itself is restart-only
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

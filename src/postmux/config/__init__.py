@@ -59,6 +59,9 @@ from postmux.config.sections import (
 )
 from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
+    BlocklistSettings,
+    BlocklistZone,
+    BreakerSettings,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -67,6 +70,7 @@ from postmux.config.shaping import (
     ShapingSettings,
     SpfSettings,
     ThrottlesSettings,
+    VerpSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -93,6 +97,9 @@ class Settings(_Frozen):
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
+    blocklists: BlocklistSettings = BlocklistSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    verp: VerpSettings = VerpSettings()
     shaping: ShapingSettings = ShapingSettings()
     throttles: ThrottlesSettings = ThrottlesSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
@@ -128,6 +135,12 @@ class Settings(_Frozen):
             + api_key_problems(self.pool, self.api_key)
             + unsubscribe_problems(self.pool, self.unsubscribe)
         )
+        names = {p.name for p in self.pool}
+        problems += [
+            (f"verp.pools[{i}]", f"no pool named {name!r}")
+            for i, name in enumerate(self.verp.pools)
+            if name not in names
+        ]
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
             # passes through, and settings_from_dict reports each problem under its own key.
@@ -233,7 +246,10 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BlocklistSettings",
+    "BlocklistZone",
     "BounceSettings",
+    "BreakerSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
@@ -275,6 +291,7 @@ __all__ = [
     "SuppressionSettings",
     "ThrottlesSettings",
     "UnsubscribeSettings",
+    "VerpSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

@@ -21,6 +21,7 @@ import enum
 import math
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postmux.config import MemberSettings, ReactionRule, ShapingRule, ShapingSettings
@@ -276,11 +277,16 @@ class Shaper:
     Its lanes share `throttles` (in this process's memory unless a shared store is given).
     """
 
-    def __init__(self, settings: ShapingSettings, throttles: Throttles | None = None) -> None:
+    def __init__(
+        self,
+        settings: ShapingSettings,
+        throttles: Throttles | None = None,
+        extra: Sequence[ReactionRule] = (),
+    ) -> None:
         self.throttles: Throttles = throttles if throttles is not None else MemoryThrottles()
         self.lanes: dict[tuple[str, str, str], Lane] = {}
         self.groups: dict[tuple[str, str], LaneGroup] = {}
-        self.configure(settings)
+        self.configure(settings, extra)
 
     def _forget_groups(self) -> None:
         """Lanes changed wholesale (new rules, pruning): groups are made afresh when next asked for."""
@@ -288,11 +294,16 @@ class Shaper:
             lane.group = None
         self.groups.clear()
 
-    def configure(self, settings: ShapingSettings) -> None:
-        """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts."""
+    def configure(self, settings: ShapingSettings, extra: Sequence[ReactionRule] = ()) -> None:
+        """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts.
+
+        `extra` reactions come from other sections (a blocklist named in a reply: reputation/blocklists),
+        tried after the operator's own and before the shipped defaults.
+        """
         self._forget_groups()
         self.settings = settings
-        rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
+        defaults = DEFAULT_REACTIONS if settings.default_reactions else ()
+        rules = (*settings.reaction, *extra, *defaults)
         self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
         for lane in self.lanes.values():
             self._refit(lane)
