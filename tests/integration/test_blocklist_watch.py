@@ -12,6 +12,7 @@ import httpx
 
 from postmux.app import App
 from tests.dns_server import LoopbackDns
+from tests.integration.test_spf_routing import relays  # relay-a sends from 192.0.2.10, relay-b .20
 from tests.support import StartUpstream, make_settings, read_events, send, send_many, wait_until
 
 INTERVAL_S = 0.5
@@ -20,17 +21,6 @@ LISTING = """
 10.2.0.192.zen.test.  60 IN A   127.0.0.2
 10.2.0.192.zen.test.  60 IN TXT "https://zen.test/lookup?ip=192.0.2.10"
 """
-
-
-def relays(a: str, b: str) -> dict[str, Any]:
-    return {
-        "name": "default",
-        "policy": "round_robin",
-        "members": [
-            {"name": "relay-a", "address": a, "sending_ips": ["192.0.2.10"]},
-            {"name": "relay-b", "address": b, "sending_ips": ["192.0.2.20"]},
-        ],
-    }
 
 
 async def test_a_listed_relay_gets_nothing_new_and_takes_mail_again_once_delisted(

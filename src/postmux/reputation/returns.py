@@ -103,59 +103,52 @@ def read_report(text: bytes) -> list[Report]:
     ]
 
 
+def _blocks_of(msg: email.message.Message, content_type: str) -> list[email.message.Message]:
+    """The header blocks of the report's (first) machine-readable part of `content_type`, else []."""
+    part = next((p for p in msg.walk() if p.get_content_type() == content_type), None)
+    return _inner(part) if part is not None else []
+
+
 def _dsn(msg: email.message.Message) -> list[Report]:
     """RFC 3464 2: a per-message block (Reporting-MTA) and a block per recipient."""
-    for part in msg.walk():
-        if part.get_content_type() != "message/delivery-status":
+    blocks = _blocks_of(msg, "message/delivery-status")
+    if not blocks:
+        return []
+    reporting = _typed(_field(blocks[0], "Reporting-MTA"))
+    reports = []
+    for block in blocks[1:]:
+        action = _field(block, "Action").lower()
+        kind: ReportKind | None = (
+            "bounce" if action == "failed" else "delayed" if action == "delayed" else None
+        )
+        if kind is None:  # delivered, relayed, expanded: nothing went wrong
             continue
-        blocks = _inner(part)
-        if not blocks:
-            return []
-        reporting = _typed(_field(blocks[0], "Reporting-MTA"))
-        reports = []
-        for block in blocks[1:]:
-            action = _field(block, "Action").lower()
-            kind: ReportKind | None = (
-                "bounce" if action == "failed" else "delayed" if action == "delayed" else None
-            )
-            if kind is None:  # delivered, relayed, expanded: nothing went wrong
-                continue
-            recipient = _typed(_field(block, "Final-Recipient") or _field(block, "Original-Recipient"))
-            m = _STATUS.search(_field(block, "Status"))
-            reports.append(
-                Report(
-                    kind,
-                    recipient,
-                    m.group(0) if m else "",
-                    _field(block, "Diagnostic-Code"),
-                    reporting,
-                    return_path=_original_return_path(msg),
-                )
-            )
-        return reports
-    return []
+        recipient = _typed(_field(block, "Final-Recipient") or _field(block, "Original-Recipient"))
+        m = _STATUS.search(_field(block, "Status"))
+        status = m.group(0) if m else ""
+        diagnostic = _field(block, "Diagnostic-Code")
+        reports.append(
+            Report(kind, recipient, status, diagnostic, reporting, return_path=_original_return_path(msg))
+        )
+    return reports
 
 
 def _complaints(msg: email.message.Message) -> list[Report]:
     """RFC 5965 3.1: the machine-readable part's fields; the original's Return-Path names our message."""
-    for part in msg.walk():
-        if part.get_content_type() != "message/feedback-report":
-            continue
-        inner = _inner(part)
-        if not inner:
-            return []
-        fields = inner[0]
-        return [
-            Report(
-                "complaint",
-                _typed(_field(fields, "Original-Rcpt-To")),
-                feedback_type=_field(fields, "Feedback-Type").lower(),
-                reporting_mta=_field(fields, "Reporting-MTA") or _field(fields, "User-Agent"),
-                source_ip=_field(fields, "Source-IP"),
-                return_path=_original_return_path(msg),
-            )
-        ]
-    return []
+    blocks = _blocks_of(msg, "message/feedback-report")
+    if not blocks:
+        return []
+    fields = blocks[0]
+    return [
+        Report(
+            "complaint",
+            _typed(_field(fields, "Original-Rcpt-To")),
+            feedback_type=_field(fields, "Feedback-Type").lower(),
+            reporting_mta=_field(fields, "Reporting-MTA") or _field(fields, "User-Agent"),
+            source_ip=_field(fields, "Source-IP"),
+            return_path=_original_return_path(msg),
+        )
+    ]
 
 
 def _original_return_path(msg: email.message.Message) -> str:
