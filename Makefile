@@ -51,6 +51,11 @@ bench-aimd: setup
 bench-vs-postfix: setup
 	$(BIN)/python bench/vs_postfix.py
 
+# Both sign with one RSA-2048 key: postmux's [[dkim]], Postfix through Debian's OpenDKIM milter (issue 14).
+.PHONY: bench-vs-opendkim
+bench-vs-opendkim: setup
+	$(BIN)/python bench/vs_postfix.py --dkim --sizes 1500,51200 --workers 2
+
 bench-policy: setup
 	$(BIN)/python bench/policy_pick.py
 
