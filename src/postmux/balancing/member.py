@@ -127,6 +127,10 @@ class Member:
         return self._settings.name
 
     @property
+    def zone(self) -> str | None:
+        return self._settings.zone
+
+    @property
     def weight(self) -> int:
         return self._settings.weight
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from postmux.attempt import AttemptOutcome
 from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
+from postmux.balancing.zones import ZoneSplit, split
 from postmux.config import PoolSettings
 
 # Called with (member, up, reason) when a member goes out of service (up=False) or comes back (up=True).
@@ -29,12 +31,21 @@ class _Choice:
     ramping: list[Member]  # those of them in slow start: weight and connection cap move with time
     since: float
     until: float  # the first ejection to end: health, panic and tiers may change then
+    zones: ZoneSplit | None = None  # the members by zone, when this node prefers its own (zones.py)
 
 
 class Pool:
-    def __init__(self, settings: PoolSettings, on_change: MemberChange | None = None) -> None:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        on_change: MemberChange | None = None,
+        zone: str | None = None,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
         self.settings = settings
         self.name = settings.name
+        self._zone = zone  # this node's zone ([node] zone): members there are preferred
+        self._draw = draw  # uniform in [0, 1): which zone takes a pick while the local one spills
         self.members = [self._adopt(Member(m, settings.name)) for m in settings.members]
         self.policy: Policy = make_policy(settings)
         self.health = PassiveHealth(settings.health)
@@ -46,6 +57,16 @@ class Pool:
         self._choice: _Choice | None = None
         self._epoch = 0
         self._next_return = 0.0  # no ejected member comes back before this: _refresh need not look
+
+    @property
+    def zone(self) -> str | None:
+        return self._zone
+
+    @zone.setter
+    def zone(self, value: str | None) -> None:
+        if value != self._zone:
+            self._zone = value
+            self._invalidate()
 
     def _adopt(self, member: Member) -> Member:
         member._on_state = self._invalidate
@@ -275,16 +296,25 @@ class Pool:
             return choice
         epoch = self._epoch
         live = self._in_service()
-        if not self.in_panic(now):
+        panic = self.in_panic(now)
+        if not panic:
             live = [m for m in live if m.healthy(now)]
         members = self._best_tier(live, now)
         slow_start = self.settings.slow_start
         ramping = [m for m in members if m.ramp_started is not None and slow_start > 0]
         ends = [m.ejected_until for m in self.members if m.ejected_until > now]
         choice = _Choice(members, ramping, now, min(ends, default=math.inf))
+        if self._zone is not None and members and not panic:  # in panic every member is used, as Envoy does
+            choice.zones = self._split(members)
         if self._epoch == epoch:  # nothing changed while it was worked out (a ramp may end in _ramp)
             self._choice = choice
         return choice
+
+    def _split(self, members: list[Member]) -> ZoneSplit | None:
+        """Zone preference within the tier in use: its members that would serve if healthy are its capacity."""
+        best = members[0].tier
+        tier = [m for m in self.members if m.tier == best and not m.removed and m.weight > 0]
+        return split(members, tier, self._zone, self.settings.zone_routing)
 
     def usable(self, now: float) -> list[Member]:
         """Members that may be given new work: the best tier that has any, or everyone in panic."""
@@ -315,6 +345,8 @@ class Pool:
         """
         self._refresh(now)
         choice = self._current(now)
+        if choice.zones is not None:
+            return self._pick_by_zone(choice, choice.zones, key, now, exclude, busy)
         usable = choice.members
         if exclude:
             usable = [m for m in usable if m.name not in exclude]
@@ -327,6 +359,39 @@ class Pool:
         if not candidates:
             return None
         return self.policy.pick(candidates, key, usable, now)
+
+    def _pick_by_zone(
+        self,
+        choice: _Choice,
+        zones: ZoneSplit,
+        key: str,
+        now: float,
+        exclude: Collection[str],
+        busy: Collection[str],
+    ) -> Member | None:
+        """Pool.pick with the tier split by zone: the drawn side first, the other when it has no one left
+        to try, or (spill_when_full) when everyone on it is at the connection cap or busy."""
+        if choice.ramping:
+            self._ramp(choice.ramping, now)
+        share = zones.local_share
+        first, second = zones.first(self._draw() if 0.0 < share < 1.0 else 0.0)
+        waited = False
+        for side in (first, second):
+            usable = [m for m in side if m.name not in exclude] if exclude else side
+            if not usable:
+                continue
+            candidates = [m for m in usable if m.in_flight < m.connection_cap and m.name not in busy]
+            if candidates:
+                return self.policy.pick(candidates, key, usable, now)
+            if not self.settings.zone_routing.spill_when_full:
+                return None  # full: the work waits for its zone, as it waits for a tier
+            waited = True
+        if waited:
+            return None
+        # Everyone in the best tier was tried, in every zone: look further down the tiers.
+        usable = self._untried_any_tier(now, exclude)
+        candidates = [m for m in usable if m.in_flight < m.connection_cap and m.name not in busy]
+        return self.policy.pick(candidates, key, usable, now) if candidates else None
 
     def _untried_any_tier(self, now: float, exclude: Collection[str]) -> list[Member]:
         live = [m for m in self._in_service() if m.healthy(now) and m.name not in exclude]

@@ -41,6 +41,7 @@ from postmux.config.sections import (
     MemberKind,
     MemberSettings,
     MemberTls,
+    NodeSettings,
     PolicyName,
     PoolSettings,
     RetrySettings,
@@ -54,6 +55,8 @@ from postmux.config.sections import (
     UnsubscribeSettings,
     WarmupSettings,
     WebhookSettings,
+    Zone,
+    ZoneRoutingSettings,
     dkim_problems,
     sqlite_path_of,
 )
@@ -87,6 +90,7 @@ from postmux.config.values import (
 
 
 class Settings(_Frozen):
+    node: NodeSettings = NodeSettings()
     smtp: SmtpSettings = SmtpSettings()
     http: HttpSettings = HttpSettings()
     spool: SpoolSettings = SpoolSettings()
@@ -267,6 +271,7 @@ __all__ = [
     "MemberKind",
     "MemberSettings",
     "MemberTls",
+    "NodeSettings",
     "PolicyName",
     "PoolSettings",
     "PositiveDuration",
@@ -294,6 +299,8 @@ __all__ = [
     "VerpSettings",
     "WarmupSettings",
     "WebhookSettings",
+    "Zone",
+    "ZoneRoutingSettings",
     "http_notes",
     "load_config",
     "parse_duration",

@@ -327,6 +327,19 @@ class WarmupSettings(_Frozen):
         return v
 
 
+# A zone's name: also a metric label (postmux_member_up{zone}), so short and plain.
+Zone = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class NodeSettings(_Frozen):
+    """This node's own identity among several sharing a spool and limits (issue 17)."""
+
+    # How the node names itself to the others (leases, heartbeats, events); empty: its host's name.
+    name: str = Field(default="", max_length=253)
+    # Where the node runs: it prefers pool members of the same zone (balancing/zones.py). Unset: none.
+    zone: Zone | None = None
+
+
 MemberKind = Literal["relay", "source"]
 # Outbound STARTTLS toward a member (RFC 3207), in the spirit of Postfix's smtp_tls_security_level:
 # opportunistic = "may", required = "encrypt", verify = "secure" (certificate and name checked).
@@ -360,6 +373,9 @@ class MemberSettings(_Frozen):
     # A relay's own outbound IPs, which receivers see: SPF-aware routing ([spf]) judges the relay by them.
     # A relay without them is not judged; a source member is judged by its source_address.
     sending_ips: tuple[str, ...] = ()
+    # Where the member is (a site, a rack, a region): a node prefers members in its own [node] zone
+    # (balancing/zones.py). Unset: no zone, so no node prefers it or passes it over.
+    zone: Zone | None = None
 
     @field_validator("tls_ca_file")
     @classmethod
@@ -445,6 +461,27 @@ class MemberSettings(_Frozen):
         return split_hostport(self.address or "")[1]
 
 
+class ZoneRoutingSettings(_Frozen):
+    """How a node keeps its mail in its own zone (Envoy's zone aware routing; balancing/zones.py)."""
+
+    enabled: StrictBool = True
+    # While at least this share of the local zone's capacity (members' weight, within the tier) is healthy,
+    # all mail stays in the zone; below it, the zone keeps healthy / local_threshold of it (each healthy
+    # local member takes at most 1 / local_threshold of its usual load) and the rest goes to other zones.
+    local_threshold: float = Field(default=0.7, gt=0.0, le=1.0)
+    # Below this healthy share, other zones take all of it (a zone that far gone is not trusted).
+    local_minimum: float = Field(default=0.0, ge=0.0, le=1.0)
+    # When every local member is at its connection cap or its lane is busy, the mail goes to another
+    # zone rather than waiting (false: it waits, as for members of one zone).
+    spill_when_full: StrictBool = True
+
+    @model_validator(mode="after")
+    def _order(self) -> ZoneRoutingSettings:
+        if self.local_minimum > self.local_threshold:
+            raise ValueError("local_minimum must not be above local_threshold")
+        return self
+
+
 PolicyName = Literal["round_robin", "weighted", "least_connections", "least_latency", "hash", "priority"]
 HashKey = Literal["sender_domain", "recipient_domain", "client_ip"]
 
@@ -497,6 +534,7 @@ class PoolSettings(_Frozen):
     slow_start: Duration = 0.0
     # least_latency: how fast the latency average forgets (Finagle's peak EWMA decay time).
     latency_decay: Duration = 10.0
+    zone_routing: ZoneRoutingSettings = ZoneRoutingSettings()
 
     @model_validator(mode="after")
     def _unique_members(self) -> PoolSettings:
