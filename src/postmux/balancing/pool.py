@@ -311,7 +311,7 @@ class Pool:
         return choice
 
     def _split(self, members: list[Member]) -> ZoneSplit | None:
-        """Zone preference within the tier in use: its members that would serve if healthy are its capacity."""
+        """Zone preference within the tier in use; its members that would serve if healthy: its capacity."""
         best = members[0].tier
         tier = [m for m in self.members if m.tier == best and not m.removed and m.weight > 0]
         return split(members, tier, self._zone, self.settings.zone_routing)
