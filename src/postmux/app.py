@@ -547,11 +547,14 @@ class App:
         for pool_settings in settings.pool:
             pool = self.pools.get(pool_settings.name)
             if pool is None:
-                pool = self.pools[pool_settings.name] = Pool(pool_settings, self.member_changed)
+                pool = self.pools[pool_settings.name] = Pool(
+                    pool_settings, self.member_changed, zone=settings.node.zone
+                )
                 pool.start_sweeping(now)
                 changes.append(f"{pool.name}: added")
             else:
                 changes.extend(pool.reconfigure(pool_settings, now))
+                pool.zone = settings.node.zone
         for name in [n for n in self.pools if n not in {p.name for p in settings.pool}]:
             self.pools[name].retire()
             del self.pools[name]  # its queued work falls to the default pool (Dispatcher._pool_of)
@@ -600,7 +603,12 @@ class App:
         kind = EventType.MEMBER_UP if up else EventType.MEMBER_DOWN
         log.warning("member up" if up else "member down", pool=member.pool, member=member.name, reason=reason)
         event = Event(
-            kind, pool=member.pool, member=member.name, timestamp=self.clock(), tags={"reason": reason}
+            kind,
+            pool=member.pool,
+            member=member.name,
+            timestamp=self.clock(),
+            tags={"reason": reason},
+            zone=member.zone or "",
         )
         self.bus.emit(event)
 
@@ -619,7 +627,7 @@ class App:
         for state, n in self._queue_counts.items():
             queue.add_metric([state], n)
         up = GaugeMetricFamily(
-            "postmux_member_up", "1 when the member may be picked", labels=["pool", "member"]
+            "postmux_member_up", "1 when the member may be picked", labels=["pool", "member", "zone"]
         )
         conns = GaugeMetricFamily(
             "postmux_member_connections", "Open connections to the member", labels=["pool", "member"]
@@ -631,7 +639,7 @@ class App:
         for pool in self.pools.values():
             for m in pool.members:
                 labels = [pool.name, m.name]
-                up.add_metric(labels, 0 if (m.draining or not m.healthy(now)) else 1)
+                up.add_metric([*labels, m.zone or ""], 0 if (m.draining or not m.healthy(now)) else 1)
                 conns.add_metric(labels, self.transports[(pool.name, m.name)].connections)
                 in_flight.add_metric(labels, m.in_flight)
         commits = CounterMetricFamily(

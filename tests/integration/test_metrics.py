@@ -46,8 +46,8 @@ async def test_metrics_count_receptions_deliveries_and_member_state(tmp_path: Pa
         got[("postmux_deliveries_total", (("member", "dead"), ("pool", "default"), ("result", "deferred")))]
         >= 1
     )
-    assert got[("postmux_member_up", (("member", "a"), ("pool", "default")))] == 1
-    assert got[("postmux_member_up", (("member", "dead"), ("pool", "default")))] == 0
+    assert got[("postmux_member_up", (("member", "a"), ("pool", "default"), ("zone", "")))] == 1
+    assert got[("postmux_member_up", (("member", "dead"), ("pool", "default"), ("zone", "")))] == 0
     assert ("postmux_member_connections", (("member", "a"), ("pool", "default"))) in got
     assert got[("postmux_delivery_duration_seconds_count", (("member", "a"), ("pool", "default")))] == 10
     assert any(name == "postmux_queue_messages" for name, _ in got)

@@ -328,6 +328,7 @@ def members_table(members: list[dict[str, Any]]) -> Table:
     columns = [
         "pool",
         "member",
+        "zone",
         "state",
         "weight",
         "connections",
@@ -339,7 +340,9 @@ def members_table(members: list[dict[str, Any]]) -> Table:
     for column in columns:
         table.add_column(
             column.replace("_", " "),
-            justify="right" if column not in ("pool", "member", "state", "tls", "recent_error") else "left",
+            justify="right"
+            if column not in ("pool", "member", "zone", "state", "tls", "recent_error")
+            else "left",
         )
     for m in members:
         weight = (
@@ -353,6 +356,7 @@ def members_table(members: list[dict[str, Any]]) -> Table:
         table.add_row(
             m["pool"],
             m["member"],
+            m.get("zone") or "-",
             state,
             weight,
             f"{m['connections']}/{m['max_connections']}",

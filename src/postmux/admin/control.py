@@ -132,6 +132,7 @@ class Control:
             "pool": pool.name,
             "member": m.name,
             "address": m.settings.target,
+            "zone": m.zone or "",
             "state": member_state(m, now),
             "weight": m.weight,
             "effective_weight": round(pool.effective_weight(m, now), 2),

@@ -75,6 +75,8 @@ class Event:
     auth_user: str = ""
     # Unsubscribe only: the sender domain the recipient unsubscribed from (the token's scope).
     sender_domain: str = ""
+    # The member's zone ([[pool]] members' zone) on member and attempt events; "" when it has none.
+    zone: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -102,6 +104,7 @@ class Event:
             "mx_host": self.mx_host,
             "peer": self.peer,
             "bounce_class": self.bounce_class,
+            "zone": self.zone,
             **(
                 {"client": self.client, "helo": self.helo, "auth_user": self.auth_user}
                 if self.type is EventType.RECEPTION

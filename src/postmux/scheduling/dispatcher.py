@@ -553,6 +553,8 @@ class Dispatcher:
         The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
         """
         verdicts.classify_failures(verdict.events, self.settings.bounces.classifier)
+        if member is not None and member.zone:
+            verdicts.place(verdict.events, member.name, member.zone)
         if self.suppressions is not None:
             await self._suppress_hard_bounces(verdict.events)
         rows = self.outbox.rows(verdict.events)

@@ -460,6 +460,13 @@ def classify_failures(events: list[Event], classifier: BounceClassifier) -> None
             e.bounce_class = classifier.classify(e.response)
 
 
+def place(events: list[Event], member: str, zone: str) -> None:
+    """The events of `member`'s attempt carry its zone (placement by zone, balancing/zones.py)."""
+    for e in events:
+        if e.member == member:
+            e.zone = zone
+
+
 def event(
     kind: EventType,
     item: WorkItem,
