@@ -1,6 +1,7 @@
 """Per-decision cost of each balancing policy for a 16-member pool (issue 6: under 10 µs a pick).
 
     .venv/bin/python bench/policy_pick.py [--members 16] [--picks 200000] [--rounds 5] [--profile POLICY]
+                                          [--zones] [--spill]
 
 Three figures per policy, all in ns per pick:
 - **policy.pick**: the policy's own `pick(candidates, key, everyone)` on 16 usable members;
@@ -14,8 +15,11 @@ Three figures per policy, all in ns per pick:
 
 The pool is in a steady state that exercises every branch: weights 1-5, latencies 2-40 ms, and a window
 of 5 attempts per member in flight (each pick takes a connection, the oldest attempt gives one back),
-keys drawn from 1,000 sender domains. Each figure is the median of --rounds rounds of --picks picks,
-minus the cost of the same loop with a no-op pick (the bookkeeping), measured the same way.
+keys drawn from 1,000 sender domains. `--zones`: the members alternate between zones a and b and the node
+is in zone a (balancing/zones.py), so every pick stays in zone a; `--spill`: 3 of zone a's 8 members fail
+their checks as well, so zone a keeps 0.625 / 0.7 of the picks and each pick draws its zone. Each figure
+is the median of --rounds rounds of --picks picks, minus the cost of the same loop with a no-op pick (the
+bookkeeping), measured the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ IN_FLIGHT_PER_MEMBER = 5
 NOW = 1_000_000.0
 
 
+ZONES = False
+SPILL = False
+
+
 def make_pool(policy: str, members: int, seed: int) -> Pool:
     rng = random.Random(seed)
     settings = PoolSettings(
@@ -54,11 +62,15 @@ def make_pool(policy: str, members: int, seed: int) -> Pool:
                 address=f"127.0.0.1:{20000 + i}",
                 weight=rng.randint(1, 5),
                 max_connections=20,
+                zone=("a", "b")[i % 2] if ZONES else None,
             )
             for i in range(members)
         ),
     )
-    pool = Pool(settings)
+    pool = Pool(settings, zone="a" if ZONES else None)
+    if SPILL:
+        for m in [m for m in pool.members if m.zone == "a"][:3]:
+            m.check_up = False
     for m in pool.members:
         m.observe_latency(rng.uniform(0.002, 0.040), NOW - 1.0, settings.latency_decay)
     return pool
@@ -91,7 +103,7 @@ def run_policy_only(pool: Pool, keys: list[str], picks: int, pick: Callable[...,
 def run_pool(pool: Pool, keys: list[str], picks: int) -> int:
     """ns for `picks` calls of Pool.pick, the whole decision the dispatcher makes."""
     window: deque[Member] = deque()
-    for m in pool.members:
+    for m in pool.usable(NOW):
         for _ in range(IN_FLIGHT_PER_MEMBER):
             m.in_flight += 1
             window.append(m)
@@ -121,13 +133,14 @@ def run_dispatch(pool: Pool, keys: list[str], picks: int, decide: bool) -> int:
     shaper, pool_name = dispatcher.shaper, pool.name
     destinations = [f"dest{i}.test" for i in range(10)]
     window: deque[tuple[Member, Lane]] = deque()
-    for i, m in enumerate(pool.members * IN_FLIGHT_PER_MEMBER):
+    for i, m in enumerate(pool.usable(NOW) * IN_FLIGHT_PER_MEMBER):
         lane = shaper.lane(pool_name, m.settings, destinations[i % 10], NOW)
         lane.start(NOW)
         m.in_flight += 1
         window.append((m, lane))
     tried: set[str] = set()
-    nkeys, nmembers = len(keys), len(pool.members)
+    usable = pool.usable(NOW)
+    nkeys, nmembers = len(keys), len(usable)
     start = time.perf_counter_ns()
     for i in range(picks):
         destination = destinations[i % 10]
@@ -136,7 +149,7 @@ def run_dispatch(pool: Pool, keys: list[str], picks: int, decide: bool) -> int:
             member = pool.pick(keys[i % nkeys], NOW, tried | gate.closed)
             assert member is not None
         else:
-            member = pool.members[i % nmembers]
+            member = usable[i % nmembers]
         lane = shaper.lane(pool_name, member.settings, destination, NOW)
         lane.start(NOW)
         member.in_flight += 1
@@ -190,8 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--picks", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", choices=POLICIES, help="also print a cProfile of Pool.pick for one policy")
+    p.add_argument("--zones", action="store_true", help="members in zones a and b, the node in zone a")
+    p.add_argument("--spill", action="store_true", help="with --zones: zone a spills part of its picks")
     a = p.parse_args(argv)
-    print(f"{a.members} members, {a.picks} picks x {a.rounds} rounds, Python {sys.version.split()[0]}\n")
+    global ZONES, SPILL
+    ZONES, SPILL = a.zones or a.spill, a.spill
+    zones = ", zones a and b (node in a)" + (", zone a spilling" if SPILL else "") if ZONES else ""
+    print(
+        f"{a.members} members{zones}, {a.picks} picks x {a.rounds} rounds, Python {sys.version.split()[0]}\n"
+    )
     print("| policy | policy.pick ns | Pool.pick ns | gate + Pool.pick ns | under 10 µs |")
     print("|---|---:|---:|---:|---|")
     over = []

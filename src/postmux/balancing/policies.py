@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from postmux.balancing.member import Member
@@ -97,55 +98,58 @@ class HashPolicy:
     """
 
     POINTS_PER_WEIGHT = 40
+    RINGS_KEPT = 2  # one per side of a zone split (balancing/zones.py), which alternate while spilling
 
     def __init__(self, factor: float) -> None:
         self.factor = factor
-        self._ring: list[tuple[int, str]] = []
-        self._hashes: list[int] = []
-        self._signature: tuple[tuple[str, int], ...] = ()
-        # The last `everyone` seen, with its members by name. The pool hands the same list object for
-        # every pick until its membership, health or weights change, and then a new one: checking the
-        # object (and its length, against a caller that appends to its own list) skips the sort and
-        # the signature on each pick.
-        self._everyone: Sequence[Member] = ()
-        self._everyone_len = 0
-        self._by_name: dict[str, Member] = {}
+        # The rings last built, newest first. The pool hands the same list object as `everyone` for every
+        # pick until its membership, health or weights change, and then a new one: checking the object
+        # (and its length, against a caller that appends to its own list) skips the sort and the
+        # signature on each pick. A pool split by zone hands one of two lists: a ring for each.
+        self._rings: list[_Ring] = []
 
     @staticmethod
     def _hash(text: str) -> int:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
-    def _build(self, members: Sequence[Member]) -> None:
+    def _ring_of(self, everyone: Sequence[Member]) -> _Ring:
+        for ring in self._rings:
+            if ring.everyone is everyone and ring.size == len(everyone):
+                return ring
+        # The ring is built over every usable member so that a busy member keeps its keys.
+        members = sorted(everyone, key=lambda m: m.name)
         signature = tuple((m.name, m.weight) for m in members)
-        if signature == self._signature:
-            return
-        ring = [
-            (self._hash(f"{m.name}#{i}"), m.name)
-            for m in members
-            for i in range(m.weight * self.POINTS_PER_WEIGHT)
-        ]
-        ring.sort()
-        self._ring, self._hashes, self._signature = ring, [h for h, _ in ring], signature
+        built = next((r for r in self._rings if r.signature == signature), None)
+        if built is None:
+            points = sorted(
+                (self._hash(f"{m.name}#{i}"), m.name)
+                for m in members
+                for i in range(m.weight * self.POINTS_PER_WEIGHT)
+            )
+            built = _Ring(points, [h for h, _ in points], signature)
+        ring = _Ring(built.points, built.hashes, signature, everyone, len(everyone))
+        ring.by_name = {m.name: m for m in everyone}
+        self._rings = [ring, *(r for r in self._rings if r.signature != signature)][: self.RINGS_KEPT]
+        return ring
 
     def pick(
         self, candidates: Sequence[Member], key: str, everyone: Sequence[Member], now: float | None = None
     ) -> Member | None:
-        if everyone is not self._everyone or len(everyone) != self._everyone_len:
-            # The ring is built over every usable member so that a busy member keeps its keys.
-            self._build(sorted(everyone, key=lambda m: m.name))
-            self._everyone, self._everyone_len = everyone, len(everyone)
-            self._by_name = {m.name: m for m in everyone}
-        if not self._ring:
+        ring = self._rings[0] if self._rings else None
+        if ring is None or ring.everyone is not everyone or ring.size != len(everyone):
+            ring = self._ring_of(everyone)
+        points = ring.points
+        if not points:
             return None
         # Candidates are the members of `everyone` with capacity: when they are as many, they are all.
-        by_name = self._by_name if len(candidates) == len(everyone) else {m.name: m for m in candidates}
+        by_name = ring.by_name if len(candidates) == len(everyone) else {m.name: m for m in candidates}
         total = sum(m.in_flight for m in everyone) + 1
         bound = math.ceil(self.factor * total / max(1, len(everyone)))
-        start = bisect.bisect_left(self._hashes, self._hash(key)) % len(self._ring)
+        start = bisect.bisect_left(ring.hashes, self._hash(key)) % len(points)
         seen: set[str] = set()
         fallback: Member | None = None
-        for i in range(len(self._ring)):
-            name = self._ring[(start + i) % len(self._ring)][1]
+        for i in range(len(points)):
+            name = points[(start + i) % len(points)][1]
             if name in seen:
                 continue
             seen.add(name)
@@ -158,6 +162,18 @@ class HashPolicy:
             if len(seen) == len(everyone):
                 break
         return fallback
+
+
+@dataclass(slots=True)
+class _Ring:
+    """A hash ring: points (hash, member name) sorted, for the members of one `everyone` list."""
+
+    points: list[tuple[int, str]]
+    hashes: list[int]
+    signature: tuple[tuple[str, int], ...]
+    everyone: Sequence[Member] = ()
+    size: int = 0
+    by_name: dict[str, Member] = field(default_factory=dict)
 
 
 class LeastLatencyPolicy:
