@@ -29,6 +29,7 @@ ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "docs" / "examples" / "postmux.toml"
 # The reference's headings whose tables document one settings model each.
 SECTIONS: dict[str, type[BaseModel]] = {
+    "[node]": config.NodeSettings,
     "[smtp]": config.SmtpSettings,
     "[smtp.tls]": config.SmtpTlsSettings,
     "[http]": config.HttpSettings,
@@ -44,6 +45,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "IP warm-up": config.WarmupSettings,
     "[pool.health]": config.HealthSettings,
     "[pool.check]": config.CheckSettings,
+    "[pool.zone_routing]": config.ZoneRoutingSettings,
     "[dns]": config.DnsSettings,
     "[spf]": config.SpfSettings,
     "[bounces]": config.BounceSettings,
