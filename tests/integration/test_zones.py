@@ -104,3 +104,38 @@ async def test_a_node_without_a_zone_uses_every_zone(tmp_path: Path, upstream: S
             await send(app.smtp_port, test_id)
         await wait_until(lambda: all(where(ups, ids).values()), timeout=10)
     assert {z for zones in where(ups, ids).values() for z in zones} == {"a", "b"}
+
+
+async def test_passive_ejection_moves_a_dead_zones_mail_and_its_end_brings_it_back(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    ups = {n: await upstream(n) for n in ("a1", "a2", "b1", "b2")}
+    ejection = 3.0
+    pool = zoned_pool(ups, check={}, health={"consecutive_failures": 1, "base_ejection_time": ejection})
+    settings = make_settings(tmp_path, [pool], node={"zone": "a"})
+    async with App(settings) as app:
+        members = app.pools["default"]
+
+        async def batch(phase: str, count: int) -> list[str]:
+            ids = [f"{phase}-{i}" for i in range(count)]
+            for test_id in ids:
+                await send(app.smtp_port, test_id)
+            await wait_until(lambda: all(where(ups, ids).values()), timeout=10)
+            return ids
+
+        assert {z for zs in where(ups, await batch("healthy", 10)).values() for z in zs} == {"a"}
+        await ups["a1"].stop()
+        await ups["a2"].stop()
+        # The first attempts on each dead member fail, eject it, and go on to zone b at once.
+        await batch("dying", 4)
+        ejected = time.monotonic()
+        assert members.member("a1").ejected(app.clock()) and members.member("a2").ejected(app.clock())
+        gone = await batch("gone", 10)
+        assert time.monotonic() - ejected < ejection  # all sent and delivered while zone a was out
+        assert all(z == {"b"} for z in where(ups, gone).values())
+        await ups["a1"].reopen_listener()
+        await ups["a2"].reopen_listener()
+        await wait_until(lambda: members.member("a1").healthy(app.clock()), timeout=ejection + 2)
+        await wait_until(lambda: members.member("a2").healthy(app.clock()), timeout=ejection + 2)
+        back = await batch("back", 10)
+        assert all(z == {"a"} for z in where(ups, back).values()), where(ups, back)
