@@ -168,7 +168,7 @@ def test_a_zone_below_the_minimum_gives_everything_away() -> None:
 
 
 def test_weights_are_the_capacity_a_zone_loses() -> None:
-    members = [
+    members: list[dict[str, Any]] = [
         {"name": "a1", "zone": "a", "weight": 9},
         {"name": "a2", "zone": "a", "weight": 1},
         {"name": "b1", "zone": "b"},
@@ -221,7 +221,7 @@ def test_every_zone_tried_goes_down_the_tiers() -> None:
 
 
 def test_zones_apply_within_a_tier_the_tiers_first() -> None:
-    members = [
+    members: list[dict[str, Any]] = [
         {"name": "a1", "zone": "a"},
         {"name": "b1", "zone": "b"},
         {"name": "c1", "zone": "a", "backup": True},
@@ -261,13 +261,13 @@ def test_a_changed_node_zone_or_member_zone_shows_at_the_next_pick() -> None:
 def test_a_pick_is_local_whenever_the_local_zone_of_the_tier_in_use_is_healthy_enough(
     healthy: list[bool], backup: list[bool], full: list[bool]
 ) -> None:
-    members = [
+    members: list[dict[str, Any]] = [
         {"name": f"{'ab'[i % 2]}{i}", "zone": "ab"[i % 2], "backup": backup[i], "max_connections": 1}
         for i in range(6)
     ]
     pool = pool_of(members)
-    for m, up, busy in zip(pool.members, healthy, full, strict=True):
-        m.check_up = up
+    for m, passing, busy in zip(pool.members, healthy, full, strict=True):
+        m.check_up = passing
         m.in_flight = 1 if busy else 0
     picked = pool.pick("k", NOW)
     live = [m for m in pool.members if m.healthy(NOW)]
