@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 
 import typer
 
-from postmux.config import ConfigError, Settings, http_notes, load_config, split_hostport
+from postmux.config import ConfigError, Settings, http_notes, load_config, split_hostport, zone_notes
 
 if TYPE_CHECKING:
     from postmux.admin.client import AdminClient
@@ -73,11 +73,11 @@ def check_config(config: ConfigOption) -> None:
     """Validate a configuration file: prints OK, or every error with its key and reason (exit 2).
 
     Then, on stderr, what the HTTP listener exposes (admin API on or off), and a warning when it listens
-    beyond this host.
+    beyond this host or when [node] zone names a zone no member of a pool is in.
     """
     settings = _load_or_exit(config)
     typer.echo("OK")
-    for level, note in http_notes(settings.http):
+    for level, note in http_notes(settings.http) + zone_notes(settings.node.zone, settings.pool):
         typer.echo(f"{config}: {level}: {note}", err=True)
 
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from postmux.balancing.pool import Pool
 from postmux.balancing.zones import local_share, split
+from postmux.cli import app
 from postmux.config import ConfigError, PoolSettings, ZoneRoutingSettings, settings_from_dict
 
 NOW = 1000.0
@@ -331,3 +334,20 @@ def test_a_bad_zone_setting_is_refused_by_name(data: dict[str, Any], key: str) -
     with pytest.raises(ConfigError) as e:
         settings_from_dict(data)
     assert any(k == key for k, _ in e.value.problems), e.value.problems
+
+
+def test_check_config_warns_of_a_node_zone_no_member_is_in(tmp_path: Path) -> None:
+    cfg = tmp_path / "zones.toml"
+    members = (
+        '[{ name = "a", address = "127.0.0.1:2601", zone = "eu-1" }, '
+        '{ name = "x", address = "127.0.0.1:2602" }]'
+    )
+    cfg.write_text(f'[node]\nzone = "eu-2"\n[[pool]]\nname = "default"\nmembers = {members}\n')
+    result = CliRunner().invoke(app, ["check-config", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert (
+        f"{cfg}: warning: [node] zone 'eu-2': no member of pool 'default' is in it (its zones: eu-1); "
+        "the node prefers its members without a zone"
+    ) in result.stderr
+    cfg.write_text(cfg.read_text().replace('"eu-2"', '"eu-1"'))
+    assert "[node] zone" not in CliRunner().invoke(app, ["check-config", "-c", str(cfg)]).stderr

@@ -24,6 +24,7 @@ from postmux.config.references import (
     http_notes,
     reference_problems,
     unsubscribe_problems,
+    zone_notes,
 )
 from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
@@ -309,4 +310,5 @@ __all__ = [
     "settings_from_dict",
     "split_hostport",
     "sqlite_path_of",
+    "zone_notes",
 ]

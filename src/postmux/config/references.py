@@ -187,6 +187,25 @@ def http_notes(http: HttpSettings) -> list[tuple[str, str]]:
     return notes
 
 
+def zone_notes(zone: str | None, pools: Sequence[PoolSettings]) -> list[tuple[str, str]]:
+    """Zones that do nothing, as (level, words) for check-config: a misspelt [node] zone matches no member,
+    and the node then sends every pool's mail to other zones' members as if it had none of its own."""
+    notes: list[tuple[str, str]] = []
+    for p in pools:
+        zones = {m.zone for m in p.members if m.zone is not None}
+        if zone is None or not zones or not p.zone_routing.enabled or zone in zones:
+            continue
+        unzoned = "its members without a zone" if len(zones) < len(p.members) else "no member"
+        notes.append(
+            (
+                "warning",
+                f"[node] zone {zone!r}: no member of pool {p.name!r} is in it (its zones: "
+                f"{', '.join(sorted(zones))}); the node prefers {unzoned}",
+            )
+        )
+    return notes
+
+
 def _loopback(host: str) -> bool:
     """Whether a listen host is this machine only; a name other than localhost is not trusted to be."""
     if host.lower() in ("localhost", "localhost."):
