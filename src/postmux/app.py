@@ -22,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from postmux.admin.api import admin_api
 from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.dashboard import Dashboard
+from postmux.admin.history import History
 from postmux.admin.queue import KnownDestinations
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
@@ -103,6 +105,9 @@ class App:
         self.event_log = JsonLinesLog(settings.events.log)
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
+        # The dashboard's hour in memory: an O(1) append per event, read only while a page watches.
+        self.history = History(clock)
+        self.bus.subscribe(self.history)
         self.spool = make_spool(settings.spool)
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
@@ -167,12 +172,14 @@ class App:
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
         self.submissions = Submissions(self.acceptor, self.spool, settings, ThrottleTurns(), clock)
+        self.dashboard = Dashboard(self.control, self.history, settings.http.admin_token, clock)
         self.http = HttpServer(
             settings.http,
             make_http_app(
                 self.metrics,
                 admin_api(self.control, settings.http.admin_token, PUBLIC_ROUTES),
                 self.submissions.mount,
+                self.dashboard.mount,
             ),
         )
         self.metrics.add_live(self._live_gauges)
@@ -240,6 +247,7 @@ class App:
         self._undo.append(("stop the http listener", self.http.stop))
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
+        self._undo.append(("close the dashboard's pages", self.dashboard.close))
         self._undo.append(("stop counting the queue", self._stop_counting))
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         # Before the dispatcher and the listener, so it stops after them: what they commit last is
