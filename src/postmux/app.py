@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from postmux.admin.api import admin_api
 from postmux.admin.control import Control, DrainedMembers, NodeView
 from postmux.admin.dashboard import Dashboard
+from postmux.admin.gauges import NodeGauges
 from postmux.admin.history import History
 from postmux.admin.queue import KnownDestinations
 from postmux.admin.reload import Reloader, ReloadResult
@@ -40,7 +41,7 @@ from postmux.events.metrics import Metrics
 from postmux.events.types import Event, EventType
 from postmux.events.webhooks import Webhooks
 from postmux.ingress.acceptor import Acceptor
-from postmux.ingress.http import HttpServer, make_http_app
+from postmux.ingress.http import HttpServer, make_http_app, refusal_counter
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.workers import IngressWorkers
@@ -180,9 +181,12 @@ class App:
                 admin_api(self.control, settings.http.admin_token, PUBLIC_ROUTES),
                 self.submissions.mount,
                 self.dashboard.mount,
+                refusal_counter(self.metrics.count_refusal, PUBLIC_ROUTES),
             ),
         )
         self.metrics.add_live(self._live_gauges)
+        self.node_gauges = NodeGauges(self.control, clock)
+        self.metrics.add_live(self.node_gauges.collect)
         self._smtp: asyncio.Server | None = None
         self.workers: IngressWorkers | None = None
         self._queue_counts: dict[str, int] = {}
@@ -276,7 +280,10 @@ class App:
                 # A long text goes to the spool's own directory as it arrives: the store adopts it by a
                 # rename (spool/base.py, Spool.spill_dir).
                 self._smtp = await start_smtp_server(
-                    settings.smtp, self.acceptor, spill_dir=self.spool.spill_dir
+                    settings.smtp,
+                    self.acceptor,
+                    spill_dir=self.spool.spill_dir,
+                    refused=lambda reason: self.metrics.count_refusal("smtp", reason),
                 )
 
     def _announce_http(self) -> None:
@@ -481,14 +488,22 @@ class App:
                 self._queue_counts = await self.spool.counts()
             except Exception as e:
                 log.warning("queue count failed", error=str(e))
+            await self.node_gauges.refresh_queue()  # every QUEUE_EVERY_S, not every count
             await asyncio.sleep(2.0)
 
     def _live_gauges(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         queue = GaugeMetricFamily(
-            "postmux_queue_messages", "Recipients in the spool by state", labels=["state"]
+            "postmux_queue_messages",
+            "Recipients (not messages: the name is older than this text) in the spool by state; "
+            "the same as postmux_queue_recipients",
+            labels=["state"],
+        )
+        recipients = GaugeMetricFamily(
+            "postmux_queue_recipients", "Recipients in the spool by state", labels=["state"]
         )
         for state, n in self._queue_counts.items():
             queue.add_metric([state], n)
+            recipients.add_metric([state], n)
         up = GaugeMetricFamily(
             "postmux_member_up", "1 when the member may be picked", labels=["pool", "member"]
         )
@@ -510,4 +525,4 @@ class App:
             "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
         )
         commits.add_metric([], self.spool.commits)
-        return [queue, up, conns, in_flight, commits]
+        return [queue, recipients, up, conns, in_flight, commits]

@@ -1,5 +1,5 @@
-"""The dashboard's hour in memory (admin/history.py) and its N+1 judgement (admin/dashboard.py), on a manual
-clock: counts land in their minute, old minutes fall out, percentiles come from the buckets, memory is fixed."""
+"""The dashboard's hour in memory (admin/history.py) and its N+1 judgement (admin/dashboard.py), on a
+manual clock: counts land in their minute, old minutes fall out, percentiles come from the buckets."""
 
 from __future__ import annotations
 
