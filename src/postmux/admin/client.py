@@ -47,6 +47,10 @@ class AdminClient:
             raise typer.Exit(EXIT_FAILED)
         return body
 
+    def get(self, path: str) -> dict[str, Any]:
+        """GET an admin route's JSON; a refusal or no answer exits with the error said (as every verb)."""
+        return self._call("GET", path)
+
     def show(self, path: str, *, as_json: bool) -> None:
         """GET a listing (/members, /shaping) and print it as its table, or as JSON."""
         body = self._call("GET", path)

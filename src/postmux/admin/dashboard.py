@@ -236,6 +236,13 @@ class Dashboard:
                 return json_error(401, "sign in at / first")
             return Response(json.dumps(await self.snapshot(0, True)), media_type="application/json")
 
+        # The same snapshot for the admin API's clients (`postmux top`), behind its bearer token like
+        # every route under /api/v1 (admin/api.py's guard); without the events, which the page alone shows.
+        @app.get(f"{ADMIN_PREFIX}/dashboard", include_in_schema=False)
+        async def for_admin() -> Response:
+            snap = await self.snapshot(self.history.seq, True)
+            return Response(json.dumps(snap), media_type="application/json")
+
         @app.api_route(
             "/dashboard" + ADMIN_PREFIX + "/{path:path}", methods=["GET", "POST"], include_in_schema=False
         )
