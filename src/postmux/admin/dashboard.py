@@ -238,10 +238,10 @@ class Dashboard:
 
         # The same snapshot for the admin API's clients (`postmux top`), behind its bearer token like
         # every route under /api/v1 (admin/api.py's guard); without the events, which the page alone shows.
-        @app.get(f"{ADMIN_PREFIX}/dashboard", include_in_schema=False)
-        async def for_admin() -> Response:
-            snap = await self.snapshot(self.history.seq, True)
-            return Response(json.dumps(snap), media_type="application/json")
+        @app.get(f"{ADMIN_PREFIX}/dashboard")
+        async def dashboard_snapshot() -> dict[str, Any]:
+            """The dashboard's snapshot: members, redundancy per pool, the hour's series, lanes, queue."""
+            return await self.snapshot(self.history.seq, True)
 
         @app.api_route(
             "/dashboard" + ADMIN_PREFIX + "/{path:path}", methods=["GET", "POST"], include_in_schema=False
