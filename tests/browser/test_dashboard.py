@@ -11,7 +11,7 @@ import httpx
 
 from postmux.app import App
 from tests.browser.conftest import TOKEN, load, screenshot_path, sign_in
-from tests.support import StartUpstream, Upstream, make_settings, wait_until
+from tests.support import StartUpstream, Upstream, always, make_settings, send, wait_until
 
 INTERVAL_S, FALL, CHECK_TIMEOUT_S = 0.3, 2, 0.3
 
@@ -144,3 +144,40 @@ async def test_a_wrong_token_gets_no_data(tmp_path: Path, upstream: StartUpstrea
         )
         answer = await page.request.get(f"http://127.0.0.1:{app.http_port}/dashboard/state")
         assert answer.status == 401
+
+
+async def test_queue_buttons_filters_and_a_message_history_on_click(
+    tmp_path: Path, upstream: StartUpstream, browser: Any
+) -> None:
+    ups = [await upstream("a", always("451 4.3.0 try again later"))]
+    async with App(settings(tmp_path, ups)) as app:
+        await send(app.smtp_port, "kept", to=["u@slow.test"])
+        await send(app.smtp_port, "other", to=["v@other.test"])
+        page = await browser.new_page()
+        await sign_in(page, app)
+        await page.wait_for_selector('#queue tr[data-domain="slow.test"]', timeout=10_000)
+        # Hold what waits for slow.test, from its row; the API confirms it, and other.test is untouched.
+        await page.click('#queue tr[data-domain="slow.test"] button[data-queue="hold"]')
+        await page.wait_for_function(
+            "document.querySelector('#queue-total').textContent.includes('1 recipient held')", timeout=5000
+        )
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as api:
+            held = (await api.get("/api/v1/queue", params={"state": "held"})).json()["destinations"]
+        assert [(d["domain"], d["held"]) for d in held] == [("slow.test", 1)]
+        row = page.locator('#queue tr[data-domain="slow.test"] td:nth-child(7)')  # the page says so too
+        assert await row.inner_text() == "1"
+        # Filter the events to one domain, then open a message's history from its id.
+        await page.wait_for_selector('#events tr[data-type="TransientFailure"]', timeout=10_000)
+        await page.fill("#f-domain", "slow.test")
+        recipients = await page.locator("#events tbody td:nth-child(4)").all_inner_texts()
+        assert recipients and set(recipients) == {"u@slow.test"}
+        await page.select_option("#f-type", "TransientFailure")
+        await page.locator("#events tbody a.msg").first.click()
+        await page.wait_for_selector("#message-body table", timeout=5000)
+        history = await page.locator("#message-body").inner_text()
+        await page.screenshot(path=screenshot_path("dashboard-message-history"), full_page=True)
+        assert "u@slow.test" in history
+        assert "451 4.3.0 try again later" in history  # an attempt the spool kept
+        assert "held" in history  # the recipient's state now

@@ -199,6 +199,7 @@ function wire() {
         await admin("POST", `/members/${encodeURIComponent(el.dataset.name)}/${el.dataset.act}`);
       } else if (el.dataset.queue) {
         const done = await admin("POST", `/queue/${el.dataset.queue}`, { pool: el.dataset.pool, domain: el.dataset.domain });
+        renderQueue(await admin("GET", "/queue")); // now, not at the stream's next queue read
         $("#queue-total").textContent = done.changes.join("; ");
       } else if (el.classList.contains("msg")) {
         await showMessage(el.dataset.id);
