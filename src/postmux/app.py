@@ -164,6 +164,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            settings=lambda: self.settings,
         )
         self.control = Control(
             node,

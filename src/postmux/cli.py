@@ -613,6 +613,48 @@ def move(
 
 
 @app.command()
+def doctor(
+    domain: Annotated[str, typer.Argument(help="The sending domain (the From: and envelope sender's).")],
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local", help="Examine here with the configuration of -c, without asking a running node."
+        ),
+    ] = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Check a sending domain's DNS against postmux's configuration: MX, SPF (and each pool IP), DKIM
+    selectors, DMARC, reverse DNS of source members, MTA-STS, TLS-RPT, then the Gmail/Yahoo bulk-sender
+    rules. Exit 0 when nothing fails, 1 when something fails, 2 when the domain could not be examined."""
+    as_json = json or not sys.stdout.isatty()
+    if not local:
+        raise typer.Exit(_admin(config, url, token).doctor(domain, as_json=as_json))
+    if config is None:
+        typer.echo("postmux doctor: --local needs -c FILE (the configuration to examine with)", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    import dataclasses
+    import logging
+
+    from postmux.admin.client import print_doctor
+    from postmux.logs import configure_logging
+    from postmux.reputation.doctor import doctor_domain
+    from postmux.reputation.doctor_dns import DnsDoctor
+
+    settings = _load_or_exit(config)
+    configure_logging(logging.WARNING)  # the report is the output: only trouble is logged, on stderr
+    try:
+        name = doctor_domain(domain)
+    except ValueError as e:
+        typer.echo(f"postmux doctor: {e}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    report = asyncio.run(DnsDoctor(settings).examine(name))
+    raise typer.Exit(print_doctor(dataclasses.asdict(report), as_json=as_json))
+
+
+@app.command()
 def reload(
     config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
 ) -> None:

@@ -1,5 +1,6 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
-(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, reload.
+(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, the DNS
+doctor of a sending domain, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -20,6 +21,7 @@ from postmux.admin.control import Control, NothingHeld, UnknownMember
 from postmux.admin.queue import QueueControl, QueueRequestError, UnknownMessage, criteria, query_fields
 from postmux.config import parse_duration
 from postmux.ingress.http import json_error
+from postmux.reputation.doctor import Report
 from postmux.spool.base import SpoolError
 
 ADMIN_PREFIX = "/api/v1"
@@ -105,6 +107,17 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     @app.get(f"{ADMIN_PREFIX}/webhooks")
     async def webhooks() -> dict[str, Any]:
         return {"webhooks": await control.webhooks()}
+
+    # The domain is one path segment; what is not a domain name is a 400 before any lookup.
+    @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report, summary="DNS doctor of a domain")
+    async def doctor(domain: str) -> Any:
+        """The sending domain's MX, SPF, DKIM, DMARC, MTA-STS and TLS-RPT records and its source members'
+        reverse DNS, checked against the running configuration; then the Gmail/Yahoo bulk-sender rules.
+        `ok` is false when a check or a rule fails (docs/api.md)."""
+        try:
+            return await control.doctor(domain)
+        except ValueError as e:
+            return json_error(400, str(e))
 
     @app.post(f"{ADMIN_PREFIX}/reload")
     async def reload() -> Any:

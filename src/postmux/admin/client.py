@@ -12,8 +12,11 @@ import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 EXIT_FAILED = 1
+# `postmux doctor`: 0 nothing fails, 1 a check or requirement fails, 2 the domain could not be examined.
+EXIT_UNEXAMINED = 2
 
 
 class AdminClient:
@@ -77,6 +80,14 @@ class AdminClient:
             for key in body.get("needs_restart", []):
                 typer.echo(f"{key}: changed in the file, takes effect at the next restart")
 
+    def doctor(self, domain: str, *, as_json: bool) -> int:
+        """GET the doctor's report of a domain and print it; the exit code (print_doctor)."""
+        try:
+            body = self._call("GET", f"/doctor/{quote(domain, safe='')}")
+        except typer.Exit:
+            raise typer.Exit(EXIT_UNEXAMINED) from None
+        return print_doctor(body, as_json=as_json)
+
     # -- the queue -------------------------------------------------------------------------------------
 
     def queue_summary(self, params: dict[str, str], *, as_json: bool) -> None:
@@ -131,6 +142,38 @@ def age(seconds: float) -> str:
             rest = (s % size) // small_size
             return f"{s // size}{unit}" + (f" {rest}{smaller}" if rest else "")
     return f"{s}s"
+
+
+_STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "unchecked": "dim"}
+
+
+def print_doctor(body: dict[str, Any], *, as_json: bool) -> int:
+    """A doctor's report as JSON or as two tables (checks, bulk-sender rules); 0: nothing fails, else 1."""
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        console = Console()
+        console.print(doctor_table(f"DNS doctor: {body['domain']}", "check", body["checks"]))
+        console.print(
+            doctor_table("bulk sender rules (Gmail, Yahoo, 2024)", "requirement", body["bulk_sender"])
+        )
+        verdict = "nothing fails" if body["ok"] else "something fails: see the fix column"
+        console.print(Text(verdict, style="green" if body["ok"] else "bold red"))
+    return 0 if body["ok"] else EXIT_FAILED
+
+
+def doctor_table(title: str, first: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in (first, "subject", "status", "found", "fix") if first == "check" else (first, "status"):
+        table.add_column(column)
+    for column in ("found", "fix") if first != "check" else ():
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        # Text, not markup: a fix names [[dkim]], which rich would read as a style.
+        cells = [Text(row[first]), *([Text(row["subject"])] if first == "check" else [])]
+        cells.append(Text(row["status"], style=_STATUS_STYLE.get(row["status"], "")))
+        table.add_row(*cells, Text(row["found"]), Text(row["fix"]))
+    return table
 
 
 def queue_table(body: dict[str, Any]) -> Table:

@@ -20,9 +20,12 @@ from postmux.admin.queue import KnownDestinations, QueueControl, QueueNode
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
+from postmux.config import Settings
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.reputation.doctor import Report, doctor_domain
+from postmux.reputation.doctor_dns import DnsDoctor
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
@@ -82,6 +85,8 @@ class NodeView:
     destinations: KnownDestinations
     reporting_mta: str
     webhooks: WebhookStatus | None = None
+    # The settings running now (a reload's included): what the doctor examines a domain against.
+    settings: Callable[[], Settings] | None = None
 
 
 class Control:
@@ -269,6 +274,16 @@ class Control:
         if self.node.webhooks is None:
             return []
         return await self.node.webhooks.status()
+
+    # -- the DNS doctor ------------------------------------------------------------------------------
+
+    async def doctor(self, domain: str) -> Report:
+        """Every DNS check of a sending domain against the settings running now (`postmux doctor`).
+        ValueError when `domain` is not a domain name."""
+        name = doctor_domain(domain)
+        if self.node.settings is None:
+            raise ValueError("this node was built without its settings: no doctor")
+        return await DnsDoctor(self.node.settings()).examine(name)
 
     # -- reload --------------------------------------------------------------------------------------
 

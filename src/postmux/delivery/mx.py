@@ -77,6 +77,19 @@ def nameserver(spec: str) -> dns.nameserver.Nameserver:
     return dns.nameserver.Do53Nameserver(spec, 53)
 
 
+def dns_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+    """The resolver [dns] configures: its nameservers, else the system's (/etc/resolv.conf); no cache of
+    dnspython's (whoever asks keeps answers by its own TTL bounds, or not at all)."""
+    if settings.nameservers:
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = [nameserver(ns) for ns in settings.nameservers]
+    else:
+        r = dns.asyncresolver.Resolver()
+    r.lifetime = settings.timeout
+    r.cache = None
+    return r
+
+
 class MxResolver:
     def __init__(self, settings: DnsSettings, providers: Destinations, clock: Clock = time.time) -> None:
         self.settings = settings
@@ -96,14 +109,7 @@ class MxResolver:
     def _dns(self) -> dns.asyncresolver.Resolver:
         # Built on first use: a node with only relay members never reads /etc/resolv.conf.
         if self._resolver is None:
-            if self.settings.nameservers:
-                r = dns.asyncresolver.Resolver(configure=False)
-                r.nameservers = [nameserver(ns) for ns in self.settings.nameservers]
-            else:
-                r = dns.asyncresolver.Resolver()
-            r.lifetime = self.settings.timeout
-            r.cache = None  # postmux keeps its own cache, with its own TTL bounds
-            self._resolver = r
+            self._resolver = dns_resolver(self.settings)  # postmux keeps its own cache, by its TTL bounds
         return self._resolver
 
     def prune(self) -> None:
