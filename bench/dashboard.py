@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -156,6 +157,32 @@ async def burst(smtp_port: int, http_port: int, count: int, first: int) -> float
     return time.monotonic() - start
 
 
+def cpu_s(pid: int) -> float:
+    """The process's user + system CPU time (/proc/PID/stat fields 14 and 15, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def browser_cpu_s(postmux_pid: int) -> float:
+    """CPU time of this process's descendants but postmux: Playwright's driver and chromium's processes."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+    mine, total = {os.getpid()}, 0.0
+    for _ in range(6):  # chromium's tree is a few levels deep
+        mine |= {pid for pid, ppid in parents.items() if ppid in mine and pid != postmux_pid}
+    for pid in mine - {os.getpid()}:
+        try:
+            total += cpu_s(pid)
+        except OSError:
+            continue
+    return total
+
+
 async def open_page(browser: Any, http_port: int) -> Any:
     page = await browser.new_page()
     await page.goto(f"http://127.0.0.1:{http_port}/")
@@ -202,20 +229,32 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"update time at {args.events_per_min} events/min: {summary(timings)}; kept {shown}")
                 await page.close()
                 results: dict[str, list[float]] = {"closed": [], "open": []}
+                cpu: dict[str, list[float]] = {"closed": [], "open": []}
                 for r in range(args.repeat):
                     for mode in ("closed", "open"):
                         page = await open_page(browser, http_port) if mode == "open" else None
+                        cpu_before, browser_before = cpu_s(proc.pid), browser_cpu_s(proc.pid)
                         seconds = await burst(smtp_port, http_port, args.messages, number)
+                        cpu_ms = (cpu_s(proc.pid) - cpu_before) * 1000 / args.messages
+                        # A closed page's renderer takes its CPU time with it when it exits: 0 then, not less.
+                        browser_share = max(0.0, browser_cpu_s(proc.pid) - browser_before) / seconds
                         number += args.messages
                         if page is not None:
                             await page.close()
                         rate = args.messages / seconds
                         results[mode].append(rate)
-                        print(f"round {r + 1}, dashboard {mode}: {rate:.0f} msgs/s end to end")
+                        cpu[mode].append(cpu_ms)
+                        print(
+                            f"round {r + 1}, dashboard {mode}: {rate:.0f} msgs/s end to end, "
+                            f"postmux CPU {cpu_ms:.2f} ms/msg, "
+                            f"browser CPU {browser_share * 100:.0f}% of a core"
+                        )
                 closed, opened = (statistics.median(results[m]) for m in ("closed", "open"))
+                cpu_closed, cpu_open = (statistics.median(cpu[m]) for m in ("closed", "open"))
                 print(
                     f"median end-to-end msgs/s: closed {closed:.0f}, open {opened:.0f} "
-                    f"({(opened / closed - 1) * 100:+.1f}%)"
+                    f"({(opened / closed - 1) * 100:+.1f}%); postmux CPU ms/msg: closed {cpu_closed:.2f}, "
+                    f"open {cpu_open:.2f} ({(cpu_open / cpu_closed - 1) * 100:+.1f}%)"
                 )
                 await browser.close()
         finally:

@@ -11,6 +11,7 @@ Counts are of recipients, as the events are (one per recipient per attempt).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -191,9 +192,27 @@ class History:
         return max((n for m, n in slots if now_minute - m < MINUTES), default=0)
 
     def events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
-        """The recent events after `seq` (the newest `limit` of them), each its record with `seq`."""
+        """The recent events after `seq` (the newest `limit` of them), each as the page shows it: the
+        fields of its record that the page reads (half the size of the whole record; the event log and
+        webhooks have the rest), with `seq`."""
         if seq >= self.seq:
             return []
-        newer = self.seq - seq
-        picked = list(self.recent)[-min(newer, limit) :]
-        return [{"seq": s, **e.as_record()} for s, e in picked]
+        newer = min(self.seq - seq, limit, len(self.recent))
+        picked = itertools.islice(self.recent, len(self.recent) - newer, None)
+        return [_shown(s, e) for s, e in picked]
+
+
+def _shown(seq: int, e: Event) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "type": e.type.value,
+        "id": e.id,
+        "timestamp": e.timestamp,
+        "recipient": e.recipient,
+        "queue": e.queue,
+        "pool": e.pool,
+        "member": e.member,
+        "message_id": e.message_id,
+        "response": e.response.as_dict() if e.response else None,
+        "tags": {k: e.tags[k] for k in ("reason", "change") if k in e.tags},
+    }
