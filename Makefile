@@ -75,3 +75,7 @@ vendor-uplot:
 	cp build/uplot/package/dist/uPlot.iife.min.js build/uplot/package/dist/uPlot.min.css $(VENDOR)/
 	cp build/uplot/package/LICENSE $(VENDOR)/uPlot.LICENSE
 	cd $(VENDOR) && grep -E '^    [0-9a-f]{64}  ' README.md | sed 's/^    //' | sha256sum -c
+
+.PHONY: bench-dashboard
+bench-dashboard: setup
+	$(BIN)/python bench/dashboard.py
