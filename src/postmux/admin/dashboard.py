@@ -199,24 +199,7 @@ class Dashboard:
 
         @app.post("/login", include_in_schema=False)
         async def login(request: Request) -> Response:
-            form = parse_qs((await request.body()).decode("utf-8", "replace"))
-            given = (form.get("token") or [""])[0]
-            if self.token is None:
-                return _login_page(False, status=403)
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return _login_page(True, "wrong token", status=401)
-            # 303: the browser follows with a GET of /, so a reload does not post the token again.
-            response = RedirectResponse("/", status_code=303)
-            response.set_cookie(
-                COOKIE,
-                session_value(self.token),
-                max_age=COOKIE_MAX_AGE_S,
-                path="/",
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-            )
-            return response
+            return await self.login(request)
 
         @app.post("/logout", include_in_schema=False)
         async def logout() -> Response:
@@ -249,12 +232,35 @@ class Dashboard:
         async def admin(path: str, request: Request) -> Response:
             return await self.call_admin(request, path)
 
+    async def login(self, request: Request) -> Response:
+        """The form's POST: the right token gets the session cookie and a redirect to /; else 401."""
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        given = (form.get("token") or [""])[0]
+        if self.token is None:
+            return _login_page(False, status=403)
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return _login_page(True, "wrong token", status=401)
+        # 303: the browser follows with a GET of /, so a reload does not post the token again.
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            COOKIE,
+            session_value(self.token),
+            max_age=COOKIE_MAX_AGE_S,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
     async def call_admin(self, request: Request, path: str) -> Response:
         """The admin API's route `path`, called in-process with the admin token on the page's behalf."""
         if not self.signed_in(request) or self.token is None:
             return json_error(401, "sign in at / first")
         if request.method == "POST" and request.headers.get(CSRF_HEADER) != "1":
             return json_error(403, f"the dashboard's changes carry the {CSRF_HEADER} header")
+        if ".." in path.split("/"):  # an admin route, never a way out of /api/v1
+            return json_error(404, "no such admin route")
         transport = httpx.ASGITransport(app=request.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://postmux") as client:
             answer = await client.request(
