@@ -139,8 +139,9 @@ function makeCharts() {
     { label: "bounced", stroke: "#9b1c1c" },
   ]);
   state.charts.latency = chart("#chart-latency", [
-    { label: "p50 ms", stroke: "#1d4f91" },
-    { label: "p99 ms", stroke: "#9b1c1c" },
+    // Points drawn: a minute with deliveries between minutes without any has no line to draw.
+    { label: "p50 ms", stroke: "#1d4f91", points: { show: true, size: 5 } },
+    { label: "p99 ms", stroke: "#9b1c1c", points: { show: true, size: 5 } },
   ], { axes: [{}, { label: "ms" }] });
 }
 
