@@ -44,7 +44,9 @@ from postmux.ingress.acceptor import Acceptor
 from postmux.ingress.http import HttpServer, make_http_app, refusal_counter
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
+from postmux.ingress.unsubscribe import Unsubscribes
 from postmux.ingress.workers import IngressWorkers
+from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
@@ -110,6 +112,11 @@ class App:
         self.history = History(clock)
         self.bus.subscribe(self.history)
         self.spool = make_spool(settings.spool)
+        # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
+        # share it (postmux.reputation.suppression).
+        self.suppressions = SuppressionList(
+            self.spool, settings.suppression, clock, refused=self.metrics.count_suppressed
+        )
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
@@ -138,6 +145,7 @@ class App:
             resolver=self.resolver,
             warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
             outbox=self.webhooks,
+            suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
         self.acceptor = Acceptor(
@@ -149,6 +157,10 @@ class App:
             clock,
             self.webhooks,
             self.signer,
+            self.suppressions,
+        )
+        self.unsubscribes = Unsubscribes(
+            settings.unsubscribe, self.spool, self.bus, self.webhooks, clock, self.suppressions
         )
         node = NodeView(
             pools=self.pools,
@@ -164,6 +176,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            suppressions=self.suppressions,
             settings=lambda: self.settings,
         )
         self.control = Control(
@@ -183,6 +196,7 @@ class App:
                 self.submissions.mount,
                 self.dashboard.mount,
                 refusal_counter(self.metrics.count_refusal, PUBLIC_ROUTES),
+                self.unsubscribes.mount,
             ),
         )
         self.metrics.add_live(self._live_gauges)
@@ -244,6 +258,8 @@ class App:
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
+        with _starting("suppression list", settings.spool.path):
+            await self.suppressions.load()
         if self.recovered:
             log.info("recovered unfinished work", recipients=self.recovered)
         self._undo.append(("close the event log", self.event_log.stop))
@@ -285,6 +301,7 @@ class App:
                     self.acceptor,
                     spill_dir=self.spool.spill_dir,
                     refused=lambda reason: self.metrics.count_refusal("smtp", reason),
+                    suppressions=self.suppressions,
                 )
 
     def _announce_http(self) -> None:
@@ -405,7 +422,10 @@ class App:
         an object to put into another one's field. Returns what changed, in words for the operator.
         """
         changes = self._configure_pools(settings, self.clock())
-        self.resolver.reconfigure(settings.dns, Providers(settings.shaping))
+        providers = Providers(settings.shaping)
+        self.resolver.reconfigure(settings.dns, providers)
+        self.metrics.providers = providers.names
+        self.suppressions.reconfigure(settings.suppression)
         self.sync_transports(settings)
         self.router.reconfigure(settings)
         self.dispatcher.reconfigure(settings)
@@ -413,6 +433,9 @@ class App:
         # [[dkim]]: the keys were read again with the file (config loads them), so a rotated key file
         # is taken at reload even under the same selector name.
         changes.extend(self.signer.reconfigure(settings.dkim))
+        # [dmarc] and [unsubscribe]: taken by the next message; a rotated secret file is read again.
+        self.acceptor.reconfigure(settings.dmarc, settings.unsubscribe)
+        self.unsubscribes.reconfigure(settings.unsubscribe)
         self.settings = settings
         self.control.restore_drains()
         if self._checking:
@@ -527,3 +550,8 @@ class App:
         )
         commits.add_metric([], self.spool.commits)
         return [queue, recipients, up, conns, in_flight, commits]
+        suppression = GaugeMetricFamily(
+            "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
+        )
+        suppression.add_metric([], self.suppressions.active())
+        return [queue, up, conns, in_flight, commits, suppression]

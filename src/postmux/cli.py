@@ -679,5 +679,96 @@ def top(
     view.run(lambda: client.get("/dashboard"), interval, once, Console())
 
 
+suppression_app = typer.Typer(
+    rich_markup_mode=None,
+    help="The suppression list: recipients who get no more mail (list, add, remove, import, export CSV).",
+)
+app.add_typer(suppression_app, name="suppression")
+AddressArgument = Annotated[str, typer.Argument(help="An address, or *@domain for a whole domain.")]
+ScopeOption = Annotated[str, typer.Option("--scope", help="global, sender_domain:DOMAIN or api_key:NAME.")]
+
+
+@suppression_app.command("list")
+def suppression_list(
+    address: Annotated[str, typer.Option("--address", help="Only this address (or *@domain).")] = "",
+    scope: Annotated[str, typer.Option("--scope", help="Only this scope.")] = "",
+    expired: Annotated[bool, typer.Option("--expired", help="Expired entries too.")] = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """The entries, oldest first: address, scope, source, reason, when made, when they expire."""
+    params = {k: v for k, v in {"address": address, "scope": scope}.items() if v}
+    if expired:
+        params["expired"] = "true"
+    _admin(config, url, token).suppression_list(params, as_json=json or not sys.stdout.isatty())
+
+
+@suppression_app.command("add")
+def suppression_add(
+    address: AddressArgument,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (quoted in the 550 reply).")
+    ] = "added by an operator",
+    source: Annotated[
+        str, typer.Option("--source", help="bounce, complaint, unsubscribe or manual.")
+    ] = "manual",
+    scope: ScopeOption = "global",
+    expires_in: Annotated[
+        str | None, typer.Option("--expires-in", help="A duration (30d); none: until removed.")
+    ] = None,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Add an entry (or replace the one of that address and scope)."""
+    payload: dict[str, object] = {"address": address, "reason": reason, "source": source, "scope": scope}
+    if expires_in is not None:
+        payload["expires_in"] = expires_in
+    _admin(config, url, token).suppression_add(payload, as_json=json or not sys.stdout.isatty())
+
+
+@suppression_app.command("remove")
+def suppression_remove(
+    address: AddressArgument,
+    scope: ScopeOption = "global",
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Remove the entry of an address (or *@domain) in a scope: mail to it flows again."""
+    _admin(config, url, token).suppression_remove(address, scope, as_json=json or not sys.stdout.isatty())
+
+
+@suppression_app.command("import")
+def suppression_import(
+    file: Annotated[
+        Path, typer.Argument(help="A CSV file with a header row (address required); - for stdin.")
+    ],
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Add the entries of a CSV file (export's columns: address,scope,reason,source,created,expires)."""
+    data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    _admin(config, url, token).suppression_import(data, as_json=json or not sys.stdout.isatty())
+
+
+@suppression_app.command("export")
+def suppression_export(
+    expired: Annotated[bool, typer.Option("--expired", help="Expired entries too.")] = False,
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Every entry as CSV on standard output."""
+    text = _admin(config, url, token).suppression_export({"expired": "true"} if expired else {})
+    sys.stdout.write(text)
+
+
 def main() -> None:
     app()

@@ -35,6 +35,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from postmux.body import BodyFile
 from postmux.headers import head_field_value, header_section_end
 from postmux.text import has_bare_cr_or_lf
+from postmux.unsubscribe import SIGNED_FIELDS as RFC8058_FIELDS
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
@@ -332,6 +333,13 @@ class DkimSigner:
         # its selector's name stayed the same.
         return [f"dkim: {d} selectors {', '.join(s)}" for d, s in sorted(after - before)]
 
+    def signing_domain(self, head: bytes) -> str:
+        """The d= a text with this header section would be signed with; "" when it would go unsigned."""
+        if not self.domains:
+            return ""
+        entry = signing_domain(author_domain(head), self.domains)
+        return entry.domain if entry is not None else ""
+
     def signatures(self, data: bytes, tail: BodyFile | None = None, *, clean: bool = True) -> bytes:
         """The DKIM-Signature fields to put before `data` (+ `tail`), one per selector; b"" when the
         From: domain has no entry (and there is no fallback), or the header section does not end in
@@ -355,7 +363,10 @@ class DkimSigner:
         and header hashing), given the body hash taken here, the signature made by OpenSSL: dkimpy's own
         RSA is pure Python, ~6 ms for RSA-2048 with the GIL held (bench/dkim_sign.py)."""
         parsed = dkim.DKIM(head, signature_algorithm=selector.key.algorithm.encode())
-        include = header_list((name for name, _ in parsed.headers), entry.headers, entry.oversign)
+        # RFC 8058 4: List-Unsubscribe and List-Unsubscribe-Post, when present, are signed whatever the
+        # entry's list says: a receiver honours one-click only under a signature that covers both.
+        wanted = (*entry.headers, *RFC8058_FIELDS)
+        include = header_list((name for name, _ in parsed.headers), wanted, entry.oversign)
         fields = [
             (b"v", b"1"),
             (b"a", selector.key.algorithm.encode()),

@@ -157,6 +157,15 @@ class _Handler:
             return responses
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        refusal = self.upstream.rcpt_refusals.get(address.lower())
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         up = self.upstream
         up.data_commands += 1
@@ -239,7 +248,8 @@ class Upstream:
     `peak_active` (DATA commands being answered at once), `logins` (AUTH exchanges, right or wrong),
     `refused_greetings`.
 
-    Faults besides the behaviours: `greeting_refusal` (e.g. "421 4.3.2 busy") answers every new connection
+    Faults besides the behaviours: `rcpt_refusals` (address -> the reply its RCPT gets);
+    `greeting_refusal` (e.g. "421 4.3.2 busy") answers every new connection
     with that reply and hangs up; `close_listener` / `reopen_listener` close the port for a while (new
     connections are refused, sessions already open carry on); `stop` then `reopen_listener` is a crash and a
     restart on the same port. `behaviour` may be replaced at any time; the next DATA asks the new one.
@@ -285,6 +295,8 @@ class Upstream:
         self.peak_active = 0
         self.greeting_refusal: str | None = None
         self.refused_greetings = 0
+        # address (lower case) -> the reply its RCPT gets ("550 5.1.1 no such user"); others are taken.
+        self.rcpt_refusals: dict[str, str] = {}
         self._server: asyncio.Server | None = None
         self._bound_port = 0
         self._sessions: list[SMTP] = []

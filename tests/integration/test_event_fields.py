@@ -56,8 +56,9 @@ async def test_events_carry_the_message_id_labels_client_and_where_the_attempt_w
         assert attempt["mx_host"] == first.address  # a relay member: its address; an MX: the MX's name
         assert attempt["source_ip"] == "127.0.0.1"
         assert attempt["tags"]["tls"] == "none"  # the event's own labels beside the sender's
-        assert attempt["bounce_class"] == ""
         assert "client" not in attempt  # who handed it in is said once, on Reception
+    # A failure's reply is classed (postmux.reputation.bounces); a delivery has no class.
+    assert (deferral["bounce_class"], delivery["bounce_class"]) == ("TransientFailure", "")
 
 
 def first_deferred() -> Behaviour:

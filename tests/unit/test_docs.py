@@ -46,11 +46,15 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[pool.check]": config.CheckSettings,
     "[dns]": config.DnsSettings,
     "[spf]": config.SpfSettings,
+    "[bounces]": config.BounceSettings,
+    "[suppression]": config.SuppressionSettings,
     "[shaping]": config.ShapingSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,
     "[[dkim]]": config.DkimSettings,
     "Selectors": config.DkimSelectorSettings,
+    "[dmarc]": config.DmarcSettings,
+    "[unsubscribe]": config.UnsubscribeSettings,
 }
 
 

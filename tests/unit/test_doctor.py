@@ -223,3 +223,32 @@ def test_nothing_answered_is_a_failure_of_every_check_never_an_exception() -> No
         "tls-rpt",
     }
     assert all("not looked up" in f.found for f in report.checks if f.check in ("mx", "dmarc", "fcrdns"))
+
+
+def test_the_unsubscribe_requirement_follows_the_unsubscribe_table(tmp_path: Path) -> None:
+    from postmux.config import settings_from_dict
+    from postmux.reputation.doctor import doctor_inputs
+
+    secret = tmp_path / "unsubscribe.key"
+    secret.write_bytes(b"k" * 32)
+    pools = [
+        {"name": "default", "members": [{"name": "a", "address": "127.0.0.1:2601"}]},
+        {"name": "bulk", "members": [{"name": "b", "address": "127.0.0.1:2602"}]},
+    ]
+    table = {"url": "https://u.good.test/unsubscribe/", "secret_file": str(secret)}
+
+    def covered(domain: str, **entry: object) -> bool | None:
+        data: dict[str, object] = {
+            "pool": pools,
+            "route": [{"match": {"sender_domain": "news.test"}, "pool": "bulk"}],
+        }
+        if entry:
+            data["unsubscribe"] = {**table, **entry}
+        return doctor_inputs(settings_from_dict(data), domain).unsubscribe
+
+    assert covered("news.test") is None  # no [unsubscribe]: the application may add its own
+    assert covered("news.test", pools=["bulk"]) is True  # all its mail goes through bulk
+    assert covered("good.test", pools=["bulk"]) is None  # the default pool is not opted in
+    assert covered("mail.good.test", sender_domains=["*.good.test"]) is True
+    # And alignment in the doctor is the accept-time check's: the Public Suffix List's organizations.
+    assert not aligned("a.blogspot.com", "b.blogspot.com")

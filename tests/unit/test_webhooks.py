@@ -35,7 +35,18 @@ def endpoint(**keys: Any) -> WebhookSettings:
 def test_defaults_are_one_signed_record_per_request_of_every_message_event() -> None:
     hook = endpoint(secret=SECRET)
     assert hook.batch_size == 1 and hook.batch_wait == 0.0
-    assert set(hook.events) == {"Reception", "Delivery", "TransientFailure", "Bounce", "Expiration", "Held"}
+    assert set(hook.events) == {
+        *(
+            "Reception",
+            "Delivery",
+            "TransientFailure",
+            "Bounce",
+            "Expiration",
+            "Held",
+            "Suppressed",
+            "Unsubscribe",
+        )
+    }
     assert hook.signing_secret == SECRET
     assert SECRET not in repr(hook)  # never shown in a log or a dump
 

@@ -1,6 +1,6 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
-(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, the DNS
-doctor of a sending domain, reload.
+(summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, the
+suppression list (admin/suppressions.py), the DNS doctor of a sending domain, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from postmux.admin.control import Control, NothingHeld, UnknownMember
 from postmux.admin.queue import QueueControl, QueueRequestError, UnknownMessage, criteria, query_fields
+from postmux.admin.suppressions import suppression_routes
 from postmux.config import parse_duration
 from postmux.ingress.http import json_error
 from postmux.reputation.doctor import Report
@@ -103,6 +104,8 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
 
     _shaping_routes(app, control)
     _queue_routes(app, control.queue)
+    if control.node.suppressions is not None:
+        suppression_routes(app, control.node.suppressions)
 
     @app.get(f"{ADMIN_PREFIX}/webhooks")
     async def webhooks() -> dict[str, Any]:

@@ -31,14 +31,10 @@ class AdminClient:
         *,
         params: dict[str, str] | None = None,
         payload: dict[str, Any] | None = None,
+        content: bytes | None = None,
     ) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        response = self._request(method, path, params=params, payload=payload, content=content)
         url = f"{self.base_url}/api/v1{path}"
-        try:
-            response = httpx.request(method, url, headers=headers, params=params, json=payload, timeout=30.0)
-        except (httpx.HTTPError, httpx.InvalidURL) as e:
-            typer.echo(f"postmux is not answering at {self.base_url}: {e}", err=True)
-            raise typer.Exit(EXIT_FAILED) from None
         try:
             body: dict[str, Any] = response.json()
         except ValueError:
@@ -53,6 +49,27 @@ class AdminClient:
     def get(self, path: str) -> dict[str, Any]:
         """GET an admin route's JSON; a refusal or no answer exits with the error said (as every verb)."""
         return self._call("GET", path)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        payload: dict[str, Any] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if content is not None:
+            headers["Content-Type"] = "text/csv"
+        url = f"{self.base_url}/api/v1{path}"
+        try:
+            return httpx.request(
+                method, url, headers=headers, params=params, json=payload, content=content, timeout=60.0
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            typer.echo(f"postmux is not answering at {self.base_url}: {e}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
 
     def show(self, path: str, *, as_json: bool) -> None:
         """GET a listing (/members, /shaping) and print it as its table, or as JSON."""
@@ -132,6 +149,58 @@ class AdminClient:
         else:
             for change in answer["changes"]:
                 typer.echo(change)
+
+    # -- the suppression list ----------------------------------------------------------------------------
+
+    def suppression_list(self, params: dict[str, str], *, as_json: bool) -> None:
+        body = self._call("GET", "/suppressions", params=params)
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+        else:
+            Console().print(suppressions_table(body["suppressions"]))
+
+    def suppression_add(self, payload: dict[str, Any], *, as_json: bool) -> None:
+        body = self._call("POST", "/suppressions", payload=payload)
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+        else:
+            e = body["suppression"]
+            typer.echo(f"suppressed {e['address']} ({e['scope']}, {e['source']}): {e['reason']}")
+
+    def suppression_remove(self, address: str, scope: str, *, as_json: bool) -> None:
+        body = self._call("DELETE", f"/suppressions/{quote(address, safe='@*')}", params={"scope": scope})
+        typer.echo(json.dumps(body, indent=2) if as_json else f"removed {address} ({scope})")
+
+    def suppression_import(self, data: bytes, *, as_json: bool) -> None:
+        body = self._call("POST", "/suppressions.csv", content=data)
+        typer.echo(json.dumps(body, indent=2) if as_json else f"imported {body['imported']} entries")
+
+    def suppression_export(self, params: dict[str, str]) -> str:
+        response = self._request("GET", "/suppressions.csv", params=params)
+        if response.status_code >= 400:
+            typer.echo(f"GET /suppressions.csv: {response.status_code}: {response.text[:200]}", err=True)
+            raise typer.Exit(EXIT_FAILED)
+        return response.text
+
+
+def suppressions_table(entries: list[dict[str, Any]]) -> Table:
+    table = Table(title="suppressions")
+    for column in ("address", "scope", "source", "reason", "created", "expires"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            e["address"],
+            e["scope"],
+            e["source"],
+            e["reason"],
+            _when(e["created"]),
+            "never" if e["expires"] is None else _when(e["expires"]),
+        )
+    return table
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def age(seconds: float) -> str:

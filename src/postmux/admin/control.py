@@ -26,6 +26,7 @@ from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.reputation.doctor import Report, doctor_domain
 from postmux.reputation.doctor_dns import DnsDoctor
+from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper, describe_lane
 from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
@@ -85,6 +86,7 @@ class NodeView:
     destinations: KnownDestinations
     reporting_mta: str
     webhooks: WebhookStatus | None = None
+    suppressions: SuppressionList | None = None
     # The settings running now (a reload's included): what the doctor examines a domain against.
     settings: Callable[[], Settings] | None = None
 

@@ -27,6 +27,7 @@ from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
 from postmux.headers import header_section_end
 from postmux.reply import Reply
+from postmux.reputation.bounces import ADMIN_BOUNCE
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.router import Router
 from postmux.spool.base import (
@@ -344,6 +345,7 @@ def _bounce_event(message: MessageView, r: RecipientView, reply: Reply, now: flo
         latency_s=now - message.created,
         size=message.size,
         tags={**message.tags, "by": "operator"},  # the event's own label wins a clash, as verdicts' do
+        bounce_class=ADMIN_BOUNCE,  # the operator's word, not the receiver's: never suppresses
         timestamp=now,
         created=message.created,
         metadata=dict(message.metadata),

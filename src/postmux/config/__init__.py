@@ -23,7 +23,9 @@ from postmux.config.references import (
     api_key_problems,
     http_notes,
     reference_problems,
+    unsubscribe_problems,
 )
+from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -31,6 +33,7 @@ from postmux.config.sections import (
     DeliverySettings,
     DkimSelectorSettings,
     DkimSettings,
+    DmarcSettings,
     EventSettings,
     HashKey,
     HealthSettings,
@@ -48,6 +51,7 @@ from postmux.config.sections import (
     SmtpTlsSettings,
     SmtpUser,
     SpoolSettings,
+    UnsubscribeSettings,
     WarmupSettings,
     WebhookSettings,
     dkim_problems,
@@ -94,6 +98,10 @@ class Settings(_Frozen):
     api_key: tuple[ApiKey, ...] = ()
     webhook: tuple[WebhookSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
+    bounces: BounceSettings = BounceSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
+    dmarc: DmarcSettings = DmarcSettings()
+    unsubscribe: UnsubscribeSettings | None = None
 
     @field_validator("dkim")
     @classmethod
@@ -113,8 +121,10 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        problems = reference_problems(self.pool, self.route, self.shaping) + api_key_problems(
-            self.pool, self.api_key
+        problems = (
+            reference_problems(self.pool, self.route, self.shaping)
+            + api_key_problems(self.pool, self.api_key)
+            + unsubscribe_problems(self.pool, self.unsubscribe)
         )
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
@@ -221,11 +231,13 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BounceSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
     "DkimSelectorSettings",
     "DkimSettings",
+    "DmarcSettings",
     "DnsSettings",
     "Duration",
     "EventSettings",
@@ -257,6 +269,9 @@ __all__ = [
     "SmtpUser",
     "SpfSettings",
     "SpoolSettings",
+    "SuppressedAction",
+    "SuppressionSettings",
+    "UnsubscribeSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

@@ -11,6 +11,7 @@ from postmux.config.sections import (
     HttpSettings,
     PoolSettings,
     RouteSettings,
+    UnsubscribeSettings,
     WarmupSettings,
 )
 from postmux.config.shaping import (
@@ -81,6 +82,23 @@ def api_key_problems(pools: Sequence[PoolSettings], keys: Sequence[ApiKey]) -> l
                 problems.append(
                     (f"api_key[{i}].pools[{j}]", f"no pool named {pool!r}{_suggest(pool, names)}")
                 )
+    return problems
+
+
+def unsubscribe_problems(
+    pools: Sequence[PoolSettings], unsubscribe: UnsubscribeSettings | None
+) -> list[tuple[str, str]]:
+    """[unsubscribe] pools that name no pool, or an opt-in that names nothing (the table would do nothing)."""
+    if unsubscribe is None:
+        return []
+    names = [p.name for p in pools]
+    problems = [
+        (f"unsubscribe.pools[{i}]", f"no pool named {pool!r}{_suggest(pool, names)}")
+        for i, pool in enumerate(unsubscribe.pools)
+        if pool not in names
+    ]
+    if not unsubscribe.pools and not unsubscribe.sender_domains:
+        problems.append(("unsubscribe", "name the pools or sender_domains whose mail gets the fields"))
     return problems
 
 

@@ -119,8 +119,14 @@ class SmtpSettings(_Frozen):
     # A message's text past this many octets goes to a file in the spool's directory as it arrives,
     # instead of staying in memory (ingress/kept.py): memory stays flat for large messages. 0: never.
     spill_bytes: int = Field(default=1_048_576, ge=0)
+    # PROXY protocol v1/v2 (HAProxy's) before SMTP on every connection (ingress/proxy.py): the client's
+    # address is the one the header names. Only peers in proxy_trusted are heard; the others are closed.
+    proxy_protocol: StrictBool = False
+    proxy_trusted: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # How long a proxy has to send its header after connecting (HAProxy sends it at once).
+    proxy_timeout: PositiveDuration = 5.0
 
-    @field_validator("trusted_networks")
+    @field_validator("trusted_networks", "proxy_trusted")
     @classmethod
     def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for net in v:
@@ -132,6 +138,15 @@ class SmtpSettings(_Frozen):
 
     def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+    def proxies(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.proxy_trusted]
+
+    @model_validator(mode="after")
+    def _proxied(self) -> SmtpSettings:
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError("proxy_protocol = true needs the proxies' networks in proxy_trusted")
+        return self
 
     @field_validator("users")
     @classmethod
@@ -551,6 +566,8 @@ WebhookEventName = Literal[
     "Bounce",
     "Expiration",
     "Held",
+    "Suppressed",
+    "Unsubscribe",
     "MemberDown",
     "MemberUp",
     "ShapingChanged",
@@ -562,6 +579,8 @@ MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
     "Bounce",
     "Expiration",
     "Held",
+    "Suppressed",
+    "Unsubscribe",
 )
 _WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -780,3 +799,91 @@ def dkim_problems(entries: tuple[DkimSettings, ...]) -> str:
     if len(fallbacks) > 1:
         return f"one entry at most is the fallback; these are: {', '.join(fallbacks)}"
     return ""
+
+
+class DmarcSettings(_Frozen):
+    """DMARC alignment at accept (RFC 7489 3.1; postmux.dmarc): whether the From: domain aligns with the
+    DKIM signing domain postmux will use, or with the MAIL FROM domain."""
+
+    # off: not looked at; warn: taken, its Reception events tagged dmarc=fail (and the reason);
+    # refuse: 550 5.7.26 at the end of DATA, 422 from the HTTP API, nothing stored.
+    alignment: Literal["off", "warn", "refuse"] = "off"
+    # adkim= and aspf= of RFC 7489 6.3, as the domains publish them (postmux does not read the records
+    # at accept: set what your domains publish; relaxed is DMARC's default).
+    dkim_mode: Literal["relaxed", "strict"] = "relaxed"
+    spf_mode: Literal["relaxed", "strict"] = "relaxed"
+    # Whether an aligned MAIL FROM domain counts (the receiver's SPF result depends on the sending IP,
+    # unknown at accept; [spf] enabled makes routing use only IPs it permits). false: DKIM alone.
+    count_spf: StrictBool = True
+
+
+class UnsubscribeSettings(_Frozen):
+    """One-click unsubscribe (RFC 8058): List-Unsubscribe and List-Unsubscribe-Post added at accept,
+    before signing, to mail of the pools or sender domains named here; served at POST /unsubscribe/TOKEN
+    on the [http] listener."""
+
+    # The public HTTPS prefix that reaches the [http] listener's /unsubscribe/ (through a reverse proxy):
+    # the token is appended. RFC 8058 3.1: an HTTPS URI.
+    url: str
+    # The HMAC secret that signs tokens, in a file (never in this file): at least 32 random bytes.
+    secret_file: str
+    # Earlier secrets whose tokens are still honoured after a rotation (mail already sent carries them).
+    previous_secret_files: tuple[str, ...] = ()
+    # The address for the RFC 2369 mailto URI ("" for none); taking that mail in is not postmux's.
+    mailto: str = ""
+    # Which mail gets the fields: that of these pools, or whose envelope sender domain is one of these
+    # ("example.com", "*.example.com" for its subdomains). Both empty: none (the feature is opt-in).
+    pools: tuple[str, ...] = ()
+    sender_domains: tuple[str, ...] = ()
+    # How long a token is honoured after the mail was accepted; 0: always.
+    max_age: Duration = 365 * 86400.0
+    _secrets: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+        except ValueError as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("an https:// URL with a host is needed (RFC 8058 3.1)")
+        if not v.isascii() or any(c.isspace() or c in '<>,"' for c in v) or parts.query or parts.fragment:
+            raise ValueError("a URL of ASCII without spaces, <>, commas, quotes, query or fragment")
+        if len(v) > 200:
+            # The token follows it on one line of at most 998 octets (RFC 5322 2.1.1).
+            raise ValueError(f"a URL of at most 200 characters (this one has {len(v)})")
+        return v if v.endswith("/") else v + "/"
+
+    @field_validator("mailto")
+    @classmethod
+    def _mailto(cls, v: str) -> str:
+        local, at, domain = v.rpartition("@")
+        if v and (not at or not local or not domain or not v.isascii() or any(c in v for c in ' <>,?"')):
+            raise ValueError(f"{v!r} is not a plain ASCII address such as 'unsubscribe@example.com'")
+        return v
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return ApiKey._domains(v)
+
+    @model_validator(mode="after")
+    def _load(self) -> UnsubscribeSettings:
+        from postmux.unsubscribe import SecretProblem, load_secret
+
+        secrets = []
+        for path in (self.secret_file, *self.previous_secret_files):
+            try:
+                secrets.append(load_secret(path))
+            except SecretProblem as e:
+                raise ValueError(f"secret_file: {e}") from None
+        self._secrets = tuple(secrets)
+        return self
+
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        """The current secret first (new tokens), then the earlier ones (still honoured)."""
+        return self._secrets

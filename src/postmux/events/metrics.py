@@ -64,6 +64,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.unsubscribes = Counter(
+            "postmux_unsubscribes",
+            "One-click unsubscribes recorded (POST /unsubscribe/TOKEN; who and what: the Unsubscribe events)",
+            registry=self.registry,
+        )
         self.webhook_requests = Counter(
             "postmux_webhook_requests",
             "Webhook requests per endpoint by result: 2xx (acknowledged), 3xx/4xx/5xx, timeout, error",
@@ -93,6 +98,22 @@ class Metrics:
             ["protocol", "reason"],
             registry=self.registry,
         )
+        self.failures = Counter(
+            "postmux_failures",
+            "Bounced and deferred recipients by bounce class, per member and provider (google, microsoft, "
+            "...; a destination no provider claims counts as other)",
+            ["pool", "member", "provider", "bounce_class", "result"],
+            registry=self.registry,
+        )
+        self.suppressed = Counter(
+            "postmux_suppressed_recipients",
+            "Recipients stopped by the suppression list: refused (RCPT, the API) or dropped (Suppressed "
+            "events), by the source of the entry (bounce, complaint, unsubscribe, manual)",
+            ["action", "source"],
+            registry=self.registry,
+        )
+        # The provider names of [shaping] (shipped and configured): a bounded set, so a label.
+        self.providers: frozenset[str] = frozenset()
         self._last_reception = ""
         self._last_held = ""
 
@@ -114,6 +135,12 @@ class Metrics:
                 self._last_held = hold
                 self.held.labels(event.tags.get("reason", "")).inc()
             return
+        if event.type is EventType.SUPPRESSED:
+            self.count_suppressed("drop", event.tags.get("suppression_source", ""))
+            return
+        if event.type is EventType.UNSUBSCRIBE:
+            self.unsubscribes.inc()
+            return
         if event.type is EventType.SHAPING_CHANGED:
             self.shaping_changes.labels(event.pool, event.member).inc()
             return
@@ -123,9 +150,21 @@ class Metrics:
         self.deliveries.labels(event.pool, event.member, result).inc()
         if result == "delivered" and event.sender == "":
             self.dsns.labels(event.pool).inc()
+        if event.bounce_class:
+            provider = self.provider_of(event.queue)
+            self.failures.labels(event.pool, event.member, provider, event.bounce_class, result).inc()
 
     def count_refusal(self, protocol: str, reason: str) -> None:
         self.refusals.labels(protocol, reason).inc()
+
+    def provider_of(self, queue: str) -> str:
+        """The provider of a queue ("pool/destination"): its destination when that is a provider's name,
+        else "other" (a destination that is a domain must never become a label)."""
+        destination = queue.partition("/")[2]
+        return destination if destination in self.providers else "other"
+
+    def count_suppressed(self, action: str, source: str) -> None:
+        self.suppressed.labels(action, source).inc()
 
     def count_webhook_request(self, endpoint: str, result: str) -> None:
         self.webhook_requests.labels(endpoint, result).inc()

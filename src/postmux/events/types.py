@@ -22,6 +22,11 @@ class EventType(enum.StrEnum):
     MEMBER_UP = "MemberUp"
     SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
     HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
+    # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
+    SUPPRESSED = "Suppressed"
+    # A recipient asked for no more mail from a sender domain (RFC 8058 one-click, ingress/unsubscribe.py):
+    # recipient, sender_domain, the copy's id and message_id; the suppression list consumes it.
+    UNSUBSCRIBE = "Unsubscribe"
 
 
 _PREFIX = os.urandom(3).hex()
@@ -63,6 +68,8 @@ class Event:
     client: str = ""
     helo: str = ""
     auth_user: str = ""
+    # Unsubscribe only: the sender domain the recipient unsubscribed from (the token's scope).
+    sender_domain: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -95,4 +102,5 @@ class Event:
                 if self.type is EventType.RECEPTION
                 else {}
             ),
+            **({"sender_domain": self.sender_domain} if self.type is EventType.UNSUBSCRIBE else {}),
         }

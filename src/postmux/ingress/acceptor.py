@@ -7,6 +7,8 @@ routes and what takes the work are Protocols (Routes, WorkSink): ingress knows n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,7 +19,10 @@ from typing import Protocol
 import dkim
 import structlog
 
+from postmux import dmarc as dmarc_module
 from postmux.address import literal_address
+from postmux.body import BodyFile
+from postmux.config import DmarcSettings, UnsubscribeSettings
 from postmux.dkim import DkimSigner
 from postmux.envelope import (
     LABEL_NAME_MAX,
@@ -31,7 +36,11 @@ from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
+from postmux.ingress.compose import sender_domain_allowed
+from postmux.reputation.suppression import Found, SuppressionList
 from postmux.spool.base import Answered, NewMessage, Spool
+from postmux.unsubscribe import MESSAGE_ID_MAX, Claim, has_list_unsubscribe, issue
+from postmux.unsubscribe import fields as unsubscribe_fields
 from postmux.work import WorkItem
 
 # Requests to postmux in the header section, never part of the mail: taken out before it is stored.
@@ -100,8 +109,13 @@ class Acceptor:
         clock: Callable[[], float] = time.time,
         outbox: EventOutbox = NO_OUTBOX,
         signer: DkimSigner | None = None,
+        suppressions: SuppressionList | None = None,
+        dmarc: DmarcSettings | None = None,
+        unsubscribe: UnsubscribeSettings | None = None,
     ) -> None:
+        self.reconfigure(dmarc or DmarcSettings(), unsubscribe)
         self.hostname = hostname
+        self.suppressions = suppressions
         self.signer = signer or DkimSigner()
         self.spool = spool
         self.routes = routes
@@ -110,43 +124,223 @@ class Acceptor:
         self.clock = clock
         self.outbox = outbox
 
+    def reconfigure(self, dmarc: DmarcSettings, unsubscribe: UnsubscribeSettings | None) -> None:
+        """The accept-time policies ([dmarc], [unsubscribe]), at build and at each reload."""
+        if dmarc.alignment != "off":
+            dmarc_module.organizational_domain("example.com")  # the PSL loads here (~0.1 s), not in a DATA
+        self.dmarc = dmarc
+        self.unsubscribe = unsubscribe
+
     async def accept(self, envelope: Envelope) -> str:
-        """Store the message durably and return its queue id; raises SpoolError when it could not."""
+        """Store the message durably and return its queue id (the first copy's, when it is stored as one
+        copy per recipient for [unsubscribe]); raises SpoolError when it could not, AcceptRefused when a
+        policy refuses it (nothing stored).
+
+        Recipients on the suppression list are left out, each with a Suppressed event; a message left
+        with none is not stored, and its id is only in those events.
+        """
         now = self.clock()
-        asked = take_requests(envelope)
-        signed = await self._signatures(envelope, asked)
-        message, receptions = self._prepare(envelope, asked, signed, "", now)
+        envelope, stopped = self._sort_out(envelope)
+        if not envelope.recipients:
+            message_id = new_message_id()
+            drop_tail(envelope)  # stored nowhere: the tail file is ours to remove
+            self._tell_suppressed(_as_asked(envelope, take_requests(envelope)), message_id, stopped, now)
+            return message_id
+        planned = await self._plan(Submission(envelope), now)
+        prepared = [self._prepare(p, now) for p in planned]
+        messages = [message for message, _ in prepared]
+        receptions = [e for _, events in prepared for e in events]
         hot = self.sink.has_room()
-        work = await self.spool.store(
-            message.message_id, message.envelope, message.pools, now, lease=hot, outbox=message.outbox
-        )
-        self._hand_on([message], work, hot, receptions)
-        return message.message_id
+        if len(messages) == 1:
+            message = messages[0]
+            work = await self.spool.store(
+                message.message_id, message.envelope, message.pools, now, lease=hot, outbox=message.outbox
+            )
+        else:  # the copies of one message: all durable (one transaction) before the 250
+            work = (await self.spool.store_all(messages, now, lease=hot)).work
+        self._hand_on(messages, work, hot, receptions)
+        self._tell_suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
+        return messages[0].message_id
 
     async def accept_all(
         self, submissions: Sequence[Submission], answer: Callable[[list[str]], Answered] | None = None
     ) -> list[str] | Answered:
         """Store several messages in one transaction (all or none) and return their queue ids, in order.
 
+        A submission whose recipients `split` would part is stored as its copies, each with an id: a
+        caller that must know which id went to whom splits first (the HTTP API does).
+
         `answer`, given the ids, makes the idempotency record stored with them (Spool.store_all): when
         its key was answered already, nothing is stored and that first answer is returned instead.
-        Raises SpoolError when nothing could be stored.
+        Raises SpoolError when nothing could be stored, AcceptRefused when a policy refuses one message.
+        Suppressed recipients as in `accept`: a submission left with none is stored as nothing, and has an
+        id of its own that only its Suppressed events name.
         """
         now = self.clock()
-        asked = [take_requests(s.envelope) for s in submissions]
-        signed = [await self._signatures(s.envelope, a) for s, a in zip(submissions, asked, strict=True)]
-        prepared = [
-            self._prepare(s.envelope, a, sig, s.pool, now)
-            for s, a, sig in zip(submissions, asked, signed, strict=True)
-        ]
-        messages = [message for message, _ in prepared]
-        record = answer([m.message_id for m in messages]) if answer is not None else None
+        sorted_out = [self._sort_out(s.envelope) for s in submissions]
+        planned_per: list[list[Planned]] = []
+        for submission, (envelope, _) in zip(submissions, sorted_out, strict=True):
+            if envelope.recipients:
+                planned_per.append(await self._plan(replace(submission, envelope=envelope), now))
+            else:
+                drop_tail(envelope)  # stored nowhere: the tail file is ours to remove
+                planned_per.append([])
+        prepared = {p.message_id: self._prepare(p, now) for ps in planned_per for p in ps}
+        messages = [message for message, _ in prepared.values()]
+        firsts = [ps[0].message_id if ps else new_message_id() for ps in planned_per]
+        ids: list[str] = []
+        for ps, first in zip(planned_per, firsts, strict=True):
+            ids += [p.message_id for p in ps] or [first]
+        record = answer(ids) if answer is not None else None
         hot = self.sink.has_room()
         stored = await self.spool.store_all(messages, now, lease=hot, answer=record)
         if stored.answered is not None:
             return stored.answered
-        self._hand_on(messages, stored.work, hot, [e for _, events in prepared for e in events])
-        return [m.message_id for m in messages]
+        self._hand_on(messages, stored.work, hot, [e for _, events in prepared.values() for e in events])
+        for first, (envelope, stopped) in zip(firsts, sorted_out, strict=True):
+            if stopped:
+                kept = prepared.get(first)
+                shown = kept[0].envelope if kept else _as_asked(envelope, take_requests(envelope))
+                self._tell_suppressed(shown, first, stopped, now)
+        return ids
+
+    def _sort_out(self, envelope: Envelope) -> tuple[Envelope, list[Found]]:
+        """The envelope without the recipients the suppression list stops, and those, with the entry.
+
+        At RCPT (SMTP) or in the API (refuse) they were refused already; what reaches here was accepted
+        to be dropped ([suppression] action = "drop"), came through an ingress worker (which has no
+        list), or was added to the list since its RCPT.
+        """
+        if self.suppressions is None or not len(self.suppressions):
+            return envelope, []
+        api_key = envelope.auth_user if envelope.protocol == "HTTP" else ""
+        stopped: list[Found] = []
+        kept: list[str] = []
+        for rcpt in envelope.recipients:
+            found = self.suppressions.stopped(rcpt, envelope.sender, api_key)
+            if found is None:
+                kept.append(rcpt)
+            else:
+                stopped.append(found)
+        if not stopped:
+            return envelope, []
+        return replace(envelope, recipients=tuple(kept)), stopped
+
+    def _tell_suppressed(self, envelope: Envelope, message_id: str, stopped: list[Found], now: float) -> None:
+        for found in stopped:
+            self.bus.emit(suppressed(envelope, message_id, found, now))
+
+    def split(self, submission: Submission) -> list[Submission]:
+        """The submission as the messages `accept_all` will store: one, or, when [unsubscribe] stamps some
+        of its recipients' mail, one per such recipient (a token names one) and one for the rest."""
+        envelope = submission.envelope
+        asked = take_requests(envelope)
+        groups = self._copies(envelope, asked, self._pools(envelope, asked, submission.pool))
+        if len(groups) == 1:
+            return [submission]
+        return [replace(submission, envelope=replace(envelope, recipients=rcpts)) for rcpts, _ in groups]
+
+    def check(self, envelope: Envelope) -> None:
+        """The accept-time policies' refusal of a message, raised (AcceptRefused) before it is built into
+        a request's answer; `accept` checks again, so a caller need not."""
+        self._alignment(envelope, take_requests(envelope))
+
+    async def _plan(self, submission: Submission, now: float) -> list[Planned]:
+        """The copies to store of one submission: checked by the accept-time policies, each recipient's
+        pool chosen, stamped with its unsubscribe fields, signed. Raises AcceptRefused."""
+        envelope = submission.envelope
+        asked = take_requests(envelope)
+        try:
+            own = self._alignment(envelope, asked)
+        except AcceptRefused:
+            drop_tail(envelope)  # the tail is ours from the call on (Spool.store), and is stored nowhere
+            raise
+        pools = self._pools(envelope, asked, submission.pool)
+        planned: list[Planned] = []
+        for i, (rcpts, stamped) in enumerate(self._copies(envelope, asked, pools)):
+            message_id = new_message_id()
+            copy = replace(envelope, recipients=rcpts)
+            if i and envelope.tail is not None:  # each stored message owns its tail file (postmux.body)
+                copy = replace(copy, tail=await asyncio.to_thread(copy_tail, envelope.tail, i))
+            text = asked
+            if stamped:
+                fields = self._unsubscribe_fields(envelope, asked, rcpts[0], message_id, now)
+                text = replace(asked, data=fields + asked.data)
+            signed = await self._signatures(copy, text)
+            planned.append(Planned(copy, text, signed, {r: pools[r] for r in rcpts}, message_id, own))
+        return planned
+
+    def _pools(self, envelope: Envelope, asked: Asked, pool: str) -> dict[str, str]:
+        """Each recipient's pool: `pool`, when given (the HTTP API's `pool`, checked by the caller), takes
+        every recipient; otherwise the routes choose, the X-Postmux-Pool header among what they match."""
+        sender_domain = envelope.sender_domain
+        return {
+            rcpt: pool
+            or self.routes.pool_for(
+                sender_domain, domain_of(rcpt), envelope.client_ip, asked.pool, envelope.auth_user
+            )
+            for rcpt in envelope.recipients
+        }
+
+    def _alignment(self, envelope: Envelope, asked: Asked) -> dict[str, str]:
+        """[dmarc] alignment: the Reception events' own tags (warn), AcceptRefused (refuse), or nothing."""
+        policy = self.dmarc
+        if policy.alignment == "off":
+            return {}
+        head = asked.data[: header_section_end(asked.data)]
+        verdict = dmarc_module.judge(
+            head,
+            self.signer.signing_domain(head),
+            envelope.sender_domain,
+            dkim_mode=policy.dkim_mode,
+            spf_mode=policy.spf_mode,
+            count_spf=policy.count_spf,
+        )
+        if verdict.aligned:
+            return {}
+        reason = _printable(verdict.reason)
+        if policy.alignment == "refuse":
+            log.warning("message refused: DMARC alignment", reason=reason, sender=envelope.sender)
+            raise AcceptRefused(f"550 5.7.26 DMARC alignment: {reason}", f"DMARC alignment: {reason}")
+        return {"dmarc": "fail", "dmarc_reason": reason}
+
+    def _copies(
+        self, envelope: Envelope, asked: Asked, pools: dict[str, str]
+    ) -> list[tuple[tuple[str, ...], bool]]:
+        """The recipients of each message to store, and whether its mail gets the unsubscribe fields: the
+        recipients [unsubscribe] opts in, each alone (a token names one recipient), the rest together.
+
+        Mail that carries a List-Unsubscribe field already is the sender's list's: left as it is, whole.
+        """
+        policy = self.unsubscribe
+        if policy is None or not envelope.sender:
+            return [(envelope.recipients, False)]
+        by_domain = bool(policy.sender_domains) and sender_domain_allowed(
+            envelope.sender, policy.sender_domains
+        )
+        stamped = [r for r in envelope.recipients if by_domain or pools[r] in policy.pools]
+        if not stamped or has_list_unsubscribe(asked.data[: header_section_end(asked.data)]):
+            return [(envelope.recipients, False)]
+        rest = tuple(r for r in envelope.recipients if r not in set(stamped))
+        return ([(rest, False)] if rest else []) + [((r,), True) for r in stamped]
+
+    def _unsubscribe_fields(
+        self, envelope: Envelope, asked: Asked, rcpt: str, message_id: str, now: float
+    ) -> bytes:
+        """RFC 8058's two fields for one recipient's copy, with its signed token: put before the text's
+        own fields, under the DKIM signature made next (RFC 8058 4). b"" when the URI would not fit on a
+        line (an address and domain of hundreds of octets each): that copy goes without, said in the log."""
+        policy = self.unsubscribe
+        assert policy is not None
+        message_id_header = asked.message_id_header
+        if len(message_id_header) > MESSAGE_ID_MAX:
+            message_id_header = ""  # not in the token: it would only make the URI longer
+        claim = Claim(rcpt, envelope.sender_domain, message_id, message_id_header, int(now))
+        made = unsubscribe_fields(policy.url, policy.mailto, issue(claim, policy.secrets[0]))
+        if made is None:
+            log.warning("unsubscribe fields left out: the URI is over 998 octets", recipient=rcpt)
+            return b""
+        return made
 
     async def _signatures(self, envelope: Envelope, asked: Asked) -> bytes:
         """The DKIM-Signature fields of the text as it will be stored ([[dkim]]; b"" when none applies).
@@ -166,36 +360,26 @@ class Acceptor:
             log.warning("message left unsigned", reason=str(e), message_id=asked.message_id_header)
             return b""
 
-    def _prepare(
-        self, envelope: Envelope, asked: Asked, signed: bytes, pool: str, now: float
-    ) -> tuple[NewMessage, list[Event]]:
+    def _prepare(self, planned: Planned, now: float) -> tuple[NewMessage, list[Event]]:
         """The message as it will be stored (its id, its Received field, its DKIM signatures, each
         recipient's pool, the webhook rows of its Reception events, which commit with it), and those events.
-
-        `pool`, when given (the HTTP API's `pool`, checked by the caller), takes every recipient;
-        otherwise the routes choose, the X-Postmux-Pool header among what they match.
         """
-        sender_domain = envelope.sender_domain
-        pool_header = asked.pool
-        pools = {
-            rcpt: pool
-            or self.routes.pool_for(
-                sender_domain, domain_of(rcpt), envelope.client_ip, pool_header, envelope.auth_user
-            )
-            for rcpt in envelope.recipients
-        }
-        message_id = new_message_id()
+        asked = planned.asked
         envelope = replace(
-            envelope,  # one copy of the envelope, as it is stored: a replace costs ~5 µs
-            data=self._received(envelope, message_id, now) + signed + asked.data,
+            planned.envelope,  # one copy of the envelope, as it is stored: a replace costs ~5 µs
+            data=self._received(planned.envelope, planned.message_id, now) + planned.signed + asked.data,
             tags=asked.tags,
             metadata=asked.metadata,
             message_id_header=asked.message_id_header,
         )
-        receptions = [reception(envelope, message_id, rcpt, pools[rcpt], now) for rcpt in envelope.recipients]
+        pools = planned.pools
+        receptions = [
+            reception(envelope, planned.message_id, rcpt, pools[rcpt], now, planned.own_tags)
+            for rcpt in envelope.recipients
+        ]
         # The webhook rows commit with the message (events/outbox.py): a kept message's Reception is
         # never lost, and one refused has none. No webhook: no rows, nothing encoded.
-        return NewMessage(message_id, envelope, pools, self.outbox.rows(receptions)), receptions
+        return NewMessage(planned.message_id, envelope, pools, self.outbox.rows(receptions)), receptions
 
     def _hand_on(
         self, messages: list[NewMessage], work: list[WorkItem], hot: bool, receptions: list[Event]
@@ -237,6 +421,51 @@ class Asked:
     message_id_header: str
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One message to store, before its Received field: its envelope (its recipients), its text (with any
+    unsubscribe fields), its DKIM signatures, each recipient's pool, its id, and postmux's own tags for
+    its Reception events (a DMARC warning)."""
+
+    envelope: Envelope
+    asked: Asked
+    signed: bytes
+    pools: dict[str, str]
+    message_id: str
+    own_tags: dict[str, str]
+
+
+class AcceptRefused(Exception):
+    """A message a policy refuses ([dmarc] alignment = "refuse"): nothing was stored. `reply` is the SMTP
+    reply (5yz and its enhanced code), `reason` the words an HTTP client is told (422)."""
+
+    def __init__(self, reply: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+
+
+def drop_tail(envelope: Envelope) -> None:
+    if envelope.tail is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(envelope.tail.path)
+
+
+def copy_tail(tail: BodyFile, n: int) -> BodyFile:
+    """A file of its own with the tail's octets, beside it: the n-th copy's (each stored message's tail
+    is adopted by the spool, so two copies never share one). Durable when the spool adopts it."""
+    path = f"{tail.path}.{n}"
+    with open(path, "wb") as f:
+        for chunk in tail.chunks():
+            f.write(chunk)
+    return BodyFile(path, 0, tail.length)
+
+
+def _printable(text: str) -> str:
+    """A reason as one line of visible ASCII (it goes into an SMTP reply): at most 400 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:400]
+
+
 def take_requests(envelope: Envelope) -> Asked:
     """postmux's request fields taken out of the text, their tags and metadata added to the envelope's
     own, and the Message-ID noted for events. One cut and one lower-casing of the header section.
@@ -272,8 +501,11 @@ def labels(values: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def reception(envelope: Envelope, message_id: str, rcpt: str, pool: str, now: float) -> Event:
-    """The Reception event of one recipient: what came in, from whom, with the sender's labels."""
+def reception(
+    envelope: Envelope, message_id: str, rcpt: str, pool: str, now: float, own: dict[str, str] | None = None
+) -> Event:
+    """The Reception event of one recipient: what came in, from whom, with the sender's labels and
+    postmux's `own` (which win a clash, events/types.py)."""
     return Event(
         EventType.RECEPTION,
         id=message_id,
@@ -283,13 +515,45 @@ def reception(envelope: Envelope, message_id: str, rcpt: str, pool: str, now: fl
         queue=f"{pool}/{domain_of(rcpt)}",
         size=envelope.size,
         timestamp=now,
-        tags=envelope.tags,
+        tags={**envelope.tags, **own} if own else envelope.tags,
         metadata=envelope.metadata,
         message_id=envelope.message_id_header,
         created=now,
         client=envelope.client_ip,
         helo=envelope.helo,
         auth_user=envelope.auth_user,
+    )
+
+
+def suppressed(envelope: Envelope, message_id: str, found: Found, now: float) -> Event:
+    """The Suppressed event of one recipient dropped for the suppression list, and why (tags)."""
+    return Event(
+        EventType.SUPPRESSED,
+        id=message_id,
+        sender=envelope.sender,
+        recipient=found.recipient,
+        size=envelope.size,
+        response=found.reply,
+        timestamp=now,
+        tags={
+            **envelope.tags,
+            "reason": "suppressed",
+            "suppression_source": found.entry.source,
+            "suppression_scope": found.entry.scope,
+        },
+        metadata=envelope.metadata,
+        message_id=envelope.message_id_header,
+        created=now,
+        client=envelope.client_ip,
+        auth_user=envelope.auth_user,
+    )
+
+
+def _as_asked(envelope: Envelope, asked: Asked) -> Envelope:
+    """The envelope with what its header fields asked for (tags, metadata), for the events of a message
+    that is not stored."""
+    return replace(
+        envelope, tags=asked.tags, metadata=asked.metadata, message_id_header=asked.message_id_header
     )
 
 

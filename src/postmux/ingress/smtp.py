@@ -8,8 +8,8 @@ refused, unless [smtp] long_lines = "refuse" (ingress/folding.py). `PostmuxSMTP`
 lines held to CRLF, messages with bare CR/LF refused, address hygiene, connection limits (a slot given
 back as soon as the client hangs up), an error budget, a whole-session timeout, a 421 on timeouts, scrypt
 AUTH checked off the event loop with a delay after each failure and budgets across connections
-(ingress/logins.py), and enhanced status codes (RFC 3463, RFC 2034) on every reply but the greeting and
-EHLO's.
+(ingress/logins.py), enhanced status codes (RFC 3463, RFC 2034) on every reply but the greeting and
+EHLO's, and the client's address from a trusted proxy's PROXY header (ingress/proxy.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from postmux.address import Role, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
-from postmux.ingress.acceptor import Accepts
+from postmux.ingress.acceptor import AcceptRefused, Accepts
 from postmux.ingress.data import LOCAL_ERROR, NO_STORAGE, BlockDataSMTP, DataText, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
@@ -44,7 +44,9 @@ from postmux.ingress.hygiene import (
     text_refusal,
 )
 from postmux.ingress.logins import LoginGuard, LoginOutcome
+from postmux.ingress.proxy import ProxyRefusal, judge_header, read_header
 from postmux.ingress.replies import enhanced
+from postmux.reputation.suppression import SuppressionList
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.smtp")
@@ -285,12 +287,15 @@ class PostmuxSMTP(BlockDataSMTP):
         self.refused = refused  # told each refusing reply's reason ("550 5.7.1"), for the metrics
         self.limits = limits
         self.logins = handler.logins
+        self.proxy_trusted = handler.proxy_trusted
         self.errors = 0
         # Not "auth_failures": aiosmtpd takes every auth_* attribute of the protocol for an AUTH mechanism.
         self.failed_logins = 0
         self.recipients_overshot = 0  # 452s for too many recipients in this transaction
         self.client_ip = ""
         self._refused: str | None = "421 4.3.2 not yet admitted"
+        self._awaiting_proxy = False  # [smtp] proxy_protocol: no client known until the proxy's header
+        self._proxied: tuple[str, int] | None = None  # the client a trusted proxy's header named
         self._session_timer: asyncio.TimerHandle | None = None
         self._address_role: Role | None = None  # set by MAIL and RCPT for _getaddr
         self._offered: LoginPassword | None = None
@@ -345,15 +350,21 @@ class PostmuxSMTP(BlockDataSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None  # a second call comes when STARTTLS swaps in the TLS transport
         super().connection_made(transport)
+        assert self.session is not None
         if first:
-            assert self.session is not None
             self.client_ip = _peer_ip(self.session)
-            self._refused = self.limits.admit(self.client_ip)
+            if self.settings.proxy_protocol:
+                self._awaiting_proxy = True  # admitted by the client's address, once a header names it
+            else:
+                self._refused = self.limits.admit(self.client_ip)
             self._session_timer = self.loop.call_later(
                 self.settings.session_timeout,
                 self._hang_up,
                 f"421 4.4.2 {self.hostname} Error: session time limit exceeded",
             )
+        elif self._proxied is not None:
+            # STARTTLS starts a new session (RFC 3207 4.2) whose peer is the TCP peer: the proxy.
+            self.session.peer = self._proxied  # type: ignore[assignment]  # a peername tuple, typed str
 
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
@@ -381,6 +392,8 @@ class PostmuxSMTP(BlockDataSMTP):
         no use for a half-open session (aiosmtpd answers nothing after EOF), so the transport closes here
         and connection_lost releases the slot, whatever state the session was in.
         """
+        if self._awaiting_proxy:  # a plain TCP check, or a proxy gone mid-header: nothing to answer
+            log.info("connection closed: no PROXY header", proxy=self.client_ip, reason="the peer hung up")
         super().eof_received()
         return False
 
@@ -404,6 +417,8 @@ class PostmuxSMTP(BlockDataSMTP):
         self._reset_timeout()
 
     async def _handle_client(self) -> None:
+        if self._awaiting_proxy and not await self._take_proxy_header():
+            return
         if self._refused is not None:
             # Instead of the greeting (RFC 5321 3.1): the client may try again later.
             self._count_refusal(self._refused)
@@ -412,6 +427,35 @@ class PostmuxSMTP(BlockDataSMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    async def _take_proxy_header(self) -> bool:
+        """The client's address from a trusted proxy's header (ingress/proxy.py), and its admission.
+
+        False: the connection is closed.
+
+        Not aiosmtpd's own `proxy_protocol_timeout`, which reads the header after postmux's admission (by the
+        proxy's address) and from any peer: here the peer is checked first and the client admitted after.
+        """
+        assert self.session is not None and self.transport is not None
+        proxy_ip, header = self.client_ip, None
+        if is_trusted(proxy_ip, self.proxy_trusted):
+            self._reset_timeout(self.settings.proxy_timeout)
+            header = await read_header(self._reader)
+            verdict = judge_header(header, proxy_ip)
+        else:  # anyone can write a header naming any address: only a trusted proxy's is read
+            verdict = ProxyRefusal("peer not in [smtp] proxy_trusted")
+        if isinstance(verdict, ProxyRefusal):
+            log.warning("connection closed: PROXY header refused", proxy=proxy_ip, reason=verdict.reason)
+            self.transport.close()
+            return False
+        self._awaiting_proxy = False
+        self._proxied = (verdict.ip, verdict.port or 0)
+        self.session.peer = self._proxied  # type: ignore[assignment]  # a peername tuple, typed str
+        self.session.proxy_data = header
+        self.client_ip = verdict.ip
+        self._refused = self.limits.admit(self.client_ip)
+        self._reset_timeout()
+        return True
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """The client is not idle: it is hung up on if it says nothing for `duration` (the timeout) from now.
@@ -437,6 +481,13 @@ class PostmuxSMTP(BlockDataSMTP):
     def _hang_up(self, reply: str) -> None:
         """Say `reply` and close, from inside the session's task or from a timer."""
         if self.transport is None or self.transport.is_closing():
+            return
+        if self._awaiting_proxy:
+            # A proxy is no SMTP client: it hears no reply, whatever the reason (ingress/proxy.py).
+            log.warning("connection closed: no PROXY header", proxy=self.client_ip, reason=reply)
+            self.transport.close()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
             return
         log.info("closing connection", client=self.client_ip, reply=reply)
         self._held.clear()  # never half a reply, then another (RFC 5321 4.2.1); none is held between pushes
@@ -588,11 +639,16 @@ ADDRESS_THROTTLED = (
 
 
 class IngressHandler:
-    """aiosmtpd hooks: relay policy at RCPT, the durable accept at the final dot."""
+    """aiosmtpd hooks: relay policy and the suppression list at RCPT, the durable accept at the final dot."""
 
-    def __init__(self, settings: SmtpSettings, acceptor: Accepts) -> None:
+    def __init__(
+        self, settings: SmtpSettings, acceptor: Accepts, suppressions: SuppressionList | None = None
+    ) -> None:
         self.settings = settings
         self.acceptor = acceptor
+        # None in an ingress worker (ingress/workers.py), which has no list: the main process's accept
+        # drops what it would have refused, with a Suppressed event (Acceptor.accept).
+        self.suppressions = suppressions
         self.trusted_networks = settings.trusted()
         # Whether a client address may relay, asked at every RCPT: ipaddress parses the address each time
         # (3.5 µs), for an answer that depends on the address string alone. Bounded, so a client with many
@@ -601,6 +657,7 @@ class IngressHandler:
             functools.partial(is_trusted, networks=tuple(self.trusted_networks))
         )
         self.logins = LoginGuard(settings)  # shared by the listener's sessions, like ConnectionLimits
+        self.proxy_trusted = tuple(settings.proxies())  # who may name the client ([smtp] proxy_protocol)
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, SmtpRefusal):
@@ -639,6 +696,11 @@ class IngressHandler:
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return TOO_MANY_RECIPIENTS
+        if self.suppressions is not None:
+            # Refused alone: the message's other recipients carry on (RFC 5321 3.3: RCPT by RCPT).
+            found = self.suppressions.refusal(address, envelope.mail_from or "")
+            if found is not None:
+                return found.smtp_reply()
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -664,6 +726,10 @@ class IngressHandler:
             # Shielded: a client that hangs up (or times out) while the spool commits must not cancel a
             # store that may already be durable; the message is then delivered, never half-stored.
             queue_id = await asyncio.shield(self.acceptor.accept(message))
+        except AcceptRefused as e:
+            # Before any 250 (RFC 5321 4.2.5: the reply to the final dot is the one that counts); nothing
+            # was stored.
+            return e.reply
         except SpoolError as e:
             log.error("spool refused a message", error=str(e), disk_full=e.disk_full)
             if e.disk_full:
@@ -710,6 +776,7 @@ async def start_smtp_server(
     limits: ConnectionLimits | None = None,
     spill_dir: Path | None = None,
     refused: Callable[[str], None] | None = None,
+    suppressions: SuppressionList | None = None,
 ) -> asyncio.Server:
     """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
 
@@ -717,7 +784,7 @@ async def start_smtp_server(
     `spill_dir` is where a text past [smtp] spill_bytes is written (the spool's spill directory, on its
     filesystem, so the spool takes the file over with a rename); None keeps every text in memory.
     """
-    handler = IngressHandler(settings, acceptor)
+    handler = IngressHandler(settings, acceptor, suppressions)
     limits = limits or ConnectionLimits(
         settings.max_connections, settings.max_connections_per_ip, settings.hostname
     )

@@ -26,6 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import structlog
@@ -36,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from postmux.config import ApiKey, Settings
-from postmux.ingress.acceptor import Acceptor, Submission
+from postmux.ingress.acceptor import Acceptor, AcceptRefused, Submission
 from postmux.ingress.api_keys import ApiKeys
 from postmux.ingress.compose import (
     BadInput,
@@ -73,11 +74,19 @@ class Queued(BaseModel):
     recipients: list[str] = Field(examples=[["alice@example.net"]])
 
 
+class SuppressedRecipient(BaseModel):
+    """A recipient refused for the suppression list ([suppression] action = "refuse"): not stored."""
+
+    email: str = Field(examples=["gone@example.net"])
+    reason: str = Field(examples=["<gone@example.net>: suppressed (bounce: InvalidRecipient: 550 5.1.1 ...)"])
+
+
 class Accepted(BaseModel):
     """The messages stored for one submitted message: one, or one per group of recipients whose
-    substituted text differs."""
+    substituted text differs; and the recipients refused for the suppression list, if any."""
 
     messages: list[Queued]
+    suppressed: list[SuppressedRecipient] = Field(default_factory=list)
 
 
 class BatchAccepted(BaseModel):
@@ -287,7 +296,7 @@ class Submissions:
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise BadInput("Idempotency-Key", f"1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters")
         now = self.clock()
-        made, submissions = self._made(request, key, messages, now, batch)
+        made, submissions, refused = self._made(request, key, messages, now, batch)
         self._within_limits(key, len(submissions))
         request_hash = _digest(request.url.path, messages)
         if idempotency_key is not None:
@@ -299,27 +308,65 @@ class Submissions:
         def record(ids: list[str]) -> Answered:
             assert idempotency_key is not None
             expires = now + self.settings.api.idempotency_ttl
-            return Answered(key.name, idempotency_key, request_hash, _answer(made, ids, batch), now, expires)
+            return Answered(
+                key.name, idempotency_key, request_hash, _answer(made, ids, batch, refused), now, expires
+            )
 
         result = await self._accept(submissions, record if idempotency_key is not None else None, key)
         if isinstance(result, Answered):  # a request with the same key was stored meanwhile
             return _replay(result, request_hash)
-        return JSONResponse(json.loads(_answer(made, result, batch)), status_code=202)
+        return JSONResponse(json.loads(_answer(made, result, batch, refused)), status_code=202)
 
     def _made(
         self, request: Request, key: ApiKey, messages: list[Message], now: float, batch: bool
-    ) -> tuple[list[list[Composed]], list[Submission]]:
-        """Each submitted message as the messages to store (BadInput, Refused when it may not be)."""
+    ) -> tuple[list[list[Composed]], list[Submission], list[list[dict[str, str]]]]:
+        """Each submitted message as the messages to store (BadInput, Refused when it may not be), and
+        the recipients of each refused for the suppression list."""
         client_ip = request.client.host if request.client else ""
         made: list[list[Composed]] = []
         submissions: list[Submission] = []
+        refused: list[list[dict[str, str]]] = []
         for i, message in enumerate(messages):
             where = f"messages[{i}]." if batch else ""
             pool = self._pool(key, message, where)
-            composed = compose(message, self.rules, now, where)
-            made.append(composed)
-            submissions += [Submission(as_envelope(c, message, client_ip, key.name), pool) for c in composed]
-        return made, submissions
+            message, suppressed = self._without_suppressed(key, message, where)
+            copies: list[Composed] = []
+            for c in compose(message, self.rules, now, where):
+                submission = Submission(as_envelope(c, message, client_ip, key.name), pool)
+                try:
+                    self.acceptor.check(submission.envelope)
+                except AcceptRefused as e:
+                    raise BadInput(f"{where}content", e.reason) from None
+                # [unsubscribe]: one copy per recipient whose mail gets a token, each with its own id.
+                for part in self.acceptor.split(submission):
+                    copies.append(replace(c, recipients=part.envelope.recipients))
+                    submissions.append(part)
+            made.append(copies)
+            refused.append(suppressed)
+        return made, submissions, refused
+
+    def _without_suppressed(
+        self, key: ApiKey, message: Message, where: str
+    ) -> tuple[Message, list[dict[str, str]]]:
+        """The message without the recipients the suppression list refuses ([suppression] action =
+        "refuse"), as SMTP refuses them at RCPT: the others are stored, the answer names those refused.
+        A message left with none is refused whole (422 naming `recipients`)."""
+        suppressions = self.acceptor.suppressions
+        if suppressions is None or not len(suppressions):
+            return message, []
+        kept, refused = [], []
+        for r in message.recipients:
+            found = suppressions.refusal(r.email, message.envelope_sender, key.name)
+            if found is None:
+                kept.append(r)
+            else:
+                refused.append({"email": r.email, "reason": found.reply.text})
+        if not refused:
+            return message, []
+        if not kept:
+            reasons = "; ".join(r["reason"] for r in refused[:3])
+            raise BadInput(f"{where}recipients", f"every recipient is on the suppression list: {reasons}")
+        return message.model_copy(update={"recipients": kept}), refused
 
     async def _accept(
         self, submissions: list[Submission], record: Callable[[list[str]], Answered] | None, key: ApiKey
@@ -328,6 +375,8 @@ class Submissions:
             # Shielded, as the SMTP side's accept: a client that hangs up while the spool commits must not
             # cancel a store that may already be durable.
             return await asyncio.shield(self.acceptor.accept_all(submissions, record))
+        except AcceptRefused as e:
+            raise Refused(422, e.reason) from None
         except SpoolError as e:
             log.error("spool refused a submission", error=str(e), disk_full=e.disk_full, key=key.name)
             status, words = (
@@ -399,11 +448,18 @@ def _digest(path: str, messages: list[Message]) -> str:
     return hashlib.sha256(f"{path}\n{canonical}".encode()).hexdigest()
 
 
-def _answer(made: list[list[Composed]], ids: list[str], batch: bool) -> str:
+def _answer(
+    made: list[list[Composed]], ids: list[str], batch: bool, refused: list[list[dict[str, str]]]
+) -> str:
     results: list[dict[str, Any]] = []
     it = iter(ids)
-    for composed in made:
-        results.append({"messages": [{"id": next(it), "recipients": list(c.recipients)} for c in composed]})
+    for composed, suppressed in zip(made, refused, strict=True):
+        result: dict[str, Any] = {
+            "messages": [{"id": next(it), "recipients": list(c.recipients)} for c in composed]
+        }
+        if suppressed:
+            result["suppressed"] = suppressed
+        results.append(result)
     return json.dumps({"results": results} if batch else results[0])
 
 

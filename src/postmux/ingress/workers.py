@@ -40,7 +40,7 @@ import structlog
 
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
-from postmux.ingress.acceptor import Accepts
+from postmux.ingress.acceptor import AcceptRefused, Accepts
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.workers")
@@ -192,6 +192,8 @@ class IngressWorkers:
     async def _accept(self, writer: asyncio.StreamWriter, request_id: int, envelope: Envelope) -> None:
         try:
             reply: tuple[Any, ...] = (request_id, "ok", await self.acceptor.accept(envelope), False)
+        except AcceptRefused as e:
+            reply = (request_id, "refused", e.reply, False)
         except SpoolError as e:
             reply = (request_id, "spool", str(e), e.disk_full)
         except Exception:
@@ -255,6 +257,8 @@ class RemoteAcceptor:
             return value
         if kind == "spool":
             raise SpoolError(value, disk_full=disk_full)
+        if kind == "refused":
+            raise AcceptRefused(value, value)
         raise RuntimeError("the spool process could not accept the message")
 
     async def read_replies(self) -> None:

@@ -22,6 +22,7 @@ from typing import Literal
 
 import dns.reversename
 
+from postmux import dmarc
 from postmux.config import DkimSettings, Settings
 from postmux.dkim import RSA_MIN_BITS, signing_domain
 from postmux.reputation.records import (
@@ -107,7 +108,8 @@ class DoctorInputs:
     signing_domain: str | None  # d= of the [[dkim]] entry that signs the domain's mail; None: unsigned
     senders: tuple[Sender, ...]
     mx_override: tuple[str, ...] = ()  # [dns] overrides: where postmux itself delivers mail to the domain
-    # One-click unsubscribe (RFC 8058) is not configurable in this version: None, "not checked".
+    # One-click unsubscribe (RFC 8058): True when [unsubscribe] adds the fields to all of the domain's
+    # mail; None, "not checked", otherwise (the application may add its own).
     unsubscribe: bool | None = None
 
     @property
@@ -139,7 +141,20 @@ def doctor_inputs(settings: Settings, domain: str) -> DoctorInputs:
         entry.domain if entry is not None else None,
         senders,
         settings.dns.overrides.get(domain, ()),
+        True if unsubscribe_covers(settings, domain) else None,
     )
+
+
+def unsubscribe_covers(settings: Settings, domain: str) -> bool:
+    """Whether [unsubscribe] adds its fields to all mail from `domain`: by its sender domain, or because
+    every pool that mail may go through is opted in."""
+    table = settings.unsubscribe
+    if table is None:
+        return False
+    # As the acceptor matches them: "example.com", or "*.example.com" for its subdomains.
+    if any(domain == d or (d.startswith("*.") and domain.endswith(d[1:])) for d in table.sender_domains):
+        return True
+    return all(pool in table.pools for pool in pools_for(settings, domain))
 
 
 def _keys(entry: DkimSettings | None) -> tuple[DkimKey, ...]:
@@ -627,11 +642,8 @@ def _rsa_bits(der: bytes) -> int | None:
 
 def aligned(a: str, b: str, strict: bool = False) -> bool:
     """DMARC identifier alignment (RFC 7489 3.1): strict, the same name; relaxed, the same organizational
-    domain, taken here as one name being the other or below it (no public suffix list in postmux)."""
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
-    if strict or a == b:
-        return a == b
-    return a.endswith("." + b) or b.endswith("." + a)
+    domain by the Public Suffix List (postmux.dmarc, as the accept-time check judges it)."""
+    return dmarc.aligned(a, b, "strict" if strict else "relaxed")
 
 
 # -- DMARC ------------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
+from postmux.events.types import Event
 from postmux.reputation.spf import SpfEvaluator, SpfVerdict
+from postmux.reputation.suppression import SuppressionList
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
 from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred, spf_why
@@ -104,8 +106,10 @@ class Dispatcher:
         warmup: WarmupLedger | None = None,
         outbox: EventOutbox = NO_OUTBOX,
         spf: SpfEvaluator | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
+        self.suppressions = suppressions
         self.outbox = outbox
         self.spool = spool
         self.pools = pools
@@ -521,6 +525,9 @@ class Dispatcher:
 
         The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
         """
+        verdicts.classify_failures(verdict.events, self.settings.bounces.classifier)
+        if self.suppressions is not None:
+            await self._suppress_hard_bounces(verdict.events)
         rows = self.outbox.rows(verdict.events)
         for event in verdict.events:
             self.bus.emit(event)
@@ -533,6 +540,15 @@ class Dispatcher:
         if verdict.retry_now is not None:
             self.submit([verdict.retry_now], front=True)
         await self._record(verdict.settlements, now, rows)
+
+    async def _suppress_hard_bounces(self, events: list[Event]) -> None:
+        """A hard bounce's recipient goes on the suppression list before its events are out, so a
+        webhook consumer that resends at once is already refused."""
+        assert self.suppressions is not None
+        try:
+            await self.suppressions.note_bounces(events)
+        except SpoolError as e:  # the bounce itself is recorded all the same; the entry is lost
+            log.error("hard bounce not suppressed", error=str(e))
 
     async def _record(
         self, settlements: list[Settlement], now: float, rows: Sequence[OutboxRow] = ()

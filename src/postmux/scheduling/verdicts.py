@@ -29,6 +29,7 @@ from postmux.delivery.dsn import FailedRecipient, build_dsn, original_head
 from postmux.envelope import domain_of
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
+from postmux.reputation.bounces import BounceClassifier
 from postmux.scheduling.gate import Gate
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
@@ -443,6 +444,20 @@ def final(
         dsn=dsn,
         dsn_pool=dsn_pool,
     )
+
+
+_CLASSED = (EventType.BOUNCE, EventType.TRANSIENT_FAILURE)
+
+
+def classify_failures(events: list[Event], classifier: BounceClassifier) -> None:
+    """Give every Bounce and TransientFailure its reply's bounce class (postmux.reputation.bounces).
+
+    Done once for a verdict's events, whichever rule made them, before anything reads them (the event
+    log, metrics, webhook rows, suppression): one regular-expression match each.
+    """
+    for e in events:
+        if e.type in _CLASSED and e.response is not None and not e.bounce_class:
+            e.bounce_class = classifier.classify(e.response)
 
 
 def event(

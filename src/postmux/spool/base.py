@@ -424,5 +424,41 @@ class WebhookOutbox(Protocol):
         ...
 
 
-class SpoolBackend(Spool, QueueOperations, WebhookOutbox, Protocol):
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """One entry of the suppression list: mail to `address` ("user@example.com", or "*@example.com" for
+    a whole domain) within `scope` ("global", "sender_domain:example.org", "api_key:NAME") is not sent."""
+
+    address: str
+    scope: str
+    reason: str
+    source: str  # bounce | complaint | unsubscribe | manual
+    created: float
+    expires: float | None = None  # Unix time; None: until removed
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
+
+
+class SuppressionStore(Protocol):
+    """The suppression list's entries, kept with the spool (one (address, scope) one entry).
+
+    The node reads them all at start (`suppressions`) into an index in memory and writes each change
+    through (`suppression_put`, `suppression_remove`), so a lookup per RCPT never reaches the store.
+    """
+
+    async def suppressions(self) -> list[Suppression]:
+        """Every entry, expired ones included. Cost: one pass over the table, read beside the writer."""
+        ...
+
+    async def suppression_put(self, entries: Sequence[Suppression]) -> None:
+        """Add or replace entries (by address and scope) in one transaction; durable on return."""
+        ...
+
+    async def suppression_remove(self, address: str, scope: str) -> bool:
+        """Remove one entry; False when there was none. Durable on return."""
+        ...
+
+
+class SpoolBackend(Spool, QueueOperations, WebhookOutbox, SuppressionStore, Protocol):
     """What a spool implementation provides (SqliteSpool; a PostgreSQL spool next)."""

@@ -32,7 +32,7 @@ import structlog
 
 from postmux.body import BodyFile
 from postmux.envelope import Envelope, domain_of
-from postmux.spool import sqlite_outbox, sqlite_queue
+from postmux.spool import sqlite_outbox, sqlite_queue, sqlite_suppression
 from postmux.spool.base import (
     FINAL_STATES,
     Answered,
@@ -51,6 +51,7 @@ from postmux.spool.base import (
     Settlement,
     SpoolError,
     Stored,
+    Suppression,
 )
 from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
@@ -460,6 +461,18 @@ class SqliteSpool:
 
     async def outbox_backlog(self) -> list[OutboxBacklog]:
         return await self._read_beside(sqlite_outbox.backlog)
+
+    # -- the SuppressionStore protocol -------------------------------------------------------------
+
+    async def suppressions(self) -> list[Suppression]:
+        return await self._read_beside(sqlite_suppression.every)
+
+    async def suppression_put(self, entries: Sequence[Suppression]) -> None:
+        if entries:
+            await self._call(lambda c: sqlite_suppression.put(c, entries))
+
+    async def suppression_remove(self, address: str, scope: str) -> bool:
+        return await self._call(lambda c: sqlite_suppression.remove(c, address, scope))
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

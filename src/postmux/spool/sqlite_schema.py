@@ -92,6 +92,18 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     record    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_endpoint ON webhook_outbox(endpoint, seq);
+-- The suppression list (postmux.reputation.suppression): recipients (or *@domain) who get no more mail,
+-- per scope ('global', 'sender_domain:D', 'api_key:K'); expires NULL: until removed. Read whole at start
+-- into the node's index; written one entry at a time. A spool file from before gets it at open.
+CREATE TABLE IF NOT EXISTS suppression (
+    address   TEXT NOT NULL,
+    scope     TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    source    TEXT NOT NULL,
+    created   REAL NOT NULL,
+    expires   REAL,
+    PRIMARY KEY (address, scope)
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     qid         INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
