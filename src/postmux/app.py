@@ -549,9 +549,8 @@ class App:
             "Spool transactions committed (fsyncs); messages per commit shows group commit at work",
         )
         commits.add_metric([], self.spool.commits)
-        return [queue, recipients, up, conns, in_flight, commits]
         suppression = GaugeMetricFamily(
             "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
         )
         suppression.add_metric([], self.suppressions.active())
-        return [queue, up, conns, in_flight, commits, suppression]
+        return [queue, recipients, up, conns, in_flight, commits, suppression]
