@@ -70,6 +70,17 @@ async def test_the_page_loads_under_load_and_its_charts_move(
         assert second > first  # the data moved
         assert second_pixels != first_pixels  # and so did the chart
         assert await page.locator("#events tbody tr").count() > 0
+        seqs = await js(page, "window.postmux.events.map((e) => e.seq)")
+        assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+        # A stream that reconnects is sent the node's ring again: the page keeps no event twice (one
+        # evaluate: no snapshot comes in between).
+        before, after = await js(
+            page,
+            "(() => { const p = window.postmux, n = p.events.length;"
+            " addEvents({...p.last, events: p.events.slice(-50)});"
+            " return [n, new Set(p.events.map((e) => e.seq)).size]; })()",
+        )
+        assert before == after > 0  # as many distinct events as before (the ring may be full: 1,000)
         # The browser's own timing of each update (performance.now around the DOM work).
         timings = await js(page, "window.postmux.timings")
         assert max(timings) < 100, timings

@@ -7,7 +7,7 @@ const RING = 1000; // events kept by the page (the node keeps its own ring of th
 const SHOWN = 200; // event rows drawn at most: the table stays cheap at 10,000 events a minute
 const ADMIN = "/dashboard/api/v1";
 
-const state = { events: [], types: new Set(), charts: {}, timings: [], snapshots: 0, last: null };
+const state = { events: [], seq: 0, types: new Set(), charts: {}, timings: [], snapshots: 0, last: null };
 window.postmux = state;
 
 const $ = (sel) => document.querySelector(sel);
@@ -89,7 +89,12 @@ function renderLanes(lanes) {
   );
 }
 
-function addEvents(events) {
+function addEvents(snap) {
+  // A reconnected stream starts again from the node's ring: keep only events this page has not seen
+  // (a node that restarted counts from 0 again, so then everything is new).
+  if (snap.seq < state.seq) state.seq = 0;
+  const events = snap.events.filter((e) => e.seq > state.seq);
+  state.seq = snap.seq;
   if (!events.length) return;
   for (const e of events) {
     if (!state.types.has(e.type)) {
@@ -156,7 +161,7 @@ function update(snap) {
   renderMembers(snap.members);
   if (snap.queue) renderQueue(snap.queue);
   renderLanes(snap.lanes);
-  addEvents(snap.events);
+  addEvents(snap);
   renderEvents();
   renderCharts(snap.series);
   const ms = performance.now() - t0;
