@@ -51,6 +51,15 @@ class LoopbackDns:
     def queries(self) -> Counter[tuple[str, str]]:
         return self.zone.queries
 
+    def add(self, zone: str) -> None:
+        """Publish more records (master-file text) while the server runs."""
+        self.zone.records = [*self.zone.records, *RR.fromZone(zone)]
+
+    def remove(self, name: str) -> None:
+        """Withdraw every record of `name` (absolute, with or without the final dot): it is NXDOMAIN now."""
+        wanted = name.rstrip(".").lower()
+        self.zone.records = [rr for rr in self.zone.records if str(rr.rname).rstrip(".").lower() != wanted]
+
     def __enter__(self) -> LoopbackDns:
         self._server.start_thread()
         return self

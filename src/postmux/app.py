@@ -46,9 +46,19 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.unsubscribe import Unsubscribes
 from postmux.ingress.workers import IngressWorkers
+from postmux.reputation.blocklists import BlocklistWatch
+from postmux.reputation.breaker import ReputationBreaker
+from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import SuppressionList
+from postmux.reputation.verp import VerpCodec
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
+from postmux.scheduling.redis_throttles import (
+    BackendChange,
+    RedisThrottles,
+    RedisWarmupCounts,
+    make_throttles,
+)
 from postmux.scheduling.router import Router
 from postmux.scheduling.throttles import MemoryThrottles, RetryAfter, Throttles
 from postmux.scheduling.warmup import WarmupLedger
@@ -132,6 +142,9 @@ class App:
         self.resolver = MxResolver(settings.dns, Providers(settings.shaping), clock)
         self.pools: dict[str, Pool] = {}
         self.transports = MemberTransports(transport_factory, self.resolver)
+        # [throttles]: the limits this node shares with others (Redis), or keeps alone (memory).
+        self.throttles = make_throttles(settings.throttles, self._throttles_changed)
+        self.metrics.add_live(self._throttles_gauges)
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -143,11 +156,26 @@ class App:
             clock=clock,
             limits=limits or DispatchLimits(),
             resolver=self.resolver,
-            warmup=WarmupLedger(Path(settings.spool.path).with_name("warmup.db")),
+            warmup=WarmupLedger(
+                # With Redis, every node's messages count toward one daily cap.
+                RedisWarmupCounts(self.throttles)
+                if isinstance(self.throttles, RedisThrottles)
+                else Path(settings.spool.path).with_name("warmup.db")
+            ),
             outbox=self.webhooks,
+            throttles=self.throttles,
             suppressions=self.suppressions,
         )
         self.signer = DkimSigner(settings.dkim, clock)
+        self.blocklists = BlocklistWatch(self.pools, self.bus.emit, clock)
+        self.metrics.add_live(self.blocklists.gauges)
+        self.returns = ReturnedMail(
+            VerpCodec(settings.verp),
+            self._destination_of,
+            self._sending_from,
+            classify=lambda reply: self.settings.bounces.classifier.classify(reply),
+            clock=clock,
+        )
         self.acceptor = Acceptor(
             self.spool,
             self.router,
@@ -157,7 +185,8 @@ class App:
             clock,
             self.webhooks,
             self.signer,
-            self.suppressions,
+            suppressions=self.suppressions,
+            returns=self.returns,
         )
         self.unsubscribes = Unsubscribes(
             settings.unsubscribe, self.spool, self.bus, self.webhooks, clock, self.suppressions
@@ -176,6 +205,7 @@ class App:
             destinations=KnownDestinations(self.resolver),
             reporting_mta=settings.smtp.hostname,
             webhooks=self.webhooks,
+            blocklists=self.blocklists,
             suppressions=self.suppressions,
             settings=lambda: self.settings,
         )
@@ -184,9 +214,14 @@ class App:
             Reloader(config_path, settings, self.configure),
             DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
         )
+        # Last on the bus: the Bounce that trips it is logged before the ShapingChanged the trip emits.
+        self.breaker = ReputationBreaker(settings.breaker, self.control.trip, self._member_kind, clock)
+        self.bus.subscribe(self.breaker)
         self.checkers: dict[str, HealthChecker] = {}
         self._checks_on: dict[str, bool] = {}
-        self.submissions = Submissions(self.acceptor, self.spool, settings, ThrottleTurns(), clock)
+        self.submissions = Submissions(
+            self.acceptor, self.spool, settings, ThrottleTurns(self.throttles), clock
+        )
         self.dashboard = Dashboard(self.control, self.history, settings.http.admin_token, clock)
         self.http = HttpServer(
             settings.http,
@@ -270,6 +305,8 @@ class App:
             await self.http.start()
         self._undo.append(("close the dashboard's pages", self.dashboard.close))
         self._undo.append(("stop counting the queue", self._stop_counting))
+        self._undo.append(("leave the shared throttles", self._leave_throttles))
+        self._join_throttles()
         self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
         # Before the dispatcher and the listener, so it stops after them: what they commit last is
         # posted at the next start, and acknowledgements in flight reach the disk before the spool closes.
@@ -279,6 +316,8 @@ class App:
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))
         await self.dispatcher.start()
+        self._undo.append(("stop the blocklist watch", self.blocklists.stop))
+        await self.blocklists.start()
         self._undo.append(("stop health checks", self._stop_checks))
         self._checking = True
         self.sync_checkers()
@@ -291,6 +330,7 @@ class App:
                     settings.smtp.workers,
                     self.drain_timeout_s,
                     spill_dir=self.spool.spill_dir,
+                    return_domains=self._return_domains(),
                 )
                 await self.workers.start()
             else:
@@ -301,8 +341,32 @@ class App:
                     self.acceptor,
                     spill_dir=self.spool.spill_dir,
                     refused=lambda reason: self.metrics.count_refusal("smtp", reason),
+                    return_domains=self._return_domains(),
                     suppressions=self.suppressions,
                 )
+
+    def _return_domains(self) -> tuple[str, ...]:
+        domain = self.settings.verp.domain
+        return (domain,) if domain else ()
+
+    def _destination_of(self, domain: str) -> str:
+        """The destination (provider, else the domain) of a recipient domain, as lanes name it."""
+        return Providers(self.settings.shaping).destination(domain)
+
+    def _member_kind(self, pool: str, member: str) -> str | None:
+        """A member's kind ("source", "relay"), None for one no longer configured."""
+        try:
+            return self.pools[pool].member(member).settings.kind
+        except KeyError:
+            return None
+
+    def _sending_from(self, ip: str) -> tuple[str, str] | None:
+        """The (pool, member) whose mail leaves from `ip`: a source member's address, a relay's."""
+        for pool in self.pools.values():
+            for m in pool.members:
+                if ip and ip in m.settings.spf_ips:
+                    return pool.name, m.name
+        return None
 
     def _announce_http(self) -> None:
         """Say at start what the HTTP listener exposes, and warn when that is more than this host."""
@@ -372,6 +436,50 @@ class App:
             self._spool_opened = False
             self._say("shutdown: spool closed")
 
+    def _join_throttles(self) -> None:
+        """With Redis: count this node in (each node's share while Redis is away) and keep it counted."""
+        throttles = self.throttles
+        if isinstance(throttles, RedisThrottles):
+            live = throttles.beat()
+            log.info("throttles shared", backend=throttles.state, live_nodes=live, prefix=throttles.prefix)
+            self._tasks.add(asyncio.create_task(throttles.run_heartbeat(), name="throttles-heartbeat"))
+
+    async def _leave_throttles(self) -> None:
+        throttles = self.throttles
+        if isinstance(throttles, RedisThrottles):
+            beating = [t for t in self._tasks if t.get_name() == "throttles-heartbeat"]
+            for task in beating:
+                task.cancel()
+                self._tasks.discard(task)
+            await asyncio.gather(*beating, return_exceptions=True)
+            throttles.leave()
+            throttles.close()
+
+    def _throttles_changed(self, change: BackendChange) -> None:
+        fallen = change.state == "fallback"
+        (log.warning if fallen else log.info)(
+            "throttles fell back to this node's share" if fallen else "throttles rejoined",
+            state=change.state,
+            reason=change.reason,
+            live_nodes=change.live_nodes,
+        )
+        tags = {"state": change.state, "reason": change.reason, "live_nodes": str(change.live_nodes)}
+        self.bus.emit(Event(EventType.THROTTLES_BACKEND_CHANGED, timestamp=self.clock(), tags=tags))
+
+    def _throttles_gauges(self) -> Iterable[GaugeMetricFamily]:
+        throttles = self.throttles
+        state = throttles.state if isinstance(throttles, RedisThrottles) else "memory"
+        backend = GaugeMetricFamily(
+            "postmux_throttles_backend",
+            "1 for where shared limits are kept now: memory, redis, or fallback (this node's share)",
+            labels=["state"],
+        )
+        for name in ("memory", "redis", "fallback"):
+            backend.add_metric([name], 1 if name == state else 0)
+        live = GaugeMetricFamily("postmux_throttles_live_nodes", "Nodes counted live sharing the limits")
+        live.add_metric([], throttles.live_nodes if isinstance(throttles, RedisThrottles) else 1)
+        return [backend, live]
+
     async def _stop_counting(self) -> None:
         if self._counter is not None:
             self._counter.cancel()
@@ -436,6 +544,9 @@ class App:
         # [dmarc] and [unsubscribe]: taken by the next message; a rotated secret file is read again.
         self.acceptor.reconfigure(settings.dmarc, settings.unsubscribe)
         self.unsubscribes.reconfigure(settings.unsubscribe)
+        self.blocklists.reconfigure(settings)
+        self.breaker.reconfigure(settings.breaker)
+        self.returns.codec = VerpCodec(settings.verp)  # the listener's domain itself is restart-only
         self.settings = settings
         self.control.restore_drains()
         if self._checking:

@@ -262,6 +262,14 @@ def webhooks(
     _admin(config, url, token).show("/webhooks", as_json=json or not sys.stdout.isatty())
 
 
+@app.command()
+def blocklists(
+    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+) -> None:
+    """The blocklist watch: each sending IP and domain x zone, listed or not, and when it was last asked."""
+    _admin(config, url, token).show("/blocklists", as_json=json or not sys.stdout.isatty())
+
+
 NameArgument = Annotated[str, typer.Argument(help="The member's name (in every pool that has it).")]
 
 

@@ -10,29 +10,49 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import date, timedelta
-from pathlib import Path
 
 import pytest
 
+from postmux.scheduling.redis_throttles import RedisThrottles, RedisWarmupCounts
 from postmux.scheduling.throttles import ALLOWED, Allowed, MemoryThrottles, RetryAfter, Suspension, Throttles
 from postmux.scheduling.warmup import MemoryWarmupCounts, SqliteWarmupCounts, WarmupCounts
+from tests.redis_support import redis_client, redis_prefix
 
 T0 = 1_700_000_000.0
-BACKENDS: dict[str, Callable[[Path], Throttles]] = {"memory": lambda _: MemoryThrottles()}
-COUNT_BACKENDS: dict[str, Callable[[Path], WarmupCounts]] = {
+
+
+def _redis(request: pytest.FixtureRequest) -> Throttles:
+    """The machine's Redis under a prefix of the test's own, on the test's clock (`now`), not Redis's."""
+    client = redis_client()
+    request.addfinalizer(client.close)
+    return RedisThrottles(client, request.getfixturevalue(redis_prefix.__name__), clock="caller")
+
+
+def _redis_counts(request: pytest.FixtureRequest) -> WarmupCounts:
+    throttles = _redis(request)
+    assert isinstance(throttles, RedisThrottles)
+    return RedisWarmupCounts(throttles)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Throttles]] = {
+    "memory": lambda _: MemoryThrottles(),
+    "redis": _redis,
+}
+COUNT_BACKENDS: dict[str, Callable[[pytest.FixtureRequest], WarmupCounts]] = {
     "memory": lambda _: MemoryWarmupCounts(),
-    "sqlite": lambda tmp: SqliteWarmupCounts(tmp / "warmup.db"),
+    "sqlite": lambda request: SqliteWarmupCounts(request.getfixturevalue("tmp_path") / "warmup.db"),
+    "redis": _redis_counts,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def throttles(request: pytest.FixtureRequest, tmp_path: Path) -> Throttles:
-    return BACKENDS[request.param](tmp_path)
+def throttles(request: pytest.FixtureRequest) -> Throttles:
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture(params=sorted(COUNT_BACKENDS))
-def counts(request: pytest.FixtureRequest, tmp_path: Path) -> WarmupCounts:
-    return COUNT_BACKENDS[request.param](tmp_path)
+def counts(request: pytest.FixtureRequest) -> WarmupCounts:
+    return COUNT_BACKENDS[request.param](request)
 
 
 # -- rate: GCRA -----------------------------------------------------------------------------------------
@@ -162,6 +182,19 @@ def test_a_shorter_suspension_does_not_cut_a_longer_one_short(throttles: Throttl
     throttles.lift("k")  # to shorten one: lift it, then suspend again
     assert throttles.suspend("k", T0 + 60.0, "short")
     assert throttles.suspended("k", T0 + 59.0) == Suspension(T0 + 60.0, "short")
+
+
+def test_suspensions_in_force_are_told_for_many_keys_at_once(throttles: Throttles) -> None:
+    assert throttles.suspensions([], T0) == {}
+    throttles.suspend("a", T0 + 900.0, "421 4.7.28")
+    throttles.suspend("b", T0 + 60.0, "by operator")
+    throttles.suspend("c", T0 + 60.0, "lifted")
+    throttles.lift("c")
+    assert throttles.suspensions(["a", "b", "c", "d"], T0) == {
+        "a": Suspension(T0 + 900.0, "421 4.7.28"),
+        "b": Suspension(T0 + 60.0, "by operator"),
+    }
+    assert throttles.suspensions(["a", "b"], T0 + 60.0) == {"a": Suspension(T0 + 900.0, "421 4.7.28")}
 
 
 def test_the_three_families_do_not_share_keys(throttles: Throttles) -> None:

@@ -49,6 +49,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "[bounces]": config.BounceSettings,
     "[suppression]": config.SuppressionSettings,
     "[shaping]": config.ShapingSettings,
+    "[throttles]": config.ThrottlesSettings,
     "Reactions": config.ReactionRule,
     "[[webhook]]": config.WebhookSettings,
     "[[dkim]]": config.DkimSettings,

@@ -54,6 +54,48 @@ def test_rate_waits_say_when_the_next_turn_is() -> None:
     assert at == pytest.approx(0.5)
 
 
+def test_a_turn_another_node_took_between_asking_and_starting_is_paid_from_the_next_one() -> None:
+    shared = MemoryThrottles()  # as Redis is to several nodes
+    settings = shaping(rule=[{"rate": "2/s"}])
+    mine, theirs = (Shaper(settings, shared).lane("p", MEMBER, "d", 0.0) for _ in range(2))
+    assert mine.admission(0.0)[0] is Admission.OPEN and theirs.admission(0.0)[0] is Admission.OPEN
+    theirs.start(0.0)
+    mine.start(0.0)  # it asked before the other took the turn: started all the same, one turn owed
+    assert mine.owed == 1
+    assert mine.admission(0.5) == (Admission.RATE, 1.0)  # the turn at 0.5 pays the debt
+    assert mine.owed == 0 and theirs.admission(0.5) == (Admission.RATE, 1.0)
+    # Two starts in one interval, then one per interval: over time the rate is the rule's.
+    assert mine.admission(1.0)[0] is Admission.OPEN
+
+
+def test_a_lane_whose_slots_other_nodes_hold_is_asked_until_it_gets_one_again() -> None:
+    shared = MemoryThrottles()
+    settings = shaping(rule=[{"max_connections": 1}])
+    mine, theirs = (Shaper(settings, shared).lane("p", MEMBER, "d", 0.0) for _ in range(2))
+    theirs.start(0.0)
+    assert mine.surely_open  # by this node's own count: nothing in flight here
+    mine.start(0.0)  # started without a slot: the other node holds it
+    mine.finish(0.1)
+    assert not mine.surely_open and mine.admission(0.2)[0] is Admission.BUSY
+    theirs.finish(0.3)
+    assert mine.admission(0.4)[0] is Admission.OPEN
+    mine.start(0.4)  # a slot again
+    mine.finish(0.5)
+    assert mine.surely_open
+
+
+def test_a_suspension_another_node_set_reaches_this_nodes_open_lanes_within_a_prune() -> None:
+    shared = MemoryThrottles()
+    mine_shaper, theirs_shaper = Shaper(shaping(), shared), Shaper(shaping(), shared)
+    mine, theirs = (s.lane("p", MEMBER, "d", 0.0) for s in (mine_shaper, theirs_shaper))
+    other = mine_shaper.lane("p", MEMBER, "elsewhere", 0.0)
+    theirs_shaper.react(theirs, Reply(421, "4.7.28", "unusual rate"), 0.0, 1.0)
+    assert mine.surely_open  # not asked by gates: it would go on sending
+    mine_shaper.prune(1.5)
+    assert not mine.surely_open and mine.admission(2.0) == (Admission.SUSPENDED, 901.0)
+    assert other.surely_open
+
+
 def test_more_specific_rules_win_key_by_key() -> None:
     shaper = Shaper(
         shaping(

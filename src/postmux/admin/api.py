@@ -1,6 +1,6 @@
 """The admin HTTP API under /api/v1: members, shaping, drain and enable, suspend and resume, the queue
 (summary, listing, show, and flush, hold, release, delete, bounce, move on a selector), webhooks, the
-suppression list (admin/suppressions.py), the DNS doctor of a sending domain, reload.
+suppression list (admin/suppressions.py), blocklists, the DNS doctor of a sending domain, reload.
 
 Mounted on the HTTP server of ingress/http.py (beside /metrics and /healthz) by the composition root;
 every route asks Control, which holds the node's parts. JSON in, JSON out; every refusal is a 4xx with
@@ -110,6 +110,11 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
     @app.get(f"{ADMIN_PREFIX}/webhooks")
     async def webhooks() -> dict[str, Any]:
         return {"webhooks": await control.webhooks()}
+
+    @app.get(f"{ADMIN_PREFIX}/blocklists")
+    async def blocklists() -> dict[str, Any]:
+        """The blocklist watch: zones, the last round, every sending IP and domain x zone, listed or not."""
+        return control.blocklists()
 
     # The domain is one path segment; what is not a domain name is a 400 before any lookup.
     @app.get(f"{ADMIN_PREFIX}/doctor/{{domain}}", response_model=Report, summary="DNS doctor of a domain")

@@ -351,10 +351,13 @@ def members_table(members: list[dict[str, Any]]) -> Table:
             if m["effective_weight"] != m["weight"]
             else str(m["weight"])
         )
+        state = m["state"]
+        if m.get("listed"):  # why it is out: "192.0.2.10 on zen.example: 127.0.0.2 (https://...)"
+            state += ": " + "; ".join(m["listed"])
         table.add_row(
             m["pool"],
             m["member"],
-            m["state"],
+            state,
             weight,
             f"{m['connections']}/{m['max_connections']}",
             str(m["in_flight"]),
@@ -446,8 +449,25 @@ def webhooks_table(endpoints: list[dict[str, Any]]) -> Table:
     return table
 
 
+def blocklists_table(checked: list[dict[str, Any]]) -> Table:
+    table = Table(title="blocklists")
+    for column in ("subject", "zone", "listed", "answers", "why", "checked"):
+        table.add_column(column)
+    for c in checked:
+        table.add_row(
+            c["subject"],
+            c["zone"],
+            "LISTED" if c["listed"] else "no",
+            ", ".join(c["answers"]) or "-",
+            c["text"] or "-",
+            _age(c["age_s"]),
+        )
+    return table
+
+
 _TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Table]]] = {
     "/members": ("members", members_table),
     "/shaping": ("lanes", shaping_table),
     "/webhooks": ("webhooks", webhooks_table),
+    "/blocklists": ("checked", blocklists_table),
 }

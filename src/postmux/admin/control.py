@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from postmux.config import Settings
 from postmux.delivery.transport import MemberTransport
 from postmux.events.bus import EventBus
 from postmux.events.types import Event, EventType
+from postmux.reputation.breaker import Trip
 from postmux.reputation.doctor import Report, doctor_domain
 from postmux.reputation.doctor_dns import DnsDoctor
 from postmux.reputation.suppression import SuppressionList
@@ -63,6 +64,14 @@ class WebhookStatus(Protocol):
         ...
 
 
+class BlocklistStatus(Protocol):
+    """What the admin side reads of the blocklist watch (reputation/blocklists.py BlocklistWatch)."""
+
+    def status(self) -> dict[str, object]:
+        """Zones, the last round's time, every subject x zone answered, zones not believed."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """The parts of a running node the admin side reads and steers; each is the live object, not a copy.
@@ -86,6 +95,7 @@ class NodeView:
     destinations: KnownDestinations
     reporting_mta: str
     webhooks: WebhookStatus | None = None
+    blocklists: BlocklistStatus | None = None
     suppressions: SuppressionList | None = None
     # The settings running now (a reload's included): what the doctor examines a domain against.
     settings: Callable[[], Settings] | None = None
@@ -137,6 +147,7 @@ class Control:
             "tls_mode": m.settings.tls_mode,
             "tls": m.tls,
             "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
+            "listed": list(m.listed),
         }
 
     # -- shaping -------------------------------------------------------------------------------------
@@ -226,12 +237,30 @@ class Control:
 
     def suspend(self, name: str, destination: str, duration_s: float) -> list[dict[str, Any]]:
         """Keep a member (in every pool that has it) from one destination for a while, as a reaction would."""
+        return self._suspend(self._named(name), destination, duration_s, "by operator", "operator")
+
+    def trip(self, trip: Trip) -> None:
+        """The reputation breaker tripped: the lanes of the IP (every source member sending from it), or of
+        the relay, toward that destination are suspended for the cool-down; `resume` lifts them earlier."""
+        members = [
+            (pool, m)
+            for pool in self.node.pools.values()
+            for m in pool.members
+            if (trip.ip and m.settings.kind == "source" and m.settings.source_address == trip.ip)
+            or (not trip.ip and pool.name == trip.pool and m.name == trip.member)
+        ]
+        why = f"by the reputation breaker: {trip.why}"
+        self._suspend(members, trip.destination, trip.cooldown_s, why, "breaker")
+
+    def _suspend(
+        self, members: Iterable[tuple[Pool, Member]], destination: str, duration_s: float, why: str, by: str
+    ) -> list[dict[str, Any]]:
         now = self.node.clock()
         shaper = self.node.shaper
         lanes = []
-        for pool, m in self._named(name):
+        for pool, m in members:
             lane = shaper.lane(pool.name, m.settings, destination, now)
-            self._shaping_event(lane, shaper.suspend(lane, duration_s, "by operator", now), now)
+            self._shaping_event(lane, shaper.suspend(lane, duration_s, why, now), now, by)
             lanes.append(lane)
         self.node.dispatch.wake()
         return [describe_lane(lane, now) for lane in lanes]
@@ -254,7 +283,7 @@ class Control:
         self.node.dispatch.wake()
         return [describe_lane(lane, now) for lane in lifted]
 
-    def _shaping_event(self, lane: Lane, change: str, now: float) -> None:
+    def _shaping_event(self, lane: Lane, change: str, now: float, by: str = "operator") -> None:
         log.info(
             "shaping changed", pool=lane.pool, member=lane.member, destination=lane.destination, change=change
         )
@@ -264,7 +293,7 @@ class Control:
                 queue=f"{lane.pool}/{lane.destination}",
                 pool=lane.pool,
                 member=lane.member,
-                tags={"change": change, "by": "operator"},
+                tags={"change": change, "by": by},
                 timestamp=now,
             )
         )
@@ -276,6 +305,14 @@ class Control:
         if self.node.webhooks is None:
             return []
         return await self.node.webhooks.status()
+
+    # -- blocklists ----------------------------------------------------------------------------------
+
+    def blocklists(self) -> dict[str, Any]:
+        """What the blocklist watch last found: each subject x zone, listed or not; zones not believed."""
+        if self.node.blocklists is None:
+            return {"enabled": False, "checked": []}
+        return dict(self.node.blocklists.status())
 
     # -- the DNS doctor ------------------------------------------------------------------------------
 
@@ -301,6 +338,8 @@ def member_state(m: Any, now: float) -> str:
         return "draining"
     if m.ejected(now):
         return "ejected"
+    if m.listed:
+        return "listed"
     if not m.check_up:
         return "check-failed"
     if m.ramp_started is not None:

@@ -19,8 +19,9 @@ log = structlog.get_logger("postmux.control")
 
 # Sections a running process cannot change: every key in them needs a restart. The SMTP listener (in this
 # process or in ingress workers) is built once from [smtp]; the HTTP listener and its admin token, the
-# spool and the event log are opened once at start; [shutdown] is handed to the ingress workers at start.
-RESTART_ONLY = ("smtp", "http", "spool", "events", "shutdown")
+# spool and the event log are opened once at start; [shutdown] is handed to the ingress workers at start;
+# the throttles' store (memory or Redis) is chosen and connected once.
+RESTART_ONLY = ("smtp", "http", "spool", "events", "shutdown", "throttles")
 # Lists of tables a running process keeps as they were at start: the webhook senders are started once.
 RESTART_ONLY_LISTS = ("webhook",)
 

@@ -30,6 +30,8 @@ class Member:
     # active health checks
     _check_up: bool = True
     check_streak: int = 0  # passes (> 0) or failures (< 0) in a row
+    # blocklist watch: where its sending IPs are listed ("192.0.2.10 on zen.example: 127.0.0.2"), or ()
+    _listed: tuple[str, ...] = ()
     # slow start: when the member last came back or was added (None: not ramping)
     _ramp_started: float | None = None
     effective_weight: float = 0.0  # weight after slow start, set by the pool before each pick
@@ -103,6 +105,15 @@ class Member:
         self._changed()
 
     @property
+    def listed(self) -> tuple[str, ...]:
+        return self._listed
+
+    @listed.setter
+    def listed(self, value: tuple[str, ...]) -> None:
+        self._listed = value
+        self._changed()
+
+    @property
     def ramp_started(self) -> float | None:
         return self._ramp_started
 
@@ -136,8 +147,8 @@ class Member:
         return now < self._ejected_until
 
     def healthy(self, now: float) -> bool:
-        """Neither ejected by outlier detection nor failing its active checks."""
-        return self._check_up and not now < self._ejected_until
+        """Neither ejected by outlier detection, nor failing its active checks, nor on a blocklist."""
+        return self._check_up and not self._listed and not now < self._ejected_until
 
     def ramp(self, now: float, slow_start_s: float) -> float:
         """Slow start: the share of full weight this member has earned since it came back (0.1 to 1)."""

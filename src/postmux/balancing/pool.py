@@ -86,7 +86,7 @@ class Pool:
                 self._next_return = min(self._next_return, m.ejected_until)
                 continue
             self._ejected.discard(m.name)
-            if m.check_up:  # still failing its checks: it comes back when they pass
+            if m.healthy(now):  # still failing its checks or listed: it comes back when that ends
                 self._back(m, now, "ejection time over")  # a state change: looks again next pick
 
     def _back(self, m: Member, now: float, reason: str) -> None:
@@ -203,7 +203,7 @@ class Pool:
             member.check_streak = max(member.check_streak, 0) + 1
             if not member.check_up and member.check_streak >= check.rise:
                 member.check_up = True
-                if not member.ejected(now):  # else it is announced when the ejection ends
+                if member.healthy(now):  # else it is announced when the ejection or listing ends
                     self._back(member, now, f"{member.check_streak} checks passed")
         else:
             member.check_streak = min(member.check_streak, 0) - 1
@@ -214,6 +214,20 @@ class Pool:
                     self._on_change(
                         member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": ")
                     )
+
+    # -- blocklists ----------------------------------------------------------------------------------
+
+    def record_listing(self, member: Member, listings: tuple[str, ...], now: float) -> None:
+        """Where the blocklist watch found the member's sending IPs listed now (() for nowhere): a listed
+        member takes no new work (unless the pool is in panic), and comes back when it is delisted."""
+        if listings == member.listed:
+            return
+        was_healthy = member.healthy(now)
+        member.listed = listings
+        if listings and was_healthy:
+            self._on_change(member, False, "listed: " + "; ".join(listings))
+        elif not listings and member.healthy(now):
+            self._back(member, now, "delisted")
 
     def forget_checks(self) -> None:
         """Checks were turned off: no checks, no verdict, so no member is held out by old ones."""

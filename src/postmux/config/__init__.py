@@ -59,6 +59,9 @@ from postmux.config.sections import (
 )
 from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
+    BlocklistSettings,
+    BlocklistZone,
+    BreakerSettings,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -66,6 +69,8 @@ from postmux.config.shaping import (
     ShapingRule,
     ShapingSettings,
     SpfSettings,
+    ThrottlesSettings,
+    VerpSettings,
 )
 from postmux.config.values import (
     Duration,
@@ -92,7 +97,11 @@ class Settings(_Frozen):
     route: tuple[RouteSettings, ...] = ()
     dns: DnsSettings = DnsSettings()
     spf: SpfSettings = SpfSettings()
+    blocklists: BlocklistSettings = BlocklistSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    verp: VerpSettings = VerpSettings()
     shaping: ShapingSettings = ShapingSettings()
+    throttles: ThrottlesSettings = ThrottlesSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     api: ApiSettings = ApiSettings()
     api_key: tuple[ApiKey, ...] = ()
@@ -126,6 +135,12 @@ class Settings(_Frozen):
             + api_key_problems(self.pool, self.api_key)
             + unsubscribe_problems(self.pool, self.unsubscribe)
         )
+        names = {p.name for p in self.pool}
+        problems += [
+            (f"verp.pools[{i}]", f"no pool named {name!r}")
+            for i, name in enumerate(self.verp.pools)
+            if name not in names
+        ]
         if problems:
             # Not a ValueError: pydantic would fold every problem into one nameless error. This one
             # passes through, and settings_from_dict reports each problem under its own key.
@@ -231,7 +246,10 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "ApiKey",
     "ApiSettings",
+    "BlocklistSettings",
+    "BlocklistZone",
     "BounceSettings",
+    "BreakerSettings",
     "CheckSettings",
     "ConfigError",
     "DeliverySettings",
@@ -271,7 +289,9 @@ __all__ = [
     "SpoolSettings",
     "SuppressedAction",
     "SuppressionSettings",
+    "ThrottlesSettings",
     "UnsubscribeSettings",
+    "VerpSettings",
     "WarmupSettings",
     "WebhookSettings",
     "http_notes",

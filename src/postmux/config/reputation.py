@@ -61,3 +61,5 @@ class SuppressionSettings(_Frozen):
     hard_bounces: StrictBool = True
     # How long an entry from a hard bounce lasts; 0: until removed.
     hard_bounce_expiry: Duration = 0.0
+    # A complaint (an ARF report matched through [verp]) adds its recipient: who called it spam gets no more.
+    complaints: StrictBool = True

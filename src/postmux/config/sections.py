@@ -566,11 +566,14 @@ WebhookEventName = Literal[
     "Bounce",
     "Expiration",
     "Held",
+    "Complaint",
     "Suppressed",
     "Unsubscribe",
     "MemberDown",
     "MemberUp",
     "ShapingChanged",
+    "BlocklistChanged",
+    "ThrottlesBackendChanged",
 ]
 MESSAGE_EVENT_NAMES: tuple[WebhookEventName, ...] = (
     "Reception",

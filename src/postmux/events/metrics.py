@@ -58,6 +58,12 @@ class Metrics:
             ["pool", "member"],
             registry=self.registry,
         )
+        self.breaker_trips = Counter(
+            "postmux_breaker_trips",
+            "Lanes the reputation breaker paused (too many hard bounces or complaints; destination: the log)",
+            ["pool", "member"],
+            registry=self.registry,
+        )
         self.held = Counter(
             "postmux_messages_held",
             "Messages set aside until an operator releases them (held recipients: postmux_queue_messages)",
@@ -143,6 +149,8 @@ class Metrics:
             return
         if event.type is EventType.SHAPING_CHANGED:
             self.shaping_changes.labels(event.pool, event.member).inc()
+            if event.tags.get("by") == "breaker":
+                self.breaker_trips.labels(event.pool, event.member).inc()
             return
         result = _RESULT.get(event.type)
         if result is None:

@@ -22,6 +22,11 @@ class EventType(enum.StrEnum):
     MEMBER_UP = "MemberUp"
     SHAPING_CHANGED = "ShapingChanged"  # a member x destination was suspended, cut or recovered
     HELD = "Held"  # set aside until an operator releases it; the reason in tags.reason
+    # The node's shared limits went to its own share of each (Redis unreachable) or back to Redis;
+    # tags.state ("fallback" | "redis"), tags.reason, tags.live_nodes.
+    THROTTLES_BACKEND_CHANGED = "ThrottlesBackendChanged"
+    COMPLAINT = "Complaint"  # a recipient reported the message as spam (an ARF report, RFC 5965)
+    BLOCKLIST_CHANGED = "BlocklistChanged"  # a sending IP or domain listed or delisted (tags: subject, zone)
     # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
     SUPPRESSED = "Suppressed"
     # A recipient asked for no more mail from a sender domain (RFC 8058 one-click, ingress/unsubscribe.py):

@@ -37,6 +37,7 @@ from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
 from postmux.headers import head_field_value, header_section_end, take_fields
 from postmux.ingress.compose import sender_domain_allowed
+from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import Found, SuppressionList
 from postmux.spool.base import Answered, NewMessage, Spool
 from postmux.unsubscribe import MESSAGE_ID_MAX, Claim, has_list_unsubscribe, issue
@@ -112,10 +113,12 @@ class Acceptor:
         suppressions: SuppressionList | None = None,
         dmarc: DmarcSettings | None = None,
         unsubscribe: UnsubscribeSettings | None = None,
+        returns: ReturnedMail | None = None,
     ) -> None:
         self.reconfigure(dmarc or DmarcSettings(), unsubscribe)
         self.hostname = hostname
         self.suppressions = suppressions
+        self.returns = returns
         self.signer = signer or DkimSigner()
         self.spool = spool
         self.routes = routes
@@ -138,7 +141,13 @@ class Acceptor:
 
         Recipients on the suppression list are left out, each with a Suppressed event; a message left
         with none is not stored, and its id is only in those events.
+
+        Mail to the return-path domain ([verp]: DSNs, complaint reports) is not queued: it is read and
+        told as events (reputation/returns.py), and its answer names no queue id.
         """
+        if self.returns is not None and self.returns.takes(envelope):
+            await self._take_returned(envelope, self.returns)
+            return "report"
         now = self.clock()
         envelope, stopped = self._sort_out(envelope)
         if not envelope.recipients:
@@ -161,6 +170,16 @@ class Acceptor:
         self._hand_on(messages, work, hot, receptions)
         self._tell_suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
         return messages[0].message_id
+
+    async def _take_returned(self, envelope: Envelope, returns: ReturnedMail) -> None:
+        """A DSN or complaint report: its hard bounces and complaints go on the suppression list (durable
+        before the 250), then its events out."""
+        events = returns.read(envelope)
+        if self.suppressions is not None:
+            await self.suppressions.note_bounces(events)
+            await self.suppressions.note_complaints(events)
+        for event in events:
+            self.bus.emit(event)
 
     async def accept_all(
         self, submissions: Sequence[Submission], answer: Callable[[list[str]], Answered] | None = None

@@ -23,7 +23,7 @@ import ssl
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -642,13 +642,20 @@ class IngressHandler:
     """aiosmtpd hooks: relay policy and the suppression list at RCPT, the durable accept at the final dot."""
 
     def __init__(
-        self, settings: SmtpSettings, acceptor: Accepts, suppressions: SuppressionList | None = None
+        self,
+        settings: SmtpSettings,
+        acceptor: Accepts,
+        suppressions: SuppressionList | None = None,
+        return_domains: Collection[str] = (),
     ) -> None:
         self.settings = settings
         self.acceptor = acceptor
         # None in an ingress worker (ingress/workers.py), which has no list: the main process's accept
         # drops what it would have refused, with a Suppressed event (Acceptor.accept).
         self.suppressions = suppressions
+        # [verp]'s return-path domain: postmux's own destination, whose mail (DSNs, complaint reports)
+        # comes from anywhere and is taken, not relayed.
+        self.return_domains = frozenset(d.lower() for d in return_domains)
         self.trusted_networks = settings.trusted()
         # Whether a client address may relay, asked at every RCPT: ipaddress parses the address each time
         # (3.5 µs), for an answer that depends on the address string alone. Bounded, so a client with many
@@ -691,7 +698,12 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if not (session.authenticated or self.trusts(_peer_ip(session))):
+        returned = self._returned(address)
+        if envelope.rcpt_tos and self._returned(envelope.rcpt_tos[0]) != returned:
+            # Returned mail is taken here, other mail is queued: one or the other per transaction. A 452
+            # makes the client send the rest in another (RFC 5321 4.5.3.1.10).
+            return "452 4.5.3 Mail to the return-path domain goes in a transaction of its own"
+        if not returned and not (session.authenticated or self.trusts(_peer_ip(session))):
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
@@ -703,6 +715,12 @@ class IngressHandler:
                 return found.smtp_reply()
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    def _returned(self, address: str) -> bool:
+        return (
+            bool(self.return_domains)
+            and address.rpartition("@")[2].lower().rstrip(".") in self.return_domains
+        )
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         if not envelope.rcpt_tos:
@@ -777,6 +795,7 @@ async def start_smtp_server(
     spill_dir: Path | None = None,
     refused: Callable[[str], None] | None = None,
     suppressions: SuppressionList | None = None,
+    return_domains: Collection[str] = (),
 ) -> asyncio.Server:
     """Listen on [smtp] listen, or on `sock` (an ingress worker's inherited listening socket).
 
@@ -784,7 +803,7 @@ async def start_smtp_server(
     `spill_dir` is where a text past [smtp] spill_bytes is written (the spool's spill directory, on its
     filesystem, so the spool takes the file over with a rename); None keeps every text in memory.
     """
-    handler = IngressHandler(settings, acceptor, suppressions)
+    handler = IngressHandler(settings, acceptor, suppressions, return_domains)
     limits = limits or ConnectionLimits(
         settings.max_connections, settings.max_connections_per_ip, settings.hostname
     )

@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,10 @@ class IngressWorkers:
         count: int,
         drain_timeout_s: float = 10.0,
         spill_dir: Path | None = None,
+        return_domains: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        self.return_domains = tuple(return_domains)  # [verp]'s: their mail is taken from anyone
         self.acceptor = acceptor
         self.count = count
         self.drain_timeout_s = drain_timeout_s
@@ -133,6 +136,7 @@ class IngressWorkers:
                 f"--pipe-fd={theirs.fileno()}",
                 f"--drain-timeout={drain}",
                 *([f"--spill-dir={self.spill_dir}"] if self.spill_dir is not None else []),
+                *(f"--return-domain={d}" for d in self.return_domains),
             ],
             stdin=subprocess.PIPE,
             pass_fds=(self.socket.fileno(), theirs.fileno()),
@@ -280,7 +284,12 @@ class RemoteAcceptor:
 
 
 async def _run_worker(
-    settings: SmtpSettings, listen_fd: int, pipe_fd: int, drain_timeout_s: float, spill_dir: Path | None
+    settings: SmtpSettings,
+    listen_fd: int,
+    pipe_fd: int,
+    drain_timeout_s: float,
+    spill_dir: Path | None,
+    return_domains: Sequence[str] = (),
 ) -> None:
     from postmux.ingress.smtp import start_smtp_server
 
@@ -289,7 +298,9 @@ async def _run_worker(
     acceptor = RemoteAcceptor(reader, writer)
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(False)
-    server = await start_smtp_server(settings, acceptor, sock=listener, spill_dir=spill_dir)
+    server = await start_smtp_server(
+        settings, acceptor, sock=listener, spill_dir=spill_dir, return_domains=return_domains
+    )
     _send(writer, "ready")
     if (await _read_frame(reader))[0] != "go":
         return
@@ -316,12 +327,15 @@ def main() -> None:
     parser.add_argument("--pipe-fd", type=int, required=True)
     parser.add_argument("--drain-timeout", type=float, default=8.0)
     parser.add_argument("--spill-dir", type=Path, default=None)
+    parser.add_argument("--return-domain", action="append", default=[])
     args = parser.parse_args()
     settings = SmtpSettings.model_validate(json.loads(sys.stdin.buffer.read()))
     from postmux.logs import configure_logging
 
     configure_logging()
-    worker = _run_worker(settings, args.listen_fd, args.pipe_fd, args.drain_timeout, args.spill_dir)
+    worker = _run_worker(
+        settings, args.listen_fd, args.pipe_fd, args.drain_timeout, args.spill_dir, args.return_domain
+    )
     try:
         import uvloop
     except ImportError:

@@ -227,6 +227,26 @@ class SuppressionList:
         removed = await self.store.suppression_remove(*key)
         return self._entries.pop(key, None) is not None or removed
 
+    async def note_complaints(self, events: Iterable[Event]) -> list[Suppression]:
+        """Suppress the recipients of Complaint events ([suppression] complaints): global, no expiry."""
+        if not self.settings.complaints:
+            return []
+        now = self.clock()
+        made = []
+        for e in events:
+            if e.type is not EventType.COMPLAINT:
+                continue
+            feedback = e.tags.get("feedback_type", "abuse")
+            try:
+                made.append(
+                    entry(e.recipient, reason=f"complaint ({feedback})", source="complaint", created=now)
+                )
+            except SuppressionError as error:
+                log.warning("complaint not suppressed", recipient=e.recipient, reason=str(error))
+        if made:
+            await self.add_all(made)
+        return made
+
     async def note_bounces(self, events: Iterable[Event]) -> list[Suppression]:
         """Suppress the recipients of hard bounces among `events` ([suppression] hard_bounces): a class of
         InvalidRecipient, BadDomain or InactiveMailbox says the address will never take mail."""

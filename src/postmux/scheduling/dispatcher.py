@@ -37,8 +37,10 @@ from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event
+from postmux.reputation.blocklists import reply_reactions
 from postmux.reputation.spf import SpfEvaluator, SpfVerdict
 from postmux.reputation.suppression import SuppressionList
+from postmux.reputation.verp import VerpCodec
 from postmux.scheduling import verdicts
 from postmux.scheduling.feedback import learn
 from postmux.scheduling.gate import NONE_BARRED, Gate, gate, spf_barred, spf_why
@@ -47,6 +49,7 @@ from postmux.scheduling.ready import ReadyQueues
 from postmux.scheduling.retry import RetrySchedule
 from postmux.scheduling.router import Router
 from postmux.scheduling.shaping import Lane, Shaper
+from postmux.scheduling.throttles import Throttles
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import AttemptView, OutboxRow, Settlement, Spool, SpoolError
@@ -67,10 +70,13 @@ class DispatchLimits:
     reap_interval_s: float = 1.0
 
 
-def transaction_of(item: WorkItem) -> Transaction:
-    """What the transport needs of a leased work item: the transaction, none of the spool's bookkeeping."""
+def transaction_of(item: WorkItem, sender: str | None = None) -> Transaction:
+    """What the transport needs of a leased work item: the transaction, none of the spool's bookkeeping.
+
+    `sender` replaces the envelope sender on the wire (a VERP return path), never in the spool.
+    """
     return Transaction(
-        item.sender,
+        item.sender if sender is None else sender,
         tuple(Recipient(r.rid, r.address) for r in item.recipients),
         item.data,
         item.domain,
@@ -106,6 +112,7 @@ class Dispatcher:
         warmup: WarmupLedger | None = None,
         outbox: EventOutbox = NO_OUTBOX,
         spf: SpfEvaluator | None = None,
+        throttles: Throttles | None = None,
         suppressions: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
@@ -126,9 +133,11 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._accepting_work = True
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
-        self.shaper = Shaper(settings.shaping)
+        # Its lanes' shared state (memory, or Redis), and the reactions other sections add (blocklists).
+        self.shaper = Shaper(settings.shaping, throttles, extra=reply_reactions(settings.blocklists))
         self.warmup = warmup or WarmupLedger(None)
         self.spf = spf or SpfEvaluator(settings.spf, settings.dns, clock)
+        self.verp = VerpCodec(settings.verp)
         # Work whose sender domain has no SPF verdict yet, by domain: it joins its queue again once one
         # evaluation has answered (as ReadyQueues parks work for an MX answer).
         self._spf_parked: dict[str, list[WorkItem]] = {}
@@ -179,8 +188,9 @@ class Dispatcher:
         """
         self.settings = settings
         self.retry = RetrySchedule(settings.retry)
-        self.shaper.configure(settings.shaping)
+        self.shaper.configure(settings.shaping, reply_reactions(settings.blocklists))
         self.spf.reconfigure(settings.spf, settings.dns)
+        self.verp = VerpCodec(settings.verp)
         self._spf_judged.clear()
         self._spf_pool_ips.clear()
 
@@ -265,7 +275,7 @@ class Dispatcher:
                 pool = self._pool_of(item)
                 barred = self._spf_barred(item, pool, now)
                 if barred is None:  # its sender domain's first SPF verdict is on its way
-                    self._park_for_spf(ready.take(q))
+                    self._park_for_spf(ready.take(q), pool)
                     continue
                 held = self._gate(pool, item.destination, now)
                 # Suspended or capped members are passed over (their mail may go to a lower tier);
@@ -305,7 +315,7 @@ class Dispatcher:
         if not self.spf.enabled:
             return NONE_BARRED
         ips = self._spf_ips(pool)
-        domain = domain_of(item.sender)
+        domain = self._spf_domain(item, pool)
         if not domain or not ips:
             return NONE_BARRED
         verdict = self.spf.cached(domain)
@@ -348,19 +358,33 @@ class Dispatcher:
             self.submit(items, front=True)
         self._wake.set()
 
-    def _park_for_spf(self, item: WorkItem) -> None:
+    def _park_for_spf(self, item: WorkItem, pool: Pool) -> None:
         self._ready.count += 1  # still work in memory (has_room), though out of its queue
-        self._spf_parked.setdefault(domain_of(item.sender), []).append(item)
+        self._spf_parked.setdefault(self._spf_domain(item, pool), []).append(item)
+
+    def _spf_domain(self, item: WorkItem, pool: Pool) -> str:
+        """The domain receivers check SPF for: the MAIL FROM's, which is the VERP return-path domain
+        when [verp] rewrites it for this pool."""
+        if item.sender and self.verp.applies_to(pool.name) and self.verp.domain:
+            return self.verp.domain
+        return domain_of(item.sender)
 
     async def _spf_refused(self, item: WorkItem, pool: Pool, barred: frozenset[str]) -> None:
         """No member the SPF record permits is left for this work: it waits (verdicts.spf_refused)."""
         now = self.clock()
-        domain = domain_of(item.sender)
+        domain = self._spf_domain(item, pool)
         verdict = self.spf.cached(domain)
         why = spf_why(verdict, pool, self.settings.spf, barred) if verdict else dict.fromkeys(barred, "?")
         log.warning("no member permitted by spf", domain=domain, pool=pool.name, members=why)
         v = verdicts.spf_refused(item, pool, domain, why, self._rules(), now)
         await self._apply(v, pool, None, now)
+
+    def _return_path(self, item: WorkItem, pool: Pool) -> str | None:
+        """The VERP return path of a one-recipient item of a [verp] pool; None: the sender as stored.
+        The null sender (DSNs) stays null: a bounce of a bounce must not come back (RFC 5321 4.5.5)."""
+        if not item.sender or len(item.recipients) != 1 or not self.verp.applies_to(pool.name):
+            return None
+        return self.verp.return_path(item.message_id, item.recipients[0].address)
 
     def _gate(self, pool: Pool, destination: str, now: float) -> Gate:
         return gate(self.shaper, self.warmup, pool, destination, now)
@@ -368,6 +392,8 @@ class Dispatcher:
     def _start(self, item: WorkItem, pool: Pool, member: Member, now: float, q: deque[WorkItem]) -> None:
         lane = self.shaper.lane(pool.name, member.settings, item.destination, now)
         limit = lane.ceiling.max_recipients
+        if item.sender and self.verp.applies_to(pool.name):
+            limit = 1  # a VERP return path names one recipient: one transaction each
         if limit is not None and len(item.recipients) > limit:
             # One transaction carries at most `limit` recipients; the rest waits at the queue's head.
             rest = replace(
@@ -442,7 +468,8 @@ class Dispatcher:
         outcome: AttemptOutcome | Exception
         try:
             outcome = await transport.deliver(
-                transaction_of(item), per_connection=lane.ceiling.max_messages_per_connection
+                transaction_of(item, self._return_path(item, pool)),
+                per_connection=lane.ceiling.max_messages_per_connection,
             )
         except Exception as e:  # postmux's own code raised (the transport never raises for the network)
             log.exception("delivery attempt crashed", member=member.name, message=item.message_id)

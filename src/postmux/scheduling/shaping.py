@@ -21,11 +21,12 @@ import enum
 import math
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postmux.config import MemberSettings, ReactionRule, ShapingRule, ShapingSettings
 from postmux.reply import Reply
-from postmux.scheduling.throttles import Lease, MemoryThrottles, RetryAfter, Throttles
+from postmux.scheduling.throttles import ALLOWED, Lease, MemoryThrottles, RetryAfter, Throttles
 
 # Receivers' well-known ways of saying "slow down". Config reactions are tried first.
 DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
@@ -69,6 +70,8 @@ class Lane:
     connections: float = 0.0  # allowed now, AIMD-adjusted (a float so additive increase can be gradual)
     rate: float | None = None  # allowed now, messages per second; None: no limit
     in_flight: int = 0  # attempts this node runs on the lane; each holds one of `leases`, if granted
+    owed: int = 0  # rate turns of attempts that started after another node took the turn (see start)
+    contended: bool = False  # the last attempt found every shared slot taken by other nodes (see start)
     suspended_until: float = 0.0  # the suspension as the lane last saw it in the throttles (0.0: none)
     cut_at: float = -math.inf
     restore_at: float = 0.0  # when a throttle ends on a lane that AIMD does not raise by itself
@@ -98,10 +101,13 @@ class Lane:
 
         Only such a lane's admission is independent of the clock, so only it may be left out of a gate.
         It is this node's view: with throttles shared between nodes, another node's suspension or leases
-        show only when the lane is asked (issue 17 decides how a gate learns of them).
+        show only when the lane is asked. A lane whose last attempt found every slot taken elsewhere is
+        asked from then on (`contended`), until one of its attempts gets a slot again; another node's
+        suspension shows once the lane is asked, or when this node's own reply says the same.
         """
         return (
-            self.rate is None
+            not self.contended
+            and self.rate is None
             and not self.suspended_until
             and not self.restore_at
             and self.in_flight < self.allowed_connections
@@ -141,6 +147,11 @@ class Lane:
         if self.in_flight >= allowed or throttles.leases_held(self.key, now) >= allowed:
             return Admission.BUSY, 0.0
         if self.rate is not None:
+            while self.owed:  # paid first, from the next free turns: the rate holds over time
+                turn = throttles.rate(self.key, self.rate, self.ceiling.burst, now)
+                if isinstance(turn, RetryAfter):
+                    return Admission.RATE, now + turn.seconds
+                self.owed -= 1
             turn = throttles.rate(self.key, self.rate, self.ceiling.burst, now, take=0)
             if isinstance(turn, RetryAfter):
                 return Admission.RATE, now + turn.seconds
@@ -163,8 +174,15 @@ class Lane:
         lease = throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
         if lease is not None:
             self.leases.append(lease)
-        if self.rate is not None:
-            throttles.rate(self.key, self.rate, self.ceiling.burst, now)
+        # No slot while this node had one free by its own count: other nodes hold them (shared throttles).
+        self.contended = lease is None and self.in_flight <= self.allowed_connections
+        if (
+            self.rate is not None
+            and throttles.rate(self.key, self.rate, self.ceiling.burst, now) is not ALLOWED
+        ):
+            # With throttles shared between nodes, another node may take the turn between this node's
+            # asking (admission) and starting: the attempt has started, so its turn is owed.
+            self.owed += 1
         self.started.append(now)
         if self.first_start is None:
             self.first_start = now
@@ -259,11 +277,16 @@ class Shaper:
     Its lanes share `throttles` (in this process's memory unless a shared store is given).
     """
 
-    def __init__(self, settings: ShapingSettings, throttles: Throttles | None = None) -> None:
+    def __init__(
+        self,
+        settings: ShapingSettings,
+        throttles: Throttles | None = None,
+        extra: Sequence[ReactionRule] = (),
+    ) -> None:
         self.throttles: Throttles = throttles if throttles is not None else MemoryThrottles()
         self.lanes: dict[tuple[str, str, str], Lane] = {}
         self.groups: dict[tuple[str, str], LaneGroup] = {}
-        self.configure(settings)
+        self.configure(settings, extra)
 
     def _forget_groups(self) -> None:
         """Lanes changed wholesale (new rules, pruning): groups are made afresh when next asked for."""
@@ -271,11 +294,16 @@ class Shaper:
             lane.group = None
         self.groups.clear()
 
-    def configure(self, settings: ShapingSettings) -> None:
-        """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts."""
+    def configure(self, settings: ShapingSettings, extra: Sequence[ReactionRule] = ()) -> None:
+        """Take new rules; existing lanes get their new ceilings, keeping suspensions and in-flight counts.
+
+        `extra` reactions come from other sections (a blocklist named in a reply: reputation/blocklists),
+        tried after the operator's own and before the shipped defaults.
+        """
         self._forget_groups()
         self.settings = settings
-        rules = settings.reaction + (DEFAULT_REACTIONS if settings.default_reactions else ())
+        defaults = DEFAULT_REACTIONS if settings.default_reactions else ()
+        rules = (*settings.reaction, *extra, *defaults)
         self._reactions = [_Reaction(r, re.compile(r.text, re.IGNORECASE) if r.text else None) for r in rules]
         for lane in self.lanes.values():
             self._refit(lane)
@@ -470,8 +498,10 @@ class Shaper:
         """Forget lanes that are idle, unsuspended and at their ceiling: a new lane would be the same.
 
         And renew the connection leases of attempts still running once half their time to live is gone
-        (the dispatcher calls this every second).
+        (the dispatcher calls this every second), and learn of suspensions in force that this node's
+        lanes have not seen (set by another node sharing the throttles, or an operator there).
         """
+        self._learn_suspensions(now)
         idle = []
         renew_before = now + LEASE_TTL_S / 2
         for key, lane in self.lanes.items():
@@ -490,6 +520,19 @@ class Shaper:
             self._forget_groups()
         for key in idle:
             del self.lanes[key]
+
+    def _learn_suspensions(self, now: float) -> None:
+        """One question for every lane not known to be suspended: a lane left out of gates (surely open)
+        would otherwise go on sending where another node was told to stop, until its own reply said so."""
+        unaware = [lane for lane in self.lanes.values() if not lane.suspended_until]
+        if not unaware:
+            return
+        found = self.throttles.suspensions([lane.key for lane in unaware], now)
+        for lane in unaware:
+            suspension = found.get(lane.key)
+            if suspension is not None:
+                lane.suspended_until = suspension.until
+                lane._mark()
 
 
 def describe_lane(lane: Lane, now: float) -> dict[str, object]:

@@ -1,0 +1,281 @@
+"""Mail that comes back: delivery status notifications and complaint reports sent to the return-path domain.
+
+A receiver that took a message and later could not deliver it sends a DSN (RFC 3464: multipart/report,
+report-type=delivery-status) to the envelope sender - with [verp], a return path that names the message and
+the recipient (reputation/verp.py). A mailbox provider's feedback loop sends an ARF report (RFC 5965:
+report-type=feedback-report) when a recipient marks the message as spam, to the return path or to an address
+registered with it; the original message rides along, and its Return-Path field holds the return path.
+
+Reading (`read_report`) is apart from acting (`ReturnedMail.take`): a DSN's per-recipient blocks, an ARF
+report's fields, and, for the many bounces that are no DSN at all (old qmail, Exchange's, vacation-style
+texts), GNU Mailman's detectors (flufl.bounce). What it finds becomes events - `Bounce` with
+`tags.async = "true"`, `Complaint` - which the suppression list and the reputation breaker act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.message
+import email.policy
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+from flufl.bounce import all_failures
+
+from postmux.envelope import Envelope, domain_of
+from postmux.events.types import Event, EventType
+from postmux.reply import Reply
+from postmux.reputation.bounces import reply_from_dsn
+from postmux.reputation.verp import ReturnedFor, VerpCodec
+
+log = structlog.get_logger("postmux.returns")
+
+ReportKind = Literal["bounce", "delayed", "complaint"]
+_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One recipient's fate as the returned mail tells it."""
+
+    kind: ReportKind
+    recipient: str = ""  # as reported (Final-Recipient, Original-Rcpt-To); "" when the report hides it
+    status: str = ""  # the enhanced status code, "5.1.1"
+    diagnostic: str = ""  # what the receiver said ("550 5.1.1 <x>: user unknown")
+    reporting_mta: str = ""
+    source_ip: str = ""  # ARF: the IP the reported message came from
+    feedback_type: str = ""  # ARF: abuse, fraud, virus, other, not-spam
+    return_path: str = ""  # the original message's Return-Path, when the report carries it
+
+    def reply(self) -> Reply:
+        """The receiver's reply as postmux's events carry it (bounces.reply_from_dsn)."""
+        reply = reply_from_dsn(self.status, self.diagnostic)
+        if reply.text:
+            return reply
+        said = f"reported by {self.reporting_mta}" if self.reporting_mta else "returned without a reason"
+        return Reply(reply.code, reply.enhanced_code, said)
+
+
+def _parse(text: bytes) -> email.message.Message:
+    # compat32: the most forgiving parser; bounce texts are often malformed (RFC 5322 or not).
+    return email.message_from_bytes(text, policy=email.policy.compat32)
+
+
+def _field(headers: email.message.Message, name: str) -> str:
+    value = headers.get(name, "")
+    return " ".join(str(value).split())
+
+
+def _inner(part: email.message.Message) -> list[email.message.Message]:
+    """The header blocks or messages a message/* part holds (the stdlib parses them into Messages)."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [m for m in payload if isinstance(m, email.message.Message)]
+    raw = part.get_payload(decode=True)
+    return [_parse(raw)] if isinstance(raw, bytes) and raw else []
+
+
+def _typed(value: str) -> str:
+    """An address-type field ("rfc822; user@example.com") without its type."""
+    return value.split(";", 1)[-1].strip().strip("<>")
+
+
+def read_report(text: bytes) -> list[Report]:
+    """What a returned message says, recipient by recipient (empty: nothing we can use)."""
+    msg = _parse(text)
+    report_type = str(msg.get_param("report-type", "", header="content-type") or "").lower()
+    if msg.get_content_type() == "multipart/report" and report_type == "feedback-report":
+        return _complaints(msg)
+    if msg.get_content_type() == "multipart/report" and report_type == "delivery-status":
+        found = _dsn(msg)
+        if found:
+            return found
+    temporary, permanent = all_failures(msg)
+    # No status to go by: a permanent failure is 5.0.0, a temporary one 4.0.0 (RFC 3463 X.0.0).
+    return [Report("bounce", a.decode(errors="replace"), "5.0.0") for a in sorted(permanent)] + [
+        Report("delayed", a.decode(errors="replace"), "4.0.0") for a in sorted(temporary)
+    ]
+
+
+def _dsn(msg: email.message.Message) -> list[Report]:
+    """RFC 3464 2: a per-message block (Reporting-MTA) and a block per recipient."""
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        blocks = _inner(part)
+        if not blocks:
+            return []
+        reporting = _typed(_field(blocks[0], "Reporting-MTA"))
+        reports = []
+        for block in blocks[1:]:
+            action = _field(block, "Action").lower()
+            kind: ReportKind | None = (
+                "bounce" if action == "failed" else "delayed" if action == "delayed" else None
+            )
+            if kind is None:  # delivered, relayed, expanded: nothing went wrong
+                continue
+            recipient = _typed(_field(block, "Final-Recipient") or _field(block, "Original-Recipient"))
+            m = _STATUS.search(_field(block, "Status"))
+            reports.append(
+                Report(
+                    kind,
+                    recipient,
+                    m.group(0) if m else "",
+                    _field(block, "Diagnostic-Code"),
+                    reporting,
+                    return_path=_original_return_path(msg),
+                )
+            )
+        return reports
+    return []
+
+
+def _complaints(msg: email.message.Message) -> list[Report]:
+    """RFC 5965 3.1: the machine-readable part's fields; the original's Return-Path names our message."""
+    for part in msg.walk():
+        if part.get_content_type() != "message/feedback-report":
+            continue
+        inner = _inner(part)
+        if not inner:
+            return []
+        fields = inner[0]
+        return [
+            Report(
+                "complaint",
+                _typed(_field(fields, "Original-Rcpt-To")),
+                feedback_type=_field(fields, "Feedback-Type").lower(),
+                reporting_mta=_field(fields, "Reporting-MTA") or _field(fields, "User-Agent"),
+                source_ip=_field(fields, "Source-IP"),
+                return_path=_original_return_path(msg),
+            )
+        ]
+    return []
+
+
+def _original_return_path(msg: email.message.Message) -> str:
+    """The Return-Path of the original message (or its header section) that a report carries."""
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype in ("message/rfc822", "message/rfc822-headers", "text/rfc822-headers"):
+            inner = _inner(part)
+            return _typed(_field(inner[0], "Return-Path")) if inner else ""
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Matched:
+    report: Report
+    sent: ReturnedFor
+
+
+def match(reports: Iterable[Report], envelope_recipients: Iterable[str], codec: VerpCodec) -> list[Matched]:
+    """Each report tied to the message and recipient it is about, through a VERP return path: the one the
+    report was sent to, else the one in the original's Return-Path. A report naming another recipient than
+    the return path does (a forwarded address) is still about the return path's recipient."""
+    sent_to = [s for s in (codec.read(r) for r in envelope_recipients) if s is not None]
+    matched = []
+    for report in reports:
+        sent = codec.read(report.return_path) if report.return_path else None
+        if sent is None and len(sent_to) == 1:
+            sent = sent_to[0]
+        if sent is None:
+            sent = next((s for s in sent_to if s.recipient == report.recipient.lower()), None)
+        if sent is not None:
+            matched.append(Matched(report, sent))
+    return matched
+
+
+Classify = Callable[[Reply], str]
+Destination = Callable[[str], str]  # a recipient domain -> its destination (a provider, else the domain)
+SenderOf = Callable[[str], tuple[str, str] | None]  # a source IP -> (pool, member) sending from it
+# Reports are short; a "report" of megabytes is something else, and only its head is read.
+MAX_REPORT_OCTETS = 1 << 20
+
+
+class ReturnedMail:
+    """Reads mail sent to the return-path domain into the events it tells of (the acceptor records and
+    emits them: the suppression list first, so a 250 means the entries are on disk)."""
+
+    def __init__(
+        self,
+        codec: VerpCodec,
+        destination: Destination,
+        sender_of: SenderOf = lambda ip: None,
+        classify: Classify = lambda reply: "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.codec = codec
+        self.destination = destination
+        self.sender_of = sender_of
+        self.classify = classify
+        self.clock = clock
+
+    def takes(self, envelope: Envelope) -> bool:
+        """Whether this is returned mail: every recipient is at the return-path domain."""
+        return bool(envelope.recipients) and all(self.codec.is_return_address(r) for r in envelope.recipients)
+
+    def read(self, envelope: Envelope) -> list[Event]:
+        """Read and match; returns the events. The text's file, if it had one, is removed."""
+        text = envelope.data
+        if envelope.tail is not None:
+            text += envelope.tail.head(max(0, MAX_REPORT_OCTETS - len(text)))
+            with contextlib.suppress(OSError):
+                os.unlink(envelope.tail.path)
+        reports = read_report(text[:MAX_REPORT_OCTETS])
+        matched = match(reports, envelope.recipients, self.codec)
+        now = self.clock()
+        events = [e for m in matched if (e := self._event(m, envelope, now)) is not None]
+        log.info(
+            "returned mail taken",
+            client=envelope.client_ip,
+            reports=len(reports),
+            matched=len(matched),
+            events=[f"{e.type.value} {e.recipient}" for e in events],
+        )
+        return events
+
+    def _event(self, m: Matched, envelope: Envelope, now: float) -> Event | None:
+        report, sent = m.report, m.sent
+        destination = self.destination(domain_of(sent.recipient))
+        if report.kind == "complaint":
+            tags = {"async": "true", "feedback_type": report.feedback_type or "abuse"}
+            if report.reporting_mta:
+                tags["reporting_mta"] = report.reporting_mta
+            # The report's Source-IP names the member that sent it, so the breaker can count it against
+            # that IP's lane toward this provider.
+            pool, member = self.sender_of(report.source_ip) or ("", "")
+            return Event(
+                EventType.COMPLAINT,
+                id=sent.message_id,
+                recipient=sent.recipient,
+                queue=f"{pool}/{destination}",
+                pool=pool,
+                member=member,
+                source_ip=report.source_ip,
+                tags=tags,
+                timestamp=now,
+            )
+        if report.kind == "delayed":
+            return None  # the receiver is still trying: nothing to act on yet
+        reply = report.reply()
+        if not reply.is_permanent:
+            return None
+        tags = {"async": "true"}
+        if report.reporting_mta:
+            tags["reporting_mta"] = report.reporting_mta
+        return Event(
+            EventType.BOUNCE,
+            id=sent.message_id,
+            recipient=sent.recipient,
+            queue=f"/{destination}",
+            response=reply,
+            tags=tags,
+            timestamp=now,
+            bounce_class=self.classify(reply),
+        )

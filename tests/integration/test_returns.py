@@ -1,0 +1,150 @@
+"""VERP end to end: mail goes out with a return path per recipient; a DSN and an ARF report sent back to
+postmux's return-path domain are matched to the message and the recipient they are about."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from postmux.app import App
+from tests.support import StartUpstream, make_settings, read_events, send, wait_until
+from tests.unit.test_returns import ARF, POSTFIX_DSN
+
+DOMAIN = "bounces.example.com"
+
+
+def verp_settings(tmp_path: Path, address: str, **sections: Any) -> Any:
+    secret = tmp_path / "verp.secret"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef")
+    pools = [
+        {
+            "name": "default",
+            "members": [{"name": "relay-a", "address": address, "sending_ips": ["192.0.2.10"]}],
+        }
+    ]
+    return make_settings(tmp_path, pools, verp={"domain": DOMAIN, "secret_file": str(secret)}, **sections)
+
+
+async def hand_back(port: int, to: str, text: bytes) -> str:
+    """What a receiver's MTA does: the report, from the null sender, to the return path."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, local_hostname="mx.dest.example", start_tls=False
+    )
+    await client.connect()
+    try:
+        await client.sendmail("", [to], text)
+        reply = await client.quit()
+    finally:
+        client.close()
+    return str(reply)
+
+
+async def test_each_recipient_gets_its_own_return_path_and_a_dsn_to_it_is_matched(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "two", to=["user@dest.example", "other@dest.example"])
+        await wait_until(lambda: len(up.received) == 2)
+        await wait_until(lambda: any(e["type"] == "Delivery" for e in read_events(events)))
+        message_id = next(e["id"] for e in read_events(events) if e["type"] == "Reception")
+        by_recipient = {tuple(r.recipients): r.sender for r in up.received}
+        assert set(by_recipient) == {("user@dest.example",), ("other@dest.example",)}  # one transaction each
+        return_path = by_recipient[("user@dest.example",)]
+        assert return_path.startswith(f"b.{message_id}.") and return_path.endswith(
+            f".user=dest.example@{DOMAIN}"
+        )
+        assert by_recipient[("other@dest.example",)].endswith(f".other=dest.example@{DOMAIN}")
+        assert up.received[0].data == up.received[1].data  # the text is the same; only the envelope differs
+
+        # The receiver later bounces user@dest.example: its DSN goes to that recipient's return path.
+        dsn = POSTFIX_DSN.replace(
+            b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com", return_path.encode()
+        )
+        await hand_back(app.smtp_port, return_path, dsn)
+        await wait_until(lambda: any(e["type"] == "Bounce" for e in read_events(events)))
+        assert len(up.received) == 2  # returned mail is taken, never relayed
+        # The hard bounce suppressed its recipient (on disk before the 250): the next message to it is
+        # refused at RCPT, its other recipient still goes.
+        found = app.suppressions.find("user@dest.example")
+        assert found is not None and found.source == "bounce"
+        try:
+            await send(app.smtp_port, "again", to=["user@dest.example"])
+        except aiosmtplib.SMTPRecipientRefused as e:
+            assert e.code == 550 and "suppressed (bounce: InvalidRecipient" in e.message
+        else:
+            raise AssertionError("a suppressed recipient was taken")
+        await send(app.smtp_port, "other", to=["other@dest.example"])
+        await wait_until(lambda: len(up.received) == 3)
+    bounce = next(e for e in read_events(events) if e["type"] == "Bounce")
+    assert (bounce["id"], bounce["recipient"]) == (message_id, "user@dest.example")
+    assert bounce["bounce_class"] == "InvalidRecipient"
+    assert bounce["response"]["code"] == 550 and bounce["response"]["enhanced_code"] == "5.1.1"
+    assert bounce["tags"]["async"] == "true" and bounce["tags"]["reporting_mta"] == "mx.dest.example"
+    assert bounce["queue"] == "/dest.example"
+
+
+async def test_an_arf_report_to_the_feedback_address_is_a_complaint_about_the_message(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "spammy", to=["user@dest.example"])
+        await wait_until(lambda: len(up.received) == 1)
+        await wait_until(lambda: any(e["type"] == "Delivery" for e in read_events(events)))
+        message_id = next(e["id"] for e in read_events(events) if e["type"] == "Reception")
+        report = ARF.replace(
+            b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com",
+            up.received[0].sender.encode(),
+        )
+        # Feedback loops send to the address registered with them, not to the return path.
+        await hand_back(app.smtp_port, f"fbl@{DOMAIN}", report)
+        await wait_until(lambda: any(e["type"] == "Complaint" for e in read_events(events)))
+        found = app.suppressions.find("user@dest.example")
+        assert found is not None and found.source == "complaint" and found.reason == "complaint (abuse)"
+    complaint = next(e for e in read_events(events) if e["type"] == "Complaint")
+    assert (complaint["id"], complaint["recipient"]) == (message_id, "user@dest.example")
+    assert complaint["source_ip"] == "192.0.2.10" and complaint["member"] == "relay-a"
+    assert complaint["pool"] == "default" and complaint["queue"] == "default/dest.example"
+    assert complaint["tags"]["feedback_type"] == "abuse"
+
+
+async def test_a_forged_report_is_taken_and_changes_nothing(tmp_path: Path, upstream: StartUpstream) -> None:
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        forged = f"b.0193a5f2c8b1deadbeef.aaaaaaaaaaaaaaaa.user=dest.example@{DOMAIN}"
+        reply = await hand_back(app.smtp_port, forged, POSTFIX_DSN)
+        assert reply.startswith("221")
+    assert not [e for e in read_events(events) if e["type"] in ("Bounce", "Complaint", "Reception")]
+    assert not up.received
+
+
+async def test_returned_mail_and_other_mail_are_not_mixed_in_one_transaction(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    async with App(settings) as app:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=app.smtp_port, local_hostname="c.test", start_tls=False
+        )
+        await client.connect()
+        try:
+            await client.mail("")
+            await client.rcpt(f"fbl@{DOMAIN}")
+            try:
+                await client.rcpt("user@dest.example")
+            except aiosmtplib.SMTPRecipientRefused as e:
+                assert e.code == 452 and "transaction of its own" in e.message
+            else:
+                raise AssertionError("a second kind of recipient was taken")
+        finally:
+            client.close()

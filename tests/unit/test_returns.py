@@ -1,0 +1,235 @@
+"""VERP return paths and the reading of returned mail: DSNs (RFC 3464), ARF reports (RFC 5965), and
+bounces that are neither (GNU Mailman's detectors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postmux.config import ConfigError, VerpSettings, settings_from_dict
+from postmux.reputation.returns import Report, match, read_report
+from postmux.reputation.verp import VerpCodec
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory: pytest.TempPathFactory) -> VerpCodec:
+    path = tmp_path_factory.mktemp("verp") / "verp.secret"
+    path.write_bytes(SECRET)
+    return VerpCodec(VerpSettings(domain="bounces.example.com", secret_file=str(path)))
+
+
+def test_a_return_path_names_the_message_and_the_recipient(codec: VerpCodec) -> None:
+    path = codec.return_path("0193a5f2c8b1deadbeef", "Jane.Doe+news@Dest.example")
+    assert path is not None
+    local, _, domain = path.rpartition("@")
+    assert domain == "bounces.example.com" and local.startswith("b.0193a5f2c8b1deadbeef.")
+    assert local.endswith(".jane.doe+news=dest.example")
+    sent = codec.read(path)
+    assert sent is not None
+    assert (sent.message_id, sent.recipient) == ("0193a5f2c8b1deadbeef", "jane.doe+news@dest.example")
+    assert codec.read(path.upper()) == sent  # a local part whose case was folded on the way still reads
+
+
+ATEXT = "abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+/=?^_`{|}~-"
+
+
+@given(
+    st.text(ATEXT, min_size=1, max_size=20),
+    st.text(ATEXT, min_size=1, max_size=20),
+    st.from_regex(r"[a-z0-9]{1,10}\.[a-z]{2,6}", fullmatch=True),
+)
+def test_any_dot_atom_recipient_reads_back(codec: VerpCodec, a: str, b: str, domain: str) -> None:
+    recipient = f"{a}.{b}@{domain}"
+    path = codec.return_path("0193a5f2c8b1deadbeef", recipient)
+    assert path is not None
+    sent = codec.read(path)
+    assert sent is not None and sent.recipient == recipient.lower()
+
+
+def test_a_forged_or_altered_return_path_reads_as_nothing(codec: VerpCodec) -> None:
+    path = codec.return_path("0193a5f2c8b1deadbeef", "user@dest.example")
+    assert path is not None
+    assert codec.read(path.replace("user=dest", "other=dest")) is None  # another recipient, same mac
+    assert codec.read(path.replace("0193a5f2c8b1", "0193a5f2c8b2")) is None  # another message
+    assert codec.read("b.0193a5f2c8b1deadbeef.aaaaaaaaaaaaaaaa.user=dest.example@bounces.example.com") is None
+    assert codec.read(path.replace("bounces.example.com", "elsewhere.example")) is None
+    assert codec.read("postmaster@bounces.example.com") is None
+
+
+def test_a_quoted_local_part_keeps_the_plain_sender(codec: VerpCodec) -> None:
+    assert codec.return_path("0193a5f2c8b1deadbeef", '"john doe"@dest.example') is None
+
+
+def test_verp_needs_a_readable_secret_of_16_octets(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_bytes(b"tooshort")
+    base = {"pool": [{"name": "default", "members": [{"name": "a", "address": "127.0.0.1:25"}]}]}
+    for verp, why in [
+        ({"domain": "b.example"}, "needs a secret_file"),
+        ({"domain": "b.example", "secret_file": str(short)}, "16 or more"),
+        ({"domain": "b.example", "secret_file": str(tmp_path / "none")}, "cannot be read"),
+        ({"domain": "b.example", "secret_file": str(short), "pools": ["nope"]}, "16 or more"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            settings_from_dict({**base, "verp": verp})
+    (tmp_path / "good").write_bytes(SECRET)
+    with pytest.raises(ConfigError, match="no pool named 'nope'"):
+        settings_from_dict(
+            {
+                **base,
+                "verp": {"domain": "b.example", "secret_file": str(tmp_path / "good"), "pools": ["nope"]},
+            }
+        )
+
+
+POSTFIX_DSN = b"""\
+From: MAILER-DAEMON@mx.dest.example (Mail Delivery System)
+Subject: Undelivered Mail Returned to Sender
+To: b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="B1"
+
+--B1
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host mx.dest.example.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients.
+
+<user@dest.example>: host store.dest.example[10.0.0.5] said: 550 5.1.1
+    <user@dest.example>: Recipient address rejected: User unknown in local
+    recipient table (in reply to RCPT TO command)
+
+--B1
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.dest.example
+X-Postfix-Queue-ID: 4F3A2B1C
+Arrival-Date: Mon, 30 Nov 2026 20:00:00 +0000 (UTC)
+
+Final-Recipient: rfc822; user@dest.example
+Original-Recipient: rfc822;user@dest.example
+Action: failed
+Status: 5.1.1
+Remote-MTA: dns; store.dest.example
+Diagnostic-Code: smtp; 550 5.1.1 <user@dest.example>: Recipient address rejected:
+    User unknown in local recipient table
+
+Final-Recipient: rfc822; slow@dest.example
+Action: delayed
+Status: 4.4.1
+Diagnostic-Code: X-Postfix; connect to store.dest.example[10.0.0.5]:25: Connection timed out
+
+--B1
+Content-Description: Undelivered Message Headers
+Content-Type: text/rfc822-headers
+
+Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>
+From: news@example.com
+To: user@dest.example
+Subject: hello
+
+--B1--
+""".replace(b"\n", b"\r\n")
+
+
+def test_a_dsn_says_who_failed_why_and_who_is_still_tried() -> None:
+    failed, delayed = read_report(POSTFIX_DSN)
+    assert (failed.kind, failed.recipient, failed.status) == ("bounce", "user@dest.example", "5.1.1")
+    assert failed.reporting_mta == "mx.dest.example"
+    assert failed.return_path.startswith("b.0193a5f2c8b1deadbeef.")
+    reply = failed.reply()
+    assert (reply.code, reply.enhanced_code) == (550, "5.1.1")
+    assert reply.text.startswith("<user@dest.example>: Recipient address rejected: User unknown")
+    assert (delayed.kind, delayed.recipient, delayed.status) == ("delayed", "slow@dest.example", "4.4.1")
+
+
+ARF = b"""\
+From: <staff@hotmail.example>
+To: <fbl@bounces.example.com>
+Subject: complaint about message from 192.0.2.10
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report;
+\tboundary="part1"
+
+--part1
+Content-Type: text/plain; charset="US-ASCII"
+
+This is an email abuse report for an email message received from IP 192.0.2.10.
+
+--part1
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: SomeGenerator/1.0
+Version: 1
+Original-Mail-From: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>
+Original-Rcpt-To: <user@dest.example>
+Arrival-Date: Mon, 30 Nov 2026 20:00:00 +0000
+Source-IP: 192.0.2.10
+Reported-Domain: example.com
+
+--part1
+Content-Type: message/rfc822
+Content-Disposition: inline
+
+Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>
+From: <news@example.com>
+To: <user@dest.example>
+Subject: buy now
+
+Spam body.
+--part1--
+""".replace(b"\n", b"\r\n")
+
+
+def test_an_arf_report_is_a_complaint_with_its_source_ip() -> None:
+    (report,) = read_report(ARF)
+    assert report.kind == "complaint" and report.feedback_type == "abuse"
+    assert report.recipient == "user@dest.example" and report.source_ip == "192.0.2.10"
+    assert report.return_path.startswith("b.0193a5f2c8b1deadbeef.")
+
+
+QMAIL = b"""\
+From: MAILER-DAEMON@mail.dest.example
+To: b.x@bounces.example.com
+Subject: failure notice
+
+Hi. This is the qmail-send program at mail.dest.example.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<gone@dest.example>:
+Sorry, no mailbox here by that name. (#5.1.1)
+
+--- Below this line is a copy of the message.
+""".replace(b"\n", b"\r\n")
+
+
+def test_a_bounce_that_is_no_dsn_is_read_by_mailmans_detectors() -> None:
+    (report,) = read_report(QMAIL)
+    assert (report.kind, report.recipient) == ("bounce", "gone@dest.example")
+    assert report.reply().code == 550
+
+
+def test_reports_match_through_the_return_path_they_were_sent_to_or_carry(codec: VerpCodec) -> None:
+    path = codec.return_path("0193a5f2c8b1deadbeef", "user@dest.example")
+    assert path is not None
+    bounce = Report("bounce", "user@dest.example", "5.1.1")
+    # Sent to the return path itself.
+    (m,) = match([bounce], [path], codec)
+    assert (m.sent.message_id, m.sent.recipient) == ("0193a5f2c8b1deadbeef", "user@dest.example")
+    # Sent to another address of the domain (a feedback loop's), the original's Return-Path names it.
+    complaint = Report("complaint", "", return_path=path)
+    assert match([complaint], ["fbl@bounces.example.com"], codec)[0].sent == m.sent
+    # Neither: nothing to act on (a forged report, or one about mail that was not ours).
+    assert match([bounce], ["fbl@bounces.example.com"], codec) == []
