@@ -152,7 +152,9 @@ class Dashboard:
         except Exception as e:  # the page says so and goes on; the next read may work
             return {"error": f"the spool could not answer: {e}", "destinations": []}
 
-    async def snapshot(self, after_seq: int, with_queue: bool) -> dict[str, Any]:
+    async def snapshot(
+        self, after_seq: int, with_queue: bool, events: int = EVENTS_PER_TICK
+    ) -> dict[str, Any]:
         members = self.members()
         out: dict[str, Any] = {
             "now": self.clock(),
@@ -160,7 +162,7 @@ class Dashboard:
             "pools": self.pools(members),
             "series": self.history.series(),
             "lanes": self.control.shaping(),
-            "events": self.history.events_after(after_seq, EVENTS_PER_TICK),
+            "events": self.history.events_after(after_seq, events),
             "seq": self.history.seq,
         }
         if with_queue:
@@ -177,7 +179,9 @@ class Dashboard:
                 with_queue = now - last_queue >= QUEUE_EVERY_S
                 if with_queue:
                     last_queue = now
-                snap = await self.snapshot(seq, with_queue)
+                # The first snapshot brings the whole ring (1,000 events), later ones what is new.
+                limit = EVENTS_PER_TICK if seq else self.history.recent.maxlen or EVENTS_PER_TICK
+                snap = await self.snapshot(seq, with_queue, limit)
                 seq = snap["seq"]
                 yield {"event": "snapshot", "data": json.dumps(snap, separators=(",", ":"))}
                 with contextlib.suppress(TimeoutError):
