@@ -26,7 +26,15 @@ from postmux.config.references import (
     unsubscribe_problems,
     zone_notes,
 )
-from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
+from postmux.config.reputation import (
+    BlocklistSettings,
+    BlocklistZone,
+    BounceSettings,
+    BreakerSettings,
+    SuppressedAction,
+    SuppressionSettings,
+    VerpSettings,
+)
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -63,9 +71,6 @@ from postmux.config.sections import (
 )
 from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
-    BlocklistSettings,
-    BlocklistZone,
-    BreakerSettings,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -74,7 +79,6 @@ from postmux.config.shaping import (
     ShapingSettings,
     SpfSettings,
     ThrottlesSettings,
-    VerpSettings,
 )
 from postmux.config.values import (
     Duration,
