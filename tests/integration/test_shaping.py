@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from postmux.app import App
 from postmux.config import RouteSettings
 from postmux.scheduling.warmup import SqliteWarmupCounts
-from tests.support import Upstream, make_settings, read_events, send, send_many, wait_until
+from tests.support import StartUpstream, Upstream, make_settings, read_events, send, send_many, wait_until
 
 PROVIDERS = [
     {"name": "slowprov", "domains": ["slow.test"]},
@@ -25,8 +24,10 @@ def relay(name: str, up: Upstream, **extra: Any) -> dict[str, Any]:
     return {"name": name, "address": up.address, **extra}
 
 
-async def test_a_providers_rate_holds_while_another_provider_is_not_slowed(tmp_path: Path) -> None:
-    up = await Upstream("up").start()
+async def test_a_providers_rate_holds_while_another_provider_is_not_slowed(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")  # stopped by the fixture, even when the test fails
     shaping = {"aimd": "off", "provider": PROVIDERS, "rule": [{"destination": "slowprov", "rate": "360/min"}]}
     settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
     async with App(settings) as app:
@@ -40,9 +41,10 @@ async def test_a_providers_rate_holds_while_another_provider_is_not_slowed(tmp_p
     # 360/min is one every 1/6 s, evenly spaced: 50 take about 49/6 = 8.2 s, never faster.
     span = slow[-1] - slow[0]
     assert 49 / 6 * 0.9 <= span <= 49 / 6 * 1.1 + 0.5, span
-    assert all(b - a >= 1 / 6 * 0.8 for a, b in itertools.pairwise(slow))
+    # Never a burst: no 7 in under a second (one gap may look short at the receiver when the message
+    # before it took longer on the way, but the rate's turns are never taken early).
+    assert all(b - a >= 0.8 for a, b in zip(slow, slow[6:], strict=False))
     assert fast_done < 4.0  # the other provider went at full speed meanwhile
-    await up.stop()
 
 
 def refuse_domain(domain: str, reply: str) -> Any:
@@ -85,8 +87,10 @@ async def test_a_421_suspends_only_that_member_and_provider_and_its_mail_moves(t
         await u.stop()
 
 
-async def test_max_recipients_splits_a_message_into_transactions(tmp_path: Path) -> None:
-    up = await Upstream("up").start()
+async def test_max_recipients_splits_a_message_into_transactions(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("up")  # stopped by the fixture, even when the test fails
     shaping = {"rule": [{"destination": "dest.test", "max_recipients": 2}]}
     settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
     async with App(settings) as app:
@@ -96,8 +100,8 @@ async def test_max_recipients_splits_a_message_into_transactions(tmp_path: Path)
     await up.stop()
 
 
-async def test_messages_per_connection_is_a_lane_limit(tmp_path: Path) -> None:
-    up = await Upstream("up").start()
+async def test_messages_per_connection_is_a_lane_limit(tmp_path: Path, upstream: StartUpstream) -> None:
+    up = await upstream("up")  # stopped by the fixture, even when the test fails
     shaping = {"rule": [{"destination": "dest.test", "max_messages_per_connection": 2}]}
     settings = make_settings(tmp_path, [{"name": "default", "members": [relay("a", up)]}], shaping=shaping)
     async with App(settings) as app:
