@@ -61,6 +61,12 @@ def postgres_database() -> Iterator[TestDatabase]:
 
 
 @pytest.fixture
+def postgres_dsn(postgres_database: TestDatabase) -> str:
+    """A schema of this test's own in the session's database, as a DSN whose search_path it is."""
+    return postgres_database.new_schema()
+
+
+@pytest.fixture
 async def upstream() -> AsyncIterator[StartUpstream]:
     """Start upstream SMTP servers that are stopped (sockets closed) even when the test fails."""
     started: list[Upstream] = []

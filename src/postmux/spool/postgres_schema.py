@@ -135,6 +135,16 @@ async def migrate(conn: asyncpg.Connection) -> tuple[int, int]:
     return before, LATEST
 
 
+async def migrate_database(dsn: str) -> tuple[int, int]:
+    """`postmux migrate`: connect, migrate, disconnect. SchemaError for a newer schema; asyncpg's errors
+    (unreachable server, refused login) as they come."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def prepare(conn: asyncpg.Connection) -> None:
     """At open: create the tables in an empty database; refuse one at another version."""
     found = await version(conn)
