@@ -74,3 +74,19 @@ bench-http: setup
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+
+# The dashboard's charts (uPlot) are vendored into the package (src/postmux/admin/static/vendor/README.md
+# says why): this takes the pinned version again from the npm registry and checks it against the digests.
+UPLOT_VERSION = 1.6.32
+VENDOR = src/postmux/admin/static/vendor
+.PHONY: vendor-uplot
+vendor-uplot:
+	rm -rf build/uplot && mkdir -p build/uplot
+	cd build/uplot && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null && tar xzf uplot-$(UPLOT_VERSION).tgz
+	cp build/uplot/package/dist/uPlot.iife.min.js build/uplot/package/dist/uPlot.min.css $(VENDOR)/
+	cp build/uplot/package/LICENSE $(VENDOR)/uPlot.LICENSE
+	cd $(VENDOR) && grep -E '^    [0-9a-f]{64}  ' README.md | sed 's/^    //' | sha256sum -c
+
+.PHONY: bench-dashboard
+bench-dashboard: setup
+	$(BIN)/python bench/dashboard.py

@@ -22,6 +22,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from postmux.admin.api import admin_api
 from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.dashboard import Dashboard
+from postmux.admin.gauges import NodeGauges
+from postmux.admin.history import History
 from postmux.admin.queue import KnownDestinations
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
@@ -38,7 +41,7 @@ from postmux.events.metrics import Metrics
 from postmux.events.types import Event, EventType
 from postmux.events.webhooks import Webhooks
 from postmux.ingress.acceptor import Acceptor
-from postmux.ingress.http import HttpServer, make_http_app
+from postmux.ingress.http import HttpServer, make_http_app, refusal_counter
 from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.unsubscribe import Unsubscribes
@@ -116,6 +119,9 @@ class App:
         self.event_log = JsonLinesLog(settings.events.log)
         self.bus.subscribe(self.event_log)
         self.bus.subscribe(self.metrics)
+        # The dashboard's hour in memory: an O(1) append per event, read only while a page watches.
+        self.history = History(clock)
+        self.bus.subscribe(self.history)
         self.spool = make_spool(settings.spool)
         # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
         # share it (postmux.reputation.suppression).
@@ -217,16 +223,21 @@ class App:
         self.submissions = Submissions(
             self.acceptor, self.spool, settings, ThrottleTurns(self.throttles), clock
         )
+        self.dashboard = Dashboard(self.control, self.history, settings.http.admin_token, clock)
         self.http = HttpServer(
             settings.http,
             make_http_app(
                 self.metrics,
                 admin_api(self.control, settings.http.admin_token, PUBLIC_ROUTES),
                 self.submissions.mount,
+                self.dashboard.mount,
+                refusal_counter(self.metrics.count_refusal, PUBLIC_ROUTES),
                 self.unsubscribes.mount,
             ),
         )
         self.metrics.add_live(self._live_gauges)
+        self.node_gauges = NodeGauges(self.control, clock)
+        self.metrics.add_live(self.node_gauges.collect)
         self._smtp: asyncio.Server | None = None
         self.workers: IngressWorkers | None = None
         self._queue_counts: dict[str, int] = {}
@@ -296,6 +307,7 @@ class App:
         self._undo.append(("stop the http listener", self.http.stop))
         with _starting(f"[http] listen {settings.http.listen}"):
             await self.http.start()
+        self._undo.append(("close the dashboard's pages", self.dashboard.close))
         self._undo.append(("stop counting the queue", self._stop_counting))
         self._undo.append(("leave the shared throttles", self._leave_throttles))
         self._join_throttles()
@@ -334,6 +346,7 @@ class App:
                     settings.smtp,
                     self.acceptor,
                     spill_dir=self.spool.spill_dir,
+                    refused=lambda reason: self.metrics.count_refusal("smtp", reason),
                     return_domains=self._return_domains(),
                     suppressions=self.suppressions,
                 )
@@ -637,14 +650,22 @@ class App:
                 self._queue_counts = await self.spool.counts()
             except Exception as e:
                 log.warning("queue count failed", error=str(e))
+            await self.node_gauges.refresh_queue()  # every QUEUE_EVERY_S, not every count
             await asyncio.sleep(2.0)
 
     def _live_gauges(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         queue = GaugeMetricFamily(
-            "postmux_queue_messages", "Recipients in the spool by state", labels=["state"]
+            "postmux_queue_messages",
+            "Recipients (not messages: the name is older than this text) in the spool by state; "
+            "the same as postmux_queue_recipients",
+            labels=["state"],
+        )
+        recipients = GaugeMetricFamily(
+            "postmux_queue_recipients", "Recipients in the spool by state", labels=["state"]
         )
         for state, n in self._queue_counts.items():
             queue.add_metric([state], n)
+            recipients.add_metric([state], n)
         up = GaugeMetricFamily(
             "postmux_member_up", "1 when the member may be picked", labels=["pool", "member"]
         )
@@ -670,4 +691,4 @@ class App:
             "postmux_suppression_entries", "Entries of the suppression list that stop mail (not expired)"
         )
         suppression.add_metric([], self.suppressions.active())
-        return [queue, up, conns, in_flight, commits, suppression]
+        return [queue, recipients, up, conns, in_flight, commits, suppression]

@@ -696,6 +696,23 @@ def reload(
     _admin(config, url, token).post("/reload", as_json=json or not sys.stdout.isatty())
 
 
+@app.command()
+def top(
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    interval: Annotated[float, typer.Option(help="Seconds between frames.", min=0.2)] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+) -> None:
+    """The dashboard at a glance in the terminal: members, redundancy, throughput, queues (Ctrl-C quits)."""
+    from rich.console import Console
+
+    from postmux.admin import top as view
+
+    client = _admin(config, url, token)
+    view.run(lambda: client.get("/dashboard"), interval, once, Console())
+
+
 suppression_app = typer.Typer(
     rich_markup_mode=None,
     help="The suppression list: recipients who get no more mail (list, add, remove, import, export CSV).",

@@ -46,6 +46,10 @@ class AdminClient:
             raise typer.Exit(EXIT_FAILED)
         return body
 
+    def get(self, path: str) -> dict[str, Any]:
+        """GET an admin route's JSON; a refusal or no answer exits with the error said (as every verb)."""
+        return self._call("GET", path)
+
     def _request(
         self,
         method: str,

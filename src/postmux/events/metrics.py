@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from postmux import __version__
 from postmux.events.types import Event, EventType
 
 _RESULT = {
@@ -79,6 +81,29 @@ class Metrics:
             ["endpoint", "result"],
             registry=self.registry,
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, ...
+        ProcessCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "postmux_build_info",
+            "Always 1; the labels say which postmux runs, on which Python",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.dsns = Counter(
+            "postmux_dsns_sent",
+            "Null-sender recipients delivered (RFC 5321 4.5.5): the DSNs postmux wrote, and any a client "
+            "handed in",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "postmux_ingress_refusals",
+            "Replies that refused a client, by protocol and reason: the SMTP reply code and enhanced code "
+            '("550 5.7.1"), the HTTP status ("422"). With [smtp] workers, only the main process\'s',
+            ["protocol", "reason"],
+            registry=self.registry,
+        )
         self.failures = Counter(
             "postmux_failures",
             "Bounced and deferred recipients by bounce class, per member and provider (google, microsoft, "
@@ -131,9 +156,14 @@ class Metrics:
         if result is None:
             return
         self.deliveries.labels(event.pool, event.member, result).inc()
+        if result == "delivered" and event.sender == "":
+            self.dsns.labels(event.pool).inc()
         if event.bounce_class:
             provider = self.provider_of(event.queue)
             self.failures.labels(event.pool, event.member, provider, event.bounce_class, result).inc()
+
+    def count_refusal(self, protocol: str, reason: str) -> None:
+        self.refusals.labels(protocol, reason).inc()
 
     def provider_of(self, queue: str) -> str:
         """The provider of a queue ("pool/destination"): its destination when that is a provider's name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
@@ -98,6 +98,21 @@ def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
     for mount in mounts:
         mount(app)
     return app
+
+
+def refusal_counter(count: Callable[[str, str], None], routes: Collection[tuple[str, str]]) -> Mount:
+    """Counts the 4xx and 5xx answers of `routes` ((method, path) pairs: the submission API), by status."""
+    watched = frozenset(routes)
+
+    def mount(app: FastAPI) -> None:
+        @app.middleware("http")
+        async def refusals(request: Request, call_next: Any) -> Response:
+            response: Response = await call_next(request)
+            if response.status_code >= 400 and (request.method, request.url.path) in watched:
+                count("http", str(response.status_code))
+            return response
+
+    return mount
 
 
 class HttpServer:

@@ -281,8 +281,10 @@ class PostmuxSMTP(BlockDataSMTP):
         limits: ConnectionLimits,
         tls_context: ssl.SSLContext | None,
         spill_dir: Path | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.refused = refused  # told each refusing reply's reason ("550 5.7.1"), for the metrics
         self.limits = limits
         self.logins = handler.logins
         self.proxy_trusted = handler.proxy_trusted
@@ -419,6 +421,7 @@ class PostmuxSMTP(BlockDataSMTP):
             return
         if self._refused is not None:
             # Instead of the greeting (RFC 5321 3.1): the client may try again later.
+            self._count_refusal(self._refused)
             await super().push(self._refused)
             assert self.transport is not None
             self.transport.close()
@@ -495,6 +498,12 @@ class PostmuxSMTP(BlockDataSMTP):
 
     # -- replies ---------------------------------------------------------------------------------------
 
+    def _count_refusal(self, reply: str) -> None:
+        if self.refused is not None and reply[:1] in ("4", "5"):
+            code, _, rest = reply.partition(" ")
+            enhanced_code = rest.split(" ", 1)[0]
+            self.refused(f"{code} {enhanced_code}" if enhanced_code[:1] in ("4", "5") else code)
+
     async def push(self, status: str | bytes) -> None:
         """Write one line of a reply; a multiline reply's lines wait for its last and go in one write.
 
@@ -510,6 +519,7 @@ class PostmuxSMTP(BlockDataSMTP):
         if reply[3:4] == "-":
             self._held += self._encode(reply) + b"\r\n"
             return
+        self._count_refusal(reply)
         if self._held:
             whole, self._held = bytes(self._held) + self._encode(reply), bytearray()
             await super().push(whole)
@@ -783,6 +793,7 @@ async def start_smtp_server(
     *,
     limits: ConnectionLimits | None = None,
     spill_dir: Path | None = None,
+    refused: Callable[[str], None] | None = None,
     suppressions: SuppressionList | None = None,
     return_domains: Collection[str] = (),
 ) -> asyncio.Server:
@@ -800,7 +811,7 @@ async def start_smtp_server(
     host, port = split_hostport(settings.listen)
 
     def factory() -> PostmuxSMTP:
-        return PostmuxSMTP(handler, settings, limits, context, spill_dir)
+        return PostmuxSMTP(handler, settings, limits, context, spill_dir, refused)
 
     loop = asyncio.get_running_loop()
     # create_server calls listen() on `sock` too: without the backlog it would be cut back to asyncio's 100.

@@ -1,0 +1,129 @@
+"""`postmux top`: the dashboard at a glance in a terminal, for operators on SSH.
+
+Polls the admin API's snapshot (GET /api/v1/dashboard, the one the page is built from) and draws it with
+rich: members, redundancy per pool, the last minutes' throughput and latency, the busiest queues.
+`frame` is a plain function of a snapshot (tested without a terminal); `run` is the loop around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+MINUTES_SHOWN = 10
+QUEUES_SHOWN = 10
+_STATE_STYLE = {"up": "green", "ramping": "cyan", "draining": "yellow"}
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def members_table(members: list[dict[str, Any]]) -> Table:
+    table = Table(title="members", expand=True)
+    for column in ("pool", "member", "state", "why", "conns", "in flight", "EWMA ms", "errors 5m", "ejected"):
+        table.add_column(column)
+    for m in members:
+        state = m["state"]
+        rate = m.get("error_rate")
+        table.add_row(
+            m["pool"],
+            m["member"],
+            Text(state, style=_STATE_STYLE.get(state, "bold red")),
+            "" if state == "up" else str(m.get("why", ""))[:60],
+            f"{m['connections']}/{m['max_connections']}",
+            str(m["in_flight"]),
+            f"{m['ewma_latency_ms']:.1f}",
+            "" if rate is None else f"{rate * 100:.1f}%",
+            _age(m["ejected_for_s"]) if m["ejected_for_s"] else "",
+        )
+    return table
+
+
+def pools_table(pools: list[dict[str, Any]]) -> Table:
+    table = Table(title="redundancy (N+1: the pool's busiest minute without its biggest member)", expand=True)
+    for column in ("pool", "up", "peak/min", "capacity/min", "without biggest", "N+1"):
+        table.add_column(column)
+    for p in pools:
+        n1 = p["n_plus_1"]
+        verdict = (
+            Text("-", style="dim") if n1 is None else Text("yes", "green") if n1 else Text("NO", "bold red")
+        )
+        table.add_row(
+            p["pool"],
+            f"{p['up']}/{p['members']}",
+            str(p["peak_per_min"]),
+            f"{p['capacity_per_min']:.0f}",
+            f"{p['without_biggest_per_min']:.0f}",
+            verdict,
+        )
+    return table
+
+
+def throughput_table(series: dict[str, list[Any]]) -> Table:
+    table = Table(title=f"the last {MINUTES_SHOWN} minutes (recipients per minute)", expand=True)
+    for column in ("minute (UTC)", "accepted", "delivered", "deferred", "bounced", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="right")
+    for i in range(len(series["t"]) - 1, max(-1, len(series["t"]) - 1 - MINUTES_SHOWN), -1):
+        table.add_row(
+            time.strftime("%H:%M", time.gmtime(series["t"][i])),
+            *(str(series[k][i]) for k in ("accepted", "delivered", "deferred", "bounced")),
+            *("" if series[k][i] is None else f"{series[k][i]:g}" for k in ("p50_ms", "p99_ms")),
+        )
+    return table
+
+
+def queue_table(queue: dict[str, Any]) -> Table:
+    rows = sorted(queue.get("destinations", []), key=lambda d: -d["recipients"])[:QUEUES_SHOWN]
+    title = queue.get("error") or (
+        f"queue: {queue.get('recipients', 0)} recipients, oldest {_age(queue.get('oldest_age_s', 0.0))}"
+    )
+    table = Table(title=title, expand=True)
+    for column in ("pool", "destination", "recipients", "held", "oldest", "last error"):
+        table.add_column(column)
+    for d in rows:
+        table.add_row(
+            d["pool"],
+            d["destination"] or d["domain"],
+            str(d["recipients"]),
+            str(d["held"]),
+            _age(d["oldest_age_s"]),
+            str(d["last_error"])[:50],
+        )
+    return table
+
+
+def frame(snapshot: dict[str, Any]) -> Group:
+    """One screen of `postmux top` from the admin API's snapshot."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot["now"]))
+    return Group(
+        Text(f"postmux top  {stamp}  (Ctrl-C to quit)", style="bold"),
+        members_table(snapshot["members"]),
+        pools_table(snapshot["pools"]),
+        throughput_table(snapshot["series"]),
+        queue_table(snapshot.get("queue", {})),
+    )
+
+
+def run(fetch: Callable[[], dict[str, Any]], interval_s: float, once: bool, console: Console) -> None:
+    """Draw frames until Ctrl-C (KeyboardInterrupt ends it quietly); `once`: one frame, printed."""
+    if once:
+        console.print(frame(fetch()))
+        return
+    try:
+        with Live(frame(fetch()), console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(frame(fetch()), refresh=True)
+    except KeyboardInterrupt:
+        pass
