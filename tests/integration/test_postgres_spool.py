@@ -152,3 +152,26 @@ async def test_work_queued_by_one_node_wakes_another_at_once_by_notify(
             await other.close()
     assert delivered_ids(up) == ["woken"]
     assert up.received[0].at - queued_at < 2.0
+
+
+async def test_two_nodes_leasing_at_once_never_get_one_recipient_both(postgres_dsn: str) -> None:
+    """SELECT ... FOR UPDATE SKIP LOCKED: each scan passes over the rows the other is taking."""
+    nodes = [PostgresSpool(postgres_dsn, owner=name, lease_ttl_s=60) for name in ("a", "b")]
+    for node in nodes:
+        await node.open()
+    try:
+        now = time.time()
+        for i in range(200):
+            env = Envelope("app@example.com", (f"u{i}@dest.test",), message(f"k{i}"))
+            await nodes[i % 2].store(new_message_id(), env, {f"u{i}@dest.test": "default"}, now, lease=False)
+        taken: dict[str, list[int]] = {"a": [], "b": []}
+        for _ in range(20):
+            rounds = await asyncio.gather(*(node.lease_due(now, 7) for node in nodes))
+            for node, work in zip(nodes, rounds, strict=True):
+                taken[node.owner] += [r.rid for w in work for r in w.recipients]
+    finally:
+        for node in nodes:
+            await node.close()
+    assert not set(taken["a"]) & set(taken["b"])
+    assert len(taken["a"]) + len(taken["b"]) == 200 == len(set(taken["a"]) | set(taken["b"]))
+    assert taken["a"] and taken["b"]  # both took part
