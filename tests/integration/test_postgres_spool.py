@@ -11,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import asyncpg
 
 from postmux.app import App
 from postmux.envelope import Envelope, new_message_id
 from postmux.scheduling.dispatcher import DispatchLimits
-from postmux.spool.base import SpoolBackend
+from postmux.spool.base import SpoolBackend, SpoolError
 from postmux.spool.postgres import PostgresSpool
 from tests.support import StartUpstream, Upstream, make_settings, message, send_many, wait_until
+
+T = TypeVar("T")
 
 
 def node_settings(
@@ -175,3 +179,54 @@ async def test_two_nodes_leasing_at_once_never_get_one_recipient_both(postgres_d
     assert not set(taken["a"]) & set(taken["b"])
     assert len(taken["a"]) + len(taken["b"]) == 200 == len(set(taken["a"]) | set(taken["b"]))
     assert taken["a"] and taken["b"]  # both took part
+
+
+async def cut_every_connection(dsn: str) -> int:
+    """What a server restart does to a node's connections: every other session of the database ends."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def eventually(call: Callable[[], Awaitable[T]], tries: int = 3) -> T:
+    """The first call after a cut may fail (SpoolError: the spool learns of the cut from it); a later
+    one must not."""
+    for _ in range(tries - 1):
+        try:
+            return await call()
+        except SpoolError:
+            await asyncio.sleep(0.1)
+    return await call()
+
+
+async def test_a_node_connects_again_after_the_server_cut_its_connections_and_still_hears_notify(
+    postgres_dsn: str,
+) -> None:
+    node, other = PostgresSpool(postgres_dsn, owner="a"), PostgresSpool(postgres_dsn, owner="b")
+    woken: list[float] = []
+    node.on_work(lambda: woken.append(time.time()))
+    await node.open()
+    await other.open()
+    try:
+        assert await cut_every_connection(postgres_dsn) >= 4  # each: a writer, a listener, a read
+        now = time.time()
+        env = Envelope("app@example.com", ("user@dest.test",), message("after-cut"))
+        await eventually(lambda: node.store(new_message_id(), env, {"user@dest.test": "default"}, now))
+        assert (await eventually(node.counts))["leased"] == 1
+        await wait_until(lambda: bool(woken), timeout=5)  # listening again: it looks once
+        woken.clear()
+        env2 = Envelope("app@example.com", ("user@dest.test",), message("notified"))
+        await eventually(
+            lambda: other.store(new_message_id(), env2, {"user@dest.test": "default"}, now, lease=False)
+        )
+        await wait_until(lambda: bool(woken), timeout=5)  # and hears the others' NOTIFY again
+    finally:
+        await other.close()
+        await node.close()

@@ -73,6 +73,7 @@ log = structlog.get_logger("postmux.spool")
 
 CHANNEL = "postmux_work"  # LISTEN/NOTIFY: work became due
 READ_POOL_SIZE = 4
+RELISTEN_INTERVAL_S = 1.0  # between tries to listen again after the LISTEN connection was lost
 _DISK_FULL = "53100"  # SQLSTATE disk_full
 
 Job = Callable[[asyncpg.Connection], Awaitable[Any]]
@@ -132,6 +133,7 @@ class PostgresSpool:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._wakers: list[Callable[[], None]] = []
+        self._relisten: asyncio.Task[None] | None = None
         self.commits = 0
 
     @property
@@ -162,8 +164,7 @@ class PostgresSpool:
             self._writer = await asyncpg.connect(self.dsn)
             await prepare(self._writer)
             self._reads = await asyncpg.create_pool(self.dsn, min_size=1, max_size=READ_POOL_SIZE)
-            self._listener = await asyncpg.connect(self.dsn)
-            await self._listener.add_listener(CHANNEL, self._notified)
+            await self._listen()
         except SchemaError as e:
             await self._disconnect()
             raise SpoolError(str(e)) from e
@@ -180,6 +181,10 @@ class PostgresSpool:
             raise
 
     async def close(self) -> None:
+        relisten, self._relisten = self._relisten, None
+        if relisten is not None:
+            relisten.cancel()
+            await asyncio.gather(relisten, return_exceptions=True)
         if self._task is not None:
             self._closing = True
             self._jobs.put_nowait(None)
@@ -187,6 +192,33 @@ class PostgresSpool:
                 await self._task
             self._task = None
         await self._disconnect()
+
+    async def _listen(self) -> None:
+        listener = await asyncpg.connect(self.dsn)
+        await listener.add_listener(CHANNEL, self._notified)
+        listener.add_termination_listener(self._listener_lost)
+        self._listener = listener
+
+    def _listener_lost(self, _conn: object) -> None:
+        """The LISTEN connection ended (server restart, network): listen again, and meanwhile scan."""
+        if self._listener is not None and not self._closing:
+            self._listener = None
+            self._relisten = asyncio.get_running_loop().create_task(
+                self._listen_again(), name="spool-relisten"
+            )
+
+    async def _listen_again(self) -> None:
+        while not self._closing and self._task is not None:
+            try:
+                await self._listen()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+                log.warning("spool LISTEN connection lost; trying again", error=str(e))
+                await asyncio.sleep(RELISTEN_INTERVAL_S)
+                continue
+            # Notifications sent while nobody listened are lost: look once, as if one had come.
+            for wake in self._wakers:
+                wake()
+            return
 
     async def _disconnect(self) -> None:
         listener, writer, reads = self._listener, self._writer, self._reads
@@ -250,6 +282,13 @@ class PostgresSpool:
             except _Retry:
                 done = await self._commit(batch, savepoints=True)
         except Exception as e:
+            if (
+                isinstance(e, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError)
+                and self._writer
+            ):
+                # The link broke (the server restarted, a proxy cut it): the next batch connects again.
+                with contextlib.suppress(Exception):
+                    self._writer.terminate()
             for r in batch:
                 if not r.future.done():
                     r.future.set_exception(e)
