@@ -39,7 +39,9 @@ async def three_nodes(tmp_path: Path, up: Upstream, url: str, prefix: str) -> As
             home,
             [{"name": "default", "members": [{"name": "a", "address": up.address}]}],
             shaping={"aimd": "off", "rule": [{"destination": "dest.test", "rate": "600/min", "burst": 2}]},
-            throttles={"backend": "redis", "url": url, "prefix": prefix},
+            # A second, not the 100 ms default: a loaded CI machine must not make Redis look away while it
+            # runs (the outage here is a stopped server, refused at once).
+            throttles={"backend": "redis", "url": url, "prefix": prefix, "timeout": "1s"},
         )
         apps.append(App(settings))
     async with contextlib.AsyncExitStack() as stack:

@@ -25,7 +25,15 @@ from postmux.config.references import (
     reference_problems,
     unsubscribe_problems,
 )
-from postmux.config.reputation import BounceSettings, SuppressedAction, SuppressionSettings
+from postmux.config.reputation import (
+    BlocklistSettings,
+    BlocklistZone,
+    BounceSettings,
+    BreakerSettings,
+    SuppressedAction,
+    SuppressionSettings,
+    VerpSettings,
+)
 from postmux.config.sections import (
     ApiKey,
     ApiSettings,
@@ -59,9 +67,6 @@ from postmux.config.sections import (
 )
 from postmux.config.shaping import (
     DEFAULT_PROVIDERS,
-    BlocklistSettings,
-    BlocklistZone,
-    BreakerSettings,
     DnsSettings,
     ProviderSettings,
     ReactionAction,
@@ -70,7 +75,6 @@ from postmux.config.shaping import (
     ShapingSettings,
     SpfSettings,
     ThrottlesSettings,
-    VerpSettings,
 )
 from postmux.config.values import (
     Duration,

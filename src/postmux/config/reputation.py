@@ -1,12 +1,16 @@
-"""The [bounces] and [suppression] tables: how failure replies are classed, and who gets no more mail."""
+"""The reputation tables: [bounces] and [suppression] (how failure replies are classed, who gets no more
+mail), [blocklists] and [breaker] (what takes a sending IP out of service), [verp] (where returned mail
+goes)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import PrivateAttr, StrictBool, field_validator, model_validator
+from pydantic import Field, PrivateAttr, StrictBool, field_validator, model_validator
 
-from postmux.config.values import Duration, _Frozen
+from postmux.config.values import Duration, Hostname, PositiveDuration, _Frozen
 from postmux.reputation.bounces import BounceClassifier, BounceRulesError
 
 
@@ -63,3 +67,119 @@ class SuppressionSettings(_Frozen):
     hard_bounce_expiry: Duration = 0.0
     # A complaint (an ARF report matched through [verp]) adds its recipient: who called it spam gets no more.
     complaints: StrictBool = True
+
+
+# Spamhaus answers 127.255.255.252-255 for a query it refuses (a typo in the zone, a public resolver, too
+# many queries): an error about the query, never a listing of the address.
+_DNSBL_ERRORS = ipaddress.ip_network("127.255.255.0/24")
+_DNSBL_ANSWERS = ipaddress.ip_network("127.0.0.0/8")  # RFC 5782 2.1: a DNSxL answers in 127.0.0.0/8
+
+
+class BlocklistZone(_Frozen):
+    """One DNS blocklist (RFC 5782): `zone` is asked `<reversed IP>.zone` (or `<domain>.zone` for a domain
+    list); an A answer in `listed` means listed. Empty `listed`: any 127.0.0.0/8 answer but 127.255.255.x."""
+
+    zone: Hostname
+    listed: tuple[str, ...] = ()
+
+    @field_validator("listed")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or network") from None
+        return v
+
+    def means_listed(self, answer: str) -> bool | None:
+        """True: `answer` lists the subject; False: it does not; None: it is an error answer."""
+        try:
+            address = ipaddress.ip_address(answer)
+        except ValueError:
+            return None
+        if self.listed:
+            return any(address in ipaddress.ip_network(n, strict=False) for n in self.listed)
+        if address not in _DNSBL_ANSWERS or address in _DNSBL_ERRORS:
+            return None
+        return True
+
+
+def _zones(v: Any) -> Any:
+    """A zone may be given as its name alone."""
+    if isinstance(v, (list, tuple)):
+        return [{"zone": z} if isinstance(z, str) else z for z in v]
+    return v
+
+
+class BlocklistSettings(_Frozen):
+    """Blocklist watch: each member's sending IPs asked of `zones`, the sending domains of `domain_zones`,
+    every `interval`; a member with a listed IP is out of rotation until it is delisted."""
+
+    zones: tuple[BlocklistZone, ...] = ()
+    domain_zones: tuple[BlocklistZone, ...] = ()
+    # Domains checked against domain_zones besides the [[dkim]] signing domains.
+    domains: tuple[Hostname, ...] = ()
+    # Public lists ask for restraint (Spamhaus: cache, do not hammer): their listings change in minutes.
+    interval: PositiveDuration = 600.0
+    # A receiver's reply that names a blocklist suspends that member x destination this long; 0: do not.
+    reply_suspend: Duration = 3600.0
+
+    @field_validator("zones", "domain_zones", mode="before")
+    @classmethod
+    def _zone_names(cls, v: Any) -> Any:
+        return _zones(v)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.zones or self.domain_zones)
+
+
+class BreakerSettings(_Frozen):
+    """The reputation breaker: a sending IP x destination whose hard-bounce or complaint rate over `window`
+    passes its threshold is paused (suspended) for `cooldown`, or until an operator resumes it."""
+
+    # Which members' lanes it watches: "sources" (direct-to-MX members, whose IP's reputation is postmux's
+    # own), "all" (relays too, each relay by its name), "off".
+    members: Literal["off", "sources", "all"] = "sources"
+    window: PositiveDuration = 3600.0
+    # No verdict on fewer recipients (delivered + bounced) in the window: three bounces of five say little.
+    min_messages: int = Field(default=100, gt=0)
+    # Mailbox providers start to distrust a sender past a few percent of dead addresses; ESPs suspend
+    # customers near 5-10%. Gmail and Yahoo's bulk-sender rules ask for a spam complaint rate under 0.3%.
+    hard_bounce_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    complaint_rate: float = Field(default=0.003, gt=0.0, le=1.0)
+    cooldown: PositiveDuration = 4 * 3600.0
+
+
+class VerpSettings(_Frozen):
+    """VERP return paths: mail of the chosen pools goes out with an envelope sender that names the message
+    and the recipient (signed), at `domain`, whose mail postmux takes itself: DSNs and ARF complaints
+    sent there are matched to what was sent (reputation/returns.py)."""
+
+    domain: Hostname | None = None  # the return-path domain; its MX must point at postmux's [smtp] listener
+    secret_file: str | None = None  # the signing key of the return paths (16 octets or more)
+    pools: tuple[str, ...] = ()  # pools whose mail goes out with VERP return paths; empty: every pool
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _load(self) -> VerpSettings:
+        if self.domain is None:
+            return self
+        if self.secret_file is None:
+            raise ValueError("a VERP domain needs a secret_file (its return paths are signed)")
+        try:
+            secret = Path(self.secret_file).read_bytes().strip()
+        except OSError as e:
+            raise ValueError(f"secret_file: {self.secret_file!r} cannot be read: {e.strerror}") from None
+        if len(secret) < 16:
+            raise ValueError(f"secret_file: {self.secret_file!r} holds {len(secret)} octets; 16 or more")
+        self._secret = secret
+        return self
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+    def applies_to(self, pool: str) -> bool:
+        return self.domain is not None and (not self.pools or pool in self.pools)
