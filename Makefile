@@ -62,6 +62,12 @@ bench-policy: setup
 bench-queue-scale: setup
 	$(BIN)/python bench/queue_scale.py
 
+# The PostgreSQL spool's commit path with each driver (issue 17); psycopg only for this comparison.
+.PHONY: bench-pg-commit
+bench-pg-commit: setup
+	$(BIN)/pip install -q 'psycopg[binary]'
+	$(BIN)/python bench/pg_commit.py
+
 .PHONY: bench-http
 bench-http: setup
 	$(BIN)/python bench/http_submit.py

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from postmux.testing import Behaviour, Upstream, accept
+from tests.postgres import TestDatabase
 from tests.resolver_guard import GUARD
 from tests.support import StartUpstream
 
@@ -48,6 +49,21 @@ def _leaks_show_in_the_test_that_made_them() -> Iterator[None]:
     """
     yield
     gc.collect(1)  # the young generations: what the test just made, cheaply
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[TestDatabase]:
+    """A database of this session's own on the local PostgreSQL, dropped at the end (tests/postgres.py)."""
+    database = TestDatabase()
+    database.create()
+    yield database
+    database.drop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_database: TestDatabase) -> str:
+    """A schema of this test's own in the session's database, as a DSN whose search_path it is."""
+    return postgres_database.new_schema()
 
 
 @pytest.fixture

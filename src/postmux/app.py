@@ -65,6 +65,7 @@ from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import SpoolError
 from postmux.spool.factory import make_spool
 from postmux.spool.lock import SpoolLocked
+from postmux.spool.postgres import PostgresSpool
 
 log = structlog.get_logger("postmux.app")
 
@@ -242,6 +243,7 @@ class App:
         self._queue_counts: dict[str, int] = {}
         self._counter: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._renewing: asyncio.Task[None] | None = None
         self.recovered = 0
         self._spool_opened = False
         # What start did, undone by stop in reverse: (step, its undo), pushed before the step runs, so a
@@ -293,6 +295,8 @@ class App:
         with _starting("spool", settings.spool.path):
             self.recovered = await self.spool.open()
         self._spool_opened = True
+        self._undo.append(("stop renewing leases", self._stop_renewing))
+        self._start_renewing()
         with _starting("suppression list", settings.spool.path):
             await self.suppressions.load()
         if self.recovered:
@@ -316,6 +320,8 @@ class App:
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))
         await self.dispatcher.start()
+        if isinstance(self.spool, PostgresSpool):
+            self.spool.on_work(self.dispatcher.scan_soon)  # another node made work due (LISTEN/NOTIFY)
         self._undo.append(("stop the blocklist watch", self.blocklists.stop))
         await self.blocklists.start()
         self._undo.append(("stop health checks", self._stop_checks))
@@ -435,6 +441,27 @@ class App:
         if self._spool_opened:
             self._spool_opened = False
             self._say("shutdown: spool closed")
+
+    def _start_renewing(self) -> None:
+        """Leases that expire (a shared spool) are renewed every third of their time to live, so work this
+        node holds in memory or in an attempt is never taken over by another while this node lives."""
+        ttl = self.spool.lease_ttl_s
+        if ttl is not None:
+            self._renewing = asyncio.create_task(self._renew_leases(ttl / 3), name="spool-lease-renewal")
+
+    async def _renew_leases(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.spool.renew(self.clock())
+            except SpoolError as e:
+                log.error("spool lease renewal failed; retrying at the next turn", error=str(e))
+
+    async def _stop_renewing(self) -> None:
+        task, self._renewing = self._renewing, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _join_throttles(self) -> None:
         """With Redis: count this node in (each node's share while Redis is away) and keep it counted."""

@@ -82,6 +82,32 @@ def check_config(config: ConfigOption) -> None:
 
 
 @app.command()
+def migrate(config: ConfigOption) -> None:
+    """Bring the PostgreSQL spool's tables to this version's schema ([spool] backend = "postgresql").
+
+    Run once per upgrade, from any node, before the upgraded nodes start: a node refuses to start on an
+    older schema (a fresh, empty database gets its tables at the first start without it). A SQLite spool
+    upgrades itself when it opens: nothing to do.
+    """
+    settings = _load_or_exit(config)
+    if settings.spool.backend != "postgresql":
+        typer.echo("the SQLite spool upgrades its file when it opens: nothing to migrate")
+        return
+    from postmux.spool.postgres_schema import migrate_database
+
+    try:
+        before, after = asyncio.run(migrate_database(settings.spool.dsn))
+    except Exception as e:  # an unreachable server, a refused login, a newer schema: said in one line
+        typer.echo(f"postmux: cannot migrate the spool: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"spool schema: version {before} -> {after}"
+        if before != after
+        else f"spool schema: version {after}, up to date"
+    )
+
+
+@app.command()
 def serve(config: ConfigOption) -> None:
     """Accept mail over SMTP and deliver it through the configured pools until SIGTERM or SIGINT."""
     settings = _load_or_exit(config)

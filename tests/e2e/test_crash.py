@@ -132,13 +132,20 @@ class Traffic:
 
 
 def write_config(
-    tmp_path: Path, smtp_port: int, http_port: int, members: list[tuple[str, str, int]], workers: int = 0
+    tmp_path: Path,
+    smtp_port: int,
+    http_port: int,
+    members: list[tuple[str, str, int]],
+    workers: int = 0,
+    spool: str = "",
+    name: str = "postmux.toml",
 ) -> Path:
+    """`spool`: more keys of [spool] (a PostgreSQL spool's backend, dsn, node_id), as TOML lines."""
     member_tables = "".join(
         f'\n[[pool.members]]\nname = "{name}"\naddress = "{address}"\nmax_connections = {conns}\n'
         for name, address, conns in members
     )
-    cfg = tmp_path / "postmux.toml"
+    cfg = tmp_path / name
     cfg.write_text(
         f"""
 [smtp]
@@ -152,6 +159,7 @@ listen = "127.0.0.1:{http_port}"
 
 [spool]
 path = "{tmp_path / "spool.db"}"
+{spool}
 
 [events]
 log = "{tmp_path / "events.jsonl"}"
@@ -239,6 +247,30 @@ def running(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("ingress_workers", [0, 2], ids=["in-process", "2-ingress-workers"])
 async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_workers: int) -> None:
+    await kill_9_and_start_again(tmp_path, ingress_workers)
+
+
+PG_LEASE_TTL_S = 3.0
+
+
+@pytest.mark.slow
+async def test_kill_9_of_a_node_on_postgresql_its_work_taken_over_by_another_node(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Issue 17: the node started after the kill is another node (another node_id) on the same database:
+    it takes over the dead node's leases once they run out, within the lease time."""
+    spool = f'backend = "postgresql"\ndsn = "{postgres_dsn}"\nlease_ttl = "{PG_LEASE_TTL_S}s"\n'
+    took_s = await kill_9_and_start_again(
+        tmp_path, 0, (spool + 'node_id = "node-1"\n', spool + 'node_id = "node-2"\n')
+    )
+    assert took_s < PG_LEASE_TTL_S + 10.0, took_s
+
+
+async def kill_9_and_start_again(
+    tmp_path: Path, ingress_workers: int, spools: tuple[str, str] = ("", "")
+) -> float:
+    """kill -9 a `postmux serve` under load, start the second configuration, check every promise; returns
+    the seconds from the kill until every message acknowledged before it was delivered."""
     slow_active = [0]
     upstreams = [
         await Upstream("fast1", accept).start(),
@@ -248,14 +280,17 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
     members = [(u.name, u.address, 4) for u in upstreams]
     max_in_flight = sum(conns for _, _, conns in members)
     smtp_port, http_port = free_port(), free_port()
-    cfg = write_config(tmp_path, smtp_port, http_port, members, ingress_workers)
+    cfgs = [
+        write_config(tmp_path, smtp_port, http_port, members, ingress_workers, spool, f"postmux-{i}.toml")
+        for i, spool in enumerate(spools, 1)
+    ]
     logs = [tmp_path / "serve-1.log", tmp_path / "serve-2.log"]
 
     procs: list[asyncio.subprocess.Process] = []
     traffic = Traffic(smtp_port)
     workers: list[asyncio.Task[None]] = []
     try:
-        procs.append(await start_serve(cfg, logs[0], smtp_port))
+        procs.append(await start_serve(cfgs[0], logs[0], smtp_port))
         workers = [asyncio.create_task(traffic.worker()) for _ in range(CLIENTS)]
 
         await wait_until(lambda: len(traffic.acked) >= ACKED_BEFORE_KILL, timeout=15)
@@ -265,7 +300,9 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
         ingress = children(procs[0].pid)
         assert len(ingress) == ingress_workers
         os.kill(procs[0].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         acked_at_kill = len(traffic.acked)
+        acked_before_kill = set(traffic.acked)
         await asyncio.wait_for(procs[0].wait(), timeout=10)
         assert procs[0].returncode == -signal.SIGKILL
         # Workers without their spool process stop at once: no 250 without a spool behind it.
@@ -277,7 +314,7 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
         # Everything received so far came from the first process; everything later, from the second.
         first_copies = {u.name: len(u.received) for u in upstreams}
 
-        procs.append(await start_serve(cfg, logs[1], smtp_port))
+        procs.append(await start_serve(cfgs[1], logs[1], smtp_port))
         acked_at_restart = len(traffic.acked)
         await wait_until(lambda: len(traffic.acked) >= acked_at_restart + ACKED_AFTER_RESTART, timeout=15)
         traffic.stop = True
@@ -291,6 +328,10 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
         def delivered_ids() -> set[str]:
             return {r.test_id for u in upstreams for r in u.received}
 
+        await wait_until(
+            lambda: acked_before_kill <= delivered_ids(), timeout=DELIVERY_TIMEOUT_S, interval=0.05
+        )
+        took_s = time.monotonic() - killed_at
         try:
             await wait_until(lambda: acked <= delivered_ids(), timeout=DELIVERY_TIMEOUT_S, interval=0.05)
         except AssertionError:
@@ -336,7 +377,7 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
             f" (delivered {len(in_doubt & delivered)}) delivered={len(delivered)}"
             f" receptions={len(received)} duplicates={len(duplicates)} (bound {max_in_flight})"
             f" slow_in_flight_at_kill={in_flight_at_kill}"
-            f" recovered={recovered}"
+            f" recovered={recovered} all_acked_before_kill_delivered_after_s={took_s:.1f}"
             f" per_upstream={ {u.name: len(u.received) for u in upstreams} }"
         )
         if duplicates:
@@ -345,6 +386,7 @@ async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, ingress_work
         os.kill(procs[1].pid, signal.SIGTERM)
         await asyncio.wait_for(procs[1].wait(), timeout=20)
         assert procs[1].returncode == 0, tail(logs[1])
+        return took_s
     finally:
         traffic.stop = True
         for task in workers:

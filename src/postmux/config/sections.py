@@ -222,9 +222,19 @@ class ApiKey(_Frozen):
 
 
 class SpoolSettings(_Frozen):
+    # sqlite: one node, the file at `path`. postgresql: one spool shared by several nodes, in the database
+    # `dsn` names (spool/postgres.py); `path` then only places the node's own files (warmup.db,
+    # drained.json, the spill directory) beside it.
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str = ""
+    # The node's name as the owner of its leases (postgresql). Empty: host:PID, which a restarted node
+    # does not share, so its leases are taken over once they run out; a stable name lets it take them back
+    # at once.
+    node_id: str = ""
+    # How long a lease lasts unrenewed (postgresql): a node that dies holds its work this long at most.
+    lease_ttl: PositiveDuration = 60.0
     path: str = "var/spool.db"
-    # Where the spool is, as a URL: "sqlite:///PATH" is the same as `path` (and sets it); a PostgreSQL
-    # spool shared by several nodes is issue 17's. Empty: `path`.
+    # Where the spool is, as a URL: "sqlite:///PATH" is the same as `path` (and sets it). Empty: `path`.
     url: str = ""
     # Many concurrent accepts share one fsync. Off means one fsync per message (for measuring only).
     group_commit: StrictBool = True
@@ -252,7 +262,7 @@ class SpoolSettings(_Frozen):
         scheme = v.partition(":")[0].lower()
         if scheme in ("postgresql", "postgres"):
             raise ValueError(
-                "a PostgreSQL spool is not supported yet (issue 17); use path, or url = 'sqlite:///PATH'"
+                "a PostgreSQL spool is set with backend = 'postgresql' and dsn = 'postgresql://...'"
             )
         path = sqlite_path_of(v)
         if path is None:
@@ -262,6 +272,17 @@ class SpoolSettings(_Frozen):
         if given is not None and given != path:
             raise ValueError(f"names the file {path!r} but path names {given!r}: set one of them")
         return v
+
+    @model_validator(mode="after")
+    def _postgresql(self) -> SpoolSettings:
+        if self.backend == "postgresql":
+            scheme = self.dsn.partition(":")[0].lower()
+            if scheme not in ("postgresql", "postgres"):
+                # The value is not echoed: a DSN may carry a password.
+                raise ValueError("backend = 'postgresql' needs dsn = 'postgresql://USER@HOST:PORT/DATABASE'")
+        elif self.dsn:
+            raise ValueError("dsn is for backend = 'postgresql'; a SQLite spool is `path`")
+        return self
 
 
 def sqlite_path_of(url: str) -> str | None:

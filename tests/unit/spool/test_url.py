@@ -57,7 +57,7 @@ def test_a_url_that_names_no_sqlite_file_is_refused_without_echoing_it(url: str)
     }
 
 
-def test_check_config_reports_a_postgresql_spool_as_not_supported_yet_naming_file_and_key(
+def test_check_config_points_a_postgresql_url_to_backend_and_dsn_naming_file_and_key(
     tmp_path: Path,
 ) -> None:
     cfg = tmp_path / "postmux.toml"
@@ -68,8 +68,8 @@ def test_check_config_reports_a_postgresql_spool_as_not_supported_yet_naming_fil
     result = CliRunner().invoke(app, ["check-config", "-c", str(cfg)])
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        f"{cfg}: spool.url: a PostgreSQL spool is not supported yet (issue 17);"
-        " use path, or url = 'sqlite:///PATH'"
+        f"{cfg}: spool.url: a PostgreSQL spool is set with backend = 'postgresql'"
+        " and dsn = 'postgresql://...'"
     )
     assert "secret" not in result.output
 
