@@ -14,6 +14,7 @@ import asyncpg
 
 from postmux.body import HEADER_LIMIT
 from postmux.envelope import Envelope
+from postmux.spool import selector_sql
 from postmux.spool.base import OutboxBacklog, OutboxEntry, OutboxRow, Suppression
 from postmux.spool.operations import (
     MAX_PAGE,
@@ -56,48 +57,21 @@ def numbered(sql: str, first: int = 1) -> str:
 # -- the selector in SQL (as sqlite_queue.py) -----------------------------------------------------------
 
 
+def _in_list(column: str, values: list[str]) -> tuple[str, list[Any]]:
+    return f"{column} = ANY(?::text[])", [values]
+
+
 def _recipient_terms(
     sel: Selector, states: Collection[RecipientState] | None, prefix: str = ""
 ) -> tuple[list[str], list[Any]]:
-    terms: list[str] = []
-    params: list[Any] = []
-    if states is not None:
-        terms.append(f"{prefix}state IN ({', '.join(repr(s.value) for s in sorted(states))})")
-    for column, value in (
-        ("state", sel.state.value if sel.state is not None else None),
-        ("message_id", sel.message_id),
-        ("pool", sel.pool),
-        ("domain", sel.domain),
-        ("last_member", sel.member),
-    ):
-        if value is not None:
-            terms.append(f"{prefix}{column} = ?")
-            params.append(value)
-    if sel.domains is not None:
-        terms.append(f"{prefix}domain = ANY(?::text[])")
-        params.append(sorted(sel.domains))
-    return terms, params
+    return selector_sql.recipient_terms(sel, states, _in_list, prefix)
 
 
-def _message_terms(sel: Selector, now: float, prefix: str = "") -> tuple[list[str], list[Any]]:
-    terms: list[str] = []
-    params: list[Any] = []
-    if sel.sender is not None:
-        terms.append(f"{prefix}sender = ?")
-        params.append(sel.sender)
-    if sel.older_than_s is not None:
-        terms.append(f"{prefix}created <= ?")
-        params.append(now - sel.older_than_s)
-    return terms, params
+_message_terms = selector_sql.message_terms
 
 
 def _where(sel: Selector, now: float, states: Collection[RecipientState] | None) -> tuple[str, list[Any]]:
-    terms, params = _recipient_terms(sel, states)
-    m_terms, m_params = _message_terms(sel, now)
-    if m_terms:
-        terms.append(f"message_id IN (SELECT id FROM message WHERE {' AND '.join(m_terms)})")
-        params += m_params
-    return " AND ".join(terms) or "true", params
+    return selector_sql.where(sel, now, states, _in_list, "true")
 
 
 # -- rows to views ---------------------------------------------------------------------------------------

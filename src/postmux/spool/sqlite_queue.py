@@ -14,6 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 from postmux.body import HEADER_LIMIT
+from postmux.spool import selector_sql
 from postmux.spool.bodies import BodyStore
 from postmux.spool.operations import (
     MAX_PAGE,
@@ -47,52 +48,21 @@ _CHUNK = 500  # message ids per IN (...): well under SQLite's limit of bound par
 # -- the selector in SQL -------------------------------------------------------------------------------
 
 
+def _in_list(column: str, values: list[str]) -> tuple[str, list[Any]]:
+    return (f"{column} IN ({', '.join('?' * len(values))})", values) if values else ("0", [])
+
+
 def _recipient_terms(
     sel: Selector, states: Collection[RecipientState] | None, prefix: str = ""
 ) -> tuple[list[str], list[Any]]:
-    terms: list[str] = []
-    params: list[Any] = []
-    if states is not None:
-        # Literal states (enum values, never input), so the planner sees them as it sees the work side's.
-        terms.append(f"{prefix}state IN ({', '.join(repr(s.value) for s in sorted(states))})")
-    for column, value in (
-        ("state", sel.state.value if sel.state is not None else None),
-        ("message_id", sel.message_id),
-        ("pool", sel.pool),
-        ("domain", sel.domain),
-        ("last_member", sel.member),
-    ):
-        if value is not None:
-            terms.append(f"{prefix}{column} = ?")
-            params.append(value)
-    if sel.domains is not None:
-        # A provider runs a handful of domains in any queue; an empty set chooses nothing.
-        domains = sorted(sel.domains)
-        terms.append(f"{prefix}domain IN ({', '.join('?' * len(domains))})" if domains else "0")
-        params += domains
-    return terms, params
+    return selector_sql.recipient_terms(sel, states, _in_list, prefix)
 
 
-def _message_terms(sel: Selector, now: float, prefix: str = "") -> tuple[list[str], list[Any]]:
-    terms: list[str] = []
-    params: list[Any] = []
-    if sel.sender is not None:
-        terms.append(f"{prefix}sender = ?")
-        params.append(sel.sender)
-    if sel.older_than_s is not None:
-        terms.append(f"{prefix}created <= ?")
-        params.append(now - sel.older_than_s)
-    return terms, params
+_message_terms = selector_sql.message_terms
 
 
 def _where(sel: Selector, now: float, states: Collection[RecipientState] | None) -> tuple[str, list[Any]]:
-    """The WHERE of a statement on the recipient table alone."""
-    terms, params = _recipient_terms(sel, states)
-    m_terms, m_params = _message_terms(sel, now)
-    if m_terms:
-        terms.append(f"message_id IN (SELECT id FROM message WHERE {' AND '.join(m_terms)})")
-        params += m_params
-    return " AND ".join(terms) or "1", params
+    return selector_sql.where(sel, now, states, _in_list, "1")
 
 
 # -- rows to views -------------------------------------------------------------------------------------
