@@ -14,7 +14,7 @@ import asyncpg
 
 from postmux.body import HEADER_LIMIT
 from postmux.envelope import Envelope
-from postmux.spool import selector_sql
+from postmux.spool import queue_sql
 from postmux.spool.base import OutboxBacklog, OutboxEntry, OutboxRow, Suppression
 from postmux.spool.operations import (
     MAX_PAGE,
@@ -30,16 +30,11 @@ from postmux.spool.operations import (
     Selector,
 )
 from postmux.spool.postgres_schema import OUTBOX_LOCK
-from postmux.spool.sqlite_schema import decode_labels
 
 _QUEUED = (RecipientState.QUEUED,)
 _HELD = (RecipientState.HELD,)
 _WAITING = (RecipientState.QUEUED, RecipientState.HELD)
 
-_RECIPIENT_COLUMNS = (
-    "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until,"
-    " last_member, last_at"
-)
 _MESSAGE_COLUMNS = "id, sender, created, octet_length(data), client_ip, smtputf8, message_id_header, labels"
 
 QueueDsn = Callable[[asyncpg.Connection, Envelope, str, float], Awaitable[None]]
@@ -64,62 +59,17 @@ def _in_list(column: str, values: list[str]) -> tuple[str, list[Any]]:
 def _recipient_terms(
     sel: Selector, states: Collection[RecipientState] | None, prefix: str = ""
 ) -> tuple[list[str], list[Any]]:
-    return selector_sql.recipient_terms(sel, states, _in_list, prefix)
+    return queue_sql.recipient_terms(sel, states, _in_list, prefix)
 
 
-_message_terms = selector_sql.message_terms
+_message_terms = queue_sql.message_terms
 
 
 def _where(sel: Selector, now: float, states: Collection[RecipientState] | None) -> tuple[str, list[Any]]:
-    return selector_sql.where(sel, now, states, _in_list, "true")
+    return queue_sql.where(sel, now, states, _in_list, "true")
 
 
-# -- rows to views ---------------------------------------------------------------------------------------
-
-
-def _recipient_view(row: Sequence[Any]) -> RecipientView:
-    rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until = row[:11]
-    last_member, last_at = row[11:13]
-    leased = state == RecipientState.LEASED
-    return RecipientView(
-        rid,
-        address,
-        pool,
-        domain,
-        RecipientState(state),
-        due,
-        attempts,
-        rounds,
-        last_reply,
-        owner if leased else "",
-        lease_until if leased else None,
-        last_member,
-        last_at,
-    )
-
-
-def _message_view(
-    row: Sequence[Any],
-    recipients: tuple[RecipientView, ...],
-    data: bytes | None = None,
-    attempts: tuple[AttemptView, ...] = (),
-) -> MessageView:
-    message_id, sender, created, size, client_ip, smtputf8, header_id, labels = row[:8]
-    tags, metadata = decode_labels(labels)
-    return MessageView(
-        message_id,
-        sender,
-        created,
-        size,
-        client_ip,
-        bool(smtputf8),
-        recipients,
-        data,
-        attempts,
-        header_id,
-        tags,
-        metadata,
-    )
+# -- a message and its recipients, read ------------------------------------------------------------------
 
 
 async def _read_message(
@@ -130,9 +80,10 @@ async def _read_message(
     if row is None:
         return None
     recipients = tuple(
-        _recipient_view(list(r))
+        queue_sql.recipient_view(list(r))
         for r in await conn.fetch(
-            f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = $1 ORDER BY rid", message_id
+            f"SELECT {queue_sql.RECIPIENT_COLUMNS} FROM recipient WHERE message_id = $1 ORDER BY rid",
+            message_id,
         )
     )
     attempts: tuple[AttemptView, ...] = ()
@@ -145,7 +96,7 @@ async def _read_message(
             )
         )
     values = list(row)
-    return _message_view(values[:8], recipients, bytes(values[8]), attempts)
+    return queue_sql.message_view(values[:8], recipients, bytes(values[8]), attempts)
 
 
 # -- reads ---------------------------------------------------------------------------------------------
@@ -174,15 +125,15 @@ async def list_queue(
         terms = ["message_id = ANY(?::text[])", *r_terms]
         for r in await conn.fetch(
             numbered(
-                f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient WHERE {' AND '.join(terms)}"
+                f"SELECT message_id, {queue_sql.RECIPIENT_COLUMNS} FROM recipient WHERE {' AND '.join(terms)}"
                 " ORDER BY message_id, rid"
             ),
             [r[0] for r in rows],
             *r_params,
         ):
             values = list(r)
-            chosen[values[0]].append(_recipient_view(values[1:]))
-    messages = tuple(_message_view(r, tuple(chosen.get(r[0], ()))) for r in rows)
+            chosen[values[0]].append(queue_sql.recipient_view(values[1:]))
+    messages = tuple(queue_sql.message_view(r, tuple(chosen.get(r[0], ()))) for r in rows)
     return QueuePage(messages, rows[-1][0] if more else None)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 from postmux.body import HEADER_LIMIT
-from postmux.spool import selector_sql
+from postmux.spool import queue_sql
 from postmux.spool.bodies import BodyStore
 from postmux.spool.operations import (
     MAX_PAGE,
@@ -29,16 +29,12 @@ from postmux.spool.operations import (
     RecipientView,
     Selector,
 )
-from postmux.spool.sqlite_schema import decode_labels, drop_if_finished, queue_dsn
+from postmux.spool.sqlite_schema import drop_if_finished, queue_dsn
 
 _QUEUED = (RecipientState.QUEUED,)
 _HELD = (RecipientState.HELD,)
 _WAITING = (RecipientState.QUEUED, RecipientState.HELD)  # what operations act on: not leased, not final
 
-_RECIPIENT_COLUMNS = (
-    "rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until,"
-    " last_member, last_at"
-)
 _MESSAGE_COLUMNS = (
     "id, sender, created, length(data) + seg_length, client_ip, smtputf8, message_id_header, labels"
 )
@@ -55,62 +51,17 @@ def _in_list(column: str, values: list[str]) -> tuple[str, list[Any]]:
 def _recipient_terms(
     sel: Selector, states: Collection[RecipientState] | None, prefix: str = ""
 ) -> tuple[list[str], list[Any]]:
-    return selector_sql.recipient_terms(sel, states, _in_list, prefix)
+    return queue_sql.recipient_terms(sel, states, _in_list, prefix)
 
 
-_message_terms = selector_sql.message_terms
+_message_terms = queue_sql.message_terms
 
 
 def _where(sel: Selector, now: float, states: Collection[RecipientState] | None) -> tuple[str, list[Any]]:
-    return selector_sql.where(sel, now, states, _in_list, "1")
+    return queue_sql.where(sel, now, states, _in_list, "1")
 
 
-# -- rows to views -------------------------------------------------------------------------------------
-
-
-def _recipient_view(row: tuple[Any, ...]) -> RecipientView:
-    rid, address, pool, domain, state, due, attempts, rounds, last_reply, owner, lease_until = row[:11]
-    last_member, last_at = row[11:]
-    leased = state == RecipientState.LEASED
-    return RecipientView(
-        rid,
-        address,
-        pool,
-        domain,
-        RecipientState(state),
-        due,
-        attempts,
-        rounds,
-        last_reply,
-        owner if leased else "",
-        lease_until if leased else None,
-        last_member,
-        last_at,
-    )
-
-
-def _message_view(
-    row: tuple[Any, ...],
-    recipients: tuple[RecipientView, ...],
-    data: bytes | None = None,
-    attempts: tuple[AttemptView, ...] = (),
-) -> MessageView:
-    message_id, sender, created, size, client_ip, smtputf8, header_id, labels = row
-    tags, metadata = decode_labels(labels)
-    return MessageView(
-        message_id,
-        sender,
-        created,
-        size,
-        client_ip,
-        bool(smtputf8),
-        recipients,
-        data,
-        attempts,
-        header_id,
-        tags,
-        metadata,
-    )
+# -- a message and its recipients, read ------------------------------------------------------------------
 
 
 def _read_message(
@@ -140,9 +91,10 @@ def _read_message(
     except OSError:
         data = None
     recipients = tuple(
-        _recipient_view(r)
+        queue_sql.recipient_view(r)
         for r in conn.execute(
-            f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid", (message_id,)
+            f"SELECT {queue_sql.RECIPIENT_COLUMNS} FROM recipient WHERE message_id = ? ORDER BY rid",
+            (message_id,),
         )
     )
     attempts: tuple[AttemptView, ...] = ()
@@ -154,7 +106,7 @@ def _read_message(
                 (message_id,),
             )
         )
-    return _message_view(row[:8], recipients, data, attempts)
+    return queue_sql.message_view(row[:8], recipients, data, attempts)
 
 
 # -- reads ---------------------------------------------------------------------------------------------
@@ -181,7 +133,7 @@ def list_queue(conn: sqlite3.Connection, sel: Selector, now: float, limit: int, 
     more = len(rows) > limit
     rows = rows[:limit]
     chosen = _chosen_recipients(conn, [r[0] for r in rows], r_terms, r_params)
-    messages = tuple(_message_view(r, tuple(chosen.get(r[0], ()))) for r in rows)
+    messages = tuple(queue_sql.message_view(r, tuple(chosen.get(r[0], ()))) for r in rows)
     return QueuePage(messages, rows[-1][0] if more else None)
 
 
@@ -193,11 +145,11 @@ def _chosen_recipients(
         ids = message_ids[i : i + _CHUNK]
         terms = [f"message_id IN ({', '.join('?' * len(ids))})", *r_terms]
         for row in conn.execute(
-            f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient WHERE {' AND '.join(terms)}"
+            f"SELECT message_id, {queue_sql.RECIPIENT_COLUMNS} FROM recipient WHERE {' AND '.join(terms)}"
             " ORDER BY message_id, rid",
             [*ids, *r_params],
         ):
-            chosen[row[0]].append(_recipient_view(row[1:]))
+            chosen[row[0]].append(queue_sql.recipient_view(row[1:]))
     return chosen
 
 
