@@ -36,20 +36,9 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from postmux.testing import Upstream  # noqa: E402
+from postmux.testing import CHROMIUM, CHROMIUM_ARGS, Upstream  # noqa: E402
 
 POSTMUX = REPO / ".venv" / "bin" / "postmux"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TOKEN = "bench-dashboard-token-0123"
 READY = re.compile(rb"postmux: smtp on port (\d+), http on port (\d+)")
 DELIVERED = re.compile(r'^postmux_deliveries_total\{[^}]*result="delivered"[^}]*\}\s+([0-9.eE+-]+)$', re.M)
@@ -213,7 +202,7 @@ async def main(args: argparse.Namespace) -> None:
         try:
             async with async_playwright() as p:
                 browser = await p.chromium.launch_persistent_context(
-                    str(tmp / "profile"), executable_path=CHROMIUM, args=ARGS
+                    str(tmp / "profile"), executable_path=CHROMIUM, args=list(CHROMIUM_ARGS)
                 )
                 page = await open_page(browser, http_port)
                 per_s = args.events_per_min / 60 / 2  # a Reception and a Delivery per message

@@ -35,6 +35,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 __all__ = [
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
     "DROP",
     "DROP_AFTER_STORE",
     "HANG",
@@ -51,6 +53,20 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 TEST_ID_HEADER = "X-Test-Id"
+
+# Debian's chromium for browser tests of the dashboard, headless, with everything that would reach for the
+# network turned off: on a closed machine its background connections only fail, many at a time.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 @dataclass

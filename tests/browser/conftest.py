@@ -15,19 +15,9 @@ from typing import Any
 import pytest
 
 from postmux.app import App
+from postmux.testing import CHROMIUM, CHROMIUM_ARGS
 from tests.support import send
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(os.environ.get("POSTMUX_ARTIFACTS", Path(__file__).parents[1] / "artifacts" / "browser"))
 TOKEN = "dashboard-token-for-tests"
 
@@ -44,7 +34,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Any]:
         context = await p.chromium.launch_persistent_context(
             str(tmp_path / "profile"),
             executable_path=CHROMIUM,
-            args=ARGS,
+            args=list(CHROMIUM_ARGS),
             viewport={"width": 1400, "height": 1000},
         )
         try:
