@@ -356,8 +356,9 @@ class App:
         return (domain,) if domain else ()
 
     def _destination_of(self, domain: str) -> str:
-        """The destination (provider, else the domain) of a recipient domain, as lanes name it."""
-        return Providers(self.settings.shaping).destination(domain)
+        """The destination (provider, else the domain) of a recipient domain, as lanes name it: by the
+        resolver's table of providers, the one delivery goes by (kept in step at each reload)."""
+        return self.resolver.providers.destination(domain)
 
     def _member_kind(self, pool: str, member: str) -> str | None:
         """A member's kind ("source", "relay"), None for one no longer configured."""
