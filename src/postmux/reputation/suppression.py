@@ -231,45 +231,32 @@ class SuppressionList:
         """Suppress the recipients of Complaint events ([suppression] complaints): global, no expiry."""
         if not self.settings.complaints:
             return []
-        now = self.clock()
-        made = []
-        for e in events:
-            if e.type is not EventType.COMPLAINT:
-                continue
-            feedback = e.tags.get("feedback_type", "abuse")
-            try:
-                made.append(
-                    entry(e.recipient, reason=f"complaint ({feedback})", source="complaint", created=now)
-                )
-            except SuppressionError as error:
-                log.warning("complaint not suppressed", recipient=e.recipient, reason=str(error))
-        if made:
-            await self.add_all(made)
-        return made
+        complaints = [e for e in events if e.type is EventType.COMPLAINT]
+        return await self._note(
+            complaints, "complaint", lambda e: f"complaint ({e.tags.get('feedback_type', 'abuse')})", None
+        )
 
     async def note_bounces(self, events: Iterable[Event]) -> list[Suppression]:
         """Suppress the recipients of hard bounces among `events` ([suppression] hard_bounces): a class of
         InvalidRecipient, BadDomain or InactiveMailbox says the address will never take mail."""
         if not self.settings.hard_bounces:
             return []
-        now = self.clock()
+        hard = [e for e in events if e.type is EventType.BOUNCE and e.bounce_class in HARD_BOUNCE_CLASSES]
         expiry = self.settings.hard_bounce_expiry
+        return await self._note(hard, "bounce", lambda e: f"{e.bounce_class}: {e.response}", expiry or None)
+
+    async def _note(
+        self, events: list[Event], source: str, reason: Callable[[Event], str], lasts: float | None
+    ) -> list[Suppression]:
+        """Global entries for the events' recipients, in one transaction."""
+        now = self.clock()
         made = []
         for e in events:
-            if e.type is not EventType.BOUNCE or e.bounce_class not in HARD_BOUNCE_CLASSES:
-                continue
             try:
-                made.append(
-                    entry(
-                        e.recipient,
-                        reason=f"{e.bounce_class}: {e.response}",
-                        source="bounce",
-                        created=now,
-                        expires=now + expiry if expiry else None,
-                    )
-                )
+                expires = now + lasts if lasts else None
+                made.append(entry(e.recipient, reason=reason(e), source=source, created=now, expires=expires))
             except SuppressionError as error:  # an address no entry can hold (a quoted local part)
-                log.warning("hard bounce not suppressed", recipient=e.recipient, reason=str(error))
+                log.warning(f"{source} not suppressed", recipient=e.recipient, reason=str(error))
         if made:
             await self.add_all(made)
         return made
