@@ -13,7 +13,7 @@ from postmux import __version__
 from postmux.app import App
 from postmux.events.metrics import Metrics
 from postmux.events.types import Event, EventType
-from tests.support import Upstream, always, free_port, make_settings, send_many, wait_until
+from tests.support import StartUpstream, Upstream, always, free_port, make_settings, send_many, wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,11 +63,14 @@ async def test_metrics_count_receptions_deliveries_and_member_state(tmp_path: Pa
 
 
 async def test_metrics_an_operator_needs_process_build_queue_by_destination_refusals_and_lanes(
-    tmp_path: Path,
+    tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    up = await Upstream("a", always("451 4.3.0 try again later")).start()
+    up = await upstream("a", always("451 4.3.0 try again later"))  # stopped by the fixture, failed or not
     pool = {"name": "default", "members": [{"name": "a", "address": up.address}]}
-    async with App(make_settings(tmp_path, [pool])) as app:
+    # Deferred once, the recipients wait an hour: the queue count sees all five queued, none leased again
+    # for a retry at the moment it is read.
+    retry = {"intervals": ["1h"], "max_age": "1d", "jitter": 0}
+    async with App(make_settings(tmp_path, [pool], retry=retry)) as app:
         await send_many(app.smtp_port, [f"m{i}" for i in range(3)], to=["u@dest.test"])
         await send_many(app.smtp_port, ["o1"], to=["u@other.test", "v@other.test"])
         await wait_until(lambda: len(app.control.shaping()) >= 1 and app.spool.commits >= 4)
@@ -85,7 +88,6 @@ async def test_metrics_an_operator_needs_process_build_queue_by_destination_refu
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
             assert (await client.post("/api/v1/messages", json={})).status_code == 401
             text = (await client.get("/metrics")).text
-    await up.stop()
     got = samples(text)
     assert got[("process_open_fds", ())] > 0
     assert got[("process_resident_memory_bytes", ())] > 0
