@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from postmux.balancing.pool import Pool
-from postmux.balancing.zones import local_share, split
+from postmux.balancing.zones import ZoneRouting, local_share, split
 from postmux.cli import app
 from postmux.config import ConfigError, PoolSettings, ZoneRoutingSettings, settings_from_dict
 
@@ -253,6 +253,33 @@ def test_a_changed_node_zone_or_member_zone_shows_at_the_next_pick() -> None:
     pool.zone = "a"
     pool.reconfigure(moved, NOW)  # every member now in zone b: no split, round robin over all
     assert picks(pool, 100) == {"a": 50, "b": 50}
+
+
+# -- what the operator is told (Pool.zone_routing, for the dashboard and top) --------------------------------
+
+
+def test_the_routing_state_says_local_spilling_or_remote_with_the_zones_health_and_share() -> None:
+    pool = two_zones()
+    assert pool.zone_routing(NOW) == ZoneRouting("local", 1.0, 1.0, 0.7)
+    picks(pool, 10)  # the choice is cached now: a change must still show at once
+    down(pool, "a1")
+    spilling = pool.zone_routing(NOW)
+    assert (spilling.state, spilling.local_health) == ("spilling", 0.5)
+    assert spilling.local_share == pytest.approx(0.5 / 0.7)
+    down(pool, "a2")
+    assert pool.zone_routing(NOW) == ZoneRouting("remote", 0.0, 0.0, 0.7)
+    down(pool, "b1", "b2")
+    assert pool.zone_routing(NOW).state == "down"
+
+
+def test_the_routing_state_says_why_there_is_no_zone_preference() -> None:
+    assert two_zones(zone=None).zone_routing(NOW) == ZoneRouting("none")
+    assert two_zones(zone_routing={"enabled": False}).zone_routing(NOW) == ZoneRouting("off")
+    panicking = two_zones(health={"panic_threshold": 0.9})
+    down(panicking, "a1")
+    assert panicking.zone_routing(NOW).state == "panic"
+    only_here = pool_of([{"name": "a1", "zone": "a"}, {"name": "x1"}])
+    assert only_here.zone_routing(NOW) == ZoneRouting("local", 1.0, None, 0.7)
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,7 +11,7 @@ from postmux.attempt import AttemptOutcome
 from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
-from postmux.balancing.zones import ZoneSplit, split
+from postmux.balancing.zones import ZoneRouting, ZoneSplit, routing, split
 from postmux.config import PoolSettings
 
 # Called with (member, up, reason) when a member goes out of service (up=False) or comes back (up=True).
@@ -32,6 +32,7 @@ class _Choice:
     since: float
     until: float  # the first ejection to end: health, panic and tiers may change then
     zones: ZoneSplit | None = None  # the members by zone, when this node prefers its own (zones.py)
+    panic: bool = False  # every member is used, healthy or not (and whatever its zone)
 
 
 class Pool:
@@ -303,7 +304,7 @@ class Pool:
         slow_start = self.settings.slow_start
         ramping = [m for m in members if m.ramp_started is not None and slow_start > 0]
         ends = [m.ejected_until for m in self.members if m.ejected_until > now]
-        choice = _Choice(members, ramping, now, min(ends, default=math.inf))
+        choice = _Choice(members, ramping, now, min(ends, default=math.inf), panic=panic)
         if self._zone is not None and members and not panic:  # in panic every member is used, as Envoy does
             choice.zones = self._split(members)
         if self._epoch == epoch:  # nothing changed while it was worked out (a ramp may end in _ramp)
@@ -315,6 +316,13 @@ class Pool:
         best = members[0].tier
         tier = [m for m in self.members if m.tier == best and not m.removed and m.weight > 0]
         return split(members, tier, self._zone, self.settings.zone_routing)
+
+    def zone_routing(self, now: float) -> ZoneRouting:
+        """Where this node's picks go now, by zone (zones.py), for the operator's views: read off the
+        cached choice, worked out again only if a member's state changed since (as the next pick would
+        do), so O(1) between state changes. For snapshots; a pick never calls it."""
+        choice = self._current(now)
+        return routing(self._zone, self.settings.zone_routing, choice.members, choice.zones, choice.panic)
 
     def usable(self, now: float) -> list[Member]:
         """Members that may be given new work: the best tier that has any, or everyone in panic."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from postmux.balancing.member import Member
 from postmux.config import ZoneRoutingSettings
@@ -37,6 +38,7 @@ class ZoneSplit:
     local: list[Member]  # usable members in the node's zone, and those without a zone
     remote: list[Member]  # usable members in other zones; never empty (else there is no split)
     local_share: float  # 1.0: every pick stays local; 0.0: every pick goes to other zones
+    local_health: float = 1.0  # the healthy share of the local zone's capacity in the tier (for operators)
 
     def first(self, draw: float) -> tuple[list[Member], list[Member]]:
         """The side to pick from, then the side to spill to; `draw` is uniform in [0, 1)."""
@@ -79,4 +81,47 @@ def split(
     remote = [m for m in usable if not is_local(m, zone)]
     total = sum(m.weight for m in tier if is_local(m, zone))
     healthy = sum(m.weight for m in local)
-    return ZoneSplit(local, remote, local_share(healthy, total, settings))
+    health = min(1.0, healthy / total) if total > 0 else 0.0
+    return ZoneSplit(local, remote, local_share(healthy, total, settings), health)
+
+
+# Where a node's picks of a pool go, in a word: local (all in its zone), spilling (part to other zones),
+# remote (all to other zones), panic (every member, whatever its zone), off ([pool.zone_routing] enabled
+# = false), none (the node has no zone), down (no member usable in any zone).
+RoutingState = Literal["local", "spilling", "remote", "panic", "off", "none", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneRouting:
+    """Where a node's picks of one pool go now, for the operator (the dashboard, `postmux top`)."""
+
+    state: RoutingState
+    local_share: float | None = None  # of the picks, kept in the node's zone (None: no zone preference)
+    local_health: float | None = None  # healthy share of the zone's capacity, while the tier is split
+    local_threshold: float | None = None  # the zone spills below this health ([pool.zone_routing])
+
+
+def routing(
+    zone: str | None,
+    settings: ZoneRoutingSettings,
+    usable: Sequence[Member],
+    zones: ZoneSplit | None,
+    panic: bool,
+) -> ZoneRouting:
+    """The state of a pool's choice (its usable members, their split, panic), told for an operator.
+
+    Read off what the pool worked out when health last changed: a pick never calls it."""
+    if zone is None:
+        return ZoneRouting("none")
+    if not settings.enabled:
+        return ZoneRouting("off")
+    if not usable:
+        return ZoneRouting("down")
+    if panic:
+        return ZoneRouting("panic")
+    threshold = settings.local_threshold
+    if zones is None:  # every usable member is local (or without a zone): nowhere else to go
+        return ZoneRouting("local", 1.0, None, threshold)
+    share = zones.local_share
+    state: RoutingState = "local" if share >= 1.0 else "remote" if share <= 0.0 else "spilling"
+    return ZoneRouting(state, share, zones.local_health, threshold)
