@@ -131,6 +131,56 @@ async def test_a_drain_click_takes_the_member_out(
         await page.wait_for_selector('#members tr[data-member="a"][data-state="up"]', timeout=5000)
 
 
+async def test_the_page_shows_the_nodes_zone_each_members_and_where_the_picks_go(
+    tmp_path: Path, upstream: StartUpstream, browser: Any
+) -> None:
+    ups = [await upstream(n) for n in ("a1", "a2", "b1")]
+    members = [{"name": u.name, "address": u.address, "zone": u.name[0]} for u in ups]
+    pool = {"name": "default", "policy": "round_robin", "members": members}
+    zoned = make_settings(tmp_path, [pool], http={"admin_token": TOKEN}, node={"name": "node-a", "zone": "a"})
+    async with App(zoned) as app:
+        for i in range(4):
+            await send(app.smtp_port, f"zone-{i}")
+        await wait_until(lambda: sum(len(u.received) for u in ups) == 4)
+        page = await browser.new_page()
+        await sign_in(page, app)
+        await wait_for_snapshots(page, 1)
+        assert await page.locator("#node").inner_text() == "node-a · zone a"
+        zones = {
+            name: await page.locator(f'#members tr[data-member="{name}"] td.zone').inner_text()
+            for name in ("a1", "a2", "b1")
+        }
+        assert zones == {"a1": "a", "a2": "a", "b1": "b"}
+        assert await page.locator("#zones-panel").is_visible()
+        here = page.locator('#zones tr[data-zone="a"]')
+        assert "local" in await here.inner_text()
+        assert await here.locator("td.share").inner_text() == "100.0%"  # the four went to zone a
+        assert await page.locator('#zones tr[data-zone="b"] td.share').inner_text() == "0.0%"
+        routing = page.locator('#zones tr[data-pool="default"] td.routing')
+        assert await routing.get_attribute("data-state") == "local"
+        assert await routing.inner_text() == "all in the zone (zone 100.0% healthy, threshold 70.0%)"
+        await page.screenshot(path=screenshot_path("dashboard-zones-local"), full_page=True)
+        # A drain click halves zone a: under local_threshold, it spills 1 - 0.5 / 0.7 of the picks.
+        await page.click('#members tr[data-member="a2"] button[data-act="drain"]')
+        await page.wait_for_selector('#zones td.routing[data-state="spilling"]', timeout=5000)
+        assert await routing.inner_text() == (
+            "spilling 28.6% of picks to other zones (zone 50.0% healthy, threshold 70.0%)"
+        )
+        assert "1 / 2" in await here.inner_text()
+        await page.screenshot(path=screenshot_path("dashboard-zones-spilling"), full_page=True)
+
+
+async def test_a_page_without_zones_keeps_the_zones_panel_hidden(
+    tmp_path: Path, upstream: StartUpstream, browser: Any
+) -> None:
+    async with App(settings(tmp_path, [await upstream("a")])) as app:
+        page = await browser.new_page()
+        await sign_in(page, app)
+        await wait_for_snapshots(page, 1)
+        assert not await page.locator("#zones-panel").is_visible()
+        assert await page.locator("#node").inner_text() == "no zone"
+
+
 async def test_a_wrong_token_gets_no_data(tmp_path: Path, upstream: StartUpstream, browser: Any) -> None:
     ups = [await upstream("a")]
     async with App(settings(tmp_path, ups)) as app:

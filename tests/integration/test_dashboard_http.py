@@ -84,3 +84,42 @@ async def test_no_admin_token_no_dashboard(tmp_path: Path, upstream: StartUpstre
         assert page.status_code == 403 and "admin_token" in page.text
         assert (await web.post("/login", data={"token": ""})).status_code == 403
         assert (await web.get("/dashboard/state")).status_code == 401
+
+
+async def test_the_snapshot_carries_the_nodes_zone_each_members_and_each_pools_zones(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    ups = {n: await upstream(n) for n in ("a1", "a2", "b1")}
+    members = [{"name": n, "address": u.address, "zone": n[0]} for n, u in ups.items()]
+    pool = {"name": "default", "policy": "round_robin", "members": members}
+    settings = make_settings(
+        tmp_path, [pool], http={"admin_token": TOKEN}, node={"name": "node-a", "zone": "a"}
+    )
+    async with App(settings) as app, httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as web:
+        for i in range(4):
+            await send(app.smtp_port, f"z{i}")
+        await wait_until(lambda: sum(len(u.received) for u in ups.values()) == 4)
+        await web.post("/login", data={"token": TOKEN})
+        local = (await web.get("/dashboard/state")).json()
+        await web.post("/dashboard/api/v1/members/a1/drain", headers={"X-Postmux-Dashboard": "1"})
+        spilling = (await web.get("/dashboard/state")).json()
+    assert local["node"] == {"name": "node-a", "zone": "a"}
+    assert {m["member"]: m["zone"] for m in local["members"]} == {"a1": "a", "a2": "a", "b1": "b"}
+    assert sum(m["attempts_last_min"] for m in local["members"] if m["zone"] == "a") > 3.5
+    (zoned,) = local["pools"]
+    assert zoned["zone_routing"] == {
+        "state": "local",
+        "local_share": 1.0,
+        "local_health": 1.0,
+        "local_threshold": 0.7,
+    }
+    # All four went to zone a, the node's own (the attempts are a sliding minute's estimate: see history.py).
+    assert [(z["zone"], z["local"], z["up"], z["members"], z["share"]) for z in zoned["zones"]] == [
+        ("a", True, 2, 2, 1.0),
+        ("b", False, 1, 1, 0.0),
+    ]
+    # One of zone a's two members drained: half its capacity, under local_threshold 0.7, so the zone keeps
+    # 0.5 / 0.7 of the picks and spills the rest to zone b.
+    routing = spilling["pools"][0]["zone_routing"]
+    assert (routing["state"], routing["local_health"], routing["local_share"]) == ("spilling", 0.5, 0.7143)
+    assert [(z["zone"], z["up"]) for z in spilling["pools"][0]["zones"]] == [("a", 1), ("b", 1)]

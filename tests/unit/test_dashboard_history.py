@@ -3,7 +3,7 @@ manual clock: counts land in their minute, old minutes fall out, percentiles com
 
 from __future__ import annotations
 
-from postmux.admin.dashboard import capacity_per_min, redundancy, session_value
+from postmux.admin.dashboard import capacity_per_min, redundancy, session_value, zones
 from postmux.admin.history import LATENCY_BOUNDS_S, MINUTES, History, percentile
 from postmux.events.types import Event, EventType
 
@@ -71,6 +71,43 @@ def test_peaks_error_rates_and_why_per_member() -> None:
     assert history.member_error_rate("p", "nobody") is None
     assert history.pool_peak("p") == 7
     assert history.why[("p", "b")] == "checks failed"
+
+
+def test_the_last_minute_is_this_minute_and_the_part_of_the_last_still_in_the_window() -> None:
+    clock = Clock(1_800_000_000.0)  # a minute's start (30,000,000 minutes)
+    history = History(clock)
+    for _ in range(6):
+        history(outcome(EventType.DELIVERY, clock.now - 30, member="a"))  # the minute before
+    for _ in range(2):
+        history(outcome(EventType.TRANSIENT_FAILURE, clock.now + 15, member="a"))
+    history(outcome(EventType.DELIVERY, clock.now - 90, member="a"))  # two minutes back: out
+    clock.now += 15  # a quarter into this minute: three quarters of the last still inside the window
+    assert history.member_last_minute("p", "a") == 2 + 6 * 0.75
+    clock.now += 45 + 60  # two minutes on: nothing left
+    assert history.member_last_minute("p", "a") == 0.0
+    assert history.member_last_minute("p", "nobody") == 0.0
+
+
+def test_zones_count_members_up_and_share_the_attempts_local_zone_first() -> None:
+    def row(zone: str, state: str, attempts: float) -> dict[str, object]:
+        return {"zone": zone, "state": state, "attempts_last_min": attempts}
+
+    members = [
+        row("b", "up", 30.0),
+        row("", "up", 10.0),
+        row("a", "up", 60.0),
+        row("a", "check-failed", 0.0),
+        row("b", "ramping", 0.0),
+    ]
+    summary = zones(members, "a")
+    assert [(z["zone"], z["local"], z["up"], z["members"]) for z in summary] == [
+        ("a", True, 1, 2),
+        ("b", False, 2, 2),
+        ("", True, 1, 1),  # without a zone: near to every node, so local too
+    ]
+    assert [z["share"] for z in summary] == [0.6, 0.3, 0.1]
+    idle = zones([row("a", "up", 0.0), row("b", "up", 0.0)], None)
+    assert [(z["zone"], z["local"], z["share"]) for z in idle] == [("a", False, None), ("b", False, None)]
 
 
 def test_recent_events_are_a_fixed_ring_read_after_a_sequence_number() -> None:

@@ -26,7 +26,7 @@ import hmac
 import html
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -41,6 +41,7 @@ from postmux.admin.api import ADMIN_PREFIX
 from postmux.admin.control import Control
 from postmux.admin.history import History
 from postmux.admin.queue import criteria
+from postmux.balancing.pool import Pool
 from postmux.ingress.http import json_error
 
 COOKIE = "postmux_session"
@@ -80,6 +81,44 @@ def redundancy(pool: str, members: list[Mapping[str, Any]], peak_per_min: int) -
         "capacity_per_min": round(sum(capacities), 1),
         "without_biggest_per_min": round(without_biggest, 1),
         "n_plus_1": None if peak_per_min == 0 else without_biggest >= peak_per_min,
+    }
+
+
+def zones(members: Sequence[Mapping[str, Any]], node_zone: str | None) -> list[dict[str, Any]]:
+    """A pool's members by zone: how many are up of all, and the share of the last minute's attempts
+    (recipient outcomes) that went to each zone. The node's zone comes first, members without a zone
+    (near to every node, balancing/zones.py) last; `share` is None while the pool had no attempt."""
+    by_zone: dict[str, dict[str, Any]] = {}
+    for m in members:
+        zone = m["zone"]
+        row = by_zone.setdefault(
+            zone,
+            {
+                "zone": zone,
+                "local": node_zone is not None and zone in (node_zone, ""),
+                "members": 0,
+                "up": 0,
+                "attempts_last_min": 0.0,
+            },
+        )
+        row["members"] += 1
+        row["up"] += m["state"] in _LIVE_STATES
+        row["attempts_last_min"] += m["attempts_last_min"]
+    total = sum(r["attempts_last_min"] for r in by_zone.values())
+    for r in by_zone.values():
+        r["share"] = round(r["attempts_last_min"] / total, 4) if total else None
+        r["attempts_last_min"] = round(r["attempts_last_min"], 1)
+    return sorted(by_zone.values(), key=lambda r: (r["zone"] != node_zone, r["zone"] == "", r["zone"]))
+
+
+def zone_routing(pool: Pool, now: float) -> dict[str, Any]:
+    """Where the node's picks of the pool go, by zone (Pool.zone_routing), as the page shows it."""
+    r = pool.zone_routing(now)
+    return {
+        "state": r.state,
+        "local_share": None if r.local_share is None else round(r.local_share, 4),
+        "local_health": None if r.local_health is None else round(r.local_health, 4),
+        "local_threshold": r.local_threshold,
     }
 
 
@@ -131,20 +170,31 @@ class Dashboard:
                     "ejections": member.ejections if member else 0,
                     "error_rate": None if rate is None else round(rate, 4),
                     "peak_per_min": peak,
+                    "attempts_last_min": round(history.member_last_minute(pool, name), 1),
                     "capacity_per_min": round(capacity_per_min(row, peak), 1),
                 }
             )
         return rows
 
+    def node(self) -> dict[str, Any]:
+        """The node's own name ([node] name, "" when unset) and zone ([node] zone, None when unset)."""
+        settings = self.control.node.settings
+        node = settings().node if settings is not None else None
+        return {"name": node.name if node else "", "zone": node.zone if node else None}
+
     def pools(self, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            redundancy(
-                name,
-                [m for m in members if m["pool"] == name],
-                self.history.pool_peak(name),
+        now = self.clock()
+        out = []
+        for name, pool in self.control.node.pools.items():
+            mine: list[Mapping[str, Any]] = [m for m in members if m["pool"] == name]
+            out.append(
+                {
+                    **redundancy(name, mine, self.history.pool_peak(name)),
+                    "zone_routing": zone_routing(pool, now),
+                    "zones": zones(mine, pool.zone),
+                }
             )
-            for name in self.control.node.pools
-        ]
+        return out
 
     async def queue(self) -> dict[str, Any]:
         try:
@@ -158,6 +208,7 @@ class Dashboard:
         members = self.members()
         out: dict[str, Any] = {
             "now": self.clock(),
+            "node": self.node(),
             "members": members,
             "pools": self.pools(members),
             "series": self.history.series(),

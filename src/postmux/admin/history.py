@@ -82,6 +82,10 @@ class _MemberMinutes:
             default=0,
         )
 
+    def in_minute(self, minute: int) -> int:
+        slot = minute % MINUTES
+        return self.total[slot] if self.minutes[slot] == minute else 0
+
     def error_rate(self, now_minute: int, last: int = 5) -> float | None:
         """Deferred and bounced over all outcomes in the last `last` minutes; None with no outcome."""
         total = failed = 0
@@ -185,6 +189,18 @@ class History:
     def member_error_rate(self, pool: str, member: str) -> float | None:
         m = self._members.get((pool, member))
         return m.error_rate(int(self.clock() // 60)) if m else None
+
+    def member_last_minute(self, pool: str, member: str) -> float:
+        """The member's outcomes in the 60 s up to now, from two minute slots (the sliding window counter
+        of Cloudflare's rate limiting): all of this minute's, and the previous minute's in
+        proportion to the part of it still inside the window. Two slot reads, nothing kept per event."""
+        m = self._members.get((pool, member))
+        if m is None:
+            return 0.0
+        now = self.clock()
+        minute = int(now // 60)
+        still_in = 1.0 - (now - minute * 60) / 60
+        return m.in_minute(minute) + m.in_minute(minute - 1) * still_in
 
     def pool_peak(self, pool: str) -> int:
         now_minute = int(self.clock() // 60)

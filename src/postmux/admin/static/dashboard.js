@@ -44,13 +44,53 @@ function renderPools(pools) {
   );
 }
 
+function renderNode(node) {
+  const zone = node.zone == null ? "no zone" : `zone ${node.zone}`;
+  $("#node").textContent = node.name ? `${node.name} · ${zone}` : zone;
+}
+
+// Where the node's picks of a pool go (Pool.zone_routing), in words.
+function routing(r) {
+  const health = r.local_health == null ? "" : ` (zone ${pct(r.local_health)} healthy, threshold ${pct(r.local_threshold)})`;
+  switch (r.state) {
+    case "local": return `all in the zone${health}`;
+    case "spilling": return `spilling ${pct(1 - r.local_share)} of picks to other zones${health}`;
+    case "remote": return `all to other zones${health}`;
+    case "panic": return "panic: every member, whatever its zone";
+    case "off": return "zone routing off";
+    case "none": return "the node has no zone";
+    default: return "no member usable";
+  }
+}
+
+function renderZones(pools, node) {
+  const zoned = node.zone != null || pools.some((p) => p.zones.some((z) => z.zone));
+  $("#zones-panel").hidden = !zoned;
+  if (!zoned) return;
+  const rows = [];
+  for (const p of pools) {
+    p.zones.forEach((z, i) => {
+      const first = i === 0
+        ? `<td rowspan="${p.zones.length}">${esc(p.pool)}</td>` +
+          `<td class="routing" rowspan="${p.zones.length}" data-state="${esc(p.zone_routing.state)}">${esc(routing(p.zone_routing))}</td>`
+        : "";
+      rows.push(
+        `<tr data-pool="${esc(p.pool)}" data-zone="${esc(z.zone)}">${first}` +
+        `<td>${z.zone ? esc(z.zone) : '<span class="note">no zone</span>'}${z.local ? ' <span class="tag">local</span>' : ""}</td>` +
+        `<td>${z.up} / ${z.members}</td><td>${z.attempts_last_min}</td><td class="share">${pct(z.share)}</td></tr>`,
+      );
+    });
+  }
+  setRows("zones", rows);
+}
+
 function renderMembers(members) {
   setRows(
     "members",
     members.map((m) => {
       const action = m.state === "draining" ? "enable" : "drain";
       return `<tr data-pool="${esc(m.pool)}" data-member="${esc(m.member)}" data-state="${esc(m.state)}">` +
-        `<td>${esc(m.pool)}</td><td>${esc(m.member)}</td><td><span class="state">${esc(m.state)}</span></td>` +
+        `<td>${esc(m.pool)}</td><td>${esc(m.member)}</td><td class="zone">${esc(m.zone)}</td><td><span class="state">${esc(m.state)}</span></td>` +
         `<td class="why">${esc(m.state === "up" ? "" : m.why)}</td><td>${m.weight}</td>` +
         `<td>${m.connections} / ${m.max_connections}</td><td>${m.in_flight}</td><td>${m.ewma_latency_ms}</td>` +
         `<td>${pct(m.error_rate)}</td><td>${m.ejections}</td><td>${m.ejected_for_s ? age(m.ejected_for_s) : ""}</td>` +
@@ -157,7 +197,9 @@ function renderCharts(s) {
 
 function update(snap) {
   const t0 = performance.now();
+  renderNode(snap.node);
   renderPools(snap.pools);
+  renderZones(snap.pools, snap.node);
   renderMembers(snap.members);
   if (snap.queue) renderQueue(snap.queue);
   renderLanes(snap.lanes);
