@@ -49,14 +49,81 @@ async def test_top_once_prints_members_redundancy_throughput_and_queue(
     assert "401" in refused.stderr
 
 
-def test_the_live_view_ends_quietly_on_ctrl_c() -> None:
-    snapshot: dict[str, Any] = {
+async def test_top_shows_the_nodes_zone_each_members_and_where_the_picks_go(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    ups = {n: await upstream(n) for n in ("a1", "a2", "b1")}
+    members = [{"name": n, "address": u.address, "zone": n[0]} for n, u in ups.items()]
+    pool = {"name": "default", "policy": "round_robin", "members": members}
+    settings = make_settings(
+        tmp_path, [pool], http={"admin_token": TOKEN}, node={"name": "node-a", "zone": "a"}
+    )
+    args = ["top", "--once", "--url", "", "--token", TOKEN]
+    async with App(settings) as app:
+        args[3] = f"http://127.0.0.1:{app.http_port}"
+        await send_many(app.smtp_port, [f"m{i}" for i in range(6)])
+        await wait_until(lambda: sum(len(u.received) for u in ups.values()) == 6)
+        local = await asyncio.to_thread(CliRunner().invoke, cli, args, env={"COLUMNS": "220"})
+        app.control.set_draining("a2", True)  # zone a is half healthy now, under local_threshold 0.7
+        spilling = await asyncio.to_thread(CliRunner().invoke, cli, args, env={"COLUMNS": "220"})
+    assert local.exit_code == 0 and spilling.exit_code == 0, local.output + spilling.output
+    out = local.stdout
+    assert out.splitlines()[0].startswith("postmux top  node-a  zone a  ")
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if "│" in line]
+    assert {r[1]: r[2] for r in cells if len(r) == len(top.MEMBER_COLUMNS)} == {
+        "a1": "a",
+        "a2": "a",
+        "b1": "b",
+    }
+    zone_rows = [r for r in cells if len(r) == 6 and r[2] in ("a *", "b")]
+    # The attempts of the last 60 s are estimated from two minute slots: six, or a little less when the
+    # six fell in the minute before and that minute is sliding out of the window.
+    attempts = [float(zone_rows[0].pop(4)), float(zone_rows[1].pop(4))]
+    assert 5.5 <= attempts[0] <= 6 and attempts[1] == 0
+    assert zone_rows == [  # all six went to zone a: the node's own, healthy
+        ["default", "all in the zone (zone 100% healthy, threshold 70%)", "a *", "2/2", "100%"],
+        ["", "", "b", "1/1", "0%"],
+    ]
+    assert "spilling 29% of picks to other zones (zone 50% healthy, threshold 70%)" in spilling.stdout
+    assert "1/2" in spilling.stdout
+
+
+def test_without_zones_top_shows_no_zone_table_and_says_no_zone() -> None:
+    snapshot = quiet_snapshot()
+    snapshot["members"] = [
+        {
+            "pool": "p",
+            "member": "m1",
+            "zone": "",
+            "state": "up",
+            "connections": 0,
+            "max_connections": 10,
+            "in_flight": 0,
+            "ewma_latency_ms": 0.0,
+            "ejected_for_s": 0.0,
+        }
+    ]
+    console = Console(file=io.StringIO(), width=200)
+    console.print(top.frame(snapshot))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert out.splitlines()[0].startswith("postmux top  2027")  # neither name nor zone: nothing said
+    assert "zones (" not in out
+    assert "│ m1 " in out and "│ -  " in out  # the member's zone column: none
+
+
+def quiet_snapshot() -> dict[str, Any]:
+    return {
         "now": 1_800_000_000.0,
+        "node": {"name": "", "zone": None},
         "members": [],
         "pools": [],
         "series": {k: [0] for k in ("t", "accepted", "delivered", "deferred", "bounced", "p50_ms", "p99_ms")},
         "queue": {"destinations": [], "recipients": 0, "oldest_age_s": 0.0},
     }
+
+
+def test_the_live_view_ends_quietly_on_ctrl_c() -> None:
+    snapshot = quiet_snapshot()
     calls = []
 
     def fetch() -> dict[str, Any]:

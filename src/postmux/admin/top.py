@@ -1,7 +1,8 @@
 """`postmux top`: the dashboard at a glance in a terminal, for operators on SSH.
 
 Polls the admin API's snapshot (GET /api/v1/dashboard, the one the page is built from) and draws it with
-rich: members, redundancy per pool, the last minutes' throughput and latency, the busiest queues.
+rich: the node's name and zone, members, redundancy per pool, where each pool's picks go by zone, the
+last minutes' throughput and latency, the busiest queues.
 `frame` is a plain function of a snapshot (tested without a terminal); `run` is the loop around it.
 """
 
@@ -11,13 +12,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 MINUTES_SHOWN = 10
 QUEUES_SHOWN = 10
+MEMBER_COLUMNS = (
+    "pool",
+    "member",
+    "zone",
+    "state",
+    "why",
+    "conns",
+    "in flight",
+    "EWMA ms",
+    "errors 5m",
+    "ejected",
+)
 _STATE_STYLE = {"up": "green", "ramping": "cyan", "draining": "yellow"}
 
 
@@ -31,7 +44,7 @@ def _age(seconds: float) -> str:
 
 def members_table(members: list[dict[str, Any]]) -> Table:
     table = Table(title="members", expand=True)
-    for column in ("pool", "member", "state", "why", "conns", "in flight", "EWMA ms", "errors 5m", "ejected"):
+    for column in MEMBER_COLUMNS:
         table.add_column(column)
     for m in members:
         state = m["state"]
@@ -39,6 +52,7 @@ def members_table(members: list[dict[str, Any]]) -> Table:
         table.add_row(
             m["pool"],
             m["member"],
+            m.get("zone") or "-",
             Text(state, style=_STATE_STYLE.get(state, "bold red")),
             "" if state == "up" else str(m.get("why", ""))[:60],
             f"{m['connections']}/{m['max_connections']}",
@@ -68,6 +82,62 @@ def pools_table(pools: list[dict[str, Any]]) -> Table:
             verdict,
         )
     return table
+
+
+def routing_words(r: dict[str, Any]) -> Text:
+    """Where the node's picks of a pool go by zone (Pool.zone_routing), as the dashboard says it."""
+    state = r["state"]
+    health = r.get("local_health")
+    of = "" if health is None else f" (zone {health:.0%} healthy, threshold {r['local_threshold']:.0%})"
+    words = {
+        "local": ("all in the zone" + of, "green"),
+        "spilling": (f"spilling {1 - (r['local_share'] or 0.0):.0%} of picks to other zones" + of, "yellow"),
+        "remote": ("all to other zones" + of, "bold red"),
+        "panic": ("panic: every member, whatever its zone", "bold red"),
+        "off": ("zone routing off", "dim"),
+        "none": ("the node has no zone", "dim"),
+    }
+    text, style = words.get(state, ("no member usable", "bold red"))
+    return Text(text, style=style)
+
+
+def zones_table(pools: list[dict[str, Any]]) -> Table:
+    """Per pool and zone: members up of all, the share of the last minute's attempts; and where the
+    node's picks go (its own zone, spilling, ...) on the pool's first row."""
+    table = Table(
+        title="zones (the node's picks by zone; members up, share of the last minute's attempts)", expand=True
+    )
+    for column in ("pool", "routing", "zone", "up", "attempts/min", "share"):
+        table.add_column(column)
+    for p in pools:
+        for i, z in enumerate(p["zones"]):
+            share = z["share"]
+            table.add_row(
+                p["pool"] if i == 0 else "",
+                routing_words(p["zone_routing"]) if i == 0 else "",
+                (z["zone"] or "(no zone)") + (" *" if z["local"] else ""),
+                f"{z['up']}/{z['members']}",
+                f"{z['attempts_last_min']:g}",
+                "" if share is None else f"{share:.0%}",
+            )
+    table.caption = "* local: the node's zone, and members without a zone"
+    return table
+
+
+def zoned(snapshot: dict[str, Any]) -> bool:
+    """Whether zones say anything here: the node has a zone, or some member has one."""
+    node_zone = snapshot.get("node", {}).get("zone")
+    return node_zone is not None or any(m.get("zone") for m in snapshot["members"])
+
+
+def header(snapshot: dict[str, Any]) -> Text:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot["now"]))
+    node = snapshot.get("node", {})
+    where = [node["name"]] if node.get("name") else []
+    if node.get("zone") is not None:
+        where.append(f"zone {node['zone']}")
+    said = f"  {'  '.join(where)}" if where else ""
+    return Text(f"postmux top{said}  {stamp}  (Ctrl-C to quit)", style="bold")
 
 
 def throughput_table(series: dict[str, list[Any]]) -> Table:
@@ -104,15 +174,16 @@ def queue_table(queue: dict[str, Any]) -> Table:
 
 
 def frame(snapshot: dict[str, Any]) -> Group:
-    """One screen of `postmux top` from the admin API's snapshot."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot["now"]))
-    return Group(
-        Text(f"postmux top  {stamp}  (Ctrl-C to quit)", style="bold"),
+    """One screen of `postmux top` from the admin API's snapshot (the zones only where there are some)."""
+    parts: list[RenderableType] = [
+        header(snapshot),
         members_table(snapshot["members"]),
         pools_table(snapshot["pools"]),
-        throughput_table(snapshot["series"]),
-        queue_table(snapshot.get("queue", {})),
-    )
+    ]
+    if zoned(snapshot):
+        parts.append(zones_table(snapshot["pools"]))
+    parts += [throughput_table(snapshot["series"]), queue_table(snapshot.get("queue", {}))]
+    return Group(*parts)
 
 
 def run(fetch: Callable[[], dict[str, Any]], interval_s: float, once: bool, console: Console) -> None:
