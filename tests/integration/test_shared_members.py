@@ -7,15 +7,21 @@ Apps in this process, each with its own SQLite spool, listener and [node] name, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from postmux.admin.member_states import DrainedMembers, OperatorState, RedisMemberStates
 from postmux.app import App
 from postmux.events.types import Event, EventType
+from postmux.node import instance_id
+from postmux.scheduling.redis_health import RedisHealthVerdicts
+from postmux.scheduling.redis_throttles import RedisThrottles
 from tests.redis_support import REDIS_URL, PrivateRedis, private_redis, redis_prefix
-from tests.support import StartUpstream, free_port, make_settings, send_many, wait_until
+from tests.support import StartUpstream, free_port, make_settings, read_events, send_many, wait_until
 
 __all__ = ["private_redis", "redis_prefix"]  # fixtures, used by name
 
@@ -208,3 +214,55 @@ async def test_one_nodes_broken_path_takes_the_member_out_on_that_node_only(
         await wait_until(
             lambda: all(m.shared_checks == "down 3/3 nodes" for m in members), timeout=SEEN_WITHIN_S
         )
+
+
+def throttles_on(prefix: str, node: str) -> RedisThrottles:
+    return RedisThrottles.from_url(REDIS_URL, prefix, timeout_s=1.0, node=instance_id(node))
+
+
+async def test_a_nodes_verdicts_expire_by_redis_time_and_go_at_once_when_it_leaves(redis_prefix: str) -> None:
+    one, two = throttles_on(redis_prefix, "n1"), throttles_on(redis_prefix, "n2")
+    try:
+        first, second = RedisHealthVerdicts(one, one.node), RedisHealthVerdicts(two, two.node)
+        assert first.exchange({("p", "a"): (False, 0.4)}) == {}  # its own verdicts are not others'
+        assert second.exchange({("p", "a"): (True, 30.0)}) == {("p", "a"): [False]}
+        await asyncio.sleep(0.6)
+        assert second.exchange({}) == {}  # n1 stopped publishing: its verdict expired
+        assert first.exchange({}) == {("p", "a"): [True]}
+        second.leave()
+        assert first.exchange({}) == {}
+    finally:
+        one.close()
+        two.close()
+
+
+def test_of_two_changes_to_one_member_the_later_wins_on_every_node(tmp_path: Path, redis_prefix: str) -> None:
+    one, two = throttles_on(redis_prefix, "n1"), throttles_on(redis_prefix, "n2")
+    clock = [100.0]
+    try:
+        first = RedisMemberStates(one, DrainedMembers(tmp_path / "1.json"), "n1", lambda: clock[0])
+        second = RedisMemberStates(two, DrainedMembers(tmp_path / "2.json"), "n2", lambda: clock[0] - 50)
+        first.record("a", True)  # at 100
+        second.record("a", False)  # at 50 by n2's clock: made earlier, written later
+        states = second.refresh()
+        assert states == {"a": OperatorState(True, "n1", 100.0)}
+        assert second.load() == {"a"}
+        assert json.loads((tmp_path / "2.json").read_text()) == {"drained": ["a"]}  # kept for a start
+    finally:
+        one.close()
+        two.close()
+
+
+async def test_events_in_the_log_carry_the_node_that_emitted_them(
+    tmp_path: Path, upstream: StartUpstream, redis_prefix: str
+) -> None:
+    a = await upstream("a")
+    settings = node_settings(
+        tmp_path, "relay-eu-1", [{"name": "a", "address": a.address}], REDIS_URL, redis_prefix
+    )
+    async with App(settings) as app:
+        await send_many(app.smtp_port, ["e1"])
+        await wait_until(lambda: len(a.received) == 1)
+    events = read_events(tmp_path / "events.jsonl")
+    assert {e["type"] for e in events} >= {"Reception", "Delivery"}
+    assert {e["node"] for e in events} == {"relay-eu-1"}
