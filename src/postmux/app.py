@@ -484,9 +484,12 @@ class App:
         """With Redis, each heartbeat: follow the other nodes' drains, swap health verdicts with them."""
         while True:
             await asyncio.sleep(every_s)
-            self.control.follow_shared()
-            if self.shared_checks is not None:
-                self.shared_checks.exchange(self.pools, self.clock())
+            try:
+                self.control.follow_shared()
+                if self.shared_checks is not None:
+                    self.shared_checks.exchange(self.pools, self.clock())
+            except Exception:  # a loop that died would leave this node deaf to the others for good
+                log.exception("following the other nodes failed; trying again at the next heartbeat")
 
     def _join_throttles(self) -> None:
         """With Redis: count this node in (each node's share while Redis is away) and keep it counted."""

@@ -80,3 +80,34 @@ def test_with_no_shared_verdict_the_node_goes_by_its_own_checks() -> None:
     pool.record_shared(a, None, now=2.0)  # the shared store went away
     assert a.healthy(2.0) and a.shared_checks == ""
     assert changes[-1] == ("a", True, "other nodes' checks not known now")
+
+
+def test_postmux_members_says_which_node_speaks_and_what_the_nodes_found() -> None:
+    from rich.console import Console
+
+    from postmux.admin.client import members_table
+
+    row = {
+        "pool": "default",
+        "member": "a",
+        "weight": 1,
+        "effective_weight": 1,
+        "connections": 0,
+        "max_connections": 10,
+        "in_flight": 0,
+        "ewma_latency_ms": 1.0,
+        "recent_error": "",
+        "node": "relay-eu-1",
+    }
+    console = Console(width=250, record=True)
+    console.print(
+        members_table(
+            [
+                {**row, "state": "down-by-majority", "shared_checks": "down 2/3 nodes"},
+                {**row, "member": "b", "state": "up", "shared_checks": "up 3/3 nodes"},
+            ]
+        )
+    )
+    text = console.export_text()
+    assert "as node relay-eu-1 sees them" in text
+    assert "down-by-majority (down 2/3 nodes)" in text and "3/3" not in text
