@@ -21,10 +21,11 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from postmux.admin.api import admin_api
-from postmux.admin.control import Control, DrainedMembers, NodeView
+from postmux.admin.control import Control, NodeView
 from postmux.admin.dashboard import Dashboard
 from postmux.admin.gauges import NodeGauges
 from postmux.admin.history import History
+from postmux.admin.member_states import DrainedMembers, MemberStates, RedisMemberStates
 from postmux.admin.queue import KnownDestinations
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
@@ -46,6 +47,7 @@ from postmux.ingress.smtp import start_smtp_server
 from postmux.ingress.submission import PUBLIC_ROUTES, Submissions
 from postmux.ingress.unsubscribe import Unsubscribes
 from postmux.ingress.workers import IngressWorkers
+from postmux.node import instance_id, node_name
 from postmux.reputation.blocklists import BlocklistWatch
 from postmux.reputation.breaker import ReputationBreaker
 from postmux.reputation.returns import ReturnedMail
@@ -53,6 +55,7 @@ from postmux.reputation.suppression import SuppressionList
 from postmux.reputation.verp import VerpCodec
 from postmux.scheduling.dispatcher import Dispatcher, DispatchLimits
 from postmux.scheduling.providers import Providers
+from postmux.scheduling.redis_health import RedisHealthVerdicts, SharedChecks
 from postmux.scheduling.redis_throttles import (
     BackendChange,
     RedisThrottles,
@@ -114,7 +117,10 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.bus = EventBus()
+        # [node] name (else the host's): on events and the admin views; one process of it: `instance`.
+        self.node_name = node_name(settings.node)
+        self.instance = instance_id(self.node_name)
+        self.bus = EventBus(self.node_name)
         self.metrics = Metrics()
         self.event_log = JsonLinesLog(settings.events.log)
         self.bus.subscribe(self.event_log)
@@ -122,7 +128,7 @@ class App:
         # The dashboard's hour in memory: an O(1) append per event, read only while a page watches.
         self.history = History(clock)
         self.bus.subscribe(self.history)
-        self.spool = make_spool(settings.spool)
+        self.spool = make_spool(settings.spool, settings.node.name)
         # Read from the spool at start; the accept paths, the dispatcher (hard bounces) and the admin API
         # share it (postmux.reputation.suppression).
         self.suppressions = SuppressionList(
@@ -131,7 +137,7 @@ class App:
         # Webhooks: the accept path and the dispatcher commit their events' rows with their changes; the
         # bus brings the rest (member and shaping events). With no [[webhook]], nothing is written or started.
         self.webhooks = Webhooks(
-            settings.webhook, self.spool, self.metrics.count_webhook_request, clock=clock
+            settings.webhook, self.spool, self.metrics.count_webhook_request, clock=clock, node=self.node_name
         )
         if settings.webhook:  # [[webhook]] is restart-only: no endpoint now, none until a restart
             self.bus.subscribe(self.webhooks)
@@ -144,7 +150,7 @@ class App:
         self.pools: dict[str, Pool] = {}
         self.transports = MemberTransports(transport_factory, self.resolver)
         # [throttles]: the limits this node shares with others (Redis), or keeps alone (memory).
-        self.throttles = make_throttles(settings.throttles, self._throttles_changed)
+        self.throttles = make_throttles(settings.throttles, self._throttles_changed, self.instance)
         self.metrics.add_live(self._throttles_gauges)
         self.dispatcher = Dispatcher(
             settings,
@@ -209,11 +215,13 @@ class App:
             blocklists=self.blocklists,
             suppressions=self.suppressions,
             settings=lambda: self.settings,
+            name=self.node_name,
         )
-        self.control = Control(
-            node,
-            Reloader(config_path, settings, self.configure),
-            DrainedMembers(Path(settings.spool.path).with_name("drained.json")),
+        self.control = Control(node, Reloader(config_path, settings, self.configure), self._member_states())
+        self.shared_checks = (
+            SharedChecks(RedisHealthVerdicts(self.throttles, self.instance), self.throttles.heartbeat_s)
+            if isinstance(self.throttles, RedisThrottles)
+            else None
         )
         # Last on the bus: the Bounce that trips it is logged before the ShapingChanged the trip emits.
         self.breaker = ReputationBreaker(settings.breaker, self.control.trip, self._member_kind, clock)
@@ -464,6 +472,25 @@ class App:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _member_states(self) -> MemberStates:
+        """Drains kept in drained.json beside the spool; with Redis, shared by the nodes (that file then
+        keeps what Redis last said, for a start while it is away)."""
+        drained = DrainedMembers(Path(self.settings.spool.path).with_name("drained.json"))
+        if isinstance(self.throttles, RedisThrottles):
+            return RedisMemberStates(self.throttles, drained, self.node_name)
+        return drained
+
+    async def _share_members(self, every_s: float) -> None:
+        """With Redis, each heartbeat: follow the other nodes' drains, swap health verdicts with them."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                self.control.follow_shared()
+                if self.shared_checks is not None:
+                    self.shared_checks.exchange(self.pools, self.clock())
+            except Exception:  # a loop that died would leave this node deaf to the others for good
+                log.exception("following the other nodes failed; trying again at the next heartbeat")
+
     def _join_throttles(self) -> None:
         """With Redis: count this node in (each node's share while Redis is away) and keep it counted."""
         throttles = self.throttles
@@ -471,15 +498,19 @@ class App:
             live = throttles.beat()
             log.info("throttles shared", backend=throttles.state, live_nodes=live, prefix=throttles.prefix)
             self._tasks.add(asyncio.create_task(throttles.run_heartbeat(), name="throttles-heartbeat"))
+            sharing = self._share_members(throttles.heartbeat_s)
+            self._tasks.add(asyncio.create_task(sharing, name="members-shared"))
 
     async def _leave_throttles(self) -> None:
         throttles = self.throttles
         if isinstance(throttles, RedisThrottles):
-            beating = [t for t in self._tasks if t.get_name() == "throttles-heartbeat"]
+            beating = [t for t in self._tasks if t.get_name() in ("throttles-heartbeat", "members-shared")]
             for task in beating:
                 task.cancel()
                 self._tasks.discard(task)
             await asyncio.gather(*beating, return_exceptions=True)
+            if self.shared_checks is not None:
+                self.shared_checks.verdicts.leave()
             throttles.leave()
             throttles.close()
 
@@ -640,7 +671,8 @@ class App:
     async def reload(self) -> ReloadResult:
         return self.control.reload()
 
-    def member_changed(self, member: Member, up: bool, reason: str) -> None:
+    def member_changed(self, member: Member, up: bool, reason: str, origin: str = "") -> None:
+        """`origin`: the node another operator changed the member on (tags.origin_node), "" for this one."""
         kind = EventType.MEMBER_UP if up else EventType.MEMBER_DOWN
         log.warning("member up" if up else "member down", pool=member.pool, member=member.name, reason=reason)
         event = Event(
@@ -648,7 +680,7 @@ class App:
             pool=member.pool,
             member=member.name,
             timestamp=self.clock(),
-            tags={"reason": reason},
+            tags={"reason": reason, **({"origin_node": origin} if origin else {})},
             zone=member.zone or "",
         )
         self.bus.emit(event)

@@ -209,3 +209,16 @@ def test_a_password_in_the_url_is_never_shown() -> None:
         == "https://app:***@hooks.example.com:8443/p?x=1"
     )
     assert shown_url("http://127.0.0.1:9/h") == "http://127.0.0.1:9/h"
+
+
+def test_the_fanout_and_the_bus_stamp_the_node_on_events_that_have_none() -> None:
+    from postmux.events.bus import EventBus
+
+    fanout = Fanout([endpoint(name="all")], lambda: 7.0, node="node-1")
+    made_here, from_elsewhere = Event(EventType.DELIVERY, id="m1"), Event(EventType.DELIVERY, node="n2")
+    rows = fanout.rows([made_here, from_elsewhere])
+    assert [json.loads(r.record)["node"] for r in rows] == ["node-1", "n2"]
+    bus, seen = EventBus("node-1"), []
+    bus.subscribe(lambda e: seen.append(e.as_record()["node"]))
+    bus.emit(Event(EventType.MEMBER_UP))
+    assert seen == ["node-1"]

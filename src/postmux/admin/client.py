@@ -328,7 +328,8 @@ def attempts_table(attempts: list[dict[str, Any]]) -> Table:
 
 
 def members_table(members: list[dict[str, Any]]) -> Table:
-    table = Table(title="members")
+    node = next((m["node"] for m in members if m.get("node")), "")
+    table = Table(title=f"members, as node {node} sees them" if node else "members")
     columns = [
         "pool",
         "member",
@@ -357,6 +358,8 @@ def members_table(members: list[dict[str, Any]]) -> Table:
         state = m["state"]
         if m.get("listed"):  # why it is out: "192.0.2.10 on zen.example: 127.0.0.2 (https://...)"
             state += ": " + "; ".join(m["listed"])
+        if m.get("shared_checks", "").startswith("down"):  # what the nodes' checks say: "down 2/3 nodes"
+            state += f" ({m['shared_checks']})"
         table.add_row(
             m["pool"],
             m["member"],

@@ -7,15 +7,13 @@ and steers (NodeView), never the App; what a reload changes is decided by each c
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
+from postmux.admin.member_states import DrainedMembers, MemberStates, OperatorState
 from postmux.admin.queue import KnownDestinations, QueueControl, QueueNode
 from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
@@ -34,6 +32,8 @@ from postmux.scheduling.warmup import WarmupLedger, day_cap, today_utc
 from postmux.spool.base import SpoolBackend
 
 log = structlog.get_logger("postmux.control")
+
+__all__ = ["Control", "DrainedMembers", "NodeView", "member_state"]  # DrainedMembers: where it was before
 
 
 class UnknownMember(KeyError):
@@ -72,6 +72,12 @@ class BlocklistStatus(Protocol):
         ...
 
 
+class MemberChanged(Protocol):
+    def __call__(self, member: Member, up: bool, reason: str, origin: str = "") -> None:
+        """A member went up or down; `origin`: the node an operator changed it on, when another one."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """The parts of a running node the admin side reads and steers; each is the live object, not a copy.
@@ -87,7 +93,7 @@ class NodeView:
     bus: EventBus
     dispatch: Dispatch
     # Says that a member went up or down (log line and MemberUp/MemberDown event).
-    member_changed: Callable[[Member, bool, str], None]
+    member_changed: MemberChanged
     clock: Callable[[], float]
     # For the queue operations (admin/queue.py): where a bounce's DSN goes, which provider a domain's
     # mail goes to, and the name a DSN says it comes from.
@@ -99,10 +105,12 @@ class NodeView:
     suppressions: SuppressionList | None = None
     # The settings running now (a reload's included): what the doctor examines a domain against.
     settings: Callable[[], Settings] | None = None
+    # This node's name ([node] name, else its host's): shown with what it says of its members.
+    name: str = ""
 
 
 class Control:
-    def __init__(self, node: NodeView, reloader: Reloader, drains: DrainedMembers | None = None) -> None:
+    def __init__(self, node: NodeView, reloader: Reloader, drains: MemberStates | None = None) -> None:
         self.node = node
         self.reloader = reloader
         self.drains = drains or DrainedMembers(None)
@@ -149,6 +157,9 @@ class Control:
             "tls": m.tls,
             "ejected_for_s": round(max(0.0, m.ejected_until - now), 1),
             "listed": list(m.listed),
+            # What the nodes that probe it say ("down 2/3 nodes"); "" without a shared store.
+            "shared_checks": m.shared_checks,
+            "node": self.node.name,
         }
 
     # -- shaping -------------------------------------------------------------------------------------
@@ -220,10 +231,34 @@ class Control:
         if wanted == self.drained:
             return
         try:
-            self.drains.save(wanted)
+            self.drains.record(name, draining)
         except OSError as e:
             log.error("drain not saved: a restart will forget it", member=name, error=str(e))
         self.drained = wanted
+
+    def follow_shared(self) -> None:
+        """Take the drains and enables other nodes' operators made (MemberStates.refresh), each said by a
+        MemberDown or MemberUp whose tags.origin_node names the node it was made on."""
+        states = self.drains.refresh()
+        if states is None:
+            return
+        self.drained = {name for name, state in states.items() if state.draining}
+        changed = False
+        for pool in self.node.pools.values():
+            for m in pool.members:
+                state = states.get(m.name, OperatorState(False))
+                if m.draining != state.draining and self._apply(pool, m, state):
+                    changed = True
+        if changed:
+            self.node.dispatch.wake()
+
+    def _apply(self, pool: Pool, m: Member, state: OperatorState) -> bool:
+        if not (pool.drain(m.name) if state.draining else pool.enable(m.name)):
+            return False
+        by = f"by operator on {state.node}" if state.node else "by operator on another node"
+        reason = f"{'drained' if state.draining else 'enabled'} {by}"
+        self.node.member_changed(m, not state.draining, reason, state.node)
+        return True
 
     def restore_drains(self) -> None:
         """At start and after a reload: members drained by an operator stay drained until enabled."""
@@ -343,40 +378,8 @@ def member_state(m: Any, now: float) -> str:
         return "listed"
     if not m.check_up:
         return "check-failed"
+    if m.peers_down:  # its own checks pass, but most nodes' fail (balancing/quorum.py)
+        return "down-by-majority"
     if m.ramp_started is not None:
         return "ramping"
     return "up"
-
-
-class DrainedMembers:
-    """The members an operator drained, in a small JSON file beside the spool (drained.json).
-
-    Written atomically on each drain and enable: a new file, fsync'd, renamed over the old, so a crash
-    leaves the old list or the new one, never half of one.
-    """
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path else None
-
-    def load(self) -> set[str]:
-        if self.path is None or not self.path.exists():
-            return set()
-        try:
-            names = json.loads(self.path.read_text())["drained"]
-            return {str(n) for n in names}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            # Unreadable: start with every member in service, and say so (a drain may need repeating).
-            log.error(
-                "drained members file unreadable; no member is drained", path=str(self.path), error=str(e)
-            )
-            return set()
-
-    def save(self, names: set[str]) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w") as f:
-            json.dump({"drained": sorted(names)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)

@@ -30,6 +30,9 @@ class Member:
     # active health checks
     _check_up: bool = True
     check_streak: int = 0  # passes (> 0) or failures (< 0) in a row
+    # the other nodes' checks (balancing/quorum.py): out here too when most nodes that probe it find it down
+    _peers_down: bool = False
+    shared_checks: str = ""  # what the nodes that probe it say, for operators ("down 2/3 nodes"); "": none
     # blocklist watch: where its sending IPs are listed ("192.0.2.10 on zen.example: 127.0.0.2"), or ()
     _listed: tuple[str, ...] = ()
     # slow start: when the member last came back or was added (None: not ramping)
@@ -105,6 +108,15 @@ class Member:
         self._changed()
 
     @property
+    def peers_down(self) -> bool:
+        return self._peers_down
+
+    @peers_down.setter
+    def peers_down(self, value: bool) -> None:
+        self._peers_down = value
+        self._changed()
+
+    @property
     def listed(self) -> tuple[str, ...]:
         return self._listed
 
@@ -151,8 +163,9 @@ class Member:
         return now < self._ejected_until
 
     def healthy(self, now: float) -> bool:
-        """Neither ejected by outlier detection, nor failing its active checks, nor on a blocklist."""
-        return self._check_up and not self._listed and not now < self._ejected_until
+        """Neither ejected by outlier detection, nor failing its active checks (its own, or most nodes'),
+        nor on a blocklist."""
+        return self._check_up and not self._peers_down and not self._listed and not now < self._ejected_until
 
     def ramp(self, now: float, slow_start_s: float) -> float:
         """Slow start: the share of full weight this member has earned since it came back (0.1 to 1)."""

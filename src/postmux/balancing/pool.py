@@ -11,6 +11,7 @@ from postmux.attempt import AttemptOutcome
 from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
+from postmux.balancing.quorum import SharedVerdict
 from postmux.balancing.zones import ZoneRouting, ZoneSplit, routing, split
 from postmux.config import PoolSettings
 
@@ -236,6 +237,21 @@ class Pool:
                     self._on_change(
                         member, False, f"{-member.check_streak} checks failed: {detail}".rstrip(": ")
                     )
+
+    def record_shared(self, member: Member, verdict: SharedVerdict | None, now: float) -> None:
+        """What the live nodes that probe `member` say of it (balancing/quorum.py), None when not known
+        (no shared store, or it is away: this node goes by its own checks): out while most find it down."""
+        out = verdict is not None and verdict.out
+        member.shared_checks = "" if verdict is None else str(verdict)
+        if out == member.peers_down:
+            return
+        was_healthy = member.healthy(now)
+        member.peers_down = out
+        if out and was_healthy:
+            self._on_change(member, False, f"checks failed on most nodes: {verdict}")
+        elif not out and member.healthy(now):
+            why = f"checks pass on most nodes: {verdict}" if verdict else "other nodes' checks not known now"
+            self._back(member, now, why)
 
     # -- blocklists ----------------------------------------------------------------------------------
 

@@ -13,13 +13,18 @@ log = structlog.get_logger("postmux.events")
 
 
 class EventBus:
-    def __init__(self) -> None:
+    """`node`: the emitting node's name, stamped on each event that has none yet (Event.node)."""
+
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         self._subscribers: list[Subscriber] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
 
     def emit(self, event: Event) -> None:
+        if not event.node:
+            event.node = self.node
         for subscriber in self._subscribers:
             try:
                 subscriber(event)

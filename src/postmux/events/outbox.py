@@ -59,8 +59,11 @@ def record_text(event: Event) -> str:
 class Fanout:
     """The endpoints' event filters: for each event, the endpoints that asked for its type."""
 
-    def __init__(self, endpoints: Sequence[WebhookSettings], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, endpoints: Sequence[WebhookSettings], clock: Callable[[], float] = time.time, node: str = ""
+    ) -> None:
         self.clock = clock
+        self.node = node  # stamped on events that have no node yet: rows are made before the bus sees them
         self._by_type: dict[EventType, list[str]] = defaultdict(list)
         for endpoint in endpoints:
             for name in endpoint.events:
@@ -78,6 +81,8 @@ class Fanout:
             names = self._by_type.get(event.type)
             if not names:
                 continue
+            if not event.node:
+                event.node = self.node
             text = record_text(event)  # once, whatever the number of endpoints
             out.extend(OutboxRow(name, event.event_id, text, now) for name in names)
         return out

@@ -77,6 +77,9 @@ class Event:
     sender_domain: str = ""
     # The member's zone ([[pool]] members' zone) on member and attempt events; "" when it has none.
     zone: str = ""
+    # The node that emitted the event ([node] name, else its host's name): set by the node's bus and its
+    # webhook fan-out, whichever sees the event first (events/bus.py), so the emitters need not know it.
+    node: str = ""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class Event:
             "peer": self.peer,
             "bounce_class": self.bounce_class,
             "zone": self.zone,
+            "node": self.node,
             **(
                 {"client": self.client, "helo": self.helo, "auth_user": self.auth_user}
                 if self.type is EventType.RECEPTION

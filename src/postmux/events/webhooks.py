@@ -260,13 +260,14 @@ class Webhooks:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        node: str = "",
     ) -> None:
         self.endpoints = tuple(endpoints)
         self.store = store
         self.count: CountRequest = count or (lambda endpoint, result: None)
         self.clock = clock
         self.rand = rand
-        self.fanout = Fanout(self.endpoints, clock)
+        self.fanout = Fanout(self.endpoints, clock, node)  # node: the name stamped on events (Event.node)
         self.senders: dict[str, EndpointSender] = {}
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -352,6 +352,15 @@ class RedisThrottles:
             self.beat()
             await asyncio.sleep(self.heartbeat_s)
 
+    def call(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """One script on the shared store for a neighbour of the throttles (shared member states and
+        health verdicts), with the throttles' fallback: raises RedisAway while they are fallen back or
+        when Redis does not answer, and a call that answers brings them back."""
+        try:
+            return self._ask(script, keys, args)
+        except _Away as e:
+            raise RedisAway(f"Redis is not answering ({self.state})") from e
+
     # -- rate (GCRA) ---------------------------------------------------------------------------------
 
     def rate(self, key: str, per_s: float, burst: int, now: float, take: int = 1) -> Allowed | RetryAfter:
@@ -460,6 +469,10 @@ class RedisThrottles:
             self._fall_back(e)
 
 
+class RedisAway(Exception):
+    """Redis is not being used now (the throttles are fallen back): keep what was last known."""
+
+
 class WarmupCountsAway(Exception):
     """Redis is not answering: the warm-up ledger keeps its counts for its next flush."""
 
@@ -492,13 +505,16 @@ class RedisWarmupCounts:
 
 
 def make_throttles(
-    settings: ThrottlesSettings, on_change: Callable[[BackendChange], None] | None = None
+    settings: ThrottlesSettings,
+    on_change: Callable[[BackendChange], None] | None = None,
+    node: str | None = None,
 ) -> Throttles:
-    """[throttles]: this process's memory, or Redis (connected lazily: the first call or beat connects)."""
+    """[throttles]: this process's memory, or Redis (connected lazily: the first call or beat connects).
+    `node`: this process's id in the heartbeat set (postmux.node.instance_id); None: host:PID:random."""
     if settings.backend == "memory":
         return MemoryThrottles()
     return RedisThrottles.from_url(
-        settings.url, settings.prefix, timeout_s=settings.timeout, on_change=on_change
+        settings.url, settings.prefix, timeout_s=settings.timeout, on_change=on_change, node=node
     )
 
 

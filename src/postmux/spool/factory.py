@@ -10,13 +10,15 @@ from postmux.spool.postgres import PostgresSpool
 from postmux.spool.sqlite import SqliteSpool
 
 
-def make_spool(settings: SpoolSettings) -> SpoolBackend:
+def make_spool(settings: SpoolSettings, node: str = "") -> SpoolBackend:
+    """`node`: [node] name as set (not the host's name it defaults to), the lease owner unless [spool]
+    node_id says another; neither set: host:PID (PostgresSpool's default)."""
     if settings.backend == "postgresql":
         # The node's spill directory (texts arriving past [smtp] spill_bytes) sits beside its other files;
         # the store reads such a text into its row, so it never has to be on a shared disk.
         return PostgresSpool(
             settings.dsn,
-            owner=settings.node_id or None,
+            owner=settings.node_id or node or None,
             lease_ttl_s=settings.lease_ttl,
             max_batch=settings.max_batch if settings.group_commit else 1,
             spill_dir=Path(settings.path).with_name("spill"),
