@@ -9,7 +9,9 @@ rounds (A B C D E, then again), each round giving ratios of runs a few minutes a
 - `sqlite-1`: one `postmux serve` on a SQLite spool (vs_postfix.py's postmux: round_robin over the sinks);
 - `pg-1`, `pg-2`, `pg-3`: 1, 2 or 3 nodes on one PostgreSQL spool and one Redis for their throttles: a
   database created for the run (postmux_bench_<random> on --dsn's server) and dropped after it, a Redis key
-  prefix of the run's own whose keys are deleted after it.
+  prefix of the run's own whose keys are deleted after it;
+- `pg-1-memory` (only with --setups): 1 node on PostgreSQL with its throttles in its own memory, which tells
+  the spool's cost from the Redis throttles'.
 
 Each run injects N messages with `smtp-source` (a new connection per message), spread evenly over the nodes'
 SMTP ports as HAProxy would: one smtp-source per node with its share of the S sessions and of the messages.
@@ -24,10 +26,13 @@ per message, measured as the growth between the start of the injection and the e
   runs without PostgreSQL is that noise;
 - Redis's CPU (INFO cpu, a server shared with others: the same noise caveat);
 
-and the commit path's footprint: WAL bytes per message (pg_current_wal_lsn, server wide) and transactions
+and the commit path's footprint: the spools' commits per message (postmux_spool_commits_total summed over
+the nodes: group commit at work), WAL bytes per message (pg_current_wal_lsn, server wide), transactions
 committed per message in the run's database (pg_stat_database.xact_commit, read after the nodes stopped, so
-that every backend has flushed its counters; a SELECT on its own counts as a transaction). Every query is a
-read. The result goes to bench/out/nodes-*.json with the machine, the load averages and every run.
+that every backend has flushed its counters; a SELECT on its own counts as a transaction) and Redis commands
+per message (INFO stats, server wide). Besides creating and dropping its own database, the bench only reads
+(pg_stat_activity, pg_stat_database, INFO). The result goes to bench/out/nodes-*.json with the machine, the
+load averages and every run.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -91,6 +97,7 @@ class Setup:
     title: str
     nodes: int
     backend: str  # "postfix", "sqlite" or "postgresql"
+    redis: bool = True  # with PostgreSQL: [throttles] in Redis (False: each node's memory)
 
 
 SETUPS = (
@@ -99,8 +106,12 @@ SETUPS = (
     Setup("pg-1", "postmux, 1 node, PostgreSQL + Redis", 1, "postgresql"),
     Setup("pg-2", "postmux, 2 nodes, PostgreSQL + Redis", 2, "postgresql"),
     Setup("pg-3", "postmux, 3 nodes, PostgreSQL + Redis", 3, "postgresql"),
+    # Not in the default run: the PostgreSQL spool alone, to tell its cost from the Redis throttles'.
+    Setup("pg-1-memory", "postmux, 1 node, PostgreSQL, throttles in memory", 1, "postgresql", redis=False),
 )
+DEFAULT_SETUPS = ("postfix", "sqlite-1", "pg-1", "pg-2", "pg-3")
 BASELINES = ("postfix", "sqlite-1")  # the ratios' denominators
+COMMITS = re.compile(r"^postmux_spool_commits_total\s+([0-9.eE+-]+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ class Options:
     workers: int
     lease_ttl_s: float
     keep: bool
-    setups: tuple[str, ...] = tuple(s.name for s in SETUPS)
+    setups: tuple[str, ...] = DEFAULT_SETUPS
 
 
 @dataclass
@@ -139,6 +150,7 @@ class Run:
     tup_inserted: int
     tup_updated: int
     tup_deleted: int
+    spool_commits: int  # transactions the nodes' spools committed (postmux_spool_commits_total)
     load_before: float
     throttle_fallbacks: int  # times a node's Redis call timed out and it went on with its share of limits
     problems: list[str] = field(default_factory=list)
@@ -290,6 +302,7 @@ class Running:
     ports: list[int]
     cpu_s: Callable[[], float]
     check: Callable[[int], list[str]]
+    spool_commits: Callable[[], int] = lambda: 0
 
 
 @contextlib.contextmanager
@@ -299,7 +312,7 @@ def postfix_running(workdir: Path, sinks: Sequence[Sink]) -> Iterator[Running]:
 
 
 def node_config(
-    node_dir: Path, sinks: Sequence[Sink], opts: Options, index: int, database: str | None, prefix: str
+    node_dir: Path, sinks: Sequence[Sink], opts: Options, index: int, database: str | None, prefix: str | None
 ) -> Path:
     ports = [s.port for s in sinks]
     if database is None:
@@ -310,16 +323,20 @@ def node_config(
         f'node_id = "bench-node-{index}"\n'
         f'lease_ttl = "{opts.lease_ttl_s}s"\n'
     )
-    extra = (
-        f'\n[node]\nname = "bench-node-{index}"\n'
-        f'\n[throttles]\nbackend = "redis"\nurl = "{opts.redis_url}"\nprefix = "{prefix}"\n'
-    )
+    extra = f'\n[node]\nname = "bench-node-{index}"\n'
+    if prefix is not None:
+        extra += f'\n[throttles]\nbackend = "redis"\nurl = "{opts.redis_url}"\nprefix = "{prefix}"\n'
     return write_config(node_dir, True, ports, opts.workers, spool=spool, extra=extra)
 
 
 @contextlib.contextmanager
 def postmux_running(
-    workdir: Path, sinks: Sequence[Sink], opts: Options, nodes: int, database: str | None, prefix: str
+    workdir: Path,
+    sinks: Sequence[Sink],
+    opts: Options,
+    nodes: int,
+    database: str | None,
+    prefix: str | None,
 ) -> Iterator[Running]:
     """`nodes` postmux serve processes, started one after another (the first creates the schema)."""
     with contextlib.ExitStack() as stack:
@@ -351,10 +368,15 @@ def postmux_running(
                 problems.append(f"postmux other delivery results {results}")
             return problems
 
+        def commits() -> int:
+            found = (COMMITS.search(scrape(http)) for _, _, http in started)
+            return sum(int(float(m.group(1))) for m in found if m)
+
         yield Running(
             [smtp for _, smtp, _ in started],
             lambda: sum(tree_cpu_seconds(pid) for pid, _, _ in started),
             check,
+            commits,
         )
 
 
@@ -414,21 +436,24 @@ def run_once(
             database = prefix = None
             if setup.backend == "postgresql":
                 database = stack.enter_context(bench_database(opts.dsn))
+            if setup.backend == "postgresql" and setup.redis:
                 prefix = stack.enter_context(redis_prefix(opts.redis_url))
             if setup.backend == "postfix":
                 running = postfix_running(workdir, sinks)
             else:
-                running = postmux_running(workdir, sinks, opts, setup.nodes, database, prefix or "")
+                running = postmux_running(workdir, sinks, opts, setup.nodes, database, prefix)
             with running as target:
                 time.sleep(SETTLE_S)
                 counters_before = servers.database_counters(database) if database else {}
                 before, cpu_before = servers.snapshot(database), target.cpu_s()
+                commits_before = target.spool_commits()
                 sinks_before = sink_total(sinks)
                 start = time.monotonic()
                 accepted_s = inject_spread(source, target.ports, opts, size)
                 end_to_end_s = wait_sinks(sinks, sinks_before + opts.messages, start, opts.delivery_timeout_s)
                 time.sleep(AFTER_S)
                 after, cpu_after = servers.snapshot(database), target.cpu_s()
+                commits = target.spool_commits() - commits_before
                 problems = target.check(opts.messages)
             # Read once the nodes stopped: a backend flushes its counters when it ends.
             counters = servers.database_counters(database) if database else {}
@@ -458,6 +483,7 @@ def run_once(
             tup_inserted=delta.get("tup_inserted", 0),
             tup_updated=delta.get("tup_updated", 0),
             tup_deleted=delta.get("tup_deleted", 0),
+            spool_commits=commits,
             load_before=load,
             throttle_fallbacks=fallbacks,
             problems=problems,
@@ -481,6 +507,7 @@ COLUMNS: tuple[tuple[str, Callable[[Run], float], str], ...] = (
     ("Redis (shared)", lambda r: r.per_message_ms(r.redis_cpu_s), "{:.2f}"),
     ("total", lambda r: r.per_message_ms(r.total_cpu_s), "{:.2f}"),
     ("WAL bytes/msg (server)", lambda r: r.wal_bytes / r.messages, "{:.0f}"),
+    ("spool commits/msg", lambda r: r.spool_commits / r.messages, "{:.3f}"),
     ("xacts/msg", lambda r: r.xact_commit / r.messages, "{:.2f}"),
     ("Redis commands/msg (server)", lambda r: r.redis_commands / r.messages, "{:.1f}"),
 )
@@ -536,7 +563,7 @@ def print_tables(runs: Sequence[Run], sizes: Sequence[int]) -> dict[str, dict[st
             print(f"| {name} | " + " | ".join(cells) + " |")
         print("\n| setup | " + " | ".join(f"round {n}: e2e msgs/s (load before)" for n in rounds) + " |")
         print("|---|" + "---:|" * len(rounds))
-        for setup in SETUPS:
+        for setup in (s for s in SETUPS if s.name in summary):
             found = [find(runs, setup.name, size, n) for n in rounds]
             cells = [f"{r.end_to_end_rate:.0f} ({r.load_before:.2f})" if r else "-" for r in found]
             print(f"| {setup.name} | " + " | ".join(cells) + " |")
@@ -550,6 +577,7 @@ def report(run: Run) -> str:
         f" + PostgreSQL {run.per_message_ms(run.pg_backend_cpu_s):.2f}"
         f" (+{run.per_message_ms(run.pg_background_cpu_s):.2f} shared) + Redis"
         f" {run.per_message_ms(run.redis_cpu_s):.2f}, WAL {run.wal_bytes / run.messages:.0f} B/msg,"
+        f" {run.spool_commits / run.messages:.3f} spool commits/msg,"
         f" {run.xact_commit / run.messages:.2f} xacts/msg, {run.redis_commands / run.messages:.1f} Redis"
         f" commands/msg, load before {run.load_before:.2f}"
         + (f", Redis timed out {run.throttle_fallbacks} times (fell back)" if run.throttle_fallbacks else "")
@@ -581,7 +609,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     p.add_argument("--keep", action="store_true", help="keep each run's directory (configs, logs)")
     names = ",".join(s.name for s in SETUPS)
-    p.add_argument("--setups", default=names, help=f"which setups, comma-separated ({names})")
+    p.add_argument(
+        "--setups",
+        default=",".join(DEFAULT_SETUPS),
+        help=f"which of {names}, comma-separated (all but pg-1-memory)",
+    )
     a = p.parse_args(argv)
     sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip())
     setups = tuple(s.strip() for s in a.setups.split(",") if s.strip())
