@@ -509,7 +509,7 @@ COLUMNS: tuple[tuple[str, Callable[[Run], float], str], ...] = (
     ("WAL bytes/msg (server)", lambda r: r.wal_bytes / r.messages, "{:.0f}"),
     ("spool commits/msg", lambda r: r.spool_commits / r.messages, "{:.3f}"),
     ("xacts/msg", lambda r: r.xact_commit / r.messages, "{:.2f}"),
-    ("Redis commands/msg (server)", lambda r: r.redis_commands / r.messages, "{:.1f}"),
+    ("Redis commands/msg (server, inside scripts too)", lambda r: r.redis_commands / r.messages, "{:.1f}"),
 )
 
 
