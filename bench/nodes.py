@@ -234,11 +234,22 @@ class Servers:
     def __init__(self, dsn: str, redis_url: str) -> None:
         self.dsn = dsn
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=10.0)
+        try:
+            self.redis.ping()
+        except redis.exceptions.RedisError as e:
+            raise BenchError(
+                f"Redis at {redis_url} does not answer ({e}); give another with --redis"
+            ) from None
         self.postmaster = self._postmaster()
 
     def _postmaster(self) -> int:
         """The postmaster is the parent of every server process: of the checkpointer, which lives as long."""
-        rows = pg_query(self.dsn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+        try:
+            rows = pg_query(self.dsn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+        except (OSError, asyncpg.PostgresError) as e:
+            raise BenchError(
+                f"PostgreSQL at --dsn does not answer ({e}); the bench needs a local server"
+            ) from None
         pid = rows[0]["pid"] if rows else 0
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
