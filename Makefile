@@ -68,6 +68,12 @@ bench-pg-commit: setup
 	$(BIN)/pip install -q 'psycopg[binary]'
 	$(BIN)/python bench/pg_commit.py
 
+# 1, 2 and 3 nodes on one PostgreSQL spool (and Redis throttles) beside 1 SQLite node and Postfix, in rounds;
+# a database (postmux_bench_<random>) and a Redis key prefix of each run's own, removed after it (issue 17).
+.PHONY: bench-nodes
+bench-nodes: setup
+	$(BIN)/python bench/nodes.py
+
 .PHONY: bench-http
 bench-http: setup
 	$(BIN)/python bench/http_submit.py

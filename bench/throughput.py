@@ -213,7 +213,16 @@ def pick_base_dir() -> tuple[Path, str]:
 # -- one postmux run -------------------------------------------------------------------------------------
 
 
-def write_config(workdir: Path, group_commit: bool, sink_ports: Sequence[int], workers: int = 0) -> Path:
+def write_config(
+    workdir: Path,
+    group_commit: bool,
+    sink_ports: Sequence[int],
+    workers: int = 0,
+    spool: str = "",
+    extra: str = "",
+) -> Path:
+    """postmux.toml in workdir: round_robin over the sinks. `spool`: more [spool] lines (another backend);
+    `extra`: more tables after the pool (bench/nodes.py's [node] and [throttles])."""
     members = ",\n".join(
         f'  {{ name = "sink-{i}", address = "127.0.0.1:{port}", max_connections = 20 }}'
         for i, port in enumerate(sink_ports, 1)
@@ -230,7 +239,7 @@ listen = "127.0.0.1:0"
 [spool]
 path = "{workdir / "spool.db"}"
 group_commit = {"true" if group_commit else "false"}
-
+{spool}
 [events]
 log = "{workdir / "events.jsonl"}"
 
@@ -240,7 +249,7 @@ policy = "round_robin"
 members = [
 {members},
 ]
-"""
+{extra}"""
     path = workdir / "postmux.toml"
     path.write_text(text)
     return path
@@ -271,9 +280,14 @@ def running_postmux(config: Path, log_path: Path) -> Iterator[tuple[subprocess.P
             print(f"postmux exited with {code} after SIGTERM; see {log_path}", file=sys.stderr)
 
 
+def source_command(source: str, port: int, sessions: int, messages: int, size: int) -> list[str]:
+    """smtp-source: `messages` in all (not per session) over `sessions`, a new connection per message."""
+    load = ["-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    return [source, *load, "-f", "bench@example.com", "-t", "user@dest.test", f"127.0.0.1:{port}"]
+
+
 def inject(source: str, port: int, opts: Options, messages: int) -> float:
-    cmd = [source, "-s", str(opts.sessions), "-m", str(messages), "-l", str(opts.size)]
-    cmd += ["-f", "bench@example.com", "-t", "user@dest.test", f"127.0.0.1:{port}"]
+    cmd = source_command(source, port, opts.sessions, messages, opts.size)
     timeout_s = max(120.0, messages / 20.0)
     start = time.monotonic()
     try:

@@ -55,6 +55,7 @@ from throughput import (
     run_main,
     running_postmux,
     scrape,
+    source_command,
     stop_process,
     wait_for_port,
     write_config,
@@ -552,8 +553,7 @@ async def probe_while(running: Callable[[], bool], port: int, size: int, interva
 
 
 def inject_with_probe(source: str, port: int, opts: Options, size: int) -> tuple[float, list[float]]:
-    cmd = [source, "-s", str(opts.sessions), "-m", str(opts.messages), "-l", str(size)]
-    cmd += ["-f", "bench@example.com", "-t", "user@dest.test", f"127.0.0.1:{port}"]
+    cmd = source_command(source, port, opts.sessions, opts.messages, size)
     timeout_s = max(120.0, opts.messages / 20.0)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
