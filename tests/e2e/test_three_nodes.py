@@ -2,8 +2,9 @@
 
 Each node is a process of its own with its own node_id, SMTP port and [smtp] hostname: the Received:
 header of each copy at the upstream says which node accepted it and under which spool message id, and the
-EHLO of its session which node delivered it. They share one database (schema) and one Redis key prefix. Load goes to all three; once some of it is
-acknowledged and the doomed node is inside a DATA transaction at an upstream, it is killed with -9. Then:
+EHLO of its session which node delivered it. They share one database (schema) and one Redis key prefix.
+Load goes to all three; once some of it is acknowledged and the doomed node is inside a DATA transaction
+at an upstream, it is killed with -9. Then:
 
 - every message that got a 250 from any node is delivered (at the upstreams, by X-Test-Id); none that
   got a refusal is;
