@@ -82,6 +82,13 @@ class PrivateRedis:
         finally:
             client.close()
 
+    def kill(self) -> None:
+        """kill -9: Redis gone at once, as a crashed server or a lost host (nothing written on the way)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10.0)
+            self.process = None
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()

@@ -139,8 +139,12 @@ def write_config(
     workers: int = 0,
     spool: str = "",
     name: str = "postmux.toml",
+    *,
+    hostname: str = "postmux.test",
+    delivery: str = "",
 ) -> Path:
-    """`spool`: more keys of [spool] (a PostgreSQL spool's backend, dsn, node_id), as TOML lines."""
+    """`spool`, `delivery`: more keys of [spool] (a PostgreSQL spool's backend, dsn, node_id) and of
+    [delivery], as TOML lines; `hostname` names the node in the Received: header it adds."""
     member_tables = "".join(
         f'\n[[pool.members]]\nname = "{name}"\naddress = "{address}"\nmax_connections = {conns}\n'
         for name, address, conns in members
@@ -150,7 +154,7 @@ def write_config(
         f"""
 [smtp]
 listen = "127.0.0.1:{smtp_port}"
-hostname = "postmux.test"
+hostname = "{hostname}"
 workers = {workers}
 spill_bytes = {SPILL_BYTES}
 
@@ -173,7 +177,7 @@ jitter = 0
 connect_timeout = "2s"
 command_timeout = "5s"
 data_timeout = "5s"
-
+{delivery}
 [[pool]]
 name = "default"
 policy = "round_robin"
@@ -182,7 +186,9 @@ policy = "round_robin"
     return cfg
 
 
-async def start_serve(cfg: Path, log_path: Path, smtp_port: int) -> asyncio.subprocess.Process:
+async def start_serve(
+    cfg: Path, log_path: Path, smtp_port: int, timeout_s: float = 20.0
+) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
@@ -201,7 +207,7 @@ async def start_serve(cfg: Path, log_path: Path, smtp_port: int) -> asyncio.subp
             stdout=asyncio.subprocess.DEVNULL,
             stderr=log_file,
         )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout_s
     while True:
         m = LISTENING.search(log_path.read_text(errors="replace"))
         if m:

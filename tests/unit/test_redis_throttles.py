@@ -86,6 +86,31 @@ def test_while_redis_is_away_a_node_keeps_its_share_and_rejoins_when_it_answers(
         n.close()
 
 
+def test_a_restarted_redis_does_not_make_the_first_node_back_count_itself_alone(
+    private_redis: PrivateRedis,
+) -> None:
+    """Redis comes back empty: the node beating there first would count 1, and if Redis went away again
+    before the others beat, its share would be the whole limit. A lower count is believed node_ttl_s
+    after the rejoin, when every live node has beaten again."""
+    wall, changes = Wall(), list[BackendChange]()
+    a, b, c = (node(private_redis.url, wall, changes) for _ in range(3))
+    assert [n.beat() for n in (a, b, c, a, b)] == [1, 2, 3, 3, 3]
+    private_redis.stop()
+    assert a.beat() == 3 and a.state == "fallback"
+    private_redis.start()
+    assert a.beat() == 3 and a.state == "redis"  # counted alone there, and not believed
+    private_redis.stop()
+    now = time.time()
+    assert [a.rate("k", 3.0, 3, now) for _ in range(2)] == [ALLOWED, RetryAfter(1.0)]  # still a third
+    private_redis.start()
+    wall.t += 1.0
+    assert a.beat() == 3 and a.state == "redis"
+    wall.t += a.node_ttl_s
+    assert a.beat() == 1  # b and c have not beaten in node_ttl_s: gone
+    for n in (a, b, c):
+        n.close()
+
+
 def test_a_node_that_never_reached_redis_counts_itself_alone() -> None:
     wall, changes = Wall(), list[BackendChange]()
     lone = node(f"redis://127.0.0.1:{free_port()}/0", wall, changes)

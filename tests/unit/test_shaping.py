@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from postmux.config import MemberSettings, ShapingSettings, WarmupSettings
+from postmux.config import MemberSettings, ShapingSettings, SpoolSettings, WarmupSettings
 from postmux.reply import Reply
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.shaping import LEASE_TTL_S, Admission, Lane, Shaper, describe_lane
@@ -366,6 +366,27 @@ def test_a_long_attempt_keeps_its_lease_while_the_shaper_renews_it() -> None:
     assert lane.admission(now)[0] is Admission.BUSY
     lane.finish(now)
     assert lane.admission(now)[0] is Admission.OPEN
+
+
+def test_a_dead_nodes_connection_slots_are_free_again_before_its_work_is_taken_over() -> None:
+    """Two nodes' shapers on one shared store: the one that dies (never prunes again) holding every slot
+    of a lane leaves them held LEASE_TTL_S at most, less than the spool's lease_ttl after which the other
+    takes its work over (issue 17: at 300 s the survivors sent that work through what was left)."""
+    throttles = MemoryThrottles()
+    dead, alive = (Shaper(shaping(rule=[{"max_connections": 2}]), throttles) for _ in range(2))
+    doomed = dead.lane("p", MEMBER, "d", 0.0)
+    doomed.start(0.0)
+    doomed.start(0.0)
+    survivor = alive.lane("p", MEMBER, "d", 0.0)
+    survivor.start(1.0)
+    assert survivor.contended and survivor.leases == []  # every shared slot is the dead node's
+    survivor.finish(1.0)
+    assert SpoolSettings().lease_ttl > LEASE_TTL_S  # when the others take the dead node's work over
+    for now in range(2, int(LEASE_TTL_S) + 1):
+        alive.prune(float(now))
+    survivor.start(LEASE_TTL_S)
+    survivor.start(LEASE_TTL_S)
+    assert len(survivor.leases) == 2 and not survivor.contended
 
 
 def test_attempts_started_over_the_limit_keep_the_lane_busy_until_enough_end() -> None:

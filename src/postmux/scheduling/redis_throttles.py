@@ -273,6 +273,7 @@ class RedisThrottles:
         self.live_nodes = 1  # as last counted; a node that never reached Redis counts itself alone
         self.fallen_back = False
         self._next_try = -math.inf
+        self._rejoined_at = -math.inf
         self._unreleased: list[Lease] = []
         self._limits: dict[str, int] = {}  # each lease key's limit as last asked: its local share
 
@@ -322,6 +323,7 @@ class RedisThrottles:
 
     def _rejoin(self) -> None:
         self.fallen_back = False
+        self._rejoined_at = self._wall()
         unreleased, self._unreleased = self._unreleased, []
         for lease in unreleased:
             self.release(lease)
@@ -334,8 +336,13 @@ class RedisThrottles:
         """Say this node is alive and count the live nodes (and try Redis again, if fallen back)."""
         self._next_try = -math.inf
         with contextlib.suppress(_Away):
-            counted = self._ask(self._beat, [self._nodes_key], [self.node, self.node_ttl_s])
-            self.live_nodes = max(1, int(counted))
+            counted = max(1, int(self._ask(self._beat, [self._nodes_key], [self.node, self.node_ttl_s])))
+            if self._wall() < self._rejoined_at + self.node_ttl_s:
+                # A Redis back from an outage may be a restarted one, empty: until every node has had time
+                # to beat there, a lower count is not believed (it would be this node's share if Redis
+                # went away again: the whole limit, counted alone).
+                counted = max(counted, self.live_nodes)
+            self.live_nodes = counted
         return self.live_nodes
 
     def leave(self) -> None:

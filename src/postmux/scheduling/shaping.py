@@ -38,8 +38,13 @@ DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
 _OBSERVE_WINDOW_S = 60.0
 # A connection lease outlives any attempt: the shaper renews the leases of attempts still running when less
 # than half of this is left (Shaper.prune, every second). Only a node that died stops renewing its leases,
-# and with a shared store its slots come free this long after.
-LEASE_TTL_S = 300.0
+# and with a shared store its slots come free this long after: shorter than the spool's default lease_ttl
+# (60 s), so by the time the other nodes take a dead node's work over, its slots are theirs again. (At
+# 300 s, a node killed in the three-node test left half the farm's slots toward the member held for five
+# minutes after its work had been taken over: tests/e2e/test_three_nodes.py.) A renewal is one round trip
+# per running attempt every 15 s; a loop stalled for 15 s lets a lease run out, and the limit may then be
+# overshot by that attempt until it ends.
+LEASE_TTL_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
