@@ -111,6 +111,29 @@ def test_a_restarted_redis_does_not_make_the_first_node_back_count_itself_alone(
         n.close()
 
 
+def test_a_lease_from_before_a_redis_restart_never_frees_another_nodes_slot(
+    private_redis: PrivateRedis,
+) -> None:
+    """A restarted Redis counts lease ids from 1 again: a's lease from before (id 1) and b's new one (id 1
+    too) must stay two leases, so a's late release does not give back the slot b holds."""
+    wall, changes = Wall(), list[BackendChange]()
+    a, b = (node(private_redis.url, wall, changes) for _ in range(2))
+    now = time.time()
+    before = a.lease("k", 2, 30.0, now)
+    assert before is not None and before.id > 0
+    private_redis.stop()
+    private_redis.start()  # empty, its id counter too
+    after = b.lease("k", 2, 30.0, now)
+    assert after is not None and after.id == before.id
+    wall.t += a.retry_s  # a has not noticed the restart: its release goes straight to Redis
+    a.release(before)
+    assert b.leases_held("k", now) == 1
+    assert a.renew(before, 30.0, now) is None  # gone with the restart: not b's lease renewed
+    assert b.renew(after, 30.0, now) is not None
+    for n in (a, b):
+        n.close()
+
+
 def test_a_node_that_never_reached_redis_counts_itself_alone() -> None:
     wall, changes = Wall(), list[BackendChange]()
     lone = node(f"redis://127.0.0.1:{free_port()}/0", wall, changes)

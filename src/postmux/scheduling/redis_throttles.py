@@ -8,7 +8,10 @@ the caller's own clock places them (a lease's `expires_at` is the caller's `now`
 
 - rate: GCRA, a hash {tat, interval} per key (redis-cell's and KumoMTA's model), expiring at its TAT.
 - leases: a sorted set per key of lease id -> expiry; the expired are dropped on each call, so a node
-  that died stops holding its slots `LEASE_TTL_S` after its last renewal. Ids come from one counter.
+  that died stops holding its slots `LEASE_TTL_S` after its last renewal. Ids come from one counter; a
+  lease's member in the set is "<node>#<id>", so when a restarted (empty) Redis counts from 1 again, a
+  lease granted before the restart can never be taken for another node's new one (renewed or released
+  in its place).
 - suspensions: a hash {until, reason} per key, expiring at `until`.
 
 Numbers cross the Lua boundary as "%.17g" strings: Redis turns a Lua number into a reply by truncating it
@@ -119,7 +122,7 @@ return ''
 """
 )
 
-# KEYS: lease set, id counter. ARGV: now, limit, ttl. The lease's id, or false when the limit is reached.
+# KEYS: lease set, id counter. ARGV: now, limit, ttl, node. The lease's id; false at the limit.
 _LEASE = (
     _PRELUDE
     + """
@@ -127,7 +130,7 @@ local now, limit, ttl = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', exact(now))
 if redis.call('ZCARD', KEYS[1]) >= limit then return false end
 local id = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[1], exact(now + ttl), id)
+redis.call('ZADD', KEYS[1], exact(now + ttl), ARGV[4] .. '#' .. id)
 keep(KEYS[1], ttl)
 return id
 """
@@ -385,7 +388,7 @@ class RedisThrottles:
         self._limits[key] = limit
         try:
             keys = [f"{self.prefix}lease:{key}", self._ids_key]
-            lease_id = self._ask(self._lease, keys, [self._now(now), limit, repr(ttl_s)])
+            lease_id = self._ask(self._lease, keys, [self._now(now), limit, repr(ttl_s), self.node])
         except _Away:
             local = self.local.lease(key, self._share(limit), ttl_s, now)
             return None if local is None else Lease(key, -local.id, local.expires_at)
@@ -397,7 +400,9 @@ class RedisThrottles:
             return None if local is None else Lease(lease.key, lease.id, local.expires_at)
         try:
             renewed = self._ask(
-                self._renew, [f"{self.prefix}lease:{lease.key}"], [self._now(now), lease.id, repr(ttl_s)]
+                self._renew,
+                [f"{self.prefix}lease:{lease.key}"],
+                [self._now(now), self._member(lease), repr(ttl_s)],
             )
         except _Away:
             return lease if lease.expires_at > now else None  # renewed when Redis is back, if still alive
@@ -411,10 +416,14 @@ class RedisThrottles:
             self._unreleased.append(lease)
             return
         try:
-            self.client.zrem(f"{self.prefix}lease:{lease.key}", lease.id)
+            self.client.zrem(f"{self.prefix}lease:{lease.key}", self._member(lease))
         except _UNREACHABLE as e:
             self._unreleased.append(lease)
             self._fall_back(e)
+
+    def _member(self, lease: Lease) -> str:
+        """The lease's name in its set: this node's id with it (see the module's docstring)."""
+        return f"{self.node}#{lease.id}"
 
     def leases_held(self, key: str, now: float) -> int:
         try:
