@@ -162,3 +162,31 @@ async def test_a_warming_members_daily_cap_is_one_for_every_node(tmp_path: Path,
     assert {r.test_id for r in old.received if r.test_id.startswith("b")} == {f"b{i}" for i in range(20)}
     for u in (new, old):
         await u.stop()
+
+
+async def test_a_steady_stream_takes_a_shared_connection_slot_once_not_twice_a_message(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """Each lease is a Redis round trip on the event loop: under steady load an ended attempt's lease
+    serves the next (shaping.SPARE_LEASE_S), so 60 messages over 2 connections take a handful of leases
+    (Redis's lease-id counter says how many), and every slot is back in Redis once the node stops."""
+    up = await Upstream("up").start()
+    home = tmp_path / "node"
+    home.mkdir()
+    settings = make_settings(
+        home,
+        [{"name": "default", "members": [{"name": "a", "address": up.address, "max_connections": 2}]}],
+        shaping={"aimd": "off"},
+        throttles={"backend": "redis", "url": REDIS_URL, "prefix": redis_prefix, "timeout": "1s"},
+    )
+    async with App(settings) as app:
+        await send_many(app.smtp_port, [f"m{j}" for j in range(60)])
+        await wait_until(lambda: len(up.received) >= 60, timeout=60)
+        client = shared(app).client
+        taken = int(client.get(f"{redis_prefix}lease-ids") or 0)
+        lease_sets = list(client.scan_iter(f"{redis_prefix}lease:*"))
+    held = sum(client.zcard(key) for key in lease_sets)
+    await up.stop()
+    assert len(up.received) == 60
+    assert 1 <= taken <= 20, taken  # without spares: 60, one a message
+    assert held == 0  # given back at the stop, not left to expire

@@ -11,7 +11,7 @@ import pytest
 from postmux.config import MemberSettings, ShapingSettings, SpoolSettings, WarmupSettings
 from postmux.reply import Reply
 from postmux.scheduling.providers import Providers
-from postmux.scheduling.shaping import LEASE_TTL_S, Admission, Lane, Shaper, describe_lane
+from postmux.scheduling.shaping import LEASE_TTL_S, SPARE_LEASE_S, Admission, Lane, Shaper, describe_lane
 from postmux.scheduling.throttles import MemoryThrottles, Suspension
 from postmux.scheduling.warmup import SqliteWarmupCounts, WarmupLedger, day_cap
 
@@ -483,3 +483,55 @@ def test_no_warming_member_no_ledger_file(tmp_path: Path) -> None:
     ledger.count("p", MEMBER, "google", DAY1)
     ledger.flush()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_with_a_shared_store_an_ended_attempts_lease_serves_the_next_and_goes_back_after_a_second() -> None:
+    """Each lease is a round trip to Redis: kept SPARE_LEASE_S for the lane's next attempt, the slot is
+    taken once under steady load instead of twice a message; the other node sees it held until prune."""
+    throttles = MemoryThrottles()
+    mine, other = (
+        Shaper(shaping(rule=[{"max_connections": 1}]), throttles, keep_spares=True) for _ in range(2)
+    )
+    lane = mine.lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    first = lane.leases[0]
+    lane.finish(0.1)
+    assert throttles.leases_held(lane.key, 0.1) == 1  # kept, not given back
+    theirs = other.lane("p", MEMBER, "d", 0.1)
+    assert theirs.admission(0.2)[0] is Admission.BUSY  # the other node sees the slot held
+    assert lane.admission(0.2)[0] is Admission.OPEN  # this node has it in hand
+    lane.start(0.2)
+    assert lane.leases == [first] and not lane.spares  # the same slot, no new lease
+    lane.finish(0.3)
+    mine.prune(0.3 + SPARE_LEASE_S / 2)
+    assert throttles.leases_held(lane.key, 0.9) == 1  # not yet a second
+    mine.prune(0.3 + SPARE_LEASE_S)
+    assert throttles.leases_held(lane.key, 1.3) == 0 and not lane.spares
+    assert theirs.admission(1.3)[0] is Admission.OPEN
+
+
+def test_a_spare_lease_near_its_end_goes_back_instead_of_serving_an_attempt() -> None:
+    throttles = MemoryThrottles()
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]), throttles, keep_spares=True)
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    old = lane.leases[0]
+    now = LEASE_TTL_S * 0.6  # the attempt ran long, unrenewed: less than half its time to live left
+    lane.finish(now)
+    lane.start(now)
+    assert lane.leases[0] != old and throttles.leases_held(lane.key, now) == 1
+
+
+def test_a_stopping_node_gives_back_every_spare_lease() -> None:
+    throttles = MemoryThrottles()
+    shaper = Shaper(shaping(rule=[{"max_connections": 2}]), throttles, keep_spares=True)
+    lane = shaper.lane("p", MEMBER, "d", 0.0)
+    lane.start(0.0)
+    lane.finish(0.0)
+    shaper.give_back_spares(0.0)
+    assert throttles.leases_held(lane.key, 0.0) == 0
+
+
+def test_in_process_throttles_keep_no_spares() -> None:
+    shaper = Shaper(shaping(rule=[{"max_connections": 1}]))
+    assert not shaper.keep_spares

@@ -222,6 +222,7 @@ class Dispatcher:
                 # Bounded: shutdown must end even if an attempt were to swallow its cancellation.
                 await asyncio.wait(pending, timeout=5.0)
         await asyncio.gather(*(t.close() for t in self.transports.values()), return_exceptions=True)
+        self.shaper.give_back_spares(self.clock())
 
     # -- the loops -----------------------------------------------------------------------------------
 

@@ -45,6 +45,13 @@ _OBSERVE_WINDOW_S = 60.0
 # per running attempt every 15 s; a loop stalled for 15 s lets a lease run out, and the limit may then be
 # overshot by that attempt until it ends.
 LEASE_TTL_S = 30.0
+# With a shared store (Redis) a lease is a round trip on the event loop to take it and another to give it
+# back: two per message, which bench/nodes measured at about 0.5 ms of a node's CPU a message, and which a
+# Redis on another machine would make a wait on every delivery. So a lease whose attempt ended is kept this
+# long for the lane's next attempt (under load, milliseconds later) and given back by the shaper's prune
+# (every second) if none came: another node sees the slot busy for at most this long, plus the tick,
+# after the attempt ended. In-process leases cost a dict lookup and are given back at once.
+SPARE_LEASE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,10 @@ class Lane:
     group: LaneGroup | None = field(default=None, repr=False, compare=False)
     throttles: Throttles = field(default_factory=MemoryThrottles, repr=False, compare=False)
     leases: list[Lease] = field(default_factory=list, repr=False, compare=False)
+    # Leases of attempts that ended, kept for the next one (SPARE_LEASE_S), with when each was kept; only
+    # with a shared store (keep_spares).
+    spares: list[tuple[Lease, float]] = field(default_factory=list, repr=False, compare=False)
+    keep_spares: bool = field(default=False, repr=False, compare=False)
     key: str = field(init=False, default="")  # the lane's key in the throttles
 
     def __post_init__(self) -> None:
@@ -148,8 +159,9 @@ class Lane:
         if self.restore_at and now >= self.restore_at:
             self.restore()
         allowed = self.allowed_connections
-        # This node's own attempts first: those over the limit hold no lease (see finish).
-        if self.in_flight >= allowed or throttles.leases_held(self.key, now) >= allowed:
+        # This node's own attempts first: those over the limit hold no lease (see finish). A spare lease is
+        # a slot this node holds already: with one, the shared count need not be asked.
+        if self.in_flight >= allowed or (not self.spares and throttles.leases_held(self.key, now) >= allowed):
             return Admission.BUSY, 0.0
         if self.rate is not None:
             while self.owed:  # paid first, from the next free turns: the rate holds over time
@@ -176,7 +188,7 @@ class Lane:
         self.in_flight += 1
         self.touched_at = now
         throttles = self.throttles
-        lease = throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
+        lease = self._spare(now) or throttles.lease(self.key, self.allowed_connections, LEASE_TTL_S, now)
         if lease is not None:
             self.leases.append(lease)
         # No slot while this node had one free by its own count: other nodes hold them (shared throttles).
@@ -205,8 +217,32 @@ class Lane:
         self.in_flight = max(0, self.in_flight - 1)
         self.touched_at = now
         if len(self.leases) > self.in_flight:
-            self.throttles.release(self.leases.pop())
+            lease = self.leases.pop()
+            if self.keep_spares:
+                self.spares.append((lease, now))
+            else:
+                self.throttles.release(lease)
         self._mark()
+
+    def _spare(self, now: float) -> Lease | None:
+        """A kept lease with most of its time to live left (the others go back: prune renews only the
+        leases of running attempts, and one spared near its end would run out under the next attempt)."""
+        while self.spares:
+            lease, _ = self.spares.pop()
+            if lease.expires_at - now > LEASE_TTL_S / 2:
+                return lease
+            self.throttles.release(lease)
+        return None
+
+    def give_back_spares(self, now: float, older_than_s: float = SPARE_LEASE_S) -> None:
+        """Give back the leases kept longer than `older_than_s` with no attempt to take them (0: all)."""
+        if not self.spares:
+            return
+        keep = [(lease, at) for lease, at in self.spares if now - at < older_than_s]
+        for lease, at in self.spares:
+            if now - at >= older_than_s:
+                self.throttles.release(lease)
+        self.spares = keep
 
     def renew_leases(self, now: float) -> None:
         """Keep the leases of attempts still running; one found expired is dropped (its attempt runs on)."""
@@ -279,7 +315,9 @@ class _Reaction:
 class Shaper:
     """Every lane, created on first use from the rules, kept while it has state worth keeping.
 
-    Its lanes share `throttles` (in this process's memory unless a shared store is given).
+    Its lanes share `throttles` (in this process's memory unless a shared store is given). Lanes keep the
+    leases of ended attempts for the next (SPARE_LEASE_S) when `keep_spares`, by default when the store
+    is not this process's memory.
     """
 
     def __init__(
@@ -287,8 +325,12 @@ class Shaper:
         settings: ShapingSettings,
         throttles: Throttles | None = None,
         extra: Sequence[ReactionRule] = (),
+        keep_spares: bool | None = None,
     ) -> None:
         self.throttles: Throttles = throttles if throttles is not None else MemoryThrottles()
+        self.keep_spares = (
+            not isinstance(self.throttles, MemoryThrottles) if keep_spares is None else keep_spares
+        )
         self.lanes: dict[tuple[str, str, str], Lane] = {}
         self.groups: dict[tuple[str, str], LaneGroup] = {}
         self.configure(settings, extra)
@@ -375,6 +417,7 @@ class Shaper:
                 rate=limits.rate,
                 touched_at=now,
                 throttles=self.throttles,
+                keep_spares=self.keep_spares,
             )
             self.lanes[key] = lane
         return lane
@@ -510,6 +553,7 @@ class Shaper:
         idle = []
         renew_before = now + LEASE_TTL_S / 2
         for key, lane in self.lanes.items():
+            lane.give_back_spares(now)
             if lane.leases:
                 if lane.leases[0].expires_at < renew_before:
                     lane.renew_leases(now)
@@ -525,6 +569,11 @@ class Shaper:
             self._forget_groups()
         for key in idle:
             del self.lanes[key]
+
+    def give_back_spares(self, now: float) -> None:
+        """Every kept lease back to the store: the node stops, and other nodes need not wait them out."""
+        for lane in self.lanes.values():
+            lane.give_back_spares(now, older_than_s=0.0)
 
     def _learn_suspensions(self, now: float) -> None:
         """One question for every lane not known to be suspended: a lane left out of gates (surely open)
