@@ -441,7 +441,9 @@ class SmtpTransport:
         if not paths.recipients:  # nothing can be sent: no connection, and nothing to say about the member
             return AttemptOutcome(paths.refused, "", local=True, unsent=frozenset(paths.refused))
         # Before any connection is taken: a tail that cannot be read ends the attempt here (BodyUnreadable).
-        paths = replace(paths, eight_bit=await eight_bit(work))
+        # A text held whole is judged here, without a coroutine (the usual message, on the hot path).
+        if not work.data.isascii() if work.tail is None else await eight_bit(work):
+            paths = replace(paths, eight_bit=True)
         self._busy += 1
         try:
             targets = await self._targets(work)
