@@ -56,6 +56,7 @@ from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
 from postmux.spool.sqlite_schema import (
     decode_labels,
+    delete_message,
     drop_if_finished,
     insert_message,
     prepare,
@@ -608,6 +609,8 @@ def _settle(
 ) -> None:
     if outbox:
         sqlite_outbox.append(conn, outbox)
+    if len(settlements) == 1 and _settle_last(conn, bodies, settlements[0]):
+        return
     touched: set[str] = set()
     waiting: set[str] = set()
     delivered: list[Settlement] = []
@@ -641,6 +644,28 @@ def _settle(
     for s in delivered:
         if s.message_id not in removed:
             record_attempts(conn, s.message_id, _attempts(s, now))
+
+
+def _settle_last(conn: sqlite3.Connection, bodies: BodyStore, s: Settlement) -> bool:
+    """The usual settlement, which ends the last recipients of its message (delivered at the first try):
+    the message goes with its recipients at once, without first writing their state (and the state's index)
+    only to delete them. Whether they were its last is asked with these recipients left out of the count,
+    so a recipient settled meanwhile (an operator's bounce) cannot make the count look right by accident.
+    False, with nothing written: anything else, which `_settle` records step by step.
+    """
+    if s.state not in FINAL_STATES or s.dsn is not None or s.earlier or not s.rids:
+        return False
+    rids = list(dict.fromkeys(s.rids))
+    (others,) = conn.execute(
+        "SELECT count(*) FROM recipient WHERE message_id = ? AND state IN ('queued', 'leased', 'held')"
+        f" AND rid NOT IN ({', '.join('?' * len(rids))})",
+        (s.message_id, *rids),
+    ).fetchone()
+    if others:
+        return False
+    conn.execute("DELETE FROM recipient WHERE message_id = ?", (s.message_id,))
+    delete_message(conn, bodies, s.message_id)
+    return True
 
 
 def _attempts(s: Settlement, now: float) -> list[AttemptView]:
