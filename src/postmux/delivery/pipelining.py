@@ -31,9 +31,10 @@ class GroupReader(asyncio.Protocol):
     aiosmtplib's client knows it is disconnected; so is flow control, so a drain works as before.
     """
 
-    def __init__(self, inner: SMTPProtocol, wanted: int, timeout: float) -> None:
+    def __init__(self, inner: SMTPProtocol, wanted: int, timeout: float, *, strict: bool = True) -> None:
         self.inner = inner
         self.wanted = wanted
+        self.strict = strict
         self.replies: list[aiosmtplib.SMTPResponse] = []
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -75,9 +76,10 @@ class GroupReader(asyncio.Protocol):
             if reply is None:
                 return
             self.replies.append(reply)
-        if self._buffer:
+        if self._buffer and self.strict:
             # A reply to no command: the server and postmux no longer agree on which reply is whose.
             raise aiosmtplib.SMTPResponseException(-1, "Unsolicited reply after pipelined commands")
+        self._buffer.clear()  # not strict: dropped, as aiosmtplib drops a reply that none awaits
         self.done.set_result(None)
 
     def _fail(self, error: BaseException) -> None:
@@ -124,9 +126,13 @@ def take_reply(buffer: bytearray) -> aiosmtplib.SMTPResponse | None:
 
 
 async def exchange(
-    client: aiosmtplib.SMTP, commands: list[bytes], timeout: float
+    client: aiosmtplib.SMTP, commands: list[bytes], timeout: float, *, strict: bool = True
 ) -> list[aiosmtplib.SMTPResponse]:
     """Write `commands` (each ending in CRLF) at once and return a reply to each, in order.
+
+    `strict`: a reply past the last one asked for fails the group (the server and postmux no longer agree
+    on which reply is whose); else it is dropped, as aiosmtplib drops one that no command awaits (the one
+    reply to a message's text, which nothing after it can make ambiguous).
 
     `timeout` bounds each wait for the next reply, as each command's own timeout would: a group of many
     RCPTs may take as long as they would one by one, a server that stops answering is found as soon.
@@ -137,7 +143,7 @@ async def exchange(
     transport = protocol.transport if protocol is not None else None
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    reader = GroupReader(protocol, len(commands), timeout)
+    reader = GroupReader(protocol, len(commands), timeout, strict=strict)
     transport.set_protocol(reader)
     try:
         cast(asyncio.WriteTransport, transport).write(b"".join(commands))
