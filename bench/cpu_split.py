@@ -5,9 +5,10 @@
 
 bench/throughput.py's setup (three smtp-sinks, round_robin, spool on disk, group commit), one run. It
 prints msgs/s (injection start until postmux's delivered counter reaches N), the spool's commits, how busy
-the whole machine was (from /proc/stat: are we CPU-bound?), and the user and system CPU ms per message of
-every thread of postmux and of its ingress workers (from /proc/PID/task/TID/stat): the main thread (event
-loop: acceptor, dispatcher, delivery), the spool's writer thread, each worker. With --profile-out, py-spy
+the whole machine was (from /proc/stat: are we CPU-bound?), the main process's peak RSS (VmHWM), and the
+user and system CPU ms per message of every thread of postmux and of its ingress workers (from
+/proc/PID/task/TID/stat): the main thread (event loop: acceptor, dispatcher, delivery), the spool's writer
+thread, each worker. With --profile-out, py-spy
 (--gil, raw stacks) samples one of those processes (index 0: the main one) during the run.
 
 --webhook-batch N adds a [[webhook]] endpoint (every message event, N records per request) posting to a
@@ -50,6 +51,14 @@ def threads_cpu(pid: int) -> dict[str, tuple[float, float]]:
         fields = stat[stat.rindex(")") + 2 :].split()
         out[f"{name}:{tid}"] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
     return out
+
+
+def peak_rss_kb(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in KB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def machine() -> tuple[int, int]:
@@ -152,6 +161,7 @@ def main() -> int:
                 spy.wait(30)
             after = {pid: threads_cpu(pid) for pid in pids}
             found = COMMITS.search(tp.scrape(http_port))
+            peak_kb = peak_rss_kb(proc.pid)
     finally:
         for sink in sinks:
             tp.stop_process(sink, 10)
@@ -163,6 +173,7 @@ def main() -> int:
             f"  webhook: {a.webhook_batch} records a request; outbox empty {drained_s:.1f} s after delivery"
         )
     print(f"  machine busy {busy:.0f}% of its {os.cpu_count()} cores")
+    print(f"  main process peak RSS {peak_kb / 1024:.1f} MB")
     total = 0.0
     for pid in pids:
         for thread, (user, system) in after[pid].items():

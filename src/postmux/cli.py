@@ -127,6 +127,7 @@ async def _serve(settings: Settings, config_path: Path) -> None:
     import structlog
 
     from postmux.app import App
+    from postmux.heap import settle_heap
 
     log = structlog.get_logger("postmux.serve")
     stop = asyncio.Event()
@@ -142,6 +143,7 @@ async def _serve(settings: Settings, config_path: Path) -> None:
         # SIGHUP reopens the event log (log rotation) and reloads the configuration, as Unix daemons do;
         # a bad file changes nothing.
         loop.add_signal_handler(signal.SIGHUP, running.hangup)
+        settle_heap()  # what start built is never collected again (postmux/heap.py)
         print(
             f"postmux: smtp on port {running.smtp_port}, http on port {running.http_port}",
             file=sys.stderr,

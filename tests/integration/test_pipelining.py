@@ -235,6 +235,20 @@ async def test_a_server_that_stops_answering_mid_group_times_out_within_the_comm
     assert 0.9 <= asyncio.get_running_loop().time() - started < 4
 
 
+async def test_a_notice_right_after_the_texts_250_leaves_the_message_delivered(
+    tmp_path: Path, scripted: Callable[[Script], Scripted]
+) -> None:
+    # The one reply to a text cannot be mistaken for another's: what follows it in the same read (a server
+    # going down says 421 at once) is dropped, as aiosmtplib drops it, and the 250 stands.
+    def script(command: bytes) -> bytes | None:
+        return b"250 2.0.0 queued\r\n421 4.3.2 shutting down\r\n" if command == b"." else standard(command)
+
+    server = scripted(script)
+    outcome = await attempt(tmp_path, await server.start())
+    assert set(outcome.replies.values()) == {Reply(250, "2.0.0", "queued")}
+    assert outcome.breakoff is None
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 async def test_a_farm_member_is_delivered_to_with_or_without_pipelining(
     tmp_path: Path, upstream: StartUpstream, pipelining: bool

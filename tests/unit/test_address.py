@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from postmux.address import (
+    _PLAIN_MAILBOX,
     Mailbox,
     Malformed,
     Path,
@@ -331,6 +332,26 @@ def test_whatever_ingress_takes_is_sent_exactly_and_routed_by_its_own_domain(
     # Routing, queues, shaping and MX use the domain the parser found.
     assert domain_of(mailbox.text) == mailbox.routing_domain == mailbox.domain.lower()
     assert mailbox.domain  # hygiene took no domainless address
+
+
+_ascii_noise = st.text(alphabet='aZ9.-@_+"[]:\\ \x01', max_size=12)
+
+
+@settings(max_examples=800, deadline=None)
+@given(text=st.one_of(_candidate, _ascii_noise, st.builds(lambda a, b: a + b, _mailbox, _ascii_noise)))
+@example(text="a@b.123")  # a last label of digits only: the parser refuses it
+@example(text="a@b.1-2")
+@example(text="u@" + "d" * 64 + ".test")  # a label past 63 octets
+@example(text="a..b@dest.test")
+@example(text="a@-dest.test")
+def test_the_usual_address_skips_the_parser_only_where_the_parser_takes_it_as_it_is(text: str) -> None:
+    # wire_path's shortcut (_PLAIN_MAILBOX) must never send what the parser would refuse or write otherwise.
+    if not _PLAIN_MAILBOX.fullmatch(text):
+        return
+    mailbox = parse_mailbox(text)
+    assert isinstance(mailbox, Mailbox) and mailbox.text == text and mailbox.domain
+    for role in Role:
+        assert wire_path(text, role, smtputf8=False) == f"<{text}>".encode("ascii")
 
 
 def test_a_domain_is_as_long_as_dns_can_look_up_and_no_longer_counted_in_a_labels() -> None:

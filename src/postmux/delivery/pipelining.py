@@ -31,12 +31,33 @@ class GroupReader(asyncio.Protocol):
     aiosmtplib's client knows it is disconnected; so is flow control, so a drain works as before.
     """
 
-    def __init__(self, inner: SMTPProtocol, wanted: int) -> None:
+    def __init__(self, inner: SMTPProtocol, wanted: int, timeout: float, *, strict: bool = True) -> None:
         self.inner = inner
         self.wanted = wanted
+        self.strict = strict
         self.replies: list[aiosmtplib.SMTPResponse] = []
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
         self._buffer = bytearray()
+        # `timeout` bounds each wait for the next reply: one timer, which at its end fails the group if no
+        # reply came since it was set, and else is set again (cheaper than a wait per reply: the usual
+        # group is answered in one read, before the timer ever ends).
+        self._timeout = timeout
+        self._seen = 0
+        self._timer = loop.call_later(timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        if self.done.done():
+            return
+        if len(self.replies) == self._seen:
+            self._fail(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"))
+            return
+        self._seen = len(self.replies)
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._check_progress)
+
+    def stop(self) -> None:
+        """The group is over (answered, failed or given up): its timer goes."""
+        self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
@@ -55,9 +76,10 @@ class GroupReader(asyncio.Protocol):
             if reply is None:
                 return
             self.replies.append(reply)
-        if self._buffer:
+        if self._buffer and self.strict:
             # A reply to no command: the server and postmux no longer agree on which reply is whose.
             raise aiosmtplib.SMTPResponseException(-1, "Unsolicited reply after pipelined commands")
+        self._buffer.clear()  # not strict: dropped, as aiosmtplib drops a reply that none awaits
         self.done.set_result(None)
 
     def _fail(self, error: BaseException) -> None:
@@ -104,9 +126,13 @@ def take_reply(buffer: bytearray) -> aiosmtplib.SMTPResponse | None:
 
 
 async def exchange(
-    client: aiosmtplib.SMTP, commands: list[bytes], timeout: float
+    client: aiosmtplib.SMTP, commands: list[bytes], timeout: float, *, strict: bool = True
 ) -> list[aiosmtplib.SMTPResponse]:
     """Write `commands` (each ending in CRLF) at once and return a reply to each, in order.
+
+    `strict`: a reply past the last one asked for fails the group (the server and postmux no longer agree
+    on which reply is whose); else it is dropped, as aiosmtplib drops one that no command awaits (the one
+    reply to a message's text, which nothing after it can make ambiguous).
 
     `timeout` bounds each wait for the next reply, as each command's own timeout would: a group of many
     RCPTs may take as long as they would one by one, a server that stops answering is found as soon.
@@ -117,18 +143,13 @@ async def exchange(
     transport = protocol.transport if protocol is not None else None
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    reader = GroupReader(protocol, len(commands))
+    reader = GroupReader(protocol, len(commands), timeout, strict=strict)
     transport.set_protocol(reader)
     try:
         cast(asyncio.WriteTransport, transport).write(b"".join(commands))
-        seen = -1
-        while not reader.done.done():
-            if len(reader.replies) == seen:
-                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
-            seen = len(reader.replies)
-            await asyncio.wait((reader.done,), timeout=timeout)
-        reader.done.result()
+        await reader.done
     finally:
+        reader.stop()
         if not transport.is_closing():
             transport.set_protocol(protocol)
     return reader.replies

@@ -173,12 +173,14 @@ async def send_text(
     try:
         wire = WireText(clean=clean)
         if tail is None:
-            protocol.write(wire.piece(data) + wire.end())
+            # Written and its reply read as a group of one (delivery/pipelining.py): the same bytes and
+            # errors as aiosmtplib's write and read_response, without its wait_for and fresh waiter.
+            [response] = await exchange(client, [wire.piece(data) + wire.end()], timeout, strict=False)
         else:
             protocol.write(wire.piece(data))
             await _stream(protocol, wire, tail, timeout)
             protocol.write(wire.end())
-        response = await protocol.read_response(timeout=timeout)
+            response = await protocol.read_response(timeout=timeout)
     except BaseException:
         # As aiosmtplib does, a connection in an unknown state is not reused; and it is aborted, not
         # closed: close() would keep the socket open until a receiver that stopped reading took the
@@ -441,7 +443,9 @@ class SmtpTransport:
         if not paths.recipients:  # nothing can be sent: no connection, and nothing to say about the member
             return AttemptOutcome(paths.refused, "", local=True, unsent=frozenset(paths.refused))
         # Before any connection is taken: a tail that cannot be read ends the attempt here (BodyUnreadable).
-        paths = replace(paths, eight_bit=await eight_bit(work))
+        # A text held whole is judged here, without a coroutine (the usual message, on the hot path).
+        if not work.data.isascii() if work.tail is None else await eight_bit(work):
+            paths = replace(paths, eight_bit=True)
         self._busy += 1
         try:
             targets = await self._targets(work)

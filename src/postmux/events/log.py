@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from pathlib import Path
 from typing import IO
 
@@ -22,7 +21,7 @@ class JsonLinesLog:
         self._task: asyncio.Task[None] | None = None
 
     def __call__(self, event: Event) -> None:
-        self._pending.append(json.dumps(event.as_record(), separators=(",", ":"), ensure_ascii=False))
+        self._pending.append(event.as_json())
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ dropped, but a crash in that moment can lose one.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ NO_OUTBOX = NoOutbox()
 
 def record_text(event: Event) -> str:
     """The event's record as the JSON-lines log writes it (events/log.py): one shape everywhere."""
-    return json.dumps(event.as_record(), separators=(",", ":"), ensure_ascii=False)
+    return event.as_json()
 
 
 class Fanout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ _SEQ = itertools.count(1)
 
 def _event_id() -> str:
     return f"{_PREFIX}-{next(_SEQ)}"
+
+
+# One encoder for every record: json.dumps given any argument builds a JSONEncoder per call (2 of its
+# 10 µs a record).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(slots=True)
@@ -116,3 +122,7 @@ class Event:
             ),
             **({"sender_domain": self.sender_domain} if self.type is EventType.UNSUBSCRIBE else {}),
         }
+
+    def as_json(self) -> str:
+        """The record as one line of compact JSON (UTF-8 as it is): the event log's and the webhooks'."""
+        return _ENCODER.encode(self.as_record())

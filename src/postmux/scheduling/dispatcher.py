@@ -36,7 +36,7 @@ from postmux.delivery.transport import MemberTransport
 from postmux.envelope import domain_of
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
-from postmux.events.types import Event
+from postmux.events.types import Event, EventType
 from postmux.reputation.blocklists import reply_reactions
 from postmux.reputation.spf import SpfEvaluator, SpfVerdict
 from postmux.reputation.suppression import SuppressionList
@@ -116,6 +116,8 @@ class Dispatcher:
         suppressions: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
+        # Read once per settings: a pydantic private attribute costs ~1 µs a read, once a verdict.
+        self._classifier = settings.bounces.classifier
         self.suppressions = suppressions
         self.outbox = outbox
         self.spool = spool
@@ -187,6 +189,7 @@ class Dispatcher:
         The pools, router, resolver and transports it was given are reconfigured in place by the node.
         """
         self.settings = settings
+        self._classifier = settings.bounces.classifier
         self.retry = RetrySchedule(settings.retry)
         self.shaper.configure(settings.shaping, reply_reactions(settings.blocklists))
         self.spf.reconfigure(settings.spf, settings.dns)
@@ -553,10 +556,11 @@ class Dispatcher:
 
         The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
         """
-        verdicts.classify_failures(verdict.events, self.settings.bounces.classifier)
+        verdicts.classify_failures(verdict.events, self._classifier)
         if member is not None and member.zone:
             verdicts.place(verdict.events, member.name, member.zone)
-        if self.suppressions is not None:
+        # Only a Bounce can be a hard one: the usual verdict (a delivery) awaits nothing here.
+        if self.suppressions is not None and any(e.type is EventType.BOUNCE for e in verdict.events):
             await self._suppress_hard_bounces(verdict.events)
         rows = self.outbox.rows(verdict.events)
         for event in verdict.events:

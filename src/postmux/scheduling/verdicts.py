@@ -95,7 +95,7 @@ def after_attempt(
 def attempted_by(v: Verdict, member: str) -> Verdict:
     """Its settlements name the member whose attempt they come from: the spool keeps the attempt for the
     operator's `postmux queue show` and the member as the recipient's last (`--member`)."""
-    v.settlements = [replace(s, member=member) for s in v.settlements]
+    v.settlements = [s if s.member == member else replace(s, member=member) for s in v.settlements]
     return v
 
 
@@ -109,7 +109,7 @@ def settled(
     deferred: list[tuple[WorkRecipient, Reply]] = []
     for r in item.recipients:
         reply = outcome.replies.get(r.rid) or Reply(451, "4.3.0", "no reply recorded")
-        bumped = replace(r, attempts=r.attempts + 1, local_errors=0)  # answered: not a crash
+        bumped = r.answered()
         if reply.is_success:
             delivered.append(bumped)
             accepted = reply  # the transaction's one answer to DATA: the same for every recipient
@@ -131,6 +131,7 @@ def settled(
                 RecipientState.DELIVERED,
                 str(accepted),  # kept with the attempt while the message stays for other recipients
                 attempts=attempts,
+                member=member,  # as attempted_by would, without a copy (the hot path)
             )
         )
     if bounced:
@@ -164,7 +165,7 @@ def unfit(
             )
         v.retry_now = replace(item, unfit=unable)
         return v
-    bumped = [replace(r, attempts=r.attempts + 1, local_errors=0) for r in item.recipients]
+    bumped = [r.answered() for r in item.recipients]
     if {m.name for m in pool.members if not m.removed} <= unable:
         failed = [(r, outcome.replies[r.rid]) for r in bumped]
         for r, reply in failed:

@@ -310,3 +310,24 @@ async def test_the_checkpointer_copies_the_wal_into_the_database_beside_the_writ
     assert os.path.getsize(tmp_path / "s.db") > empty
     await spool.close()
     assert not [t for t in threading.enumerate() if t.name == "postmux-spool-ckpt"]
+
+
+async def test_a_message_goes_with_its_last_recipient_and_stays_while_another_is_open(tmp_path: Path) -> None:
+    # The usual settlement (the message's last recipients, final) deletes at once instead of updating
+    # first; the count it goes by leaves the settled recipients out, so one already final cannot hide
+    # another still open.
+    spool = await open_spool(tmp_path / "s.db")
+    rcpts = ("a@one.test", "b@one.test")
+    [item] = await spool.store("m1", envelope(*rcpts), dict.fromkeys(rcpts, "p"), 1.0)
+    a, b = (r.rid for r in item.recipients)
+    await spool.settle([Settlement("m1", [a], RecipientState.BOUNCED, "550 no")], 2.0)
+    await spool.settle([Settlement("m1", [a], RecipientState.DELIVERED, "250 ok", member="x")], 3.0)
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT rid, state FROM recipient ORDER BY rid").fetchall() == [
+        (a, "delivered"),
+        (b, "leased"),
+    ]
+    await spool.settle([Settlement("m1", [b], RecipientState.DELIVERED, "250 ok", member="x")], 4.0)
+    assert db.execute("SELECT count(*) FROM recipient").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM message").fetchone() == (0,)
+    await spool.close()
