@@ -18,8 +18,10 @@ import asyncio
 import functools
 import inspect
 import ipaddress
+import logging
 import socket
 import ssl
+import types
 import warnings
 import weakref
 from collections import Counter
@@ -27,6 +29,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -255,6 +258,60 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     return decorate
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _sanitized_if_logged(func: Callable[..., None], msg: str, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, only when the logger would keep the record.
+
+    aiosmtpd's command loop passes every command line through `sanitized_log` twice (at DEBUG and at INFO),
+    and it hides AUTH data in the line with a regex match before the logger decides anything: 3-6% of an
+    ingress worker's CPU at 1.5 KB (issue 12), for records postmux never keeps (logs.py: libraries at
+    WARNING). The logger is asked first; what it keeps is sanitized as before.
+    """
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""), logging.CRITICAL)
+    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
+        return
+    aiosmtpd.smtp.sanitized_log(func, msg, *args, **kwargs)
+
+
+def _quietly(function: types.FunctionType) -> types.FunctionType:
+    """aiosmtpd's own `function` (its code object, as it is), with `_sanitized_if_logged` for sanitized_log.
+
+    Not a copy of aiosmtpd's command loop to keep in step: the same code, run with the module's globals
+    but for that one name (tests/unit/test_ingress_session.py checks both).
+    """
+    namespace = {**vars(aiosmtpd.smtp), "sanitized_log": _sanitized_if_logged}
+    quiet = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    quiet.__qualname__ = function.__qualname__
+    return quiet
+
+
+_COMMAND_LOOP = _quietly(SMTP._handle_client)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[str, str] | str:
+    """MAIL's (or RCPT's) argument as aiosmtpd stores it, (mailbox, ESMTP parameters), or the refusal.
+
+    A pure function of its arguments (`smtputf8_declared`: what MAIL declared, for a recipient), so its
+    answers are kept: the RFC 5321 parse of a path (postmux.address) was 8% of an ingress worker's CPU at
+    1.5 KB (issue 12), and a sender, often a recipient too, comes back message after message. Bounded:
+    a client sending new addresses only pushes old ones out. (Not keyed by the Role: an Enum's hash is a
+    Python call.)
+    """
+    role = Role.RECIPIENT if recipient else Role.SENDER
+    path_text, params = split_path(arg)
+    smtputf8 = smtputf8_declared if recipient else declares_smtputf8(params)
+    path = read_path(path_text, role, smtputf8=smtputf8)
+    if isinstance(path, str):
+        return path
+    return (path.mailbox.text if path.mailbox is not None else "<>"), params
+
+
 class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
@@ -426,7 +483,7 @@ class PostmuxSMTP(BlockDataSMTP):
             assert self.transport is not None
             self.transport.close()
             return
-        await super()._handle_client()
+        await _COMMAND_LOOP(self)
 
     async def _take_proxy_header(self) -> bool:
         """The client's address from a trusted proxy's header (ingress/proxy.py), and its admission.
@@ -576,15 +633,14 @@ class PostmuxSMTP(BlockDataSMTP):
         if role is None or not arg:  # VRFY asks too; an empty path is aiosmtpd's syntax error
             parsed: tuple[str | None, str | None] = super()._getaddr(arg)
             return parsed
-        path_text, params = split_path(arg)
-        # aiosmtpd reads MAIL's parameters only after the path, so SMTPUTF8 is read from them here; a
-        # recipient goes by what the transaction's MAIL declared.
+        # aiosmtpd reads MAIL's parameters only after the path, so SMTPUTF8 is read from them (in
+        # _read_argument); a recipient goes by what the transaction's MAIL declared.
         assert self.envelope is not None
-        smtputf8 = declares_smtputf8(params) if role is Role.SENDER else bool(self.envelope.smtp_utf8)
-        path = read_path(path_text, role, smtputf8=smtputf8)
-        if isinstance(path, str):
-            raise SmtpRefusal(path)
-        return (path.mailbox.text if path.mailbox is not None else "<>"), params
+        recipient = role is Role.RECIPIENT
+        read = _read_argument(arg, recipient, recipient and bool(self.envelope.smtp_utf8))
+        if isinstance(read, str):
+            raise SmtpRefusal(read)
+        return read
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------------------
 
