@@ -291,10 +291,15 @@ async def test_command_lines_are_sanitized_only_for_a_logger_that_keeps_them(
     assert sanitized == []
     caplog.set_level(logging.INFO, logger="mail.log")
     assert (await client.cmd("AUTH PLAIN c2VjcmV0")).startswith("5")  # no AUTH offered: no users
-    await client.close()
     assert sanitized == ["%r >> %r"]  # the INFO record, not the DEBUG one
     lines = [r.getMessage() for r in caplog.records if r.name == "mail.log" and ">>" in r.getMessage()]
     assert len(lines) == 1 and "c2VjcmV0" not in lines[0] and "********" in lines[0]
+    assert not [r for r in caplog.records if "<<" in r.getMessage()]  # replies are logged at DEBUG
+    caplog.set_level(logging.DEBUG, logger="mail.log")
+    assert await client.cmd("NOOP") == "250 2.0.0 OK"
+    await client.close()
+    replies = [r.getMessage() for r in caplog.records if r.name == "mail.log" and "<<" in r.getMessage()]
+    assert replies[-1].endswith("<< b'250 2.0.0 OK'")  # as aiosmtpd's push logs it
 
 
 async def test_an_address_read_before_is_answered_the_same_for_what_mail_declared(

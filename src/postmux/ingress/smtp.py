@@ -213,7 +213,7 @@ class _Commands(Mapping[str, Any]):
     reads the table with `get` (each command, HELP) and `items` (HELP): the same answers, bound on demand.
     """
 
-    __slots__ = ("_session", "_names")
+    __slots__ = ("_names", "_session")
 
     def __init__(self, session: SMTP, names: dict[str, str]) -> None:
         self._session = session
@@ -286,6 +286,7 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     return decorate
 
 
+_MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -607,14 +608,26 @@ class PostmuxSMTP(BlockDataSMTP):
         self._count_refusal(reply)
         if self._held:
             whole, self._held = bytes(self._held) + self._encode(reply), bytearray()
-            await super().push(whole)
+            await self._write_reply(whole)
         else:
-            await super().push(reply)
+            await self._write_reply(self._encode(reply))
         if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    async def _write_reply(self, reply: bytes) -> None:
+        """aiosmtpd's SMTP.push once the reply is encoded: written with its CRLF, logged, drained.
+
+        Its DEBUG record only for a logger that keeps it (the call and its arguments, a reply at a time,
+        were 2% of an ingress worker's CPU at 1.5 KB, issue 12).
+        """
+        self._writer.write(reply + b"\r\n")
+        if _MAIL_LOG.isEnabledFor(logging.DEBUG):
+            assert self.session is not None
+            _MAIL_LOG.debug("%r << %r", self.session.peer, reply)
+        await self._writer.drain()
 
     def _encode(self, reply: str) -> bytes:
         return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # as aiosmtpd's push encodes
