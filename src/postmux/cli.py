@@ -142,6 +142,9 @@ async def _serve(settings: Settings, config_path: Path) -> None:
         # SIGHUP reopens the event log (log rotation) and reloads the configuration, as Unix daemons do;
         # a bad file changes nothing.
         loop.add_signal_handler(signal.SIGHUP, running.hangup)
+        from postmux.collector import settle_after_start
+
+        settle_after_start()  # what starting made lives as long as the process: no full collection walks it
         print(
             f"postmux: smtp on port {running.smtp_port}, http on port {running.http_port}",
             file=sys.stderr,

@@ -40,6 +40,7 @@ from typing import Any
 
 import structlog
 
+from postmux.collector import settle_after_start
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import AcceptRefused, Accepts
@@ -323,6 +324,7 @@ async def _run_worker(
     server = await start_smtp_server(
         settings, acceptor, sock=listener, spill_dir=spill_dir, return_domains=return_domains
     )
+    settle_after_start()  # postmux/collector.py
     _send(writer, "ready")
     if (await _read_frame(reader))[0] != "go":
         return
