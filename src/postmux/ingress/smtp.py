@@ -421,7 +421,7 @@ class PostmuxSMTP(BlockDataSMTP):
             methods = _SessionMethods(cls)
             cls._methods = methods
         found = _HandlerHooks.of(handler)
-        self._smtp_methods = _Commands(self, methods.commands)
+        self._smtp_methods = _Commands(self, methods.commands)  # type: ignore[assignment]  # aiosmtpd: a dict
         auth = {mechanism: _AuthMechAttr(getattr(self, name), True) for mechanism, name in methods.mechanisms}
         auth.update(found.auth_methods)
         for mechanism in excluded:
