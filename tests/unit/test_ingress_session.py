@@ -321,3 +321,34 @@ async def test_an_address_read_before_is_answered_the_same_for_what_mail_declare
         assert (await client.cmd("RSET")).startswith("250")
     await client.close()
     assert _read_argument.cache_info().hits >= 5
+
+
+# What each session has of its own (a new reader, writer, future, bound method): compared by type.
+_PER_SESSION = {"_stream_reader_wr", "_strong_reader", "_closed", "_drain_waiters", "_client_connected_cb"}
+
+
+@pytest.mark.parametrize("users", [False, True])
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_session_is_set_up_with_every_attribute_aiosmtpds_constructor_gives_it(
+    tmp_path: Path, users: bool, tls: bool
+) -> None:
+    import ssl
+
+    settings = _smtp_settings(tmp_path, users=users)
+    handler = IngressHandler(settings, None)  # type: ignore[arg-type]
+    limits = ConnectionLimits(10, 10, "postmux.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) if tls else None
+    ours, theirs = (
+        PostmuxSMTP(handler, settings, limits, context),
+        _Uncached(handler, settings, limits, context),
+    )
+    assert _tables(ours) == _tables(theirs)
+    mine, aiosmtpds = vars(ours), vars(theirs)
+    assert mine.keys() == aiosmtpds.keys()
+    for name in mine.keys() - {"_smtp_methods", "_auth_methods", "_handle_hooks", "_authenticator"}:
+        if name in _PER_SESSION:
+            assert type(mine[name]) is type(aiosmtpds[name]), name
+        else:
+            assert mine[name] == aiosmtpds[name], name
+    assert ours._authenticator == ours._take_credentials and theirs._authenticator == theirs._take_credentials
+    assert ours._stream_reader._limit == theirs._stream_reader._limit  # type: ignore[union-attr]

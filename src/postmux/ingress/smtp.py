@@ -392,6 +392,10 @@ class PostmuxSMTP(BlockDataSMTP):
         self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
         # Without users there is nothing to log in as: AUTH is not offered.
         excluded = () if settings.users else ("PLAIN", "LOGIN")
+        if self._tables_found_once:
+            self._set_up(handler, settings, tls_context, excluded)
+            self._searchable = True
+            return
         super().__init__(
             _NOTHING_TO_FIND if self._tables_found_once else handler,
             hostname=settings.hostname,
@@ -409,9 +413,63 @@ class PostmuxSMTP(BlockDataSMTP):
             # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
             loop=asyncio.get_running_loop(),
         )
-        if self._tables_found_once:
-            self._take_tables(handler, excluded)
         self._searchable = True
+
+    def _set_up(
+        self,
+        handler: IngressHandler,
+        settings: SmtpSettings,
+        tls_context: ssl.SSLContext | None,
+        excluded: Sequence[str],
+    ) -> None:
+        """What aiosmtpd 1.4.6's SMTP.__init__ sets, for the arguments __init__ above gives it, without its
+        searches and its INFO line of AUTH mechanisms (built even when dropped).
+
+        SMTP.__init__ was a tenth of an ingress worker's CPU at 1.5 KB, a session a message (issue 12);
+        tests/unit/test_ingress_session.py holds every attribute to what aiosmtpd's own sets.
+        """
+        loop = asyncio.get_running_loop()
+        self.__ident__ = "postmux"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = settings.hostname
+        self.tls_context = tls_context
+        if tls_context:  # as aiosmtpd warns (tls_context() below makes neither kind)
+            if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+                _MAIL_LOG.warning(
+                    "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+                    "this might cause client connection problems"
+                )
+            elif tls_context.check_hostname:
+                _MAIL_LOG.warning(
+                    "tls_context.check_hostname == True; this might cause client connection problems"
+                )
+        self.require_starttls = tls_context and settings.tls is not None and settings.tls.required
+        self._timeout_duration = settings.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = settings.auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = self._take_credentials
+        self._auth_callback = None
+        self._auth_required = False
+        self._enforce_call_limit = False
+        self._take_tables(handler, excluded)
 
     def _take_tables(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
         """The tables SMTP.__init__ would have built by searching this session and `handler`."""
