@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 from typing import Protocol
@@ -58,8 +58,8 @@ log = structlog.get_logger("postmux.accept")
 class Accepts(Protocol):
     """What ingress hands a complete message to: the Acceptor here, or a worker's link to it."""
 
-    async def accept(self, envelope: Envelope) -> str:
-        """Store durably and return the queue id; raises SpoolError when it could not."""
+    def accept(self, envelope: Envelope) -> Awaitable[str]:
+        """Store durably; the awaitable gives the queue id, or raises SpoolError when it could not."""
         ...
 
 

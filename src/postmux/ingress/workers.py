@@ -265,28 +265,38 @@ class RemoteAcceptor:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[tuple[str, str, bool]]] = {}
+        self._waiting: dict[int, asyncio.Future[str]] = {}
         self.closed = asyncio.Event()
 
-    async def accept(self, envelope: Envelope) -> str:
+    def accept(self, envelope: Envelope) -> asyncio.Future[str]:
+        """The queue id the main process gives, in a future (Accepts.accept's awaitable).
+
+        A future, not a coroutine: the DATA hook shields what accept returns (a client that hangs up must
+        not cancel a store), and asyncio.shield makes a Task of a coroutine, but takes a future as it is.
+        """
         if self.closed.is_set():  # nothing was sent: a plain refusal is true
             if envelope.tail is not None:  # handed to accept, so no one else deletes it (postmux.body)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(envelope.tail.path)
             raise SpoolError("the spool process is gone")
         request_id = next(self._ids)
-        future: asyncio.Future[tuple[str, str, bool]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         # The envelope without its text, then the text as it is: rebuilt on the other side.
         _send(self._writer, (request_id, envelope_values(envelope)), envelope.data)
-        kind, value, disk_full = await future
+        return future
+
+    @staticmethod
+    def _settle(future: asyncio.Future[str], kind: str, value: str, disk_full: bool) -> None:
+        """The main process's verdict (IngressWorkers._accept) as the future's queue id or exception."""
         if kind == "ok":
-            return value
-        if kind == "spool":
-            raise SpoolError(value, disk_full=disk_full)
-        if kind == "refused":
-            raise AcceptRefused(value, value)
-        raise RuntimeError("the spool process could not accept the message")
+            future.set_result(value)
+        elif kind == "spool":
+            future.set_exception(SpoolError(value, disk_full=disk_full))
+        elif kind == "refused":
+            future.set_exception(AcceptRefused(value, value))
+        else:
+            future.set_exception(RuntimeError("the spool process could not accept the message"))
 
     async def read_replies(self) -> None:
         try:
@@ -294,7 +304,7 @@ class RemoteAcceptor:
                 (request_id, kind, value, disk_full), _ = await _read_frame(self._reader)
                 future = self._waiting.pop(request_id, None)
                 if future is not None and not future.done():
-                    future.set_result((kind, value, disk_full))
+                    self._settle(future, kind, value, disk_full)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         if self._waiting:
