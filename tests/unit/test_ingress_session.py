@@ -6,6 +6,7 @@ The cached method listing and handler tables must give aiosmtpd exactly what it 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -249,3 +250,105 @@ async def test_commands_move_the_idle_deadline_without_a_new_timer_each(
     assert session._timeout_handle is timer
     assert session._idle_deadline > deadline
     await client.close()
+
+
+def test_the_command_loop_is_aiosmtpds_own_code_with_only_its_log_sanitizer_replaced() -> None:
+    import aiosmtpd.smtp
+
+    from postmux.ingress.smtp import _COMMAND_LOOP, _sanitized_if_logged
+
+    assert _COMMAND_LOOP.__code__ is SMTP._handle_client.__code__
+    changed = {
+        name
+        for name, value in _COMMAND_LOOP.__globals__.items()
+        if vars(aiosmtpd.smtp).get(name, _MISSING) is not value
+    }
+    assert changed == {"sanitized_log"}
+    assert _COMMAND_LOOP.__globals__["sanitized_log"] is _sanitized_if_logged
+
+
+_MISSING = object()
+
+
+async def test_command_lines_are_sanitized_only_for_a_logger_that_keeps_them(
+    recorded: tuple[int, list[_WritesRecorded]], caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    """aiosmtpd hides AUTH data in each command line before logging it; a dropped record needs none hidden."""
+    import aiosmtpd.smtp
+
+    sanitized: list[str] = []
+    original = aiosmtpd.smtp.sanitized_log
+
+    def counting(func: Any, msg: str, *args: Any, **kwargs: Any) -> None:
+        sanitized.append(msg)
+        original(func, msg, *args, **kwargs)
+
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitized_log", counting)
+    port, _ = recorded
+    caplog.set_level(logging.WARNING, logger="mail.log")
+    client = await RawClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).startswith("250")
+    assert sanitized == []
+    caplog.set_level(logging.INFO, logger="mail.log")
+    assert (await client.cmd("AUTH PLAIN c2VjcmV0")).startswith("5")  # no AUTH offered: no users
+    assert sanitized == ["%r >> %r"]  # the INFO record, not the DEBUG one
+    lines = [r.getMessage() for r in caplog.records if r.name == "mail.log" and ">>" in r.getMessage()]
+    assert len(lines) == 1 and "c2VjcmV0" not in lines[0] and "********" in lines[0]
+    assert not [r for r in caplog.records if "<<" in r.getMessage()]  # replies are logged at DEBUG
+    caplog.set_level(logging.DEBUG, logger="mail.log")
+    assert await client.cmd("NOOP") == "250 2.0.0 OK"
+    await client.close()
+    replies = [r.getMessage() for r in caplog.records if r.name == "mail.log" and "<<" in r.getMessage()]
+    assert replies[-1].endswith("<< b'250 2.0.0 OK'")  # as aiosmtpd's push logs it
+
+
+async def test_an_address_read_before_is_answered_the_same_for_what_mail_declared(
+    recorded: tuple[int, list[_WritesRecorded]],
+) -> None:
+    """MAIL and RCPT paths are parsed once an argument; a UTF-8 recipient still needs SMTPUTF8 each time."""
+    from postmux.ingress.smtp import _read_argument
+
+    port, _ = recorded
+    client = await RawClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).startswith("250")
+    for _ in range(2):
+        assert (await client.cmd("MAIL FROM:<a@example.com> SMTPUTF8")).startswith("250")
+        assert (await client.cmd("RCPT TO:<üser@dest.test>")).startswith("250 2.1.5")
+        assert (await client.cmd("RSET")).startswith("250")
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await client.cmd("RCPT TO:<üser@dest.test>")).startswith("553 5.6.7")
+        assert (await client.cmd("RCPT TO:<u%relay@dest.test>")).startswith("553 5.1.3")  # each time
+        assert (await client.cmd("RSET")).startswith("250")
+    await client.close()
+    assert _read_argument.cache_info().hits >= 5
+
+
+# What each session has of its own (a new reader, writer, future, bound method): compared by type.
+_PER_SESSION = {"_stream_reader_wr", "_strong_reader", "_closed", "_drain_waiters", "_client_connected_cb"}
+
+
+@pytest.mark.parametrize("users", [False, True])
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_session_is_set_up_with_every_attribute_aiosmtpds_constructor_gives_it(
+    tmp_path: Path, users: bool, tls: bool
+) -> None:
+    import ssl
+
+    settings = _smtp_settings(tmp_path, users=users)
+    handler = IngressHandler(settings, None)  # type: ignore[arg-type]
+    limits = ConnectionLimits(10, 10, "postmux.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) if tls else None
+    ours, theirs = (
+        PostmuxSMTP(handler, settings, limits, context),
+        _Uncached(handler, settings, limits, context),
+    )
+    assert _tables(ours) == _tables(theirs)
+    mine, aiosmtpds = vars(ours), vars(theirs)
+    assert mine.keys() == aiosmtpds.keys()
+    for name in mine.keys() - {"_smtp_methods", "_auth_methods", "_handle_hooks", "_authenticator"}:
+        if name in _PER_SESSION:
+            assert type(mine[name]) is type(aiosmtpds[name]), name
+        else:
+            assert mine[name] == aiosmtpds[name], name
+    assert ours._authenticator == ours._take_credentials and theirs._authenticator == theirs._take_credentials
+    assert ours._stream_reader._limit == theirs._stream_reader._limit  # type: ignore[union-attr]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from email.utils import formatdate
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from postmux.ingress.acceptor import is_helo_name, received_from
+from postmux.ingress.acceptor import date_field, is_helo_name, received_from
 
 HOSTILE = [
     "a.test ([192.0.2.1]) by mx.victim.test",
@@ -79,3 +82,8 @@ def test_names_outside_rfc_5321_syntax_are_shown_in_the_comment(helo: str) -> No
     assert not is_helo_name(helo)
     clause = received_from(helo, "192.0.2.7")
     assert re.fullmatch(r"from unknown \(\[192\.0\.2\.7\] helo=[A-Za-z0-9.:_\[\]@?-]{1,64}\)", clause), clause
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))  # to 2100
+def test_the_date_made_once_a_second_is_formatdates_for_any_moment_in_that_second(now: float) -> None:
+    assert date_field(int(now)) == formatdate(now)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 from typing import Protocol
@@ -57,8 +58,8 @@ log = structlog.get_logger("postmux.accept")
 class Accepts(Protocol):
     """What ingress hands a complete message to: the Acceptor here, or a worker's link to it."""
 
-    async def accept(self, envelope: Envelope) -> str:
-        """Store durably and return the queue id; raises SpoolError when it could not."""
+    def accept(self, envelope: Envelope) -> Awaitable[str]:
+        """Store durably; the awaitable gives the queue id, or raises SpoolError when it could not."""
         ...
 
 
@@ -278,7 +279,8 @@ class Acceptor:
         planned: list[Planned] = []
         for i, (rcpts, stamped) in enumerate(self._copies(envelope, asked, pools)):
             message_id = new_message_id()
-            copy = replace(envelope, recipients=rcpts)
+            # One copy of all the recipients (most mail) is the envelope itself: a replace costs 5-20 µs.
+            copy = envelope if rcpts is envelope.recipients else replace(envelope, recipients=rcpts)
             if i and envelope.tail is not None:  # each stored message owns its tail file (postmux.body)
                 copy = replace(copy, tail=await asyncio.to_thread(copy_tail, envelope.tail, i))
             text = asked
@@ -424,7 +426,7 @@ class Acceptor:
         line = (
             f"Received: {received_from(envelope.helo, envelope.client_ip)}\r\n"
             f"\tby {self.hostname} (postmux) with {envelope.protocol} id {message_id};\r\n"
-            f"\t{formatdate(now)}\r\n"
+            f"\t{date_field(int(now))}\r\n"
         )
         return line.encode("utf-8", "replace")
 
@@ -597,6 +599,13 @@ def is_helo_name(helo: str) -> bool:
     # The address parser's own literal rule: ipaddress alone takes an IPv6 zone ("%anything", spaces and
     # parentheses included), which would carry a forged clause into the header.
     return literal_address(helo) is not None
+
+
+@functools.lru_cache(maxsize=4)
+def date_field(second: int) -> str:
+    """RFC 5322 3.3's date-time of the Received field, for a whole second since the epoch: the same text as
+    formatdate(now) for any `now` within it, made once a second instead of each message (~10 µs)."""
+    return formatdate(second)
 
 
 def received_from(helo: str, client_ip: str) -> str:

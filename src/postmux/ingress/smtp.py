@@ -18,15 +18,18 @@ import asyncio
 import functools
 import inspect
 import ipaddress
+import logging
 import socket
 import ssl
+import types
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -198,8 +201,36 @@ class _SessionMethods:
 
     def __init__(self, cls: type) -> None:
         names = sorted(name for name in dir(cls) if name.startswith(("smtp_", "auth_")))
-        self.commands = [(n.replace("smtp_", ""), n) for n in names if n.startswith("smtp_")]
+        self.commands = {n.replace("smtp_", ""): n for n in names if n.startswith("smtp_")}
         self.mechanisms = [(_mechanism_name(n, getattr(cls, n)), n) for n in names if n.startswith("auth_")]
+
+
+class _Commands(Mapping[str, Any]):
+    """A session's smtp_* methods by command, bound when looked up: SMTP.__init__'s `_smtp_methods`.
+
+    aiosmtpd binds every smtp_* method of each new session (fourteen getattr calls), to look up the one or
+    two a client uses per transaction step: 4% of an ingress worker's CPU at 1.5 KB (issue 12). aiosmtpd
+    reads the table with `get` (each command, HELP) and `items` (HELP): the same answers, bound on demand.
+    """
+
+    __slots__ = ("_names", "_session")
+
+    def __init__(self, session: SMTP, names: dict[str, str]) -> None:
+        self._session = session
+        self._names = names  # command -> method name, in aiosmtpd's order (HELP lists them so)
+
+    def get(self, command: str, default: Any = None) -> Any:
+        name = self._names.get(command)
+        return default if name is None else getattr(self._session, name)
+
+    def __getitem__(self, command: str) -> Any:
+        return getattr(self._session, self._names[command])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class _HandlerHooks:
@@ -255,6 +286,61 @@ def _keeps_syntax(original: Any) -> Callable[[Any], Any]:
     return decorate
 
 
+_MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _sanitized_if_logged(func: Callable[..., None], msg: str, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, only when the logger would keep the record.
+
+    aiosmtpd's command loop passes every command line through `sanitized_log` twice (at DEBUG and at INFO),
+    and it hides AUTH data in the line with a regex match before the logger decides anything: 3-6% of an
+    ingress worker's CPU at 1.5 KB (issue 12), for records postmux never keeps (logs.py: libraries at
+    WARNING). The logger is asked first; what it keeps is sanitized as before.
+    """
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""), logging.CRITICAL)
+    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
+        return
+    aiosmtpd.smtp.sanitized_log(func, msg, *args, **kwargs)
+
+
+def _quietly(function: types.FunctionType) -> types.FunctionType:
+    """aiosmtpd's own `function` (its code object, as it is), with `_sanitized_if_logged` for sanitized_log.
+
+    Not a copy of aiosmtpd's command loop to keep in step: the same code, run with the module's globals
+    but for that one name (tests/unit/test_ingress_session.py checks both).
+    """
+    namespace = {**vars(aiosmtpd.smtp), "sanitized_log": _sanitized_if_logged}
+    quiet = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    quiet.__qualname__ = function.__qualname__
+    return quiet
+
+
+_COMMAND_LOOP = _quietly(SMTP._handle_client)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[str, str] | str:
+    """MAIL's (or RCPT's) argument as aiosmtpd stores it, (mailbox, ESMTP parameters), or the refusal.
+
+    A pure function of its arguments (`smtputf8_declared`: what MAIL declared, for a recipient), so its
+    answers are kept: the RFC 5321 parse of a path (postmux.address) was 8% of an ingress worker's CPU at
+    1.5 KB (issue 12), and a sender, often a recipient too, comes back message after message. Bounded:
+    a client sending new addresses only pushes old ones out. (Not keyed by the Role: an Enum's hash is a
+    Python call.)
+    """
+    role = Role.RECIPIENT if recipient else Role.SENDER
+    path_text, params = split_path(arg)
+    smtputf8 = smtputf8_declared if recipient else declares_smtputf8(params)
+    path = read_path(path_text, role, smtputf8=smtputf8)
+    if isinstance(path, str):
+        return path
+    return (path.mailbox.text if path.mailbox is not None else "<>"), params
+
+
 class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
@@ -306,6 +392,10 @@ class PostmuxSMTP(BlockDataSMTP):
         self.spill_dir, self.spill_bytes = spill_dir, settings.spill_bytes
         # Without users there is nothing to log in as: AUTH is not offered.
         excluded = () if settings.users else ("PLAIN", "LOGIN")
+        if self._tables_found_once:
+            self._set_up(handler, settings, tls_context, excluded)
+            self._searchable = True
+            return
         super().__init__(
             _NOTHING_TO_FIND if self._tables_found_once else handler,
             hostname=settings.hostname,
@@ -323,9 +413,63 @@ class PostmuxSMTP(BlockDataSMTP):
             # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
             loop=asyncio.get_running_loop(),
         )
-        if self._tables_found_once:
-            self._take_tables(handler, excluded)
         self._searchable = True
+
+    def _set_up(
+        self,
+        handler: IngressHandler,
+        settings: SmtpSettings,
+        tls_context: ssl.SSLContext | None,
+        excluded: Sequence[str],
+    ) -> None:
+        """What aiosmtpd 1.4.6's SMTP.__init__ sets, for the arguments __init__ above gives it, without its
+        searches and its INFO line of AUTH mechanisms (built even when dropped).
+
+        SMTP.__init__ was a tenth of an ingress worker's CPU at 1.5 KB, a session a message (issue 12);
+        tests/unit/test_ingress_session.py holds every attribute to what aiosmtpd's own sets.
+        """
+        loop = asyncio.get_running_loop()
+        self.__ident__ = "postmux"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = settings.hostname
+        self.tls_context = tls_context
+        if tls_context:  # as aiosmtpd warns (tls_context() below makes neither kind)
+            if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+                _MAIL_LOG.warning(
+                    "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+                    "this might cause client connection problems"
+                )
+            elif tls_context.check_hostname:
+                _MAIL_LOG.warning(
+                    "tls_context.check_hostname == True; this might cause client connection problems"
+                )
+        self.require_starttls = tls_context and settings.tls is not None and settings.tls.required
+        self._timeout_duration = settings.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = settings.auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = self._take_credentials
+        self._auth_callback = None
+        self._auth_required = False
+        self._enforce_call_limit = False
+        self._take_tables(handler, excluded)
 
     def _take_tables(self, handler: IngressHandler, excluded: Sequence[str]) -> None:
         """The tables SMTP.__init__ would have built by searching this session and `handler`."""
@@ -335,7 +479,7 @@ class PostmuxSMTP(BlockDataSMTP):
             methods = _SessionMethods(cls)
             cls._methods = methods
         found = _HandlerHooks.of(handler)
-        self._smtp_methods = {command: getattr(self, name) for command, name in methods.commands}
+        self._smtp_methods = _Commands(self, methods.commands)  # type: ignore[assignment]  # aiosmtpd: a dict
         auth = {mechanism: _AuthMechAttr(getattr(self, name), True) for mechanism, name in methods.mechanisms}
         auth.update(found.auth_methods)
         for mechanism in excluded:
@@ -426,7 +570,7 @@ class PostmuxSMTP(BlockDataSMTP):
             assert self.transport is not None
             self.transport.close()
             return
-        await super()._handle_client()
+        await _COMMAND_LOOP(self)
 
     async def _take_proxy_header(self) -> bool:
         """The client's address from a trusted proxy's header (ingress/proxy.py), and its admission.
@@ -522,14 +666,30 @@ class PostmuxSMTP(BlockDataSMTP):
         self._count_refusal(reply)
         if self._held:
             whole, self._held = bytes(self._held) + self._encode(reply), bytearray()
-            await super().push(whole)
+            await self._write_reply(whole)
         else:
-            await super().push(reply)
+            await self._write_reply(self._encode(reply))
         if reply[:1] in ("4", "5") and not reply.startswith("421") and not self._overshoot(reply):
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that keeps failing is broken or probing.
                 self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    async def _write_reply(self, reply: bytes) -> None:
+        """aiosmtpd's SMTP.push once the reply is encoded: written with its CRLF, logged, drained.
+
+        Its DEBUG record only for a logger that keeps it (the call and its arguments, a reply at a time,
+        were 2% of an ingress worker's CPU at 1.5 KB, issue 12).
+        """
+        self._writer.write(reply + b"\r\n")
+        if _MAIL_LOG.isEnabledFor(logging.DEBUG):
+            assert self.session is not None
+            _MAIL_LOG.debug("%r << %r", self.session.peer, reply)
+        # StreamWriter.drain returns at once, without a turn of the loop, unless the transport's buffer is
+        # over its high-water mark (asyncio's FlowControlMixin sets _paused) or it is closing (drain then
+        # raises or waits for the close): only then is it called. -2.4% of a worker's instructions.
+        if self._paused or self._writer.transport.is_closing():  # type: ignore[attr-defined]
+            await self._writer.drain()
 
     def _encode(self, reply: str) -> bytes:
         return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # as aiosmtpd's push encodes
@@ -576,15 +736,14 @@ class PostmuxSMTP(BlockDataSMTP):
         if role is None or not arg:  # VRFY asks too; an empty path is aiosmtpd's syntax error
             parsed: tuple[str | None, str | None] = super()._getaddr(arg)
             return parsed
-        path_text, params = split_path(arg)
-        # aiosmtpd reads MAIL's parameters only after the path, so SMTPUTF8 is read from them here; a
-        # recipient goes by what the transaction's MAIL declared.
+        # aiosmtpd reads MAIL's parameters only after the path, so SMTPUTF8 is read from them (in
+        # _read_argument); a recipient goes by what the transaction's MAIL declared.
         assert self.envelope is not None
-        smtputf8 = declares_smtputf8(params) if role is Role.SENDER else bool(self.envelope.smtp_utf8)
-        path = read_path(path_text, role, smtputf8=smtputf8)
-        if isinstance(path, str):
-            raise SmtpRefusal(path)
-        return (path.mailbox.text if path.mailbox is not None else "<>"), params
+        recipient = role is Role.RECIPIENT
+        read = _read_argument(arg, recipient, recipient and bool(self.envelope.smtp_utf8))
+        if isinstance(read, str):
+            raise SmtpRefusal(read)
+        return read
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import operator
 import os
 import pickle
 import signal
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,33 @@ import structlog
 
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
+from postmux.heap import settle_heap
 from postmux.ingress.acceptor import AcceptRefused, Accepts
 from postmux.spool.base import SpoolError
 
 log = structlog.get_logger("postmux.workers")
 
-# A frame is a pickle of our own dataclasses, then raw octets (a message's text) that are not pickled: a
-# 100 KB text pickled and unpickled cost two more copies and a pass each side, for nothing.
+# A frame is a pickle of plain values, then raw octets (a message's text) that are not pickled: a 100 KB
+# text pickled and unpickled cost two more copies and a pass each side, for nothing.
 _HEADER = struct.Struct("!II")  # the pickle's length, then the raw octets' length
+
+# An envelope crosses as the tuple of its fields but `data` (which goes as the raw octets), in the order
+# Envelope takes them. Not the Envelope itself: pickling a slotted dataclass (copyreg, fields(), a setattr
+# a field) and the dataclasses.replace each side cost about 100 µs a message, the tuple 18 (issue 12).
+_FIELDS = tuple(f.name for f in fields(Envelope))
+assert _FIELDS[2] == "data", "envelope_values and envelope_of put the text third"
+_values_of = operator.attrgetter(*(_FIELDS[:2] + _FIELDS[3:]))
+
+
+def envelope_values(envelope: Envelope) -> tuple[Any, ...]:
+    """Every field of `envelope` but its text, for the main process to rebuild it (`envelope_of`)."""
+    values: tuple[Any, ...] = _values_of(envelope)
+    return values
+
+
+def envelope_of(values: tuple[Any, ...], data: bytes) -> Envelope:
+    """The envelope `envelope_values` gave `values` of, with its text."""
+    return Envelope(values[0], values[1], data, *values[2:])
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[Any, bytes]:
@@ -59,11 +79,14 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[Any, bytes]:
 
 
 def _send(writer: asyncio.StreamWriter, obj: Any, raw: bytes = b"") -> None:
-    """Write a frame: `obj` pickled, then `raw` as it is (two writes, so `raw` is not copied to be joined)."""
+    """Write a frame: `obj` pickled, then `raw` as it is, in one send (uvloop's writelines is one writev,
+    so `raw` is not copied to be joined)."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(payload), len(raw)) + payload)
+    head = _HEADER.pack(len(payload), len(raw)) + payload
     if raw:
-        writer.write(raw)
+        writer.writelines((head, raw))
+    else:
+        writer.write(head)
 
 
 def listening_socket(listen: str, backlog: int) -> socket.socket:
@@ -171,8 +194,8 @@ class IngressWorkers:
     ) -> None:
         try:
             while True:
-                (request_id, metadata), data = await _read_frame(reader)
-                self._spawn(self._accept(writer, request_id, replace(metadata, data=data)))
+                (request_id, values), data = await _read_frame(reader)
+                self._spawn(self._accept(writer, request_id, envelope_of(values, data)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         if self.socket is None:
@@ -242,28 +265,38 @@ class RemoteAcceptor:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[tuple[str, str, bool]]] = {}
+        self._waiting: dict[int, asyncio.Future[str]] = {}
         self.closed = asyncio.Event()
 
-    async def accept(self, envelope: Envelope) -> str:
+    def accept(self, envelope: Envelope) -> asyncio.Future[str]:
+        """The queue id the main process gives, in a future (Accepts.accept's awaitable).
+
+        A future, not a coroutine: the DATA hook shields what accept returns (a client that hangs up must
+        not cancel a store), and asyncio.shield makes a Task of a coroutine, but takes a future as it is.
+        """
         if self.closed.is_set():  # nothing was sent: a plain refusal is true
             if envelope.tail is not None:  # handed to accept, so no one else deletes it (postmux.body)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(envelope.tail.path)
             raise SpoolError("the spool process is gone")
         request_id = next(self._ids)
-        future: asyncio.Future[tuple[str, str, bool]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         # The envelope without its text, then the text as it is: rebuilt on the other side.
-        _send(self._writer, (request_id, replace(envelope, data=b"")), envelope.data)
-        kind, value, disk_full = await future
+        _send(self._writer, (request_id, envelope_values(envelope)), envelope.data)
+        return future
+
+    @staticmethod
+    def _settle(future: asyncio.Future[str], kind: str, value: str, disk_full: bool) -> None:
+        """The main process's verdict (IngressWorkers._accept) as the future's queue id or exception."""
         if kind == "ok":
-            return value
-        if kind == "spool":
-            raise SpoolError(value, disk_full=disk_full)
-        if kind == "refused":
-            raise AcceptRefused(value, value)
-        raise RuntimeError("the spool process could not accept the message")
+            future.set_result(value)
+        elif kind == "spool":
+            future.set_exception(SpoolError(value, disk_full=disk_full))
+        elif kind == "refused":
+            future.set_exception(AcceptRefused(value, value))
+        else:
+            future.set_exception(RuntimeError("the spool process could not accept the message"))
 
     async def read_replies(self) -> None:
         try:
@@ -271,7 +304,7 @@ class RemoteAcceptor:
                 (request_id, kind, value, disk_full), _ = await _read_frame(self._reader)
                 future = self._waiting.pop(request_id, None)
                 if future is not None and not future.done():
-                    future.set_result((kind, value, disk_full))
+                    self._settle(future, kind, value, disk_full)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         if self._waiting:
@@ -301,6 +334,7 @@ async def _run_worker(
     server = await start_smtp_server(
         settings, acceptor, sock=listener, spill_dir=spill_dir, return_domains=return_domains
     )
+    settle_heap()  # postmux/heap.py: a worker's full collection took 17 ms, a stall for every session
     _send(writer, "ready")
     if (await _read_frame(reader))[0] != "go":
         return
