@@ -413,7 +413,8 @@ class App:
            mail comes in; health checks stop;
         2. drain: attempts in flight finish, for up to `[shutdown] drain_timeout`;
         3. cancel: what is still running then is cancelled; its work stays leased in the spool and is
-           recovered at the next start;
+           recovered at the next start (a shared PostgreSQL spool gives it back to the other nodes when
+           it closes, step 5);
         4. flush: the warm-up counts are written, the members' idle connections get QUIT;
         5. close: the queue counter and the HTTP listener (which served /metrics and /healthz until
            here) stop, the event log is closed, and the spool last, which releases its lock.

@@ -22,6 +22,7 @@ from postmux.envelope import Envelope, new_message_id
 from postmux.scheduling.dispatcher import DispatchLimits
 from postmux.spool.base import SpoolBackend, SpoolError
 from postmux.spool.postgres import PostgresSpool
+from postmux.testing import delay
 from tests.support import StartUpstream, Upstream, make_settings, message, send_many, wait_until
 
 T = TypeVar("T")
@@ -61,13 +62,26 @@ def delivered_ids(up: Upstream) -> list[str]:
 
 
 async def held_by_a_node_that_died(dsn: str, owner: str, ids: list[str], ttl_s: float | None) -> None:
-    """Messages a node accepted and leased for delivery, then died with: stored leased, never settled."""
+    """Messages a node accepted and leased for delivery, then died with: stored leased, never settled.
+
+    A spool that closes gives its work back (PostgresSpool.close), which a node killed never does: the
+    leases are written back as the dead node left them."""
     spool = PostgresSpool(dsn, owner=owner, lease_ttl_s=ttl_s)
     await spool.open()
     for test_id in ids:
         env = Envelope("app@example.com", ("user@dest.test",), message(test_id))
         await spool.store(new_message_id(), env, {"user@dest.test": "default"}, time.time())
     await spool.close()
+    until = None if ttl_s is None else time.time() + ttl_s
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "UPDATE recipient SET state = 'leased', owner = $1, lease_until = $2 WHERE state = 'queued'",
+            owner,
+            until,
+        )
+    finally:
+        await conn.close()
 
 
 async def test_an_app_on_the_postgresql_spool_delivers_what_it_accepted_and_keeps_nothing(
@@ -134,6 +148,32 @@ async def test_two_nodes_take_over_a_dead_nodes_work_once_its_leases_run_out_eac
         left = await left_in_spool(a.spool)
     assert delivered_ids(up) == sorted(ids)  # every message, none twice
     assert 2.0 <= taken_over_after_s < 2.0 + 3.0  # within the lease time and a scan or two
+    assert left == 0
+
+
+async def test_a_node_stopped_gives_the_work_it_held_to_the_others_at_once_not_after_lease_ttl(
+    tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
+) -> None:
+    """A node stopped (to upgrade or remove it) with attempts in flight: cut off at its drain timeout, its
+    work goes back to the queue as its spool closes, and a node still running (woken by NOTIFY) delivers
+    it within seconds, where a killed node's would wait out lease_ttl (60 s here)."""
+    stuck = await upstream(behaviour=delay(30.0))
+    up = await upstream()
+    dsn = postgres_dsn
+    ids = [f"s{i}" for i in range(3)]
+    leaving = App(
+        node_settings(tmp_path / "leaving", stuck, dsn, "leaving", shutdown={"drain_timeout": "0.5s"})
+    )
+    staying = App(node_settings(tmp_path / "staying", up, dsn, "staying"))
+    async with running(staying):
+        async with running(leaving):
+            await send_many(leaving.smtp_port, ids)
+            await wait_until(lambda: stuck.active >= 1, timeout=10)  # in an attempt, not only in memory
+        stopped = time.time()
+        await wait_until(lambda: len(up.received) >= len(ids), timeout=10)
+        left = await left_in_spool(staying.spool)
+    assert delivered_ids(up) == sorted(ids)
+    assert max(r.at for r in up.received) - stopped < 5.0
     assert left == 0
 
 
