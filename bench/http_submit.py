@@ -27,8 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,7 +37,7 @@ from throughput import (
     cpu_seconds,
     delivery_results,
     ensure_tools,
-    machine,
+    finish_report,
     peak_rss_mb,
     pick_base_dir,
     received_total,
@@ -49,7 +48,6 @@ from throughput import (
     stop_process,
     wait_delivered,
     write_config,
-    write_json,
 )
 
 from postmux.passwords import hash_password
@@ -258,18 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in runs
         if r.received != r.messages or r.delivered != r.messages
     ]
-    for problem in problems:
-        print(f"WARNING: {problem}", file=sys.stderr)
-    payload: dict[str, object] = {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "options": asdict(opts),
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-        "problems": problems,
-    }
-    print(f"\nwrote {write_json(payload, 'http_submit')}")
-    return 1 if problems else 0
+    return finish_report(
+        "http_submit",
+        opts,
+        runs,
+        problems,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

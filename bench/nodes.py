@@ -50,8 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -61,7 +60,7 @@ from throughput import (
     BenchError,
     cpu_seconds,
     delivery_results,
-    machine,
+    finish_report,
     pick_base_dir,
     received_total,
     run_main,
@@ -70,7 +69,6 @@ from throughput import (
     source_command,
     stop_process,
     write_config,
-    write_json,
 )
 from vs_postfix import (
     Sink,
@@ -690,24 +688,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = print_tables(runs, opts.sizes)
     print(f"\nload average (1, 5, 15 min) at the start {loads['start']}, at the end {loads['end']}")
     problems = [p for r in runs for p in r.problems]
-    for problem in problems:
-        print(f"WARNING: {problem}", file=sys.stderr)
-    payload: dict[str, object] = {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "load_average": loads,
-        "filesystem": kind,
-        "postgresql": {row["name"]: row["setting"] for row in settings},
-        "options": asdict(opts),
-        "summary": summaries,
-        "runs": [
-            asdict(r) | {"accepted_msgs_per_s": r.accepted_rate, "end_to_end_msgs_per_s": r.end_to_end_rate}
-            for r in runs
-        ],
-        "problems": problems,
-    }
-    print(f"\nwrote {write_json(payload, 'nodes')}")
-    return 1 if problems else 0
+    return finish_report(
+        "nodes",
+        opts,
+        runs,
+        problems,
+        load_average=loads,
+        filesystem=kind,
+        postgresql={row["name"]: row["setting"] for row in settings},
+        summary=summaries,
+    )
 
 
 if __name__ == "__main__":

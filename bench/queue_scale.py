@@ -33,15 +33,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 
 from throughput import (
     BenchError,
     delivery_results,
     ensure_tools,
+    finish_report,
     inject,
-    machine,
     peak_rss_mb,
     pick_base_dir,
     run_main,
@@ -50,7 +49,6 @@ from throughput import (
     start_sinks,
     stop_process,
     write_config,
-    write_json,
 )
 from throughput import Options as ThroughputOptions
 
@@ -400,20 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = print_report(plans, runs)
     left = queued_count(full)
     problems = [] if left == opts.queued else [f"full spool has {left} queued, not {opts.queued}"]
-    for problem in problems:
-        print(f"WARNING: {problem}", file=sys.stderr)
-    payload: dict[str, object] = {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "filesystem": kind,
-        "options": asdict(opts),
-        "plans": plans,
-        "runs": [asdict(r) for r in runs],
-        "ratio_full_over_empty": ratio,
-        "problems": problems,
-    }
-    print(f"\nwrote {write_json(payload, 'queue-scale')}")
-    return 1 if problems else 0
+    return finish_report(
+        "queue-scale",
+        opts,
+        runs,
+        problems,
+        filesystem=kind,
+        plans=plans,
+        ratio_full_over_empty=ratio,
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 POSTMUX = REPO / ".venv" / "bin" / "postmux"
@@ -451,6 +451,35 @@ def write_json(payload: dict[str, object], name: str = "throughput") -> Path:
     return path
 
 
+def finish_report(name: str, opts: Any, runs: Sequence[Any], problems: list[str], **fields: object) -> int:
+    """Every bench's ending: its problems on stderr, its JSON written (the date, the machine, the options,
+    `fields`, the runs with their rates, the problems) and named, and its exit code (1 if any problem)."""
+    for problem in problems:
+        print(f"WARNING: {problem}", file=sys.stderr)
+    payload: dict[str, object] = {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "options": asdict(opts),
+        **fields,
+        "runs": [_run_record(r) for r in runs],
+        "problems": problems,
+    }
+    print(f"\nwrote {write_json(payload, name)}")
+    return 1 if problems else 0
+
+
+def _run_record(run: Any) -> dict[str, object]:
+    """A run as a JSON object, with its rates when it has them (properties, which asdict leaves out)."""
+    record: dict[str, object] = asdict(run)
+    for name, prop in (
+        ("accepted_msgs_per_s", "accepted_rate"),
+        ("end_to_end_msgs_per_s", "end_to_end_rate"),
+    ):
+        if hasattr(run, prop):
+            record[name] = getattr(run, prop)
+    return record
+
+
 # -- main ------------------------------------------------------------------------------------------------
 
 
@@ -516,23 +545,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = ratios(summary)
     print_table(summary, ratio, opts.repeat)
     problems = [p for r in runs for p in check_result(r)]
-    for problem in problems:
-        print(f"WARNING: {problem}", file=sys.stderr)
-    payload: dict[str, object] = {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "spool_filesystem": kind,
-        "options": asdict(opts),
-        "summary": summary,
-        "ratio_group_commit_over_no_group_commit": ratio,
-        "runs": [
-            asdict(r) | {"accepted_msgs_per_s": r.accepted_rate, "end_to_end_msgs_per_s": r.end_to_end_rate}
-            for r in runs
-        ],
-        "problems": problems,
-    }
-    print(f"\nwrote {write_json(payload)}")
-    return 1 if problems else 0
+    return finish_report(
+        "throughput",
+        opts,
+        runs,
+        problems,
+        spool_filesystem=kind,
+        summary=summary,
+        ratio_group_commit_over_no_group_commit=ratio,
+    )
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:

@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import aiosmtplib
@@ -46,9 +45,9 @@ from throughput import (
     delivery_results,
     ensure_tools,
     find_tool,
+    finish_report,
     free_port,
     install_postfix,
-    machine,
     peak_rss_mb,
     pick_base_dir,
     received_total,
@@ -59,7 +58,6 @@ from throughput import (
     stop_process,
     wait_for_port,
     write_config,
-    write_json,
 )
 
 from postmux.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN, generate_key
@@ -805,26 +803,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             signing.key_file.unlink(missing_ok=True)
     medians = print_tables(runs, opts.sizes)
     problems = [p for r in runs for p in r.problems]
-    for problem in problems:
-        print(f"WARNING: {problem}", file=sys.stderr)
-    payload: dict[str, object] = {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "filesystem": kind,
-        "postfix": subprocess.run(
+    return finish_report(
+        "vs-postfix",
+        opts,
+        runs,
+        problems,
+        filesystem=kind,
+        postfix=subprocess.run(
             ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout.strip(),
-        "options": asdict(opts),
-        "columns": [t for t, _, _ in COLUMNS],
-        "median_ratio_postmux_over_postfix": medians,
-        "runs": [
-            asdict(r) | {"accepted_msgs_per_s": r.accepted_rate, "end_to_end_msgs_per_s": r.end_to_end_rate}
-            for r in runs
-        ],
-        "problems": problems,
-    }
-    print(f"\nwrote {write_json(payload, 'vs-postfix')}")
-    return 1 if problems else 0
+        columns=[t for t, _, _ in COLUMNS],
+        median_ratio_postmux_over_postfix=medians,
+    )
 
 
 if __name__ == "__main__":
