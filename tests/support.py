@@ -83,6 +83,16 @@ def make_settings(tmp_path: Path, pools: list[dict[str, Any]], **sections: Any) 
     return settings_from_dict(data)
 
 
+async def zoned_node(
+    tmp_path: Path, upstream: StartUpstream, **sections: Any
+) -> tuple[Settings, dict[str, Upstream]]:
+    """node-a in zone a, round robin over a1 and a2 (zone a) and b1 (zone b), each a real upstream."""
+    ups = {n: await upstream(n) for n in ("a1", "a2", "b1")}
+    members = [{"name": n, "address": u.address, "zone": n[0]} for n, u in ups.items()]
+    pool = {"name": "default", "policy": "round_robin", "members": members}
+    return make_settings(tmp_path, [pool], node={"name": "node-a", "zone": "a"}, **sections), ups
+
+
 def message(
     test_id: str, sender: str = "app@example.com", to: str = "user@dest.test", size: int = 0
 ) -> bytes:

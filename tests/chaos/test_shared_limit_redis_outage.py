@@ -21,10 +21,8 @@ burst of 2 is 2 // 3, at least 1: three turns), and the restarted Redis has forg
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_crash import start_serve, tail, write_config
+from tests.e2e.test_crash import start_serve, stop_serves, tail, write_config
 from tests.redis_support import PrivateRedis, private_redis
 from tests.support import Upstream, free_port, read_events, send, wait_until
 
@@ -165,15 +163,7 @@ async def test_a_shared_600_per_minute_holds_within_5_percent_through_a_minute_w
         if loading is not None:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_serves(procs)
         await up.stop()
 
     phases = [sum(a <= r.at < b for r in up.received) for a, b in itertools.pairwise(marks)]

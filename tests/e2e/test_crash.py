@@ -219,6 +219,29 @@ async def start_serve(
         await asyncio.sleep(0.02)
 
 
+async def kill_left(procs: list[asyncio.subprocess.Process]) -> None:
+    """A test's end, whatever happened: each `postmux serve` still running is killed (-9) and reaped."""
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+async def stop_serves(procs: list[asyncio.subprocess.Process], timeout_s: float = 30.0) -> None:
+    """Stop each `postmux serve` as an operator would (SIGTERM, all at once), killing one that does not
+    end within `timeout_s`."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 def recovered_at_start(log_path: Path) -> int:
     """How many leased recipients the restarted process reclaimed, from its JSON log line."""
     for line in log_path.read_text(errors="replace").splitlines():
@@ -398,10 +421,6 @@ async def kill_9_and_start_again(
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for proc in procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await kill_left(procs)
         for u in upstreams:
             await u.stop()

@@ -9,14 +9,12 @@ event loop never do (a turn taken between one node's asking and its starting is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_crash import start_serve, tail, write_config
+from tests.e2e.test_crash import start_serve, stop_serves, tail, write_config
 from tests.redis_support import REDIS_URL, redis_prefix
 from tests.support import Upstream, free_port, send_many
 
@@ -56,15 +54,7 @@ async def test_three_serve_processes_hold_a_shared_600_per_minute_within_5_perce
         sent = sum(start <= r.at < end for r in up.received)
         by_node = [sum(r.test_id.startswith(f"n{i}-") for r in up.received) for i in range(3)]
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_serves(procs)
         await up.stop()
     expected = 10.0 * (end - start) + 2
     span = end - start

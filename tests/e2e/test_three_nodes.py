@@ -19,7 +19,6 @@ at an upstream, it is killed with -9. Then:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
@@ -34,7 +33,7 @@ import asyncpg
 import pytest
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from tests.e2e.test_crash import Traffic, build_message, start_serve, tail, write_config
+from tests.e2e.test_crash import Traffic, build_message, kill_left, start_serve, tail, write_config
 from tests.redis_support import REDIS_URL, redis_client, redis_prefix
 from tests.support import Behaviour, Received, Upstream, free_port, wait_until
 
@@ -277,11 +276,7 @@ async def test_three_nodes_on_postgresql_and_redis_one_killed_mid_load_nothing_a
         if loading is not None:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
-        for proc in procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await kill_left(procs)
         for u in upstreams:
             await u.stop()
 

@@ -29,7 +29,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from tests.e2e.test_crash import start_serve, tail, write_config
+from tests.e2e.test_crash import kill_left, start_serve, tail, write_config
 from tests.support import Upstream, accept, fail_ratio, free_port, wait_until
 from tests.webhook_receiver import FAIL, STALL, Receiver, flaky
 
@@ -233,11 +233,7 @@ async def test_webhooks_survive_two_kill_9_with_a_flaky_receiver(tmp_path: Path,
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for proc in procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await kill_left(procs)
         for u in upstreams:
             await u.stop()
         await receiver.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from postmux.app import App
-from tests.support import StartUpstream, make_settings, send, wait_until
+from tests.support import StartUpstream, make_settings, send, wait_until, zoned_node
 
 TOKEN = "dashboard-http-token-000"
 
@@ -89,12 +89,7 @@ async def test_no_admin_token_no_dashboard(tmp_path: Path, upstream: StartUpstre
 async def test_the_snapshot_carries_the_nodes_zone_each_members_and_each_pools_zones(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    ups = {n: await upstream(n) for n in ("a1", "a2", "b1")}
-    members = [{"name": n, "address": u.address, "zone": n[0]} for n, u in ups.items()]
-    pool = {"name": "default", "policy": "round_robin", "members": members}
-    settings = make_settings(
-        tmp_path, [pool], http={"admin_token": TOKEN}, node={"name": "node-a", "zone": "a"}
-    )
+    settings, ups = await zoned_node(tmp_path, upstream, http={"admin_token": TOKEN})
     async with App(settings) as app, httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as web:
         for i in range(4):
             await send(app.smtp_port, f"z{i}")

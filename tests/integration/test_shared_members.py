@@ -21,7 +21,15 @@ from postmux.node import instance_id
 from postmux.scheduling.redis_health import RedisHealthVerdicts
 from postmux.scheduling.redis_throttles import RedisThrottles
 from tests.redis_support import REDIS_URL, PrivateRedis, private_redis, redis_prefix
-from tests.support import StartUpstream, free_port, make_settings, read_events, send_many, wait_until
+from tests.support import (
+    StartUpstream,
+    Upstream,
+    free_port,
+    make_settings,
+    read_events,
+    send_many,
+    wait_until,
+)
 
 __all__ = ["private_redis", "redis_prefix"]  # fixtures, used by name
 
@@ -154,18 +162,24 @@ def checked(interval_s: float = 0.2) -> dict[str, Any]:
     }
 
 
+def split(tmp_path: Path, a: Upstream, b: Upstream, prefix: str, broken_on: tuple[str, ...]) -> list[Any]:
+    """Three checked nodes n1-n3 with members a and b, where the nodes `broken_on` cannot reach a (their
+    path to it is broken: a closed port stands for it)."""
+    reachable = [{"name": "a", "address": a.address}, {"name": "b", "address": b.address}]
+    broken = [{"name": "a", "address": f"127.0.0.1:{free_port()}"}, {"name": "b", "address": b.address}]
+    return [
+        node_settings(
+            tmp_path / n, n, broken if n in broken_on else reachable, REDIS_URL, prefix, **checked()
+        )
+        for n in ("n1", "n2", "n3")
+    ]
+
+
 async def test_a_member_most_nodes_find_down_is_out_on_every_node_even_where_its_own_checks_pass(
     tmp_path: Path, upstream: StartUpstream, redis_prefix: str
 ) -> None:
     a, b = await upstream("a"), await upstream("b")
-    reachable = [{"name": "a", "address": a.address}, {"name": "b", "address": b.address}]
-    # Nodes 2 and 3 cannot reach member a (their path to it is broken: a closed port stands for it).
-    broken = [{"name": "a", "address": f"127.0.0.1:{free_port()}"}, {"name": "b", "address": b.address}]
-    settings = [
-        node_settings(tmp_path / "n1", "n1", reachable, REDIS_URL, redis_prefix, **checked()),
-        node_settings(tmp_path / "n2", "n2", broken, REDIS_URL, redis_prefix, **checked()),
-        node_settings(tmp_path / "n3", "n3", broken, REDIS_URL, redis_prefix, **checked()),
-    ]
+    settings = split(tmp_path, a, b, redis_prefix, broken_on=("n2", "n3"))
     async with nodes(settings) as apps:
         seen = watch(apps[0])
         member = apps[0].pools["default"].member("a")
@@ -190,13 +204,7 @@ async def test_one_nodes_broken_path_takes_the_member_out_on_that_node_only(
     tmp_path: Path, upstream: StartUpstream, redis_prefix: str
 ) -> None:
     a, b = await upstream("a"), await upstream("b")
-    reachable = [{"name": "a", "address": a.address}, {"name": "b", "address": b.address}]
-    broken = [{"name": "a", "address": f"127.0.0.1:{free_port()}"}, {"name": "b", "address": b.address}]
-    settings = [
-        node_settings(tmp_path / "n1", "n1", reachable, REDIS_URL, redis_prefix, **checked()),
-        node_settings(tmp_path / "n2", "n2", reachable, REDIS_URL, redis_prefix, **checked()),
-        node_settings(tmp_path / "n3", "n3", broken, REDIS_URL, redis_prefix, **checked()),
-    ]
+    settings = split(tmp_path, a, b, redis_prefix, broken_on=("n3",))
     async with nodes(settings) as apps:
         members = [app.pools["default"].member("a") for app in apps]
         await wait_until(

@@ -14,7 +14,7 @@ from postmux.admin import top
 from postmux.app import App
 from postmux.cli import app as cli
 from tests.integration.test_control import TOKEN
-from tests.support import StartUpstream, make_settings, send_many, wait_until
+from tests.support import StartUpstream, make_settings, send_many, wait_until, zoned_node
 
 
 async def test_top_once_prints_members_redundancy_throughput_and_queue(
@@ -52,12 +52,7 @@ async def test_top_once_prints_members_redundancy_throughput_and_queue(
 async def test_top_shows_the_nodes_zone_each_members_and_where_the_picks_go(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    ups = {n: await upstream(n) for n in ("a1", "a2", "b1")}
-    members = [{"name": n, "address": u.address, "zone": n[0]} for n, u in ups.items()]
-    pool = {"name": "default", "policy": "round_robin", "members": members}
-    settings = make_settings(
-        tmp_path, [pool], http={"admin_token": TOKEN}, node={"name": "node-a", "zone": "a"}
-    )
+    settings, ups = await zoned_node(tmp_path, upstream, http={"admin_token": TOKEN})
     args = ["top", "--once", "--url", "", "--token", TOKEN]
     async with App(settings) as app:
         args[3] = f"http://127.0.0.1:{app.http_port}"

@@ -13,10 +13,11 @@ and `open` takes back every lease a process that died left behind.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from postmux.envelope import Envelope
 from postmux.spool.operations import (
@@ -462,3 +463,21 @@ class SuppressionStore(Protocol):
 
 class SpoolBackend(Spool, QueueOperations, WebhookOutbox, SuppressionStore, Protocol):
     """What a spool implementation provides (SqliteSpool; a PostgreSQL spool next)."""
+
+
+# A caller's request, answered: its future, and the value or the error it gets.
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def settle_futures(outcomes: Sequence[Outcome]) -> None:
+    """On the callers' loop: each future gets its result or error, unless its caller gave up meanwhile.
+
+    Both spools' writers answer a batch at once through this (SQLite's from its thread, by one
+    call_soon_threadsafe a loop; PostgreSQL's from its task)."""
+    for fut, value, err in outcomes:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(err)

@@ -57,6 +57,7 @@ from postmux.spool.base import (
     OutboxBacklog,
     OutboxEntry,
     OutboxRow,
+    Outcome,
     QueuePage,
     RecipientState,
     Selector,
@@ -64,6 +65,7 @@ from postmux.spool.base import (
     SpoolError,
     Stored,
     Suppression,
+    settle_futures,
 )
 from postmux.spool.postgres_schema import SchemaError, prepare
 from postmux.spool.sqlite_schema import decode_labels, encode_labels
@@ -115,7 +117,7 @@ class _Retry(Exception):
 
 @dataclass(slots=True)
 class _Batch:
-    results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(default_factory=list)
+    results: list[Outcome] = field(default_factory=list)
 
 
 class PostgresSpool:
@@ -323,13 +325,7 @@ class PostgresSpool:
                 if not r.future.done():
                     r.future.set_exception(e)
             return
-        for fut, value, err in done.results:
-            if fut.done():
-                continue
-            if err is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(err)
+        settle_futures(done.results)
 
     def _link_broken(self, e: BaseException) -> bool:
         return isinstance(e, _LINK_ERRORS) or self._writer is None or self._writer.is_closed()

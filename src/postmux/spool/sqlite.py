@@ -44,6 +44,7 @@ from postmux.spool.base import (
     OutboxBacklog,
     OutboxEntry,
     OutboxRow,
+    Outcome,
     QueuePage,
     RecipientState,
     Selector,
@@ -51,6 +52,7 @@ from postmux.spool.base import (
     SpoolError,
     Stored,
     Suppression,
+    settle_futures,
 )
 from postmux.spool.bodies import HOLD_MAX, INLINE_MAX, BodyStore
 from postmux.spool.lock import SpoolLock
@@ -79,7 +81,6 @@ WAL_BACKSTOP_PAGES = 16_384
 # (`_answer`), where it is set. concurrent.futures' Future and asyncio.wrap_future cost 30 µs of the event
 # loop's time a request (a Condition, a lock, two chained callbacks, a wake-up each); this costs 9.
 _Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
-_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 _STOP = object()
 
 
@@ -217,7 +218,7 @@ class SqliteSpool:
                 conn.close()
                 return
 
-    def _commit_safely(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
+    def _commit_safely(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[Outcome]:
         """The one writer must outlive any surprise: a batch that breaks fails its callers, the next runs."""
         try:
             return self._commit_batch(conn, batch)
@@ -226,7 +227,7 @@ class SqliteSpool:
 
     def _refuse_late_jobs(self) -> None:
         """Requests queued behind the stop get a clear error instead of waiting forever."""
-        late: list[_Outcome] = []
+        late: list[Outcome] = []
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -236,8 +237,8 @@ class SqliteSpool:
                 late.append((job[1], None, SpoolError("spool is closing")))  # type: ignore[index]
         _answer(late)
 
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
-        results: list[_Outcome] = []
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[Outcome]:
+        results: list[Outcome] = []
         bodies = self.bodies
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -479,26 +480,15 @@ class SqliteSpool:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _answer(outcomes: list[_Outcome]) -> None:
+def _answer(outcomes: list[Outcome]) -> None:
     """From the writer thread: hand a batch's outcomes to their callers' event loop, one wake-up for all
     (almost always one loop; a loop already closed has no caller left to tell)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
     for outcome in outcomes:
         by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
     for loop, theirs in by_loop.items():
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_futures, theirs)
-
-
-def _settle_futures(outcomes: list[_Outcome]) -> None:
-    """On the callers' loop: each future gets its result or error, unless its caller gave up meanwhile."""
-    for fut, value, err in outcomes:
-        if fut.done():
-            continue
-        if err is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(err)
+            loop.call_soon_threadsafe(settle_futures, theirs)
 
 
 def _is_disk_full(e: sqlite3.Error) -> bool:
