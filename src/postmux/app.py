@@ -413,8 +413,8 @@ class App:
            mail comes in; health checks stop;
         2. drain: attempts in flight finish, for up to `[shutdown] drain_timeout`;
         3. cancel: what is still running then is cancelled; its work stays leased in the spool and is
-           recovered at the next start (a shared PostgreSQL spool gives it back to the other nodes when
-           it closes, step 5);
+           recovered at the next start (a shared PostgreSQL spool gives it back to the other nodes
+           before it closes, step 5);
         4. flush: the warm-up counts are written, the members' idle connections get QUIT;
         5. close: the queue counter and the HTTP listener (which served /metrics and /healthz until
            here) stop, the event log is closed, and the spool last, which releases its lock.
@@ -447,6 +447,14 @@ class App:
             log.info(event, **fields)
 
     async def _close_spool(self) -> None:
+        if self._spool_opened:
+            try:
+                given = await self.spool.give_back()
+            except SpoolError as e:  # closing goes on: the leases then run out instead
+                log.warning("shutdown: work not given back; its leases run out", error=str(e))
+            else:
+                if given:
+                    self._say("shutdown: work given back to the other nodes", recipients=given)
         await self.spool.close()
         if self._spool_opened:
             self._spool_opened = False

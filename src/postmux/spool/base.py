@@ -286,6 +286,16 @@ class Spool(Protocol):
         """
         ...
 
+    async def give_back(self) -> int:
+        """Before a clean stop: the work this owner still holds goes back to the queue for other owners.
+
+        Called once the owner's attempts have ended, before `close`. A shared spool (PostgreSQL) queues
+        it again and wakes the other nodes, which would otherwise wait `lease_ttl_s` for it; SQLite, one
+        process's, keeps it leased for its own next `open` and returns 0. Returns how many recipients
+        went back. Cost: one round trip, one write per lease held.
+        """
+        ...
+
     async def renew(self, now: float) -> int:
         """Extend every lease this owner holds to now + lease_ttl_s: the owner's heartbeat.
 

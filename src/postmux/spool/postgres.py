@@ -199,30 +199,12 @@ class PostgresSpool:
             relisten.cancel()
             await asyncio.gather(relisten, return_exceptions=True)
         if self._task is not None:
-            await self._give_back()
             self._closing = True
             self._jobs.put_nowait(None)
             with contextlib.suppress(Exception):
                 await self._task
             self._task = None
         await self._disconnect()
-
-    async def _give_back(self) -> None:
-        """The work this node still holds goes back to the queue, and the other nodes are woken for it.
-
-        By now the node's attempts have ended (the App closes the spool last): what it still holds was in
-        memory, or in an attempt cut off at the drain timeout. Left leased, the others would take it over
-        only once `lease_ttl` ran out; a node stopped to be upgraded or removed would hold its share of the
-        queue back for that long. An attempt cut off after its text went may so be sent twice, as after a
-        crash, or as this node would have sent it again at its next start.
-        """
-        try:
-            given = await self._call(_recover_for(self._owner), wakes=True)
-        except Exception as e:  # closing must go on: the leases then run out instead
-            log.warning("spool: leases not given back at close; they run out", error=str(e))
-            return
-        if given:
-            log.info("spool: work given back to the other nodes at close", recipients=given)
 
     async def _listen(self) -> None:
         listener = await asyncpg.connect(self.dsn)
@@ -454,6 +436,13 @@ class PostgresSpool:
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
         return await self._call(lambda c: _lease_due(c, now, limit, taken))
+
+    async def give_back(self) -> int:
+        # A node stopped to be upgraded or removed would otherwise hold its share of the queue back for
+        # lease_ttl_s. What it still holds was in memory, or in an attempt cut off at the drain timeout:
+        # the latter may be sent twice, as after a crash, or as this node would send it after a restart.
+        given: int = await self._call(_recover_for(self._owner), wakes=True)
+        return given
 
     async def renew(self, now: float) -> int:
         taken = self._lease(now)

@@ -394,6 +394,9 @@ class SqliteSpool:
         taken = self._lease(now)
         return await self._call(lambda c: _lease_due(c, self.bodies, now, limit, taken))
 
+    async def give_back(self) -> int:
+        return 0  # nobody else can take it: the next open recovers it (see the protocol)
+
     async def renew(self, now: float) -> int:
         taken = self._lease(now)
         if taken.until is None:
