@@ -72,6 +72,38 @@ async def held_by_a_node_that_died(dsn: str, owner: str, ids: list[str], ttl_s: 
     await spool.close()
 
 
+async def test_an_app_on_the_postgresql_spool_delivers_what_it_accepted_and_keeps_nothing(
+    tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
+) -> None:
+    up = await upstream()
+    dsn = postgres_dsn
+    app = App(node_settings(tmp_path / "n1", up, dsn, "n1"))
+    ids = [f"m{i}" for i in range(30)]
+    async with running(app):
+        await send_many(app.smtp_port, ids)
+        await wait_until(lambda: len(up.received) >= len(ids), timeout=20)
+        left = await left_in_spool(app.spool)
+    assert delivered_ids(up) == sorted(ids)
+    assert left == 0  # delivered and removed: nothing left in the database
+
+
+async def test_a_text_ingress_spilled_to_a_file_is_kept_whole_in_the_database_and_the_file_goes(
+    tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
+) -> None:
+    up = await upstream()
+    # 64 octets in memory: the rest of each text goes to a file in the node's spill directory.
+    app = App(node_settings(tmp_path / "n1", up, postgres_dsn, "n1", smtp={"spill_bytes": 64}))
+    ids = [f"s{i}" for i in range(3)]
+    async with running(app):
+        await send_many(app.smtp_port, ids)
+        await wait_until(lambda: len(up.received) >= len(ids), timeout=10)
+        spilled = list(app.spool.spill_dir.iterdir())
+    assert delivered_ids(up) == sorted(ids)
+    assert [r.data.count(b"X-Test-Id") for r in up.received] == [1, 1, 1]
+    assert all(r.data.endswith(b"hello\r\n") for r in up.received)  # the tail came back, whole
+    assert spilled == []  # read into the row at store; no text stays on this node's disk
+
+
 async def test_a_node_restarted_under_its_node_id_delivers_the_work_it_held_at_once(
     tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
 ) -> None:
