@@ -149,6 +149,7 @@ async def test_a_shared_600_per_minute_holds_within_5_percent_through_a_minute_w
             assert time.monotonic() < deadline, await backends(http_ports)
             await asyncio.sleep(0.2)
         await asyncio.sleep(marks[1] + DOWN_S - time.time())
+        restarting = time.time()  # start() returns once Redis answers: a node may be back before that
         private_redis.start()
         marks.append(time.time())
         deadline = time.monotonic() + 15
@@ -177,7 +178,7 @@ async def test_a_shared_600_per_minute_holds_within_5_percent_through_a_minute_w
         ]
         for i in range(NODES)
     ]
-    rejoined_after_s = [max(e["timestamp"] for e in node) - marks[2] for node in changes if node]
+    rejoined_after_s = [max(e["timestamp"] for e in node) - restarting for node in changes if node]
     print(
         f"\nshared 600/min through a Redis outage, phases up/down/back of"
         f" {[round(span, 1) for span in spans]} s: {phases} sent,"
@@ -194,6 +195,8 @@ async def test_a_shared_600_per_minute_holds_within_5_percent_through_a_minute_w
         assert [e["tags"]["state"] for e in node] == ["fallback", "redis"], (i, node, tail(logs[i]))
         assert node[0]["tags"]["live_nodes"] == "3" and "ConnectionError" in node[0]["tags"]["reason"]
         assert marks[1] <= node[0]["timestamp"] < marks[1] + 2.0, node[0]["timestamp"] - marks[1]
-        assert marks[2] <= node[1]["timestamp"] < marks[2] + REJOIN_WITHIN_S, node[1]["timestamp"] - marks[2]
+        assert restarting <= node[1]["timestamp"] < marks[2] + REJOIN_WITHIN_S, (
+            node[1]["timestamp"] - restarting
+        )
         log = logs[i].read_text(errors="replace")
         assert "throttles fell back to this node's share" in log and "throttles rejoined" in log
