@@ -34,6 +34,7 @@ import httpx
 from throughput import (
     SINK_COUNT,
     BenchError,
+    Timed,
     cpu_seconds,
     delivery_results,
     ensure_tools,
@@ -67,7 +68,7 @@ class Options:
 
 
 @dataclass
-class Run:
+class Run(Timed):
     mode: str
     messages: int
     accepted_s: float
@@ -77,14 +78,6 @@ class Run:
     received: int
     delivered: int
     load_before: float
-
-    @property
-    def accepted_rate(self) -> float:
-        return self.messages / self.accepted_s
-
-    @property
-    def end_to_end_rate(self) -> float:
-        return self.messages / self.end_to_end_s
 
 
 def raw_message(size: int) -> str:

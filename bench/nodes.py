@@ -58,6 +58,7 @@ import asyncpg
 import redis
 from throughput import (
     BenchError,
+    Timed,
     cpu_seconds,
     delivery_results,
     finish_report,
@@ -129,7 +130,7 @@ class Options:
 
 
 @dataclass
-class Run:
+class Run(Timed):
     setup: str
     nodes: int
     size: int
@@ -152,14 +153,6 @@ class Run:
     load_before: float
     throttle_fallbacks: int  # times a node's Redis call timed out and it went on with its share of limits
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def accepted_rate(self) -> float:
-        return self.messages / self.accepted_s
-
-    @property
-    def end_to_end_rate(self) -> float:
-        return self.messages / self.end_to_end_s
 
     def per_message_ms(self, seconds: float) -> float:
         return 1000 * seconds / self.messages

@@ -56,8 +56,25 @@ class BenchError(Exception):
     """The benchmark could not complete a run; the message says what was seen."""
 
 
+class Timed:
+    """A run's rates: its messages over the time to accept them and over the time to deliver them (the
+    mixin of every bench's run: annotations only, so a dataclass keeps its own fields and their order)."""
+
+    messages: int
+    accepted_s: float
+    end_to_end_s: float
+
+    @property
+    def accepted_rate(self) -> float:
+        return self.messages / self.accepted_s
+
+    @property
+    def end_to_end_rate(self) -> float:
+        return self.messages / self.end_to_end_s
+
+
 @dataclass
-class RunResult:
+class RunResult(Timed):
     mode: str
     messages: int
     accepted_s: float
@@ -68,14 +85,6 @@ class RunResult:
     received: int
     delivered: int
     other_results: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def accepted_rate(self) -> float:
-        return self.messages / self.accepted_s
-
-    @property
-    def end_to_end_rate(self) -> float:
-        return self.messages / self.end_to_end_s
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import aiosmtplib
 import dkim
 from throughput import (
     BenchError,
+    Timed,
     apt_install,
     cpu_seconds,
     delivery_results,
@@ -86,7 +87,7 @@ class Options:
 
 
 @dataclass
-class Run:
+class Run(Timed):
     system: str
     size: int
     pair: int
@@ -101,14 +102,6 @@ class Run:
     cpu_ms_per_msg: float
     load_before: float
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def accepted_rate(self) -> float:
-        return self.messages / self.accepted_s
-
-    @property
-    def end_to_end_rate(self) -> float:
-        return self.messages / self.end_to_end_s
 
 
 # -- sinks that count ------------------------------------------------------------------------------------
