@@ -82,6 +82,8 @@ from vs_postfix import (
     wait_sinks,
 )
 
+from postmux.testing import delete_prefix
+
 SERVER_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SETTLE_S = 1.0  # after the nodes are up, before the measurement starts: their start-up work is done
@@ -202,9 +204,7 @@ def redis_prefix(url: str) -> Iterator[str]:
     finally:
         client = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=10.0)
         try:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
+            delete_prefix(client, prefix)
         finally:
             client.close()
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from postmux.testing import delete_prefix
+
 REDIS_URL = os.environ.get("POSTMUX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -31,9 +33,7 @@ def redis_prefix() -> Iterator[str]:
     yield prefix
     client = redis_client()
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_prefix(client, prefix)
     finally:
         client.close()
 

@@ -31,6 +31,7 @@ from email.parser import BytesHeaderParser
 from types import TracebackType
 from typing import Any
 
+import redis
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
@@ -421,3 +422,11 @@ class Upstream:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under `prefix`: how tests and benches that share one Redis leave it,
+    each with a prefix of its own, so nothing of anyone else's is touched."""
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
