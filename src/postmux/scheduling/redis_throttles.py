@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import socket
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -57,6 +56,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from postmux.config import ThrottlesSettings
+from postmux.node import instance_id
 from postmux.scheduling.throttles import (
     ALLOWED,
     Allowed,
@@ -231,11 +231,6 @@ class BackendChange:
     live_nodes: int
 
 
-def node_id() -> str:
-    """This node's name in the heartbeat set: host, process and a random part (several Apps in a process)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-
-
 class RedisThrottles:
     """Throttles in Redis, shared by every node that uses the same server and prefix.
 
@@ -259,7 +254,8 @@ class RedisThrottles:
     ) -> None:
         self.client = client
         self.prefix = prefix
-        self.node = node or node_id()
+        # This process in the heartbeat set (postmux/node.py): the App gives its [node] name's instance.
+        self.node = node or instance_id(socket.gethostname())
         self.heartbeat_s, self.node_ttl_s, self.retry_s = heartbeat_s, node_ttl_s, retry_s
         self._caller_clock = clock == "caller"
         self._on_change = on_change or (lambda change: None)
