@@ -176,16 +176,6 @@ class _GuardedReader(asyncio.StreamReader):
                 await self.read(e.consumed)
 
 
-class _NothingToFind:
-    """The handler SMTP.__init__ is given to search: it finds no hook and no AUTH mechanism on it."""
-
-    def __dir__(self) -> list[str]:
-        return []
-
-
-_NOTHING_TO_FIND = _NothingToFind()
-
-
 def _mechanism_name(name: str, method: Any) -> str:
     """An auth_* method's AUTH mechanism, as aiosmtpd names it: auth_CRAM__MD5 is CRAM-MD5."""
     return str(getattr(method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")))
@@ -348,17 +338,12 @@ class PostmuxSMTP(BlockDataSMTP):
     # methods with inspect.getmembers(self) and dir(self), the handler's hooks and AUTH mechanisms with
     # inspect.getmembers, dir() and the signature of handle_EHLO: 11% of postmux's serial CPU with one message
     # a connection (bench/README.md, profile_hotpath), a fifth of an ingress worker's at 1.5 KB (issue 12).
-    # What it finds is the same for every session of a class and handler. So it finds nothing (the session's
-    # dir() is empty while it runs, the handler it is given has nothing on it), and the tables are built
-    # after from names listed once per class (_SessionMethods) and hooks found once per handler
-    # (_HandlerHooks): the tables aiosmtpd would build (tests/unit/test_ingress_session.py). False: aiosmtpd
-    # searches, as it does by itself.
+    # What it finds is the same for every session of a class and handler. So a session is set up with what
+    # SMTP.__init__ sets (_set_up), its tables built from names listed once per class (_SessionMethods) and
+    # hooks found once per handler (_HandlerHooks): what aiosmtpd would build and set
+    # (tests/unit/test_ingress_session.py). False: SMTP.__init__ runs and searches, as it does by itself.
     _tables_found_once = True
-    _searchable = False  # dir(self) lists the object's attributes (once SMTP.__init__ is done)
     _methods: ClassVar[_SessionMethods]  # in each class's own __dict__, once its first session is made
-
-    def __dir__(self) -> list[str]:
-        return list(super().__dir__()) if self._searchable or not self._tables_found_once else []
 
     def __init__(
         self,
@@ -394,10 +379,9 @@ class PostmuxSMTP(BlockDataSMTP):
         excluded = () if settings.users else ("PLAIN", "LOGIN")
         if self._tables_found_once:
             self._set_up(handler, settings, tls_context, excluded)
-            self._searchable = True
             return
         super().__init__(
-            _NOTHING_TO_FIND if self._tables_found_once else handler,
+            handler,
             hostname=settings.hostname,
             ident="postmux",
             data_size_limit=settings.max_message_size,
@@ -413,7 +397,6 @@ class PostmuxSMTP(BlockDataSMTP):
             # aiosmtpd looks for a loop with asyncio.get_event_loop under catch_warnings, 2 µs a session.
             loop=asyncio.get_running_loop(),
         )
-        self._searchable = True
 
     def _set_up(
         self,
