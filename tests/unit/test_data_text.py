@@ -317,6 +317,15 @@ def test_folding_a_long_line_across_blocks_keeps_its_dots() -> None:
     assert text.content == b".dot-stuffed\r\n" + fold_long_lines(line + b"\r\n")
 
 
+def test_a_dot_line_is_found_behind_any_number_of_dots_inside_lines() -> None:
+    # Dots inside lines are hopped over one by one up to _DOT_HOPS, then searched past: both find the line.
+    for inside in (0, 1, 7, 8, 9, 40):
+        head = b"Message-Id: <" + b"1." * inside + b"x@vm>\r\n\r\n"
+        stream = head + b"body\r\n..stuffed\r\n.\r\nQUIT\r\n"
+        expected = head + b"body\r\n.stuffed\r\n"
+        assert read_blocks(stream, [], None) == (len(stream) - 6, None, expected)
+
+
 def test_too_much_data_is_refused_and_thrown_away() -> None:
     text = DataText(100, LINE_LIMIT)
     assert text.feed(b"z" * 98 + b"\r\n") == 100 and text.refusal is None
