@@ -4,8 +4,9 @@
 
 A message is fed to a DataText in 64 KiB blocks, as BlockDataSMTP reads it, and its text taken, the best of
 --repeat rounds of --number messages. Messages: 1.5 KB and 50 KB of 76-octet lines (no long line), 50 KB
-with one 5,000-octet HTML line, and 50 KB on one line. Readers: `refuse` ([smtp] long_lines = "refuse"),
-`fold` (the default), and with --baseline the DataText of another checkout (before folding existed).
+with one 5,000-octet HTML line, 50 KB on one line, and 100 KB of smtp-source's 80-octet lines (the load of
+bench/vs_postfix). Readers: `refuse` ([smtp] long_lines = "refuse"), `fold` (the default), and with
+--baseline the DataText of another checkout.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from postmux.ingress.data import BLOCK, DataText
 
 LINE = b"x" * 74 + b"\r\n"
 HEAD = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: bench\r\n\r\n"
+# What smtp-source sends (bench/vs_postfix's load): dots in the header's addresses and Message-Id, none after.
+SOURCE_HEAD = b"From: <bench@example.com>\r\nTo: <user@dest.test>\r\nMessage-Id: <2515.0003.0000@vm>\r\n\r\n"
 
 
 def messages() -> dict[str, bytes]:
@@ -31,6 +34,8 @@ def messages() -> dict[str, bytes]:
         "50 KB, short lines": HEAD + LINE * 657,
         "50 KB, one 5 KB line": HEAD + LINE * 591 + html,
         "50 KB on one line": HEAD + b"y " * 25_000 + b"\r\n",
+        "100 KB, smtp-source's shape": SOURCE_HEAD
+        + b"".join(b"%dX" % (i % 10) + b"X" * 77 + b"\r\n" for i in range(1264)),
     }
 
 
