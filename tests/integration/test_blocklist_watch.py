@@ -130,3 +130,26 @@ async def test_a_reply_naming_a_blocklist_suspends_that_member_for_that_destinat
         assert tried_a <= 1  # the first refusal suspended relay-a for dest.test at once
     change = next(e for e in read_events(events) if e["type"] == "ShapingChanged")
     assert change["member"] == "relay-a" and "suspended for 3600s" in change["response"]["text"]
+
+
+async def test_mail_refused_for_the_sending_ips_listing_is_delivered_by_another_member_without_a_dsn(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    async def blocked(_up: Any, _envelope: Any) -> str:
+        return "554 5.7.1 Service unavailable; Client host [192.0.2.10] blocked using zen.spamhaus.org"
+
+    a, b = await upstream("relay-a", behaviour=blocked), await upstream("relay-b")
+    # No suspension: every message that relay-a is given is refused there, and must move on.
+    settings = make_settings(tmp_path, [relays(a.address, b.address)], blocklists={"reply_suspend": "0s"})
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send_many(app.smtp_port, [f"m{i}" for i in range(6)])
+        await wait_until(lambda: len(b.received) == 6)
+        await asyncio.sleep(0.2)  # a bounce, had there been one, would be written by now
+    seen = read_events(events)
+    refused = [e for e in seen if e["type"] == "TransientFailure"]
+    assert refused and a.data_commands == len(refused)  # round robin gave relay-a some of the six
+    assert all(e["member"] == "relay-a" and e["response"]["code"] == 554 for e in refused)
+    assert {e["bounce_class"] for e in refused} == {"SpamBlock"}
+    assert sorted(e["member"] for e in seen if e["type"] == "Delivery") == ["relay-b"] * 6
+    assert not [e for e in seen if e["type"] == "Bounce"]  # nothing bounced, so no DSN went out

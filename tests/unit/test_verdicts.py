@@ -10,10 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from postmux.attempt import AttemptOutcome, Breakoff
 from postmux.balancing.pool import Pool
 from postmux.body import BodyFile
-from postmux.config import Settings, settings_from_dict
+from postmux.config import ConfigError, Settings, settings_from_dict
 from postmux.events.types import EventType
 from postmux.reply import Reply
 from postmux.scheduling import verdicts
@@ -30,9 +32,13 @@ OK = Reply(250, "2.0.0", "queued as 1")
 NO_SUCH_USER = Reply(550, "5.1.1", "no such user")
 TRY_LATER = Reply(451, "4.3.0", "try later")
 NO_SMTPUTF8 = Reply(553, "5.6.7", "SMTPUTF8 required but not offered by relay-a")
+# A refusal of the sending IP, not of the recipient (bounce class SpamBlock).
+BLOCKLISTED = Reply(
+    554, "5.7.1", "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"
+)
 
 
-def make_settings(members: str = "ab", **retry: Any) -> Settings:
+def make_settings(members: str = "ab", bounces: dict[str, Any] | None = None, **retry: Any) -> Settings:
     return settings_from_dict(
         {
             "smtp": {"hostname": "relay.example.test"},
@@ -48,13 +54,15 @@ def make_settings(members: str = "ab", **retry: Any) -> Settings:
             ],
             "route": [{"match": {"recipient_domain": "app.example"}, "pool": "dsn"}],
             "retry": {"intervals": ["1m", "5m", "15m"], "max_age": "1d", "jitter": 0, **retry},
+            "bounces": bounces or {},
         }
     )
 
 
-def setup(members: str = "ab", **retry: Any) -> tuple[Pool, Rules]:
-    s = make_settings(members, **retry)
-    return Pool(s.pool[0]), Rules(RetrySchedule(s.retry), Router(s), s.smtp.hostname)
+def setup(members: str = "ab", bounces: dict[str, Any] | None = None, **retry: Any) -> tuple[Pool, Rules]:
+    s = make_settings(members, bounces, **retry)
+    rules = Rules(RetrySchedule(s.retry), Router(s), s.smtp.hostname, s.bounces.refuses_member)
+    return Pool(s.pool[0]), rules
 
 
 def work(
@@ -110,6 +118,45 @@ def test_a_permanent_refusal_bounces_with_a_dsn_routed_as_mail_to_the_sender() -
     assert bounced.dsn_pool == "dsn"  # the route for mail to app.example
     assert [e.type for e in v.events] == [EventType.DELIVERY, EventType.BOUNCE]
     assert v.tally == Tally(delivered=1, bounced=1)
+
+
+def test_a_5xx_refusing_the_member_goes_to_another_member_and_bounces_at_the_last() -> None:
+    pool, rules = setup("ab")
+    first = verdicts.after_attempt(
+        work(1, 2, tried={"a"}), "a", answered(BLOCKLISTED, NO_SUCH_USER), pool, rules, NOW
+    )
+    # The blocklisted IP's refusal says nothing of recipient 1: member b, another IP, tries it now.
+    # Recipient 2's 5.1.1 is about the recipient: it bounces where it was given.
+    [bounced] = first.settlements
+    assert (bounced.state, list(bounced.rids)) == (RecipientState.BOUNCED, [2])
+    assert first.retry_now is not None and [r.rid for r in first.retry_now.recipients] == [1]
+    assert [e.type for e in first.events] == [EventType.TRANSIENT_FAILURE, EventType.BOUNCE]
+    assert first.events[0].response == BLOCKLISTED and first.tally == Tally(deferred=1, bounced=1)
+
+    second = first.retry_now
+    second.tried.add("b")
+    last = verdicts.after_attempt(second, "b", answered(BLOCKLISTED), pool, rules, NOW)
+    [s] = last.settlements  # no member is left that has not tried: the last refusal bounces
+    assert (s.state, s.reply) == (RecipientState.BOUNCED, str(BLOCKLISTED)) and s.dsn is not None
+    assert kinds(last) == [(EventType.BOUNCE, "b", 2)] and last.retry_now is None
+
+
+def test_a_5xx_refusing_the_member_bounces_at_once_with_no_other_member_or_no_class_listed() -> None:
+    alone, rules = setup("a")
+    v = verdicts.after_attempt(work(1, tried={"a"}), "a", answered(BLOCKLISTED), alone, rules, NOW)
+    assert [s.state for s in v.settlements] == [RecipientState.BOUNCED] and v.retry_now is None
+
+    pool, rules = setup("ab", {"try_other_members": []})
+    assert rules.refuses_member is None
+    v = verdicts.after_attempt(work(1, tried={"a"}), "a", answered(BLOCKLISTED), pool, rules, NOW)
+    assert [s.state for s in v.settlements] == [RecipientState.BOUNCED] and v.retry_now is None
+
+
+def test_try_other_members_takes_only_bounce_classes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_settings("ab", {"try_other_members": ["Spamblock"]})
+    [(key, reason)] = caught.value.problems
+    assert key == "bounces" and reason.startswith("try_other_members: 'Spamblock' is not a bounce class")
 
 
 def test_a_bounce_of_a_text_with_a_tail_quotes_the_header_section_from_the_tail(tmp_path: Path) -> None:

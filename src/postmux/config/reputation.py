@@ -5,13 +5,15 @@ goes)."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, StrictBool, field_validator, model_validator
 
 from postmux.config.values import Duration, Hostname, PositiveDuration, _Frozen
-from postmux.reputation.bounces import BounceClassifier, BounceRulesError
+from postmux.reply import Reply
+from postmux.reputation.bounces import KNOWN_CLASSES, BounceClassifier, BounceRulesError
 
 
 class BounceSettings(_Frozen):
@@ -23,6 +25,10 @@ class BounceSettings(_Frozen):
     rules_file: str | None = None
     # false: only the rules_file's rules (a reply none matches is Uncategorized).
     default_rules: StrictBool = True
+    # Classes of a 5xx reply that refuse the member that sent (its IP is listed), not the recipient: the
+    # recipient goes to another member of the pool that has not tried it, and bounces at the last one
+    # (scheduling/verdicts.py). []: every 5xx bounces where it is given.
+    try_other_members: tuple[str, ...] = ("SpamBlock",)
     _classifier: BounceClassifier | None = PrivateAttr(default=None)
 
     @field_validator("rules_file")
@@ -42,12 +48,27 @@ class BounceSettings(_Frozen):
             self._classifier = BounceClassifier.load(self.rules_file, shipped=self.default_rules)
         except BounceRulesError as e:
             raise ValueError(f"rules_file: {e}") from None
+        named = KNOWN_CLASSES | {rule.bounce_class for rule in self._classifier.rules}
+        for name in self.try_other_members:
+            if name not in named:
+                # A misspelt class would match no reply, silently: every such 5xx would bounce at once.
+                known = ", ".join(sorted(named))
+                raise ValueError(f"try_other_members: {name!r} is not a bounce class ({known})")
         return self
 
     @property
     def classifier(self) -> BounceClassifier:
         assert self._classifier is not None  # set by _compile, or the settings were refused
         return self._classifier
+
+    @property
+    def refuses_member(self) -> Callable[[Reply], bool] | None:
+        """Whether a 5xx refuses the member rather than the recipient (`try_other_members`); None when
+        no class does, so a verdict classes nothing it need not."""
+        if not self.try_other_members:
+            return None
+        classify, classes = self.classifier.classify, frozenset(self.try_other_members)
+        return lambda reply: classify(reply) in classes
 
 
 SuppressedAction = Literal["refuse", "drop"]

@@ -118,6 +118,7 @@ class Dispatcher:
         self.settings = settings
         # Read once per settings: a pydantic private attribute costs ~1 µs a read, once a verdict.
         self._classifier = settings.bounces.classifier
+        self._refuses_member = settings.bounces.refuses_member
         self.suppressions = suppressions
         self.outbox = outbox
         self.spool = spool
@@ -190,6 +191,7 @@ class Dispatcher:
         """
         self.settings = settings
         self._classifier = settings.bounces.classifier
+        self._refuses_member = settings.bounces.refuses_member
         self.retry = RetrySchedule(settings.retry)
         self.shaper.configure(settings.shaping, reply_reactions(settings.blocklists))
         self.spf.reconfigure(settings.spf, settings.dns)
@@ -549,7 +551,7 @@ class Dispatcher:
 
     def _rules(self) -> Rules:
         # Read at each verdict: a reload replaces the settings, the retry schedule and the router.
-        return Rules(self.retry, self.router, self.settings.smtp.hostname)
+        return Rules(self.retry, self.router, self.settings.smtp.hostname, self._refuses_member)
 
     async def _apply(self, verdict: Verdict, pool: Pool, member: Member | None, now: float) -> None:
         """Do what `verdict` says, in its order: events, tally, work for another member, the record.

@@ -7,7 +7,9 @@ or writes to anything it is given; the dispatcher applies a verdict (emits, resu
 spool), and tests/unit/test_verdicts.py holds the rules without sockets or a spool.
 
 The rules, in brief:
-- a reply per recipient decides it: 2xx delivered, 5xx bounced with a DSN, 4xx deferred;
+- a reply per recipient decides it: 2xx delivered, 5xx bounced with a DSN, 4xx deferred; but a 5xx about
+  the member rather than the recipient (its IP is on a blocklist: `[bounces] try_other_members`) is
+  deferred while another member of the pool has not tried the recipient, and bounces at the last one;
 - deferred work goes at once to another member of the pool that has not tried it this round (RFC 5321
   4.5.4.1 asks for a wait before retrying the *same* server; another member is another server), else back
   to the spool for its next round on the retry schedule, or expires with a DSN after `max_age`;
@@ -20,7 +22,7 @@ The rules, in brief:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from postmux.attempt import AttemptOutcome
@@ -40,11 +42,13 @@ from postmux.work import WorkItem, WorkRecipient
 @dataclass(frozen=True, slots=True)
 class Rules:
     """What verdicts go by: the retry schedule (with `[retry]` max_age and max_local_errors), the routes
-    a DSN takes back to the sender, and the name this node reports itself by in a DSN."""
+    a DSN takes back to the sender, the name this node reports itself by in a DSN, and which 5xx replies
+    refuse the member rather than the recipient (`[bounces] try_other_members`; None: no 5xx does)."""
 
     retry: RetrySchedule
     router: Router
     reporting_mta: str
+    refuses_member: Callable[[Reply], bool] | None = None
 
     @property
     def max_local_errors(self) -> int:
@@ -114,7 +118,7 @@ def settled(
             delivered.append(bumped)
             accepted = reply  # the transaction's one answer to DATA: the same for every recipient
             kind = EventType.DELIVERY
-        elif reply.is_permanent:
+        elif reply.is_permanent and not _another_member(reply, item, pool, rules, now):
             bounced.append((bumped, reply))
             kind = EventType.BOUNCE
         else:
@@ -143,6 +147,17 @@ def settled(
         else:
             _defer_or_expire(v, item, pool, retry_now, deferred[-1][1], rules, now)
     return v
+
+
+def _another_member(reply: Reply, item: WorkItem, pool: Pool, rules: Rules, now: float) -> bool:
+    """A 5xx that refuses the member, not the recipient (a blocklisted IP: "554 5.7.1 ... blocked using
+    zen.spamhaus.org"), while a member that has not tried this work can take it: the next member is
+    another IP, which the receiver may well accept; the last one's refusal bounces, so a sender's own
+    listing (a domain on a DBL, say) costs one attempt a member, not retries until `max_age`."""
+    refuses_member = rules.refuses_member
+    return (
+        refuses_member is not None and refuses_member(reply) and pool.can_serve(now, item.tried | item.barred)
+    )
 
 
 def unfit(
