@@ -13,7 +13,7 @@ import httpx
 from postmux.app import App
 from tests.dns_server import LoopbackDns
 from tests.integration.test_spf_routing import relays  # relay-a sends from 192.0.2.10, relay-b .20
-from tests.support import StartUpstream, make_settings, read_events, send, send_many, wait_until
+from tests.support import StartUpstream, Upstream, make_settings, read_events, send, send_many, wait_until
 
 INTERVAL_S = 0.5
 TOKEN = "blocklist-test-token-0123456789"
@@ -112,13 +112,19 @@ async def test_a_list_that_lists_everything_is_not_believed(tmp_path: Path, upst
         assert dns.queries[("10.2.0.192.dead.test", "A")] == 0
 
 
-async def test_a_reply_naming_a_blocklist_suspends_that_member_for_that_destination(
-    tmp_path: Path, upstream: StartUpstream
-) -> None:
+async def blocked_and_clean(upstream: StartUpstream) -> tuple[Upstream, Upstream]:
+    """relay-a, whose receiver refuses the sending IP as listed (bounce class SpamBlock), and relay-b."""
+
     async def blocked(_up: Any, _envelope: Any) -> str:
         return "554 5.7.1 Service unavailable; Client host [192.0.2.10] blocked using zen.spamhaus.org"
 
-    a, b = await upstream("relay-a", behaviour=blocked), await upstream("relay-b")
+    return await upstream("relay-a", behaviour=blocked), await upstream("relay-b")
+
+
+async def test_a_reply_naming_a_blocklist_suspends_that_member_for_that_destination(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await blocked_and_clean(upstream)
     settings = make_settings(tmp_path, [relays(a.address, b.address)])
     events = tmp_path / "events.jsonl"
     async with App(settings) as app:
@@ -135,10 +141,7 @@ async def test_a_reply_naming_a_blocklist_suspends_that_member_for_that_destinat
 async def test_mail_refused_for_the_sending_ips_listing_is_delivered_by_another_member_without_a_dsn(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    async def blocked(_up: Any, _envelope: Any) -> str:
-        return "554 5.7.1 Service unavailable; Client host [192.0.2.10] blocked using zen.spamhaus.org"
-
-    a, b = await upstream("relay-a", behaviour=blocked), await upstream("relay-b")
+    a, b = await blocked_and_clean(upstream)
     # No suspension: every message that relay-a is given is refused there, and must move on.
     settings = make_settings(tmp_path, [relays(a.address, b.address)], blocklists={"reply_suspend": "0s"})
     events = tmp_path / "events.jsonl"
