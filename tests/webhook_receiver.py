@@ -84,6 +84,10 @@ class Receiver:
         body = b""
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                # The sender went away mid-request (a test killed postmux): no server acts on half a body,
+                # and a signature checked over it would fail. postmux sends the records again.
+                return
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
