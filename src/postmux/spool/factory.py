@@ -32,4 +32,6 @@ def make_spool(settings: SpoolSettings, node: str = "") -> SpoolBackend:
         group_commit=settings.group_commit,
         max_batch=settings.max_batch,
         inline_max=settings.inline_bytes,
+        commit_delay_s=settings.commit_delay,
+        commit_siblings=settings.commit_siblings,
     )

@@ -46,6 +46,33 @@ async def test_concurrent_stores_share_commits(tmp_path: Path) -> None:
     assert grouped < 200 / 4, grouped
 
 
+async def test_under_load_the_writer_waits_for_more_requests_before_it_commits(tmp_path: Path) -> None:
+    # commit_siblings=1: after the first commit the writer counts as under load, and waits commit_delay for
+    # more requests before each commit. Five stores 20 ms apart then share one fsync.
+    spool = await open_spool(tmp_path / "s.db", commit_delay_s=0.5, commit_siblings=1)
+    await spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0)
+    before, started = spool.commits, time.monotonic()
+
+    async def store_after(delay_s: float) -> float:
+        await asyncio.sleep(delay_s)
+        await spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0)
+        return time.monotonic() - started
+
+    answered = await asyncio.gather(*(store_after(0.02 * i) for i in range(5)))
+    await spool.close()
+    assert spool.commits - before == 1
+    assert min(answered) >= 0.4  # the first waited for the four after it
+
+
+async def test_a_lone_caller_never_waits_for_company(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path / "s.db", commit_delay_s=5.0)  # commit_siblings: the default, 4
+    started = time.monotonic()
+    for _ in range(10):  # one request at a time: each batch is one, so the writer is never under load
+        await spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0)
+    await spool.close()
+    assert time.monotonic() - started < 5.0
+
+
 async def test_a_failing_store_leaves_nothing_half_stored(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path / "s.db")
     # A real SQLite error raised half-way through the store: the message row is written, the recipient not.
