@@ -241,7 +241,7 @@ class SpoolSettings(_Frozen):
     max_batch: int = Field(default=1000, gt=0)
     # Under load (the last commit answered commit_siblings requests or more), the SQLite writer waits this
     # long for more before it commits, so one fsync answers more accepts (spool/sqlite.py). 0: it never does.
-    commit_delay: Duration = Field(default=0.002, ge=0, le=1)
+    commit_delay: Duration = Field(default=0.0, ge=0, le=1)
     commit_siblings: int = Field(default=4, gt=0)
     # Texts up to this many octets stay in their row; longer ones go to a segment file written with the
     # group commit (spool/bodies.py; bench/README.md measured the crossover at about 8 KB).

@@ -4,9 +4,9 @@ Every request is a small function run by the one writer thread against its conne
 takes whatever requests are waiting (up to `max_batch`), runs each inside a SAVEPOINT (so one bad
 request fails alone), and commits them all at once: one fsync answers every caller in the batch.
 That is what lets a relay accept faster than the disk can fsync (peers.md: ~1,100-1,400 fsync/s).
-Under load it waits `commit_delay_s` for more requests before it commits (as PostgreSQL's commit_delay
-and MySQL's binlog_group_commit_sync_delay do), since a commit costs the machine about as much CPU as the
-messages it answers; a lone caller never waits (`commit_siblings`).
+With `commit_delay_s` it waits that long for more requests before it commits, under load (as PostgreSQL's
+commit_delay and MySQL's binlog_group_commit_sync_delay do): a commit costs the machine about as much CPU
+as the messages it answers; a lone caller never waits (`commit_siblings`).
 
 This module holds the writer and the work side (store, lease, settle); the tables, their upgrade and the
 quarantine are in sqlite_schema.py, the operator's queue operations in sqlite_queue.py.
@@ -100,12 +100,14 @@ class _Lease:
     until: float | None  # None: it does not expire
 
 
-# A commit (its fsync, the writer's wake-ups and the loop's) cost about 1 ms of the 2 cores here, while a
-# message's whole work at 1.5 KB is ~1.5-2 ms: with 20 senders a commit answered only 4 requests (2
-# messages). Waiting 2 ms for more took that to ~12 and postmux's CPU a message down 15-20% (bench/README.md,
-# "Commit delay"); each accept waits at most that much longer. Only while the previous batch had
-# COMMIT_SIBLINGS requests or more: a sender alone, or a quiet node, is never made to wait.
-COMMIT_DELAY_S = 0.002
+# A commit (its fsync, the writer's wake-ups and the loop's) costs the machine about as much CPU as the
+# messages it answers: with 20 senders at 1.5 KB one answered only ~4 requests (2 messages), and waiting
+# 2 ms for more took commits down 57% and postmux's CPU a message 9% (bench/README.md, "Commit delay").
+# But each accept then waits up to that much longer, and where the CPU is not what limits (fewer senders)
+# that wait is all there is to it: off by default, as PostgreSQL's commit_delay and MySQL's
+# binlog_group_commit_sync_delay are. When on, only while the previous batch had COMMIT_SIBLINGS requests
+# or more: a sender alone, or a quiet node, is never made to wait.
+COMMIT_DELAY_S = 0.0
 COMMIT_SIBLINGS = 4
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from postmux.config import SpoolSettings
 from postmux.envelope import Envelope, new_message_id
 from postmux.spool.base import RecipientState, Selector, Settlement, SpoolError
+from postmux.spool.factory import make_spool
 from postmux.spool.sqlite import SqliteSpool
 
 
@@ -71,6 +73,13 @@ async def test_a_lone_caller_never_waits_for_company(tmp_path: Path) -> None:
         await spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 1.0)
     await spool.close()
     assert time.monotonic() - started < 5.0
+
+
+def test_the_commit_delay_is_off_unless_the_spool_section_sets_it(tmp_path: Path) -> None:
+    default = make_spool(SpoolSettings(path=str(tmp_path / "a.db")))
+    assert isinstance(default, SqliteSpool) and default.commit_delay_s == 0.0
+    tuned = make_spool(SpoolSettings(path=str(tmp_path / "b.db"), commit_delay="2ms", commit_siblings=8))
+    assert isinstance(tuned, SqliteSpool) and (tuned.commit_delay_s, tuned.commit_siblings) == (0.002, 8)
 
 
 async def test_a_failing_store_leaves_nothing_half_stored(tmp_path: Path) -> None:
