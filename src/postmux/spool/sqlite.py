@@ -218,7 +218,7 @@ class SqliteSpool:
                 return
             batch: list[_Job] = [first]  # type: ignore[list-item]
             stop = False
-            until = time.monotonic() + self.commit_delay_s if self._busy else None
+            until = time.monotonic() + self.commit_delay_s if self._busy and self.commit_delay_s else None
             while len(batch) < self.max_batch:
                 try:
                     nxt = self._next_job(until)
