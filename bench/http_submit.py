@@ -34,7 +34,7 @@ import httpx
 from throughput import (
     SINK_COUNT,
     BenchError,
-    Timed,
+    RunResult,
     cpu_seconds,
     delivery_results,
     ensure_tools,
@@ -65,19 +65,6 @@ class Options:
     size: int
     repeat: int
     delivery_timeout_s: float
-
-
-@dataclass
-class Run(Timed):
-    mode: str
-    messages: int
-    accepted_s: float
-    end_to_end_s: float
-    peak_rss_mb: float
-    cpu_ms_per_msg: float
-    received: int
-    delivered: int
-    load_before: float
 
 
 def raw_message(size: int) -> str:
@@ -158,7 +145,7 @@ def inject_smtp(source: str, port: int, opts: Options) -> float:
     return inject(source, port, smtp, opts.messages)
 
 
-def run_mode(mode: str, opts: Options, tools: tuple[str, str], sinks: list[int]) -> Run:
+def run_mode(mode: str, opts: Options, tools: tuple[str, str], sinks: list[int]) -> RunResult:
     base, _ = pick_base_dir()
     load = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix=f"postmux-bench-{mode}-", dir=base))
@@ -176,16 +163,16 @@ def run_mode(mode: str, opts: Options, tools: tuple[str, str], sinks: list[int])
             time.sleep(0.5)
             text = scrape(http_port)
             rss, cpu_s = peak_rss_mb(proc.pid), cpu_seconds(proc.pid)
-        return Run(
-            mode,
-            opts.messages,
-            accepted_s,
-            end_to_end_s,
-            rss,
-            1000.0 * cpu_s / opts.messages,
-            received_total(text),
-            int(delivery_results(text).get("delivered", 0.0)),
-            load,
+        return RunResult(
+            mode=mode,
+            messages=opts.messages,
+            accepted_s=accepted_s,
+            end_to_end_s=end_to_end_s,
+            peak_rss_mb=rss,
+            cpu_ms_per_msg=1000.0 * cpu_s / opts.messages,
+            load_before=load,
+            received=received_total(text),
+            delivered=int(delivery_results(text).get("delivered", 0.0)),
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -208,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     tools = ensure_tools()
     sinks = start_sinks(tools[1], SINK_COUNT)
-    runs: list[Run] = []
+    runs: list[RunResult] = []
     try:
         for i in range(opts.repeat):
             for mode in MODES:
