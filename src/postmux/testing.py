@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+if TYPE_CHECKING:  # only its type: this module imports aiosmtpd and the standard library, as it says above
+    import redis
 
 __all__ = [
     "CHROMIUM",
