@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postmux.text import readable
+
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b\s*")
 
 
@@ -16,8 +18,9 @@ class Reply:
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
-        """Split a server's reply text into its enhanced code and the rest (RFC 2034 3)."""
-        first = message.strip().splitlines()[0] if message.strip() else ""
+        """Split a server's reply text into its enhanced code and the rest (RFC 2034 3); octets that are not
+        UTF-8 read as U+FFFD (postmux.text.readable), so the reply can go wherever text goes."""
+        first = readable(message.strip().splitlines()[0]) if message.strip() else ""
         m = _ENHANCED.match(first)
         if m:
             return cls(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", first[m.end() :])

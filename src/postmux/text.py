@@ -16,3 +16,20 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     """
     pairs = data.count(b"\r\n")
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+def readable(text: str) -> str:
+    """`text` as valid Unicode: each lone surrogate, each octet that was not UTF-8, becomes U+FFFD.
+
+    A server's reply is decoded with "surrogateescape" (aiosmtplib, delivery/pipelining.py), so an old
+    receiver answering in Latin-1 ("550 5.1.1 Benutzer unbekannt" with a raw 0xFC) gives a str that no
+    UTF-8 writer takes: not the spool's columns, not a DSN (RFC 6533's UTF-8 Diagnostic-Code), not the event
+    log or a webhook body. ASCII, almost every reply, returns at once.
+    """
+    if text.isascii():
+        return text
+    try:
+        octets = text.encode("utf-8", "surrogateescape")  # the octets the server sent, where they came so
+    except UnicodeEncodeError:
+        octets = text.encode("utf-8", "surrogatepass")  # a surrogate no decoding made: U+FFFD as well
+    return octets.decode("utf-8", "replace")
