@@ -59,3 +59,31 @@ async def test_a_reply_in_latin_1_bounces_its_recipient_and_is_logged_with_a_rep
     [dsn] = [r for r in up.received if r.sender == ""]
     assert "Benutzer unbekannt \ufffd".encode() in dsn.data
 
+
+async def test_a_helo_name_with_an_octet_that_is_not_utf_8_is_logged_and_the_log_goes_on(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    up = await upstream("a")
+    pools = [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
+    log = tmp_path / "events.jsonl"
+    async with App(make_settings(tmp_path, pools)) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.smtp_port)
+        assert (await reader.readline()).startswith(b"220 ")
+        replies = []
+        for line in (
+            b"HELO h\xfcst.example",
+            b"MAIL FROM:<app@example.com>",
+            b"RCPT TO:<b@dest.test>",
+            b"DATA",
+            b"Subject: hi\r\n\r\nhello\r\n.",
+            b"QUIT",
+        ):
+            writer.write(line + b"\r\n")
+            replies.append(await reader.readline())
+        writer.close()
+        await send(app.smtp_port, "after", to=["c@dest.test"])
+        await wait_until(lambda: sum(e["type"] == "Delivery" for e in read_events(log)) == 2, timeout=15)
+    assert replies[4].startswith(b"250 "), replies
+    helos = {e["recipient"]: e["helo"] for e in read_events(log) if e["type"] == "Reception"}
+    assert helos["b@dest.test"] == "h\ufffdst.example"
+    assert helos["c@dest.test"] != ""
