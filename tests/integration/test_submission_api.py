@@ -289,6 +289,32 @@ async def test_bad_input_is_422_naming_the_field(node: Node, change: dict[str, A
     assert not node.up.received
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"content": {"from": {"email": "n@shop.test"}, "text_body": "x\udcfcy"}}, "content.text_body"),
+        ({"content": {"from": {"email": "n@shop.test"}, "subject": "x\udcfcy"}}, "content.subject"),
+        ({"recipients": [{"email": "alice@dest.test", "name": "A\ud800"}]}, "recipients[0].name"),
+        ({"tags": {"k": "x\udcfc"}}, "tags.k"),
+        ({"metadata": {"k": "x\udcfc"}}, "metadata.k"),
+    ],
+)
+async def test_a_lone_surrogate_is_422_naming_the_field(
+    node: Node, change: dict[str, Any], field: str
+) -> None:
+    """JSON may escape a lone surrogate, which is no character (RFC 7493 2.1): the text body's was a 500
+    from the email package, a tag's was taken into events that no UTF-8 writer could write."""
+    async with node.client() as c:
+        response = await c.post(
+            "/api/v1/messages",
+            content=json.dumps(message(**change)).encode(),  # ASCII: the surrogate as a \u escape
+            headers={"Content-Type": "application/json"},
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert not node.up.received
+
+
 async def test_a_subject_made_multiline_by_a_substitution_is_422(node: Node) -> None:
     body = message(recipients=[{"email": "a@dest.test", "substitutions": {"n": "x\r\nBcc: v@dest.test"}}])
     body["content"]["subject"] = "Hi {{n}}"

@@ -53,6 +53,13 @@ _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Z
 # Fields the email package writes from the structure: set them through it, not through `headers`.
 _STRUCTURAL = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
 
+# Every request model's config. str_min_length=0 refuses nothing by itself, but a length constraint makes
+# pydantic check that each string is valid Unicode: JSON may escape a lone surrogate ("\udcfc", no
+# character at all, RFC 7493 2.1), and such text was a 500 from the email package, or went into events that
+# no UTF-8 writer could write. Now it is a 422 naming the field (string_unicode), the keys of tags and
+# metadata included; the published schema is unchanged.
+_REQUEST = ConfigDict(extra="forbid", frozen=True, str_min_length=0)
+
 
 class BadInput(ValueError):
     """Input refused: `field` names it as the request spells it (`recipients[1].email`), `status` is the
@@ -97,7 +104,7 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
 class Mailbox(BaseModel):
     """A From or Reply-To mailbox: an address and a display name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _REQUEST
     email: str = Field(max_length=320, examples=["news@example.com"])
     name: str = Field(default="", max_length=256, examples=["Example News"])
 
@@ -113,7 +120,7 @@ class Mailbox(BaseModel):
 
 
 class Recipient(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _REQUEST
     email: str = Field(max_length=320, examples=["alice@example.net"])
     name: str = Field(default="", max_length=256, examples=["Alice"])
     # Values for this recipient's {{name}} placeholders, over the message's own `substitutions`.
@@ -145,7 +152,7 @@ def _substitution_map(v: dict[str, str]) -> dict[str, str]:
 
 
 class Attachment(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _REQUEST
     data: str = Field(description="The attachment's octets, base64 (RFC 4648 4).", examples=["aGVsbG8="])
     content_type: str = Field(default="application/octet-stream", examples=["text/plain"])
     file_name: str = Field(default="", max_length=255, examples=["hello.txt"])
@@ -183,7 +190,7 @@ class Attachment(BaseModel):
 class Content(BaseModel):
     """A message to build: postmux writes the MIME structure (RFC 2045, 2046) with the email package."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**_REQUEST, populate_by_name=True)
     from_: Mailbox = Field(alias="from")
     reply_to: Mailbox | None = None
     subject: str = Field(default="", max_length=998, examples=["Hello {{first_name}}"])
@@ -227,7 +234,7 @@ MessageContent = Annotated[
 class Message(BaseModel):
     """One message to send (KumoMTA's inject request): to each recipient, from envelope_sender."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _REQUEST
     envelope_sender: str = Field(max_length=320, examples=["bounces@example.com"])
     recipients: list[Recipient] = Field(min_length=1, max_length=10_000)
     content: MessageContent = Field(
@@ -257,7 +264,7 @@ class Message(BaseModel):
 class Batch(BaseModel):
     """Several messages in one request: validated and stored together, all or none."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _REQUEST
     messages: list[Message] = Field(min_length=1)
 
 
