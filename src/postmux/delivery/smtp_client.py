@@ -428,6 +428,10 @@ class SmtpTransport:
         self._busy = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._retired = False
+        # A relay member's one target, parsed once (host and port split its address each time they are read).
+        self._relay: list[tuple[str, Target]] = (
+            [(member.target, (member.host, member.port))] if resolver is None else []
+        )
 
     @property
     def max_messages(self) -> int:
@@ -458,7 +462,7 @@ class SmtpTransport:
     async def _targets(self, work: Transaction) -> list[tuple[str, Target]] | Reply:
         """(name for the DSN's Remote-MTA, (host, port)) in the order to try, or the reply for everyone."""
         if self.resolver is None:
-            return [(self.member.target, (self.member.host, self.member.port))]
+            return self._relay
         plan = await self.resolver.resolve(work.domain)
         if plan.error is not None:
             return plan.error
