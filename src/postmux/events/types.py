@@ -53,7 +53,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def compact_json(record: dict[str, Any]) -> str:
     """`record` as one line of compact JSON, UTF-8 as it is, every string valid Unicode.
 
-    orjson: 0.6 µs a Delivery record where the standard library's encoder took 6.7, and the main process
+    orjson: 0.6 µs a Delivery record where the standard library's encoder took 6.7, and the main thread
     spent 8% less CPU a message at 1.5 KB (bench/README.md, issue 12). It refuses two things the standard
     encoder writes: an integer past 64 bits, and text with lone surrogates, which is how octets that are not
     UTF-8 arrive (a client's HELO name, decoded by aiosmtpd with surrogateescape). Those records go through
