@@ -36,6 +36,11 @@ class EventOutbox(Protocol):
         """Rows given out by `rows` were just committed: the senders look at their outboxes now."""
         ...
 
+    async def commit(self, events: Sequence[Event]) -> None:
+        """The rows of events that no change of the queue carries (a complaint report read at accept),
+        committed on their own: durable on return. Raises SpoolError when they could not be."""
+        ...
+
 
 class NoOutbox:
     """No webhook: no rows, nothing to tell."""
@@ -44,6 +49,9 @@ class NoOutbox:
         return ()
 
     def committed(self) -> None:
+        pass
+
+    async def commit(self, events: Sequence[Event]) -> None:
         pass
 
 

@@ -291,6 +291,12 @@ class Webhooks:
         for sender in self.senders.values():
             sender.wake()
 
+    async def commit(self, events: Sequence[Event]) -> None:
+        rows = self.rows(events)
+        if rows:
+            await self.store.outbox_append(rows)
+            self.committed()
+
     # -- the bus subscriber: events that came with no change of the spool --------------------------------
 
     def __call__(self, event: Event) -> None:

@@ -154,12 +154,17 @@ class Acceptor:
         if not envelope.recipients:
             message_id = new_message_id()
             drop_tail(envelope)  # stored nowhere: the tail file is ours to remove
-            self._tell_suppressed(_as_asked(envelope, take_requests(envelope)), message_id, stopped, now)
+            told = _suppressed(_as_asked(envelope, take_requests(envelope)), message_id, stopped, now)
+            await self.outbox.commit(told)
+            self._emit(told)
             return message_id
         planned = await self._plan(Submission(envelope), now)
         prepared = [self._prepare(p, now) for p in planned]
         messages = [message for message, _ in prepared]
-        receptions = [e for _, events in prepared for e in events]
+        # The Suppressed events' webhook rows commit with the message, as its Receptions' do.
+        told = _suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
+        messages[0] = self._with_rows(messages[0], told)
+        receptions = [e for _, events in prepared for e in events] + told
         hot = self.sink.has_room()
         if len(messages) == 1:
             message = messages[0]
@@ -169,16 +174,30 @@ class Acceptor:
         else:  # the copies of one message: all durable (one transaction) before the 250
             work = (await self.spool.store_all(messages, now, lease=hot)).work
         self._hand_on(messages, work, hot, receptions)
-        self._tell_suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
         return messages[0].message_id
 
     async def _take_returned(self, envelope: Envelope, returns: ReturnedMail) -> None:
-        """A DSN or complaint report: its hard bounces and complaints go on the suppression list (durable
-        before the 250), then its events out."""
+        """A DSN or complaint report: its hard bounces and complaints go on the suppression list, and its
+        events' webhook rows into the outbox, both durable before the 250, then its events out.
+
+        The 250 ends the reporter's part (an ISP's feedback loop does not send a report twice): an event
+        that reached the webhooks only a moment after it, as the bus's loose events do, could be lost to a
+        crash in that moment. A failure before the 250 is a 451, and the reporter sends it again.
+        """
         events = returns.read(envelope)
         if self.suppressions is not None:
             await self.suppressions.note_bounces(events)
             await self.suppressions.note_complaints(events)
+        await self.outbox.commit(events)
+        for event in events:
+            self.bus.emit(event)
+
+    def _with_rows(self, message: NewMessage, events: Sequence[Event]) -> NewMessage:
+        """`message` with the webhook rows of more of its events, to commit with it."""
+        rows = self.outbox.rows(events)
+        return replace(message, outbox=(*message.outbox, *rows)) if rows else message
+
+    def _emit(self, events: Iterable[Event]) -> None:
         for event in events:
             self.bus.emit(event)
 
@@ -206,22 +225,30 @@ class Acceptor:
                 drop_tail(envelope)  # stored nowhere: the tail file is ours to remove
                 planned_per.append([])
         prepared = {p.message_id: self._prepare(p, now) for ps in planned_per for p in ps}
-        messages = [message for message, _ in prepared.values()]
         firsts = [ps[0].message_id if ps else new_message_id() for ps in planned_per]
         ids: list[str] = []
         for ps, first in zip(planned_per, firsts, strict=True):
             ids += [p.message_id for p in ps] or [first]
+        told: list[Event] = []
+        unstored: list[Event] = []  # a submission left with no recipient: its events commit on their own
+        for first, (envelope, stopped) in zip(firsts, sorted_out, strict=True):
+            kept = prepared.get(first)
+            shown = kept[0].envelope if kept else _as_asked(envelope, take_requests(envelope))
+            theirs = _suppressed(shown, first, stopped, now)
+            if kept:
+                prepared[first] = (self._with_rows(kept[0], theirs), kept[1])
+            else:
+                unstored += theirs
+            told += theirs
+        messages = [message for message, _ in prepared.values()]
         record = answer(ids) if answer is not None else None
         hot = self.sink.has_room()
         stored = await self.spool.store_all(messages, now, lease=hot, answer=record)
         if stored.answered is not None:
             return stored.answered
-        self._hand_on(messages, stored.work, hot, [e for _, events in prepared.values() for e in events])
-        for first, (envelope, stopped) in zip(firsts, sorted_out, strict=True):
-            if stopped:
-                kept = prepared.get(first)
-                shown = kept[0].envelope if kept else _as_asked(envelope, take_requests(envelope))
-                self._tell_suppressed(shown, first, stopped, now)
+        await self.outbox.commit(unstored)
+        receptions = [e for _, events in prepared.values() for e in events]
+        self._hand_on(messages, stored.work, hot, receptions + told)
         return ids
 
     def _sort_out(self, envelope: Envelope) -> tuple[Envelope, list[Found]]:
@@ -245,10 +272,6 @@ class Acceptor:
         if not stopped:
             return envelope, []
         return replace(envelope, recipients=tuple(kept)), stopped
-
-    def _tell_suppressed(self, envelope: Envelope, message_id: str, stopped: list[Found], now: float) -> None:
-        for found in stopped:
-            self.bus.emit(suppressed(envelope, message_id, found, now))
 
     def split(self, submission: Submission) -> list[Submission]:
         """The submission as the messages `accept_all` will store: one, or, when [unsubscribe] stamps some
@@ -544,6 +567,10 @@ def reception(
         helo=envelope.helo,
         auth_user=envelope.auth_user,
     )
+
+
+def _suppressed(envelope: Envelope, message_id: str, stopped: list[Found], now: float) -> list[Event]:
+    return [suppressed(envelope, message_id, found, now) for found in stopped]
 
 
 def suppressed(envelope: Envelope, message_id: str, found: Found, now: float) -> Event:
