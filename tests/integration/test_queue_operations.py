@@ -352,6 +352,10 @@ async def test_delete_is_silent_and_move_gives_mail_to_another_pool_that_exists(
             assert response.status_code == 400 and "not JSON" in response.json()["error"]
             response = await client.post("/queue/bounce", json={"id": moved, "reason": " "})
             assert response.status_code == 422 and response.json()["field"] == "reason"
+            for field, value in (("reason", "spam \udcfc"), ("domain", "d\udcfc.test")):  # no character
+                lone = json.dumps({"id": moved, field: value}).encode()  # ASCII: the surrogate as an escape
+                response = await client.post("/queue/bounce", content=lone)
+                assert response.status_code == 422 and response.json()["field"] == field, response.text
             response = await client.post("/queue/explode", json={"id": moved})
             assert response.status_code == 404 and "flush, hold, release" in response.json()["error"]
             response = await client.post("/queue/hold", json={"id": moved, "to": "bulk"})

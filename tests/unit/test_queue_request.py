@@ -49,6 +49,7 @@ def test_each_field_becomes_its_criterion_and_a_provider_waits_for_the_queue() -
         ({"older_than": "-5m"}, "older_than", ""),
         ({"pool": 3}, "pool", "expected text, not int"),
         ({"sender": "a@x.test\r\nRCPT TO:<b@y>"}, "sender", "CR, LF and NUL are not allowed"),
+        ({"domain": "d\udcfc.test"}, "domain", "not valid Unicode"),  # JSON's "\udcfc": a 500 before
         ({"all": "yes"}, "all", "expected true or false"),
     ],
 )

@@ -77,8 +77,19 @@ def _text(fields: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise QueueRequestError(name, f"expected text, not {type(value).__name__}")
+    return _one_line(name, value)
+
+
+def _one_line(name: str, value: str) -> str:
+    """`value` as the spool, a DSN and the log take it: no CR, LF or NUL, and valid Unicode (JSON may
+    escape a lone surrogate, "\\udcfc", which is no character: no UTF-8 writer takes it, RFC 7493 2.1)."""
     if any(c in value for c in "\r\n\x00"):
         raise QueueRequestError(name, "CR, LF and NUL are not allowed")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QueueRequestError(name, "not valid Unicode: a lone surrogate") from None
     return value
 
 
@@ -289,9 +300,7 @@ class QueueControl:
     def _reason(reason: Any) -> str:
         if not isinstance(reason, str) or not reason.strip():
             raise QueueRequestError("reason", "bounce needs a reason: the sender reads it in the DSN")
-        if any(c in reason for c in "\r\n\x00"):
-            raise QueueRequestError("reason", "CR, LF and NUL are not allowed")
-        return reason.strip()[:_MAX_REASON]
+        return _one_line("reason", reason).strip()[:_MAX_REASON]
 
     async def _bounce(self, selector: Selector, reason: str, now: float) -> int:
         # RFC 3463 3.1: X.0.0, no more to say of the cause in a code; the reason says it in words.
