@@ -242,6 +242,9 @@ class Dispatcher:
 
     async def _scan_loop(self) -> None:
         while True:
+            # Cleared before the scan, not after it: a wake-up that comes while the scan reads (another
+            # node's commit it could not see yet, by NOTIFY) must bring another scan, not wait an interval.
+            self._scan_now.clear()
             if self._ready.count < self.limits.max_ready // 2:
                 try:
                     items = await self.spool.lease_due(self.clock(), self.limits.scan_batch)
@@ -252,7 +255,6 @@ class Dispatcher:
                     self.submit(items)
                 if len(items) >= self.limits.scan_batch:
                     continue
-            self._scan_now.clear()
             await _wait(self._scan_now, self.limits.scan_interval_s)
 
     async def _reap_loop(self) -> None:
