@@ -161,10 +161,11 @@ class Acceptor:
         planned = await self._plan(Submission(envelope), now)
         prepared = [self._prepare(p, now) for p in planned]
         messages = [message for message, _ in prepared]
-        # The Suppressed events' webhook rows commit with the message, as its Receptions' do.
-        told = _suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
-        messages[0] = self._with_rows(messages[0], told)
-        receptions = [e for _, events in prepared for e in events] + told
+        events = [e for _, theirs in prepared for e in theirs]
+        if stopped:  # the Suppressed events' webhook rows commit with the message, as its Receptions' do
+            told = _suppressed(messages[0].envelope, messages[0].message_id, stopped, now)
+            messages[0] = self._with_rows(messages[0], told)
+            events += told
         hot = self.sink.has_room()
         if len(messages) == 1:
             message = messages[0]
@@ -173,7 +174,7 @@ class Acceptor:
             )
         else:  # the copies of one message: all durable (one transaction) before the 250
             work = (await self.spool.store_all(messages, now, lease=hot)).work
-        self._hand_on(messages, work, hot, receptions)
+        self._hand_on(messages, work, hot, events)
         return messages[0].message_id
 
     async def _take_returned(self, envelope: Envelope, returns: ReturnedMail) -> None:
@@ -189,8 +190,7 @@ class Acceptor:
             await self.suppressions.note_bounces(events)
             await self.suppressions.note_complaints(events)
         await self.outbox.commit(events)
-        for event in events:
-            self.bus.emit(event)
+        self._emit(events)
 
     def _with_rows(self, message: NewMessage, events: Sequence[Event]) -> NewMessage:
         """`message` with the webhook rows of more of its events, to commit with it."""
@@ -232,6 +232,8 @@ class Acceptor:
         told: list[Event] = []
         unstored: list[Event] = []  # a submission left with no recipient: its events commit on their own
         for first, (envelope, stopped) in zip(firsts, sorted_out, strict=True):
+            if not stopped:
+                continue
             kept = prepared.get(first)
             shown = kept[0].envelope if kept else _as_asked(envelope, take_requests(envelope))
             theirs = _suppressed(shown, first, stopped, now)
@@ -426,17 +428,17 @@ class Acceptor:
         return NewMessage(planned.message_id, envelope, pools, self.outbox.rows(receptions)), receptions
 
     def _hand_on(
-        self, messages: list[NewMessage], work: list[WorkItem], hot: bool, receptions: list[Event]
+        self, messages: list[NewMessage], work: list[WorkItem], hot: bool, events: list[Event]
     ) -> None:
-        """After the commit: the senders told of new webhook rows, the work handed on, the events out."""
+        """After the commit: the senders told of new webhook rows, the work handed on, the events out
+        (the Receptions, and the Suppressed of recipients left out)."""
         if any(m.outbox for m in messages):
             self.outbox.committed()
         if hot:
             self.sink.submit(work)
         else:
             self.sink.scan_soon()
-        for event in receptions:
-            self.bus.emit(event)
+        self._emit(events)
 
     def _received(self, envelope: Envelope, message_id: str, now: float) -> bytes:
         """The trace header every relay prepends (RFC 5321 4.4), the only change made to the bytes here.
