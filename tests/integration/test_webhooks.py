@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,36 @@ async def test_events_only_the_bus_brings_are_appended_once_and_those_with_their
         assert kinds[2] == ("Bounce", "by-operator")
         assert len({r["event_id"] for r in receiver.records()}) == 4
     finally:
+        await receiver.stop()
+
+
+async def test_events_the_spool_refused_a_moment_are_appended_once_it_takes_them_again(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """A member event the spool could not append (a PostgreSQL restart, a locked file) waits and is tried
+    again, not dropped: here a trigger another connection puts on the outbox table refuses every row."""
+    up = await upstream("up")
+    receiver = await Receiver(secret=SECRET).start()
+    refuse = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    try:
+        cfg = settings(tmp_path, up.address, [hook(receiver, "ops", events=["MemberDown", "MemberUp"])])
+        async with App(cfg) as app:
+            refuse.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON webhook_outbox"
+                " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+            app.bus.emit(Event(EventType.MEMBER_DOWN, pool="default", member="up"))
+            await wait_until(lambda: app.webhooks.loose_failures >= 1, timeout=5)
+            app.bus.emit(Event(EventType.MEMBER_UP, pool="default", member="up"))  # meanwhile: after it
+            await asyncio.sleep(0.2)
+            assert receiver.records() == []
+            refuse.execute("DROP TRIGGER refuse")
+            await wait_until(lambda: len(receiver.records()) >= 2, timeout=10)
+            await asyncio.sleep(0.3)  # anything appended twice would arrive meanwhile
+            assert app.webhooks.loose_dropped == 0
+        assert [r["type"] for r in receiver.records()] == ["MemberDown", "MemberUp"]
+    finally:
+        refuse.close()
         await receiver.stop()
 
 

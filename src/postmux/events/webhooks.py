@@ -47,6 +47,11 @@ ACK_GATHER_S = 0.05  # acknowledgements gathered this long into one removal (one
 WITH_CHANGE_MAX = 100_000
 BACKLOG_REFRESH_S = 2.0  # how fresh postmux_webhook_backlog is
 STOP_ACKS_S = 2.0  # at stop, how long acknowledgements on their way to the disk may take
+# Events the bus brought (member, shaping, blocklist, an operator's bounce) wait this long after the spool
+# refused them (PostgreSQL restarting, a locked or full SQLite file) before they are offered again; at most
+# LOOSE_MAX of them wait, the oldest dropped first (counted in `loose_dropped`), as the event log keeps lines.
+LOOSE_RETRY_S = 1.0
+LOOSE_MAX = 100_000
 
 # A request's result, as the metric's label: the status class, or what kept an answer from coming.
 Result = str
@@ -274,6 +279,8 @@ class Webhooks:
         self._loose: list[OutboxRow] = []  # events that came only by the bus, waiting to be appended
         self._with_change: dict[str, None] = {}  # event_ids whose rows went with their change
         self._loose_ready = asyncio.Event()
+        self.loose_failures = 0  # appends of loose rows the spool refused (each tried again)
+        self.loose_dropped = 0  # loose rows given up: more than LOOSE_MAX waited
         self._backlog: dict[str, OutboxBacklog] = {}
 
     # -- the EventOutbox the accept path and the dispatcher use ----------------------------------------
@@ -311,6 +318,7 @@ class Webhooks:
         self._loose_ready.set()
 
     async def _append_loose(self) -> None:
+        failing = False
         while True:
             await self._loose_ready.wait()
             self._loose_ready.clear()
@@ -318,9 +326,28 @@ class Webhooks:
             try:
                 await self.store.outbox_append(rows)
             except SpoolError as e:
-                log.error("webhook events not appended", rows=len(rows), error=str(e))
+                # A spool that refuses now (a PostgreSQL restart, a locked or full file) will most likely take
+                # them soon: they wait, in order, ahead of any that came meanwhile.
+                self.loose_failures += 1
+                self._keep_loose(rows)
+                if not failing:
+                    log.error("webhook events not appended; trying again", rows=len(rows), error=str(e))
+                failing = True
+                await asyncio.sleep(LOOSE_RETRY_S)
+                self._loose_ready.set()
                 continue
+            if failing:
+                log.info("webhook events appended again", rows=len(rows))
+                failing = False
             self.committed()
+
+    def _keep_loose(self, rows: list[OutboxRow]) -> None:
+        self._loose[:0] = rows
+        over = len(self._loose) - LOOSE_MAX
+        if over > 0:
+            del self._loose[:over]
+            self.loose_dropped += over
+            log.error("webhook events dropped: too many waiting for the spool", dropped=over)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
