@@ -28,11 +28,13 @@ HEAD = b"Subject: text\r\n\r\n"
 class Keeper:
     """An acceptor that keeps what it is given and answers with a queue id of its own, or fails."""
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, delay: float = 0.0) -> None:
         self.envelopes: list[Envelope] = []
         self.error = error
+        self.delay = delay  # a spool commit that takes this long
 
     async def accept(self, envelope: Envelope) -> str:
+        await asyncio.sleep(self.delay)
         self.envelopes.append(envelope)
         if self.error is not None:
             raise self.error
@@ -209,6 +211,67 @@ async def test_a_client_that_hangs_up_in_the_middle_of_the_text_leaves_no_file(
     await client.close()
     await wait_until(lambda: os.listdir(tmp_path) == [])
     assert keeper.envelopes == []
+
+
+async def test_a_client_that_half_closes_after_its_text_still_gets_the_reply_that_makes_it_ours(
+    listen: Listen, tmp_path: Path
+) -> None:
+    """RFC 5321 4.1.1.4, 6.1: the message is ours only by the 250; a client that never reads it sends the
+    message again. Its side closed (shutdown(SHUT_WR), `nc -N`) while the commit is under way."""
+    port, keeper = await listen(tmp_path, keeper=Keeper(delay=0.3))
+    client = await RawClient.connect(port)
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(HEAD + b"half-closed\r\n.\r\n")
+    client.writer.write_eof()
+    assert (await client.reply()).startswith("250 ")
+    assert await client.closed()  # and then the session ends: nothing more can come
+    await client.close()
+    assert len(keeper.envelopes) == 1
+
+
+async def test_a_pipelined_session_and_a_half_close_are_answered_to_the_end(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, keeper = await listen(tmp_path, keeper=Keeper(delay=0.1))
+    client = await RawClient.connect(port)
+    await client.send(
+        b"EHLO client.test\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<user@dest.test>\r\nDATA\r\n"
+        + HEAD
+        + b"pipelined\r\n.\r\nQUIT\r\n"
+    )
+    client.writer.write_eof()
+    replies = [await client.reply() for _ in range(6)]
+    assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250", "221"]
+    assert await client.closed()
+    await client.close()
+    assert len(keeper.envelopes) == 1
+
+
+async def test_a_half_close_in_the_middle_of_the_text_keeps_nothing_and_ends_the_session(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, keeper = await listen(tmp_path, spill_bytes=1000)
+    client = await RawClient.connect(port)
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send(HEAD + b"cut short\r\n")
+    client.writer.write_eof()
+    assert await client.reply() == ""  # no reply, the server closed
+    await client.close()
+    await wait_until(lambda: os.listdir(tmp_path) == [])
+    assert keeper.envelopes == []
+
+
+async def test_a_client_that_half_closes_between_commands_is_closed_at_once(
+    listen: Listen, tmp_path: Path
+) -> None:
+    port, _ = await listen(tmp_path)
+    client = await RawClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).startswith("250")
+    client.writer.write_eof()
+    assert await client.closed(timeout=2.0)
+    await client.close()
 
 
 async def test_once_handed_to_the_acceptor_the_file_is_the_spools_even_if_it_fails(

@@ -401,8 +401,10 @@ class BlockDataSMTP(SMTP):
         assert isinstance(self.envelope, TextEnvelope)
         while not text.done:
             block = await self._reader.read(BLOCK)
-            if not block:  # EOF: aiosmtpd's eof_received is cancelling this task already
-                raise ConnectionResetError("connection closed during DATA")
+            if not block:
+                # The client closed its side with its text unfinished: nothing is kept, and the session ends
+                # as aiosmtpd ends one whose connection went (PostmuxSMTP.eof_received).
+                raise asyncio.CancelledError
             taken = text.feed(block)
             if taken < len(block):
                 unread(self._reader, block[taken:])

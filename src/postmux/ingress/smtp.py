@@ -139,6 +139,10 @@ class _GuardedReader(asyncio.StreamReader):
         except asyncio.LimitOverrunError:
             self.overrun = True
             raise
+        except asyncio.IncompleteReadError:
+            # The client closed its side and every whole line it sent is answered (eof_received): the
+            # session ends as aiosmtpd ends one whose connection went, by cancellation (it closes the socket).
+            raise asyncio.CancelledError from None
         if separator != b"\n":
             self.on_data_line()
             return line
@@ -510,19 +514,27 @@ class PostmuxSMTP(BlockDataSMTP):
         super().connection_lost(error)
 
     def eof_received(self) -> bool:
-        """The client has closed its side: close ours at once, which gives its connection slot back.
+        """The client has closed its side (a half-close: `nc -N`, `socat`, a script's shutdown(SHUT_WR)).
 
-        aiosmtpd cancels the session's task here and keeps the socket half-open (StreamReaderProtocol's
-        True), leaving the close to the task's clean-up. A task cancelled before its first step never runs
-        that clean-up, and uvloop delivers the EOF of a client that connects and hangs up before the task
-        starts: the socket sat in CLOSE-WAIT holding its slot until [smtp] timeout (issue 10 B4). SMTP has
-        no use for a half-open session (aiosmtpd answers nothing after EOF), so the transport closes here
-        and connection_lost releases the slot, whatever state the session was in.
+        It may still be reading, and it is owed a reply to each whole command it sent, above all the reply
+        to its text's end: a message is ours only by that reply (RFC 5321 4.1.1.4, 6.1), and a client that
+        never gets it sends the message again, a duplicate. aiosmtpd cancels the session's task here, which
+        stored and delivered such a message without a word. So the reader is told of the end and the task
+        goes on: it answers what it has, and ends (closing the socket, giving the connection slot back) when
+        it next needs a line that will never come (_GuardedReader.readuntil) or finds a text cut short
+        (BlockDataSMTP._read_text). uvloop delivers the EOF of a client that connects and hangs up even
+        before the task starts (issue 10 B4): it starts, and ends at its first read.
+
+        Over TLS there is no half-close (RFC 8446 6.1: close_notify ends the connection both ways), and a
+        proxy that hangs up mid-header owes nothing an answer: those close at once, as aiosmtpd does.
         """
         if self._awaiting_proxy:  # a plain TCP check, or a proxy gone mid-header: nothing to answer
             log.info("connection closed: no PROXY header", proxy=self.client_ip, reason="the peer hung up")
-        super().eof_received()
-        return False
+        if self._awaiting_proxy or self._tls_protocol is not None or self._handler_coroutine is None:
+            super().eof_received()
+            return False
+        asyncio.StreamReaderProtocol.eof_received(self)  # the reader ends: a read past it ends the task
+        return True  # our side stays open for the replies
 
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # aiosmtpd builds its StreamReader in its constructor; giving that very object the checking class
