@@ -9,8 +9,9 @@ writing to the return-path domain. Lower case throughout: some MTAs fold the loc
 
 A recipient whose local part is quoted (`"john doe"@example.com`) or that holds characters no dot-atom may
 carry keeps the plain envelope sender: a VERP form of it would need quoting that many bounce senders mangle.
-The local part grows past RFC 5321's 64 octets with long recipients (a limit most MTAs do not enforce,
-as the RFC itself asks in 4.5.3.1); the mac stays, so a truncated one simply fails to match.
+The local part grows past RFC 5321's 64 octets for any recipient past 23 octets (a limit most MTAs do not
+enforce, as the RFC itself asks in 4.5.3.1, and postmux's own listener does not: ingress/hygiene.py); the mac
+stays, so a truncated one simply fails to match.
 """
 
 from __future__ import annotations
