@@ -29,6 +29,34 @@ async def test_command_line_over_512_octets_is_refused(gateway: StartGateway) ->
     await client.close()
 
 
+def _mail_of(octets: int) -> str:
+    """A valid MAIL line of `octets` octets before its CRLF (as aiosmtpd measures): SIZE padded with zeros."""
+    head = "MAIL FROM:<a@example.com> SIZE="
+    return head + "0" * (octets - len(head) - 1) + "1"
+
+
+async def test_mails_line_limit_is_its_own_in_each_session_and_the_same_at_every_ehlo(
+    gateway: StartGateway,
+) -> None:
+    """512 octets, 26 more for SIZE (RFC 1870 8) and 10 for SMTPUTF8 (RFC 6531 3.4): 548 for MAIL after
+    EHLO, whatever other clients do and however often this one says EHLO."""
+    app = await gateway()
+    a = await RawClient.connect(app.smtp_port)
+    assert (await a.cmd("EHLO client.test")).startswith("250")
+    assert (await a.cmd(_mail_of(548))).startswith("250 ")
+    assert (await a.cmd("RSET")).startswith("250")
+    b = await RawClient.connect(app.smtp_port)  # another session begins: it changes nothing of a's
+    assert (await a.cmd(_mail_of(548))).startswith("250 ")
+    assert (await a.cmd("RSET")).startswith("250")
+    for _ in range(13):
+        assert (await a.cmd("EHLO client.test")).startswith("250")
+    assert await a.cmd(_mail_of(549)) == TOO_LONG_COMMAND
+    assert (await b.cmd("EHLO client.test")).startswith("250")
+    assert await b.cmd(_mail_of(549)) == TOO_LONG_COMMAND
+    await a.close()
+    await b.close()
+
+
 async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_are_refused(
     gateway: StartGateway, tmp_path: Path
 ) -> None:

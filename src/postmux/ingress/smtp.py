@@ -122,6 +122,25 @@ class _QuietSession(Session):
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 
 
+# RFC 5321 4.5.3.1.4: 512 octets a command line; MAIL may carry 26 more for SIZE (RFC 1870 8) and 10 for
+# SMTPUTF8 (RFC 6531 3.4), which aiosmtpd adds at EHLO.
+_COMMAND_LINE = 512
+_COMMAND_LINE_MAX = {"MAIL": _COMMAND_LINE + 26 + 10}
+
+
+class _CommandLimits(dict[str, int]):
+    """A session's own command-line limits, in place of aiosmtpd's, which is one dict shared by every
+    session: each connection cleared it for all (a valid 531-octet MAIL refused with a 500 whenever another
+    client connected) and each EHLO added to it again (927 octets taken after 13 EHLOs). Here EHLO's
+    additions stop at what the RFCs give."""
+
+    def __missing__(self, command: str) -> int:
+        return _COMMAND_LINE
+
+    def __setitem__(self, command: str, octets: int) -> None:
+        super().__setitem__(command, min(octets, _COMMAND_LINE_MAX.get(command, _COMMAND_LINE)))
+
+
 class _GuardedReader(asyncio.StreamReader):
     """aiosmtpd's own stream reader with a check on each command line (see PostmuxSMTP._cb_client_connected).
 
@@ -427,7 +446,7 @@ class PostmuxSMTP(BlockDataSMTP):
         self.data_size_limit = settings.max_message_size
         self.enable_SMTPUTF8 = True
         self._decode_data = False
-        self.command_size_limits.clear()
+        self.command_size_limits = _CommandLimits()
         self.hostname = settings.hostname
         self.tls_context = tls_context
         if tls_context:  # as aiosmtpd warns (tls_context() below makes neither kind)
