@@ -93,6 +93,21 @@ async def test_auth_login_when_clear_text_is_allowed(gateway: StartGateway) -> N
     await client.close()
 
 
+async def test_auth_in_the_middle_of_a_transaction_is_refused(gateway: StartGateway) -> None:
+    """RFC 4954 4: an AUTH during a mail transaction MUST be rejected with a 503; after RSET it may come."""
+    app = await gateway(users=USERS, auth_require_tls=False, trusted_networks=UNTRUSTED)
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<app@example.com>")).startswith("250")
+    assert await client.cmd("AUTH PLAIN " + plain("billing", "s3cret")) == (
+        "503 5.5.1 Error: MAIL transaction in progress"
+    )
+    assert (await client.cmd("RCPT TO:<user@dest.test>")).startswith("554 5.7.1")  # still not logged in
+    assert (await client.cmd("RSET")).startswith("250")
+    assert await client.cmd("AUTH PLAIN " + plain("billing", "s3cret")) == "235 2.7.0 Authentication successful"
+    await client.close()
+
+
 async def test_wrong_password_is_refused_after_the_delay_and_relay_stays_closed(
     gateway: StartGateway, tmp_path: Path
 ) -> None:

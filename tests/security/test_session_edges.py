@@ -292,3 +292,23 @@ async def test_a_client_that_leaves_during_the_tls_handshake_leaves_no_traceback
         assert after.greeting.startswith("220 ")
         await after.close()
     assert not _errors(caplog, logged)
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["SIZE=\u00b2", "SIZE=\u0661\u0662", "\u017fmtputf8", "BODY=8BITM\u0131ME", b"SIZE=1\xff"],
+    ids=["superscript-two", "arabic-indic-digits", "long-s", "dotless-i", "not-utf-8"],
+)
+async def test_a_mail_parameter_that_is_not_ascii_is_a_syntax_error(
+    gateway: StartGateway, params: str | bytes
+) -> None:
+    """RFC 5321 4.1.2: ESMTP keywords and values are ASCII; aiosmtpd read them with Unicode's isdigit and
+    upper (a 451 and a traceback for "²", a SIZE of "١٢", SMTPUTF8 from "ſmtputf8"). Postfix: 501 too."""
+    app = await gateway()
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    raw = params if isinstance(params, bytes) else params.encode()
+    reply = await client.cmd(b"MAIL FROM:<app@example.com> " + raw + b"\r\n")
+    assert reply == "501 5.5.4 Syntax error in parameters: not ASCII (RFC 5321 4.1.2)"
+    assert (await client.cmd("MAIL FROM:<app@example.com> SIZE=12")).startswith("250 ")
+    await client.close()

@@ -92,6 +92,7 @@ _BAD_SYNTAX = {
 _BAD_ADDRESS = {Role.SENDER: "553 5.1.7", Role.RECIPIENT: "553 5.1.3"}
 # Postfix's words (smtpd.c); RFC 6531 3.5 / RFC 3463 X.6.7: a non-ASCII address without SMTPUTF8.
 SMTPUTF8_UNDECLARED = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+NON_ASCII_PARAMETERS = "501 5.5.4 Syntax error in parameters: not ASCII (RFC 5321 4.1.2)"
 NULL_RECIPIENT = (
     f"{_BAD_SYNTAX[Role.RECIPIENT]}: <> is the null reverse-path, for MAIL FROM only (RFC 5321 4.5.5)"
 )

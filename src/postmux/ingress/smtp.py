@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import aiosmtpd.smtp
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.address import Role, split_path
@@ -41,6 +41,7 @@ from postmux.ingress.acceptor import AcceptRefused, Accepts
 from postmux.ingress.data import LOCAL_ERROR, NO_STORAGE, BlockDataSMTP, DataText, TextEnvelope
 from postmux.ingress.hygiene import (
     HOPS_EXCEEDED,
+    NON_ASCII_PARAMETERS,
     command_line_refusal,
     declares_smtputf8,
     read_path,
@@ -347,6 +348,11 @@ def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[
     """
     role = Role.RECIPIENT if recipient else Role.SENDER
     path_text, params = split_path(arg)
+    if not params.isascii():
+        # RFC 5321 4.1.2: ESMTP keywords and values are ASCII. aiosmtpd reads them with Unicode's rules: "²"
+        # passed its isdigit() and failed its int() (a 451 and a traceback), "١٢" was a SIZE, "ſmtputf8"
+        # upper-cased to SMTPUTF8. Postfix answers 501 too.
+        return NON_ASCII_PARAMETERS
     smtputf8 = smtputf8_declared if recipient else declares_smtputf8(params)
     path = read_path(path_text, role, smtputf8=smtputf8)
     if isinstance(path, str):
@@ -760,6 +766,15 @@ class PostmuxSMTP(BlockDataSMTP):
         return read
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # RFC 4954 4: "An AUTH command issued during a mail transaction MUST be rejected with a 503 reply"
+        # (aiosmtpd took it: a transaction half unauthenticated, its MAIL, and half authenticated).
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        await super().smtp_AUTH(arg)
 
     def _take_credentials(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
