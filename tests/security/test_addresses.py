@@ -288,3 +288,20 @@ async def test_a_quoted_local_part_and_a_literal_are_routed_by_their_own_domain_
     assert {c for c in routed.commands if c.startswith("RCPT")} == {f"RCPT TO:<{r}>" for r in rcpts}
     mails = [c for c in routed.commands if c.startswith("MAIL")]
     assert mails and all(c.startswith(f"MAIL FROM:<{sender}> ") for c in mails)
+
+
+async def test_the_same_mailbox_twice_is_taken_and_sent_once(gateway: StartGateway) -> None:
+    """As Postfix's cleanup: a receiver that does not drop duplicate recipients would deliver twice. The
+    domain is case-insensitive (RFC 5321 2.4); the local part is the receiver's business, kept apart."""
+    app = await gateway()
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<app@example.com>")
+    for rcpt in ("dup@dest.test", "dup@dest.test", "dup@DEST.Test", "Dup@dest.test"):
+        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).startswith("250 2.1.5")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(b"Subject: dup\r\n\r\nonce\r\n.\r\n")).startswith("250 ")
+    await client.close()
+    up = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    assert sorted(up.received[0].recipients) == ["Dup@dest.test", "dup@dest.test"]

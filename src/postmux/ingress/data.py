@@ -344,6 +344,7 @@ class TextEnvelope(SmtpEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.text: DataText | None = None
+        self.mailboxes: set[str] = set()  # rcpt_tos as compared (PostmuxSMTP's handler: one copy a mailbox)
 
 
 class BlockDataSMTP(SMTP):

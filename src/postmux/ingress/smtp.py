@@ -360,6 +360,13 @@ def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[
     return (path.mailbox.text if path.mailbox is not None else "<>"), params
 
 
+def _mailbox_key(address: str) -> str:
+    """An address as compared for duplicates: its local part as it is (RFC 5321 2.4: a receiver's business),
+    its domain in lower case."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}"
+
+
 class PostmuxSMTP(BlockDataSMTP):
     """One client connection."""
 
@@ -894,6 +901,12 @@ class IngressHandler:
         if not returned and not (session.authenticated or self.trusts(_peer_ip(session))):
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
+        mailbox = _mailbox_key(address)
+        assert isinstance(envelope, TextEnvelope)
+        if mailbox in envelope.mailboxes:
+            # The same mailbox again (a domain is case-insensitive, RFC 5321 2.4): taken, and sent once, as
+            # Postfix's cleanup does; a receiver that does not drop duplicates would deliver it twice.
+            return "250 2.1.5 Ok"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return TOO_MANY_RECIPIENTS
         if self.suppressions is not None:
@@ -902,6 +915,7 @@ class IngressHandler:
             if found is not None:
                 return found.smtp_reply()
         envelope.rcpt_tos.append(address)
+        envelope.mailboxes.add(mailbox)
         return "250 2.1.5 Ok"
 
     def _returned(self, address: str) -> bool:
