@@ -259,6 +259,9 @@ async def test_every_final_reply_after_ehlo_carries_an_enhanced_status_code(gate
     assert not without
     assert replies[commands.index("MAIL FROM:<app@example.com>")] == "250 2.1.0 Ok"
     assert replies[-1] == "221 2.0.0 Bye"
+    # RFC 5321 4.2.2, 4.3.2: help is a 214 (aiosmtpd says 250).
+    assert replies[1].startswith("214 2.0.0 Supported commands:")
+    assert replies[2].startswith("214 2.0.0 Syntax:")
 
 
 async def test_a_login_writes_no_aiosmtpd_warning_into_the_log(

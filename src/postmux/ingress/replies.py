@@ -60,7 +60,7 @@ def enhanced(reply: str) -> str:
     if reply in _ENHANCED_SUCCESS:
         return _ENHANCED_SUCCESS[reply]
     if reply.startswith(_HELP_REPLIES):
-        return f"250 2.0.0 {reply[4:]}"
+        return f"214 2.0.0 {reply[4:]}"  # RFC 5321 4.2.2, 4.3.2: help is 214, not aiosmtpd's 250
     if reply[:1] not in ("4", "5") or _HAS_ENHANCED.match(reply):
         return reply
     code = _DEFAULT_ENHANCED.get(reply[:3], f"{reply[0]}.0.0")
