@@ -781,6 +781,11 @@ class PostmuxSMTP(BlockDataSMTP):
         if self.envelope is not None and self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
             return
+        if not self._auth_methods:
+            # No [[smtp.users]]: AUTH is not offered at all, and no TLS would change that (aiosmtpd answered
+            # 538 "encryption required" before it looked). Postfix's words for it.
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
         await super().smtp_AUTH(arg)
 
     def _take_credentials(
