@@ -304,3 +304,26 @@ def test_a_tail_that_cannot_be_read_leaves_the_headers_in_data(tmp_path: Path) -
     head = original_head(HEADERS, BodyFile(str(tmp_path / "gone"), 0, 100))
     assert head == HEADERS
     assert HEADERS in make(original=head).data  # the sender still hears of the failure
+
+
+@pytest.mark.parametrize(
+    ("remote", "host"),
+    [
+        ("127.0.0.1:49846", "127.0.0.1"),
+        ("relay.example:2525", "relay.example"),
+        ("mx.example.net", "mx.example.net"),
+        ("[2001:db8::1]:25", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_remote_mta_is_a_host_without_its_port(remote: str, host: str) -> None:
+    # RFC 3464 2.3.5: the "dns" name type holds a host name; "host:port" is neither a name nor an address.
+    rcpt = FailedRecipient("bob@example.net", Reply(550, "5.1.1", "User unknown"), remote_mta=remote)
+    assert status_blocks(make((rcpt,)))[1]["Remote-MTA"] == f"dns; {host}"
+
+
+def test_bounced_and_expired_recipients_in_one_report_keep_their_own_status() -> None:
+    expired = FailedRecipient("carol@example.com", Reply(451, "4.2.0", "try later"), expired=True)
+    envelope = make((BOB, expired))
+    assert parse(envelope)["Subject"] == "Undelivered Mail Returned to Sender"  # not all of them expired
+    assert [b["Status"] for b in status_blocks(envelope)[1:]] == ["5.1.1", "4.4.7"]

@@ -12,7 +12,7 @@ import re
 import textwrap
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 from typing import Final
 
@@ -42,9 +42,18 @@ EXPIRED_STATUS: Final = "4.4.7"
 
 @dataclass(frozen=True, slots=True)
 class FailedRecipient:
+    """One recipient the DSN reports on, with its own last reply (RFC 3464 2.3.6: the diagnostic is that
+    recipient's).
+
+    `remote_mta`: the server that gave `reply` ("host" or "host:port"); "" when postmux made the reply
+    itself (a timeout, a connection that could not be made, SMTPUTF8 not offered, no usable member).
+    `expired`: the recipient failed because its queue lifetime ran out, not for its last reply alone.
+    """
+
     address: str
     reply: Reply
-    remote_mta: str = ""  # member/host that gave the reply; "" when the failure was local (timeout, expiry)
+    remote_mta: str = ""
+    expired: bool = False
 
 
 def build_dsn(
@@ -60,13 +69,19 @@ def build_dsn(
 ) -> Envelope | None:
     """The non-delivery report to send back to ``original_sender``, or None when none may be sent.
 
+    ``expired``: every recipient expired (as if each said so); recipients may also say it one by one, so
+    that one report can hold bounced and expired recipients of the same message.
+
     RFC 5321 6.1 / RFC 3464 (and 4.2.5 of RFC 5321): a message from the null sender is itself a
     notification, and answering it could loop forever, so it never gets a DSN.
     """
     if not original_sender or not failed:
         return None
-    text = _human_part(reporting_mta, failed, arrival, expired)
-    status = _status_part(reporting_mta, message_id, failed, arrival, now, expired)
+    if expired:
+        failed = [replace(r, expired=True) for r in failed]
+    expired = all(r.expired for r in failed)  # the subject says so only when it is true of every one
+    text = _human_part(reporting_mta, failed, arrival)
+    status = _status_part(reporting_mta, message_id, failed, arrival, now)
     headers = original_headers(original_message)
     boundary = _boundary((text, status, headers))
     head = _top_headers(original_sender, reporting_mta, now, expired, boundary)
@@ -84,6 +99,20 @@ def status_code(reply: Reply, *, expired: bool) -> str:
     if _STATUS.match(reply.enhanced_code):
         return reply.enhanced_code
     return GENERIC_FAILURE
+
+
+def remote_host(remote: str) -> str:
+    """The host of a remote as members and MX hosts are named ("relay.example:2525", "192.0.2.1:25",
+    "[2001:db8::1]:25", "mx.example"), for Remote-MTA: RFC 3464 2.3.5's "dns" type holds a host name
+    (an address literal at most), and a ":port" makes it neither."""
+    host = _clean(remote)
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::\d+)?", host)
+    if bracketed:
+        return bracketed.group(1)
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:  # a bare IPv6 address keeps its colons
+        return name
+    return host
 
 
 def original_head(data: bytes, tail: BodyFile | None) -> bytes:
@@ -134,15 +163,13 @@ def _top_headers(sender: str, reporting_mta: str, now: float, expired: bool, bou
     return _lines(lines)
 
 
-def _human_part(
-    reporting_mta: str, failed: Sequence[FailedRecipient], arrival: float, expired: bool
-) -> bytes:
+def _human_part(reporting_mta: str, failed: Sequence[FailedRecipient], arrival: float) -> bytes:
     lines = [
         f"This is the mail system at {_clean(reporting_mta)}.",
         "",
         "Your message could not be delivered to one or more recipients.",
     ]
-    if expired:
+    if any(r.expired for r in failed):
         lines.append(f"It was retried since {formatdate(arrival)} until its delivery time expired.")
     lines += ["Its headers are attached below; the body is not returned.", ""]
     for recipient in failed:
@@ -170,7 +197,6 @@ def _status_part(
     failed: Sequence[FailedRecipient],
     arrival: float,
     now: float,
-    expired: bool,
 ) -> bytes:
     # RFC 3464 2.2: per-message fields in the grammar's order, extension (X-) fields last.
     lines = [
@@ -180,21 +206,21 @@ def _status_part(
     ]
     for recipient in failed:
         lines.append("")  # RFC 3464 2.1: each per-recipient group follows a blank line
-        lines += _recipient_fields(recipient, now, expired)
+        lines += _recipient_fields(recipient, now)
     return _lines(lines)
 
 
-def _recipient_fields(recipient: FailedRecipient, now: float, expired: bool) -> list[str]:
+def _recipient_fields(recipient: FailedRecipient, now: float) -> list[str]:
     # RFC 3464 2.3: fields in the grammar's order; Will-Retry-Until is left out as no retry follows.
     lines = [
         *_field("Final-Recipient", f"rfc822; {_clean(recipient.address)}"),
         "Action: failed",
-        f"Status: {status_code(recipient.reply, expired=expired)}",
+        f"Status: {status_code(recipient.reply, expired=recipient.expired)}",
     ]
     if recipient.remote_mta:
         # RFC 3464 2.3.5/2.3.6: only a reply that really came from a remote server is an SMTP
         # diagnostic; local failures (timeouts, expiry) are explained in the human-readable part.
-        lines += _field("Remote-MTA", f"dns; {_clean(recipient.remote_mta)}")
+        lines += _field("Remote-MTA", f"dns; {remote_host(recipient.remote_mta)}")
         lines += _field("Diagnostic-Code", f"smtp; {_clean(str(recipient.reply))}")
     lines.append(f"Last-Attempt-Date: {formatdate(now)}")
     return lines
