@@ -111,6 +111,11 @@ async def test_utf8_mail_bounces_with_5_6_7_when_no_member_of_its_pool_offers_sm
     dsn = email.message_from_bytes(wide.received[0].data)
     assert wide.received[0].sender == "" and wide.received[0].recipients == ["app@example.com"]
     assert b"5.6.7" in wide.received[0].data and dsn.get_content_type() == "multipart/report"
+    # Review 6: the 553 is postmux's finding from the servers' EHLO, not a reply either of them gave, so
+    # it is not an SMTP diagnostic of a remote MTA (RFC 3464 2.3.5/2.3.6).
+    assert b"Diagnostic-Code" not in wide.received[0].data and b"Remote-MTA" not in wide.received[0].data
+    assert b" said:" not in wide.received[0].data
+    assert b"(reported by this mail system)" in b" ".join(wide.received[0].data.split())
 
 
 async def test_utf8_mail_waits_while_the_only_member_offering_smtputf8_is_drained(
