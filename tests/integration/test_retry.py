@@ -43,6 +43,55 @@ async def test_deferred_message_is_retried_then_expires_with_one_dsn(tmp_path: P
         await u.stop()
 
 
+async def test_an_expiry_dsn_gives_each_recipient_its_own_reply_from_the_remote_server(
+    tmp_path: Path,
+) -> None:
+    # Review 5: the relay said something different to each recipient; the DSN and the Expiration events
+    # must tell each its own (RFC 3464 2.3.6), as the relay's replies (Remote-MTA, smtp; Diagnostic-Code).
+    relay = await Upstream("relay").start()
+    relay.rcpt_refusals["full@dest.test"] = "452 4.2.2 <full@dest.test>: mailbox full"
+    relay.rcpt_refusals["grey@dest.test"] = "451 4.7.1 <grey@dest.test>: greylisted"
+    bounces = await Upstream("bounces").start()
+    pools = [
+        {
+            "name": "default",
+            "members": [{"name": "relay", "address": relay.address}],
+            "health": {"consecutive_4xx": 1000},
+        },
+        {"name": "return", "members": [{"name": "bounces", "address": bounces.address}]},
+    ]
+    settings = make_settings(tmp_path, pools, retry={"intervals": ["300ms"], "max_age": "1s", "jitter": 0})
+    route = RouteSettings.model_validate({"match": {"recipient_domain": "example.com"}, "pool": "return"})
+    settings = settings.model_copy(update={"route": (route,)})
+    async with App(settings) as app:
+        await send(app.smtp_port, "e2", sender="app@example.com", to=["full@dest.test", "grey@dest.test"])
+        await wait_until(lambda: len(bounces.received) == 1, timeout=10)
+    [dsn] = bounces.received
+    report = email.message_from_bytes(dsn.data, policy=policy.default)
+    status = report.get_payload()[1].get_payload()  # type: ignore[index, union-attr]
+    groups = {str(g["Final-Recipient"]): g for g in status[1:]}
+    assert (
+        groups["rfc822; full@dest.test"]["Diagnostic-Code"]
+        == "smtp; 452 4.2.2 <full@dest.test>: mailbox full"
+    )
+    assert (
+        groups["rfc822; grey@dest.test"]["Diagnostic-Code"] == "smtp; 451 4.7.1 <grey@dest.test>: greylisted"
+    )
+    assert {str(g["Remote-MTA"]) for g in groups.values()} == {"dns; 127.0.0.1"}  # RFC 3464 2.3.5: no port
+    assert b"reported by this mail system" not in dsn.data
+    expired = {
+        e["recipient"]: e["response"]["text"]
+        for e in read_events(tmp_path / "events.jsonl")
+        if e["type"] == "Expiration"
+    }
+    assert expired == {
+        "full@dest.test": "<full@dest.test>: mailbox full",
+        "grey@dest.test": "<grey@dest.test>: greylisted",
+    }
+    for u in (relay, bounces):
+        await u.stop()
+
+
 async def test_deferral_waits_for_the_interval_when_no_other_member_is_left(tmp_path: Path) -> None:
     flip = {"fail": True}
 

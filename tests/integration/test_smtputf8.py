@@ -16,16 +16,20 @@ from postmux.config import RouteSettings
 from tests.support import StartUpstream, Upstream, make_settings, read_events, wait_until
 
 
-async def send_utf8(port: int, test_id: str, to: str = "jörg@dest.test", subject: str = "hello") -> None:
+async def send_utf8(
+    port: int,
+    test_id: str,
+    to: str = "jörg@dest.test",
+    subject: str = "hello",
+    sender: str = "app@example.com",
+) -> None:
     """One message with SMTPUTF8 at MAIL, as a client with UTF-8 addresses or headers sends it."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="client.test", start_tls=False)
     await client.connect()
     try:
-        await client.mail("app@example.com", options=["SMTPUTF8", "BODY=8BITMIME"], encoding="utf-8")
+        await client.mail(sender, options=["SMTPUTF8", "BODY=8BITMIME"], encoding="utf-8")
         await client.rcpt(to, encoding="utf-8")
-        data = (
-            f"From: app@example.com\r\nTo: {to}\r\nSubject: {subject}\r\nX-Test-Id: {test_id}\r\n\r\nhi\r\n"
-        )
+        data = f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nX-Test-Id: {test_id}\r\n\r\nhi\r\n"
         response = await client.data(data.encode())
         assert response.code == 250
         await client.quit()
@@ -111,6 +115,11 @@ async def test_utf8_mail_bounces_with_5_6_7_when_no_member_of_its_pool_offers_sm
     dsn = email.message_from_bytes(wide.received[0].data)
     assert wide.received[0].sender == "" and wide.received[0].recipients == ["app@example.com"]
     assert b"5.6.7" in wide.received[0].data and dsn.get_content_type() == "multipart/report"
+    # Review 6: the 553 is postmux's finding from the servers' EHLO, not a reply either of them gave, so
+    # it is not an SMTP diagnostic of a remote MTA (RFC 3464 2.3.5/2.3.6).
+    assert b"Diagnostic-Code" not in wide.received[0].data and b"Remote-MTA" not in wide.received[0].data
+    assert b" said:" not in wide.received[0].data
+    assert b"(reported by this mail system)" in b" ".join(wide.received[0].data.split())
 
 
 async def test_utf8_mail_waits_while_the_only_member_offering_smtputf8_is_drained(
@@ -147,3 +156,38 @@ async def test_an_mx_host_without_smtputf8_bounces_at_once_whatever_the_source_i
     (bounce,) = events(tmp_path, "Bounce")
     assert (bounce["response"]["code"], bounce["response"]["enhanced_code"]) == (553, "5.6.7")
     assert events(tmp_path, "TransientFailure") == [] and narrow.data_commands == 0
+
+
+async def test_a_utf8_recipients_dsn_is_global_or_downgraded_by_what_its_next_hop_offers(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    # Review 7: RFC 6533 3 with SMTPUTF8 on the way back, RFC 6533 6 (an ASCII message/delivery-status,
+    # the address in utf-8-addr-xtext) where the hop toward the sender lacks it.
+    relay = await upstream("relay")
+    relay.rcpt_refusals["jörg@dest.test"] = "550 5.1.1 <jörg@dest.test>: Empfänger unbekannt"
+    wide = await upstream("wide")
+    narrow = await upstream("narrow", smtputf8=False)
+    pools = [
+        {"name": "default", "members": [{"name": "relay", "address": relay.address}]},
+        {"name": "wide", "members": [{"name": "wide", "address": wide.address}]},
+        {"name": "narrow", "members": [{"name": "narrow", "address": narrow.address}]},
+    ]
+    routes = tuple(
+        RouteSettings.model_validate({"match": {"recipient_domain": domain}, "pool": pool})
+        for domain, pool in (("example.com", "wide"), ("old.example", "narrow"))
+    )
+    settings = make_settings(tmp_path, pools).model_copy(update={"route": routes})
+    async with App(settings) as app:
+        await send_utf8(app.smtp_port, "g1", subject="Grüße")
+        await send_utf8(app.smtp_port, "g2", subject="Grüße", sender="app@old.example")
+        await wait_until(lambda: len(wide.received) == 1 and len(narrow.received) == 1)
+    wide_dsn, narrow_dsn = wide.received[0].data, narrow.received[0].data
+    assert b"Content-Type: message/global-delivery-status\r\n" in wide_dsn
+    assert "Final-Recipient: utf-8; jörg@dest.test".encode() in wide_dsn
+    assert b"Content-Type: message/global-headers\r\n" in wide_dsn
+    assert any(c.startswith("MAIL FROM:<>") and "SMTPUTF8" in c for c in wide.commands)
+    assert b"Content-Type: message/delivery-status\r\n" in narrow_dsn and b"message/global" not in narrow_dsn
+    status = narrow_dsn.split(b"Content-Type: message/delivery-status\r\n")[1].split(b"\r\n--=_postmux")[0]
+    assert status.isascii() and b"Final-Recipient: utf-8; j\\x{F6}rg@dest.test" in status
+    assert b"Content-Type: text/rfc822-headers\r\n" in narrow_dsn
+    assert not any("SMTPUTF8" in c for c in narrow.commands)

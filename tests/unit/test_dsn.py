@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from postmux.body import HEADER_LIMIT, BodyFile
-from postmux.delivery.dsn import FailedRecipient, build_dsn, original_head, original_headers, status_code
+from postmux.delivery.dsn import (
+    FailedRecipient,
+    build_dsn,
+    downgraded,
+    original_head,
+    original_headers,
+    status_code,
+    utf8_addr_xtext,
+)
 from postmux.envelope import Envelope
 from postmux.reply import Reply
 
@@ -69,8 +77,18 @@ def parts(envelope: Envelope) -> list[Message]:
 
 
 def status_blocks(envelope: Envelope) -> list[Message]:
-    """The per-message block then one block per recipient, as the email package splits them."""
-    return as_messages(parts(envelope)[1].get_payload())
+    """The per-message block then one block per recipient, as the email package splits them (it does
+    not know RFC 6533's message/global-delivery-status: its blocks are split here the same way)."""
+    part = parts(envelope)[1]
+    if part.get_content_type() != "message/global-delivery-status":
+        return as_messages(part.get_payload())
+    # The part's body as written: after its own header, up to the next delimiter.
+    after = envelope.data.split(b"Content-Type: message/global-delivery-status\r\n", 1)[1]
+    body = after.split(b"\r\n\r\n", 1)[1].split(b"\r\n--=_postmux-dsn-", 1)[0]
+    return [
+        email.message_from_bytes(block + b"\r\n", policy=email.policy.default)
+        for block in body.rstrip(b"\r\n").split(b"\r\n\r\n")
+    ]
 
 
 def as_messages(payload: object) -> list[Message]:
@@ -304,3 +322,108 @@ def test_a_tail_that_cannot_be_read_leaves_the_headers_in_data(tmp_path: Path) -
     head = original_head(HEADERS, BodyFile(str(tmp_path / "gone"), 0, 100))
     assert head == HEADERS
     assert HEADERS in make(original=head).data  # the sender still hears of the failure
+
+
+@pytest.mark.parametrize(
+    ("remote", "host"),
+    [
+        ("127.0.0.1:49846", "127.0.0.1"),
+        ("relay.example:2525", "relay.example"),
+        ("mx.example.net", "mx.example.net"),
+        ("[2001:db8::1]:25", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_remote_mta_is_a_host_without_its_port(remote: str, host: str) -> None:
+    # RFC 3464 2.3.5: the "dns" name type holds a host name; "host:port" is neither a name nor an address.
+    rcpt = FailedRecipient("bob@example.net", Reply(550, "5.1.1", "User unknown"), remote_mta=remote)
+    assert status_blocks(make((rcpt,)))[1]["Remote-MTA"] == f"dns; {host}"
+
+
+def test_bounced_and_expired_recipients_in_one_report_keep_their_own_status() -> None:
+    expired = FailedRecipient("carol@example.com", Reply(451, "4.2.0", "try later"), expired=True)
+    envelope = make((BOB, expired))
+    assert parse(envelope)["Subject"] == "Undelivered Mail Returned to Sender"  # not all of them expired
+    assert [b["Status"] for b in status_blocks(envelope)[1:]] == ["5.1.1", "4.4.7"]
+
+
+# -- RFC 6533: internationalized reports ----------------------------------------------------------------
+
+JOERG = FailedRecipient(
+    "jörg@dest.test", Reply(550, "5.1.1", "<jörg@dest.test>: Empfänger unbekannt"), remote_mta="mx.dest.test"
+)
+
+
+def test_a_utf8_recipient_makes_a_global_report_with_the_utf8_address_type() -> None:
+    # Review 7, RFC 6533 3: message/global-delivery-status, "utf-8" for the non-ASCII address only.
+    envelope = make((JOERG, BOB))
+    assert [p.get_content_type() for p in parts(envelope)] == [
+        "text/plain",
+        "message/global-delivery-status",
+        "message/global-headers",
+    ]
+    joerg, bob = status_blocks(envelope)[1:]
+    assert joerg["Final-Recipient"] == "utf-8; jörg@dest.test"
+    assert joerg["Diagnostic-Code"] == "smtp; 550 5.1.1 <jörg@dest.test>: Empfänger unbekannt"
+    assert bob["Final-Recipient"] == "rfc822; bob@example.net"
+    assert parse(envelope).get_param("report-type") == "delivery-status"  # RFC 6533 keeps the type
+    assert envelope.smtputf8  # sent with SMTPUTF8 where the next hop offers it
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        FailedRecipient("bob@example.net", Reply(550, "5.1.1", "Benutzer unbekannt – désolé")),
+        "utf-8 headers",
+    ],
+)
+def test_a_utf8_diagnostic_or_utf8_headers_make_a_global_report(case: FailedRecipient | str) -> None:
+    if isinstance(case, FailedRecipient):
+        envelope = make((case,))
+    else:
+        envelope = make((BOB,), original="Subject: Grüße\r\n\r\nbody\r\n".encode())
+    assert [p.get_content_type() for p in parts(envelope)][1:] == [
+        "message/global-delivery-status",
+        "message/global-headers",
+    ]
+
+
+def test_an_ascii_report_stays_a_plain_delivery_status() -> None:
+    envelope = make()
+    assert b"message/global" not in envelope.data and not envelope.smtputf8
+    assert downgraded(envelope.data) is None  # nothing to downgrade: it goes as it is
+
+
+@pytest.mark.parametrize(
+    ("text", "xtext"),
+    [
+        ("jörg@dest.test", "j\\x{F6}rg@dest.test"),
+        ("a+b=c\\d@x", "a\\x{2B}b\\x{3D}c\\x{5C}d@x"),
+        ("用户@例子", "\\x{7528}\\x{6237}@\\x{4F8B}\\x{5B50}"),
+    ],
+)
+def test_utf8_addr_xtext(text: str, xtext: str) -> None:
+    assert utf8_addr_xtext(text) == xtext
+
+
+def test_a_global_report_downgraded_for_a_hop_without_smtputf8_has_an_ascii_delivery_status() -> None:
+    # RFC 6533 6: message/delivery-status is ASCII; the UTF-8 address keeps its type in xtext form.
+    original = make((JOERG, BOB), original="Subject: Grüße\r\n\r\nbody\r\n".encode())
+    data = downgraded(original.data)
+    assert data is not None
+    envelope = Envelope(sender="", recipients=original.recipients, data=data)
+    assert [p.get_content_type() for p in parts(envelope)] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    status = data.split(b"Content-Type: message/delivery-status\r\n")[1].split(b"\r\n--=_postmux")[0]
+    assert status.isascii()
+    joerg, bob = status_blocks(envelope)[1:]
+    assert joerg["Final-Recipient"] == "utf-8; j\\x{F6}rg@dest.test"
+    assert joerg["Diagnostic-Code"] == "smtp; 550 5.1.1 <j\\x{F6}rg@dest.test>: Empf\\x{E4}nger unbekannt"
+    assert joerg["Remote-MTA"] == "dns; mx.dest.test" and joerg["Status"] == "5.1.1"
+    assert bob["Final-Recipient"] == "rfc822; bob@example.net"
+    assert "Subject: Grüße".encode() in data  # the sender's header fields as received, 8bit (RFC 6152)
+    assert_crlf_and_short_lines(data)
+    assert data.split(b"\r\n\r\n")[0] == original.data.split(b"\r\n\r\n")[0]  # same top header

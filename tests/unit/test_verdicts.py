@@ -408,3 +408,80 @@ def test_a_deferral_is_not_passed_on_to_a_member_spf_bars() -> None:
     assert v.retry_now is None  # b is untried but barred: the work waits its round with a's reply
     [s] = v.settlements
     assert s.state is RecipientState.QUEUED and s.reply == str(TRY_LATER)
+
+
+def dsn_text(v: Verdict) -> str:
+    [dsn] = [s.dsn for s in v.settlements if s.dsn is not None]
+    return dsn.data.decode()
+
+
+def test_an_expiry_gives_each_recipient_its_own_last_reply_said_by_the_remote_server() -> None:
+    # Review 5 (RFC 3464 2.3.6): one server said "mailbox full" to one, "greylisted" to the other.
+    pool, rules = setup("ab")
+    full = Reply(452, "4.2.2", "<user1@dest.example>: mailbox full")
+    grey = Reply(451, "4.7.1", "<user2@dest.example>: greylisted")
+    outcome = AttemptOutcome({1: full, 2: grey}, "relay-b:2525")
+    v = verdicts.after_attempt(work(1, 2, tried={"a", "b"}, age_s=86_400), "b", outcome, pool, rules, NOW)
+    expirations = [(e.recipient, e.response) for e in v.events if e.type is EventType.EXPIRATION]
+    assert expirations == [("user1@dest.example", full), ("user2@dest.example", grey)]
+    assert {(s.state, tuple(s.rids), s.reply) for s in v.settlements} == {
+        (RecipientState.EXPIRED, (1,), str(full)),
+        (RecipientState.EXPIRED, (2,), str(grey)),
+    }
+    text = dsn_text(v)
+    # The remote server's replies: Remote-MTA (a host name, no port: RFC 3464 2.3.5) and smtp; diagnostics.
+    assert "Diagnostic-Code: smtp; 452 4.2.2 <user1@dest.example>: mailbox full" in text
+    assert "Diagnostic-Code: smtp; 451 4.7.1 <user2@dest.example>: greylisted" in text
+    assert text.count("Remote-MTA: dns; relay-b\r\n") == 2 and "Status: 4.4.7" in text
+    assert "reported by this mail system" not in text
+
+
+def test_a_deferral_keeps_each_recipient_its_own_reply_in_the_spool() -> None:
+    pool, rules = setup("ab")
+    full = Reply(452, "4.2.2", "mailbox full")
+    outcome = AttemptOutcome({1: full, 2: TRY_LATER}, "relay-b")
+    v = verdicts.after_attempt(work(1, 2, tried={"a", "b"}), "b", outcome, pool, rules, NOW)
+    assert sorted((tuple(s.rids), s.reply, s.state) for s in v.settlements) == [
+        ((1,), str(full), RecipientState.QUEUED),
+        ((2,), str(TRY_LATER), RecipientState.QUEUED),
+    ]
+
+
+def test_an_attempt_that_bounces_some_and_expires_others_sends_one_dsn_for_them_all() -> None:
+    pool, rules = setup("ab")
+    outcome = AttemptOutcome({1: NO_SUCH_USER, 2: TRY_LATER}, "relay-b")
+    v = verdicts.after_attempt(work(1, 2, tried={"a", "b"}, age_s=86_400), "b", outcome, pool, rules, NOW)
+    assert {s.state for s in v.settlements} == {RecipientState.BOUNCED, RecipientState.EXPIRED}
+    text = dsn_text(v)  # exactly one DSN
+    assert "Final-Recipient: rfc822; user1@dest.example" in text and "Status: 5.1.1" in text
+    assert "Final-Recipient: rfc822; user2@dest.example" in text and "Status: 4.4.7" in text
+    assert "Subject: Undelivered Mail Returned to Sender" in text  # not every recipient expired
+
+
+def test_a_refusal_postmux_made_is_not_shown_as_the_remote_servers_reply() -> None:
+    # Review 6: the 553 5.6.7 comes from the servers' EHLO, not from any reply they gave (RFC 3464 2.3.6).
+    pool, rules = setup("a")
+    v = verdicts.after_attempt(work(1, tried={"a"}), "a", unfit("127.0.0.1:2600"), pool, rules, NOW)
+    text = dsn_text(v)
+    assert "Remote-MTA" not in text and "Diagnostic-Code" not in text and " said:" not in text
+    explained = "553 5.6.7 SMTPUTF8 required but not offered by relay-a (reported by this mail system)"
+    assert explained in " ".join(text.split())  # the human part, folded at 76
+
+
+@pytest.mark.parametrize("breakoff", [Breakoff.CONNECT, Breakoff.TIMEOUT, Breakoff.LOST])
+def test_a_bounce_with_a_reply_postmux_made_has_no_smtp_diagnostic(breakoff: Breakoff) -> None:
+    pool, rules = setup("a")
+    made = Reply(554, "5.4.4", "could not connect to relay-a")
+    outcome = AttemptOutcome({1: made}, "relay-a", breakoff, local=True)
+    text = dsn_text(verdicts.after_attempt(work(1, tried={"a"}), "a", outcome, pool, rules, NOW))
+    assert "Remote-MTA" not in text and "Diagnostic-Code" not in text and "reported by this mail" in text
+
+
+def test_an_address_refused_before_sending_is_postmuxs_finding_though_others_were_sent() -> None:
+    pool, rules = setup("a")
+    unsendable = Reply(553, "5.1.3", "recipient address cannot be sent")
+    outcome = AttemptOutcome({1: NO_SUCH_USER, 2: unsendable}, "relay-a", unsent=frozenset({2}))
+    text = dsn_text(verdicts.after_attempt(work(1, 2, tried={"a"}), "a", outcome, pool, rules, NOW))
+    assert text.count("Remote-MTA: dns; relay-a") == 1
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in text
+    assert "Diagnostic-Code: smtp; 553" not in text

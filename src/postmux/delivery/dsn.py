@@ -12,7 +12,7 @@ import re
 import textwrap
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 from typing import Final
 
@@ -42,9 +42,18 @@ EXPIRED_STATUS: Final = "4.4.7"
 
 @dataclass(frozen=True, slots=True)
 class FailedRecipient:
+    """One recipient the DSN reports on, with its own last reply (RFC 3464 2.3.6: the diagnostic is that
+    recipient's).
+
+    `remote_mta`: the server that gave `reply` ("host" or "host:port"); "" when postmux made the reply
+    itself (a timeout, a connection that could not be made, SMTPUTF8 not offered, no usable member).
+    `expired`: the recipient failed because its queue lifetime ran out, not for its last reply alone.
+    """
+
     address: str
     reply: Reply
-    remote_mta: str = ""  # member/host that gave the reply; "" when the failure was local (timeout, expiry)
+    remote_mta: str = ""
+    expired: bool = False
 
 
 def build_dsn(
@@ -60,21 +69,34 @@ def build_dsn(
 ) -> Envelope | None:
     """The non-delivery report to send back to ``original_sender``, or None when none may be sent.
 
+    ``expired``: every recipient expired (as if each said so); recipients may also say it one by one, so
+    that one report can hold bounced and expired recipients of the same message.
+
     RFC 5321 6.1 / RFC 3464 (and 4.2.5 of RFC 5321): a message from the null sender is itself a
     notification, and answering it could loop forever, so it never gets a DSN.
     """
     if not original_sender or not failed:
         return None
-    text = _human_part(reporting_mta, failed, arrival, expired)
-    status = _status_part(reporting_mta, message_id, failed, arrival, now, expired)
+    if expired:
+        failed = [replace(r, expired=True) for r in failed]
+    expired = all(r.expired for r in failed)  # the subject says so only when it is true of every one
     headers = original_headers(original_message)
+    # RFC 6533 3: a report about internationalized mail (a UTF-8 address or diagnostic, UTF-8 header
+    # fields, a UTF-8 sender) is a message/global-delivery-status, with message/global-headers.
+    international = not (
+        original_sender.isascii()
+        and headers.isascii()
+        and all(r.address.isascii() and str(r.reply).isascii() for r in failed)
+    )
+    text = _human_part(reporting_mta, failed, arrival)
+    status = _status_part(reporting_mta, message_id, failed, arrival, now)
     boundary = _boundary((text, status, headers))
     head = _top_headers(original_sender, reporting_mta, now, expired, boundary)
-    data = _assemble(head, boundary, text, status, headers)
+    data = _assemble(head, boundary, text, status, headers, international=international)
     # RFC 6531 3.2 / RFC 6532 3: UTF-8 in an address or header field needs SMTPUTF8 on the way back;
-    # UTF-8 only in the human text body needs no more than 8BITMIME (RFC 6152).
-    smtputf8 = not all(part.isascii() for part in (head, status, headers))
-    return Envelope(sender="", recipients=(original_sender,), data=data, smtputf8=smtputf8)
+    # UTF-8 only in the human text body needs no more than 8BITMIME (RFC 6152). A global report is sent
+    # with SMTPUTF8 where the next hop offers it, and downgraded (`downgraded`) where it does not.
+    return Envelope(sender="", recipients=(original_sender,), data=data, smtputf8=international)
 
 
 def status_code(reply: Reply, *, expired: bool) -> str:
@@ -84,6 +106,20 @@ def status_code(reply: Reply, *, expired: bool) -> str:
     if _STATUS.match(reply.enhanced_code):
         return reply.enhanced_code
     return GENERIC_FAILURE
+
+
+def remote_host(remote: str) -> str:
+    """The host of a remote as members and MX hosts are named ("relay.example:2525", "192.0.2.1:25",
+    "[2001:db8::1]:25", "mx.example"), for Remote-MTA: RFC 3464 2.3.5's "dns" type holds a host name
+    (an address literal at most), and a ":port" makes it neither."""
+    host = _clean(remote)
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::\d+)?", host)
+    if bracketed:
+        return bracketed.group(1)
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:  # a bare IPv6 address keeps its colons
+        return name
+    return host
 
 
 def original_head(data: bytes, tail: BodyFile | None) -> bytes:
@@ -134,15 +170,13 @@ def _top_headers(sender: str, reporting_mta: str, now: float, expired: bool, bou
     return _lines(lines)
 
 
-def _human_part(
-    reporting_mta: str, failed: Sequence[FailedRecipient], arrival: float, expired: bool
-) -> bytes:
+def _human_part(reporting_mta: str, failed: Sequence[FailedRecipient], arrival: float) -> bytes:
     lines = [
         f"This is the mail system at {_clean(reporting_mta)}.",
         "",
         "Your message could not be delivered to one or more recipients.",
     ]
-    if expired:
+    if any(r.expired for r in failed):
         lines.append(f"It was retried since {formatdate(arrival)} until its delivery time expired.")
     lines += ["Its headers are attached below; the body is not returned.", ""]
     for recipient in failed:
@@ -170,7 +204,6 @@ def _status_part(
     failed: Sequence[FailedRecipient],
     arrival: float,
     now: float,
-    expired: bool,
 ) -> bytes:
     # RFC 3464 2.2: per-message fields in the grammar's order, extension (X-) fields last.
     lines = [
@@ -180,45 +213,130 @@ def _status_part(
     ]
     for recipient in failed:
         lines.append("")  # RFC 3464 2.1: each per-recipient group follows a blank line
-        lines += _recipient_fields(recipient, now, expired)
+        lines += _recipient_fields(recipient, now)
     return _lines(lines)
 
 
-def _recipient_fields(recipient: FailedRecipient, now: float, expired: bool) -> list[str]:
+def _recipient_fields(recipient: FailedRecipient, now: float) -> list[str]:
     # RFC 3464 2.3: fields in the grammar's order; Will-Retry-Until is left out as no retry follows.
+    address = _clean(recipient.address)
+    # RFC 6533 3: a non-ASCII address has the "utf-8" type (utf-8-addr-unitext in a global report);
+    # "rfc822" is for ASCII addresses.
+    kind = "rfc822" if address.isascii() else "utf-8"
     lines = [
-        *_field("Final-Recipient", f"rfc822; {_clean(recipient.address)}"),
+        *_field("Final-Recipient", f"{kind}; {address}"),
         "Action: failed",
-        f"Status: {status_code(recipient.reply, expired=expired)}",
+        f"Status: {status_code(recipient.reply, expired=recipient.expired)}",
     ]
     if recipient.remote_mta:
         # RFC 3464 2.3.5/2.3.6: only a reply that really came from a remote server is an SMTP
         # diagnostic; local failures (timeouts, expiry) are explained in the human-readable part.
-        lines += _field("Remote-MTA", f"dns; {_clean(recipient.remote_mta)}")
+        lines += _field("Remote-MTA", f"dns; {remote_host(recipient.remote_mta)}")
         lines += _field("Diagnostic-Code", f"smtp; {_clean(str(recipient.reply))}")
     lines.append(f"Last-Attempt-Date: {formatdate(now)}")
     return lines
 
 
-def _assemble(head: bytes, boundary: str, text: bytes, status: bytes, headers: bytes) -> bytes:
+# The second and third parts' types (RFC 3464 / RFC 6522), and their RFC 6533 3 counterparts.
+STATUS_TYPE: Final = "message/delivery-status"
+HEADERS_TYPE: Final = "text/rfc822-headers"
+GLOBAL_STATUS_TYPE: Final = "message/global-delivery-status"
+GLOBAL_HEADERS_TYPE: Final = "message/global-headers"
+
+
+def _assemble(
+    head: bytes, boundary: str, text: bytes, status: bytes, headers: bytes, *, international: bool
+) -> bytes:
     parts = (
-        ("text/plain; charset=utf-8", "Notification", text),
-        ("message/delivery-status", "Delivery report", status),
-        ("text/rfc822-headers", "Undelivered Message Headers", headers),
+        _part("text/plain; charset=utf-8", "Notification", text),
+        _part(GLOBAL_STATUS_TYPE if international else STATUS_TYPE, "Delivery report", status),
+        _part(GLOBAL_HEADERS_TYPE if international else HEADERS_TYPE, "Undelivered Message Headers", headers),
     )
-    out = [head, b"\r\n", b"This is a MIME-encapsulated message.\r\n"]
-    for content_type, description, body in parts:
-        part_head = [
-            f"Content-Type: {content_type}",
-            f"Content-Description: {description}",
-            # RFC 2045 6.2: declare 8bit when UTF-8 is present so relays do not assume 7bit.
-            f"Content-Transfer-Encoding: {'7bit' if body.isascii() else '8bit'}",
-        ]
-        # RFC 2046 5.1.1: the CRLF before a delimiter belongs to it, so each body keeps its own
-        # final line end by being followed by one more CRLF.
-        out += [f"\r\n--{boundary}\r\n".encode(), _lines(part_head), b"\r\n", body]
-    out.append(f"\r\n--{boundary}--\r\n".encode())
-    return b"".join(out)
+    return _join(head + b"\r\nThis is a MIME-encapsulated message.\r\n", boundary, parts)
+
+
+def _part(content_type: str, description: str, body: bytes) -> bytes:
+    part_head = [
+        f"Content-Type: {content_type}",
+        f"Content-Description: {description}",
+        # RFC 2045 6.2: declare 8bit when UTF-8 is present so relays do not assume 7bit.
+        f"Content-Transfer-Encoding: {'7bit' if body.isascii() else '8bit'}",
+    ]
+    return _lines(part_head) + b"\r\n" + body
+
+
+def _join(preamble: bytes, boundary: str, parts: Sequence[bytes]) -> bytes:
+    # RFC 2046 5.1.1: the CRLF before a delimiter belongs to it, so each body keeps its own final line
+    # end by being followed by one more CRLF.
+    delimiter = f"\r\n--{boundary}\r\n".encode()
+    return preamble + b"".join(delimiter + part for part in parts) + f"\r\n--{boundary}--\r\n".encode()
+
+
+_OUR_BOUNDARY = re.compile(rb'boundary="(=_postmux-dsn-[0-9a-f]{24})"')
+# RFC 6533 3 utf-8-addr-xtext: QCHAR is printable ASCII but "+", "=" and "\"; anything else is
+# EmbeddedUnicodeChar, "\x{HEXPOINT}" (upper-case hex, two digits at least).
+_NOT_QCHAR = re.compile(r"[^\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
+_UTF8_ADDRESS = re.compile(r"^((?:Final|Original)-Recipient): utf-8; (.*)$", re.IGNORECASE)
+
+
+def utf8_addr_xtext(text: str) -> str:
+    """`text` as RFC 6533 3 utf-8-addr-xtext: all ASCII, and the original read back from it exactly."""
+    return _NOT_QCHAR.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
+
+
+def downgraded(data: bytes) -> bytes | None:
+    """A global DSN this module wrote, made fit for a next hop without SMTPUTF8 (RFC 6533 6); None when
+    `data` is not one (other mail, or an ASCII report: sent as it is).
+
+    The message/global-delivery-status part becomes message/delivery-status, which is ASCII: a UTF-8
+    address keeps its "utf-8" type in utf-8-addr-xtext form, other fields (a UTF-8 diagnostic) have their
+    non-ASCII characters written the same way. message/global-headers becomes text/rfc822-headers; the
+    header fields themselves are kept as they were received, as 8bit text (RFC 6152): rewriting the
+    sender's own header fields would say less than they do. The notification stays text/plain in UTF-8.
+    """
+    end = data.find(b"\r\n\r\n")
+    found = _OUR_BOUNDARY.search(data[: max(end, 0)])
+    if found is None:
+        return None
+    boundary = found.group(1).decode()
+    preamble, *parts = data.split(f"\r\n--{boundary}\r\n".encode())
+    if len(parts) != 3 or not parts[-1].endswith(f"\r\n--{boundary}--\r\n".encode()):
+        return None
+    text, status, headers = parts
+    headers = headers[: -len(f"\r\n--{boundary}--\r\n")]
+    status_head, _, status_body = status.partition(b"\r\n\r\n")
+    if f"Content-Type: {GLOBAL_STATUS_TYPE}".encode() not in status_head:
+        return None
+    headers_body = headers.partition(b"\r\n\r\n")[2]
+    return _join(
+        preamble,
+        boundary,
+        (
+            text,
+            _part(STATUS_TYPE, "Delivery report", _ascii_status(status_body)),
+            _part(HEADERS_TYPE, "Undelivered Message Headers", headers_body),
+        ),
+    )
+
+
+def _ascii_status(body: bytes) -> bytes:
+    """A global-delivery-status body as delivery-status fields: unfolded, encoded, folded again."""
+    unfolded = body.decode("utf-8", errors="replace").replace("\r\n ", " ")
+    lines: list[str] = []
+    for line in unfolded.split("\r\n")[:-1]:  # the body ends in CRLF
+        if line.isascii():
+            lines += _field(*line.split(": ", 1)) if ": " in line else [line]
+            continue
+        address = _UTF8_ADDRESS.match(line)
+        if address:
+            lines += _field(address.group(1), f"utf-8; {utf8_addr_xtext(address.group(2))}")
+        else:
+            name, _, value = line.partition(": ")
+            lines += _field(name, _NON_ASCII.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", value))
+    return _lines(lines)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _boundary(bodies: Sequence[bytes]) -> str:

@@ -28,6 +28,7 @@ from postmux.address import Malformed, Role, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
 from postmux.body import BodyFile, BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
+from postmux.delivery.dsn import downgraded
 from postmux.delivery.mx import MxResolver
 from postmux.delivery.pipelining import exchange
 from postmux.delivery.tls import describe_tls
@@ -320,6 +321,16 @@ class WirePaths:
         return replace(outcome, replies={**outcome.replies, **self.refused}, unsent=frozenset(self.refused))
 
 
+def _downgraded_dsn(work: Transaction) -> Transaction:
+    """A global DSN of ours (RFC 6533 3) whose next hop lacks SMTPUTF8, downgraded as RFC 6533 6 asks:
+    its envelope and header section are ASCII (else it would be unfit), but its report parts are not.
+    Any other transaction is returned as it is."""
+    if work.sender or work.tail is not None:
+        return work  # a DSN has the null sender and is small enough to be held whole
+    data = downgraded(work.data)
+    return work if data is None else replace(work, data=data, clean=False)
+
+
 def _unsendable(malformed: Malformed, role: str, enhanced_code: str) -> Reply:
     # RFC 3463: X.6.7 a non-ASCII address where SMTPUTF8 is not in use (RFC 6531 3.5), X.1.7 / X.1.3 a bad
     # sender's / recipient's address.
@@ -518,8 +529,10 @@ class SmtpTransport:
         fresh_retry_allowed: bool,
     ) -> AttemptOutcome | None:
         try:
-            if work.needs_smtputf8 and not conn.client.supports_extension("smtputf8"):
-                return self._unfit(conn, work, remote)
+            if work.smtputf8 and not conn.client.supports_extension("smtputf8"):
+                if work.needs_smtputf8:
+                    return self._unfit(conn, work, remote)
+                work = _downgraded_dsn(work)
             replies = await self._transaction(conn, work, paths)
         except _ConnectionLost as lost:
             conn.client.close()

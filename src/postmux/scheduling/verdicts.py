@@ -138,15 +138,29 @@ def settled(
                 member=member,  # as attempted_by would, without a copy (the hot path)
             )
         )
-    if bounced:
-        v.settlements.append(final(item, bounced, RecipientState.BOUNCED, outcome.remote, rules, now))
+    failures = [Failure(r, reply, RecipientState.BOUNCED, said_by(outcome, r.rid)) for r, reply in bounced]
     if deferred:
-        retry_now = [r for r, _ in deferred]
         if pool.can_serve(now, item.tried | item.barred):
-            v.retry_now = replace(item, recipients=retry_now)
+            v.retry_now = replace(item, recipients=[r for r, _ in deferred])
         else:
-            _defer_or_expire(v, item, pool, retry_now, deferred[-1][1], rules, now)
+            failures += _defer_or_expire(v, item, pool, deferred, rules, now, outcome=outcome)
+    # One DSN for the recipients this attempt bounced and those it left expired (RFC 3464 2: one report,
+    # a per-recipient group each), recorded in the same transaction as their settlements.
+    v.settlements += finals(item, failures, rules, now)
     return v
+
+
+def said_by(outcome: AttemptOutcome | None, rid: int) -> str:
+    """The remote server whose reply a recipient's is, or "" when postmux made the reply up itself.
+
+    RFC 3464 2.3.5/2.3.6: Remote-MTA and an `smtp;` Diagnostic-Code belong to a reply a remote MTA gave.
+    A reply postmux made (`outcome.local`: no connection, a timeout, a lost connection, SMTPUTF8 not
+    offered; or an address refused before anything was sent, `outcome.unsent`) is postmux's own finding,
+    even when it names the host it was about.
+    """
+    if outcome is None or outcome.local or rid in outcome.unsent:
+        return ""
+    return outcome.remote
 
 
 def _another_member(reply: Reply, item: WorkItem, pool: Pool, rules: Rules, now: float) -> bool:
@@ -182,16 +196,23 @@ def unfit(
         return v
     bumped = [r.answered() for r in item.recipients]
     if {m.name for m in pool.members if not m.removed} <= unable:
-        failed = [(r, outcome.replies[r.rid]) for r in bumped]
-        for r, reply in failed:
-            v.events.append(event(EventType.BOUNCE, item, r, pool.name, member, reply, now, outcome))
+        # The 553 5.6.7 is postmux's finding about the servers (their EHLO lacked SMTPUTF8), not a reply
+        # any of them gave: said_by gives it no Remote-MTA (the outcome is local).
+        failed = [
+            Failure(r, outcome.replies[r.rid], RecipientState.BOUNCED, said_by(outcome, r.rid))
+            for r in bumped
+        ]
+        for f in failed:
+            v.events.append(
+                event(EventType.BOUNCE, item, f.recipient, pool.name, member, f.reply, now, outcome)
+            )
         v.tally = Tally(bounced=len(failed))
-        v.settlements.append(final(item, failed, RecipientState.BOUNCED, outcome.remote, rules, now))
+        v.settlements += finals(item, failed, rules, now)
         return v
     wait = Reply(451, "4.4.5", f"no usable member offering SMTPUTF8 in pool {pool.name}")
     for r in bumped:
         v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, member, wait, now, outcome))
-    _defer_or_expire(v, item, pool, bumped, wait, rules, now)
+    _wait_or_expire(v, item, pool, bumped, wait, rules, now)
     return v
 
 
@@ -217,7 +238,7 @@ def crashed(item: WorkItem, member: str, error: Exception, pool: Pool, rules: Ru
     if pool.can_serve(now, item.tried | item.barred):
         v.retry_now = replace(item, recipients=bumped)
     else:
-        _defer_or_expire(v, item, pool, bumped, reply, rules, now)
+        _wait_or_expire(v, item, pool, bumped, reply, rules, now)
     return attempted_by(v, member)
 
 
@@ -260,7 +281,7 @@ def no_member(item: WorkItem, pool: Pool, rules: Rules, now: float) -> Verdict:
     """Every usable member was tried (or none is usable): the work waits for its next retry."""
     v = Verdict()
     reply = Reply(451, "4.4.5", f"no usable member in pool {pool.name}")
-    _defer_or_expire(v, item, pool, item.recipients, reply, rules, now, attempted=False)
+    _wait_or_expire(v, item, pool, item.recipients, reply, rules, now, attempted=False)
     return v
 
 
@@ -287,7 +308,7 @@ def spf_refused(
             f"no member of pool {pool.name} is permitted by the SPF record of {domain} ({members})",
         )
     tags = {"reason": "spf_not_permitted", "spf_domain": domain}
-    _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)  # its Expiration events, if any
+    _wait_or_expire(v, item, pool, item.recipients, reply, rules, now)  # its Expiration events, if any
     if not v.events:
         for r in item.recipients:
             v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now, tags=tags))
@@ -318,7 +339,7 @@ def postponed(item: WorkItem, pool: Pool, reopen: float, rules: Rules, now: floa
     if item.tried:
         due = min(due, rules.retry.next_due(rounds, item.created, now) or due)
     if now - item.created >= rules.max_age:
-        _defer_or_expire(v, item, pool, item.recipients, reply, rules, now)
+        _wait_or_expire(v, item, pool, item.recipients, reply, rules, now)
         return v
     for r in item.recipients:
         v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now))
@@ -350,7 +371,7 @@ def rounds_ended(item: WorkItem, recipients: list[WorkRecipient]) -> int:
     return rounds + 1 if item.tried else rounds
 
 
-def _defer_or_expire(
+def _wait_or_expire(
     v: Verdict,
     item: WorkItem,
     pool: Pool,
@@ -360,30 +381,61 @@ def _defer_or_expire(
     now: float,
     attempted: bool = True,
 ) -> None:
-    """Back to the spool until the next round is due, or expired with a DSN once `max_age` is reached."""
+    """_defer_or_expire for recipients that share one reply postmux made (no usable member, a crash, an
+    SPF bar), with the DSN of those that expired."""
+    expired = _defer_or_expire(v, item, pool, [(r, reply) for r in recipients], rules, now, attempted)
+    v.settlements += finals(item, expired, rules, now)
+
+
+def _defer_or_expire(
+    v: Verdict,
+    item: WorkItem,
+    pool: Pool,
+    deferred: list[tuple[WorkRecipient, Reply]],
+    rules: Rules,
+    now: float,
+    attempted: bool = True,
+    outcome: AttemptOutcome | None = None,
+) -> list[Failure]:
+    """Back to the spool until the next round is due (settlements added to `v`), or, once `max_age` is
+    reached, expired: returned, for the caller's DSN, with their Expiration events added to `v`.
+
+    Each recipient keeps its own last reply (RFC 3464 2.3.6: the diagnostic is that recipient's): one
+    server may have said "4.2.2 mailbox full" to one and "4.7.1 greylisted" to another. `outcome`: the
+    attempt that gave the replies, which says which of them a remote server gave (said_by).
+    """
+    recipients = [r for r, _ in deferred]
     rounds = rounds_ended(item, recipients)
     due = rules.retry.next_due(rounds, item.created, now)
     if due is None:
-        for r in recipients:
+        for r, reply in deferred:
             v.events.append(event(EventType.EXPIRATION, item, r, pool.name, "", reply, now))
-        failed = [(r, reply) for r in recipients]
-        v.settlements.append(final(item, failed, RecipientState.EXPIRED, "", rules, now))
-        return
+        return [Failure(r, reply, RecipientState.EXPIRED, said_by(outcome, r.rid)) for r, reply in deferred]
     if not attempted:
-        for r in recipients:
+        for r, reply in deferred:
             v.events.append(event(EventType.TRANSIENT_FAILURE, item, r, pool.name, "", reply, now))
-    v.settlements.append(
-        Settlement(
-            item.message_id,
-            [r.rid for r in recipients],
-            RecipientState.QUEUED,
-            str(reply),
-            due,
-            attempts=max((r.attempts for r in recipients), default=0),
-            rounds=rounds,
-            local_errors=max((r.local_errors for r in recipients), default=0),
+    for text, same in _by_reply(deferred).items():  # a settlement records one reply for its recipients
+        v.settlements.append(
+            Settlement(
+                item.message_id,
+                [r.rid for r in same],
+                RecipientState.QUEUED,
+                text,
+                due,
+                attempts=max((r.attempts for r in recipients), default=0),
+                rounds=rounds,
+                local_errors=max((r.local_errors for r in recipients), default=0),
+            )
         )
-    )
+    return []
+
+
+def _by_reply(pairs: list[tuple[WorkRecipient, Reply]]) -> dict[str, list[WorkRecipient]]:
+    """The recipients by the text of their reply, in their order (one group when all got the same)."""
+    groups: dict[str, list[WorkRecipient]] = {}
+    for r, reply in pairs:
+        groups.setdefault(str(reply), []).append(r)
+    return groups
 
 
 def _hold(
@@ -430,36 +482,53 @@ def _crash_tags(error: Exception) -> dict[str, str]:
     return {"reason": "local_error", "error": f"{type(error).__name__}: {error}"[:300]}
 
 
-def final(
-    item: WorkItem,
-    failed: list[tuple[WorkRecipient, Reply]],
-    state: RecipientState,
-    remote: str,
-    rules: Rules,
-    now: float,
-) -> Settlement:
-    """A bounce or an expiry, with the DSN to the sender recorded in the same transaction (RFC 3464)."""
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A recipient that failed for good: its own last reply, how it ended (BOUNCED or EXPIRED), and the
+    remote server that gave the reply ("" when postmux made it: said_by)."""
+
+    recipient: WorkRecipient
+    reply: Reply
+    state: RecipientState
+    remote: str = ""
+
+
+def finals(item: WorkItem, failed: list[Failure], rules: Rules, now: float) -> list[Settlement]:
+    """The settlements of recipients that failed for good, with one DSN to the sender for all of them
+    (RFC 3464) on the first: the spool records a verdict's settlements in one transaction, so none of these
+    recipients is recorded without the DSN. One settlement per state and reply, so that each recipient
+    keeps its own last reply (`postmux queue show`)."""
+    if not failed:
+        return []
     dsn = build_dsn(
         original_sender=item.sender,
         original_message=original_head(item.data, item.tail),
         message_id=item.message_id,
-        failed=[FailedRecipient(r.address, reply, remote) for r, reply in failed],
+        failed=[
+            FailedRecipient(f.recipient.address, f.reply, f.remote, expired=f.state is RecipientState.EXPIRED)
+            for f in failed
+        ],
         reporting_mta=rules.reporting_mta,
         arrival=item.created,
         now=now,
-        expired=state is RecipientState.EXPIRED,
     )
     # The DSN goes to the sender: routed as mail to the sender's domain.
     dsn_pool = rules.router.pool_for("", domain_of(item.sender), "") if dsn else ""
-    return Settlement(
-        item.message_id,
-        [r.rid for r, _ in failed],
-        state,
-        str(failed[-1][1]),
-        attempts=max(r.attempts for r, _ in failed),
-        dsn=dsn,
-        dsn_pool=dsn_pool,
-    )
+    groups: dict[tuple[RecipientState, str], list[WorkRecipient]] = {}
+    for f in failed:
+        groups.setdefault((f.state, str(f.reply)), []).append(f.recipient)
+    settlements = [
+        Settlement(
+            item.message_id,
+            [r.rid for r in same],
+            state,
+            reply,
+            attempts=max(r.attempts for r in same),
+        )
+        for (state, reply), same in groups.items()
+    ]
+    settlements[0] = replace(settlements[0], dsn=dsn, dsn_pool=dsn_pool)
+    return settlements
 
 
 _CLASSED = (EventType.BOUNCE, EventType.TRANSIENT_FAILURE)
