@@ -10,7 +10,7 @@ import aiosmtplib
 
 from postmux.app import App
 from tests.support import StartUpstream, make_settings, read_events, send, wait_until
-from tests.unit.test_returns import ARF, POSTFIX_DSN
+from tests.unit.test_returns import ARF, NO_FROM, POSTFIX_DSN, UTF8_FROM
 
 DOMAIN = "bounces.example.com"
 
@@ -148,3 +148,23 @@ async def test_returned_mail_and_other_mail_are_not_mixed_in_one_transaction(
                 raise AssertionError("a second kind of recipient was taken")
         finally:
             client.close()
+
+
+async def test_a_report_that_cannot_be_read_is_answered_250_and_dropped(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """docs/configuration.md [verp]: logged and dropped. The same text fails the same way each time, so a
+    451 (which a crash in the bounce detectors was) would only have the reporter retry it for days."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "hello", to=["user@dest.example"])
+        await wait_until(lambda: len(up.received) == 1)
+        return_path = up.received[0].sender
+        for text in (NO_FROM, UTF8_FROM):
+            for to in (return_path, f"fbl@{DOMAIN}"):
+                assert (await hand_back(app.smtp_port, to, text)).startswith("221")
+        assert app.suppressions.find("user@dest.example") is None
+    assert not [e for e in read_events(events) if e["type"] in ("Bounce", "Complaint")]
+    assert len(up.received) == 1

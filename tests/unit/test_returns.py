@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postmux.config import ConfigError, VerpSettings, settings_from_dict
@@ -233,3 +233,81 @@ def test_reports_match_through_the_return_path_they_were_sent_to_or_carry(codec:
     assert match([complaint], ["fbl@bounces.example.com"], codec)[0].sent == m.sent
     # Neither: nothing to act on (a forged report, or one about mail that was not ours).
     assert match([bounce], ["fbl@bounces.example.com"], codec) == []
+
+
+# An auto-reply with no From: field, and one whose From: is raw UTF-8 (RFC 6532): flufl.bounce's detectors
+# raised on both (an IndexError in its Yale detector; `.lower()` on the Header compat32 made of 8-bit text).
+NO_FROM = b"Subject: Auto reply\r\nTo: b.x@bounces.example.com\r\n\r\nI am away.\r\n"
+UTF8_FROM = "From: Jérôme <jerome@dest.example>\r\nSubject: Re: hi\r\n\r\nMerci.\r\n".encode()
+
+
+def test_a_text_the_bounce_detectors_fail_on_is_read_as_no_bounce() -> None:
+    assert read_report(NO_FROM) == []
+    assert read_report(UTF8_FROM) == []
+    # Truncated or unbounded reports, as the reviewer's mutations of real DSNs and ARF reports made them.
+    assert read_report(POSTFIX_DSN[:700]) == []
+    unbounded = b"Content-Type: multipart/report; report-type=delivery-status\r\n\r\nno boundary\r\n"
+    assert read_report(unbounded) == []
+
+
+def test_a_utf8_field_is_read_as_text() -> None:
+    # A DSN whose recipient is raw UTF-8 in an rfc822-typed field (what some MTAs write): text, not a Header.
+    dsn = POSTFIX_DSN.replace(b"rfc822; user@dest.example", "rfc822; jörg@dest.example".encode())
+    failed, _ = read_report(dsn)
+    assert failed.recipient == "jörg@dest.example"
+
+
+SAMPLES = (POSTFIX_DSN, ARF, QMAIL, NO_FROM, UTF8_FROM)
+# What damaged reports are made of: line ends, boundaries, structure, 8-bit and RFC 2047 garbage.
+TOKENS = (
+    b"\r\n",
+    b"\r\n\r\n",
+    b"--B1\r\n",
+    b"--B1--",
+    b"--part1\r\n",
+    b"=?utf-8?q?=FF?=",
+    b"=?x-unknown?b?////?=",
+    b"\xff",
+    b"\xc3",
+    b";",
+    b'"',
+    b":",
+    b"From: \r\n",
+    b"From: J\xc3\xa9r\xc3\xb4me <\xc3\xa9@x>\r\n",
+    b"Content-Type: message/rfc822\r\n\r\n",
+    b"Content-Type: message/global\r\n",
+    b"Content-Type: message/global-headers\r\n",
+    b"Content-Type: message/global-delivery-status\r\n",
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=B1\r\n\r\n",
+    b"Content-Transfer-Encoding: base64\r\n",
+    b"Content-Transfer-Encoding: quoted-printable\r\n",
+    b"Final-Recipient: utf-8; \\x{110000}\\x{D800}@x\r\n",
+)
+
+
+@st.composite
+def damaged_reports(draw: st.DrawFn) -> bytes:
+    """A real report, damaged: bytes replaced, cut out, truncated, repeated, and tokens put in."""
+    text = bytearray(draw(st.sampled_from(SAMPLES)))
+    for op in draw(st.lists(st.integers(0, 4), min_size=1, max_size=8)):
+        i = draw(st.integers(0, len(text)))
+        if op == 0 and i < len(text):
+            text[i] = draw(st.integers(0, 255))
+        elif op == 1:
+            del text[i : i + draw(st.integers(1, 60))]
+        elif op == 2:
+            text[i:i] = draw(st.sampled_from(TOKENS) | st.binary(max_size=20))
+        elif op == 3:
+            del text[i:]
+        else:
+            text[i:i] = text[i : i + draw(st.integers(1, 300))] * draw(st.integers(1, 4))
+    return bytes(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(damaged_reports() | st.binary(max_size=2000))
+def test_no_text_makes_the_reading_raise(text: bytes) -> None:
+    """Whatever comes to the return-path domain is read or found unreadable, never an exception (which the
+    SMTP listener answers 451, again and again for the same text)."""
+    reports = read_report(text)
+    assert all(isinstance(r, Report) and isinstance(r.recipient, str) for r in reports)

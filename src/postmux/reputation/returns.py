@@ -62,9 +62,28 @@ class Report:
         return Reply(reply.code, reply.enhanced_code, said)
 
 
+class _Policy(email.policy.Compat32):
+    """compat32, the most forgiving parser (bounce texts are often malformed, RFC 5322 or not), except that
+    a header field is always read as a str.
+
+    compat32 hands out a field with 8-bit octets as an `email.header.Header` of charset unknown-8bit, which
+    third-party code does not expect (flufl.bounce's detectors call `.lower()` on it and raise). Raw UTF-8
+    in a header field is normal in SMTPUTF8 mail (RFC 6532 3.2), so the octets are read as UTF-8, any
+    that are not valid UTF-8 as U+FFFD: the field stays readable and nothing downstream sees a Header.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        if isinstance(value, str):
+            # The parser keeps octets past 127 as lone surrogates (surrogateescape): back to the octets.
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return str(value)
+
+
+_POLICY = _Policy()
+
+
 def _parse(text: bytes) -> email.message.Message:
-    # compat32: the most forgiving parser; bounce texts are often malformed (RFC 5322 or not).
-    return email.message_from_bytes(text, policy=email.policy.compat32)
+    return email.message_from_bytes(text, policy=_POLICY)
 
 
 def _field(headers: email.message.Message, name: str) -> str:
@@ -96,11 +115,30 @@ def read_report(text: bytes) -> list[Report]:
         found = _dsn(msg)
         if found:
             return found
-    temporary, permanent = all_failures(msg)
+    return _detected(msg)
+
+
+def _detected(msg: email.message.Message) -> list[Report]:
+    """What GNU Mailman's detectors find in a bounce that is no DSN; [] when they find nothing or fail.
+
+    flufl.bounce's `all_failures` logs and re-raises any exception of one of its detectors (a text with no
+    From: field, a truncated report), which would abort the whole read. The same text fails the same way
+    every time, so a failure is "nothing found": the report is logged and dropped, and answered 250; a 451
+    (RFC 5321 4.2.1: the command may succeed later) would only make the reporter send it again for days.
+    """
+    try:
+        temporary, permanent = all_failures(msg)
+    except Exception as e:  # third-party heuristics: any bug of theirs means "nothing read"
+        log.warning("bounce detectors could not read a returned message", error=f"{type(e).__name__}: {e}")
+        return []
     # No status to go by: a permanent failure is 5.0.0, a temporary one 4.0.0 (RFC 3463 X.0.0).
-    return [Report("bounce", a.decode(errors="replace"), "5.0.0") for a in sorted(permanent)] + [
-        Report("delayed", a.decode(errors="replace"), "4.0.0") for a in sorted(temporary)
+    return [Report("bounce", _text(a), "5.0.0") for a in sorted(permanent)] + [
+        Report("delayed", _text(a), "4.0.0") for a in sorted(temporary)
     ]
+
+
+def _text(address: bytes | str) -> str:
+    return address.decode(errors="replace") if isinstance(address, bytes) else str(address)
 
 
 def _blocks_of(msg: email.message.Message, content_type: str) -> list[email.message.Message]:
@@ -220,8 +258,15 @@ class ReturnedMail:
             text += envelope.tail.head(max(0, MAX_REPORT_OCTETS - len(text)))
             with contextlib.suppress(OSError):
                 os.unlink(envelope.tail.path)
-        reports = read_report(text[:MAX_REPORT_OCTETS])
-        matched = match(reports, envelope.recipients, self.codec)
+        try:
+            reports = read_report(text[:MAX_REPORT_OCTETS])
+            matched = match(reports, envelope.recipients, self.codec)
+        except Exception:
+            # Reading is pure (the text is in memory): a text that cannot be read now never will be, so it
+            # is logged and dropped ([verp] in docs/configuration.md) and answered 250, never a 451 that
+            # the reporter would retry for its whole queue lifetime (RFC 5321 4.2.1).
+            log.exception("returned mail could not be read: dropped", client=envelope.client_ip)
+            return []
         now = self.clock()
         events = [e for m in matched if (e := self._event(m, envelope, now)) is not None]
         log.info(
