@@ -3,6 +3,7 @@ postmux's return-path domain are matched to the message and the recipient they a
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import aiosmtplib
 
 from postmux.app import App
 from tests.support import StartUpstream, make_settings, read_events, send, wait_until
-from tests.unit.test_returns import ARF, NO_FROM, POSTFIX_DSN, UTF8_FROM
+from tests.unit.test_returns import ARF, GLOBAL_DSN, NO_FROM, POSTFIX_DSN, UTF8_FROM
 
 DOMAIN = "bounces.example.com"
 
@@ -168,3 +169,62 @@ async def test_a_report_that_cannot_be_read_is_answered_250_and_dropped(
         assert app.suppressions.find("user@dest.example") is None
     assert not [e for e in read_events(events) if e["type"] in ("Bounce", "Complaint")]
     assert len(up.received) == 1
+
+
+async def smtputf8(port: int, sender: str, recipient: str, text: bytes) -> str:
+    """One SMTPUTF8 transaction (RFC 6531) over a plain socket; returns the reply to the end of DATA."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> str:
+        while True:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            if line[3:4] != "-":
+                return line
+
+    try:
+        await reply()
+        for command in (
+            b"EHLO mx.dest.example\r\n",
+            f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME\r\n".encode(),
+            f"RCPT TO:<{recipient}>\r\n".encode(),
+            b"DATA\r\n",
+        ):
+            writer.write(command)
+            assert (await reply())[0] in "23", command
+        writer.write(text.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        answer = await reply()
+        writer.write(b"QUIT\r\n")
+        await reply()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return answer
+
+
+async def test_a_global_dsn_for_smtputf8_mail_is_a_bounce(tmp_path: Path, upstream: StartUpstream) -> None:
+    """RFC 6533: what a receiver sends back about SMTPUTF8 mail (message/global-delivery-status, a utf-8
+    address type, message/global-headers), here to the feedback address, so that only the Return-Path of
+    the returned headers can tie it to the message."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        text = "From: news@example.com\r\nTo: jörg@dest.example\r\nSubject: Grüße\r\n\r\nHallo.\r\n"
+        assert (await smtputf8(app.smtp_port, "news@example.com", "jörg@dest.example", text.encode()))[
+            :3
+        ] == "250"
+        await wait_until(lambda: len(up.received) == 1)
+        return_path = up.received[0].sender
+        assert return_path.endswith(f".jörg=dest.example@{DOMAIN}")
+        dsn = GLOBAL_DSN.replace(
+            b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com", return_path.encode()
+        )
+        assert (await smtputf8(app.smtp_port, "", f"fbl@{DOMAIN}", dsn)).startswith("250")
+        await wait_until(lambda: any(e["type"] == "Bounce" for e in read_events(events)))
+        found = app.suppressions.find("jörg@dest.example")
+        assert found is not None and found.source == "bounce"
+    message_id = next(e["id"] for e in read_events(events) if e["type"] == "Reception")
+    bounce = next(e for e in read_events(events) if e["type"] == "Bounce")
+    assert (bounce["id"], bounce["recipient"]) == (message_id, "jörg@dest.example")
+    assert bounce["tags"]["async"] == "true" and bounce["bounce_class"] == "InvalidRecipient"
+    assert bounce["response"]["code"] == 550 and bounce["response"]["enhanced_code"] == "5.1.1"

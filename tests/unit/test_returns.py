@@ -3,6 +3,8 @@ bounces that are neither (GNU Mailman's detectors)."""
 
 from __future__ import annotations
 
+import base64
+import quopri
 from pathlib import Path
 
 import pytest
@@ -257,7 +259,6 @@ def test_a_utf8_field_is_read_as_text() -> None:
     assert failed.recipient == "jörg@dest.example"
 
 
-SAMPLES = (POSTFIX_DSN, ARF, QMAIL, NO_FROM, UTF8_FROM)
 # What damaged reports are made of: line ends, boundaries, structure, 8-bit and RFC 2047 garbage.
 TOKENS = (
     b"\r\n",
@@ -283,6 +284,107 @@ TOKENS = (
     b"Content-Transfer-Encoding: quoted-printable\r\n",
     b"Final-Recipient: utf-8; \\x{110000}\\x{D800}@x\r\n",
 )
+
+
+# RFC 6533: the DSN Postfix writes when the bounced message needed SMTPUTF8 (as out/dsn/0016.eml of the
+# review): message/global-delivery-status, utf-8 address types, message/global-headers.
+GLOBAL_DSN = """\
+From: MAILER-DAEMON@mx.dest.example (Mail Delivery System)
+To: b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+<jörg@dest.example>: host store.dest.example[10.0.0.5] said: 550 5.1.1 unknown user: "jörg"
+
+--B
+Content-Type: message/global-delivery-status
+Content-Transfer-Encoding: 8bit
+
+Reporting-MTA: dns; mx.dest.example
+Arrival-Date: Tue,  1 Dec 2026 07:00:00 +0000
+
+Final-Recipient: utf-8; jörg@dest.example
+Original-Recipient: utf-8;jörg@dest.example
+Action: failed
+Status: 5.1.1
+Remote-MTA: dns; store.dest.example
+Diagnostic-Code: smtp; 550 5.1.1 unknown user: "jörg"
+
+--B
+Content-Type: message/global-headers
+Content-Transfer-Encoding: 8bit
+
+Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>
+From: news@example.com
+To: jörg@dest.example
+Subject: Grüße
+
+--B--
+""".replace("\n", "\r\n").encode()
+
+
+def test_a_global_dsn_is_read_as_a_dsn() -> None:
+    (failed,) = read_report(GLOBAL_DSN)
+    assert (failed.kind, failed.recipient, failed.status) == ("bounce", "jörg@dest.example", "5.1.1")
+    assert failed.reporting_mta == "mx.dest.example"
+    assert failed.return_path == "b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com"
+    assert failed.reply().code == 550 and "unknown user" in failed.reply().text
+
+
+def _encoded(text: bytes, part: bytes, encoding: str) -> bytes:
+    """`text` with the body of its `part` transfer-encoded (base64 or quoted-printable)."""
+    head, _, rest = text.partition(b"Content-Type: " + part + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
+    body, _, tail = rest.partition(b"\r\n--B")
+    # base64 encodes the canonical form, CRLFs and all; quoted-printable keeps the lines as lines.
+    coded = (
+        base64.encodebytes(body)
+        if encoding == "base64"
+        else quopri.encodestring(body.replace(b"\r\n", b"\n"))
+    )
+    coded = coded.replace(b"\n", b"\r\n")
+    fields = b"Content-Type: " + part + b"\r\nContent-Transfer-Encoding: " + encoding.encode() + b"\r\n\r\n"
+    return head + fields + coded + b"\r\n--B" + tail
+
+
+@pytest.mark.parametrize("encoding", ["base64", "quoted-printable"])
+def test_a_global_dsn_may_be_transfer_encoded(encoding: str) -> None:
+    """RFC 6533 6: message/global-delivery-status and message/global-headers may be base64 or
+    quoted-printable on a 7-bit path (message/delivery-status may not)."""
+    text = _encoded(
+        _encoded(GLOBAL_DSN, b"message/global-delivery-status", encoding), b"message/global-headers", encoding
+    )
+    (failed,) = read_report(text)
+    assert (failed.recipient, failed.status) == ("jörg@dest.example", "5.1.1")
+    assert failed.return_path.startswith("b.0193a5f2c8b1deadbeef.")
+
+
+def test_the_returned_original_may_be_a_global_message() -> None:
+    """RFC 6532 3.7: the original returned whole, as message/global (here base64), holds the Return-Path."""
+    original = b"Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>\r\n"
+    original += "Subject: Grüße\r\n\r\nHallo.\r\n".encode()
+    whole = GLOBAL_DSN.split(b"--B\r\nContent-Type: message/global-headers")[0] + (
+        b"--B\r\nContent-Type: message/global\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(original).replace(b"\n", b"\r\n")
+        + b"\r\n--B--\r\n"
+    )
+    (failed,) = read_report(whole)
+    assert failed.return_path == "b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com"
+
+
+def test_a_utf8_address_type_may_carry_escaped_characters() -> None:
+    """RFC 6533 3: utf-8-addr-xtext / -unitext write a character as \\x{HEX}; nonsense stays as it is."""
+    dsn = GLOBAL_DSN.replace("utf-8; jörg@".encode(), b"UTF-8; j\\x{F6}rg@")
+    assert read_report(dsn)[0].recipient == "jörg@dest.example"
+    dsn = GLOBAL_DSN.replace("utf-8; jörg@".encode(), b"utf-8; j\\x{D800}\\x{110000}@")
+    assert read_report(dsn)[0].recipient == "j\\x{D800}\\x{110000}@dest.example"
+
+
+SAMPLES = (POSTFIX_DSN, ARF, QMAIL, NO_FROM, UTF8_FROM, GLOBAL_DSN)
 
 
 @st.composite

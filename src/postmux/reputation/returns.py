@@ -1,10 +1,11 @@
 """Mail that comes back: delivery status notifications and complaint reports sent to the return-path domain.
 
 A receiver that took a message and later could not deliver it sends a DSN (RFC 3464: multipart/report,
-report-type=delivery-status) to the envelope sender - with [verp], a return path that names the message and
-the recipient (reputation/verp.py). A mailbox provider's feedback loop sends an ARF report (RFC 5965:
-report-type=feedback-report) when a recipient marks the message as spam, to the return path or to an address
-registered with it; the original message rides along, and its Return-Path field holds the return path.
+report-type=delivery-status; for SMTPUTF8 mail, RFC 6533's message/global-delivery-status) to the envelope
+sender - with [verp], a return path that names the message and the recipient (reputation/verp.py). A
+mailbox provider's feedback loop sends an ARF report (RFC 5965: report-type=feedback-report) when a
+recipient marks the message as spam, to the return path or to an address registered with it; the original
+message rides along, and its Return-Path field holds the return path.
 
 Reading (`read_report`) is apart from acting (`ReturnedMail.take`): a DSN's per-recipient blocks, an ARF
 report's fields, and, for the many bounces that are no DSN at all (old qmail, Exchange's, vacation-style
@@ -18,6 +19,7 @@ import contextlib
 import email
 import email.message
 import email.policy
+import email.utils
 import os
 import re
 import time
@@ -38,6 +40,7 @@ log = structlog.get_logger("postmux.returns")
 
 ReportKind = Literal["bounce", "delayed", "complaint"]
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+DSN_REPORT_TYPES = frozenset({"delivery-status", "global-delivery-status"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +84,31 @@ class _Policy(email.policy.Compat32):
 
 _POLICY = _Policy()
 
+# The types of reports about SMTPUTF8 mail (RFC 6533 6): the DSN fields in UTF-8, the returned headers, and
+# the returned message (RFC 6532 3.7). Unlike message/delivery-status and message/rfc822, each may come in
+# any transfer encoding, base64 and quoted-printable included.
+_GLOBAL_DSN = "message/global-delivery-status"
+_GLOBAL_LEAVES = frozenset({_GLOBAL_DSN, "message/global-headers", "message/global"})
+
+
+class _ReportMessage(email.message.Message):
+    """A Message whose RFC 6533 parts the parser keeps as they are, to be decoded and read here.
+
+    The standard library's parser takes every message/* part but message/delivery-status for one embedded
+    RFC 5322 message, which is wrong for these: a message/global-delivery-status is blocks of fields, and
+    either of them may be base64 or quoted-printable, which parsed as a message is noise. Called a leaf
+    (maintype "application") for the parser's sake, the part keeps its body, and `get_payload(decode=True)`
+    undoes its transfer encoding. `get_content_type()` still gives the real type.
+    """
+
+    def get_content_maintype(self) -> str:
+        if self.get_content_type() in _GLOBAL_LEAVES:
+            return "application"
+        return super().get_content_maintype()
+
 
 def _parse(text: bytes) -> email.message.Message:
-    return email.message_from_bytes(text, policy=_POLICY)
+    return email.message_from_bytes(text, _ReportMessage, policy=_POLICY)
 
 
 def _field(headers: email.message.Message, name: str) -> str:
@@ -100,18 +125,39 @@ def _inner(part: email.message.Message) -> list[email.message.Message]:
     return [_parse(raw)] if isinstance(raw, bytes) and raw else []
 
 
+# RFC 6533 3: a utf-8 address may carry characters as "\\x{HEX}" (utf-8-addr-xtext, -unitext).
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
 def _typed(value: str) -> str:
-    """An address-type field ("rfc822; user@example.com") without its type."""
-    return value.split(";", 1)[-1].strip().strip("<>")
+    """An address-type field ("rfc822; user@example.com", RFC 6533's "utf-8; jörg@example.com") without
+    its type."""
+    kind, typed, address = value.partition(";")
+    address = (address if typed else kind).strip().strip("<>")
+    if kind.strip().lower() == "utf-8":
+        address = _EMBEDDED.sub(_unescaped, address)
+    return address
+
+
+def _unescaped(m: re.Match[str]) -> str:
+    code = int(m.group(1), 16)
+    return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group(0)
+
+
+def _header_blocks(raw: bytes) -> list[email.message.Message]:
+    """Blocks of header fields separated by blank lines (RFC 3464 2.1; RFC 6533 keeps the layout)."""
+    return [_parse(b + b"\r\n") for b in re.split(rb"(?:\r?\n){2,}", raw.strip(b"\r\n")) if b.strip()]
 
 
 def read_report(text: bytes) -> list[Report]:
     """What a returned message says, recipient by recipient (empty: nothing we can use)."""
     msg = _parse(text)
-    report_type = str(msg.get_param("report-type", "", header="content-type") or "").lower()
+    param = msg.get_param("report-type", "", header="content-type")
+    report_type = email.utils.collapse_rfc2231_value(param).lower() if param else ""
     if msg.get_content_type() == "multipart/report" and report_type == "feedback-report":
         return _complaints(msg)
-    if msg.get_content_type() == "multipart/report" and report_type == "delivery-status":
+    # RFC 6533 keeps report-type=delivery-status for a global DSN; "global-delivery-status" is taken too.
+    if msg.get_content_type() == "multipart/report" and report_type in DSN_REPORT_TYPES:
         found = _dsn(msg)
         if found:
             return found
@@ -141,15 +187,21 @@ def _text(address: bytes | str) -> str:
     return address.decode(errors="replace") if isinstance(address, bytes) else str(address)
 
 
-def _blocks_of(msg: email.message.Message, content_type: str) -> list[email.message.Message]:
-    """The header blocks of the report's (first) machine-readable part of `content_type`, else []."""
-    part = next((p for p in msg.walk() if p.get_content_type() == content_type), None)
-    return _inner(part) if part is not None else []
+def _blocks_of(msg: email.message.Message, *content_types: str) -> list[email.message.Message]:
+    """The header blocks of the report's (first) machine-readable part of one of `content_types`, else []."""
+    part = next((p for p in msg.walk() if p.get_content_type() in content_types), None)
+    if part is None:
+        return []
+    if part.get_content_type() == _GLOBAL_DSN:  # kept whole by the parser (_ReportMessage)
+        raw = part.get_payload(decode=True)
+        return _header_blocks(raw) if isinstance(raw, bytes) else []
+    return _inner(part)
 
 
 def _dsn(msg: email.message.Message) -> list[Report]:
-    """RFC 3464 2: a per-message block (Reporting-MTA) and a block per recipient."""
-    blocks = _blocks_of(msg, "message/delivery-status")
+    """RFC 3464 2: a per-message block (Reporting-MTA) and a block per recipient; for SMTPUTF8 mail the
+    same blocks in UTF-8, in a message/global-delivery-status part (RFC 6533 3 and 6)."""
+    blocks = _blocks_of(msg, "message/delivery-status", _GLOBAL_DSN)
     if not blocks:
         return []
     reporting = _typed(_field(blocks[0], "Reporting-MTA"))
@@ -189,11 +241,24 @@ def _complaints(msg: email.message.Message) -> list[Report]:
     ]
 
 
+# The returned original or its headers: RFC 3462 / 6522 text/rfc822-headers, message/rfc822 (RFC 5965
+# ARF), and for SMTPUTF8 mail RFC 6533 6 message/global-headers and RFC 6532 3.7 message/global.
+_ORIGINAL_TYPES = frozenset(
+    {
+        "message/rfc822",
+        "message/rfc822-headers",
+        "text/rfc822-headers",
+        "message/global",
+        "message/global-headers",
+    }
+)
+
+
 def _original_return_path(msg: email.message.Message) -> str:
     """The Return-Path of the original message (or its header section) that a report carries."""
     for part in msg.walk():
         ctype = part.get_content_type()
-        if ctype in ("message/rfc822", "message/rfc822-headers", "text/rfc822-headers"):
+        if ctype in _ORIGINAL_TYPES:
             inner = _inner(part)
             return _typed(_field(inner[0], "Return-Path")) if inner else ""
     return ""
