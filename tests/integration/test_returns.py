@@ -228,3 +228,55 @@ async def test_a_global_dsn_for_smtputf8_mail_is_a_bounce(tmp_path: Path, upstre
     assert (bounce["id"], bounce["recipient"]) == (message_id, "jörg@dest.example")
     assert bounce["tags"]["async"] == "true" and bounce["bounce_class"] == "InvalidRecipient"
     assert bounce["response"]["code"] == 550 and bounce["response"]["enhanced_code"] == "5.1.1"
+
+
+def feedback(kind: str, return_path: str, recipient: str) -> bytes:
+    """An ARF report of Feedback-Type `kind` about the message sent to `recipient` through `return_path`."""
+    text = ARF.replace(
+        b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com", return_path.encode()
+    ).replace(b"user@dest.example", recipient.encode())
+    fields = f"Feedback-Type: {kind}\r\n" + ("Auth-Failure: dkim\r\n" if kind == "auth-failure" else "")
+    return text.replace(b"Feedback-Type: abuse\r\n", fields.encode())
+
+
+async def test_only_a_report_that_calls_the_message_abuse_suppresses_and_counts(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """A not-spam report (RFC 5965 7.3: the reporter does not consider it spam), an auth-failure report
+    (RFC 6591: the sender's DKIM or SPF failed) and an `other` one are Feedback events: the recipient stays,
+    the reputation breaker counts nothing. An abuse report is a Complaint: suppressed, and with a breaker
+    that trips on more than 40% of 2 recipients, it trips at 1 complaint of 2 (the three before would have
+    tripped it already, had they counted)."""
+    up = await upstream("relay-a")
+    breaker = {"members": "all", "min_messages": 2, "complaint_rate": 0.4, "cooldown": "1h"}
+    settings = verp_settings(tmp_path, up.address, breaker=breaker)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "news", to=["liked@dest.example", "hated@dest.example"])
+        await wait_until(lambda: len([e for e in read_events(events) if e["type"] == "Delivery"]) == 2)
+        path = {r.recipients[0]: r.sender for r in up.received}
+        for kind in ("not-spam", "auth-failure", "other"):
+            report = feedback(kind, path["liked@dest.example"], "liked@dest.example")
+            await hand_back(app.smtp_port, f"fbl@{DOMAIN}", report)
+        # The 250 comes after the suppression list and the bus (which runs the breaker) have the events.
+        assert app.suppressions.find("liked@dest.example") is None
+        assert app.breaker.trips == 0
+        await hand_back(
+            app.smtp_port,
+            f"fbl@{DOMAIN}",
+            feedback("abuse", path["hated@dest.example"], "hated@dest.example"),
+        )
+        found = app.suppressions.find("hated@dest.example")
+        assert found is not None and found.source == "complaint" and found.reason == "complaint (abuse)"
+        assert app.breaker.trips == 1
+    told = [(e["type"], e["recipient"], e["tags"].get("feedback_type")) for e in read_events(events)]
+    assert [t for t in told if t[0] in ("Complaint", "Feedback")] == [
+        ("Feedback", "liked@dest.example", "not-spam"),
+        ("Feedback", "liked@dest.example", "auth-failure"),
+        ("Feedback", "liked@dest.example", "other"),
+        ("Complaint", "hated@dest.example", "abuse"),
+    ]
+    auth = next(e for e in read_events(events) if e["tags"].get("feedback_type") == "auth-failure")
+    assert auth["tags"]["auth_failure"] == "dkim" and auth["member"] == "relay-a"
+    trip = next(e for e in read_events(events) if e["tags"].get("by") == "breaker")
+    assert "complaints 1/2" in trip["tags"]["change"]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postmux.config import ConfigError, VerpSettings, settings_from_dict
-from postmux.reputation.returns import Report, match, read_report
+from postmux.reputation.returns import Report, is_complaint, match, read_report
 from postmux.reputation.verp import VerpCodec
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -199,6 +199,25 @@ def test_an_arf_report_is_a_complaint_with_its_source_ip() -> None:
     assert report.kind == "complaint" and report.feedback_type == "abuse"
     assert report.recipient == "user@dest.example" and report.source_ip == "192.0.2.10"
     assert report.return_path.startswith("b.0193a5f2c8b1deadbeef.")
+
+
+def test_the_feedback_type_says_whether_a_report_is_a_complaint() -> None:
+    """RFC 5965 7.3: abuse, fraud and virus call the message abuse; not-spam says the opposite, auth-failure
+    (RFC 6591) is about the sender's authentication, other says neither. No type at all: abuse."""
+    for kind, complaint in [
+        ("abuse", True),
+        ("fraud", True),
+        ("virus", True),
+        ("", True),
+        ("not-spam", False),
+        ("auth-failure", False),
+        ("other", False),
+        ("opt-out", False),
+    ]:
+        assert is_complaint(kind) is complaint, kind
+    text = ARF.replace(b"Feedback-Type: abuse\r\n", b"Feedback-Type: Auth-Failure\r\nAuth-Failure: DKIM\r\n")
+    (report,) = read_report(text)
+    assert (report.kind, report.feedback_type, report.auth_failure) == ("complaint", "auth-failure", "dkim")
 
 
 QMAIL = b"""\

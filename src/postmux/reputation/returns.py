@@ -10,7 +10,8 @@ message rides along, and its Return-Path field holds the return path.
 Reading (`read_report`) is apart from acting (`ReturnedMail.take`): a DSN's per-recipient blocks, an ARF
 report's fields, and, for the many bounces that are no DSN at all (old qmail, Exchange's, vacation-style
 texts), GNU Mailman's detectors (flufl.bounce). What it finds becomes events - `Bounce` with
-`tags.async = "true"`, `Complaint` - which the suppression list and the reputation breaker act on.
+`tags.async = "true"`, `Complaint` - which the suppression list and the reputation breaker act on, and
+`Feedback` (an ARF report that calls the message no abuse: not-spam, auth-failure), which nothing acts on.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Report:
     diagnostic: str = ""  # what the receiver said ("550 5.1.1 <x>: user unknown")
     reporting_mta: str = ""
     source_ip: str = ""  # ARF: the IP the reported message came from
-    feedback_type: str = ""  # ARF: abuse, fraud, virus, other, not-spam
+    feedback_type: str = ""  # ARF: abuse, fraud, virus, other, not-spam, auth-failure ("" when missing)
+    auth_failure: str = ""  # RFC 6591 reports: the Auth-Failure field, "dkim", "spf", ...
     return_path: str = ""  # the original message's Return-Path, when the report carries it
 
     def reply(self) -> Reply:
@@ -223,6 +225,29 @@ def _dsn(msg: email.message.Message) -> list[Report]:
     return reports
 
 
+# RFC 5965 7.3's Feedback Event Types that say a person or a system called the message abuse: spam
+# (`abuse`), phishing (`fraud`), malware (`virus`). These are complaints: the recipient is suppressed and the
+# report counts toward the reputation breaker's complaint rate (the 0.3% Gmail and Yahoo hold bulk senders
+# to). The others are not, whatever the report's path:
+# - `not-spam` says the reporter does NOT consider the message spam (it undoes a spam verdict): suppressing
+#   that recipient, or counting it as a complaint, is the opposite of what it says;
+# - `auth-failure` (RFC 6591, RFC 6650) reports an SPF/DKIM/DMARC failure of the message: about the sender's
+#   authentication, not about the recipient, who asked for nothing;
+# - `other` ("any other feedback that does not fit into other registered types"): the reporter chose not to
+#   say abuse. Suppression for ever and a lane's suspension need a report that says it; an operator sees
+#   these as Feedback events and can act on them;
+# - types outside the registry (old drafts' opt-out, miscategorized): the same, for the same reason.
+# A report with no Feedback-Type at all is taken as `abuse`: RFC 5965 3.1 requires the field, so it comes
+# from a sloppy feedback loop, and feedback loops send reports when a user presses "this is spam" (RFC 6449);
+# treating it as one costs one recipient, not treating it keeps mailing someone who complained.
+COMPLAINT_TYPES = frozenset({"abuse", "fraud", "virus"})
+
+
+def is_complaint(feedback_type: str) -> bool:
+    """Whether an ARF report of this Feedback-Type (lower case, "" when missing) is a complaint."""
+    return not feedback_type or feedback_type in COMPLAINT_TYPES
+
+
 def _complaints(msg: email.message.Message) -> list[Report]:
     """RFC 5965 3.1: the machine-readable part's fields; the original's Return-Path names our message."""
     blocks = _blocks_of(msg, "message/feedback-report")
@@ -233,7 +258,8 @@ def _complaints(msg: email.message.Message) -> list[Report]:
         Report(
             "complaint",
             _typed(_field(fields, "Original-Rcpt-To")),
-            feedback_type=_field(fields, "Feedback-Type").lower(),
+            feedback_type=_field(fields, "Feedback-Type").lower().split(";")[0].strip(),
+            auth_failure=_field(fields, "Auth-Failure").lower(),
             reporting_mta=_field(fields, "Reporting-MTA") or _field(fields, "User-Agent"),
             source_ip=_field(fields, "Source-IP"),
             return_path=_original_return_path(msg),
@@ -350,11 +376,23 @@ class ReturnedMail:
             tags = {"async": "true", "feedback_type": report.feedback_type or "abuse"}
             if report.reporting_mta:
                 tags["reporting_mta"] = report.reporting_mta
+            if report.auth_failure:
+                tags["auth_failure"] = report.auth_failure
+            # Only a report calling the message abuse is a Complaint (suppression, breaker); the rest are
+            # Feedback events, which nothing acts on (see COMPLAINT_TYPES).
+            kind = EventType.COMPLAINT if is_complaint(report.feedback_type) else EventType.FEEDBACK
+            if kind is EventType.FEEDBACK:
+                log.info(
+                    "feedback report that is no complaint: nothing suppressed",
+                    feedback_type=report.feedback_type,
+                    recipient=sent.recipient,
+                    message=sent.message_id,
+                )
             # The report's Source-IP names the member that sent it, so the breaker can count it against
             # that IP's lane toward this provider.
             pool, member = self.sender_of(report.source_ip) or ("", "")
             return Event(
-                EventType.COMPLAINT,
+                kind,
                 id=sent.message_id,
                 recipient=sent.recipient,
                 queue=f"{pool}/{destination}",
