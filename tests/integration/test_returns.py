@@ -3,6 +3,7 @@ postmux's return-path domain are matched to the message and the recipient they a
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import aiosmtplib
 
 from postmux.app import App
 from tests.support import StartUpstream, make_settings, read_events, send, wait_until
-from tests.unit.test_returns import ARF, POSTFIX_DSN
+from tests.unit.test_returns import ARF, GLOBAL_DSN, NO_FROM, POSTFIX_DSN, UTF8_FROM
 
 DOMAIN = "bounces.example.com"
 
@@ -148,3 +149,134 @@ async def test_returned_mail_and_other_mail_are_not_mixed_in_one_transaction(
                 raise AssertionError("a second kind of recipient was taken")
         finally:
             client.close()
+
+
+async def test_a_report_that_cannot_be_read_is_answered_250_and_dropped(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """docs/configuration.md [verp]: logged and dropped. The same text fails the same way each time, so a
+    451 (which a crash in the bounce detectors was) would only have the reporter retry it for days."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "hello", to=["user@dest.example"])
+        await wait_until(lambda: len(up.received) == 1)
+        return_path = up.received[0].sender
+        for text in (NO_FROM, UTF8_FROM):
+            for to in (return_path, f"fbl@{DOMAIN}"):
+                assert (await hand_back(app.smtp_port, to, text)).startswith("221")
+        assert app.suppressions.find("user@dest.example") is None
+    assert not [e for e in read_events(events) if e["type"] in ("Bounce", "Complaint")]
+    assert len(up.received) == 1
+
+
+async def smtputf8(port: int, sender: str, recipient: str, text: bytes) -> str:
+    """One SMTPUTF8 transaction (RFC 6531) over a plain socket; returns the reply to the end of DATA."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> str:
+        while True:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            if line[3:4] != "-":
+                return line
+
+    try:
+        await reply()
+        for command in (
+            b"EHLO mx.dest.example\r\n",
+            f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME\r\n".encode(),
+            f"RCPT TO:<{recipient}>\r\n".encode(),
+            b"DATA\r\n",
+        ):
+            writer.write(command)
+            assert (await reply())[0] in "23", command
+        writer.write(text.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        answer = await reply()
+        writer.write(b"QUIT\r\n")
+        await reply()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return answer
+
+
+async def test_a_global_dsn_for_smtputf8_mail_is_a_bounce(tmp_path: Path, upstream: StartUpstream) -> None:
+    """RFC 6533: what a receiver sends back about SMTPUTF8 mail (message/global-delivery-status, a utf-8
+    address type, message/global-headers), here to the feedback address, so that only the Return-Path of
+    the returned headers can tie it to the message."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        text = "From: news@example.com\r\nTo: jörg@dest.example\r\nSubject: Grüße\r\n\r\nHallo.\r\n"
+        assert (await smtputf8(app.smtp_port, "news@example.com", "jörg@dest.example", text.encode()))[
+            :3
+        ] == "250"
+        await wait_until(lambda: len(up.received) == 1)
+        return_path = up.received[0].sender
+        assert return_path.endswith(f".jörg=dest.example@{DOMAIN}")
+        dsn = GLOBAL_DSN.replace(
+            b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com", return_path.encode()
+        )
+        assert (await smtputf8(app.smtp_port, "", f"fbl@{DOMAIN}", dsn)).startswith("250")
+        await wait_until(lambda: any(e["type"] == "Bounce" for e in read_events(events)))
+        found = app.suppressions.find("jörg@dest.example")
+        assert found is not None and found.source == "bounce"
+    message_id = next(e["id"] for e in read_events(events) if e["type"] == "Reception")
+    bounce = next(e for e in read_events(events) if e["type"] == "Bounce")
+    assert (bounce["id"], bounce["recipient"]) == (message_id, "jörg@dest.example")
+    assert bounce["tags"]["async"] == "true" and bounce["bounce_class"] == "InvalidRecipient"
+    assert bounce["response"]["code"] == 550 and bounce["response"]["enhanced_code"] == "5.1.1"
+
+
+def feedback(kind: str, return_path: str, recipient: str) -> bytes:
+    """An ARF report of Feedback-Type `kind` about the message sent to `recipient` through `return_path`."""
+    text = ARF.replace(
+        b"b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com", return_path.encode()
+    ).replace(b"user@dest.example", recipient.encode())
+    fields = f"Feedback-Type: {kind}\r\n" + ("Auth-Failure: dkim\r\n" if kind == "auth-failure" else "")
+    return text.replace(b"Feedback-Type: abuse\r\n", fields.encode())
+
+
+async def test_only_a_report_that_calls_the_message_abuse_suppresses_and_counts(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """A not-spam report (RFC 5965 7.3: the reporter does not consider it spam), an auth-failure report
+    (RFC 6591: the sender's DKIM or SPF failed) and an `other` one are Feedback events: the recipient stays,
+    the reputation breaker counts nothing. An abuse report is a Complaint: suppressed, and with a breaker
+    that trips on more than 40% of 2 recipients, it trips at 1 complaint of 2 (the three before would have
+    tripped it already, had they counted)."""
+    up = await upstream("relay-a")
+    breaker = {"members": "all", "min_messages": 2, "complaint_rate": 0.4, "cooldown": "1h"}
+    settings = verp_settings(tmp_path, up.address, breaker=breaker)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "news", to=["liked@dest.example", "hated@dest.example"])
+        await wait_until(lambda: len([e for e in read_events(events) if e["type"] == "Delivery"]) == 2)
+        path = {r.recipients[0]: r.sender for r in up.received}
+        for kind in ("not-spam", "auth-failure", "other"):
+            report = feedback(kind, path["liked@dest.example"], "liked@dest.example")
+            await hand_back(app.smtp_port, f"fbl@{DOMAIN}", report)
+        # The 250 comes after the suppression list and the bus (which runs the breaker) have the events.
+        assert app.suppressions.find("liked@dest.example") is None
+        assert app.breaker.trips == 0
+        await hand_back(
+            app.smtp_port,
+            f"fbl@{DOMAIN}",
+            feedback("abuse", path["hated@dest.example"], "hated@dest.example"),
+        )
+        found = app.suppressions.find("hated@dest.example")
+        assert found is not None and found.source == "complaint" and found.reason == "complaint (abuse)"
+        assert app.breaker.trips == 1
+    told = [(e["type"], e["recipient"], e["tags"].get("feedback_type")) for e in read_events(events)]
+    assert [t for t in told if t[0] in ("Complaint", "Feedback")] == [
+        ("Feedback", "liked@dest.example", "not-spam"),
+        ("Feedback", "liked@dest.example", "auth-failure"),
+        ("Feedback", "liked@dest.example", "other"),
+        ("Complaint", "hated@dest.example", "abuse"),
+    ]
+    auth = next(e for e in read_events(events) if e["tags"].get("feedback_type") == "auth-failure")
+    assert auth["tags"]["auth_failure"] == "dkim" and auth["member"] == "relay-a"
+    trip = next(e for e in read_events(events) if e["tags"].get("by") == "breaker")
+    assert "complaints 1/2" in trip["tags"]["change"]

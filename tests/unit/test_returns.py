@@ -3,14 +3,16 @@ bounces that are neither (GNU Mailman's detectors)."""
 
 from __future__ import annotations
 
+import base64
+import quopri
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postmux.config import ConfigError, VerpSettings, settings_from_dict
-from postmux.reputation.returns import Report, match, read_report
+from postmux.reputation.returns import Report, is_complaint, match, read_report
 from postmux.reputation.verp import VerpCodec
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -199,6 +201,25 @@ def test_an_arf_report_is_a_complaint_with_its_source_ip() -> None:
     assert report.return_path.startswith("b.0193a5f2c8b1deadbeef.")
 
 
+def test_the_feedback_type_says_whether_a_report_is_a_complaint() -> None:
+    """RFC 5965 7.3: abuse, fraud and virus call the message abuse; not-spam says the opposite, auth-failure
+    (RFC 6591) is about the sender's authentication, other says neither. No type at all: abuse."""
+    for kind, complaint in [
+        ("abuse", True),
+        ("fraud", True),
+        ("virus", True),
+        ("", True),
+        ("not-spam", False),
+        ("auth-failure", False),
+        ("other", False),
+        ("opt-out", False),
+    ]:
+        assert is_complaint(kind) is complaint, kind
+    text = ARF.replace(b"Feedback-Type: abuse\r\n", b"Feedback-Type: Auth-Failure\r\nAuth-Failure: DKIM\r\n")
+    (report,) = read_report(text)
+    assert (report.kind, report.feedback_type, report.auth_failure) == ("complaint", "auth-failure", "dkim")
+
+
 QMAIL = b"""\
 From: MAILER-DAEMON@mail.dest.example
 To: b.x@bounces.example.com
@@ -233,3 +254,181 @@ def test_reports_match_through_the_return_path_they_were_sent_to_or_carry(codec:
     assert match([complaint], ["fbl@bounces.example.com"], codec)[0].sent == m.sent
     # Neither: nothing to act on (a forged report, or one about mail that was not ours).
     assert match([bounce], ["fbl@bounces.example.com"], codec) == []
+
+
+# An auto-reply with no From: field, and one whose From: is raw UTF-8 (RFC 6532): flufl.bounce's detectors
+# raised on both (an IndexError in its Yale detector; `.lower()` on the Header compat32 made of 8-bit text).
+NO_FROM = b"Subject: Auto reply\r\nTo: b.x@bounces.example.com\r\n\r\nI am away.\r\n"
+UTF8_FROM = "From: Jérôme <jerome@dest.example>\r\nSubject: Re: hi\r\n\r\nMerci.\r\n".encode()
+
+
+def test_a_text_the_bounce_detectors_fail_on_is_read_as_no_bounce() -> None:
+    assert read_report(NO_FROM) == []
+    assert read_report(UTF8_FROM) == []
+    # Truncated or unbounded reports, as the reviewer's mutations of real DSNs and ARF reports made them.
+    assert read_report(POSTFIX_DSN[:700]) == []
+    unbounded = b"Content-Type: multipart/report; report-type=delivery-status\r\n\r\nno boundary\r\n"
+    assert read_report(unbounded) == []
+
+
+def test_a_utf8_field_is_read_as_text() -> None:
+    # A DSN whose recipient is raw UTF-8 in an rfc822-typed field (what some MTAs write): text, not a Header.
+    dsn = POSTFIX_DSN.replace(b"rfc822; user@dest.example", "rfc822; jörg@dest.example".encode())
+    failed, _ = read_report(dsn)
+    assert failed.recipient == "jörg@dest.example"
+
+
+# What damaged reports are made of: line ends, boundaries, structure, 8-bit and RFC 2047 garbage.
+TOKENS = (
+    b"\r\n",
+    b"\r\n\r\n",
+    b"--B1\r\n",
+    b"--B1--",
+    b"--part1\r\n",
+    b"=?utf-8?q?=FF?=",
+    b"=?x-unknown?b?////?=",
+    b"\xff",
+    b"\xc3",
+    b";",
+    b'"',
+    b":",
+    b"From: \r\n",
+    b"From: J\xc3\xa9r\xc3\xb4me <\xc3\xa9@x>\r\n",
+    b"Content-Type: message/rfc822\r\n\r\n",
+    b"Content-Type: message/global\r\n",
+    b"Content-Type: message/global-headers\r\n",
+    b"Content-Type: message/global-delivery-status\r\n",
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=B1\r\n\r\n",
+    b"Content-Transfer-Encoding: base64\r\n",
+    b"Content-Transfer-Encoding: quoted-printable\r\n",
+    b"Final-Recipient: utf-8; \\x{110000}\\x{D800}@x\r\n",
+)
+
+
+# RFC 6533: the DSN Postfix writes when the bounced message needed SMTPUTF8 (as out/dsn/0016.eml of the
+# review): message/global-delivery-status, utf-8 address types, message/global-headers.
+GLOBAL_DSN = """\
+From: MAILER-DAEMON@mx.dest.example (Mail Delivery System)
+To: b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+<jörg@dest.example>: host store.dest.example[10.0.0.5] said: 550 5.1.1 unknown user: "jörg"
+
+--B
+Content-Type: message/global-delivery-status
+Content-Transfer-Encoding: 8bit
+
+Reporting-MTA: dns; mx.dest.example
+Arrival-Date: Tue,  1 Dec 2026 07:00:00 +0000
+
+Final-Recipient: utf-8; jörg@dest.example
+Original-Recipient: utf-8;jörg@dest.example
+Action: failed
+Status: 5.1.1
+Remote-MTA: dns; store.dest.example
+Diagnostic-Code: smtp; 550 5.1.1 unknown user: "jörg"
+
+--B
+Content-Type: message/global-headers
+Content-Transfer-Encoding: 8bit
+
+Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>
+From: news@example.com
+To: jörg@dest.example
+Subject: Grüße
+
+--B--
+""".replace("\n", "\r\n").encode()
+
+
+def test_a_global_dsn_is_read_as_a_dsn() -> None:
+    (failed,) = read_report(GLOBAL_DSN)
+    assert (failed.kind, failed.recipient, failed.status) == ("bounce", "jörg@dest.example", "5.1.1")
+    assert failed.reporting_mta == "mx.dest.example"
+    assert failed.return_path == "b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com"
+    assert failed.reply().code == 550 and "unknown user" in failed.reply().text
+
+
+def _encoded(text: bytes, part: bytes, encoding: str) -> bytes:
+    """`text` with the body of its `part` transfer-encoded (base64 or quoted-printable)."""
+    head, _, rest = text.partition(b"Content-Type: " + part + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
+    body, _, tail = rest.partition(b"\r\n--B")
+    # base64 encodes the canonical form, CRLFs and all; quoted-printable keeps the lines as lines.
+    coded = (
+        base64.encodebytes(body)
+        if encoding == "base64"
+        else quopri.encodestring(body.replace(b"\r\n", b"\n"))
+    )
+    coded = coded.replace(b"\n", b"\r\n")
+    fields = b"Content-Type: " + part + b"\r\nContent-Transfer-Encoding: " + encoding.encode() + b"\r\n\r\n"
+    return head + fields + coded + b"\r\n--B" + tail
+
+
+@pytest.mark.parametrize("encoding", ["base64", "quoted-printable"])
+def test_a_global_dsn_may_be_transfer_encoded(encoding: str) -> None:
+    """RFC 6533 6: message/global-delivery-status and message/global-headers may be base64 or
+    quoted-printable on a 7-bit path (message/delivery-status may not)."""
+    text = _encoded(
+        _encoded(GLOBAL_DSN, b"message/global-delivery-status", encoding), b"message/global-headers", encoding
+    )
+    (failed,) = read_report(text)
+    assert (failed.recipient, failed.status) == ("jörg@dest.example", "5.1.1")
+    assert failed.return_path.startswith("b.0193a5f2c8b1deadbeef.")
+
+
+def test_the_returned_original_may_be_a_global_message() -> None:
+    """RFC 6532 3.7: the original returned whole, as message/global (here base64), holds the Return-Path."""
+    original = b"Return-Path: <b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com>\r\n"
+    original += "Subject: Grüße\r\n\r\nHallo.\r\n".encode()
+    whole = GLOBAL_DSN.split(b"--B\r\nContent-Type: message/global-headers")[0] + (
+        b"--B\r\nContent-Type: message/global\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(original).replace(b"\n", b"\r\n")
+        + b"\r\n--B--\r\n"
+    )
+    (failed,) = read_report(whole)
+    assert failed.return_path == "b.0193a5f2c8b1deadbeef.xxxx.user=dest.example@bounces.example.com"
+
+
+def test_a_utf8_address_type_may_carry_escaped_characters() -> None:
+    """RFC 6533 3: utf-8-addr-xtext / -unitext write a character as \\x{HEX}; nonsense stays as it is."""
+    dsn = GLOBAL_DSN.replace("utf-8; jörg@".encode(), b"UTF-8; j\\x{F6}rg@")
+    assert read_report(dsn)[0].recipient == "jörg@dest.example"
+    dsn = GLOBAL_DSN.replace("utf-8; jörg@".encode(), b"utf-8; j\\x{D800}\\x{110000}@")
+    assert read_report(dsn)[0].recipient == "j\\x{D800}\\x{110000}@dest.example"
+
+
+SAMPLES = (POSTFIX_DSN, ARF, QMAIL, NO_FROM, UTF8_FROM, GLOBAL_DSN)
+
+
+@st.composite
+def damaged_reports(draw: st.DrawFn) -> bytes:
+    """A real report, damaged: bytes replaced, cut out, truncated, repeated, and tokens put in."""
+    text = bytearray(draw(st.sampled_from(SAMPLES)))
+    for op in draw(st.lists(st.integers(0, 4), min_size=1, max_size=8)):
+        i = draw(st.integers(0, len(text)))
+        if op == 0 and i < len(text):
+            text[i] = draw(st.integers(0, 255))
+        elif op == 1:
+            del text[i : i + draw(st.integers(1, 60))]
+        elif op == 2:
+            text[i:i] = draw(st.sampled_from(TOKENS) | st.binary(max_size=20))
+        elif op == 3:
+            del text[i:]
+        else:
+            text[i:i] = text[i : i + draw(st.integers(1, 300))] * draw(st.integers(1, 4))
+    return bytes(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(damaged_reports() | st.binary(max_size=2000))
+def test_no_text_makes_the_reading_raise(text: bytes) -> None:
+    """Whatever comes to the return-path domain is read or found unreadable, never an exception (which the
+    SMTP listener answers 451, again and again for the same text)."""
+    reports = read_report(text)
+    assert all(isinstance(r, Report) and isinstance(r.recipient, str) for r in reports)

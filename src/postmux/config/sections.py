@@ -630,6 +630,7 @@ WebhookEventName = Literal[
     "Expiration",
     "Held",
     "Complaint",
+    "Feedback",
     "Suppressed",
     "Unsubscribe",
     "MemberDown",

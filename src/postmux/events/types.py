@@ -30,6 +30,9 @@ class EventType(enum.StrEnum):
     # tags.state ("fallback" | "redis"), tags.reason, tags.live_nodes.
     THROTTLES_BACKEND_CHANGED = "ThrottlesBackendChanged"
     COMPLAINT = "Complaint"  # a recipient reported the message as spam (an ARF report, RFC 5965)
+    # An ARF report that calls the message no abuse (tags.feedback_type: not-spam, auth-failure, other, ...):
+    # told, never a complaint (reputation/returns.py is_complaint); no suppression, no breaker count.
+    FEEDBACK = "Feedback"
     BLOCKLIST_CHANGED = "BlocklistChanged"  # a sending IP or domain listed or delisted (tags: subject, zone)
     # A recipient on the suppression list, accepted and dropped ([suppression] action = "drop"): never sent.
     SUPPRESSED = "Suppressed"

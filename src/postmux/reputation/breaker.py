@@ -9,7 +9,8 @@ threshold it trips, and that lane is suspended for the cool-down (or until an op
 the IP. A fuse, not a throttle: it says "stop and look", as the 4.7.x reactions say "slow down".
 
 Hard bounces are the bounce classes that mean the address is dead (InvalidRecipient, BadDomain,
-InactiveMailbox); a complaint is a Complaint event (an ARF report matched to the message). Deciding
+InactiveMailbox); a complaint is a Complaint event (an ARF report matched to the message that calls it
+abuse, fraud or virus: a not-spam or auth-failure report is a Feedback event, never counted). Deciding
 (`Window`, `ReputationBreaker.observe`) is apart from doing (the `trip` callback, which suspends lanes).
 """
 

@@ -228,7 +228,10 @@ class SuppressionList:
         return self._entries.pop(key, None) is not None or removed
 
     async def note_complaints(self, events: Iterable[Event]) -> list[Suppression]:
-        """Suppress the recipients of Complaint events ([suppression] complaints): global, no expiry."""
+        """Suppress the recipients of Complaint events ([suppression] complaints): global, no expiry.
+
+        Complaint events are the ARF reports that call the message abuse (abuse, fraud, virus: returns.py
+        COMPLAINT_TYPES); a not-spam or auth-failure report is a Feedback event and suppresses nobody."""
         if not self.settings.complaints:
             return []
         complaints = [e for e in events if e.type is EventType.COMPLAINT]
