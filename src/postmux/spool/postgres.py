@@ -49,6 +49,7 @@ from postmux.spool.base import (
     FINAL_STATES,
     Answered,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -485,10 +486,10 @@ class PostgresSpool:
 
     async def bounce(
         self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
-    ) -> int:
+    ) -> list[Bounced]:
         selector.require_criterion("bounce")
 
-        async def run(c: asyncpg.Connection) -> int:
+        async def run(c: asyncpg.Connection) -> list[Bounced]:
             return await postgres_queue.bounce(c, selector, now, reply, dsn, dsn_pool, queue_dsn)
 
         return await self._call(run, wakes=True)
