@@ -1,5 +1,6 @@
 """The operator's queue verbs on a PostgreSQL spool shared by nodes, against what the other nodes do at
-the same moment: a bounce never takes a recipient another node is leasing (and so delivering).
+the same moment: a bounce never takes a recipient another node is leasing (and so delivering), and a
+bounce its writer runs twice (a batch run again after a failure) reports each recipient once.
 
 The moment is made, not waited for: a second connection holds a row lock or an uncommitted lease, as
 another node's transaction would, while the verb runs.
@@ -8,16 +9,21 @@ another node's transaction would, while the verb runs.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from postmux.app import App
 from postmux.envelope import Envelope, new_message_id
+from postmux.events.types import Event, EventType
 from postmux.spool.base import MessageView, RecipientState, RecipientView, Selector
 from postmux.spool.postgres import PostgresSpool
-from tests.support import message
+from tests.integration.test_postgres_spool import node_settings
+from tests.support import StartUpstream, message
 
 REPLY = "550 5.0.0 bounced by the operator: test"
 
@@ -151,3 +157,53 @@ async def test_a_bounce_busy_elsewhere_never_overwrites_what_another_node_leased
     assert await states(b, first) == {"one@one.test": ("held", "")}
     [again] = await b.bounce(Selector(message_id=first), 1001, reply=REPLY, dsn=Dsns(), dsn_pool="dsn")
     assert [r.address for r in again.recipients] == ["one@one.test"]
+
+
+async def test_a_bounce_the_writer_runs_twice_reports_each_recipient_once(
+    tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
+) -> None:
+    """A batch of two requests runs without savepoints; the second fails, so the writer rolls back and
+    runs both again with savepoints (spool/postgres.py): the bounce runs twice, is committed once, and
+    its Bounce events must be those of the run committed."""
+    up = await upstream()
+    app = App(node_settings(tmp_path / "n1", up, postgres_dsn, "n1"))
+    events: list[Event] = []
+    async with app:
+        app.bus.subscribe(events.append)
+        spool = app.spool
+        assert isinstance(spool, PostgresSpool)
+        later = time.time() + 3600  # not due for an hour: the node's dispatcher leaves them alone
+        blocker, bounced, broken = [await store(spool, later, f"u{i}@dest.test") for i in range(3)]
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute("SELECT 1 FROM recipient WHERE message_id = $1 FOR UPDATE", blocker)
+            # The writer waits on the lock with a hold; the bounce and a request that fails queue behind it.
+            holding = asyncio.create_task(spool.hold(Selector(message_id=blocker), later))
+            await waits_on(other, holding)
+            operator = asyncio.create_task(app.control.queue.act("bounce", {"id": bounced, "reason": "test"}))
+
+            def refuse(message: MessageView, recipients: Sequence[RecipientView]) -> Envelope | None:
+                raise RuntimeError("this DSN cannot be built")
+
+            failing = asyncio.create_task(
+                spool.bounce(Selector(message_id=broken), later, reply=REPLY, dsn=refuse, dsn_pool="p")
+            )
+            for _ in range(500):  # both queued behind the hold: the writer takes them as one batch
+                if spool._jobs.qsize() == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert spool._jobs.qsize() == 2
+            await tx.rollback()
+            assert await holding == 1
+            answer = await operator
+            with pytest.raises(RuntimeError, match="cannot be built"):
+                await failing
+        finally:
+            await other.close()
+        assert answer["recipients"] == 1
+        assert await spool.show(bounced, later) is None  # bounced, its DSN queued: committed once
+        assert [m.sender for m in (await spool.list_queue(Selector(sender=""), later)).messages] == [""]
+    by_operator = [(e.id, e.recipient) for e in events if e.type is EventType.BOUNCE]
+    assert by_operator == [(bounced, "u1@dest.test")]
