@@ -521,3 +521,38 @@ async def test_a_view_carries_the_message_id_field_tags_and_metadata_for_events(
             {"campaign": "spring"},
             {"customer": "42"},
         )
+
+
+async def test_text_with_nul_names_no_message_and_chooses_nothing(spool: SpoolBackend) -> None:
+    """No id, address, pool or member holds NUL (PostgreSQL text cannot): asked for one, every spool
+    answers as for any other unknown one, never with an error."""
+    q = await fill(spool)
+    assert await spool.show("ab\x00cd", 1000) is None
+    assert await spool.show(q.m1 + "\x00", 1000) is None
+    everything = [q.m1, q.m2, q.m3, q.flying]
+    assert [
+        m.message_id for m in (await spool.list_queue(Selector(), 1000, after="\x00")).messages
+    ] == everything
+    after_m1 = await spool.list_queue(Selector(), 1000, after=q.m1 + "\x00z")
+    assert [m.message_id for m in after_m1.messages] == everything[1:]
+    for nul in (
+        Selector(message_id="ab\x00c"),
+        Selector(pool="p\x00"),
+        Selector(domain="one.test\x00"),
+        Selector(sender="\x00"),
+        Selector(member="a\x00"),
+    ):
+        assert (await spool.list_queue(nul, 1000)).messages == ()
+        assert await spool.stats(nul, 1000) == []
+        assert await spool.hold(nul, 1000) == 0
+        assert await spool.release(nul, 1000) == 0
+        assert await spool.flush(nul, 1000) == 0
+        assert await spool.move(nul, "bulk", 1000) == 0
+        assert await spool.delete(nul, 1000) == 0
+        assert await spool.bounce(nul, 1000, reply="550", dsn=DsnRecorder(), dsn_pool="dsn") == []
+    assert await spool.release("ab\x00c", 1000) == 0
+    assert await listed(spool, Selector(domains=frozenset({"one.test\x00", "two.test"}))) == {
+        q.m1: ["r2@two.test"],
+        q.m3: ["r4@two.test"],
+    }
+    assert (await spool.counts())["queued"] == 4  # nothing changed
