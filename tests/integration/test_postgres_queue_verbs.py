@@ -22,6 +22,7 @@ from postmux.envelope import Envelope, new_message_id
 from postmux.events.types import Event, EventType
 from postmux.spool.base import MessageView, RecipientState, RecipientView, Selector
 from postmux.spool.postgres import PostgresSpool
+from tests.integration.test_control import TOKEN, admin
 from tests.integration.test_postgres_spool import node_settings
 from tests.support import StartUpstream, message
 
@@ -207,3 +208,30 @@ async def test_a_bounce_the_writer_runs_twice_reports_each_recipient_once(
         assert [m.sender for m in (await spool.list_queue(Selector(sender=""), later)).messages] == [""]
     by_operator = [(e.id, e.recipient) for e in events if e.type is EventType.BOUNCE]
     assert by_operator == [(bounced, "u1@dest.test")]
+
+
+async def test_the_queue_api_answers_what_it_cannot_read_or_find_with_a_4xx_and_the_spool_down_with_503(
+    tmp_path: Path, postgres_dsn: str, upstream: StartUpstream
+) -> None:
+    """Review item 4: no 500 (and no traceback) for a body nested too deeply, for an id with NUL in it
+    (PostgreSQL text cannot hold one), or from the older release route when the spool fails."""
+    up = await upstream()
+    settings = node_settings(tmp_path / "n1", up, postgres_dsn, "n1", http={"admin_token": TOKEN})
+    async with App(settings) as app, admin(app) as client:
+        mid = await store(app.spool, time.time() + 3600, "u@dest.test")  # {"id": ...} below is real
+        for deep in (b"[" * 200_000 + b"]" * 200_000, b'{"id":' * 5000 + b"1" + b"}" * 5000):
+            response = await client.post("/queue/hold", content=deep)
+            assert response.status_code == 400, response.text
+            assert "nested too deeply" in response.json()["error"]
+        response = await client.get("/queue/messages/ab%00cd")
+        assert response.status_code == 404 and "no message with id" in response.json()["error"]
+        response = await client.get("/queue/messages", params={"after": "\x00"})
+        assert response.status_code == 200 and [m["id"] for m in response.json()["messages"]] == [mid]
+        response = await client.post("/messages/ab%00c/release")
+        assert response.status_code == 404 and "no held message" in response.json()["error"]
+        await app.spool.close()  # the spool fails every call from here on, as when PostgreSQL is away
+        response = await client.post(f"/messages/{mid}/release")
+        assert response.status_code == 503, response.text
+        assert response.json() == {"error": "the spool could not answer: spool is not open"}
+        response = await client.post("/queue/release", json={"id": mid})  # the newer route, the same
+        assert response.status_code == 503 and response.json()["error"].startswith("the spool could not")
