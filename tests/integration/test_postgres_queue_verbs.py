@@ -20,7 +20,7 @@ import pytest
 from postmux.app import App
 from postmux.envelope import Envelope, new_message_id
 from postmux.events.types import Event, EventType
-from postmux.spool.base import MessageView, RecipientState, RecipientView, Selector
+from postmux.spool.base import MessageView, RecipientState, RecipientView, Selector, Settlement
 from postmux.spool.postgres import PostgresSpool
 from tests.integration.test_control import TOKEN, admin
 from tests.integration.test_postgres_spool import node_settings
@@ -158,6 +158,34 @@ async def test_a_bounce_busy_elsewhere_never_overwrites_what_another_node_leased
     assert await states(b, first) == {"one@one.test": ("held", "")}
     [again] = await b.bounce(Selector(message_id=first), 1001, reply=REPLY, dsn=Dsns(), dsn_pool="dsn")
     assert [r.address for r in again.recipients] == ["one@one.test"]
+
+
+async def test_a_delete_leaves_a_recipient_another_node_is_leasing_with_its_attempts(
+    postgres_dsn: str, nodes: tuple[PostgresSpool, PostgresSpool]
+) -> None:
+    _, b = nodes
+    mid = await store(b, 100, "y@two.test")
+    y = (await rids(b, mid))["y@two.test"]
+    [work] = await b.lease_due(100, 10)
+    await b.settle(
+        [Settlement(mid, [y], RecipientState.QUEUED, "451 later", due=100, attempts=1, member="m")], now=101
+    )
+    lessee = await asyncpg.connect(postgres_dsn)
+    try:
+        lease = lessee.transaction()
+        await lease.start()
+        await lessee.execute(
+            "UPDATE recipient SET state = 'leased', owner = 'a', lease_until = 2000 WHERE rid = $1", y
+        )
+        delete = asyncio.create_task(b.delete(Selector(message_id=mid), 1000))
+        await waits_on(lessee, delete)
+        await lease.commit()
+        assert await delete == 0
+    finally:
+        await lessee.close()
+    shown = await b.show(mid, 1000)
+    assert shown is not None and [(x.rid, x.reply) for x in shown.attempts] == [(y, "451 later")]
+    assert work.recipients[0].rid == y
 
 
 async def test_a_bounce_the_writer_runs_twice_reports_each_recipient_once(

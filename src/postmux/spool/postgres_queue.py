@@ -243,18 +243,19 @@ async def move(conn: asyncpg.Connection, sel: Selector, pool: str, now: float) -
 
 async def delete(conn: asyncpg.Connection, sel: Selector, now: float) -> int:
     where, params = _where(sel, now, _WAITING)
-    touched = [
-        r[0]
-        for r in await conn.fetch(
-            numbered(f"SELECT DISTINCT message_id FROM recipient WHERE {where}"), *params
-        )
-    ]
-    await conn.execute(
-        numbered(f"DELETE FROM attempt WHERE rid IN (SELECT rid FROM recipient WHERE {where})"), *params
+    # One statement: the attempts go with exactly the recipients deleted. A DELETE of attempts by a
+    # subquery of its own ran on its snapshot, so a recipient another node leased meanwhile (which the
+    # recipient DELETE, checking the state again on the locked row, then left) lost its kept attempts.
+    gone = await conn.fetch(
+        numbered(
+            f"WITH gone AS (DELETE FROM recipient WHERE {where} RETURNING rid, message_id),"
+            " attempts AS (DELETE FROM attempt WHERE rid IN (SELECT rid FROM gone))"
+            " SELECT message_id, count(*) FROM gone GROUP BY message_id"
+        ),
+        *params,
     )
-    removed = _count(await conn.execute(numbered(f"DELETE FROM recipient WHERE {where}"), *params))
-    await drop_if_finished(conn, sorted(touched))
-    return removed
+    await drop_if_finished(conn, sorted(r[0] for r in gone))
+    return sum(r[1] for r in gone)
 
 
 async def bounce(
