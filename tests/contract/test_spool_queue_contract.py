@@ -219,7 +219,11 @@ async def test_bounce_ends_recipients_as_bounced_with_their_dsn_queued_in_the_sa
     q = await fill(spool)
     build = DsnRecorder()
     reply = "550 5.0.0 bounced by the operator"
-    assert await spool.bounce(Selector(domain="two.test"), 1000, reply=reply, dsn=build, dsn_pool="dsn") == 2
+    bounced = await spool.bounce(Selector(domain="two.test"), 1000, reply=reply, dsn=build, dsn_pool="dsn")
+    assert [(b.message.message_id, [(r.address, r.state) for r in b.recipients]) for b in bounced] == [
+        (q.m1, [("r2@two.test", "queued")]),  # as they were: the answer is what the caller reports
+        (q.m3, [("r4@two.test", "queued")]),
+    ]
     assert [(m.message_id, m.data, rs) for m, rs in build.calls] == [
         (q.m1, BODY, ["r2@two.test"]),
         (q.m3, BODY, ["r4@two.test"]),
@@ -237,8 +241,27 @@ async def test_bounce_ends_recipients_as_bounced_with_their_dsn_queued_in_the_sa
     shown_dsn = await spool.show(dsn.message_id, 1000)
     assert shown_dsn is not None and shown_dsn.data == b"Subject: Undelivered\r\n\r\nr2@two.test\r\n"
     assert (
-        await spool.bounce(Selector(message_id=q.flying), 1000, reply=reply, dsn=build, dsn_pool="dsn") == 0
+        await spool.bounce(Selector(message_id=q.flying), 1000, reply=reply, dsn=build, dsn_pool="dsn") == []
     )
+
+
+async def test_a_bounce_names_only_the_recipients_it_ended_leaving_one_in_flight_to_its_attempt(
+    spool: SpoolBackend,
+) -> None:
+    mid = new_message_id()
+    env = Envelope("app@x.test", ("a@one.test", "b@two.test"), BODY)
+    work = await spool.store(mid, env, {"a@one.test": "p", "b@two.test": "p"}, 100)  # both leased
+    rids = {r.address: r.rid for w in work for r in w.recipients}
+    await spool.settle(
+        [Settlement(mid, [rids["a@one.test"]], RecipientState.QUEUED, "451", due=5000)], now=101
+    )  # a waits again; b is still in a node's hands
+    build = DsnRecorder()
+    bounced = await spool.bounce(Selector(message_id=mid), 1000, reply="550", dsn=build, dsn_pool="dsn")
+    assert [(x.message.message_id, [r.address for r in x.recipients]) for x in bounced] == [
+        (mid, ["a@one.test"])
+    ]
+    assert [rs for _, rs in build.calls] == [["a@one.test"]]  # the DSN names what was bounced, not b
+    assert await states(spool, mid) == {"a@one.test": "bounced", "b@two.test": "leased"}
 
 
 async def test_a_bounce_whose_dsn_cannot_be_built_changes_nothing(spool: SpoolBackend) -> None:
@@ -444,7 +467,7 @@ async def test_a_bounce_queues_each_dsn_to_the_pool_its_sender_routes_to(spool: 
         dsn=DsnRecorder(),
         dsn_pool=lambda message: pools[message.sender],
     )
-    assert bounced == 4  # r1, r2, r3, r4 (r5 flies)
+    assert sum(len(b.recipients) for b in bounced) == 4  # r1, r2, r3, r4 (r5 flies)
     for pool, sender in (("app-dsn", "app@x.test"), ("news-dsn", "news@x.test")):
         [dsn] = (await spool.list_queue(Selector(pool=pool), 1000)).messages
         assert [r.address for r in dsn.recipients] == [sender]
@@ -498,3 +521,38 @@ async def test_a_view_carries_the_message_id_field_tags_and_metadata_for_events(
             {"campaign": "spring"},
             {"customer": "42"},
         )
+
+
+async def test_text_with_nul_names_no_message_and_chooses_nothing(spool: SpoolBackend) -> None:
+    """No id, address, pool or member holds NUL (PostgreSQL text cannot): asked for one, every spool
+    answers as for any other unknown one, never with an error."""
+    q = await fill(spool)
+    assert await spool.show("ab\x00cd", 1000) is None
+    assert await spool.show(q.m1 + "\x00", 1000) is None
+    everything = [q.m1, q.m2, q.m3, q.flying]
+    assert [
+        m.message_id for m in (await spool.list_queue(Selector(), 1000, after="\x00")).messages
+    ] == everything
+    after_m1 = await spool.list_queue(Selector(), 1000, after=q.m1 + "\x00z")
+    assert [m.message_id for m in after_m1.messages] == everything[1:]
+    for nul in (
+        Selector(message_id="ab\x00c"),
+        Selector(pool="p\x00"),
+        Selector(domain="one.test\x00"),
+        Selector(sender="\x00"),
+        Selector(member="a\x00"),
+    ):
+        assert (await spool.list_queue(nul, 1000)).messages == ()
+        assert await spool.stats(nul, 1000) == []
+        assert await spool.hold(nul, 1000) == 0
+        assert await spool.release(nul, 1000) == 0
+        assert await spool.flush(nul, 1000) == 0
+        assert await spool.move(nul, "bulk", 1000) == 0
+        assert await spool.delete(nul, 1000) == 0
+        assert await spool.bounce(nul, 1000, reply="550", dsn=DsnRecorder(), dsn_pool="dsn") == []
+    assert await spool.release("ab\x00c", 1000) == 0
+    assert await listed(spool, Selector(domains=frozenset({"one.test\x00", "two.test"}))) == {
+        q.m1: ["r2@two.test"],
+        q.m3: ["r4@two.test"],
+    }
+    assert (await spool.counts())["queued"] == 4  # nothing changed

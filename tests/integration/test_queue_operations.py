@@ -22,7 +22,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from rich.console import Console
 from typer.testing import CliRunner
 
-from postmux.admin.client import attempts_table, messages_table, queue_table, recipients_table
+from postmux.admin import top
+from postmux.admin.client import attempts_table, fields_table, messages_table, queue_table, recipients_table
 from postmux.app import App
 from postmux.cli import app as cli
 from postmux.config import load_config
@@ -458,6 +459,57 @@ def test_the_tables_show_what_the_json_says() -> None:
     assert "queue: 3 recipients, oldest 2h 1m" in text
     assert "desthost" in text and DEFER in text and "<>" in text and "5m" in text
     assert "1970-01-01 00:00:00" in text
+
+
+def test_the_tables_show_bracketed_text_as_it_is_not_as_markup() -> None:
+    """A Subject, an address or a receiver's reply is text from outside: "[ticket #123]" stays, and
+    "[/urgent]" (a closing tag to Rich) neither vanishes nor ends the command with a traceback."""
+    subject = "[/urgent] invoice [ticket #123]"
+    reply = "451 4.7.1 [mx1.example.net] [bold]try later[/bold]"
+    recipient = {
+        "address": "[who]@dest.test",
+        "pool": "default",
+        "state": "queued",
+        "attempts": 1,
+        "due_in_s": 60.0,
+        "last_member": "[a]",
+        "last_reply": reply,
+    }
+    summary = {
+        "recipients": 1,
+        "oldest_age_s": 60.0,
+        "destinations": [
+            {
+                "pool": "default",
+                "domain": "dest.test",
+                "destination": "dest.test",
+                "recipients": 1,
+                "queued": 1,
+                "leased": 0,
+                "held": 0,
+                "oldest_age_s": 60.0,
+                "last_error": reply,
+            }
+        ],
+    }
+    tables = [
+        fields_table("headers", [{"name": "Subject", "value": subject}]),
+        messages_table([{"id": "m1", "age_s": 60.0, "sender": "[/x]@a.test", "recipients": [recipient]}]),
+        recipients_table([recipient]),
+        attempts_table([{"at": 0.0, "recipient": "[who]@dest.test", "member": "[a]", "reply": reply}]),
+        queue_table(summary),
+        top.queue_table(summary),
+    ]
+
+    def shown(*renderables: Any) -> str:
+        out = io.StringIO()
+        Console(file=out, width=400).print(*renderables)
+        return out.getvalue()
+
+    for table in tables[1:]:  # each with a reply in it
+        assert "[mx1.example.net] [bold]try later[/bold]" in shown(table)
+    text = shown(*tables)
+    assert subject in text and "[/x]@a.test" in text and "[who]@dest.test" in text and "[a]" in text
 
 
 async def test_on_a_terminal_the_summary_is_a_table_and_piped_it_is_json(

@@ -101,6 +101,8 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
             return await control.release(message_id)
         except NothingHeld:
             return json_error(404, f"no held message with id {message_id!r}")
+        except SpoolError as e:  # as the queue routes say it (_answer): the spool, not this request
+            return json_error(503, f"the spool could not answer: {e}")
 
     _shaping_routes(app, control)
     _queue_routes(app, control.queue)
@@ -204,6 +206,10 @@ def _queue_routes(app: FastAPI, queue: QueueControl) -> None:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError as e:
             return json_error(400, f"the body is not JSON: {e}")
+        except RecursionError:
+            # json's decoder recurses per nesting level: "[" * 200000 is valid JSON it cannot read. No
+            # selector nests at all, so such a body is refused as any other that is not one.
+            return json_error(400, "the body is not JSON this API reads: nested too deeply")
         if not isinstance(body, dict):
             return json_error(400, "the body is a JSON object: the selector's fields, all, reason, to")
         return await _answer(lambda: queue.act(verb, body))

@@ -183,18 +183,27 @@ class AdminClient:
         return response.text
 
 
+def _plain(*cells: str) -> list[Text]:
+    """Table cells as they are, never read as Rich markup: they hold text from outside (a Subject, an
+    address, a receiver's reply naming "[mx1.example.net]", a blocklist's TXT), which markup would drop
+    ("[ticket #123]") or fail on with a traceback ("[/urgent]": a closing tag that matches none)."""
+    return [Text(cell) for cell in cells]
+
+
 def suppressions_table(entries: list[dict[str, Any]]) -> Table:
     table = Table(title="suppressions")
     for column in ("address", "scope", "source", "reason", "created", "expires"):
         table.add_column(column)
     for e in entries:
         table.add_row(
-            e["address"],
-            e["scope"],
-            e["source"],
-            e["reason"],
-            _when(e["created"]),
-            "never" if e["expires"] is None else _when(e["expires"]),
+            *_plain(
+                e["address"],
+                e["scope"],
+                e["source"],
+                e["reason"],
+                _when(e["created"]),
+                "never" if e["expires"] is None else _when(e["expires"]),
+            )
         )
     return table
 
@@ -253,12 +262,14 @@ def queue_table(body: dict[str, Any]) -> Table:
     table.add_column("last error", overflow="fold")
     for d in body["destinations"]:
         table.add_row(
-            d["pool"],
-            d["domain"],
-            d["destination"],
-            *(str(d[c]) for c in ("recipients", "queued", "leased", "held")),
-            age(d["oldest_age_s"]),
-            d["last_error"][:100],
+            *_plain(
+                d["pool"],
+                d["domain"],
+                d["destination"],
+                *(str(d[c]) for c in ("recipients", "queued", "leased", "held")),
+                age(d["oldest_age_s"]),
+                d["last_error"][:100],
+            )
         )
     return table
 
@@ -275,16 +286,18 @@ def messages_table(messages: list[dict[str, Any]]) -> Table:
         for i, r in enumerate(m["recipients"]):
             first = i == 0
             table.add_row(
-                m["id"] if first else "",
-                age(m["age_s"]) if first else "",
-                (m["sender"] or "<>") if first else "",
-                r["address"],
-                r["pool"],
-                r["state"],
-                str(r["attempts"]),
-                age(r["due_in_s"]) if r["due_in_s"] is not None else "",
-                r["last_member"],
-                r["last_reply"][:80],
+                *_plain(
+                    m["id"] if first else "",
+                    age(m["age_s"]) if first else "",
+                    (m["sender"] or "<>") if first else "",
+                    r["address"],
+                    r["pool"],
+                    r["state"],
+                    str(r["attempts"]),
+                    age(r["due_in_s"]) if r["due_in_s"] is not None else "",
+                    r["last_member"],
+                    r["last_reply"][:80],
+                )
             )
     return table
 
@@ -294,7 +307,7 @@ def fields_table(title: str, fields: list[dict[str, str]]) -> Table:
     table.add_column("name")
     table.add_column("value", overflow="fold")
     for f in fields:
-        table.add_row(f["name"], f["value"])
+        table.add_row(*_plain(f["name"], f["value"]))
     return table
 
 
@@ -305,13 +318,15 @@ def recipients_table(recipients: list[dict[str, Any]]) -> Table:
     table.add_column("last reply", overflow="fold")
     for r in recipients:
         table.add_row(
-            r["address"],
-            r["pool"],
-            r["state"],
-            str(r["attempts"]),
-            age(r["due_in_s"]) if r["due_in_s"] is not None else "",
-            r["last_member"],
-            r["last_reply"],
+            *_plain(
+                r["address"],
+                r["pool"],
+                r["state"],
+                str(r["attempts"]),
+                age(r["due_in_s"]) if r["due_in_s"] is not None else "",
+                r["last_member"],
+                r["last_reply"],
+            )
         )
     return table
 
@@ -323,7 +338,7 @@ def attempts_table(attempts: list[dict[str, Any]]) -> Table:
     table.add_column("reply", overflow="fold")
     for a in attempts:
         when = datetime.fromtimestamp(a["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, a["recipient"], a["member"], a["reply"])
+        table.add_row(*_plain(when, a["recipient"], a["member"], a["reply"]))
     return table
 
 
@@ -361,16 +376,18 @@ def members_table(members: list[dict[str, Any]]) -> Table:
         if m.get("shared_checks", "").startswith("down"):  # what the nodes' checks say: "down 2/3 nodes"
             state += f" ({m['shared_checks']})"
         table.add_row(
-            m["pool"],
-            m["member"],
-            m.get("zone") or "-",
-            state,
-            weight,
-            f"{m['connections']}/{m['max_connections']}",
-            str(m["in_flight"]),
-            f"{m['ewma_latency_ms']:.1f}",
-            _tls_cell(m),
-            m["recent_error"][:60],
+            *_plain(
+                m["pool"],
+                m["member"],
+                m.get("zone") or "-",
+                state,
+                weight,
+                f"{m['connections']}/{m['max_connections']}",
+                str(m["in_flight"]),
+                f"{m['ewma_latency_ms']:.1f}",
+                _tls_cell(m),
+                m["recent_error"][:60],
+            )
         )
     return table
 
@@ -410,16 +427,18 @@ def shaping_table(lanes: list[dict[str, Any]]) -> Table:
         if change:
             change = f"{lane['last_change_age_s']:.0f}s ago: {change}"
         table.add_row(
-            lane["pool"],
-            lane["member"],
-            lane["destination"],
-            state,
-            f"{lane['in_flight']} of {lane['connections']}/{lane['max_connections']}",
-            _per_min(lane["rate_per_min"], lane["max_rate_per_min"]),
-            f"{warm['sent_today']}/{warm['cap_today'] if warm['cap_today'] is not None else '-'}"
-            if warm
-            else "",
-            change[:80],
+            *_plain(
+                lane["pool"],
+                lane["member"],
+                lane["destination"],
+                state,
+                f"{lane['in_flight']} of {lane['connections']}/{lane['max_connections']}",
+                _per_min(lane["rate_per_min"], lane["max_rate_per_min"]),
+                f"{warm['sent_today']}/{warm['cap_today'] if warm['cap_today'] is not None else '-'}"
+                if warm
+                else "",
+                change[:80],
+            )
         )
     return table
 
@@ -446,12 +465,14 @@ def webhooks_table(endpoints: list[dict[str, Any]]) -> Table:
                 error += f" ({e['failures_in_a_row']} in a row)"
         oldest = e["oldest_pending_age_s"]
         table.add_row(
-            e["endpoint"] + ("" if e["configured"] else " (not configured)"),
-            str(e["backlog"]),
-            "-" if oldest is None else f"{oldest:.1f}s",
-            _age(e["last_success_age_s"]),
-            error or "-",
-            "-" if e["next_try_in_s"] is None else f"in {e['next_try_in_s']:.1f}s",
+            *_plain(
+                e["endpoint"] + ("" if e["configured"] else " (not configured)"),
+                str(e["backlog"]),
+                "-" if oldest is None else f"{oldest:.1f}s",
+                _age(e["last_success_age_s"]),
+                error or "-",
+                "-" if e["next_try_in_s"] is None else f"in {e['next_try_in_s']:.1f}s",
+            )
         )
     return table
 
@@ -462,12 +483,14 @@ def blocklists_table(checked: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for c in checked:
         table.add_row(
-            c["subject"],
-            c["zone"],
-            "LISTED" if c["listed"] else "no",
-            ", ".join(c["answers"]) or "-",
-            c["text"] or "-",
-            _age(c["age_s"]),
+            *_plain(
+                c["subject"],
+                c["zone"],
+                "LISTED" if c["listed"] else "no",
+                ", ".join(c["answers"]) or "-",
+                c["text"] or "-",
+                _age(c["age_s"]),
+            )
         )
     return table
 

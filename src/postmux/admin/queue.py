@@ -305,13 +305,12 @@ class QueueControl:
     async def _bounce(self, selector: Selector, reason: str, now: float) -> int:
         # RFC 3463 3.1: X.0.0, no more to say of the cause in a code; the reason says it in words.
         reply = Reply(550, "5.0.0", f"bounced by the operator: {reason}")
-        bounced: list[tuple[MessageView, list[RecipientView]]] = []
         reporting_mta = self.node.reporting_mta
 
         def dsn(message: MessageView, recipients: Sequence[RecipientView]) -> Envelope | None:
-            # Run by the spool inside its transaction: pure but for remembering what it was given, which
-            # is read only once the bounce is committed.
-            bounced.append((message, list(recipients)))
+            # Run by the spool inside its transaction, perhaps more than once for a message (PostgreSQL
+            # runs a batch again after a failure): pure, remembering nothing. The events come from what
+            # the spool answers, the committed run's bounce alone.
             return build_dsn(
                 original_sender=message.sender,
                 original_message=original_head(message.data or b"", None),
@@ -323,16 +322,17 @@ class QueueControl:
             )
 
         router = self.node.router
-        count = await self.node.spool.bounce(
+        bounced = await self.node.spool.bounce(
             selector,
             now,
             reply=str(reply),
             dsn=dsn,
             dsn_pool=lambda message: router.pool_for("", domain_of(message.sender), ""),
         )
-        for message, recipients in bounced:
-            for r in recipients:
-                self.node.bus.emit(_bounce_event(message, r, reply, now))
+        for b in bounced:
+            for r in b.recipients:
+                self.node.bus.emit(_bounce_event(b.message, r, reply, now))
+        count = sum(len(b.recipients) for b in bounced)
         if count:
             self.node.dispatch.scan_soon()  # the DSNs are due now
         return count

@@ -54,7 +54,7 @@ def members_table(members: list[dict[str, Any]]) -> Table:
             m["member"],
             m.get("zone") or "-",
             Text(state, style=_STATE_STYLE.get(state, "bold red")),
-            "" if state == "up" else str(m.get("why", ""))[:60],
+            Text("" if state == "up" else str(m.get("why", ""))[:60]),  # a reply: text, not markup
             f"{m['connections']}/{m['max_connections']}",
             str(m["in_flight"]),
             f"{m['ewma_latency_ms']:.1f}",
@@ -168,7 +168,7 @@ def queue_table(queue: dict[str, Any]) -> Table:
             str(d["recipients"]),
             str(d["held"]),
             _age(d["oldest_age_s"]),
-            str(d["last_error"])[:50],
+            Text(str(d["last_error"])[:50]),  # a receiver's reply ("[mx1.example.net]"): not markup
         )
     return table
 

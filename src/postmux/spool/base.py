@@ -24,6 +24,7 @@ from postmux.spool.operations import (
     FINAL_STATES,
     OPEN_STATES,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -40,6 +41,7 @@ __all__ = [
     "OPEN_STATES",
     "Answered",
     "AttemptView",
+    "Bounced",
     "DestinationStats",
     "DsnBuilder",
     "DsnPool",
@@ -364,14 +366,16 @@ class QueueOperations(Protocol):
 
     async def bounce(
         self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
-    ) -> int:
+    ) -> list[Bounced]:
         """End queued and held recipients as BOUNCED with `reply`, each message's DSN queued with it.
 
         `dsn` builds the DSN of each message (None: send none) and is queued to `dsn_pool` (a pool, or
         what gives the pool of a message's DSN: the route to its sender) in the same transaction, so a
-        bounce is never recorded without its DSN, and a builder that fails changes nothing. Refuses an
-        empty selector. Returns how many recipients were bounced. Cost: one read of
-        each chosen message's bytes and one DSN built per message, inside one transaction.
+        bounce is never recorded without its DSN, and a builder that fails changes nothing. Only
+        recipients the bounce itself moved from queued or held to bounced are named, in the DSN and in
+        the answer: one another node leases meanwhile (PostgreSQL) is left to its attempt. Refuses an
+        empty selector. Returns what was bounced, per message in id order. Cost: one read of each chosen
+        message's bytes and one DSN built per message, inside one transaction.
         """
         ...
 

@@ -195,6 +195,18 @@ class DestinationStats:
         return sum(self.counts.values())
 
 
+@dataclass(frozen=True, slots=True)
+class Bounced:
+    """What a bounce ended in one message: the message (its header section in `data`) and the recipients
+    it bounced, as they were just before. Exactly what its DSN names and what the caller reports (an
+    event each), taken from the spool's answer, never gathered through the DSN builder: PostgreSQL may
+    run a transaction's work twice (spool/postgres.py, a batch run again after a failure), and only the
+    run that was committed answers."""
+
+    message: MessageView
+    recipients: tuple[RecipientView, ...]
+
+
 # Where the DSN of a message goes (a pool name), given the message: the route to its sender's domain.
 DsnPool = str | Callable[[MessageView], str]
 
@@ -202,5 +214,6 @@ DsnPool = str | Callable[[MessageView], str]
 # Builds the DSN of a bounce an operator asked for: the message (with its bytes) and the recipients bounced
 # now, to the envelope to queue (None: none, as for the null sender). The spool calls it inside its
 # transaction, maybe in another thread, so a bounce is never recorded without its DSN: it must be pure
-# (delivery/dsn.build_dsn is). The spool knows no DSN format; the caller brings it.
+# (delivery/dsn.build_dsn is), as it may be called again for the same message when the transaction is run
+# again. The spool knows no DSN format; the caller brings it.
 DsnBuilder = Callable[[MessageView, Sequence[RecipientView]], Envelope | None]

@@ -36,7 +36,7 @@ import socket
 import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -49,6 +49,7 @@ from postmux.spool.base import (
     FINAL_STATES,
     Answered,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -109,6 +110,21 @@ class _Stores:
 class _Lease:
     owner: str
     until: float | None
+
+
+def _without_nul(selector: Selector) -> Selector | None:
+    """The selector as PostgreSQL can be asked it; None when it chooses nothing.
+
+    Text in PostgreSQL cannot hold NUL, so no id, address, pool or member has one, and the server refuses
+    such a parameter outright ("invalid byte sequence for encoding UTF8: 0x00": a SpoolError, a 503 to
+    the operator). A criterion with NUL in it matches no row, as it matches none in SQLite.
+    """
+    single = (selector.message_id, selector.pool, selector.domain, selector.sender, selector.member)
+    if any(t is not None and "\x00" in t for t in single):
+        return None
+    if selector.domains is not None and any("\x00" in d for d in selector.domains):
+        return replace(selector, domains=frozenset(d for d in selector.domains if "\x00" not in d))
+    return selector
 
 
 class _Retry(Exception):
@@ -462,44 +478,72 @@ class PostgresSpool:
     ) -> QueuePage:
         if limit < 1:
             raise ValueError(f"a page holds at least one message, not {limit}")
-        return await self._read(lambda c: postgres_queue.list_queue(c, selector, now, limit, after))
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return QueuePage(())
+        # No id holds NUL, and ids sort bytewise (COLLATE "C"): the ids after "x\0..." are those after "x".
+        after = after.split("\x00", 1)[0]
+        return await self._read(lambda c: postgres_queue.list_queue(c, chosen, now, limit, after))
 
     async def show(self, message_id: str, now: float) -> MessageView | None:
+        if "\x00" in message_id:
+            return None  # no message has that id (see _without_nul)
         return await self._read(lambda c: postgres_queue.show(c, message_id))
 
     async def stats(self, selector: Selector, now: float, *, limit: int = 1000) -> list[DestinationStats]:
-        return await self._read(lambda c: postgres_queue.stats(c, selector, now, limit))
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return []
+        return await self._read(lambda c: postgres_queue.stats(c, chosen, now, limit))
 
     async def hold(self, selector: Selector, now: float) -> int:
         selector.require_criterion("hold")
-        return await self._call(lambda c: postgres_queue.hold(c, selector, now))
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return 0
+        return await self._call(lambda c: postgres_queue.hold(c, chosen, now))
 
     async def release(self, selector: Selector | str, now: float) -> int:
-        chosen = Selector(message_id=selector) if isinstance(selector, str) else selector
-        chosen.require_criterion("release")
+        wanted = Selector(message_id=selector) if isinstance(selector, str) else selector
+        wanted.require_criterion("release")
+        chosen = _without_nul(wanted)
+        if chosen is None:
+            return 0
         return await self._call(lambda c: postgres_queue.release(c, chosen, now), wakes=True)
 
     async def delete(self, selector: Selector, now: float) -> int:
         selector.require_criterion("delete")
-        return await self._call(lambda c: postgres_queue.delete(c, selector, now))
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return 0
+        return await self._call(lambda c: postgres_queue.delete(c, chosen, now))
 
     async def bounce(
         self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
-    ) -> int:
+    ) -> list[Bounced]:
         selector.require_criterion("bounce")
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return []
 
-        async def run(c: asyncpg.Connection) -> int:
-            return await postgres_queue.bounce(c, selector, now, reply, dsn, dsn_pool, queue_dsn)
+        async def run(c: asyncpg.Connection) -> list[Bounced]:
+            return await postgres_queue.bounce(c, chosen, now, reply, dsn, dsn_pool, queue_dsn)
 
         return await self._call(run, wakes=True)
 
     async def flush(self, selector: Selector, now: float) -> int:
         selector.require_criterion("flush")
-        return await self._call(lambda c: postgres_queue.flush(c, selector, now), wakes=True)
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return 0
+        return await self._call(lambda c: postgres_queue.flush(c, chosen, now), wakes=True)
 
     async def move(self, selector: Selector, pool: str, now: float) -> int:
         selector.require_criterion("move")
-        return await self._call(lambda c: postgres_queue.move(c, selector, pool, now), wakes=True)
+        chosen = _without_nul(selector)
+        if chosen is None:
+            return 0
+        return await self._call(lambda c: postgres_queue.move(c, chosen, pool, now), wakes=True)
 
     # -- the WebhookOutbox protocol --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from postmux.spool.operations import (
     MAX_PAGE,
     OPEN_STATES,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -242,18 +243,19 @@ async def move(conn: asyncpg.Connection, sel: Selector, pool: str, now: float) -
 
 async def delete(conn: asyncpg.Connection, sel: Selector, now: float) -> int:
     where, params = _where(sel, now, _WAITING)
-    touched = [
-        r[0]
-        for r in await conn.fetch(
-            numbered(f"SELECT DISTINCT message_id FROM recipient WHERE {where}"), *params
-        )
-    ]
-    await conn.execute(
-        numbered(f"DELETE FROM attempt WHERE rid IN (SELECT rid FROM recipient WHERE {where})"), *params
+    # One statement: the attempts go with exactly the recipients deleted. A DELETE of attempts by a
+    # subquery of its own ran on its snapshot, so a recipient another node leased meanwhile (which the
+    # recipient DELETE, checking the state again on the locked row, then left) lost its kept attempts.
+    gone = await conn.fetch(
+        numbered(
+            f"WITH gone AS (DELETE FROM recipient WHERE {where} RETURNING rid, message_id),"
+            " attempts AS (DELETE FROM attempt WHERE rid IN (SELECT rid FROM gone))"
+            " SELECT message_id, count(*) FROM gone GROUP BY message_id"
+        ),
+        *params,
     )
-    removed = _count(await conn.execute(numbered(f"DELETE FROM recipient WHERE {where}"), *params))
-    await drop_if_finished(conn, sorted(touched))
-    return removed
+    await drop_if_finished(conn, sorted(r[0] for r in gone))
+    return sum(r[1] for r in gone)
 
 
 async def bounce(
@@ -264,32 +266,51 @@ async def bounce(
     dsn: DsnBuilder,
     dsn_pool: DsnPool,
     queue_dsn: QueueDsn,
-) -> int:
+) -> list[Bounced]:
     where, params = _where(sel, now, _WAITING)
+    # The recipients are locked as they are chosen. Chosen by a plain SELECT and updated by rid later,
+    # one that another node leased in between (its _lease_due committed while this bounce was busy with
+    # earlier messages) was overwritten as bounced, its DSN sent and its message removed while that node
+    # delivered it. FOR UPDATE checks the state again on a row changed since this statement's snapshot
+    # (PostgreSQL re-evaluates the WHERE on the newest version), so a committed lease drops out; SKIP
+    # LOCKED passes over a row another transaction holds now, most likely a node leasing it (the lease
+    # takes its rows the same way): its attempt decides it, as for any leased recipient, and a bounce
+    # never waits on another node. Once locked, no other transaction can change a row before the commit.
     chosen: dict[str, list[int]] = defaultdict(list)
     for r in await conn.fetch(
-        numbered(f"SELECT message_id, rid FROM recipient WHERE {where} ORDER BY message_id, rid"), *params
+        numbered(
+            f"SELECT message_id, rid FROM recipient WHERE {where} ORDER BY message_id, rid"
+            " FOR UPDATE SKIP LOCKED"
+        ),
+        *params,
     ):
         chosen[r[0]].append(r[1])
-    bounced = 0
+    bounced: list[Bounced] = []
     for message_id, rids in chosen.items():
         message = await _read_message(conn, message_id, limit=HEADER_LIMIT)
         if message is None:
             continue
-        wanted = set(rids)
-        envelope = dsn(message, [r for r in message.recipients if r.rid in wanted])
-        await conn.execute(
-            "UPDATE recipient SET state = 'bounced', last_reply = $1, last_at = $2"
-            " WHERE rid = ANY($3::bigint[])",
-            reply,
-            now,
-            rids,
-        )
+        # The state is said again in the UPDATE all the same, and the DSN and the answer name the rows it
+        # changed, never merely those chosen: what the sender is told is what was done.
+        changed = {
+            r[0]
+            for r in await conn.fetch(
+                "UPDATE recipient SET state = 'bounced', last_reply = $1, last_at = $2"
+                " WHERE rid = ANY($3::bigint[]) AND state IN ('queued', 'held') RETURNING rid",
+                reply,
+                now,
+                rids,
+            )
+        }
+        recipients = tuple(r for r in message.recipients if r.rid in changed)
+        if not recipients:
+            continue
+        envelope = dsn(message, recipients)
         if envelope is not None:
             pool = dsn_pool if isinstance(dsn_pool, str) else dsn_pool(message)
             await queue_dsn(conn, envelope, pool, now)
         await drop_if_finished(conn, [message_id])
-        bounced += len(rids)
+        bounced.append(Bounced(message, recipients))
     return bounced
 
 

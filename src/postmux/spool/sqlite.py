@@ -39,6 +39,7 @@ from postmux.spool.base import (
     FINAL_STATES,
     Answered,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -465,7 +466,7 @@ class SqliteSpool:
 
     async def bounce(
         self, selector: Selector, now: float, *, reply: str, dsn: DsnBuilder, dsn_pool: DsnPool
-    ) -> int:
+    ) -> list[Bounced]:
         selector.require_criterion("bounce")
         return await self._call(
             lambda c: sqlite_queue.bounce(c, self.bodies, selector, now, reply, dsn, dsn_pool)

@@ -20,6 +20,7 @@ from postmux.spool.operations import (
     MAX_PAGE,
     OPEN_STATES,
     AttemptView,
+    Bounced,
     DestinationStats,
     DsnBuilder,
     DsnPool,
@@ -250,21 +251,23 @@ def bounce(
     reply: str,
     dsn: DsnBuilder,
     dsn_pool: DsnPool,
-) -> int:
+) -> list[Bounced]:
     sel.require_criterion("bounce")
+    # One job of the one writer thread: nothing leases between this SELECT and the UPDATEs below.
     where, params = _where(sel, now, _WAITING)
     chosen: dict[str, list[int]] = defaultdict(list)
     for message_id, rid in conn.execute(
         f"SELECT message_id, rid FROM recipient WHERE {where} ORDER BY message_id, rid", params
     ):
         chosen[message_id].append(rid)
-    bounced = 0
+    bounced: list[Bounced] = []
     for message_id, rids in chosen.items():
         message = _read_message(conn, bodies, message_id, limit=HEADER_LIMIT)
         if message is None:
             continue  # a recipient without its message: the quarantine's business at the next open
         wanted = set(rids)
-        envelope = dsn(message, [r for r in message.recipients if r.rid in wanted])
+        recipients = tuple(r for r in message.recipients if r.rid in wanted)
+        envelope = dsn(message, recipients)
         conn.executemany(
             "UPDATE recipient SET state = 'bounced', last_reply = ?, last_at = ? WHERE rid = ?",
             [(reply, now, r) for r in rids],
@@ -273,5 +276,5 @@ def bounce(
             pool = dsn_pool if isinstance(dsn_pool, str) else dsn_pool(message)
             queue_dsn(conn, bodies, envelope, pool, now)
         drop_if_finished(conn, bodies, message_id)
-        bounced += len(rids)
+        bounced.append(Bounced(message, recipients))
     return bounced

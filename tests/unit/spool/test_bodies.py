@@ -188,7 +188,8 @@ async def test_a_bounce_reads_only_the_head_of_a_long_text_for_its_dsn(tmp_path:
     def dsn(message: object, recipients: object) -> None:
         seen.append(len(message.data))  # type: ignore[attr-defined]
 
-    assert await spool.bounce(Selector(message_id="m1"), 2.0, reply="550 gone", dsn=dsn, dsn_pool="p") == 1
+    [bounced] = await spool.bounce(Selector(message_id="m1"), 2.0, reply="550 gone", dsn=dsn, dsn_pool="p")
+    assert len(bounced.recipients) == 1
     assert seen == [len(head) + HEADER_LIMIT]  # not the 3 MB
     assert segments(spool) == []
     await spool.close()
