@@ -69,6 +69,7 @@ from postmux.spool.base import SpoolError
 from postmux.spool.factory import make_spool
 from postmux.spool.lock import SpoolLocked
 from postmux.spool.postgres import PostgresSpool
+from postmux.supervision import Supervisor
 
 log = structlog.get_logger("postmux.app")
 
@@ -117,6 +118,12 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        # The long-lived loops: a crash is logged and the loop restarted; one that keeps crashing stops the
+        # node (postmux/supervision.py). `failed` is set then, with `failure` saying why: `postmux serve`
+        # waits on it beside its signals.
+        self.supervisor = Supervisor(self._loop_failed)
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         # [node] name (else the host's): on events and the admin views; one process of it: `instance`.
         self.node_name = node_name(settings.node)
         self.instance = instance_id(self.node_name)
@@ -152,6 +159,7 @@ class App:
         # [throttles]: the limits this node shares with others (Redis), or keeps alone (memory).
         self.throttles = make_throttles(settings.throttles, self._throttles_changed, self.instance)
         self.metrics.add_live(self._throttles_gauges)
+        self.metrics.add_live(self._loop_crashes)
         self.dispatcher = Dispatcher(
             settings,
             self.spool,
@@ -319,7 +327,7 @@ class App:
         self._undo.append(("stop counting the queue", self._stop_counting))
         self._undo.append(("leave the shared throttles", self._leave_throttles))
         self._join_throttles()
-        self._counter = asyncio.create_task(self._count_queue(), name="queue-counts")
+        self._counter = self.supervisor.start("queue-counts", self._count_queue)
         # Before the dispatcher and the listener, so it stops after them: what they commit last is
         # posted at the next start, and acknowledgements in flight reach the disk before the spool closes.
         self._undo.append(("stop the webhook senders", self.webhooks.stop))
@@ -327,7 +335,7 @@ class App:
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))
-        await self.dispatcher.start()
+        await self.dispatcher.start(self.supervisor.start)
         if isinstance(self.spool, PostgresSpool):
             self.spool.on_work(self.dispatcher.scan_soon)  # another node made work due (LISTEN/NOTIFY)
         self._undo.append(("stop the blocklist watch", self.blocklists.stop))
@@ -465,7 +473,7 @@ class App:
         node holds in memory or in an attempt is never taken over by another while this node lives."""
         ttl = self.spool.lease_ttl_s
         if ttl is not None:
-            self._renewing = asyncio.create_task(self._renew_leases(ttl / 3), name="spool-lease-renewal")
+            self._renewing = self.supervisor.start("spool-lease-renewal", lambda: self._renew_leases(ttl / 3))
 
     async def _renew_leases(self, every_s: float) -> None:
         while True:
@@ -506,9 +514,11 @@ class App:
         if isinstance(throttles, RedisThrottles):
             live = throttles.beat()
             log.info("throttles shared", backend=throttles.state, live_nodes=live, prefix=throttles.prefix)
-            self._tasks.add(asyncio.create_task(throttles.run_heartbeat(), name="throttles-heartbeat"))
-            sharing = self._share_members(throttles.heartbeat_s)
-            self._tasks.add(asyncio.create_task(sharing, name="members-shared"))
+            self._tasks.add(self.supervisor.start("throttles-heartbeat", throttles.run_heartbeat))
+            sharing = self.supervisor.start(
+                "members-shared", lambda: self._share_members(throttles.heartbeat_s)
+            )
+            self._tasks.add(sharing)
 
     async def _leave_throttles(self) -> None:
         throttles = self.throttles
@@ -522,6 +532,23 @@ class App:
                 self.shared_checks.verdicts.leave()
             throttles.leave()
             throttles.close()
+
+    def _loop_failed(self, reason: str) -> None:
+        """A loop keeps crashing (the Supervisor logged it, critical): this node must stop rather than
+        accept mail it may never deliver."""
+        self.failure = self.failure or reason
+        self.failed.set()
+
+    def _loop_crashes(self) -> Iterable[CounterMetricFamily]:
+        crashes = CounterMetricFamily(
+            "postmux_loop_crashes",
+            "Crashes of the node's background loops (dispatch, scan, heartbeat...), each restarted; "
+            "any is a defect to report",
+            labels=["loop"],
+        )
+        for name, n in sorted(self.supervisor.crashes.items()):
+            crashes.add_metric([name], n)
+        return [crashes]
 
     def _throttles_changed(self, change: BackendChange) -> None:
         fallen = change.state == "fallback"

@@ -30,6 +30,7 @@ app = typer.Typer(
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML configuration file.")]
 
 EXIT_CONFIG = 2
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: the node stopped itself on a defect (a loop kept crashing)
 
 
 def _load_or_exit(path: Path) -> Settings:
@@ -121,6 +122,14 @@ def serve(config: ConfigOption) -> None:
         # What only a start can find (port in use, spool locked or unusable, log unwritable): one line.
         typer.echo(f"postmux: cannot start: {e}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
+    except _NodeFailed as e:
+        # Not 0: a service manager restarts the node, and whoever looks sees that it failed.
+        typer.echo(f"postmux: stopped on a defect: {e}", err=True)
+        raise typer.Exit(EXIT_SOFTWARE) from None
+
+
+class _NodeFailed(Exception):
+    """The node stopped itself: one of its loops kept crashing (postmux/supervision.py)."""
 
 
 async def _serve(settings: Settings, config_path: Path) -> None:
@@ -149,8 +158,18 @@ async def _serve(settings: Settings, config_path: Path) -> None:
             file=sys.stderr,
             flush=True,
         )
-        await stop.wait()
+        # Until a signal, or until a background loop keeps crashing: a node that cannot dispatch must not
+        # go on accepting mail, so it drains and exits as at SIGTERM, then says why with a non-zero status.
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.failed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        failure = running.failure
     log.info("stopped")
+    if failure is not None:
+        raise _NodeFailed(failure)
 
 
 @app.command()

@@ -110,8 +110,11 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
         suppression_routes(app, control.node.suppressions)
 
     @app.get(f"{ADMIN_PREFIX}/webhooks")
-    async def webhooks() -> dict[str, Any]:
-        return {"webhooks": await control.webhooks()}
+    async def webhooks() -> Any:
+        try:
+            return {"webhooks": await control.webhooks()}
+        except SpoolError as e:  # the backlog is read from the spool: down, it is the queue routes' 503
+            return json_error(503, f"the spool could not answer: {e}")
 
     @app.get(f"{ADMIN_PREFIX}/blocklists")
     async def blocklists() -> dict[str, Any]:

@@ -58,6 +58,7 @@ from postmux.work import WorkItem
 log = structlog.get_logger("postmux.dispatcher")
 
 Clock = Callable[[], float]
+Loop = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +202,14 @@ class Dispatcher:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, run: Callable[[str, Loop], asyncio.Task[None]] | None = None) -> None:
+        """`run` starts each loop as a task (the App's supervision.Supervisor, which restarts a loop that
+        crashes); by default a plain task."""
+        run = run or (lambda name, loop: asyncio.create_task(loop(), name=name))
         self._loops = [
-            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
-            asyncio.create_task(self._scan_loop(), name="scan"),
-            asyncio.create_task(self._reap_loop(), name="reap"),
+            run("dispatch", self._dispatch_loop),
+            run("scan", self._scan_loop),
+            run("reap", self._reap_loop),
         ]
 
     async def stop(self, timeout_s: float = 10.0) -> None:

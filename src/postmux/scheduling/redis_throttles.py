@@ -23,13 +23,24 @@ script costs about 80-110 us of the event loop, and the same script awaited on r
 short timeout, not an asynchronous client behind a local view that would let every node overshoot by
 what it sends between refreshes.
 
-When Redis cannot be reached (refused, timed out, loading), the node falls back to `MemoryThrottles` with
+When Redis fails a call in any way, the node falls back to `MemoryThrottles` with
 its share of each limit: a rate of per_s / live nodes, a burst and a connection limit of limit // live
 nodes (at least one: a node must still be able to send). Live nodes are counted from a heartbeat: each
 node's id in a sorted set scored by its last beat, every `heartbeat_s`, and those not heard from in
 `node_ttl_s` left out. Once fallen back, the node tries Redis again on its next beat, or on the first call
 `retry_s` after the last try, and goes back to it when it answers. Each change is told to `on_change`
 (the App makes it a log line, a ThrottlesBackendChanged event and the postmux_throttles_backend gauge).
+
+"Fails in any way" is every error redis-py raises, not only a lost connection: a Redis that answers with
+an error reply cannot keep the shared limits either, and an error let out of these calls would kill the
+loop that asked (the dispatcher's, the heartbeat, the member sharing) while the node went on accepting.
+So an unreachable or frozen server (refused, timed out), one starting up (LOADING), one full under
+`noeviction` (OOM), a replica or a master demoted by a failover (READONLY), one that cannot persist
+(MISCONF), one blocked by another client's script (BUSY), one refusing this user (NOAUTH, NOPERM) and a
+key of ours holding another type (WRONGTYPE: written by hand) all fall back the same way, the error named
+in the change's reason. A script missing from Redis's cache (NOSCRIPT: a restart, a SCRIPT FLUSH) is not
+a failure: redis-py's `Script` loads it again and runs it in the same call; only if that fails too does
+the node fall back.
 
 While away: leases granted locally carry negative ids, so they are never confused with Redis's; a Redis
 lease that could not be released is released when Redis is back (else its slot would be held for the
@@ -69,9 +80,10 @@ from postmux.scheduling.throttles import (
 
 Clock = Literal["store", "caller"]
 
-# The errors that mean "Redis is not answering now" (BusyLoadingError is a ConnectionError): fall back.
-# Any other error (a script's own) is a defect and is raised.
-_UNREACHABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# The errors that mean "Redis is not keeping the shared limits now": every one redis-py raises (a lost
+# connection, a timeout, an error reply: see the module's docstring) and the socket's own. The node falls
+# back on each; none may reach the caller, as the callers are long-lived loops.
+_FAILED: Final = (redis.exceptions.RedisError, OSError)
 
 # Shared by every script: the clock ('' = Redis TIME), numbers as exact strings, a key's expiry kept at
 # least as long as its state lasts (keys are only ever given longer lives, never cut short).
@@ -306,7 +318,7 @@ class RedisThrottles:
             raise _Away
         try:
             answer = script(keys=keys, args=args)
-        except _UNREACHABLE as e:
+        except _FAILED as e:
             self._fall_back(e)
             raise _Away from e
         if self.fallen_back:
@@ -346,7 +358,7 @@ class RedisThrottles:
 
     def leave(self) -> None:
         """Take this node out of the count now (a clean stop), rather than after `node_ttl_s`."""
-        with contextlib.suppress(*_UNREACHABLE):
+        with contextlib.suppress(*_FAILED):
             self.client.zrem(self._nodes_key, self.node)
 
     def close(self) -> None:
@@ -413,7 +425,7 @@ class RedisThrottles:
             return
         try:
             self.client.zrem(f"{self.prefix}lease:{lease.key}", self._member(lease))
-        except _UNREACHABLE as e:
+        except _FAILED as e:
             self._unreleased.append(lease)
             self._fall_back(e)
 
@@ -477,7 +489,7 @@ class RedisThrottles:
             return
         try:
             self.client.delete(f"{self.prefix}suspend:{key}")
-        except _UNREACHABLE as e:
+        except _FAILED as e:
             self._fall_back(e)
 
 
