@@ -288,3 +288,10 @@ def literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
         return ipaddress.IPv4Address(inner)
     except ValueError:
         return None
+
+
+def mailbox_key(address: str) -> str:
+    """An address as compared for duplicate recipients: its local part as it is (RFC 5321 2.4: a receiver's
+    business), its domain in lower case."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}"

@@ -157,6 +157,19 @@ async def test_substitutions_make_one_message_per_recipient_when_they_differ(nod
     assert b"Message-ID: <" in texts[("d@dest.test",)]  # added: the raw text had none
 
 
+async def test_the_same_mailbox_twice_in_one_message_is_sent_once(node: Node) -> None:
+    """As at SMTP: the domain is case-insensitive (RFC 5321 2.4), the local part the receiver's business."""
+    rcpts = [{"email": e} for e in ("dup@dest.test", "dup@DEST.test", "Dup@dest.test", "dup@dest.test")]
+    answer = await node.post(message(recipients=rcpts))
+    assert answer.status_code == 202
+    assert sorted(r for m in answer.json()["messages"] for r in m["recipients"]) == [
+        "Dup@dest.test",
+        "dup@dest.test",
+    ]
+    await wait_until(lambda: len(node.up.received) == 2)  # a To: field each: two messages, one a mailbox
+    assert sorted(r for m in node.up.received for r in m.recipients) == ["Dup@dest.test", "dup@dest.test"]
+
+
 async def test_a_batch_is_stored_together_and_answered_in_order(node: Node) -> None:
     batch = {"messages": [message(recipients=[{"email": f"u{i}@dest.test"}]) for i in range(5)]}
     response = await node.post(batch, "/api/v1/messages/batch")

@@ -33,7 +33,7 @@ from pydantic import (
     field_validator,
 )
 
-from postmux.address import Role
+from postmux.address import Role, mailbox_key
 from postmux.envelope import LABEL_NAME_MAX, LABEL_VALUE_MAX, LABELS_MAX, Envelope, domain_of
 from postmux.headers import header_section_end
 from postmux.ingress.folding import FOLD_WIDTH, fold_long_lines
@@ -299,7 +299,11 @@ def compose(message: Message, rules: Rules, now: float, where: str = "") -> list
     smtputf8 = not message.envelope_sender.isascii() or any(not r.email.isascii() for r in message.recipients)
     groups: dict[tuple[str, ...], list[Recipient]] = {}
     templated = bool(message.substitutions) or any(r.substitutions for r in message.recipients)
+    mailboxes: set[str] = set()
     for i, rcpt in enumerate(message.recipients):
+        if (mailbox := mailbox_key(rcpt.email)) in mailboxes:
+            continue  # the same mailbox again goes once, its first entry's, as at SMTP (ingress/smtp.py)
+        mailboxes.add(mailbox)
         values = {**message.substitutions, **rcpt.substitutions}
         groups.setdefault(
             _rendered(message.content, rcpt, values, templated, f"{where}recipients[{i}]"), []
@@ -311,6 +315,7 @@ def compose(message: Message, rules: Rules, now: float, where: str = "") -> list
         else:
             smtputf8 = smtputf8 or not message.content.from_.email.isascii()
             data = _built(message.content, parts, rules, now, smtputf8)
+        # The same mailbox twice in one message goes once, as at SMTP (ingress/smtp.py handle_RCPT).
         out.append(
             Composed(
                 message.envelope_sender, tuple(r.email for r in rcpts), _checked(data, rules, where), smtputf8

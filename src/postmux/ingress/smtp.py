@@ -34,7 +34,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from postmux.address import Role, split_path
+from postmux.address import Role, mailbox_key, split_path
 from postmux.config import SmtpSettings, split_hostport
 from postmux.envelope import Envelope
 from postmux.ingress.acceptor import AcceptRefused, Accepts
@@ -358,13 +358,6 @@ def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[
     if isinstance(path, str):
         return path
     return (path.mailbox.text if path.mailbox is not None else "<>"), params
-
-
-def _mailbox_key(address: str) -> str:
-    """An address as compared for duplicates: its local part as it is (RFC 5321 2.4: a receiver's business),
-    its domain in lower case."""
-    local, at, domain = address.rpartition("@")
-    return f"{local}{at}{domain.lower()}"
 
 
 class PostmuxSMTP(BlockDataSMTP):
@@ -906,7 +899,7 @@ class IngressHandler:
         if not returned and not (session.authenticated or self.trusts(_peer_ip(session))):
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
-        mailbox = _mailbox_key(address)
+        mailbox = mailbox_key(address)
         assert isinstance(envelope, TextEnvelope)
         if mailbox in envelope.mailboxes:
             # The same mailbox again (a domain is case-insensitive, RFC 5321 2.4): taken, and sent once, as
