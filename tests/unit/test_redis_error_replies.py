@@ -27,22 +27,9 @@ from postmux.scheduling.redis_throttles import BackendChange, RedisThrottles, Re
 from postmux.scheduling.throttles import ALLOWED, RetryAfter, Suspension
 from tests.redis_support import PrivateRedis, private_redis
 from tests.support import free_port
+from tests.unit.test_redis_throttles import Wall, node
 
 __all__ = ["private_redis"]  # the fixture, used by name
-
-
-class Wall:
-    """The fallback's own clock (when to try Redis again), moved by hand."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def node(url: str, wall: Wall, changes: list[BackendChange]) -> RedisThrottles:
-    return RedisThrottles.from_url(url, "t:", timeout_s=0.5, wall=wall, on_change=changes.append)
 
 
 def admin(server: PrivateRedis) -> redis.Redis:

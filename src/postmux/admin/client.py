@@ -285,21 +285,16 @@ def messages_table(messages: list[dict[str, Any]]) -> Table:
     for m in messages:
         for i, r in enumerate(m["recipients"]):
             first = i == 0
-            table.add_row(
-                *_plain(
-                    m["id"] if first else "",
-                    age(m["age_s"]) if first else "",
-                    (m["sender"] or "<>") if first else "",
-                    r["address"],
-                    r["pool"],
-                    r["state"],
-                    str(r["attempts"]),
-                    age(r["due_in_s"]) if r["due_in_s"] is not None else "",
-                    r["last_member"],
-                    r["last_reply"][:80],
-                )
-            )
+            head = (m["id"], age(m["age_s"]), m["sender"] or "<>") if first else ("", "", "")
+            table.add_row(*_plain(*head, *_recipient_cells(r, reply_width=80)))
     return table
+
+
+def _recipient_cells(r: dict[str, Any], reply_width: int | None = None) -> tuple[str, ...]:
+    """A recipient's columns, from its address to its last reply (cut to `reply_width`, if given)."""
+    due = age(r["due_in_s"]) if r["due_in_s"] is not None else ""
+    reply = r["last_reply"] if reply_width is None else r["last_reply"][:reply_width]
+    return r["address"], r["pool"], r["state"], str(r["attempts"]), due, r["last_member"], reply
 
 
 def fields_table(title: str, fields: list[dict[str, str]]) -> Table:
@@ -317,17 +312,7 @@ def recipients_table(recipients: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify="right" if column in ("tries", "due in") else "left")
     table.add_column("last reply", overflow="fold")
     for r in recipients:
-        table.add_row(
-            *_plain(
-                r["address"],
-                r["pool"],
-                r["state"],
-                str(r["attempts"]),
-                age(r["due_in_s"]) if r["due_in_s"] is not None else "",
-                r["last_member"],
-                r["last_reply"],
-            )
-        )
+        table.add_row(*_plain(*_recipient_cells(r)))
     return table
 
 
