@@ -65,11 +65,17 @@ async def listen() -> AsyncIterator[Listen]:
         await server.wait_closed()
 
 
-async def transaction(port: int, text: bytes) -> str:
-    """One message whose text is `text` (already dot-stuffed, as a client sends it); the reply to it."""
+async def at_text(port: int) -> RawClient:
+    """A client past DATA's 354: what it sends next is its text."""
     client = await RawClient.connect(port)
     await client.ehlo_mail_rcpt()
     assert (await client.cmd("DATA")).startswith("354")
+    return client
+
+
+async def transaction(port: int, text: bytes) -> str:
+    """One message whose text is `text` (already dot-stuffed, as a client sends it); the reply to it."""
+    client = await at_text(port)
     await client.send(text + b".\r\n")
     reply = await client.reply()
     await client.close()
@@ -203,9 +209,7 @@ async def test_a_client_that_hangs_up_in_the_middle_of_the_text_leaves_no_file(
     listen: Listen, tmp_path: Path
 ) -> None:
     port, keeper = await listen(tmp_path, spill_bytes=1000)
-    client = await RawClient.connect(port)
-    await client.ehlo_mail_rcpt()
-    assert (await client.cmd("DATA")).startswith("354")
+    client = await at_text(port)
     await client.send(SPILLED)
     await wait_until(lambda: len(os.listdir(tmp_path)) == 1)  # being written
     await client.close()
@@ -219,9 +223,7 @@ async def test_a_client_that_half_closes_after_its_text_still_gets_the_reply_tha
     """RFC 5321 4.1.1.4, 6.1: the message is ours only by the 250; a client that never reads it sends the
     message again. Its side closed (shutdown(SHUT_WR), `nc -N`) while the commit is under way."""
     port, keeper = await listen(tmp_path, keeper=Keeper(delay=0.3))
-    client = await RawClient.connect(port)
-    await client.ehlo_mail_rcpt()
-    assert (await client.cmd("DATA")).startswith("354")
+    client = await at_text(port)
     await client.send(HEAD + b"half-closed\r\n.\r\n")
     client.writer.write_eof()
     assert (await client.reply()).startswith("250 ")
@@ -252,9 +254,7 @@ async def test_a_half_close_in_the_middle_of_the_text_keeps_nothing_and_ends_the
     listen: Listen, tmp_path: Path
 ) -> None:
     port, keeper = await listen(tmp_path, spill_bytes=1000)
-    client = await RawClient.connect(port)
-    await client.ehlo_mail_rcpt()
-    assert (await client.cmd("DATA")).startswith("354")
+    client = await at_text(port)
     await client.send(HEAD + b"cut short\r\n")
     client.writer.write_eof()
     assert await client.reply() == ""  # no reply, the server closed
