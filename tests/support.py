@@ -170,3 +170,48 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def raw_transaction(
+    port: int,
+    data: bytes,
+    *,
+    sender: str = "app@example.test",
+    recipient: str = "user@dest.test",
+    options: str = "",
+    helo: str = "client.test",
+) -> str:
+    """One message over a plain socket, its text sent as given (dot-stuffed here, bare LFs and all: what
+    aiosmtplib would repair before sending, ingress must meet); the reply to the end of its data.
+
+    `options`: MAIL's parameters, with their leading space (" SMTPUTF8 BODY=8BITMIME"). Each command before
+    the text must be answered 2xx or 3xx.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> str:
+        while True:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            if line[3:4] != "-":
+                return line
+
+    try:
+        await reply()
+        for command in (
+            f"EHLO {helo}\r\n".encode(),
+            f"MAIL FROM:<{sender}>{options}\r\n".encode(),
+            f"RCPT TO:<{recipient}>\r\n".encode(),
+            b"DATA\r\n",
+        ):
+            writer.write(command)
+            assert (await reply())[0] in "23", command
+        stuffed = data.replace(b"\n.", b"\n..")
+        stuffed = b"." + stuffed if stuffed.startswith(b".") else stuffed
+        writer.write(stuffed + (b"" if stuffed.endswith(b"\n") else b"\r\n") + b".\r\n")
+        answer = await reply()
+        writer.write(b"QUIT\r\n")
+        await reply()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return answer

@@ -10,7 +10,6 @@ Mail::DKIM is held to "pass" for both.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from postmux.cli import app as cli
 from postmux.config import ConfigError, load_config
 from postmux.dkim import generate_key
 from tests.dns_server import LoopbackDns
-from tests.support import StartUpstream, make_settings, wait_until
+from tests.support import StartUpstream, make_settings, raw_transaction, wait_until
 
 VERIFY = Path(__file__).resolve().parents[1] / "dkim_verify.pl"
 DOMAIN = "example.test"
@@ -108,36 +107,9 @@ def assert_verified(text: bytes, dns: LoopbackDns, keys: Keys) -> None:
 
 
 async def send_raw(port: int, data: bytes, *, options: str = "", sender: str = "app@example.test") -> None:
-    """One message over a plain socket, its text sent as given (dot-stuffed here, bare LFs and all): what
-    aiosmtplib would repair before sending, ingress must meet."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def reply() -> str:
-        while True:
-            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
-            if line[3:4] != "-":
-                return line
-
-    try:
-        await reply()
-        for command in (
-            b"EHLO client.test\r\n",
-            f"MAIL FROM:<{sender}>{options}\r\n".encode(),
-            b"RCPT TO:<user@dest.test>\r\n",
-            b"DATA\r\n",
-        ):
-            writer.write(command)
-            assert (await reply())[0] in "23", command
-        stuffed = data.replace(b"\n.", b"\n..")
-        stuffed = b"." + stuffed if stuffed.startswith(b".") else stuffed
-        writer.write(stuffed + (b"" if stuffed.endswith(b"\n") else b"\r\n") + b".\r\n")
-        answer = await reply()
-        assert answer.startswith("250"), answer
-        writer.write(b"QUIT\r\n")
-        await reply()
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    """One message over a plain socket, its text as given (tests.support.raw_transaction), taken."""
+    answer = await raw_transaction(port, data, sender=sender, options=options)
+    assert answer.startswith("250"), answer
 
 
 HEAD = (

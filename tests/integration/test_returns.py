@@ -3,14 +3,13 @@ postmux's return-path domain are matched to the message and the recipient they a
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
 from postmux.app import App
-from tests.support import StartUpstream, make_settings, read_events, send, wait_until
+from tests.support import StartUpstream, make_settings, raw_transaction, read_events, send, wait_until
 from tests.unit.test_returns import ARF, GLOBAL_DSN, NO_FROM, POSTFIX_DSN, UTF8_FROM
 
 DOMAIN = "bounces.example.com"
@@ -173,32 +172,14 @@ async def test_a_report_that_cannot_be_read_is_answered_250_and_dropped(
 
 async def smtputf8(port: int, sender: str, recipient: str, text: bytes) -> str:
     """One SMTPUTF8 transaction (RFC 6531) over a plain socket; returns the reply to the end of DATA."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def reply() -> str:
-        while True:
-            line = (await asyncio.wait_for(reader.readline(), 10)).decode()
-            if line[3:4] != "-":
-                return line
-
-    try:
-        await reply()
-        for command in (
-            b"EHLO mx.dest.example\r\n",
-            f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME\r\n".encode(),
-            f"RCPT TO:<{recipient}>\r\n".encode(),
-            b"DATA\r\n",
-        ):
-            writer.write(command)
-            assert (await reply())[0] in "23", command
-        writer.write(text.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        answer = await reply()
-        writer.write(b"QUIT\r\n")
-        await reply()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return answer
+    return await raw_transaction(
+        port,
+        text,
+        sender=sender,
+        recipient=recipient,
+        options=" SMTPUTF8 BODY=8BITMIME",
+        helo="mx.dest.example",
+    )
 
 
 async def test_a_global_dsn_for_smtputf8_mail_is_a_bounce(tmp_path: Path, upstream: StartUpstream) -> None:
