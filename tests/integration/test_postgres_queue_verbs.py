@@ -24,7 +24,7 @@ from postmux.spool.base import MessageView, RecipientState, RecipientView, Selec
 from postmux.spool.postgres import PostgresSpool
 from tests.integration.test_control import TOKEN, admin
 from tests.integration.test_postgres_spool import node_settings
-from tests.support import StartUpstream, message
+from tests.support import StartUpstream, message, wait_until
 
 REPLY = "550 5.0.0 bounced by the operator: test"
 
@@ -91,20 +91,26 @@ async def waits_on(other: asyncpg.Connection, task: asyncio.Task[Any]) -> None:
     raise AssertionError("the verb neither ended nor reached the locked row")
 
 
+async def leasing(dsn: str, rid: int) -> tuple[asyncpg.Connection, Any]:
+    """Node a's lease of `rid`, not yet committed (what its _lease_due holds while a verb runs on b): the
+    connection, to be closed, and its open transaction, to be committed."""
+    lessee = await asyncpg.connect(dsn)
+    lease = lessee.transaction()
+    await lease.start()
+    await lessee.execute(
+        "UPDATE recipient SET state = 'leased', owner = 'a', lease_until = 2000 WHERE rid = $1", rid
+    )
+    return lessee, lease
+
+
 async def test_a_bounce_leaves_a_recipient_another_node_is_leasing_and_its_dsn_does_not_name_it(
     postgres_dsn: str, nodes: tuple[PostgresSpool, PostgresSpool]
 ) -> None:
     _, b = nodes
     mid = await store(b, 100, "x@one.test", "y@two.test")
     y = (await rids(b, mid))["y@two.test"]
-    # Node a's lease of y, not yet committed: what its _lease_due holds while the bounce runs on b.
-    lessee = await asyncpg.connect(postgres_dsn)
+    lessee, lease = await leasing(postgres_dsn, y)
     try:
-        lease = lessee.transaction()
-        await lease.start()
-        await lessee.execute(
-            "UPDATE recipient SET state = 'leased', owner = 'a', lease_until = 2000 WHERE rid = $1", y
-        )
         dsns = Dsns()
         bounce = asyncio.create_task(
             b.bounce(Selector(message_id=mid), 1000, reply=REPLY, dsn=dsns, dsn_pool="dsn")
@@ -170,13 +176,8 @@ async def test_a_delete_leaves_a_recipient_another_node_is_leasing_with_its_atte
     await b.settle(
         [Settlement(mid, [y], RecipientState.QUEUED, "451 later", due=100, attempts=1, member="m")], now=101
     )
-    lessee = await asyncpg.connect(postgres_dsn)
+    lessee, lease = await leasing(postgres_dsn, y)
     try:
-        lease = lessee.transaction()
-        await lease.start()
-        await lessee.execute(
-            "UPDATE recipient SET state = 'leased', owner = 'a', lease_until = 2000 WHERE rid = $1", y
-        )
         delete = asyncio.create_task(b.delete(Selector(message_id=mid), 1000))
         await waits_on(lessee, delete)
         await lease.commit()
@@ -233,7 +234,10 @@ async def test_a_bounce_the_writer_runs_twice_reports_each_recipient_once(
             await other.close()
         assert answer["recipients"] == 1
         assert await spool.show(bounced, later) is None  # bounced, its DSN queued: committed once
-        assert [m.sender for m in (await spool.list_queue(Selector(sender=""), later)).messages] == [""]
+        # The DSN is due at once: the node delivers it (once) to the one upstream.
+        await wait_until(lambda: any(r.sender == "" for r in up.received))
+        await asyncio.sleep(0.3)  # a second one would arrive meanwhile
+        assert [r.sender for r in up.received] == [""]
     by_operator = [(e.id, e.recipient) for e in events if e.type is EventType.BOUNCE]
     assert by_operator == [(bounced, "u1@dest.test")]
 
