@@ -112,7 +112,7 @@ async def test_calls_on_a_closed_spool_fail_clearly(spool_factory: SpoolFactory)
     calls = [
         spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 0),
         spool.lease_due(0, 10),
-        spool.renew(0),
+        spool.renew(0, [1]),
         spool.list_queue(Selector(), 0),
         spool.show("x", 0),
         spool.hold(Selector(everything=True), 0),
@@ -232,21 +232,44 @@ async def test_a_lease_that_ran_out_is_taken_over_by_the_next_lease_due_with_its
     await spool.close()
 
 
-async def test_renew_extends_every_lease_of_its_owner_so_none_is_taken_over(
+async def test_renew_extends_the_leases_its_owner_holds_so_none_is_taken_over(
     spool_factory: SpoolFactory,
 ) -> None:
     spool = await opened(spool_factory, owner="node-1", lease_ttl_s=60)
     first, second, waiting = new_message_id(), new_message_id(), new_message_id()
-    await spool.store(first, envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 0)
-    await spool.store(second, envelope(), {"a@one.test": "p"}, 30)
+    work = await spool.store(
+        first, envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 0
+    )
+    work += await spool.store(second, envelope(), {"a@one.test": "p"}, 30)
     await spool.store(waiting, envelope(), {"a@one.test": "p"}, 0, lease=False)
     await spool.hold(Selector(message_id=waiting), 0)
-    assert await spool.renew(now=50) == 3  # the held one is nobody's lease
+    [held_rid] = [r.rid for r in (await spool.show(waiting, 0)).recipients]  # type: ignore[union-attr]
+    rids = [r.rid for w in work for r in w.recipients]
+    assert await spool.renew(now=50, rids=[*rids, held_rid]) == 3  # the held one is nobody's lease
     assert await spool.lease_due(now=109, limit=10) == []
     assert await lease_of(spool, first, 109) == [("leased", "node-1", 110)] * 2
     assert await lease_of(spool, waiting, 109) == [("held", "", None)]
     work = await spool.lease_due(now=110, limit=10)
     assert sorted(w.message_id for w in work) == sorted([first, first, second])
+    await spool.close()
+
+
+async def test_a_lease_its_owner_no_longer_holds_is_not_renewed_and_runs_out(
+    spool_factory: SpoolFactory,
+) -> None:
+    """Outage review item 1: the owner renews what it holds, not every row the store names it the owner
+    of. A lease whose work it dropped (an outcome it gave up recording, a store or lease_due whose commit
+    reply was lost) runs out at its time and the next lease_due takes it: never held until a restart."""
+    spool = await opened(spool_factory, owner="node-1", lease_ttl_s=60)
+    kept, dropped = new_message_id(), new_message_id()
+    [kept_work] = await spool.store(kept, envelope(), {"a@one.test": "p"}, 0)
+    await spool.store(dropped, envelope(), {"a@one.test": "p"}, 0)  # its answer never reached the owner
+    for now in (20, 40, 60, 80, 100):  # the owner's heartbeat, every third of the ttl
+        assert await spool.renew(now=now, rids=[r.rid for r in kept_work.recipients]) == 1
+    assert await lease_of(spool, dropped, 100) == [("leased", "node-1", 60)]  # not pushed on
+    [taken] = await spool.lease_due(now=101, limit=10)  # the owner's own scan, or another node's
+    assert taken.message_id == dropped
+    assert await lease_of(spool, kept, 101) == [("leased", "node-1", 160)]
     await spool.close()
 
 
@@ -257,7 +280,7 @@ async def test_leases_without_a_ttl_never_run_out_and_renew_has_nothing_to_exten
     mid = new_message_id()
     await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
     assert await spool.lease_due(now=10**12, limit=10) == []
-    assert await spool.renew(now=10**12) == 0
+    assert await spool.renew(now=10**12, rids=[1, 2]) == 0
     assert await lease_of(spool, mid, 0) == [("leased", spool.owner, None)]
 
 

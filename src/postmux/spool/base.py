@@ -14,7 +14,7 @@ and `open` takes back every lease a process that died left behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -296,13 +296,18 @@ class Spool(Protocol):
         """
         ...
 
-    async def renew(self, now: float) -> int:
-        """Extend every lease this owner holds to now + lease_ttl_s: the owner's heartbeat.
+    async def renew(self, now: float, rids: Collection[int]) -> int:
+        """Extend this owner's leases of `rids` to now + lease_ttl_s: the owner's heartbeat.
 
-        An owner that keeps work (in memory, or in an attempt) longer than lease_ttl_s must renew well
-        within it (every lease_ttl_s / 3), or its work is leased again by the next `lease_due`. Returns
-        how many leases were extended (0 when leases do not expire). Cost: one round trip, one write per
-        lease held.
+        `rids` are the recipients the owner really holds (in memory, or in an attempt), never every
+        lease the store names it the owner of: a lease whose work the owner no longer has (an outcome it
+        gave up recording, a lease whose commit reply was lost) must run out, so the next `lease_due`
+        (another owner's, or this one's own) takes it; renewed by owner name it would be held until a
+        restart. A rid not leased to this owner (settled meanwhile, taken over) is left alone.
+
+        An owner that keeps work longer than lease_ttl_s must renew well within it (every
+        lease_ttl_s / 3), or its work is leased again by the next `lease_due`. Returns how many leases
+        were extended (0 when leases do not expire). Cost: one round trip, one write per lease held.
         """
         ...
 

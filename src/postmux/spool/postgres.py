@@ -35,7 +35,7 @@ import os
 import socket
 import tempfile
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -444,13 +444,14 @@ class PostgresSpool:
         given: int = await self._call(_recover_for(self._owner), wakes=True)
         return given
 
-    async def renew(self, now: float) -> int:
+    async def renew(self, now: float, rids: Collection[int]) -> int:
         taken = self._lease(now)
         if taken.until is None:
             if self._task is None or self._closing:
                 raise SpoolError("spool is not open")
             return 0
-        return await self._call(lambda c: _renew(c, taken))
+        held = sorted(set(rids))
+        return await self._call(lambda c: _renew(c, taken, held))
 
     async def counts(self) -> dict[str, int]:
         return await self._read(_counts)
@@ -906,12 +907,18 @@ async def _lease_due(conn: asyncpg.Connection, now: float, limit: int, lease: _L
     return items
 
 
-async def _renew(conn: asyncpg.Connection, lease: _Lease) -> int:
+async def _renew(conn: asyncpg.Connection, lease: _Lease, rids: Sequence[int]) -> int:
+    # By rid, never by owner alone: a row leased to this owner whose work it no longer holds must run
+    # out (base.py, Spool.renew). Still only this owner's leases: a rid taken over by another node since
+    # is that node's to renew.
+    if not rids:
+        return 0
     status = await conn.execute(
         "UPDATE recipient SET lease_until = $1"
-        " WHERE state = 'leased' AND owner = $2 AND lease_until IS NOT NULL",
+        " WHERE rid = ANY($3::bigint[]) AND state = 'leased' AND owner = $2 AND lease_until IS NOT NULL",
         lease.until,
         lease.owner,
+        rids,
     )
     return _rowcount(status)
 

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -426,13 +426,14 @@ class SqliteSpool:
     async def give_back(self) -> int:
         return 0  # nobody else can take it: the next open recovers it (see the protocol)
 
-    async def renew(self, now: float) -> int:
+    async def renew(self, now: float, rids: Collection[int]) -> int:
         taken = self._lease(now)
         if taken.until is None:
             if self._thread is None or self._closing:
                 raise SpoolError("spool is not open")
             return 0  # nothing expires, so there is nothing to extend (and no round trip to pay)
-        return await self._call(lambda c: _renew(c, taken))
+        held = sorted(set(rids))
+        return await self._call(lambda c: _renew(c, taken, held))
 
     async def counts(self) -> dict[str, int]:
         return await self._read_beside(_counts)
@@ -811,13 +812,18 @@ def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -
     )
 
 
-def _renew(conn: sqlite3.Connection, lease: _Lease) -> int:
-    cur = conn.execute(
-        "UPDATE recipient INDEXED BY recipient_lease SET lease_until = ?"
-        " WHERE state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
-        (lease.until, lease.owner),
-    )
-    return cur.rowcount
+def _renew(conn: sqlite3.Connection, lease: _Lease, rids: Sequence[int]) -> int:
+    # By rid, as PostgreSQL's: a lease whose work the owner no longer holds must run out (Spool.renew).
+    renewed = 0
+    for at in range(0, len(rids), _CHUNK):
+        chunk = rids[at : at + _CHUNK]
+        cur = conn.execute(
+            f"UPDATE recipient SET lease_until = ? WHERE rid IN ({', '.join('?' * len(chunk))})"
+            " AND state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
+            (lease.until, *chunk, lease.owner),
+        )
+        renewed += cur.rowcount
+    return renewed
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
