@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from postmux.envelope import Envelope, new_message_id
-from postmux.spool.base import RecipientState, Selector, Settlement, SpoolBackend, SpoolError
+from postmux.spool.base import OutboxRow, RecipientState, Selector, Settlement, SpoolBackend, SpoolError
 from tests.contract.conftest import SpoolFactory
 
 
@@ -340,3 +340,46 @@ async def test_mail_without_labels_reads_back_with_none(spool_factory: SpoolFact
     (item,) = await spool.lease_due(2.0, 10)
     assert (item.tags, item.metadata, item.message_id_header) == ({}, {}, "")
     await spool.close()
+
+
+# -- a settle retried after a lost commit reply (outage review item 2) ----------------------------------
+
+
+async def test_a_settle_retried_after_it_committed_queues_no_second_dsn_nor_second_events_or_attempts(
+    spool: SpoolBackend,
+) -> None:
+    """The dispatcher retries a settle that raised, with `again`; the first may have committed with its
+    reply lost (PostgreSQL: the link dropped after COMMIT). That retry records nothing twice."""
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = (r.rid for r in work.recipients)
+    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
+    bounced = [Settlement(mid, [a], RecipientState.BOUNCED, "550 no", dsn=dsn, dsn_pool="p", member="m1")]
+    rows = [OutboxRow("hook", "ev-bounce", '{"event_id": "ev-bounce"}', 5)]
+    await spool.settle(bounced, now=5, outbox=rows)
+    await spool.settle(bounced, now=5, outbox=rows, again=True)  # the retry of a commit whose reply was lost
+    dsn_work = await spool.lease_due(now=5, limit=10)
+    assert [w.sender for w in dsn_work] == [""]  # one DSN
+    assert [e.event_id for e in await spool.outbox_head("hook", 0, 10)] == ["ev-bounce"]
+    shown = await spool.show(mid, 5)
+    assert shown is not None and [(x.rid, x.member) for x in shown.attempts] == [(a, "m1")]
+    # The last recipient delivered: the message goes; a retry of that settle finds nothing and does nothing.
+    last = [Settlement(mid, [b], RecipientState.DELIVERED, "250 ok", member="m1")]
+    await spool.settle(last, now=6)
+    await spool.settle(last, now=6, again=True)
+    assert await spool.show(mid, 6) is None
+
+
+async def test_a_settle_retried_after_it_failed_before_its_commit_is_recorded(spool: SpoolBackend) -> None:
+    mid = new_message_id()
+    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
+    rid = work.recipients[0].rid
+    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
+    await spool.settle(
+        [Settlement(mid, [rid], RecipientState.BOUNCED, "550 no", dsn=dsn, dsn_pool="p")], now=5, again=True
+    )
+    [dsn_work] = await spool.lease_due(now=5, limit=10)
+    assert dsn_work.sender == ""
+    assert await spool.show(mid, 5) is None  # bounced, its last recipient: the message went

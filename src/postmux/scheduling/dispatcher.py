@@ -634,7 +634,9 @@ class Dispatcher:
                 # Events without a settlement (a try passed on to another member) are appended alone.
                 # Per message, rows commit in the order events happen: this write joins the spool's one
                 # writer queue before `retry_now`'s attempt can even start, let alone settle.
-                await self.spool.settle(settlements, now, outbox=rows)
+                # again: the try before may have committed with its reply lost; the spool then does
+                # nothing, where running it twice would queue a second DSN and append the events twice.
+                await self.spool.settle(settlements, now, outbox=rows, again=attempt > 0)
                 if rows:
                     self.outbox.committed()
                 break

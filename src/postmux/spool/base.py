@@ -261,9 +261,20 @@ class Spool(Protocol):
         ...
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
         """Record outcomes; a message whose recipients are all final is removed.
+
+        `again`: this very call (the same settlements, rows and `now`) was made before and failed, maybe
+        after its commit (a lost COMMIT reply, a timeout): if that commit happened (one of its recipients
+        was settled at `now`, or none of them is left), nothing is done, so a retry never queues a second
+        DSN, appends its events twice or keeps its attempts twice. Rows given with no settlement (events
+        that change no state) cannot be told apart so: they are appended again, with the same event ids.
 
         `outbox`: webhook rows (the events that tell of these outcomes) appended in the same transaction:
         an outcome is never recorded without its events, nor its events without it. Settlements may be

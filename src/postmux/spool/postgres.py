@@ -426,12 +426,23 @@ class PostgresSpool:
         return await self._read(lambda c: _answered(c, client, key, now))
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
         wakes = any(
             s.dsn is not None or (s.state is RecipientState.QUEUED and s.due <= now) for s in settlements
         )
-        await self._call(lambda c: _settle(c, settlements, now, outbox), wakes=wakes)
+
+        async def run(conn: asyncpg.Connection) -> None:
+            if again and await _settled_already(conn, settlements, now):
+                return
+            await _settle(conn, settlements, now, outbox)
+
+        await self._call(run, wakes=wakes)
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
@@ -804,6 +815,17 @@ async def _settle(
         if s.message_id not in removed:
             kept += [(s.message_id, a) for a in _attempts(s, now)]
     await record_attempts(conn, kept)
+
+
+async def _settled_already(conn: asyncpg.Connection, settlements: Sequence[Settlement], now: float) -> bool:
+    """Whether a settle of these settlements at `now` committed before (its reply was lost): one of their
+    recipients was settled at `now` (last_at: the settle's own time, the same float on a retry), or none
+    of them is left (their message was finished and removed). All or nothing, as its transaction was."""
+    rids = sorted({rid for s in settlements for rid in s.rids})
+    if not rids:
+        return False  # events alone: nothing tells whether they were appended (Spool.settle)
+    rows = await conn.fetch("SELECT last_at FROM recipient WHERE rid = ANY($1::bigint[])", rids)
+    return not rows or any(r["last_at"] == now for r in rows)
 
 
 def _attempts(s: Settlement, now: float) -> list[AttemptView]:

@@ -415,9 +415,20 @@ class SqliteSpool:
         return await self._read_beside(lambda c: _answered(c, client, key, now))
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
-        await self._call(lambda c: _settle(c, self.bodies, settlements, now, outbox))
+        def run(conn: sqlite3.Connection) -> None:
+            # As PostgreSQL's: a retry of a settle that did commit (its error came after) does nothing.
+            if again and _settled_already(conn, settlements, now):
+                return
+            _settle(conn, self.bodies, settlements, now, outbox)
+
+        await self._call(run)
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
@@ -667,6 +678,23 @@ def _settle(
     for s in delivered:
         if s.message_id not in removed:
             record_attempts(conn, s.message_id, _attempts(s, now))
+
+
+def _settled_already(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: float) -> bool:
+    """Whether a settle of these settlements at `now` committed before (postgres.py's, the same rule)."""
+    rids = sorted({rid for s in settlements for rid in s.rids})
+    if not rids:
+        return False
+    found: list[float | None] = []
+    for at in range(0, len(rids), _CHUNK):
+        chunk = rids[at : at + _CHUNK]
+        found += [
+            row[0]
+            for row in conn.execute(
+                f"SELECT last_at FROM recipient WHERE rid IN ({', '.join('?' * len(chunk))})", chunk
+            )
+        ]
+    return not found or now in found
 
 
 def _settle_last(conn: sqlite3.Connection, bodies: BodyStore, s: Settlement) -> bool:
