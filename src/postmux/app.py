@@ -479,7 +479,8 @@ class App:
         while True:
             await asyncio.sleep(every_s)
             try:
-                await self.spool.renew(self.clock())
+                # Only what the dispatcher holds: a lease the node no longer has work for runs out.
+                await self.spool.renew(self.clock(), self.dispatcher.held_rids())
             except SpoolError as e:
                 log.error("spool lease renewal failed; retrying at the next turn", error=str(e))
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from postmux.envelope import Envelope, new_message_id
-from postmux.spool.base import RecipientState, Selector, Settlement, SpoolBackend, SpoolError
+from postmux.spool.base import OutboxRow, RecipientState, Selector, Settlement, SpoolBackend, SpoolError
 from tests.contract.conftest import SpoolFactory
 
 
@@ -112,7 +112,7 @@ async def test_calls_on_a_closed_spool_fail_clearly(spool_factory: SpoolFactory)
     calls = [
         spool.store(new_message_id(), envelope(), {"a@one.test": "p"}, 0),
         spool.lease_due(0, 10),
-        spool.renew(0),
+        spool.renew(0, [1]),
         spool.list_queue(Selector(), 0),
         spool.show("x", 0),
         spool.hold(Selector(everything=True), 0),
@@ -232,21 +232,44 @@ async def test_a_lease_that_ran_out_is_taken_over_by_the_next_lease_due_with_its
     await spool.close()
 
 
-async def test_renew_extends_every_lease_of_its_owner_so_none_is_taken_over(
+async def test_renew_extends_the_leases_its_owner_holds_so_none_is_taken_over(
     spool_factory: SpoolFactory,
 ) -> None:
     spool = await opened(spool_factory, owner="node-1", lease_ttl_s=60)
     first, second, waiting = new_message_id(), new_message_id(), new_message_id()
-    await spool.store(first, envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 0)
-    await spool.store(second, envelope(), {"a@one.test": "p"}, 30)
+    work = await spool.store(
+        first, envelope("a@one.test", "b@two.test"), {"a@one.test": "p", "b@two.test": "p"}, 0
+    )
+    work += await spool.store(second, envelope(), {"a@one.test": "p"}, 30)
     await spool.store(waiting, envelope(), {"a@one.test": "p"}, 0, lease=False)
     await spool.hold(Selector(message_id=waiting), 0)
-    assert await spool.renew(now=50) == 3  # the held one is nobody's lease
+    [held_rid] = [r.rid for r in (await spool.show(waiting, 0)).recipients]  # type: ignore[union-attr]
+    rids = [r.rid for w in work for r in w.recipients]
+    assert await spool.renew(now=50, rids=[*rids, held_rid]) == 3  # the held one is nobody's lease
     assert await spool.lease_due(now=109, limit=10) == []
     assert await lease_of(spool, first, 109) == [("leased", "node-1", 110)] * 2
     assert await lease_of(spool, waiting, 109) == [("held", "", None)]
     work = await spool.lease_due(now=110, limit=10)
     assert sorted(w.message_id for w in work) == sorted([first, first, second])
+    await spool.close()
+
+
+async def test_a_lease_its_owner_no_longer_holds_is_not_renewed_and_runs_out(
+    spool_factory: SpoolFactory,
+) -> None:
+    """Outage review item 1: the owner renews what it holds, not every row the store names it the owner
+    of. A lease whose work it dropped (an outcome it gave up recording, a store or lease_due whose commit
+    reply was lost) runs out at its time and the next lease_due takes it: never held until a restart."""
+    spool = await opened(spool_factory, owner="node-1", lease_ttl_s=60)
+    kept, dropped = new_message_id(), new_message_id()
+    [kept_work] = await spool.store(kept, envelope(), {"a@one.test": "p"}, 0)
+    await spool.store(dropped, envelope(), {"a@one.test": "p"}, 0)  # its answer never reached the owner
+    for now in (20, 40, 60, 80, 100):  # the owner's heartbeat, every third of the ttl
+        assert await spool.renew(now=now, rids=[r.rid for r in kept_work.recipients]) == 1
+    assert await lease_of(spool, dropped, 100) == [("leased", "node-1", 60)]  # not pushed on
+    [taken] = await spool.lease_due(now=101, limit=10)  # the owner's own scan, or another node's
+    assert taken.message_id == dropped
+    assert await lease_of(spool, kept, 101) == [("leased", "node-1", 160)]
     await spool.close()
 
 
@@ -257,7 +280,7 @@ async def test_leases_without_a_ttl_never_run_out_and_renew_has_nothing_to_exten
     mid = new_message_id()
     await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
     assert await spool.lease_due(now=10**12, limit=10) == []
-    assert await spool.renew(now=10**12) == 0
+    assert await spool.renew(now=10**12, rids=[1, 2]) == 0
     assert await lease_of(spool, mid, 0) == [("leased", spool.owner, None)]
 
 
@@ -317,3 +340,46 @@ async def test_mail_without_labels_reads_back_with_none(spool_factory: SpoolFact
     (item,) = await spool.lease_due(2.0, 10)
     assert (item.tags, item.metadata, item.message_id_header) == ({}, {}, "")
     await spool.close()
+
+
+# -- a settle retried after a lost commit reply (outage review item 2) ----------------------------------
+
+
+async def test_a_settle_retried_after_it_committed_queues_no_second_dsn_nor_second_events_or_attempts(
+    spool: SpoolBackend,
+) -> None:
+    """The dispatcher retries a settle that raised, with `again`; the first may have committed with its
+    reply lost (PostgreSQL: the link dropped after COMMIT). That retry records nothing twice."""
+    mid = new_message_id()
+    [work] = await spool.store(
+        mid, envelope("a@one.test", "b@one.test"), {"a@one.test": "p", "b@one.test": "p"}, 0
+    )
+    a, b = (r.rid for r in work.recipients)
+    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
+    bounced = [Settlement(mid, [a], RecipientState.BOUNCED, "550 no", dsn=dsn, dsn_pool="p", member="m1")]
+    rows = [OutboxRow("hook", "ev-bounce", '{"event_id": "ev-bounce"}', 5)]
+    await spool.settle(bounced, now=5, outbox=rows)
+    await spool.settle(bounced, now=5, outbox=rows, again=True)  # the retry of a commit whose reply was lost
+    dsn_work = await spool.lease_due(now=5, limit=10)
+    assert [w.sender for w in dsn_work] == [""]  # one DSN
+    assert [e.event_id for e in await spool.outbox_head("hook", 0, 10)] == ["ev-bounce"]
+    shown = await spool.show(mid, 5)
+    assert shown is not None and [(x.rid, x.member) for x in shown.attempts] == [(a, "m1")]
+    # The last recipient delivered: the message goes; a retry of that settle finds nothing and does nothing.
+    last = [Settlement(mid, [b], RecipientState.DELIVERED, "250 ok", member="m1")]
+    await spool.settle(last, now=6)
+    await spool.settle(last, now=6, again=True)
+    assert await spool.show(mid, 6) is None
+
+
+async def test_a_settle_retried_after_it_failed_before_its_commit_is_recorded(spool: SpoolBackend) -> None:
+    mid = new_message_id()
+    [work] = await spool.store(mid, envelope(), {"a@one.test": "p"}, 0)
+    rid = work.recipients[0].rid
+    dsn = Envelope("", ("app@example.com",), b"Subject: bounce\r\n\r\n")
+    await spool.settle(
+        [Settlement(mid, [rid], RecipientState.BOUNCED, "550 no", dsn=dsn, dsn_pool="p")], now=5, again=True
+    )
+    [dsn_work] = await spool.lease_due(now=5, limit=10)
+    assert dsn_work.sender == ""
+    assert await spool.show(mid, 5) is None  # bounced, its last recipient: the message went

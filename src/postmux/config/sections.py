@@ -233,6 +233,10 @@ class SpoolSettings(_Frozen):
     node_id: str = ""
     # How long a lease lasts unrenewed (postgresql): a node that dies holds its work this long at most.
     lease_ttl: PositiveDuration = 60.0
+    # The longest the spool waits on PostgreSQL for one thing: a connection, a statement's answer, a
+    # pooled connection, a turn at the writer. Past it the call fails (an accept gets 451 4.3.0) instead
+    # of hanging on a stalled link.
+    timeout: PositiveDuration = 10.0
     path: str = "var/spool.db"
     # Where the spool is, as a URL: "sqlite:///PATH" is the same as `path` (and sets it). Empty: `path`.
     url: str = ""

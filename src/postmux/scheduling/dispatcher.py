@@ -69,6 +69,12 @@ class DispatchLimits:
     scan_batch: int = 500
     scan_interval_s: float = 1.0
     reap_interval_s: float = 1.0
+    # How long an outcome the spool could not record is retried (backoff up to RECORD_BACKOFF_MAX_S)
+    # before the work is let go (Dispatcher._record).
+    record_patience_s: float = 300.0
+
+
+RECORD_BACKOFF_MAX_S = 5.0
 
 
 def transaction_of(item: WorkItem, sender: str | None = None) -> Transaction:
@@ -133,7 +139,9 @@ class Dispatcher:
         self._observe = observe_attempt or (lambda pool, member, seconds: None)
         self._wake = asyncio.Event()
         self._scan_now = asyncio.Event()
-        self._attempts: set[asyncio.Task[None]] = set()
+        # Running attempts (and the other tasks that end in a settlement), each with the work it holds:
+        # with the ready and parked work, what `held_rids` gives the spool's lease renewal.
+        self._attempts: dict[asyncio.Task[None], WorkItem] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._accepting_work = True
         self.resolver = resolver or MxResolver(settings.dns, Providers(settings.shaping), clock)
@@ -164,6 +172,20 @@ class Dispatcher:
 
     def has_room(self) -> bool:
         return self._ready.count < self.limits.max_ready
+
+    def held_rids(self) -> set[int]:
+        """The recipients whose work this dispatcher holds now: waiting in memory (ready, parked for an MX
+        or SPF answer) or in a task that has not ended (an attempt, its outcome being recorded).
+
+        The only leases the node renews (Spool.renew). Work dropped from memory without a recorded
+        outcome (the spool did not answer for record_patience_s) is no longer here, so its lease runs
+        out and the next scan, this node's or another's, takes it: held until a restart otherwise.
+        Computed afresh from what is in memory, so nothing can leak into it. Cost: one pass over the work
+        in memory, every lease_ttl / 3.
+        """
+        items = [*self._ready.items(), *self._attempts.values()]
+        items += [item for parked in self._spf_parked.values() for item in parked]
+        return {r.rid for item in items for r in item.recipients}
 
     def submit(self, items: Iterable[WorkItem], *, front: bool = False) -> None:
         self._ready.submit(items, front=front)
@@ -303,9 +325,9 @@ class Dispatcher:
                     if held.away and pool.can_serve(now, passed_over):
                         self._hold_back(item, pool, held, now)
                     elif barred and not item.tried and pool.can_serve(now, item.tried | held.away):
-                        self._spawn(self._spf_refused(item, pool, barred))
+                        self._spawn(self._spf_refused(item, pool, barred), item)
                     else:
-                        self._spawn(self._no_member(item, pool))
+                        self._spawn(self._no_member(item, pool), item)
                     continue
                 ready.take(q)
                 item.barred = barred
@@ -416,7 +438,7 @@ class Dispatcher:
         lane.start(now)
         self.warmup.count(pool.name, member.settings, item.destination, now)
         pool.begin(member)
-        self._spawn(self._attempt(item, pool, member, lane))
+        self._spawn(self._attempt(item, pool, member, lane), item)
 
     def _hold_back(self, item: WorkItem, pool: Pool, held: Gate, now: float) -> None:
         """Only suspended or warm-up-capped members could take this: overflow, or wait until one can."""
@@ -424,7 +446,7 @@ class Dispatcher:
         if moved is not None:
             self.submit([moved])
             return
-        self._spawn(self._postpone(item, pool, held.reopen, now))
+        self._spawn(self._postpone(item, pool, held.reopen, now), item)
 
     async def _postpone(self, item: WorkItem, pool: Pool, reopen: float, now: float) -> None:
         """Wait for a suspension or a warm-up day to end (verdicts.postponed)."""
@@ -435,10 +457,15 @@ class Dispatcher:
         now = self.clock()
         await self._apply(verdicts.no_member(item, pool, self._rules(), now), pool, None, now)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], item: WorkItem) -> None:
+        """Run `coro`, which ends `item` (an attempt, or a settlement without one); the item counts as held
+        (held_rids) until the task ends."""
         task = asyncio.create_task(coro)
-        self._attempts.add(task)
-        task.add_done_callback(self._attempts.discard)
+        self._attempts[task] = item
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._attempts.pop(task, None)
 
     def _pool_of(self, item: WorkItem) -> Pool:
         pool = self.pools.get(item.pool)
@@ -550,7 +577,7 @@ class Dispatcher:
         now = self.clock()
         try:
             await self._apply(verdicts.after_crash(item, error, pool, self._rules(), now), pool, None, now)
-        except Exception:  # the lease stays; the next start recovers the work
+        except Exception:  # the work is let go: its lease, no longer renewed, runs out (held_rids)
             log.exception("requeueing crashed work failed", message=item.message_id)
 
     # -- applying a verdict --------------------------------------------------------------------------
@@ -599,18 +626,38 @@ class Dispatcher:
             return
         if self._tries:  # empty on the usual path: an attempt retried at once on another member fills it
             settlements = [self._with_earlier(s) for s in settlements]
-        for attempt in range(5):
+        # Retried while the spool does not answer, for up to record_patience_s: each try recorded is a
+        # delivery not made twice, and meanwhile the work is held (held_rids), so its lease is renewed
+        # and no other node takes it. Given up at last (a settlement the spool refuses for good must not
+        # hold its recipients forever), the work is let go: its lease runs out and the next scan attempts
+        # it again, which may deliver it twice (at least once, never lost, never held until a restart).
+        give_up = time.monotonic() + self.limits.record_patience_s
+        attempt = 0
+        while True:
             try:
                 # Events without a settlement (a try passed on to another member) are appended alone.
                 # Per message, rows commit in the order events happen: this write joins the spool's one
                 # writer queue before `retry_now`'s attempt can even start, let alone settle.
-                await self.spool.settle(settlements, now, outbox=rows)
+                # again: the try before may have committed with its reply lost; the spool then does
+                # nothing, where running it twice would queue a second DSN and append the events twice.
+                await self.spool.settle(settlements, now, outbox=rows, again=attempt > 0)
                 if rows:
                     self.outbox.committed()
                 break
             except SpoolError as e:
-                # Until this is recorded the work stays leased, so it is retried after a restart at worst.
-                log.error("recording outcome failed", error=str(e), attempt=attempt + 1)
-                await asyncio.sleep(0.2 * 2**attempt)
+                attempt += 1
+                pause = min(RECORD_BACKOFF_MAX_S, 0.2 * 2 ** min(attempt - 1, 10))
+                if time.monotonic() + pause > give_up:
+                    log.error(
+                        "outcome not recorded; the work is let go: its lease runs out and it is attempted"
+                        " again (possibly delivered twice)",
+                        error=str(e),
+                        attempts=attempt,
+                        messages=sorted({s.message_id for s in settlements}),
+                        recipients=sorted(rid for s in settlements for rid in s.rids),
+                    )
+                    return
+                log.error("recording outcome failed", error=str(e), attempt=attempt)
+                await asyncio.sleep(pause)
         if any(s.dsn is not None for s in settlements):
             self.scan_soon()

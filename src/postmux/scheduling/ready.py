@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import structlog
 
@@ -55,6 +55,13 @@ class ReadyQueues:
                 q.append(item)
             self.count += 1
         self._wake()
+
+    def items(self) -> Iterator[WorkItem]:
+        """Every item in memory here: queued, and parked for an MX answer."""
+        for q in self.queues.values():
+            yield from q
+        for parked in self._parked.values():
+            yield from parked
 
     def take(self, q: deque[WorkItem]) -> WorkItem:
         """The item at the head of `q`, out of the ready work."""

@@ -14,7 +14,7 @@ and `open` takes back every lease a process that died left behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -263,9 +263,20 @@ class Spool(Protocol):
         ...
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
         """Record outcomes; a message whose recipients are all final is removed.
+
+        `again`: this very call (the same settlements, rows and `now`) was made before and failed, maybe
+        after its commit (a lost COMMIT reply, a timeout): if that commit happened (one of its recipients
+        was settled at `now`, or none of them is left), nothing is done, so a retry never queues a second
+        DSN, appends its events twice or keeps its attempts twice. Rows given with no settlement (events
+        that change no state) cannot be told apart so: they are appended again, with the same event ids.
 
         `outbox`: webhook rows (the events that tell of these outcomes) appended in the same transaction:
         an outcome is never recorded without its events, nor its events without it. Settlements may be
@@ -298,13 +309,18 @@ class Spool(Protocol):
         """
         ...
 
-    async def renew(self, now: float) -> int:
-        """Extend every lease this owner holds to now + lease_ttl_s: the owner's heartbeat.
+    async def renew(self, now: float, rids: Collection[int]) -> int:
+        """Extend this owner's leases of `rids` to now + lease_ttl_s: the owner's heartbeat.
 
-        An owner that keeps work (in memory, or in an attempt) longer than lease_ttl_s must renew well
-        within it (every lease_ttl_s / 3), or its work is leased again by the next `lease_due`. Returns
-        how many leases were extended (0 when leases do not expire). Cost: one round trip, one write per
-        lease held.
+        `rids` are the recipients the owner really holds (in memory, or in an attempt), never every
+        lease the store names it the owner of: a lease whose work the owner no longer has (an outcome it
+        gave up recording, a lease whose commit reply was lost) must run out, so the next `lease_due`
+        (another owner's, or this one's own) takes it; renewed by owner name it would be held until a
+        restart. A rid not leased to this owner (settled meanwhile, taken over) is left alone.
+
+        An owner that keeps work longer than lease_ttl_s must renew well within it (every
+        lease_ttl_s / 3), or its work is leased again by the next `lease_due`. Returns how many leases
+        were extended (0 when leases do not expire). Cost: one round trip, one write per lease held.
         """
         ...
 

@@ -20,6 +20,7 @@ def make_spool(settings: SpoolSettings, node: str = "") -> SpoolBackend:
             settings.dsn,
             owner=settings.node_id or node or None,
             lease_ttl_s=settings.lease_ttl,
+            timeout_s=settings.timeout,
             max_batch=settings.max_batch if settings.group_commit else 1,
             spill_dir=Path(settings.path).with_name("spill"),
         )

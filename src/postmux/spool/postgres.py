@@ -35,7 +35,7 @@ import os
 import socket
 import tempfile
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -77,6 +77,7 @@ log = structlog.get_logger("postmux.spool")
 
 CHANNEL = "postmux_work"  # LISTEN/NOTIFY: work became due
 READ_POOL_SIZE = 4
+DEFAULT_TIMEOUT_S = 10.0  # [spool] timeout
 RELISTEN_INTERVAL_S = 1.0  # between tries to listen again after the LISTEN connection was lost
 _DISK_FULL = "53100"  # SQLSTATE disk_full
 
@@ -96,6 +97,9 @@ class _Request:
     wakes: bool  # the change makes work due: NOTIFY the other nodes with the commit
     # A plain store (no idempotency key): the batch may write it with the other stores in one statement.
     stores: _Stores | None = None
+    # The writer took it into a batch: from then on its caller waits for the batch (bounded by the
+    # statements' timeouts), since giving up then could not stop its commit.
+    taken: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +151,18 @@ class PostgresSpool:
         lease_ttl_s: float | None = None,
         max_batch: int = 1000,
         spill_dir: str | Path | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if lease_ttl_s is not None and not (lease_ttl_s > 0 and lease_ttl_s < float("inf")):
             raise ValueError(f"lease_ttl_s must be a finite number of seconds > 0, not {lease_ttl_s}")
+        if not (timeout_s > 0 and timeout_s < float("inf")):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, not {timeout_s}")
         self.dsn = dsn
+        # Every wait on the server is bounded by it ([spool] timeout): connecting, each statement's answer
+        # (asyncpg's command_timeout), a pooled connection, a request's turn at the writer. A stalled link
+        # (no RST: a dead path, a frozen host) would otherwise hold every accept unanswered and pile them
+        # up in memory, to commit when the link came back, after their clients had given up.
+        self.timeout_s = timeout_s
         self.max_batch = max_batch
         self._owner = owner or default_owner()
         self._lease_ttl_s = lease_ttl_s
@@ -190,9 +202,17 @@ class PostgresSpool:
     async def open(self) -> int:
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._writer = await asyncpg.connect(self.dsn)
+            self._writer = await self._connect()
             await prepare(self._writer)
-            self._reads = await asyncpg.create_pool(self.dsn, min_size=1, max_size=READ_POOL_SIZE)
+            # min_size 0: no connection is kept open for its own sake, so an outage costs no pool
+            # maintenance retrying one (asyncpg logged a traceback at each, outage review item 6).
+            self._reads = await asyncpg.create_pool(
+                self.dsn,
+                min_size=0,
+                max_size=READ_POOL_SIZE,
+                timeout=self.timeout_s,
+                command_timeout=self.timeout_s,
+            )
             await self._listen()
         except SchemaError as e:
             await self._disconnect()
@@ -222,8 +242,11 @@ class PostgresSpool:
             self._task = None
         await self._disconnect()
 
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, timeout=self.timeout_s, command_timeout=self.timeout_s)
+
     async def _listen(self) -> None:
-        listener = await asyncpg.connect(self.dsn)
+        listener = await self._connect()
         await listener.add_listener(CHANNEL, self._notified)
         listener.add_termination_listener(self._listener_lost)
         self._listener = listener
@@ -274,7 +297,9 @@ class PostgresSpool:
     async def _run(self) -> None:
         while True:
             first = await self._jobs.get()
-            batch: list[_Request] = [] if first is None else [first]
+            # A caller that gave up before its turn is dropped here, and not counted in max_batch: after
+            # a stall every abandoned request goes at the writer's next turn, with the text it held.
+            batch: list[_Request] = [] if first is None or first.future.done() else [first]
             stop = first is None
             while not stop and len(batch) < self.max_batch:
                 try:
@@ -283,9 +308,10 @@ class PostgresSpool:
                     break
                 if nxt is None:
                     stop = True
-                else:
+                elif not nxt.future.done():
                     batch.append(nxt)
-            batch = [r for r in batch if not r.future.done()]  # a caller that gave up before its turn
+            for r in batch:
+                r.taken = True
             if batch:
                 await self._commit_safely(batch)
             if stop:
@@ -305,7 +331,7 @@ class PostgresSpool:
         """The writer outlives any failure: a batch that breaks fails its callers, the next one runs."""
         try:
             if self._writer is None or self._writer.is_closed():
-                self._writer = await asyncpg.connect(self.dsn)  # the server restarted, or the link broke
+                self._writer = await self._connect()  # the server restarted, or the link broke
             try:
                 done = await self._commit(batch, savepoints=len(batch) == 1)
             except _Retry as retry:
@@ -364,10 +390,21 @@ class PostgresSpool:
                     done.results.append((r.future, value, None))
             if any(r.wakes for r, (_, _, err) in zip(batch, done.results, strict=True) if err is None):
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._owner)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await tx.rollback()
+        except BaseException as e:
+            cause = e.__cause__ if isinstance(e, _Retry) else e
+            if isinstance(cause, _LINK_ERRORS | asyncio.CancelledError) or conn.is_closed():
+                # A timeout (TimeoutError is an OSError) or a broken link: a ROLLBACK would wait on the
+                # same link. The connection is dropped instead; the server rolls back a transaction whose
+                # connection ended, and the next batch connects again.
+                conn.terminate()
+            else:
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
             raise
+        # If this COMMIT's answer does not come (the link stalls or drops after it was sent), the
+        # outcome is unknown: the server may have committed. The callers get an error (an accept: 451),
+        # and what follows is at least once: a client sends again (a duplicate, as any MTA's lost "250"),
+        # a settle is retried idempotently (Spool.settle's `again`), a lease runs out (Spool.renew).
         await tx.commit()
         self.commits += 1
         return done
@@ -382,7 +419,19 @@ class PostgresSpool:
         if self._task is None or self._closing:
             raise SpoolError("spool is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait(_Request(run, fut, wakes, stores))
+        request = _Request(run, fut, wakes, stores)
+        self._jobs.put_nowait(request)
+        try:
+            # A turn at the writer within the timeout: behind a stalled batch, the caller gives up (the
+            # writer then drops its request unrun) rather than wait without end. Once taken, the batch's
+            # own statement timeouts bound the wait, and the caller must hear how it ended.
+            await asyncio.wait([fut], timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        if not fut.done() and not request.taken:
+            fut.cancel()
+            raise SpoolError(f"PostgreSQL spool: no turn at the writer within {self.timeout_s:g} s")
         try:
             return await fut
         except _DRIVER_ERRORS as e:
@@ -393,9 +442,14 @@ class PostgresSpool:
         if reads is None or self._task is None or self._closing:
             raise SpoolError("spool is not open")
         try:
-            async with reads.acquire() as proxy:
+            async with reads.acquire(timeout=self.timeout_s) as proxy:
                 # The pool's proxy forwards every method of the connection it holds.
-                return await run(cast(asyncpg.Connection, proxy))
+                conn = cast(asyncpg.Connection, proxy)
+                try:
+                    return await run(conn)
+                except _LINK_ERRORS:
+                    conn.terminate()  # a stalled link: releasing it would wait on it again
+                    raise
         except _DRIVER_ERRORS as e:
             raise _spool_error(e) from e
 
@@ -442,12 +496,23 @@ class PostgresSpool:
         return await self._read(lambda c: _answered(c, client, key, now))
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
         wakes = any(
             s.dsn is not None or (s.state is RecipientState.QUEUED and s.due <= now) for s in settlements
         )
-        await self._call(lambda c: _settle(c, settlements, now, outbox), wakes=wakes)
+
+        async def run(conn: asyncpg.Connection) -> None:
+            if again and await _settled_already(conn, settlements, now):
+                return
+            await _settle(conn, settlements, now, outbox)
+
+        await self._call(run, wakes=wakes)
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
@@ -460,13 +525,14 @@ class PostgresSpool:
         given: int = await self._call(_recover_for(self._owner), wakes=True)
         return given
 
-    async def renew(self, now: float) -> int:
+    async def renew(self, now: float, rids: Collection[int]) -> int:
         taken = self._lease(now)
         if taken.until is None:
             if self._task is None or self._closing:
                 raise SpoolError("spool is not open")
             return 0
-        return await self._call(lambda c: _renew(c, taken))
+        held = sorted(set(rids))
+        return await self._call(lambda c: _renew(c, taken, held))
 
     async def counts(self) -> dict[str, int]:
         return await self._read(_counts)
@@ -582,6 +648,8 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.Interna
 
 
 def _spool_error(e: BaseException) -> SpoolError:
+    if isinstance(e, TimeoutError):  # asyncpg's command_timeout or connect timeout: str(e) is empty
+        return SpoolError("PostgreSQL spool: no answer in time ([spool] timeout): the link or server stalled")
     code = getattr(e, "sqlstate", None)
     return SpoolError(f"PostgreSQL spool: {e}", disk_full=code == _DISK_FULL)
 
@@ -849,6 +917,17 @@ async def _settle(
     await record_attempts(conn, kept)
 
 
+async def _settled_already(conn: asyncpg.Connection, settlements: Sequence[Settlement], now: float) -> bool:
+    """Whether a settle of these settlements at `now` committed before (its reply was lost): one of their
+    recipients was settled at `now` (last_at: the settle's own time, the same float on a retry), or none
+    of them is left (their message was finished and removed). All or nothing, as its transaction was."""
+    rids = sorted({rid for s in settlements for rid in s.rids})
+    if not rids:
+        return False  # events alone: nothing tells whether they were appended (Spool.settle)
+    rows = await conn.fetch("SELECT last_at FROM recipient WHERE rid = ANY($1::bigint[])", rids)
+    return not rows or any(r["last_at"] == now for r in rows)
+
+
 def _attempts(s: Settlement, now: float) -> list[AttemptView]:
     own = [AttemptView(rid, s.member, s.reply, now) for rid in s.rids] if s.member else []
     return [*s.earlier, *own]
@@ -950,12 +1029,18 @@ async def _lease_due(conn: asyncpg.Connection, now: float, limit: int, lease: _L
     return items
 
 
-async def _renew(conn: asyncpg.Connection, lease: _Lease) -> int:
+async def _renew(conn: asyncpg.Connection, lease: _Lease, rids: Sequence[int]) -> int:
+    # By rid, never by owner alone: a row leased to this owner whose work it no longer holds must run
+    # out (base.py, Spool.renew). Still only this owner's leases: a rid taken over by another node since
+    # is that node's to renew.
+    if not rids:
+        return 0
     status = await conn.execute(
         "UPDATE recipient SET lease_until = $1"
-        " WHERE state = 'leased' AND owner = $2 AND lease_until IS NOT NULL",
+        " WHERE rid = ANY($3::bigint[]) AND state = 'leased' AND owner = $2 AND lease_until IS NOT NULL",
         lease.until,
         lease.owner,
+        rids,
     )
     return _rowcount(status)
 

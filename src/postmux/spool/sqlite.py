@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -416,9 +416,20 @@ class SqliteSpool:
         return await self._read_beside(lambda c: _answered(c, client, key, now))
 
     async def settle(
-        self, settlements: Sequence[Settlement], now: float, *, outbox: Sequence[OutboxRow] = ()
+        self,
+        settlements: Sequence[Settlement],
+        now: float,
+        *,
+        outbox: Sequence[OutboxRow] = (),
+        again: bool = False,
     ) -> None:
-        await self._call(lambda c: _settle(c, self.bodies, settlements, now, outbox))
+        def run(conn: sqlite3.Connection) -> None:
+            # As PostgreSQL's: a retry of a settle that did commit (its error came after) does nothing.
+            if again and _settled_already(conn, settlements, now):
+                return
+            _settle(conn, self.bodies, settlements, now, outbox)
+
+        await self._call(run)
 
     async def lease_due(self, now: float, limit: int) -> list[WorkItem]:
         taken = self._lease(now)
@@ -427,13 +438,14 @@ class SqliteSpool:
     async def give_back(self) -> int:
         return 0  # nobody else can take it: the next open recovers it (see the protocol)
 
-    async def renew(self, now: float) -> int:
+    async def renew(self, now: float, rids: Collection[int]) -> int:
         taken = self._lease(now)
         if taken.until is None:
             if self._thread is None or self._closing:
                 raise SpoolError("spool is not open")
             return 0  # nothing expires, so there is nothing to extend (and no round trip to pay)
-        return await self._call(lambda c: _renew(c, taken))
+        held = sorted(set(rids))
+        return await self._call(lambda c: _renew(c, taken, held))
 
     async def counts(self) -> dict[str, int]:
         return await self._read_beside(_counts)
@@ -669,6 +681,23 @@ def _settle(
             record_attempts(conn, s.message_id, _attempts(s, now))
 
 
+def _settled_already(conn: sqlite3.Connection, settlements: Sequence[Settlement], now: float) -> bool:
+    """Whether a settle of these settlements at `now` committed before (postgres.py's, the same rule)."""
+    rids = sorted({rid for s in settlements for rid in s.rids})
+    if not rids:
+        return False
+    found: list[float | None] = []
+    for at in range(0, len(rids), _CHUNK):
+        chunk = rids[at : at + _CHUNK]
+        found += [
+            row[0]
+            for row in conn.execute(
+                f"SELECT last_at FROM recipient WHERE rid IN ({', '.join('?' * len(chunk))})", chunk
+            )
+        ]
+    return not found or now in found
+
+
 def _settle_last(conn: sqlite3.Connection, bodies: BodyStore, s: Settlement) -> bool:
     """The usual settlement, which ends the last recipients of its message (delivered at the first try):
     the message goes with its recipients at once, without first writing their state (and the state's index)
@@ -812,13 +841,18 @@ def _read_stored(conn: sqlite3.Connection, bodies: BodyStore, message_id: str) -
     )
 
 
-def _renew(conn: sqlite3.Connection, lease: _Lease) -> int:
-    cur = conn.execute(
-        "UPDATE recipient INDEXED BY recipient_lease SET lease_until = ?"
-        " WHERE state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
-        (lease.until, lease.owner),
-    )
-    return cur.rowcount
+def _renew(conn: sqlite3.Connection, lease: _Lease, rids: Sequence[int]) -> int:
+    # By rid, as PostgreSQL's: a lease whose work the owner no longer holds must run out (Spool.renew).
+    renewed = 0
+    for at in range(0, len(rids), _CHUNK):
+        chunk = rids[at : at + _CHUNK]
+        cur = conn.execute(
+            f"UPDATE recipient SET lease_until = ? WHERE rid IN ({', '.join('?' * len(chunk))})"
+            " AND state = 'leased' AND owner = ? AND lease_until IS NOT NULL",
+            (lease.until, *chunk, lease.owner),
+        )
+        renewed += cur.rowcount
+    return renewed
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
