@@ -392,7 +392,7 @@ class PostgresSpool:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._owner)
         except BaseException as e:
             cause = e.__cause__ if isinstance(e, _Retry) else e
-            if isinstance(cause, _LINK_ERRORS | asyncio.CancelledError) or conn.is_closed():
+            if isinstance(cause, (*_LINK_ERRORS, asyncio.CancelledError)) or conn.is_closed():
                 # A timeout (TimeoutError is an OSError) or a broken link: a ROLLBACK would wait on the
                 # same link. The connection is dropped instead; the server rolls back a transaction whose
                 # connection ended, and the next batch connects again.
