@@ -145,6 +145,46 @@ async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -
     await client.close()
 
 
+def dotted_message(octets: int) -> bytes:
+    """A message of exactly `octets` octets (RFC 1870 4), nearly all of its lines starting with ".":
+    sent dot-stuffed, it is about 1% longer on the wire."""
+    head = b"Subject: dots\r\nX-Test-Id: dotted\r\n\r\n"
+    line = b"." + b"d" * 97 + b"\r\n"  # 100 octets
+    body = line * ((octets - len(head)) // 100)
+    rest = octets - len(head) - len(body)
+    return head + body + (b"." + b"e" * (rest - 3) + b"\r\n" if rest else b"")
+
+
+@pytest.mark.parametrize("long_lines", ["fold", "refuse"])
+async def test_a_message_exactly_at_the_advertised_size_with_dot_lines_is_accepted(
+    gateway: StartGateway, tmp_path: Path, long_lines: str
+) -> None:
+    """RFC 1870 4: the size is the octets "including CR-LF pairs, but not the SMTP DATA command's
+    terminating dot or doubled quoting dots". It was counted with the doubled dots (as aiosmtpd does): a
+    message that fit the SIZE it declared at MAIL and the one advertised got 552 after the dot."""
+    app = await gateway(max_message_size=10_000, long_lines=long_lines)
+    message = dotted_message(10_000)
+    assert len(message) == 10_000 and message.count(b"\r\n.") == 100
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    client = await RawClient.connect(app.smtp_port)
+    assert "250-SIZE 10000" in await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<app@example.com> SIZE=10000")).startswith("250")
+    assert (await client.cmd("RCPT TO:<user@dest.test>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(stuffed + b".\r\n")).startswith("250 2.0.0 Ok: queued as")
+    # One octet more is over the limit, however it is counted.
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("DATA")).startswith("354")
+    over = dotted_message(10_001).replace(b"\r\n.", b"\r\n..")
+    assert await client.cmd(over + b".\r\n") == TOO_BIG
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    assert up.received[0].data.endswith(message), "unstuffed once, nothing lost"
+    await asyncio.sleep(0.2)
+    assert len(up.received) == 1
+
+
 @pytest.mark.parametrize(
     ("line", "long_lines", "refusal"),
     [

@@ -1,7 +1,8 @@
 """DataText (the DATA text read in blocks) against a line-by-line model of aiosmtpd 1.4.6's smtp_DATA loop.
 
 tests/integration/test_data_blocks.py compares the two readers on real connections; this one is the
-fast, exhaustive side: every way of cutting a stream into blocks must give the model's answer.
+fast, exhaustive side: every way of cutting a stream into blocks must give the model's answer. The model
+counts as the RFCs do where postmux departs from aiosmtpd on purpose (`aiosmtpd_model`'s `rfc`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
 
 
-def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
+def aiosmtpd_model(
+    stream: bytes, size_limit: int | None, *, rfc: bool = True
+) -> tuple[int, str | None, bytes] | None:
     """aiosmtpd 1.4.6's smtp_DATA over a stream: (octets taken, refusal, text), or None before the end.
 
     Its StreamReader (limit 1001) raises LimitOverrunError for a line of more than 1003 octets before the
     line is counted; the loop counts a line, then checks the size, then the line's length.
+
+    With `rfc` (postmux's DataText), the size is counted as RFC 1870 4 defines it, "not the SMTP DATA
+    command's terminating dot or doubled quoting dots": a line's stuffed dot is not counted. aiosmtpd
+    counts the line as sent (`rfc=False`).
     """
     pos, num, refusal, kept = 0, 0, None, []
     while True:
@@ -40,7 +47,7 @@ def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | No
             return pos, refusal, b"".join(kept) if refusal is None else b""
         if len(line) > LINE_LIMIT + 2 and refusal is None:
             refusal = LINE_TOO_LONG
-        num += len(line)
+        num += len(line) - (rfc and line.startswith(b"."))
         if refusal is None and size_limit and num > size_limit:
             refusal = TOO_MUCH_DATA
         if refusal is None and len(line) > LINE_LIMIT:
@@ -50,7 +57,10 @@ def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | No
 
 
 def folding_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
-    """The same loop with [smtp] long_lines = "fold": no line is too long, and the text is folded whole."""
+    """The same loop with [smtp] long_lines = "fold": no line is too long, and the text is folded whole.
+
+    The size as with `rfc` above: the lines without their stuffed dots (RFC 1870 4), before folding.
+    """
     pos, num, refusal, kept = 0, 0, None, []
     while True:
         eol = stream.find(b"\r\n", pos)
@@ -59,7 +69,7 @@ def folding_model(stream: bytes, size_limit: int | None) -> tuple[int, str | Non
         line, pos = stream[pos : eol + 2], eol + 2
         if line == b".\r\n":
             return pos, refusal, fold_long_lines(b"".join(kept)) if refusal is None else b""
-        num += len(line)
+        num += len(line) - line.startswith(b".")
         if refusal is None and size_limit and num > size_limit:
             refusal = TOO_MUCH_DATA
         if refusal is None:
@@ -85,6 +95,8 @@ def read_blocks(
             assert text.bare == bool(BARE.search(text.content))
             dot_line = re.search(rb"(?:\A|\r\n)\.", text.content) is not None
             assert text.clean == (not text.nul and not text.bare and not dot_line)
+            if not fold:  # RFC 1870 4: the size is the text's, as kept (un-stuffed), CRLFs and all
+                assert text.size == len(text.content)
             return taken, text.refusal, text.content
         assert used == stop - start
         assert len(text._partial) <= LINE_LIMIT + 2  # memory stays flat, whatever the line
@@ -324,6 +336,31 @@ def test_a_dot_line_is_found_behind_any_number_of_dots_inside_lines() -> None:
         stream = head + b"body\r\n..stuffed\r\n.\r\nQUIT\r\n"
         expected = head + b"body\r\n.stuffed\r\n"
         assert read_blocks(stream, [], None) == (len(stream) - 6, None, expected)
+
+
+DOTTED = b"Subject: dots\r\n\r\n" + b"..leading dot\r\n" * 40 + b"..\r\n" * 40 + b"end\r\n"
+DOTTED_SIZE = len(DOTTED) - 80  # RFC 1870 4: the size without the 80 doubled quoting dots
+
+
+def test_a_text_exactly_at_the_size_limit_is_taken_however_many_of_its_lines_are_dot_stuffed() -> None:
+    # RFC 1870 4: the size "not [counting] the SMTP DATA command's terminating dot or doubled quoting
+    # dots". aiosmtpd counts the dots, so a message at the SIZE limit was refused for its dot lines.
+    unstuffed = DOTTED.replace(b"\r\n..", b"\r\n.")
+    assert len(unstuffed) == DOTTED_SIZE
+    stream = DOTTED + b".\r\nQUIT\r\n"
+    for fold in (False, True):
+        for cuts in ([], [20], [21, 22, 23], list(range(0, len(stream), 7)), list(range(len(stream)))):
+            assert read_blocks(stream, cuts, DOTTED_SIZE, fold=fold) == (len(stream) - 6, None, unstuffed)
+            refused = read_blocks(stream, cuts, DOTTED_SIZE - 1, fold=fold)
+            assert refused == (len(stream) - 6, TOO_MUCH_DATA, b""), (fold, cuts)
+
+
+def test_a_long_line_starting_with_a_dot_is_counted_without_it_when_folded() -> None:
+    line = b"." + b"w" * 4000 + b"\r\n"  # a long line is taken in pieces (_take_long_line) as it comes
+    stream = b".." + b"w" * 4000 + b"\r\n.\r\n"
+    for cuts in ([], [1], [1500], [1500, 3000], list(range(0, len(stream), 1100))):
+        assert read_blocks(stream, cuts, len(line), fold=True) == (len(stream), None, fold_long_lines(line))
+        assert read_blocks(stream, cuts, len(line) - 1, fold=True) == (len(stream), TOO_MUCH_DATA, b"")
 
 
 def test_too_much_data_is_refused_and_thrown_away() -> None:

@@ -1,4 +1,4 @@
-"""The DATA text read a block at a time, by aiosmtpd 1.4.6's own line rules.
+"""The DATA text read a block at a time, by aiosmtpd 1.4.6's own line rules but for what it counts.
 
 aiosmtpd reads DATA one line at a time (`StreamReader.readuntil(b"\\r\\n")` and a Python loop per line):
 half of postmux's CPU at 50 KB messages (bench/README.md, profile_hotpath). `DataText` applies the same
@@ -10,9 +10,13 @@ tests/integration/test_data_blocks.py to aiosmtpd itself, byte stream for byte s
   aiosmtpd's fix for CVE-2024-27305). The first line that is exactly "." ends the text: only CRLF.CRLF
   (or "." as the first line) ends DATA, so no SMTP smuggling variant (`\\n.\\n`, `\\r.\\r`, ...) does.
 - A line (with its CRLF, dot-stuffed) longer than `line_limit` octets refuses the message (500), and so do
-  more than `size_limit` octets in all (552, counting the stuffed lines with their CRLFs, not the end
-  line); the first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
+  more than `size_limit` octets in all (552, counting the lines with their CRLFs, not the end line); the
+  first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
   `line_limit + 2` octets before counting it, and checks a shorter one after counting it; so does this.
+- The size is counted without the dots that dot-stuffing doubled, where aiosmtpd counts them: RFC 1870 4
+  defines it as the octets "including CR-LF pairs, but not the SMTP DATA command's terminating dot or
+  doubled quoting dots", so a message within the SIZE the server advertised is not refused for its dot
+  lines.
 - Once refused, the rest is read up to the end and thrown away: memory stays flat, whatever is sent.
   Nothing is kept of a line longer than `line_limit + 2` either, even unfinished.
 - A line that starts with "." loses that dot (RFC 5321 4.5.2).
@@ -93,7 +97,7 @@ class DataText:
         self.line_endings = line_endings
         self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA (or the text not kept), if refused
         self.done = False  # the end-of-data line has been taken
-        self.size = 0  # octets counted against size_limit (while nothing is refused)
+        self.size = 0  # octets counted against size_limit, un-stuffed (RFC 1870 4; while nothing is refused)
         self.nul = False  # the text holds a NUL octet (RFC 5322 2.3)
         self.bare = False  # the text holds a CR or LF that is not part of a CRLF (RFC 5321 2.3.8)
         self.dot_line = False  # a line of the text as kept (un-stuffed, repaired) starts with "."
@@ -189,7 +193,14 @@ class DataText:
         """
         if self.refusal is not None or not lines:
             return
-        size = self.size + len(lines)
+        text = lines
+        if dot >= 0:
+            # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
+            # is the start of a line (the line after the last CRLF is not in `lines`). Done before the
+            # size is counted, which is of the text without those dots (RFC 1870 4); a block with no dot
+            # line (nearly all) pays nothing for it.
+            text = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
+        size = self.size + len(text)
         pieces = lines.split(_CRLF)
         longest = max(map(len, pieces)) + 2
         if self.fold:
@@ -205,7 +216,7 @@ class DataText:
         bare = self._look_at(b"".join(pieces))
         if not self._dropped:
             # Measured stuffed (at worst one octet too keen: fold_long_lines measures again).
-            self._keep_lines(lines, dot, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
+            self._keep_lines(text, unstuffed=dot >= 0, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
 
     def _look_at(self, octets: bytes) -> bool:
         """Octets of the text with no CRLF in them: a NUL, a bare CR or LF? True if there is a bare one.
@@ -220,20 +231,20 @@ class DataText:
             self.discard()
         return bare
 
-    def _keep_lines(self, lines: bytes, dot: int, *, long: bool, bare: bool) -> None:
-        """Whole lines, kept as they will be stored; `dot` as for `_take_lines`."""
+    def _keep_lines(self, lines: bytes, *, unstuffed: bool, long: bool, bare: bool) -> None:
+        """Whole lines, un-stuffed already, kept as they will be stored; `unstuffed` if a dot was taken.
+
+        The dot lines all come after the first line, so what was un-stuffed is in what follows it when
+        that first line is the end of a long one.
+        """
         if self._long is not None:  # the first line is the end of a long line
             eol = lines.find(_CRLF)
             self._keep(self._long.feed(lines[:eol]) + self._long.end(), changed=True)
             self._long = None
-            lines, dot = lines[eol + 2 :], dot - eol - 2 if dot >= 0 else -1
+            lines = lines[eol + 2 :]
             if not lines:
                 return
-        changed = dot >= 0 or (bare and self.line_endings == "normalize")
-        if dot >= 0:
-            # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
-            # is the start of a line (the line after the last CRLF is not in `lines`).
-            lines = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
+        changed = unstuffed or (bare and self.line_endings == "normalize")
         if long:
             lines = fold_long_lines(lines)  # lines it adds start with whitespace: no dot line among them
         if changed and self.line_endings == "normalize":
@@ -267,17 +278,19 @@ class DataText:
         self.received += head.startswith(b"received:") + head.count(b"\r\nreceived:")
 
     def _refuse_at_first_fault(self, lines: bytes) -> None:
-        """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals)."""
+        """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals).
+
+        `lines` as sent (stuffed), each beginning a line: never the end of a long one (no `fold` here).
+        """
         for line in lines.split(_CRLF)[:-1]:
-            length = len(line) + 2
-            if length > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
+            if len(line) + 2 > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
                 self._refuse(LINE_TOO_LONG)
                 return
-            self.size += length
+            self.size += len(line) + 2 - line.startswith(b".")  # RFC 1870 4: not its stuffed dot
             if self.size_limit and self.size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-            if length > self.line_limit:
+            if len(line) + 2 > self.line_limit:
                 self._refuse(LINE_TOO_LONG)
                 return
         raise AssertionError("a block over a limit has a line over it")  # pragma: no cover
@@ -301,6 +314,9 @@ class DataText:
         """With `fold`: the part of a long line that has arrived (no CRLF in it), counted and kept."""
         if self.refusal is not None:
             return
+        starts = not self._mid_line
+        if starts and octets[:1] == b".":
+            octets = octets[1:]  # RFC 5321 4.5.2, as in _take_lines; and not counted (RFC 1870 4)
         self.size += len(octets)
         if self.size_limit and self.size > self.size_limit:
             self._refuse(TOO_MUCH_DATA)
@@ -308,9 +324,8 @@ class DataText:
         self._look_at(octets)  # no CRLF in it: the line has not ended
         if self._dropped:
             return
-        if not self._mid_line:  # the line starts here: RFC 5321 4.5.2, as in _keep_lines
+        if starts:
             self._long = LongLine(repair=self.line_endings == "normalize")
-            octets = octets[1:] if octets[:1] == b"." else octets
         assert self._long is not None
         self._keep(self._long.feed(octets), changed=True)
 
