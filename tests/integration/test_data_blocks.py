@@ -137,8 +137,11 @@ def as_aiosmtpd_but_for_the_rfcs(
 ) -> None:
     """The block reader did what aiosmtpd's line reader did, except where postmux departs on purpose.
 
-    The one departure: the size is counted without the dots that dot-stuffing doubled (RFC 1870 4; aiosmtpd
-    counts the line as sent), so a text at the limit with dot lines is taken where aiosmtpd refuses it 552.
+    The departures, both about a line's stuffed dot and its length, never about where the text ends:
+    - the size is counted without the dots that dot-stuffing doubled (RFC 1870 4; aiosmtpd counts the
+      line as sent), so a text at the limit with dot lines is taken where aiosmtpd refuses it 552;
+    - a line may be 1000 octets with its CRLF, not counting a stuffed dot (RFC 5321 4.5.3.1.6); aiosmtpd
+      takes 1001 as sent, so a line of 999 octets and CRLF is refused 500 where aiosmtpd takes it.
     Both readers are held to the line model (tests/unit/test_data_text.py), aiosmtpd's with `rfc=False`:
     where the two models agree, the sessions must be equal in every reply and every octet; where they do
     not, each reader gave its own model's answer to the text and everything else is equal.
@@ -183,7 +186,10 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
         [b"x" * 3000, b".\r\n", b"still the long line\r\n.\r\nQUIT\r\n"],  # "." mid-line ends nothing
         [b"x" * 1500 + b"\r", b"\n.\r\nQUIT\r\n"],  # a too-long line's CRLF split, then the end
         [b"a\r\n" + b"y" * 997, b"\r\n.\r\nQUIT\r\n"],  # 999 octets with CRLF: taken
-        [b"a\r\n" + b"y" * 999, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001: taken
+        [b"a\r\n" + b"y" * 998, b"\r", b"\n.\r\nQUIT\r\n"],  # 1000: taken
+        [b"a\r\n" + b"y" * 999, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001: aiosmtpd takes it, postmux not
+        [b"a\r\n.." + b"y" * 997, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001 as sent, 1000 un-stuffed: taken
+        [b"a\r\n.." + b"y" * 998, b"\r", b"\n.\r\nQUIT\r\n"],  # 1002 as sent, 1001: refused
         [b"a\r\n" + b"y" * 1000, b"\r", b"\n.\r\nQUIT\r\n"],  # 1002: refused
         [b"a\r\n.", b"\r", b"\n", b"QUIT\r\n"],  # the end line cut into three writes
         [b"a\r\n.\r\nQU", b"IT\r\n"],  # the next command cut
@@ -192,7 +198,8 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
 )
 async def test_block_boundaries_as_aiosmtpd(writes: list[bytes]) -> None:
     line_reader, block_reader, spilling = await both_readers(writes, 100_000)
-    assert block_reader == line_reader and spilling == line_reader
+    assert spilling == block_reader
+    as_aiosmtpd_but_for_the_rfcs(b"".join(writes), 100_000, line_reader, block_reader)
     assert line_reader[0][-1].startswith("221"), line_reader[0]
 
 

@@ -70,6 +70,38 @@ async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_ar
     assert stored(tmp_path) == 0
 
 
+@pytest.mark.parametrize(
+    ("line", "taken"),
+    [
+        (b"y" * 998 + b"\r\n", True),  # 1000 octets with the CRLF: the limit
+        (b"y" * 999 + b"\r\n", False),  # 1001: over it (it was taken: aiosmtpd's line_length_limit)
+        (b".." + b"y" * 997 + b"\r\n", True),  # 1001 as sent, 1000 without the stuffed dot
+        (b".." + b"y" * 998 + b"\r\n", False),
+    ],
+    ids=["998+CRLF", "999+CRLF", "stuffed-998+CRLF", "stuffed-999+CRLF"],
+)
+async def test_text_line_limit_is_1000_octets_with_crlf_not_counting_a_stuffed_dot(
+    gateway: StartGateway, tmp_path: Path, line: bytes, taken: bool
+) -> None:
+    """RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets
+    (not counting the leading dot duplicated for transparency)"; docs/security.md says so too."""
+    app = await gateway(long_lines="refuse")
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(b"Subject: limit\r\nX-Test-Id: limit\r\n\r\n" + line + b"short\r\n.\r\n")
+    assert reply.startswith("250 2.0.0 Ok: queued as") if taken else reply == TOO_LONG_TEXT_LINE, reply
+    assert (await client.cmd("NOOP")) == "250 2.0.0 OK"
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    if taken:
+        await wait_until(lambda: len(up.received) == 1)
+        unstuffed = line[1:] if line.startswith(b"..") else line
+        assert up.received[0].data.endswith(b"\r\n" + unstuffed + b"short\r\n")
+    else:
+        assert stored(tmp_path) == 0 and up.received == []
+
+
 def thread_references(octets: int) -> bytes:
     """A References field of at least `octets` octets on one line: message ids with a space between."""
     ids, field = 0, b"References:"

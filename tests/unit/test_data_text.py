@@ -22,6 +22,7 @@ from postmux.ingress.folding import fold_long_lines
 from postmux.ingress.hygiene import normalize_line_endings, received_count
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
+TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line's octets with its CRLF, not counting a stuffed dot
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
 
 
@@ -33,9 +34,11 @@ def aiosmtpd_model(
     Its StreamReader (limit 1001) raises LimitOverrunError for a line of more than 1003 octets before the
     line is counted; the loop counts a line, then checks the size, then the line's length.
 
-    With `rfc` (postmux's DataText), the size is counted as RFC 1870 4 defines it, "not the SMTP DATA
-    command's terminating dot or doubled quoting dots": a line's stuffed dot is not counted. aiosmtpd
-    counts the line as sent (`rfc=False`).
+    With `rfc` (postmux's DataText) a line's stuffed dot is not counted: not in the size, as RFC 1870 4
+    defines it ("not the SMTP DATA command's terminating dot or doubled quoting dots"), and not in the
+    line's length, which may be 1000 octets with its CRLF (RFC 5321 4.5.3.1.6, "not counting the leading
+    dot duplicated for transparency"). aiosmtpd (`rfc=False`) counts the line as sent, in both, and takes
+    a line of 1001 octets (its line_length_limit).
     """
     pos, num, refusal, kept = 0, 0, None, []
     while True:
@@ -47,10 +50,11 @@ def aiosmtpd_model(
             return pos, refusal, b"".join(kept) if refusal is None else b""
         if len(line) > LINE_LIMIT + 2 and refusal is None:
             refusal = LINE_TOO_LONG
-        num += len(line) - (rfc and line.startswith(b"."))
+        length = len(line) - (rfc and line.startswith(b"."))
+        num += length
         if refusal is None and size_limit and num > size_limit:
             refusal = TOO_MUCH_DATA
-        if refusal is None and len(line) > LINE_LIMIT:
+        if refusal is None and length > (TEXT_LINE if rfc else LINE_LIMIT):
             refusal = LINE_TOO_LONG
         if refusal is None:
             kept.append(line[1:] if line.startswith(b".") else line)
@@ -289,14 +293,18 @@ def test_a_crlf_split_between_blocks_still_ends_the_line_and_bare_ones_do_not() 
         assert not text.done, fake  # no smuggling variant ends DATA, however it is cut
 
 
-def test_lines_of_1000_and_1001_octets_are_taken_1002_refused_across_a_boundary() -> None:
-    for length, refusal in ((1000, None), (1001, None), (1002, LINE_TOO_LONG), (1003, LINE_TOO_LONG)):
-        line = b"." + b"x" * (length - 3) + b"\r\n"  # with its CRLF and a stuffed dot
-        stream = b"head\r\n" + line + b"tail\r\n.\r\n"
-        for cut in (6, 7, 500, 6 + length - 2, 6 + length - 1, 6 + length):
-            result = read_blocks(stream, [cut, cut + 1], 100_000)
-            expected = b"head\r\n" + line[1:] + b"tail\r\n" if refusal is None else b""
-            assert result == (len(stream), refusal, expected), (length, cut)
+def test_lines_of_1000_octets_are_taken_1001_refused_not_counting_a_stuffed_dot_across_a_boundary() -> None:
+    # RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets
+    # (not counting the leading dot duplicated for transparency)". aiosmtpd takes 1001 as sent.
+    for stuffed in (False, True):
+        for length, refusal in ((999, None), (1000, None), (1001, LINE_TOO_LONG), (1002, LINE_TOO_LONG)):
+            line = (b"." if stuffed else b"x") + b"x" * (length - 3) + b"\r\n"  # `length` octets
+            sent = b"." + line if stuffed else line
+            stream = b"head\r\n" + sent + b"tail\r\n.\r\n"
+            for cut in (6, 7, 500, 6 + len(sent) - 2, 6 + len(sent) - 1, 6 + len(sent)):
+                result = read_blocks(stream, [cut, cut + 1], 100_000)
+                expected = b"head\r\n" + line + b"tail\r\n" if refusal is None else b""
+                assert result == (len(stream), refusal, expected), (stuffed, length, cut)
 
 
 def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:

@@ -9,14 +9,18 @@ tests/integration/test_data_blocks.py to aiosmtpd itself, byte stream for byte s
 - The text is a sequence of lines, each ended by CRLF; a CR or LF alone ends nothing (RFC 5321 2.3.8,
   aiosmtpd's fix for CVE-2024-27305). The first line that is exactly "." ends the text: only CRLF.CRLF
   (or "." as the first line) ends DATA, so no SMTP smuggling variant (`\\n.\\n`, `\\r.\\r`, ...) does.
-- A line (with its CRLF, dot-stuffed) longer than `line_limit` octets refuses the message (500), and so do
+- A line longer than TEXT_LINE_LIMIT (1000) octets with its CRLF refuses the message (500), and so do
   more than `size_limit` octets in all (552, counting the lines with their CRLFs, not the end line); the
   first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
-  `line_limit + 2` octets before counting it, and checks a shorter one after counting it; so does this.
-- The size is counted without the dots that dot-stuffing doubled, where aiosmtpd counts them: RFC 1870 4
-  defines it as the octets "including CR-LF pairs, but not the SMTP DATA command's terminating dot or
-  doubled quoting dots", so a message within the SIZE the server advertised is not refused for its dot
-  lines.
+  `line_limit + 2` octets as sent before counting it, and checks a shorter one after counting it; so does
+  this.
+- Both are counted without the dots that dot-stuffing doubled, where aiosmtpd counts them. The size as
+  RFC 1870 4 defines it, the octets "including CR-LF pairs, but not the SMTP DATA command's terminating
+  dot or doubled quoting dots", so a message within the SIZE the server advertised is not refused for its
+  dot lines. A line as RFC 5321 4.5.3.1.6 limits it: 1000 octets with its CRLF, "not counting the leading
+  dot duplicated for transparency". aiosmtpd refuses a line over its `line_length_limit`, 1001 octets as
+  sent, so it takes 999 octets and a CRLF. That limit is also its StreamReader's (the reader of commands
+  and of the AUTH exchange, too), which is left as it is: `line_limit` here is that one.
 - Once refused, the rest is read up to the end and thrown away: memory stays flat, whatever is sent.
   Nothing is kept of a line longer than `line_limit + 2` either, even unfinished.
 - A line that starts with "." loses that dot (RFC 5321 4.5.2).
@@ -73,6 +77,9 @@ _END = b"\r\n.\r\n"  # a CRLF ending a line, then the line "."
 # for these three octets, which it meets at every line end (20 µs for 64 KiB).
 _DOT_LINE = re.compile(rb"\r\n\.")
 _DOT_HOPS = 8  # dots looked at one by one before that search takes over (_first_dot_line)
+# RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets (not
+# counting the leading dot duplicated for transparency)". aiosmtpd's line_length_limit is one more.
+TEXT_LINE_LIMIT = 1000
 
 # What happens to a bare CR or LF: kept as it is (aiosmtpd), or the text is refused, or it is repaired.
 LineEndings = Literal["keep", "reject", "normalize"]
@@ -92,8 +99,11 @@ class DataText:
         spill_bytes: int = 0,
     ) -> None:
         self.size_limit = size_limit
-        self.line_limit = line_limit
-        self.fold = fold  # take lines longer than line_limit and fold them, instead of refusing
+        self.line_limit = line_limit  # aiosmtpd's line_length_limit: what its reader holds of a line
+        # The longest line taken, with its CRLF and without a stuffed dot: RFC 5321's, unless the reader's
+        # own limit is less. Never more than that limit, so a line the reader would overrun is over it too.
+        self.text_line_limit = min(TEXT_LINE_LIMIT, line_limit)
+        self.fold = fold  # take lines longer than text_line_limit and fold them, instead of refusing
         self.line_endings = line_endings
         self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA (or the text not kept), if refused
         self.done = False  # the end-of-data line has been taken
@@ -197,17 +207,17 @@ class DataText:
         if dot >= 0:
             # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
             # is the start of a line (the line after the last CRLF is not in `lines`). Done before the
-            # size is counted, which is of the text without those dots (RFC 1870 4); a block with no dot
-            # line (nearly all) pays nothing for it.
+            # counting, which is of the text without those dots (RFC 1870 4, RFC 5321 4.5.3.1.6); a block
+            # with no dot line (nearly all) pays nothing for it.
             text = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
         size = self.size + len(text)
-        pieces = lines.split(_CRLF)
+        pieces = text.split(_CRLF)
         longest = max(map(len, pieces)) + 2
         if self.fold:
             if self.size_limit and size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-        elif (self.size_limit and size > self.size_limit) or longest > self.line_limit:
+        elif (self.size_limit and size > self.size_limit) or longest > self.text_line_limit:
             self._refuse_at_first_fault(lines)
             return
         self.size = size
@@ -215,7 +225,6 @@ class DataText:
         # and CRLF over the whole text (postmux.text.has_bare_cr_or_lf). NUL is looked for the same way.
         bare = self._look_at(b"".join(pieces))
         if not self._dropped:
-            # Measured stuffed (at worst one octet too keen: fold_long_lines measures again).
             self._keep_lines(text, unstuffed=dot >= 0, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
 
     def _look_at(self, octets: bytes) -> bool:
@@ -286,11 +295,13 @@ class DataText:
             if len(line) + 2 > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
                 self._refuse(LINE_TOO_LONG)
                 return
-            self.size += len(line) + 2 - line.startswith(b".")  # RFC 1870 4: not its stuffed dot
+            # RFC 1870 4 and RFC 5321 4.5.3.1.6: both limits are on the line without its stuffed dot.
+            length = len(line) + 2 - line.startswith(b".")
+            self.size += length
             if self.size_limit and self.size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-            if len(line) + 2 > self.line_limit:
+            if length > self.text_line_limit:
                 self._refuse(LINE_TOO_LONG)
                 return
         raise AssertionError("a block over a limit has a line over it")  # pragma: no cover
