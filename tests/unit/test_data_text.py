@@ -307,6 +307,18 @@ def test_lines_of_1000_octets_are_taken_1001_refused_not_counting_a_stuffed_dot_
                 assert result == (len(stream), refusal, expected), (stuffed, length, cut)
 
 
+def test_a_reader_limit_under_1000_octets_is_the_line_limit() -> None:
+    # The text's line limit is never above what the reader holds (aiosmtpd's line_length_limit), so a
+    # line the reader would overrun is always refused, found by the one check of a block's longest line.
+    for length, refusal in ((100, None), (101, LINE_TOO_LONG), (102, LINE_TOO_LONG), (500, LINE_TOO_LONG)):
+        for stuffed in (False, True):
+            line = (b"." if stuffed else b"z") + b"z" * (length - 3) + b"\r\n"  # `length` octets
+            stream = (b"." + line if stuffed else line) + b".\r\n"
+            text = DataText(None, 100)
+            assert text.feed(stream) == len(stream) and text.done
+            assert text.refusal == refusal, (length, stuffed)
+
+
 def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:
     text = DataText(10_000, LINE_LIMIT)
     for _ in range(300):  # 19 MB with no line end

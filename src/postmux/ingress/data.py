@@ -88,6 +88,11 @@ LineEndings = Literal["keep", "reject", "normalize"]
 class DataText:
     """Cuts one message's text out of the bytes that follow the 354, fed to it in blocks of any size."""
 
+    # The longest line taken, with its CRLF and without a stuffed dot: RFC 5321's, unless the reader's
+    # own limit (`line_limit`) is less. Never more than that, so a line the reader would overrun is over
+    # it too, and the one check of a block's longest line finds both.
+    text_line_limit = TEXT_LINE_LIMIT
+
     def __init__(
         self,
         size_limit: int | None,
@@ -100,9 +105,8 @@ class DataText:
     ) -> None:
         self.size_limit = size_limit
         self.line_limit = line_limit  # aiosmtpd's line_length_limit: what its reader holds of a line
-        # The longest line taken, with its CRLF and without a stuffed dot: RFC 5321's, unless the reader's
-        # own limit is less. Never more than that limit, so a line the reader would overrun is over it too.
-        self.text_line_limit = min(TEXT_LINE_LIMIT, line_limit)
+        if line_limit < TEXT_LINE_LIMIT:  # (a class attribute otherwise: a message costs no more to begin)
+            self.text_line_limit = line_limit
         self.fold = fold  # take lines longer than text_line_limit and fold them, instead of refusing
         self.line_endings = line_endings
         self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA (or the text not kept), if refused
