@@ -380,7 +380,9 @@ class TextEnvelope(SmtpEnvelope):
 class BlockDataSMTP(SMTP):
     """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook.
 
-    Unless `long_lines` is "fold": then a text line longer than aiosmtpd's limit is taken, and folded.
+    But for what it counts (DataText): the size without the doubled quoting dots (RFC 1870 4), and a line
+    to 1000 octets with its CRLF, not its stuffed dot (RFC 5321 4.5.3.1.6), where aiosmtpd counts the
+    dots and takes 1001. And unless `long_lines` is "fold": then a longer text line is taken, and folded.
     With `line_endings` other than "keep", or a `spill_dir`, see DataText: the DATA hook then reads the
     text from `envelope.text` (a TextEnvelope), which it must hand over or leave to be discarded.
     """
