@@ -1,7 +1,8 @@
 """The block reader (BlockDataSMTP) against aiosmtpd's own line reader, on real loopback connections.
 
 The same bytes go to two aiosmtpd servers that differ only in how DATA is read, cut into writes at random
-points; the replies, the bytes each DATA hook saw and what the connection does afterwards must be equal.
+points; the replies, the bytes each DATA hook saw and what the connection does afterwards must be equal,
+but where postmux counts as the RFCs do and aiosmtpd does not (`as_aiosmtpd_but_for_the_rfcs`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,44 @@ def first_outcome(replies: list[str], texts: list[bytes]) -> tuple[str | None, b
     return after_354.rstrip("\r\n"), b""
 
 
+def but_the_outcome(replies: list[str]) -> list[str]:
+    """The session's replies with the one to the text left out: the same whichever way it was judged.
+
+    The streams these tests send hold one message at most: its text is the only one a hook can see.
+    """
+    at = [r[:3] for r in replies].index("354") + 1
+    return replies[:at] + replies[at + 1 :]
+
+
+def as_aiosmtpd_but_for_the_rfcs(
+    stream: bytes,
+    size_limit: int,
+    line_reader: tuple[list[str], list[bytes]],
+    block_reader: tuple[list[str], list[bytes]],
+) -> None:
+    """The block reader did what aiosmtpd's line reader did, except where postmux departs on purpose.
+
+    The departures, both about a line's stuffed dot and its length, never about where the text ends:
+    - the size is counted without the dots that dot-stuffing doubled (RFC 1870 4; aiosmtpd counts the
+      line as sent), so a text at the limit with dot lines is taken where aiosmtpd refuses it 552;
+    - a line may be 1000 octets with its CRLF, not counting a stuffed dot (RFC 5321 4.5.3.1.6); aiosmtpd
+      takes 1001 as sent, so a line of 999 octets and CRLF is refused 500 where aiosmtpd takes it.
+    Both readers are held to the line model (tests/unit/test_data_text.py), aiosmtpd's with `rfc=False`:
+    where the two models agree, the sessions must be equal in every reply and every octet; where they do
+    not, each reader gave its own model's answer to the text and everything else is equal.
+    """
+    as_aiosmtpd = aiosmtpd_model(stream, size_limit, rfc=False)
+    as_postmux = aiosmtpd_model(stream, size_limit)
+    assert as_aiosmtpd is not None and as_postmux is not None
+    assert as_postmux[0] == as_aiosmtpd[0]  # the text ends at the same place: the rules are only on counts
+    assert first_outcome(*line_reader) == as_aiosmtpd[1:]
+    assert first_outcome(*block_reader) == as_postmux[1:]
+    if as_postmux == as_aiosmtpd:
+        assert block_reader == line_reader
+    else:
+        assert but_the_outcome(block_reader[0]) == but_the_outcome(line_reader[0])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pieces=st.lists(PIECES, max_size=16),
@@ -133,14 +172,12 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
     bounds = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
     writes = [stream[a:b] for a, b in itertools.pairwise(bounds)]
     line_reader, block_reader, spilling = await both_readers(writes, size_limit)
-    assert block_reader == line_reader and spilling == line_reader
+    assert spilling == block_reader
     assert not os.listdir(SPILL_DIR)
     # The session ended at QUIT, or earlier when an early "." line made the rest bogus commands.
     assert line_reader[0][-1][:3] in ("221", "502"), line_reader[0]
     # The model the unit tests hold DataText to says what aiosmtpd itself did with the first message.
-    model = aiosmtpd_model(stream, size_limit)
-    assert model is not None
-    assert first_outcome(*line_reader) == model[1:]
+    as_aiosmtpd_but_for_the_rfcs(stream, size_limit, line_reader, block_reader)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +186,10 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
         [b"x" * 3000, b".\r\n", b"still the long line\r\n.\r\nQUIT\r\n"],  # "." mid-line ends nothing
         [b"x" * 1500 + b"\r", b"\n.\r\nQUIT\r\n"],  # a too-long line's CRLF split, then the end
         [b"a\r\n" + b"y" * 997, b"\r\n.\r\nQUIT\r\n"],  # 999 octets with CRLF: taken
-        [b"a\r\n" + b"y" * 999, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001: taken
+        [b"a\r\n" + b"y" * 998, b"\r", b"\n.\r\nQUIT\r\n"],  # 1000: taken
+        [b"a\r\n" + b"y" * 999, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001: aiosmtpd takes it, postmux not
+        [b"a\r\n.." + b"y" * 997, b"\r", b"\n.\r\nQUIT\r\n"],  # 1001 as sent, 1000 un-stuffed: taken
+        [b"a\r\n.." + b"y" * 998, b"\r", b"\n.\r\nQUIT\r\n"],  # 1002 as sent, 1001: refused
         [b"a\r\n" + b"y" * 1000, b"\r", b"\n.\r\nQUIT\r\n"],  # 1002: refused
         [b"a\r\n.", b"\r", b"\n", b"QUIT\r\n"],  # the end line cut into three writes
         [b"a\r\n.\r\nQU", b"IT\r\n"],  # the next command cut
@@ -158,8 +198,35 @@ async def test_same_replies_and_text_as_aiosmtpds_line_reader(
 )
 async def test_block_boundaries_as_aiosmtpd(writes: list[bytes]) -> None:
     line_reader, block_reader, spilling = await both_readers(writes, 100_000)
-    assert block_reader == line_reader and spilling == line_reader
+    assert spilling == block_reader
+    as_aiosmtpd_but_for_the_rfcs(b"".join(writes), 100_000, line_reader, block_reader)
     assert line_reader[0][-1].startswith("221"), line_reader[0]
+
+
+DOTTED = b"..a\r\n" * 100  # 500 octets as sent, 400 as RFC 1870 4 counts them
+
+
+@pytest.mark.parametrize(
+    ("size_limit", "aiosmtpd", "postmux"),
+    [
+        (500, "250", "250"),
+        (499, "552", "250"),  # the departure: aiosmtpd counts the 100 doubled dots
+        (400, "552", "250"),
+        (399, "552", "552"),
+    ],
+)
+@pytest.mark.parametrize("cut", [None, 3, 250])
+async def test_a_text_at_the_size_limit_with_dot_lines_is_taken_where_aiosmtpd_refuses_it(
+    size_limit: int, aiosmtpd: str, postmux: str, cut: int | None
+) -> None:
+    stream = DOTTED + b".\r\nRSET\r\nQUIT\r\n"
+    writes = [stream] if cut is None else [stream[:cut], stream[cut:]]
+    line_reader, block_reader, spilling = await both_readers(writes, size_limit)
+    assert spilling == block_reader
+    outcomes = [first_outcome(*line_reader), first_outcome(*block_reader)]
+    assert [(reply or "250")[:3] for reply, _ in outcomes] == [aiosmtpd, postmux], outcomes
+    assert outcomes[1][1] == (b".a\r\n" * 100 if postmux == "250" else b"")
+    as_aiosmtpd_but_for_the_rfcs(stream, size_limit, line_reader, block_reader)
 
 
 async def test_decoded_text_is_not_offered() -> None:  # async: aiosmtpd takes the running loop

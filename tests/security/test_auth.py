@@ -23,8 +23,8 @@ UNTRUSTED = ["192.0.2.0/24"]  # the test client (127.0.0.1) is not in it: it may
 INVALID = "535 5.7.8 Authentication credentials invalid"
 
 
-def plain(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
 
 
 def b64(text: str) -> str:
@@ -125,6 +125,70 @@ async def test_wrong_password_is_refused_after_the_delay_and_relay_stays_closed(
     assert await client.cmd("RCPT TO:<user@dest.test>") == "554 5.7.1 <user@dest.test>: Relay access denied"
     await client.close()
     assert stored(tmp_path) == 0
+
+
+async def test_plain_with_the_user_itself_as_authorization_identity_logs_in(gateway: StartGateway) -> None:
+    """RFC 4616 2: an authzid the client may act as (here: the authcid itself) is fine."""
+    app = await gateway(users=USERS, auth_require_tls=False, trusted_networks=UNTRUSTED)
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    assert await client.cmd("AUTH PLAIN") == "334 "  # and the same exchange with the response asked for
+    assert await client.cmd(plain("billing", "s3cret", authzid="billing")) == (
+        "235 2.7.0 Authentication successful"
+    )
+    await client.cmd("MAIL FROM:<app@example.com>")
+    assert (await client.cmd("RCPT TO:<user@dest.test>")).startswith("250")
+    await client.close()
+
+
+@pytest.mark.parametrize("authzid", ["postmaster", "billing2", "Billing", "billing\u00a0"])
+async def test_plain_with_another_authorization_identity_fails_as_a_wrong_password_does(
+    gateway: StartGateway, tmp_path: Path, authzid: str
+) -> None:
+    """RFC 4616 2: "If the authorization identity (authzid) is provided and the client is not permitted
+    to act as it, the server MUST fail the exchange." postmux lets no user act as another; it logged the
+    client in as the authcid whatever the authzid said. Now: 535 after the delay, and it counts."""
+    app = await gateway(
+        users=USERS,
+        auth_require_tls=False,
+        trusted_networks=UNTRUSTED,
+        auth_failure_delay=0.3,
+        max_auth_failures=2,
+    )
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    started = time.monotonic()
+    assert await client.cmd(f"AUTH PLAIN {plain('billing', 's3cret', authzid=authzid)}") == INVALID
+    assert time.monotonic() - started >= 0.3
+    await client.cmd("MAIL FROM:<app@example.com>")
+    assert await client.cmd("RCPT TO:<user@dest.test>") == "554 5.7.1 <user@dest.test>: Relay access denied"
+    assert (await client.cmd("RSET")).startswith("250")
+    # The same in the exchange's second step; and it is the connection's second failure (max 2).
+    assert await client.cmd("AUTH PLAIN") == "334 "
+    assert await client.cmd(plain("billing", "s3cret", authzid=authzid)) == INVALID
+    assert await client.reply() == "421 4.7.0 postmux.test Error: too many failed authentications"
+    assert await client.closed()
+    await client.close()
+    assert stored(tmp_path) == 0
+
+
+async def test_a_refused_authorization_identity_counts_against_the_address_budget(
+    gateway: StartGateway,
+) -> None:
+    app = await gateway(
+        users=USERS, auth_require_tls=False, auth_failure_delay=0, max_auth_failures_per_address=1
+    )
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    assert await client.cmd(f"AUTH PLAIN {plain('billing', 's3cret', authzid='root')}") == INVALID
+    await client.close()
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    reply = await client.cmd(f"AUTH PLAIN {plain('billing', 's3cret')}")
+    assert reply == (
+        "421 4.7.0 postmux.test Error: too many failed authentications from your address, try again later"
+    )
+    await client.close()
 
 
 async def test_unknown_user_gets_the_same_answer(gateway: StartGateway) -> None:

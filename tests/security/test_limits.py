@@ -70,6 +70,38 @@ async def test_text_line_over_1000_octets_refuses_the_message_when_long_lines_ar
     assert stored(tmp_path) == 0
 
 
+@pytest.mark.parametrize(
+    ("line", "taken"),
+    [
+        (b"y" * 998 + b"\r\n", True),  # 1000 octets with the CRLF: the limit
+        (b"y" * 999 + b"\r\n", False),  # 1001: over it (it was taken: aiosmtpd's line_length_limit)
+        (b".." + b"y" * 997 + b"\r\n", True),  # 1001 as sent, 1000 without the stuffed dot
+        (b".." + b"y" * 998 + b"\r\n", False),
+    ],
+    ids=["998+CRLF", "999+CRLF", "stuffed-998+CRLF", "stuffed-999+CRLF"],
+)
+async def test_text_line_limit_is_1000_octets_with_crlf_not_counting_a_stuffed_dot(
+    gateway: StartGateway, tmp_path: Path, line: bytes, taken: bool
+) -> None:
+    """RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets
+    (not counting the leading dot duplicated for transparency)"; docs/security.md says so too."""
+    app = await gateway(long_lines="refuse")
+    client = await RawClient.connect(app.smtp_port)
+    await client.ehlo_mail_rcpt()
+    await client.cmd("DATA")
+    reply = await client.cmd(b"Subject: limit\r\nX-Test-Id: limit\r\n\r\n" + line + b"short\r\n.\r\n")
+    assert reply.startswith("250 2.0.0 Ok: queued as") if taken else reply == TOO_LONG_TEXT_LINE, reply
+    assert (await client.cmd("NOOP")) == "250 2.0.0 OK"
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    if taken:
+        await wait_until(lambda: len(up.received) == 1)
+        unstuffed = line[1:] if line.startswith(b"..") else line
+        assert up.received[0].data.endswith(b"\r\n" + unstuffed + b"short\r\n")
+    else:
+        assert stored(tmp_path) == 0 and up.received == []
+
+
 def thread_references(octets: int) -> bytes:
     """A References field of at least `octets` octets on one line: message ids with a space between."""
     ids, field = 0, b"References:"
@@ -143,6 +175,46 @@ async def test_declared_size_too_big_is_refused_at_mail(gateway: StartGateway) -
     assert reply == "552 5.3.4 Message size exceeds fixed maximum message size"
     assert (await client.cmd("MAIL FROM:<a@example.com> SIZE=10000")).startswith("250")
     await client.close()
+
+
+def dotted_message(octets: int) -> bytes:
+    """A message of exactly `octets` octets (RFC 1870 4), nearly all of its lines starting with ".":
+    sent dot-stuffed, it is about 1% longer on the wire."""
+    head = b"Subject: dots\r\nX-Test-Id: dotted\r\n\r\n"
+    line = b"." + b"d" * 97 + b"\r\n"  # 100 octets
+    body = line * ((octets - len(head)) // 100)
+    rest = octets - len(head) - len(body)
+    return head + body + (b"." + b"e" * (rest - 3) + b"\r\n" if rest else b"")
+
+
+@pytest.mark.parametrize("long_lines", ["fold", "refuse"])
+async def test_a_message_exactly_at_the_advertised_size_with_dot_lines_is_accepted(
+    gateway: StartGateway, tmp_path: Path, long_lines: str
+) -> None:
+    """RFC 1870 4: the size is the octets "including CR-LF pairs, but not the SMTP DATA command's
+    terminating dot or doubled quoting dots". It was counted with the doubled dots (as aiosmtpd does): a
+    message that fit the SIZE it declared at MAIL and the one advertised got 552 after the dot."""
+    app = await gateway(max_message_size=10_000, long_lines=long_lines)
+    message = dotted_message(10_000)
+    assert len(message) == 10_000 and message.count(b"\r\n.") == 100
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    client = await RawClient.connect(app.smtp_port)
+    assert "250-SIZE 10000" in await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<app@example.com> SIZE=10000")).startswith("250")
+    assert (await client.cmd("RCPT TO:<user@dest.test>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(stuffed + b".\r\n")).startswith("250 2.0.0 Ok: queued as")
+    # One octet more is over the limit, however it is counted.
+    await client.ehlo_mail_rcpt()
+    assert (await client.cmd("DATA")).startswith("354")
+    over = dotted_message(10_001).replace(b"\r\n.", b"\r\n..")
+    assert await client.cmd(over + b".\r\n") == TOO_BIG
+    await client.close()
+    up: Upstream = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    assert up.received[0].data.endswith(message), "unstuffed once, nothing lost"
+    await asyncio.sleep(0.2)
+    assert len(up.received) == 1
 
 
 @pytest.mark.parametrize(

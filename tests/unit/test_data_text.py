@@ -1,7 +1,8 @@
 """DataText (the DATA text read in blocks) against a line-by-line model of aiosmtpd 1.4.6's smtp_DATA loop.
 
 tests/integration/test_data_blocks.py compares the two readers on real connections; this one is the
-fast, exhaustive side: every way of cutting a stream into blocks must give the model's answer.
+fast, exhaustive side: every way of cutting a stream into blocks must give the model's answer. The model
+counts as the RFCs do where postmux departs from aiosmtpd on purpose (`aiosmtpd_model`'s `rfc`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ from postmux.ingress.folding import fold_long_lines
 from postmux.ingress.hygiene import normalize_line_endings, received_count
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit (and its StreamReader's limit)
+TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line's octets with its CRLF, not counting a stuffed dot
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8: CR and LF only together, as CRLF
 
 
-def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
+def aiosmtpd_model(
+    stream: bytes, size_limit: int | None, *, rfc: bool = True
+) -> tuple[int, str | None, bytes] | None:
     """aiosmtpd 1.4.6's smtp_DATA over a stream: (octets taken, refusal, text), or None before the end.
 
     Its StreamReader (limit 1001) raises LimitOverrunError for a line of more than 1003 octets before the
     line is counted; the loop counts a line, then checks the size, then the line's length.
+
+    With `rfc` (postmux's DataText) a line's stuffed dot is not counted: not in the size, as RFC 1870 4
+    defines it ("not the SMTP DATA command's terminating dot or doubled quoting dots"), and not in the
+    line's length, which may be 1000 octets with its CRLF (RFC 5321 4.5.3.1.6, "not counting the leading
+    dot duplicated for transparency"). aiosmtpd (`rfc=False`) counts the line as sent, in both, and takes
+    a line of 1001 octets (its line_length_limit).
     """
     pos, num, refusal, kept = 0, 0, None, []
     while True:
@@ -40,17 +50,21 @@ def aiosmtpd_model(stream: bytes, size_limit: int | None) -> tuple[int, str | No
             return pos, refusal, b"".join(kept) if refusal is None else b""
         if len(line) > LINE_LIMIT + 2 and refusal is None:
             refusal = LINE_TOO_LONG
-        num += len(line)
+        length = len(line) - (rfc and line.startswith(b"."))
+        num += length
         if refusal is None and size_limit and num > size_limit:
             refusal = TOO_MUCH_DATA
-        if refusal is None and len(line) > LINE_LIMIT:
+        if refusal is None and length > (TEXT_LINE if rfc else LINE_LIMIT):
             refusal = LINE_TOO_LONG
         if refusal is None:
             kept.append(line[1:] if line.startswith(b".") else line)
 
 
 def folding_model(stream: bytes, size_limit: int | None) -> tuple[int, str | None, bytes] | None:
-    """The same loop with [smtp] long_lines = "fold": no line is too long, and the text is folded whole."""
+    """The same loop with [smtp] long_lines = "fold": no line is too long, and the text is folded whole.
+
+    The size as with `rfc` above: the lines without their stuffed dots (RFC 1870 4), before folding.
+    """
     pos, num, refusal, kept = 0, 0, None, []
     while True:
         eol = stream.find(b"\r\n", pos)
@@ -59,7 +73,7 @@ def folding_model(stream: bytes, size_limit: int | None) -> tuple[int, str | Non
         line, pos = stream[pos : eol + 2], eol + 2
         if line == b".\r\n":
             return pos, refusal, fold_long_lines(b"".join(kept)) if refusal is None else b""
-        num += len(line)
+        num += len(line) - line.startswith(b".")
         if refusal is None and size_limit and num > size_limit:
             refusal = TOO_MUCH_DATA
         if refusal is None:
@@ -85,6 +99,8 @@ def read_blocks(
             assert text.bare == bool(BARE.search(text.content))
             dot_line = re.search(rb"(?:\A|\r\n)\.", text.content) is not None
             assert text.clean == (not text.nul and not text.bare and not dot_line)
+            if not fold:  # RFC 1870 4: the size is the text's, as kept (un-stuffed), CRLFs and all
+                assert text.size == len(text.content)
             return taken, text.refusal, text.content
         assert used == stop - start
         assert len(text._partial) <= LINE_LIMIT + 2  # memory stays flat, whatever the line
@@ -277,14 +293,30 @@ def test_a_crlf_split_between_blocks_still_ends_the_line_and_bare_ones_do_not() 
         assert not text.done, fake  # no smuggling variant ends DATA, however it is cut
 
 
-def test_lines_of_1000_and_1001_octets_are_taken_1002_refused_across_a_boundary() -> None:
-    for length, refusal in ((1000, None), (1001, None), (1002, LINE_TOO_LONG), (1003, LINE_TOO_LONG)):
-        line = b"." + b"x" * (length - 3) + b"\r\n"  # with its CRLF and a stuffed dot
-        stream = b"head\r\n" + line + b"tail\r\n.\r\n"
-        for cut in (6, 7, 500, 6 + length - 2, 6 + length - 1, 6 + length):
-            result = read_blocks(stream, [cut, cut + 1], 100_000)
-            expected = b"head\r\n" + line[1:] + b"tail\r\n" if refusal is None else b""
-            assert result == (len(stream), refusal, expected), (length, cut)
+def test_lines_of_1000_octets_are_taken_1001_refused_not_counting_a_stuffed_dot_across_a_boundary() -> None:
+    # RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets
+    # (not counting the leading dot duplicated for transparency)". aiosmtpd takes 1001 as sent.
+    for stuffed in (False, True):
+        for length, refusal in ((999, None), (1000, None), (1001, LINE_TOO_LONG), (1002, LINE_TOO_LONG)):
+            line = (b"." if stuffed else b"x") + b"x" * (length - 3) + b"\r\n"  # `length` octets
+            sent = b"." + line if stuffed else line
+            stream = b"head\r\n" + sent + b"tail\r\n.\r\n"
+            for cut in (6, 7, 500, 6 + len(sent) - 2, 6 + len(sent) - 1, 6 + len(sent)):
+                result = read_blocks(stream, [cut, cut + 1], 100_000)
+                expected = b"head\r\n" + line + b"tail\r\n" if refusal is None else b""
+                assert result == (len(stream), refusal, expected), (stuffed, length, cut)
+
+
+def test_a_reader_limit_under_1000_octets_is_the_line_limit() -> None:
+    # The text's line limit is never above what the reader holds (aiosmtpd's line_length_limit), so a
+    # line the reader would overrun is always refused, found by the one check of a block's longest line.
+    for length, refusal in ((100, None), (101, LINE_TOO_LONG), (102, LINE_TOO_LONG), (500, LINE_TOO_LONG)):
+        for stuffed in (False, True):
+            line = (b"." if stuffed else b"z") + b"z" * (length - 3) + b"\r\n"  # `length` octets
+            stream = (b"." + line if stuffed else line) + b".\r\n"
+            text = DataText(None, 100)
+            assert text.feed(stream) == len(stream) and text.done
+            assert text.refusal == refusal, (length, stuffed)
 
 
 def test_an_endless_line_keeps_memory_flat_and_the_end_still_ends() -> None:
@@ -324,6 +356,31 @@ def test_a_dot_line_is_found_behind_any_number_of_dots_inside_lines() -> None:
         stream = head + b"body\r\n..stuffed\r\n.\r\nQUIT\r\n"
         expected = head + b"body\r\n.stuffed\r\n"
         assert read_blocks(stream, [], None) == (len(stream) - 6, None, expected)
+
+
+DOTTED = b"Subject: dots\r\n\r\n" + b"..leading dot\r\n" * 40 + b"..\r\n" * 40 + b"end\r\n"
+DOTTED_SIZE = len(DOTTED) - 80  # RFC 1870 4: the size without the 80 doubled quoting dots
+
+
+def test_a_text_exactly_at_the_size_limit_is_taken_however_many_of_its_lines_are_dot_stuffed() -> None:
+    # RFC 1870 4: the size "not [counting] the SMTP DATA command's terminating dot or doubled quoting
+    # dots". aiosmtpd counts the dots, so a message at the SIZE limit was refused for its dot lines.
+    unstuffed = DOTTED.replace(b"\r\n..", b"\r\n.")
+    assert len(unstuffed) == DOTTED_SIZE
+    stream = DOTTED + b".\r\nQUIT\r\n"
+    for fold in (False, True):
+        for cuts in ([], [20], [21, 22, 23], list(range(0, len(stream), 7)), list(range(len(stream)))):
+            assert read_blocks(stream, cuts, DOTTED_SIZE, fold=fold) == (len(stream) - 6, None, unstuffed)
+            refused = read_blocks(stream, cuts, DOTTED_SIZE - 1, fold=fold)
+            assert refused == (len(stream) - 6, TOO_MUCH_DATA, b""), (fold, cuts)
+
+
+def test_a_long_line_starting_with_a_dot_is_counted_without_it_when_folded() -> None:
+    line = b"." + b"w" * 4000 + b"\r\n"  # a long line is taken in pieces (_take_long_line) as it comes
+    stream = b".." + b"w" * 4000 + b"\r\n.\r\n"
+    for cuts in ([], [1], [1500], [1500, 3000], list(range(0, len(stream), 1100))):
+        assert read_blocks(stream, cuts, len(line), fold=True) == (len(stream), None, fold_long_lines(line))
+        assert read_blocks(stream, cuts, len(line) - 1, fold=True) == (len(stream), TOO_MUCH_DATA, b"")
 
 
 def test_too_much_data_is_refused_and_thrown_away() -> None:

@@ -55,3 +55,16 @@ async def test_a_client_that_hangs_up_mid_check_keeps_its_slot_until_the_check_i
     assert await guard.check("192.0.2.2", "billing", b"s3cret") is LoginOutcome.OK  # waited for it
     assert guard.running == 0 and not guard.checks.locked()
     assert guard.throttle.addresses.failures("192.0.2.1") == 1  # hanging up did not save the attempt
+
+
+async def test_an_unauthorized_login_fails_with_the_right_password_and_counts_as_a_wrong_one(
+    tmp_path: Path,
+) -> None:
+    # AUTH PLAIN with an authorization identity the user may not act as (RFC 4616 2).
+    guard = _guard(tmp_path)
+    outcome = await guard.check("192.0.2.1", "billing", b"s3cret", authorized=False)
+    assert outcome is LoginOutcome.INVALID
+    assert guard.throttle.addresses.failures("192.0.2.1") == 1
+    assert guard.throttle.users.failures("billing") == 1
+    assert not guard.throttle.known  # the address is not one the user logged in from
+    assert await guard.check("192.0.2.1", "billing", b"s3cret") is LoginOutcome.OK

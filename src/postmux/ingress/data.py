@@ -1,4 +1,4 @@
-"""The DATA text read a block at a time, by aiosmtpd 1.4.6's own line rules.
+"""The DATA text read a block at a time, by aiosmtpd 1.4.6's own line rules but for what it counts.
 
 aiosmtpd reads DATA one line at a time (`StreamReader.readuntil(b"\\r\\n")` and a Python loop per line):
 half of postmux's CPU at 50 KB messages (bench/README.md, profile_hotpath). `DataText` applies the same
@@ -9,10 +9,18 @@ tests/integration/test_data_blocks.py to aiosmtpd itself, byte stream for byte s
 - The text is a sequence of lines, each ended by CRLF; a CR or LF alone ends nothing (RFC 5321 2.3.8,
   aiosmtpd's fix for CVE-2024-27305). The first line that is exactly "." ends the text: only CRLF.CRLF
   (or "." as the first line) ends DATA, so no SMTP smuggling variant (`\\n.\\n`, `\\r.\\r`, ...) does.
-- A line (with its CRLF, dot-stuffed) longer than `line_limit` octets refuses the message (500), and so do
-  more than `size_limit` octets in all (552, counting the stuffed lines with their CRLFs, not the end
-  line); the first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
-  `line_limit + 2` octets before counting it, and checks a shorter one after counting it; so does this.
+- A line longer than TEXT_LINE_LIMIT (1000) octets with its CRLF refuses the message (500), and so do
+  more than `size_limit` octets in all (552, counting the lines with their CRLFs, not the end line); the
+  first of the two to happen counts. aiosmtpd's StreamReader gives up on a line of more than
+  `line_limit + 2` octets as sent before counting it, and checks a shorter one after counting it; so does
+  this.
+- Both are counted without the dots that dot-stuffing doubled, where aiosmtpd counts them. The size as
+  RFC 1870 4 defines it, the octets "including CR-LF pairs, but not the SMTP DATA command's terminating
+  dot or doubled quoting dots", so a message within the SIZE the server advertised is not refused for its
+  dot lines. A line as RFC 5321 4.5.3.1.6 limits it: 1000 octets with its CRLF, "not counting the leading
+  dot duplicated for transparency". aiosmtpd refuses a line over its `line_length_limit`, 1001 octets as
+  sent, so it takes 999 octets and a CRLF. That limit is also its StreamReader's (the reader of commands
+  and of the AUTH exchange, too), which is left as it is: `line_limit` here is that one.
 - Once refused, the rest is read up to the end and thrown away: memory stays flat, whatever is sent.
   Nothing is kept of a line longer than `line_limit + 2` either, even unfinished.
 - A line that starts with "." loses that dot (RFC 5321 4.5.2).
@@ -69,6 +77,9 @@ _END = b"\r\n.\r\n"  # a CRLF ending a line, then the line "."
 # for these three octets, which it meets at every line end (20 µs for 64 KiB).
 _DOT_LINE = re.compile(rb"\r\n\.")
 _DOT_HOPS = 8  # dots looked at one by one before that search takes over (_first_dot_line)
+# RFC 5321 4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is 1000 octets (not
+# counting the leading dot duplicated for transparency)". aiosmtpd's line_length_limit is one more.
+TEXT_LINE_LIMIT = 1000
 
 # What happens to a bare CR or LF: kept as it is (aiosmtpd), or the text is refused, or it is repaired.
 LineEndings = Literal["keep", "reject", "normalize"]
@@ -76,6 +87,11 @@ LineEndings = Literal["keep", "reject", "normalize"]
 
 class DataText:
     """Cuts one message's text out of the bytes that follow the 354, fed to it in blocks of any size."""
+
+    # The longest line taken, with its CRLF and without a stuffed dot: RFC 5321's, unless the reader's
+    # own limit (`line_limit`) is less. Never more than that, so a line the reader would overrun is over
+    # it too, and the one check of a block's longest line finds both.
+    text_line_limit = TEXT_LINE_LIMIT
 
     def __init__(
         self,
@@ -88,12 +104,14 @@ class DataText:
         spill_bytes: int = 0,
     ) -> None:
         self.size_limit = size_limit
-        self.line_limit = line_limit
-        self.fold = fold  # take lines longer than line_limit and fold them, instead of refusing
+        self.line_limit = line_limit  # aiosmtpd's line_length_limit: what its reader holds of a line
+        if line_limit < TEXT_LINE_LIMIT:  # (a class attribute otherwise: a message costs no more to begin)
+            self.text_line_limit = line_limit
+        self.fold = fold  # take lines longer than text_line_limit and fold them, instead of refusing
         self.line_endings = line_endings
         self.refusal: str | None = None  # LINE_TOO_LONG or TOO_MUCH_DATA (or the text not kept), if refused
         self.done = False  # the end-of-data line has been taken
-        self.size = 0  # octets counted against size_limit (while nothing is refused)
+        self.size = 0  # octets counted against size_limit, un-stuffed (RFC 1870 4; while nothing is refused)
         self.nul = False  # the text holds a NUL octet (RFC 5322 2.3)
         self.bare = False  # the text holds a CR or LF that is not part of a CRLF (RFC 5321 2.3.8)
         self.dot_line = False  # a line of the text as kept (un-stuffed, repaired) starts with "."
@@ -189,14 +207,21 @@ class DataText:
         """
         if self.refusal is not None or not lines:
             return
-        size = self.size + len(lines)
-        pieces = lines.split(_CRLF)
+        text = lines
+        if dot >= 0:
+            # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
+            # is the start of a line (the line after the last CRLF is not in `lines`). Done before the
+            # counting, which is of the text without those dots (RFC 1870 4, RFC 5321 4.5.3.1.6); a block
+            # with no dot line (nearly all) pays nothing for it.
+            text = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
+        size = self.size + len(text)
+        pieces = text.split(_CRLF)
         longest = max(map(len, pieces)) + 2
         if self.fold:
             if self.size_limit and size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-        elif (self.size_limit and size > self.size_limit) or longest > self.line_limit:
+        elif (self.size_limit and size > self.size_limit) or longest > self.text_line_limit:
             self._refuse_at_first_fault(lines)
             return
         self.size = size
@@ -204,8 +229,7 @@ class DataText:
         # and CRLF over the whole text (postmux.text.has_bare_cr_or_lf). NUL is looked for the same way.
         bare = self._look_at(b"".join(pieces))
         if not self._dropped:
-            # Measured stuffed (at worst one octet too keen: fold_long_lines measures again).
-            self._keep_lines(lines, dot, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
+            self._keep_lines(text, unstuffed=dot >= 0, long=self.fold and longest > FOLD_WIDTH + 2, bare=bare)
 
     def _look_at(self, octets: bytes) -> bool:
         """Octets of the text with no CRLF in them: a NUL, a bare CR or LF? True if there is a bare one.
@@ -220,20 +244,20 @@ class DataText:
             self.discard()
         return bare
 
-    def _keep_lines(self, lines: bytes, dot: int, *, long: bool, bare: bool) -> None:
-        """Whole lines, kept as they will be stored; `dot` as for `_take_lines`."""
+    def _keep_lines(self, lines: bytes, *, unstuffed: bool, long: bool, bare: bool) -> None:
+        """Whole lines, un-stuffed already, kept as they will be stored; `unstuffed` if a dot was taken.
+
+        The dot lines all come after the first line, so what was un-stuffed is in what follows it when
+        that first line is the end of a long one.
+        """
         if self._long is not None:  # the first line is the end of a long line
             eol = lines.find(_CRLF)
             self._keep(self._long.feed(lines[:eol]) + self._long.end(), changed=True)
             self._long = None
-            lines, dot = lines[eol + 2 :], dot - eol - 2 if dot >= 0 else -1
+            lines = lines[eol + 2 :]
             if not lines:
                 return
-        changed = dot >= 0 or (bare and self.line_endings == "normalize")
-        if dot >= 0:
-            # RFC 5321 4.5.2: each line that starts with a dot loses it. Past the first, a "\r\n." found
-            # is the start of a line (the line after the last CRLF is not in `lines`).
-            lines = lines[:dot] + lines[dot + 1 :].replace(b"\r\n.", _CRLF)
+        changed = unstuffed or (bare and self.line_endings == "normalize")
         if long:
             lines = fold_long_lines(lines)  # lines it adds start with whitespace: no dot line among them
         if changed and self.line_endings == "normalize":
@@ -267,17 +291,21 @@ class DataText:
         self.received += head.startswith(b"received:") + head.count(b"\r\nreceived:")
 
     def _refuse_at_first_fault(self, lines: bytes) -> None:
-        """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals)."""
+        """Line by line, as aiosmtpd reads them, to say which limit was passed first (rare: refusals).
+
+        `lines` as sent (stuffed), each beginning a line: never the end of a long one (no `fold` here).
+        """
         for line in lines.split(_CRLF)[:-1]:
-            length = len(line) + 2
-            if length > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
+            if len(line) + 2 > self.line_limit + 2:  # aiosmtpd's reader overruns before the line is counted
                 self._refuse(LINE_TOO_LONG)
                 return
+            # RFC 1870 4 and RFC 5321 4.5.3.1.6: both limits are on the line without its stuffed dot.
+            length = len(line) + 2 - line.startswith(b".")
             self.size += length
             if self.size_limit and self.size > self.size_limit:
                 self._refuse(TOO_MUCH_DATA)
                 return
-            if length > self.line_limit:
+            if length > self.text_line_limit:
                 self._refuse(LINE_TOO_LONG)
                 return
         raise AssertionError("a block over a limit has a line over it")  # pragma: no cover
@@ -301,6 +329,9 @@ class DataText:
         """With `fold`: the part of a long line that has arrived (no CRLF in it), counted and kept."""
         if self.refusal is not None:
             return
+        starts = not self._mid_line
+        if starts and octets[:1] == b".":
+            octets = octets[1:]  # RFC 5321 4.5.2, as in _take_lines; and not counted (RFC 1870 4)
         self.size += len(octets)
         if self.size_limit and self.size > self.size_limit:
             self._refuse(TOO_MUCH_DATA)
@@ -308,9 +339,8 @@ class DataText:
         self._look_at(octets)  # no CRLF in it: the line has not ended
         if self._dropped:
             return
-        if not self._mid_line:  # the line starts here: RFC 5321 4.5.2, as in _keep_lines
+        if starts:
             self._long = LongLine(repair=self.line_endings == "normalize")
-            octets = octets[1:] if octets[:1] == b"." else octets
         assert self._long is not None
         self._keep(self._long.feed(octets), changed=True)
 
@@ -350,7 +380,9 @@ class TextEnvelope(SmtpEnvelope):
 class BlockDataSMTP(SMTP):
     """aiosmtpd's SMTP with DATA read in blocks: the same replies, the same text for the DATA hook.
 
-    Unless `long_lines` is "fold": then a text line longer than aiosmtpd's limit is taken, and folded.
+    But for what it counts (DataText): the size without the doubled quoting dots (RFC 1870 4), and a line
+    to 1000 octets with its CRLF, not its stuffed dot (RFC 5321 4.5.3.1.6), where aiosmtpd counts the
+    dots and takes 1001. And unless `long_lines` is "fold": then a longer text line is taken, and folded.
     With `line_endings` other than "keep", or a `spill_dir`, see DataText: the DATA hook then reads the
     text from `envelope.text` (a TextEnvelope), which it must hand over or leave to be discarded.
     """

@@ -84,7 +84,11 @@ class LoginGuard:
         self.running = 0  # scrypt checks in threads right now (for tests and metrics)
         self._in_flight: set[asyncio.Future[bool]] = set()
 
-    async def check(self, client_ip: str, name: str, password: bytes) -> LoginOutcome:
+    async def check(
+        self, client_ip: str, name: str, password: bytes, *, authorized: bool = True
+    ) -> LoginOutcome:
+        """`authorized` False: the login fails whatever the password (AUTH PLAIN's authzid, RFC 4616 2).
+        It is checked all the same, so it costs, takes and counts as a wrong password does."""
         if (early := self._refused(self.throttle.refusal(client_ip, name), client_ip, name)) is not None:
             return early
         async with self.address_turns.turn(address_key(client_ip)):
@@ -93,7 +97,7 @@ class LoginGuard:
                 return refused
             ok = False
             try:
-                ok = await self._verify(name, password)
+                ok = await self._verify(name, password) and authorized
             finally:
                 # A client that hangs up during its check still spent an attempt.
                 self.throttle.record(client_ip, name, ok=ok)

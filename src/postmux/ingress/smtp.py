@@ -15,6 +15,7 @@ EHLO's, and the client's address from a trusted proxy's PROXY header (ingress/pr
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import inspect
 import ipaddress
@@ -31,7 +32,16 @@ from typing import Any, ClassVar
 
 import aiosmtpd.smtp
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, _AuthMechAttr, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    _AuthMechAttr,
+    syntax,
+)
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from postmux.address import Role, mailbox_key, split_path
@@ -790,18 +800,47 @@ class PostmuxSMTP(BlockDataSMTP):
         return AuthResult(success=False, handled=True)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        return await self._check_offered(await super().auth_PLAIN(server, args))
+        # aiosmtpd 1.4.6's auth_PLAIN step for step and reply for reply, but that it keeps the
+        # authorization identity, which aiosmtpd splits off and drops ("currently ignored").
+        response: object
+        if len(args) == 1:
+            response = await self.challenge_auth("")  # answers '*' and bad base64 itself (MISSING)
+        else:
+            try:
+                response = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:  # binascii.Error, or a UnicodeEncodeError from a non-ASCII argument
+                await self.push("501 5.5.2 Can't decode base64")
+                response = MISSING
+        if response is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(response, bytes)
+        try:
+            # RFC 4616 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd
+            authzid, login, password = response.split(b"\x00")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        # RFC 4616 2: "If the authorization identity (authzid) is provided and the client is not
+        # permitted to act as it, the server MUST fail the exchange" (aiosmtpd logged the client in as
+        # the authcid, whatever it asked to act as). postmux lets no user act as another, so an authzid
+        # other than none or the authcid itself (octet for octet) fails as a wrong password does: 535
+        # after the delay, counted in every budget (LoginGuard.check).
+        authorized = authzid in (b"", login)
+        return await self._check_offered(
+            self._authenticate("PLAIN", LoginPassword(login, password)), authorized
+        )
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         return await self._check_offered(await super().auth_LOGIN(server, args))
 
-    async def _check_offered(self, parsed: AuthResult) -> AuthResult:
+    async def _check_offered(self, parsed: AuthResult, authorized: bool = True) -> AuthResult:
+        """The credentials _take_credentials was handed, checked; `authorized` False fails them anyway."""
         offered, self._offered = self._offered, None
         if offered is None:
             # The exchange itself failed (bad base64, '*'): aiosmtpd has answered it already.
             return AuthResult(success=False, handled=True)
         name = offered.login.decode("utf-8", "replace")
-        outcome = await self.logins.check(self.client_ip, name, offered.password)
+        outcome = await self.logins.check(self.client_ip, name, offered.password, authorized=authorized)
         if outcome is LoginOutcome.OK:
             log.info("client authenticated", client=self.client_ip, user=name)
             return AuthResult(success=True, auth_data=name)
@@ -812,7 +851,13 @@ class PostmuxSMTP(BlockDataSMTP):
         if outcome is LoginOutcome.USER_THROTTLED:
             return AuthResult(success=False, handled=False, message=USER_THROTTLED)
         self.failed_logins += 1
-        log.warning("authentication failed", client=self.client_ip, user=name, failures=self.failed_logins)
+        log.warning(
+            "authentication failed",
+            client=self.client_ip,
+            user=name,
+            failures=self.failed_logins,
+            **({} if authorized else {"reason": "authorization identity is not the user (RFC 4616 2)"}),
+        )
         # A pause before each "no" makes guessing slow; a client that keeps guessing is shown the door.
         await asyncio.sleep(self.settings.auth_failure_delay)
         if self.failed_logins >= self.settings.max_auth_failures:
