@@ -315,3 +315,15 @@ async def test_a_mail_parameter_that_is_not_ascii_is_a_syntax_error(
     assert reply == "501 5.5.4 Syntax error in parameters: not ASCII (RFC 5321 4.1.2)"
     assert (await client.cmd("MAIL FROM:<app@example.com> SIZE=12")).startswith("250 ")
     await client.close()
+
+
+async def test_the_fifth_unknown_command_is_a_421_and_the_connection_closes(gateway: StartGateway) -> None:
+    """aiosmtpd's budget of unknown commands ends in a close: RFC 5321 3.8, a reply that comes with it is 421."""
+    app = await gateway()
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    replies = [await client.cmd(f"NOSUCH{i}") for i in range(5)]
+    assert all(r.startswith("500 5.5.2") for r in replies[:4])
+    assert replies[4] == "421 4.7.0 Error: too many unrecognized commands, closing connection"
+    assert await client.closed()
+    await client.close()

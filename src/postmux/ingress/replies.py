@@ -11,6 +11,11 @@ import re
 
 # aiosmtpd's own error replies carry no enhanced status code; RFC 3463 / RFC 2034 want one on each.
 _ENHANCED_REPLIES = {
+    # aiosmtpd closes the connection after this one: a reply that comes with the server closing is a 421
+    # (RFC 5321 3.8, 4.2.2), as postmux's own max_errors and timeouts say it.
+    "502 5.5.1 Too many unrecognized commands, goodbye.": (
+        "421 4.7.0 Error: too many unrecognized commands, closing connection"
+    ),
     "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512 octets)",
     # Only with [smtp] long_lines = "refuse"; the default folds long lines instead (ingress/folding.py).
     "500 Line too long (see RFC5321 4.5.3.1.6)": (
