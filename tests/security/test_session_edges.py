@@ -318,7 +318,8 @@ async def test_a_mail_parameter_that_is_not_ascii_is_a_syntax_error(
 
 
 async def test_the_fifth_unknown_command_is_a_421_and_the_connection_closes(gateway: StartGateway) -> None:
-    """aiosmtpd's budget of unknown commands ends in a close: RFC 5321 3.8, a reply that comes with it is 421."""
+    """aiosmtpd's budget of unknown commands ends in a close; RFC 5321 3.8: the reply that comes with it is
+    a 421."""
     app = await gateway()
     client = await RawClient.connect(app.smtp_port)
     await client.cmd("EHLO client.test")
