@@ -331,7 +331,7 @@ class App:
         # Before the dispatcher and the listener, so it stops after them: what they commit last is
         # posted at the next start, and acknowledgements in flight reach the disk before the spool closes.
         self._undo.append(("stop the webhook senders", self.webhooks.stop))
-        await self.webhooks.start()
+        await self.webhooks.start(lambda name, loop: self.supervisor.start(name, loop, essential=False))
         for pool in self.pools.values():
             pool.start_sweeping(self.clock())
         self._undo.append(("finish attempts in flight", self._finish_attempts))

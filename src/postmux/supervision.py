@@ -29,6 +29,8 @@ log = structlog.get_logger("postmux.supervision")
 
 Loop = Callable[[], Coroutine[Any, Any, None]]
 
+SLOW_PAUSE_S = 60.0  # between restarts of a loop that is not essential and keeps crashing
+
 
 class Supervisor:
     def __init__(
@@ -45,11 +47,15 @@ class Supervisor:
         self.clock = clock
         self.crashes: dict[str, int] = {}  # by loop, since start: the metric
 
-    def start(self, name: str, loop: Loop) -> asyncio.Task[None]:
-        """`loop` run as the task `name`, started again after each crash (see the module's docstring)."""
-        return asyncio.create_task(self.keep(name, loop), name=name)
+    def start(self, name: str, loop: Loop, *, essential: bool = True) -> asyncio.Task[None]:
+        """`loop` run as the task `name`, started again after each crash (see the module's docstring).
 
-    async def keep(self, name: str, loop: Loop) -> None:
+        `essential` False: a loop the mail does not depend on (a webhook sender): one that keeps crashing
+        never stops the node, it is started again every SLOW_PAUSE_S instead, each crash logged.
+        """
+        return asyncio.create_task(self.keep(name, loop, essential=essential), name=name)
+
+    async def keep(self, name: str, loop: Loop, *, essential: bool = True) -> None:
         recent: deque[float] = deque()
         while True:
             try:
@@ -64,6 +70,12 @@ class Supervisor:
             recent.append(now)
             while recent and recent[0] <= now - self.window_s:
                 recent.popleft()
+            if len(recent) >= self.max_crashes and not essential:
+                log.error(
+                    "background loop keeps crashing; restarting it less often", loop=name, in_s=SLOW_PAUSE_S
+                )
+                await asyncio.sleep(SLOW_PAUSE_S)
+                continue
             if len(recent) >= self.max_crashes:
                 log.critical(
                     "background loop keeps crashing; stopping the node",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from postmux.app import App
 from postmux.config import Settings, load_config, settings_from_dict
@@ -280,5 +281,35 @@ async def test_an_operators_bounce_through_the_queue_api_reaches_the_endpoint(
         assert bounce["id"] == queue_id and bounce["recipient"] == "user@dest.test"
         types = [r["type"] for r in receiver.records() if r["id"] == queue_id]
         assert types[0] == "Reception" and types[-1] == "Bounce"
+    finally:
+        await receiver.stop()
+
+
+async def test_a_sender_that_crashes_is_started_again_and_posts_its_batch_without_stopping_the_node(
+    tmp_path: Path, upstream: StartUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect in a webhook sender (here: building the first body fails) is logged, counted and the
+    sender started again from the last acknowledged record: nothing is skipped, the node goes on."""
+    import postmux.events.webhooks as webhooks_module
+
+    real, failures = webhooks_module.body_of, [1]
+
+    def body_of_once_broken(*args: Any, **kwargs: Any) -> str:
+        if failures:
+            failures.pop()
+            raise RuntimeError("a defect in building the body")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(webhooks_module, "body_of", body_of_once_broken)
+    up = await upstream("up")
+    receiver = await Receiver(secret=SECRET).start()
+    try:
+        cfg = settings(tmp_path, up.address, [hook(receiver, "ops", events=["Reception", "Delivery"])])
+        async with App(cfg) as app:
+            await send(app.smtp_port, "m1")
+            await wait_until(lambda: len(receiver.records()) >= 2, timeout=10)
+            assert 'postmux_loop_crashes_total{loop="webhook-ops"} 1.0' in app.metrics.render().decode()
+            assert not app.failed.is_set()
+        assert [r["type"] for r in receiver.records()] == ["Reception", "Delivery"]
     finally:
         await receiver.stop()

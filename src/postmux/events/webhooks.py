@@ -36,6 +36,7 @@ from postmux.config import WebhookSettings
 from postmux.events.outbox import Fanout
 from postmux.events.types import Event
 from postmux.spool.base import OutboxBacklog, OutboxEntry, OutboxRow, SpoolError, WebhookOutbox
+from postmux.supervision import Loop
 
 log = structlog.get_logger("postmux.webhooks")
 
@@ -146,6 +147,9 @@ class EndpointSender:
         self._wake.set()
 
     async def run(self) -> None:
+        # From the last acknowledged row: after a crash (the Supervisor starts this again) the batch that
+        # was being posted is read and posted again, not skipped (rows read ahead are read again).
+        self._ahead = []
         while True:
             batch = await self._next_batch()
             await self._post_until_acknowledged(batch)
@@ -351,9 +355,12 @@ class Webhooks:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, run: Callable[[str, Loop], asyncio.Task[None]] | None = None) -> None:
+        """`run` starts each loop as a task (the App's Supervisor, which starts a crashed one again; the
+        mail does not depend on these, so they never stop the node); by default a plain task."""
         if not self.endpoints:
             return
+        run = run or (lambda name, loop: asyncio.create_task(loop(), name=name))
         # trust_env off: no proxy or .netrc from the environment slips into where events go.
         self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
         for endpoint in self.endpoints:
@@ -361,9 +368,9 @@ class Webhooks:
                 log.warning("webhook requests are not signed: no secret", endpoint=endpoint.name)
             sender = EndpointSender(endpoint, self.store, self._client, self.count, self.clock, self.rand)
             self.senders[endpoint.name] = sender
-            self._tasks.append(asyncio.create_task(sender.run(), name=f"webhook-{endpoint.name}"))
-        self._tasks.append(asyncio.create_task(self._append_loose(), name="webhook-append"))
-        self._tasks.append(asyncio.create_task(self._refresh_backlog(), name="webhook-backlog"))
+            self._tasks.append(run(f"webhook-{endpoint.name}", sender.run))
+        self._tasks.append(run("webhook-append", self._append_loose))
+        self._tasks.append(run("webhook-backlog", self._refresh_backlog))
 
     async def stop(self) -> None:
         """Cancel the senders (a request in flight is posted again at the next start), let removals of

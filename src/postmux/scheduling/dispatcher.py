@@ -53,12 +53,12 @@ from postmux.scheduling.throttles import Throttles
 from postmux.scheduling.verdicts import Rules, Verdict
 from postmux.scheduling.warmup import WarmupLedger
 from postmux.spool.base import AttemptView, OutboxRow, Settlement, Spool, SpoolError
+from postmux.supervision import Loop
 from postmux.work import WorkItem
 
 log = structlog.get_logger("postmux.dispatcher")
 
 Clock = Callable[[], float]
-Loop = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)
