@@ -25,7 +25,7 @@ LONG_DOMAIN = ".".join(["d" * 63] * 4) + ".test"  # 261 octets
         ("<user%other.test@dest.test>", "553 5.1.3 <user%other.test@dest.test>: percent-hack routing"),
         ("<other.test!user>", "553 5.1.3 <other.test!user>: bang paths"),
         ("<other.test!user@dest.test>", "553 5.1.3 <other.test!user@dest.test>: bang paths"),
-        ("<postmaster>", "553 5.1.3 <postmaster>: a recipient address needs a domain"),
+        ("<postmaster>", "553 5.1.3 <postmaster>: a recipient address needs a domain"),  # no postmaster set
         (
             f"<u@{LONG_DOMAIN}>",
             "553 5.1.3 Domain longer than 253 octets (RFC 1035 2.3.4, RFC 5321 4.5.3.1.2)",
@@ -305,3 +305,22 @@ async def test_the_same_mailbox_twice_is_taken_and_sent_once(gateway: StartGatew
     up = app.upstream  # type: ignore[attr-defined]
     await wait_until(lambda: len(up.received) == 1)
     assert sorted(up.received[0].recipients) == ["Dup@dest.test", "dup@dest.test"]
+
+
+async def test_the_bare_postmaster_goes_to_the_configured_address_from_any_client(
+    gateway: StartGateway,
+) -> None:
+    """RFC 5321 4.5.1: a relay MUST take `RCPT TO:<Postmaster>` (any case, no domain), and from a client it
+    does not otherwise relay for; it goes to [smtp] postmaster, and nothing else is opened."""
+    app = await gateway(trusted_networks=["192.0.2.0/24"], postmaster="ops@example.net")
+    client = await RawClient.connect(app.smtp_port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<someone@example.org>")
+    assert (await client.cmd("RCPT TO:<PostMaster>")).startswith("250 2.1.5")
+    assert (await client.cmd("RCPT TO:<user@dest.test>")).startswith("554 5.7.1")  # no relay otherwise
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(b"Subject: hello postmaster\r\n\r\nhi\r\n.\r\n")).startswith("250 ")
+    await client.close()
+    up = app.upstream  # type: ignore[attr-defined]
+    await wait_until(lambda: len(up.received) == 1)
+    assert up.received[0].recipients == ["ops@example.net"]

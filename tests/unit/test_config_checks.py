@@ -55,6 +55,14 @@ def test_a_domain_or_an_address_literal_is_a_host_name(name: str) -> None:
     assert settings.ehlo_hostname == name
 
 
+@pytest.mark.parametrize(
+    "value", ["ops", "<ops@example.net>", "@a.test:ops@example.net", "ops@", "a b@example.net"]
+)
+def test_the_postmaster_is_an_address_with_a_domain(value: str) -> None:
+    assert "is not an address with a domain" in problems({"smtp": {"postmaster": value}})["smtp.postmaster"]
+    assert settings_from_dict({"pool": POOLS, "smtp": {"postmaster": "ops@example.net"}}).smtp.postmaster
+
+
 @pytest.mark.parametrize("value", ["yes", "no", "true", 1, 0])
 def test_a_boolean_is_true_or_false_and_nothing_that_looks_like_one(value: object) -> None:
     found = problems({"smtp": {"auth_require_tls": value}, "spool": {"group_commit": value}})

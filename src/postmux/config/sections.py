@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from postmux.address import Malformed, parse_path
 from postmux.config.values import (
     Duration,
     Hostname,
@@ -125,6 +126,19 @@ class SmtpSettings(_Frozen):
     proxy_trusted: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # How long a proxy has to send its header after connecting (HAProxy sends it at once).
     proxy_timeout: PositiveDuration = 5.0
+    # Where mail to the bare `<Postmaster>` goes (RFC 5321 4.5.1: a server that relays MUST take it, from
+    # anyone): an address with a domain, delivered as any other mail. Unset, `<Postmaster>` is refused.
+    postmaster: str | None = None
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path = parse_path(f"<{v}>")  # the one RFC 5321 parser, as the listener's
+        if isinstance(path, Malformed) or path.mailbox is None or not path.mailbox.domain or path.route:
+            raise ValueError(f"{v!r} is not an address with a domain (user@example.com)")
+        return v
 
     @field_validator("trusted_networks", "proxy_trusted")
     @classmethod

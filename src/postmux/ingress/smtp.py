@@ -346,6 +346,14 @@ def _quietly(function: types.FunctionType) -> types.FunctionType:
 _COMMAND_LOOP = _quietly(SMTP._handle_client)  # type: ignore[arg-type]
 
 
+def _to_postmaster(arg: str, postmaster: str) -> str:
+    """RCPT's argument with the bare `<Postmaster>` (any case, RFC 5321 4.5.1) made `postmaster`."""
+    path, params = split_path(arg)
+    if path.lower() not in ("<postmaster>", "postmaster"):
+        return arg
+    return f"<{postmaster}> {params}" if params else f"<{postmaster}>"
+
+
 @functools.lru_cache(maxsize=1024)
 def _read_argument(arg: str, recipient: bool, smtputf8_declared: bool) -> tuple[str, str] | str:
     """MAIL's (or RCPT's) argument as aiosmtpd stores it, (mailbox, ESMTP parameters), or the refusal.
@@ -770,6 +778,8 @@ class PostmuxSMTP(BlockDataSMTP):
         # _read_argument); a recipient goes by what the transaction's MAIL declared.
         assert self.envelope is not None
         recipient = role is Role.RECIPIENT
+        if recipient and self.settings.postmaster is not None:
+            arg = _to_postmaster(arg, self.settings.postmaster)
         read = _read_argument(arg, recipient, recipient and bool(self.envelope.smtp_utf8))
         if isinstance(read, str):
             raise SmtpRefusal(read)
@@ -941,7 +951,11 @@ class IngressHandler:
             # Returned mail is taken here, other mail is queued: one or the other per transaction. A 452
             # makes the client send the rest in another (RFC 5321 4.5.3.1.10).
             return "452 4.5.3 Mail to the return-path domain goes in a transaction of its own"
-        if not returned and not (session.authenticated or self.trusts(_peer_ip(session))):
+        if (
+            not returned
+            and address != self.settings.postmaster  # RFC 5321 4.5.1: postmaster takes mail from anyone
+            and not (session.authenticated or self.trusts(_peer_ip(session)))
+        ):
             # RFC 5321 3.6.2 / 7.1: an open relay is a spam source; only trusted or logged-in clients relay.
             return f"554 5.7.1 <{address}>: Relay access denied"
         mailbox = mailbox_key(address)
