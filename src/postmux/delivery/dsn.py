@@ -281,7 +281,12 @@ _UTF8_ADDRESS = re.compile(r"^((?:Final|Original)-Recipient): utf-8; (.*)$", re.
 
 def utf8_addr_xtext(text: str) -> str:
     """`text` as RFC 6533 3 utf-8-addr-xtext: all ASCII, and the original read back from it exactly."""
-    return _NOT_QCHAR.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
+    return _NOT_QCHAR.sub(_embedded, text)
+
+
+def _embedded(m: re.Match[str]) -> str:
+    """A character as RFC 6533 3's EmbeddedUnicodeChar, "\\x{HEXPOINT}"."""
+    return f"\\x{{{ord(m.group()):02X}}}"
 
 
 def downgraded(data: bytes) -> bytes | None:
@@ -332,7 +337,7 @@ def _ascii_status(body: bytes) -> bytes:
             lines += _field(address.group(1), f"utf-8; {utf8_addr_xtext(address.group(2))}")
         else:
             name, _, value = line.partition(": ")
-            lines += _field(name, _NON_ASCII.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", value))
+            lines += _field(name, _NON_ASCII.sub(_embedded, value))
     return _lines(lines)
 
 

@@ -315,7 +315,6 @@ def compose(message: Message, rules: Rules, now: float, where: str = "") -> list
         else:
             smtputf8 = smtputf8 or not message.content.from_.email.isascii()
             data = _built(message.content, parts, rules, now, smtputf8)
-        # The same mailbox twice in one message goes once, as at SMTP (ingress/smtp.py handle_RCPT).
         out.append(
             Composed(
                 message.envelope_sender, tuple(r.email for r in rcpts), _checked(data, rules, where), smtputf8
