@@ -449,7 +449,16 @@ def machine() -> dict[str, str | int]:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    return {"nproc": os.cpu_count() or 0, "cpu": model}
+    return {"nproc": os.cpu_count() or 0, "cpu": model, "postmux_python": postmux_python()}
+
+
+def postmux_python() -> str:
+    """The interpreter `postmux serve` runs on (its venv's base), which moves every figure: an unoptimized
+    build from source ran postmux's Python 8-20% slower than Debian's (bench/README.md, "A seventh round")."""
+    shebang = POSTMUX.read_text().splitlines()[0].removeprefix("#!").strip()
+    line = "import sys, os; print(sys.version.split()[0], os.path.realpath(sys._base_executable))"
+    done = subprocess.run([shebang, "-c", line], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip() or f"? ({done.stderr.strip()[:200]})"
 
 
 def write_json(payload: dict[str, object], name: str = "throughput") -> Path:

@@ -52,6 +52,7 @@ from throughput import (
     install_postfix,
     peak_rss_mb,
     pick_base_dir,
+    postmux_python,
     received_total,
     run_main,
     running_postmux,
@@ -767,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source, sink_tool = ensure_postfix()
     base, kind = pick_base_dir()
     print(f"spool and queues under {base} (filesystem {kind})", file=sys.stderr)
+    print(f"postmux runs on Python {postmux_python()}", file=sys.stderr)
     signing = None
     if opts.dkim:
         if find_tool("opendkim") is None:

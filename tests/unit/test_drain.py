@@ -23,10 +23,18 @@ MORE_THAN_SOCKETS_BUFFER = 32 << 20  # loopback's send and receive buffers toget
 class _Sink(asyncio.Protocol):
     """Reads nothing until told to, then throws away what it reads."""
 
+    paused = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.pause_reading()
+        # Paused after the transport has set itself up: before Python 3.11.3 (Debian 12 ships 3.11.2) the
+        # selector transport added its reader after connection_made, undoing a pause made in it.
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:
+        self.transport.pause_reading()
+        self.paused = True
 
     def data_received(self, data: bytes) -> None:
         pass
@@ -48,6 +56,8 @@ async def connection() -> AsyncIterator[Connection]:
     port = server.sockets[0].getsockname()[1]
     transport, protocol = await loop.create_connection(lambda: SMTPProtocol(loop=loop), "127.0.0.1", port)
     assert isinstance(transport, asyncio.WriteTransport)
+    while not (sinks and sinks[0].paused):  # the receiver reads nothing from the first octet on
+        await asyncio.sleep(0.001)
     try:
         yield transport, protocol, sinks
     finally:
