@@ -176,7 +176,11 @@ async def test_a_utf8_recipients_dsn_is_global_or_downgraded_by_what_its_next_ho
         RouteSettings.model_validate({"match": {"recipient_domain": domain}, "pool": pool})
         for domain, pool in (("example.com", "wide"), ("old.example", "narrow"))
     )
-    settings = make_settings(tmp_path, pools).model_copy(update={"route": routes})
+    # The first bounce would suppress jörg@dest.test, and the second message be refused at RCPT if that came
+    # first (a race this test is not about): the list is kept but not looked up.
+    settings = make_settings(tmp_path, pools, suppression={"enabled": False}).model_copy(
+        update={"route": routes}
+    )
     async with App(settings) as app:
         await send_utf8(app.smtp_port, "g1", subject="Grüße")
         await send_utf8(app.smtp_port, "g2", subject="Grüße", sender="app@old.example")
