@@ -223,6 +223,50 @@ async def test_a_sender_domain_or_pool_the_key_may_not_use_is_403(node: Node) ->
 # -- 413 -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value", ["ceo@bank.test", "Shop <n@shop.test>, ceo@bank.test", "not an address"])
+async def test_a_from_field_in_headers_is_held_to_the_keys_sender_domains(node: Node, value: str) -> None:
+    """A From in `headers` takes content.from's place: a key for shop.test may not send as bank.test."""
+    body = message()
+    body["content"]["headers"] = {"From": value}
+    response = await node.post(body)
+    assert response.status_code == 403, response.text
+    assert response.json()["field"] == "content.headers.From"
+    assert not node.up.received
+    body["content"]["headers"] = {"From": "Shop Two <two@mail.shop.test>"}
+    assert (await node.post(body)).status_code == 202
+
+
+async def test_addresses_that_are_not_ascii_go_out_as_utf8_in_an_smtputf8_message(node: Node) -> None:
+    """RFC 6531/6532: a UTF-8 address in To, From, Reply-To or a given address field is written as it is,
+    and the message is SMTPUTF8 (formataddr took only ASCII: a 500; 7-bit made an encoded word of it)."""
+    body = message(recipients=[{"email": "jörg@dest.test", "name": "Jörg"}, {"email": "a@dést.test"}])
+    body["content"]["from"] = {"email": "nö@shop.test", "name": 'Shop "Ü"'}
+    body["content"]["reply_to"] = {"email": "hilfe@shop.test", "name": "Hilfe"}
+    body["content"]["headers"] = {"Cc": "Zoë <zoë@example.test>"}
+    response = await node.post(body)
+    assert response.status_code == 202, response.text
+    # One delivery a domain; the UTF-8 recipients are taken only after MAIL said SMTPUTF8 (RFC 6531 3.4).
+    await wait_until(lambda: len(node.up.received) == 2)
+    assert sorted(r for got in node.up.received for r in got.recipients) == ["a@dést.test", "jörg@dest.test"]
+    got = node.up.received[0]
+    parsed = email.message_from_string(got.data.decode(), policy=email.policy.SMTPUTF8)  # UTF-8 fields
+    assert parsed["To"].addresses[0].addr_spec == got.recipients[0]
+    assert [a.addr_spec for a in parsed["From"].addresses] == ["nö@shop.test"]
+    assert parsed["From"].addresses[0].display_name == 'Shop "Ü"'
+    assert [a.addr_spec for a in parsed["Cc"].addresses] == ["zoë@example.test"]
+    head = got.data.split(b"\r\n\r\n")[0]
+    assert "Zoë <zoë@example.test>".encode() in head and b"=?utf-8?" not in head.lower()
+
+
+async def test_a_date_given_in_headers_is_kept(node: Node) -> None:
+    body = message()
+    body["content"]["headers"] = {"Date": "Tue, 01 Dec 2026 10:00:00 +0100"}
+    assert (await node.post(body)).status_code == 202
+    await wait_until(lambda: len(node.up.received) == 1)
+    parsed = email.message_from_bytes(node.up.received[0].data, policy=email.policy.SMTP)
+    assert parsed["Date"] == "Tue, 01 Dec 2026 10:00:00 +0100"
+
+
 async def test_a_body_over_the_limit_is_413_before_it_is_read(node: Node) -> None:
     # Content-Length says 10 MB and nothing follows: the answer comes without waiting for the body.
     reader, writer = await asyncio.open_connection("127.0.0.1", node.app.http_port)
@@ -291,6 +335,26 @@ async def test_a_message_over_the_size_limit_is_413_naming_the_content(
         ({"metadata": {"k": "v\nX-Injected: 1"}}, "metadata"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"recipients": []}, "recipients"),
+        ({"envelope_sender": ""}, "envelope_sender"),
+        ({"content": {"from": {"email": "n@shop.test"}, "headers": {"Date": "tomorrow"}}}, "content.headers"),
+        (
+            {
+                "content": {
+                    "from": {"email": "n@shop.test"},
+                    "attachments": [{"data": "", "content_type": "multipart/mixed"}],
+                }
+            },
+            "content.attachments[0].content_type",
+        ),
+        (
+            {
+                "content": {
+                    "from": {"email": "n@shop.test"},
+                    "attachments": [{"data": "", "content_type": "message/rfc822"}],
+                }
+            },
+            "content.attachments[0].content_type",
+        ),
     ],
 )
 async def test_bad_input_is_422_naming_the_field(node: Node, change: dict[str, Any], field: str) -> None:
@@ -328,6 +392,12 @@ async def test_a_lone_surrogate_is_422_naming_the_field(
     assert not node.up.received
 
 
+async def test_an_empty_envelope_sender_is_422_saying_why(node: Node) -> None:
+    response = await node.post(message(envelope_sender=""))
+    assert response.status_code == 422
+    assert "null path" in response.json()["error"], response.text  # was "Assertion failed, "
+
+
 async def test_a_subject_made_multiline_by_a_substitution_is_422(node: Node) -> None:
     body = message(recipients=[{"email": "a@dest.test", "substitutions": {"n": "x\r\nBcc: v@dest.test"}}])
     body["content"]["subject"] = "Hi {{n}}"
@@ -342,7 +412,21 @@ async def test_a_bad_idempotency_key_or_json_is_422(node: Node) -> None:
         broken = await c.post(
             "/api/v1/messages", content=b"{not json", headers={"Content-Type": "application/json"}
         )
-    assert broken.status_code == 422 and "error" in broken.json()
+    assert broken.status_code == 422 and broken.json()["field"] == "body", broken.text
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"envelope_sender": ' + "9" * 5000 + "}"])
+async def test_json_nested_too_deep_or_a_number_too_long_is_422_naming_the_body(
+    node: Node, text: str
+) -> None:
+    """FastAPI answers what its JSON parser raises on (RecursionError, the int digit limit) with a bare
+    400; the API's table says input that is not JSON it reads is a 422."""
+    async with node.client() as c:
+        response = await c.post(
+            "/api/v1/messages", content=text, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == "body"
 
 
 async def test_too_many_messages_in_one_request_is_422(node: Node) -> None:
@@ -420,6 +504,38 @@ async def test_a_bug_is_a_json_500_never_a_traceback(node: Node) -> None:
     response = await node.post(message())
     assert response.status_code == 500
     assert response.json() == {"error": "local error in processing; see postmux's log"}
+
+
+async def test_a_500_leaves_the_connection_open_for_the_next_request(node: Node) -> None:
+    """The 500 used to reach Starlette's outermost middleware, which raised again after answering, and
+    uvicorn then closed the connection: a client reusing it saw its next request reset. On one raw
+    connection (an HTTP client would quietly open another), the next request is answered."""
+    node.app.spool.store_all = FailingStore(RuntimeError("a bug"))  # type: ignore[method-assign,arg-type]
+    body = json.dumps(message()).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.app.http_port)
+    try:
+        writer.write(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {SHOP_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert (await _response(reader))[0] == 500
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert await _response(reader) == (200, b'{"status":"ok"}')
+    finally:
+        writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    return status, await reader.readexactly(length)
 
 
 async def test_the_submission_api_needs_no_admin_token_and_the_admin_api_no_api_key(node: Node) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, make_msgid
+from email.utils import formataddr, formatdate, getaddresses, make_msgid, parsedate_to_datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -52,6 +52,13 @@ _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}\Z")
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
 # Fields the email package writes from the structure: set them through it, not through `headers`.
 _STRUCTURAL = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+# Fields whose values are addresses (RFC 5322 3.6.2, 3.6.3, 3.6.6): one given in `headers` whose address is
+# not ASCII makes the message SMTPUTF8 (RFC 6532 3.2), where 7-bit would mangle it into an encoded word,
+# which RFC 2047 5 forbids in an address.
+_ADDRESS_FIELDS = frozenset(
+    {"from", "sender", "reply-to", "to", "cc", "bcc"}
+    | {f"resent-{name}" for name in ("from", "sender", "to", "cc", "bcc")}
+)
 
 # Every request model's config. str_min_length=0 refuses nothing by itself, but a length constraint makes
 # pydantic check that each string is valid Unicode: JSON may escape a lone surrogate ("\udcfc", no
@@ -84,8 +91,27 @@ def _address(value: str, role: Role) -> str:
     path = read_path(f"<{value}>", role, smtputf8=True)
     if isinstance(path, str):
         raise ValueError(path.split(" ", 2)[-1])  # the SMTP reply's text, without its codes
-    assert path.mailbox is not None
+    if path.mailbox is None:  # "" read as the null path <>: no sender, and no recipient, has it here
+        raise ValueError("an address with a domain is needed here (the null path <> is not one)")
     return path.mailbox.text
+
+
+def field_addresses(value: str) -> list[str]:
+    """The addresses in an address field's value ("Ann <a@x>, b@y" -> ["a@x", "b@y"]), as the email
+    package reads them; an entry that is not an address comes back as it is, without an "@"."""
+    return [address for _, address in getaddresses([value]) if address]
+
+
+def _mailbox_field(name: str, address: str) -> str:
+    """A mailbox as a header field's value (RFC 5322 3.4). An address that is not ASCII is written as it is,
+    for an SMTPUTF8 message (RFC 6532 3.2): formataddr takes only ASCII (a 500 before), and encodes a
+    display name that is not (RFC 2047), which stays so for an ASCII address."""
+    if address.isascii():
+        return formataddr((name, address))
+    if not name:
+        return address
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{quoted}" <{address}>'
 
 
 def _labels(value: dict[str, str]) -> dict[str, str]:
@@ -173,6 +199,10 @@ class Attachment(BaseModel):
     def _type(cls, v: str) -> str:
         if not _MIME_TYPE.match(v):
             raise ValueError("not a MIME type such as 'application/pdf' (RFC 2045 5.1)")
+        if v.lower().startswith(("multipart/", "message/")):
+            # Opaque octets sent base64 cannot be either: a multipart needs its boundary (RFC 2046 5.1.1),
+            # and neither may be base64 (RFC 2045 6.4). Such a structure is sent as raw content.
+            raise ValueError("multipart/* and message/* are structure, not an attachment: send raw content")
         return v
 
     @field_validator("file_name", "content_id")
@@ -218,7 +248,31 @@ class Content(BaseModel):
                 _one_line(value)
             except ValueError:
                 raise ValueError(f"the value of {name}: CR, LF and NUL are not allowed") from None
+            if name.lower() == "date" and not _is_date(value):
+                # The email package would write the field empty: the client's value lost, and a
+                # message without a valid origination date (RFC 5322 3.6.1).
+                raise ValueError("the value of Date is not a date-time (RFC 5322 3.3)")
         return v
+
+    def needs_smtputf8(self) -> bool:
+        """Whether an address the message's header section will hold is not ASCII (RFC 6532 3.2)."""
+        mailboxes = [self.from_] + ([self.reply_to] if self.reply_to is not None else [])
+        if any(not m.email.isascii() for m in mailboxes):
+            return True
+        return any(
+            not address.isascii()
+            for name, value in self.headers.items()
+            if name.lower() in _ADDRESS_FIELDS
+            for address in field_addresses(value)
+        )
+
+
+def _is_date(value: str) -> bool:
+    try:
+        parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return True
 
 
 def _content_kind(value: Any) -> str:
@@ -313,7 +367,7 @@ def compose(message: Message, rules: Rules, now: float, where: str = "") -> list
         if isinstance(message.content, str):
             data = _raw_text(parts[0], rules, now, f"{where}content")
         else:
-            smtputf8 = smtputf8 or not message.content.from_.email.isascii()
+            smtputf8 = smtputf8 or message.content.needs_smtputf8()
             data = _built(message.content, parts, rules, now, smtputf8)
         out.append(
             Composed(
@@ -339,7 +393,7 @@ def _rendered(
     if "\r" in subject or "\n" in subject:
         raise BadInput(f"{where}.substitutions", "a value put into the subject holds CR or LF")
     has_to = any(name.lower() == "to" for name in content.headers)
-    to = "" if has_to else formataddr((rcpt.name, rcpt.email))
+    to = "" if has_to else _mailbox_field(rcpt.name, rcpt.email)
     return (subject, fill(content.text_body), fill(content.html_body), to)
 
 
@@ -365,9 +419,9 @@ def _built(content: Content, parts: tuple[str, ...], rules: Rules, now: float, s
     subject, text_body, html_body, to = parts
     mime = EmailMessage(policy=(policy.SMTPUTF8 if smtputf8 else policy.SMTP).clone(cte_type="7bit"))
     given = {name.lower() for name in content.headers}
-    mime["From"] = formataddr((content.from_.name, content.from_.email))
+    mime["From"] = _mailbox_field(content.from_.name, content.from_.email)
     if content.reply_to is not None and "reply-to" not in given:
-        mime["Reply-To"] = formataddr((content.reply_to.name, content.reply_to.email))
+        mime["Reply-To"] = _mailbox_field(content.reply_to.name, content.reply_to.email)
     if to:
         mime["To"] = to
     if "subject" not in given:

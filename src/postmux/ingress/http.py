@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 import structlog
@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postmux.config import HttpSettings, split_hostport
@@ -56,8 +57,55 @@ def field_name(loc: Any) -> str:
     return out
 
 
+LOCAL_ERROR = "local error in processing; see postmux's log"
+NOT_JSON_WE_READ = "not JSON this API reads: nested too deeply, or a number too long"
+
+
+class GuardedRoute(APIRoute):
+    """A route whose own failures are answered where they happen, as JSON.
+
+    A bug in a route is a 500 with JSON; it used to reach Starlette's outermost middleware, which answers
+    and then raises again (for the server to log it), and uvicorn then closed the connection: a client
+    that reuses connections saw its next request reset. A body FastAPI cannot parse as JSON (nested past
+    the recursion limit, an integer past Python's digit limit) is a 422 naming `body`, as other JSON it
+    cannot read is, not FastAPI's bare 400.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as e:
+                if e.status_code == 400 and isinstance(e.__cause__, (RecursionError, ValueError)):
+                    return json_error(422, f"body: {NOT_JSON_WE_READ}", field="body")
+                raise
+            except RequestValidationError:
+                raise
+            except Exception as e:
+                log.exception("http request failed", path=request.url.path, error=repr(e))
+                return json_error(500, LOCAL_ERROR)
+
+        return guarded
+
+
+def _validation_error(error: Any) -> dict[str, str]:
+    """One of pydantic's (or FastAPI's) validation errors as the API names it: the field and the reason.
+    Text that is not JSON is `body`'s (FastAPI's loc is the octet where decoding stopped, no field)."""
+    if error.get("type") == "json_invalid":
+        where = error.get("loc", ())[-1:]
+        reason = str(error.get("ctx", {}).get("error", "JSON decode error"))
+        return {"field": "body", "reason": f"not JSON: {reason}" + (f" at octet {where[0]}" if where else "")}
+    return {
+        "field": field_name(error.get("loc", ())),
+        "reason": str(error.get("msg", "")).removeprefix("Value error, "),
+    }
+
+
 def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
     app = FastAPI(title="postmux", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.route_class = GuardedRoute  # every route added below, the mounts' too
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -65,13 +113,7 @@ def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {
-                "field": field_name(e.get("loc", ())),
-                "reason": str(e.get("msg", "")).removeprefix("Value error, "),
-            }
-            for e in exc.errors()
-        ]
+        errors = [_validation_error(e) for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "reason": "invalid request"}
         return json_error(
             422,
@@ -83,9 +125,10 @@ def make_http_app(metrics: Metrics, *mounts: Mount) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def local_error(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, not the client's doing: the traceback goes to the log, the client gets JSON.
+        # A bug outside any route (a middleware's), not the client's doing: the traceback goes to the log,
+        # the client gets JSON. A route's own is answered by GuardedRoute.
         log.exception("http request failed", path=request.url.path, error=repr(exc))
-        return json_error(500, "local error in processing; see postmux's log")
+        return json_error(500, LOCAL_ERROR)
 
     @app.get("/metrics")
     def get_metrics() -> Response:

@@ -47,6 +47,7 @@ from postmux.ingress.compose import (
     Rules,
     as_envelope,
     compose,
+    field_addresses,
     sender_domain_allowed,
 )
 from postmux.ingress.http import json_error
@@ -405,7 +406,7 @@ class Submissions:
             if not sender_domain_allowed(address, key.sender_domains):
                 raise Refused(
                     403,
-                    f"API key {key.name} may not send from {address.rpartition('@')[2]}",
+                    f"API key {key.name} may not send from {address.rpartition('@')[2] or repr(address)}",
                     f"{where}{field}",
                 )
         if message.pool is None:
@@ -418,9 +419,15 @@ class Submissions:
 
     @staticmethod
     def _from(message: Message) -> list[tuple[str, str]]:
+        """The From addresses a structured message will carry: content.from's, and those of a From field in
+        its headers, which takes its place (else the key's sender_domains could be got round there)."""
         if isinstance(message.content, str):
             return []
-        return [("content.from.email", message.content.from_.email)]
+        found = [("content.from.email", message.content.from_.email)]
+        for name, value in message.content.headers.items():
+            if name.lower() == "from":
+                found += [(f"content.headers.{name}", a) for a in field_addresses(value) or [value]]
+        return found
 
     def _within_limits(self, key: ApiKey, count: int) -> None:
         limit = min(
