@@ -303,10 +303,25 @@ def shaping(
 
 @app.command()
 def webhooks(
-    config: OptionalConfig = None, url: UrlOption = None, token: TokenOption = None, json: JsonOption = False
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonOption = False,
+    drop: Annotated[
+        str | None,
+        typer.Option(
+            "--drop",
+            metavar="ENDPOINT",
+            help="Delete the records waiting for ENDPOINT, an endpoint no longer configured (never sent).",
+        ),
+    ] = None,
 ) -> None:
     """Each webhook endpoint: records waiting (backlog), the oldest one's age, last success, last error."""
-    _admin(config, url, token).show("/webhooks", as_json=json or not sys.stdout.isatty())
+    as_json = json or not sys.stdout.isatty()
+    if drop is not None:
+        _admin(config, url, token).drop_webhook_records(drop, as_json=as_json)
+        return
+    _admin(config, url, token).show("/webhooks", as_json=as_json)
 
 
 @app.command()

@@ -100,6 +100,15 @@ async def test_only_acknowledged_rows_of_that_endpoint_go(spool: SpoolBackend) -
     assert await spool.outbox_ack("a", [e.seq for e in head]) == 0  # twice: nothing more goes
 
 
+async def test_a_drop_removes_every_row_of_that_endpoint_only(spool: SpoolBackend) -> None:
+    await spool.outbox_append([row("gone", f"g{i}") for i in range(3)] + [row("kept", "k0")])
+    assert await spool.outbox_drop("gone") == 3
+    assert await event_ids(spool, "gone") == []
+    assert await event_ids(spool, "kept") == ["k0"]
+    assert await spool.outbox_drop("gone") == 0  # twice: nothing more goes
+    assert [b.endpoint for b in await spool.outbox_backlog()] == ["kept"]
+
+
 async def test_a_seq_is_never_given_again_after_every_row_went(spool: SpoolBackend) -> None:
     await spool.outbox_append([row("a", "old")])
     [old] = await spool.outbox_head("a", 0, 1)

@@ -20,7 +20,7 @@ from postmux.config import Settings, load_config, settings_from_dict
 from postmux.events.types import Event, EventType
 from tests.integration.test_operator_control import body, cli_runner
 from tests.support import StartUpstream, always, send, wait_until
-from tests.webhook_receiver import Receiver, first_fail
+from tests.webhook_receiver import FAIL, Receiver, first_fail
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 TOKEN = "t0ken-for-the-tests-only"
@@ -313,3 +313,32 @@ async def test_a_sender_that_crashes_is_started_again_and_posts_its_batch_withou
         assert [r["type"] for r in receiver.records()] == ["Reception", "Delivery"]
     finally:
         await receiver.stop()
+
+
+async def test_the_records_of_an_endpoint_no_longer_configured_can_be_dropped_and_only_those(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """[[webhook]] is restart-only: an endpoint removed with records waiting keeps them for ever (they
+    wait for that name), until the operator drops them; a configured endpoint's are its sender's."""
+    up = await upstream("up")
+    down = await Receiver(secret=SECRET, decide=lambda n: FAIL).start()  # never acknowledges
+    kept = await Receiver(secret=SECRET).start()
+    try:
+        async with App(settings(tmp_path, up.address, [hook(down, "old")])) as app:
+            await send(app.smtp_port, "m1")
+            await wait_until(lambda: down.requests >= 1, timeout=10)
+        async with App(settings(tmp_path, up.address, [hook(kept, "new")])) as app:
+            run = cli_runner(app)
+            code, out, _ = await run("webhooks")  # type: ignore[operator]
+            old = next(w for w in body(out)["webhooks"] if w["endpoint"] == "old")
+            assert old["configured"] is False and old["backlog"] >= 2  # Reception and Delivery
+            code, _, err = await run("webhooks", "--drop", "new")  # type: ignore[operator]
+            assert code != 0 and "configured here" in err
+            code, out, _ = await run("webhooks", "--drop", "old")  # type: ignore[operator]
+            assert code == 0 and body(out) == {"endpoint": "old", "dropped": old["backlog"]}
+            code, out, _ = await run("webhooks")  # type: ignore[operator]
+            assert [w["endpoint"] for w in body(out)["webhooks"]] == ["new"]
+            assert await app.spool.outbox_head("old", 0, 10) == []
+    finally:
+        await down.stop()
+        await kept.stop()

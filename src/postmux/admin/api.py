@@ -116,6 +116,15 @@ def _admin_routes(app: FastAPI, control: Control) -> None:
         except SpoolError as e:  # the backlog is read from the spool: down, it is the queue routes' 503
             return json_error(503, f"the spool could not answer: {e}")
 
+    @app.delete(f"{ADMIN_PREFIX}/webhooks/{{endpoint}}/records")
+    async def drop_webhook_records(endpoint: str) -> Any:
+        try:
+            return {"endpoint": endpoint, "dropped": await control.drop_webhook_records(endpoint)}
+        except ValueError as e:  # configured here: its sender's records
+            return json_error(409, str(e))
+        except SpoolError as e:
+            return json_error(503, f"the spool could not answer: {e}")
+
     @app.get(f"{ADMIN_PREFIX}/blocklists")
     async def blocklists() -> dict[str, Any]:
         """The blocklist watch: zones, the last round, every sending IP and domain x zone, listed or not."""

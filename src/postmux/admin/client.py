@@ -97,6 +97,13 @@ class AdminClient:
             for key in body.get("needs_restart", []):
                 typer.echo(f"{key}: changed in the file, takes effect at the next restart")
 
+    def drop_webhook_records(self, endpoint: str, *, as_json: bool) -> None:
+        body = self._call("DELETE", f"/webhooks/{quote(endpoint, safe='')}/records")
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+        else:
+            typer.echo(f"{body['dropped']} records of {body['endpoint']} dropped")
+
     def doctor(self, domain: str, *, as_json: bool) -> int:
         """GET the doctor's report of a domain and print it; the exit code (print_doctor)."""
         try:

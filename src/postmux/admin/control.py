@@ -63,6 +63,10 @@ class WebhookStatus(Protocol):
         """Each endpoint: backlog, oldest pending age, last success, last error."""
         ...
 
+    async def drop(self, endpoint: str) -> int:
+        """Delete the records of an endpoint no longer configured; ValueError for a configured one."""
+        ...
+
 
 class BlocklistStatus(Protocol):
     """What the admin side reads of the blocklist watch (reputation/blocklists.py BlocklistWatch)."""
@@ -341,6 +345,12 @@ class Control:
         if self.node.webhooks is None:
             return []
         return await self.node.webhooks.status()
+
+    async def drop_webhook_records(self, endpoint: str) -> int:
+        """Delete the records of an endpoint no longer configured (`postmux webhooks --drop NAME`)."""
+        if self.node.webhooks is None:
+            return 0
+        return await self.node.webhooks.drop(endpoint)
 
     # -- blocklists ----------------------------------------------------------------------------------
 

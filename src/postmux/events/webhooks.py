@@ -59,6 +59,13 @@ Result = str
 CountRequest = Callable[[str, Result], None]
 
 
+class EndpointConfigured(ValueError):
+    """A drop asked of an endpoint this node sends to: its records are its sender's."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(f"{endpoint} is configured here: remove its [[webhook]] and restart first")
+
+
 def backoff_s(failures: int, min_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
     """The wait before the next try after `failures` failures in a row: min_s doubled each time up to
     max_s, then "equal jitter" (half fixed, half random: AWS Architecture Blog, "Exponential Backoff And
@@ -411,6 +418,17 @@ class Webhooks:
         configured = {e.name for e in self.endpoints}
         out += [self._describe(n, "", b, now) for n, b in sorted(backlog.items()) if n not in configured]
         return out
+
+    async def drop(self, endpoint: str) -> int:
+        """Delete the records of an endpoint that is no longer configured (`postmux webhooks --drop`), and
+        say how many went: no sender posts them, and they would wait for that name for ever. A configured
+        endpoint's are its sender's: refused (EndpointConfigured)."""
+        if endpoint in {e.name for e in self.endpoints}:
+            raise EndpointConfigured(endpoint)
+        dropped = await self.store.outbox_drop(endpoint)
+        self._backlog.pop(endpoint, None)
+        log.warning("webhook records dropped by the operator", endpoint=endpoint, records=dropped)
+        return dropped
 
     def _describe(self, name: str, url: str, backlog: OutboxBacklog | None, now: float) -> dict[str, Any]:
         sender = self.senders.get(name)

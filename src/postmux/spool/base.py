@@ -454,6 +454,11 @@ class WebhookOutbox(Protocol):
         Cost: one pass over the outbox index, read beside the writer."""
         ...
 
+    async def outbox_drop(self, endpoint: str) -> int:
+        """Remove every row of `endpoint` (an operator's `postmux webhooks --drop`: no sender will post
+        them); returns how many went. Cost: one statement over the endpoint's rows, group-committed."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Suppression:

@@ -628,6 +628,9 @@ class PostgresSpool:
     async def outbox_backlog(self) -> list[OutboxBacklog]:
         return await self._read(postgres_queue.outbox_backlog)
 
+    async def outbox_drop(self, endpoint: str) -> int:
+        return await self._call(lambda c: postgres_queue.outbox_drop(c, endpoint))
+
     # -- the SuppressionStore protocol -----------------------------------------------------------------
 
     async def suppressions(self) -> list[Suppression]:

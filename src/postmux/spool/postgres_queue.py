@@ -348,6 +348,10 @@ async def outbox_ack(conn: asyncpg.Connection, endpoint: str, seqs: Sequence[int
     return _count(status)
 
 
+async def outbox_drop(conn: asyncpg.Connection, endpoint: str) -> int:
+    return _count(await conn.execute("DELETE FROM webhook_outbox WHERE endpoint = $1", endpoint))
+
+
 async def outbox_backlog(conn: asyncpg.Connection) -> list[OutboxBacklog]:
     rows = await conn.fetch(
         "SELECT DISTINCT ON (endpoint) endpoint, count(*) OVER (PARTITION BY endpoint), created"

@@ -509,6 +509,9 @@ class SqliteSpool:
     async def outbox_backlog(self) -> list[OutboxBacklog]:
         return await self._read_beside(sqlite_outbox.backlog)
 
+    async def outbox_drop(self, endpoint: str) -> int:
+        return await self._call(lambda c: sqlite_outbox.drop(c, endpoint))
+
     # -- the SuppressionStore protocol -------------------------------------------------------------
 
     async def suppressions(self) -> list[Suppression]:

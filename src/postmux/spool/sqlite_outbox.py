@@ -43,6 +43,10 @@ def ack(conn: sqlite3.Connection, endpoint: str, seqs: Sequence[int]) -> int:
     return removed
 
 
+def drop(conn: sqlite3.Connection, endpoint: str) -> int:
+    return conn.execute("DELETE FROM webhook_outbox WHERE endpoint = ?", (endpoint,)).rowcount
+
+
 def backlog(conn: sqlite3.Connection) -> list[OutboxBacklog]:
     # The index (endpoint, seq) answers the count and the head of each endpoint; the head's row gives
     # its time (seq order is commit order, so the head is the oldest but for clock steps).
