@@ -2,7 +2,7 @@
 # The system's python3 when it is >= 3.11 and can make a venv (Debian's: built with profile-guided
 # optimization, libpython linked into the binary), else the first python3 on PATH. An interpreter
 # built from source without --enable-optimizations (pyenv's default, the one on PATH on this machine kind)
-# runs postmux's Python 8-20% slower a message (bench/README.md, "A seventh round"). `make PYTHON=...`
+# ran postmux with 9-18% more CPU a message than Debian's (bench/README.md, "A seventh round"). `make PYTHON=...`
 # picks another; a .venv made by an earlier one is kept until it is removed (rm -rf .venv).
 SYSTEM_PYTHON := $(shell /usr/bin/python3 -c 'import sys, ensurepip; print(sys.version_info >= (3, 11))' 2>/dev/null)
 PYTHON ?= $(if $(filter True,$(SYSTEM_PYTHON)),/usr/bin/python3,python3)
