@@ -13,7 +13,7 @@ from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
 from postmux.balancing.quorum import SharedVerdict
 from postmux.balancing.zones import ZoneRouting, ZoneSplit, routing, split
-from postmux.config import PoolSettings
+from postmux.config import MemberSettings, PoolSettings
 
 # Called with (member, up, reason) when a member goes out of service (up=False) or comes back (up=True).
 MemberChange = Callable[[Member, bool, str], None]
@@ -443,6 +443,8 @@ class Pool:
                 if not m.removed:
                     m.removed = True
                     changes.append(f"{self.name}/{m.name}: removed")
+            elif m.removed:
+                changes.append(self._restore(m, new, settings.slow_start, now))
             elif new != m.settings:
                 changes.append(f"{self.name}/{m.name}: {_diff(m.settings.model_dump(), new.model_dump())}")
                 m.settings, m.removed = new, False
@@ -467,6 +469,18 @@ class Pool:
         self._invalidate()  # slow start, panic threshold, tiers: anything may have changed
         self.prune()
         return changes
+
+    def _restore(self, m: Member, new: MemberSettings, slow_start: float, now: float) -> str:
+        """A member an earlier reload removed is in the file again while still listed (its attempts in
+        flight have not ended): it is back in service, ramping up as an added member does, instead of being
+        pruned with its last attempt (operations.md, Reload: the running pool follows the file)."""
+        what = "restored"
+        if new != m.settings:
+            what += f", {_diff(m.settings.model_dump(), new.model_dump())}"
+        m.settings, m.removed = new, False
+        if slow_start > 0:
+            m.ramp_started = now
+        return f"{self.name}/{m.name}: {what}"
 
     def prune(self) -> None:
         """Forget removed members once their last attempt has ended."""

@@ -1,0 +1,81 @@
+"""A member's way in and out of service, end to end: a real App, real loopback upstreams, reloads from a
+real file. What the pool does must agree with the file, the events, `postmux members` and /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postmux.app import App
+from postmux.config import load_config
+from postmux.testing import accept, delay
+from tests.integration.test_control import TOKEN, admin
+from tests.support import StartUpstream, Upstream, send, send_many, wait_until
+
+
+def write_pool(cfg: Path, tmp_path: Path, members: list[Upstream], pool: str = "") -> None:
+    """A node whose one pool has `members` (round robin), with fast active checks; `pool`: more keys."""
+    rows = ",\n".join(f'  {{ name = "{u.name}", address = "{u.address}" }}' for u in members)
+    cfg.write_text(
+        f"""
+[smtp]
+listen = "127.0.0.1:0"
+hostname = "postmux.test"
+[http]
+listen = "127.0.0.1:0"
+admin_token = "{TOKEN}"
+[spool]
+path = "{tmp_path / "spool.db"}"
+[events]
+log = "{tmp_path / "events.jsonl"}"
+[retry]
+intervals = ["1s"]
+jitter = 0
+[[pool]]
+name = "default"
+policy = "round_robin"
+{pool}
+members = [
+{rows}
+]
+[pool.check]
+enabled = true
+interval = "0.2s"
+rise = 1
+fall = 1
+"""
+    )
+
+
+async def states(app: App) -> dict[str, str]:
+    async with admin(app) as client:
+        return {row["member"]: row["state"] for row in (await client.get("/members")).json()["members"]}
+
+
+async def test_a_member_removed_and_put_back_while_in_flight_is_restored_and_checked_again(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b, c = await upstream("a"), await upstream("b"), await upstream("c", delay(1.5))
+    cfg = tmp_path / "postmux.toml"
+    write_pool(cfg, tmp_path, [a, b, c], pool='slow_start = "1m"')
+    async with App(load_config(cfg), config_path=cfg) as app:
+        pool = app.pools["default"]
+        await send_many(app.smtp_port, [f"r{i}" for i in range(3)], concurrency=3)
+        await wait_until(lambda: pool.member("c").in_flight > 0)
+
+        write_pool(cfg, tmp_path, [a, b], pool='slow_start = "1m"')
+        assert app.control.reload().changes == ["default/c: removed"]
+        write_pool(cfg, tmp_path, [a, b, c], pool='slow_start = "1m"')
+        assert app.control.reload().changes == ["default/c: restored"]
+        assert (await states(app))["c"] == "ramping"  # back as an added member comes: under slow start
+
+        # Its last attempt from before ends: it stays, in service, and its checks run again.
+        await wait_until(lambda: len(c.received) == 1 and pool.member("c").in_flight == 0)
+        assert [m.name for m in pool.members] == ["a", "b", "c"] and not pool.member("c").removed
+        probes = c.connections
+        await wait_until(lambda: c.connections >= probes + 2, timeout=5)
+
+        c.behaviour = accept
+        for i in range(6):
+            await send(app.smtp_port, f"s{i}")
+        await wait_until(lambda: sum(len(u.received) for u in (a, b, c)) == 9)
+        assert len(c.received) > 1
