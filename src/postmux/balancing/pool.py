@@ -28,12 +28,12 @@ class _Choice:
     slow-start ramp move between state changes; the pick reads the first live and refreshes the second.
     """
 
-    members: list[Member]  # the best tier that has any, or everyone in panic; never mutated
+    members: list[Member]  # the best tier's healthy members, or in panic all of a tier's; never mutated
     ramping: list[Member]  # those of them in slow start: weight and connection cap move with time
     since: float
     until: float  # the first ejection to end: health, panic and tiers may change then
     zones: ZoneSplit | None = None  # the members by zone, when this node prefers its own (zones.py)
-    panic: bool = False  # every member is used, healthy or not (and whatever its zone)
+    panic: bool = False  # every member of the tier is used, healthy or not (and whatever its zone)
 
 
 class Pool:
@@ -290,6 +290,24 @@ class Pool:
     def _in_service(self) -> list[Member]:
         return [m for m in self.members if not m.draining and not m.removed and m.weight > 0]
 
+    @staticmethod
+    def _healthy(members: list[Member], now: float) -> list[Member]:
+        return [m for m in members if m.healthy(now)]
+
+    def _panic_tier(self, live: list[Member], now: float) -> list[Member]:
+        """In panic, every member in service of the best tier that still has a healthy member, healthy or
+        not; of the best tier when no tier has one.
+
+        As Envoy's priority levels in panic: a level gets traffic by its health, so one with no healthy
+        host gets none while another has some, and within a level panic spreads over all its hosts rather
+        than piling onto the few healthy ones. Panic is no reason to try dead primaries before a backup.
+        """
+        healthy = self._healthy(live, now)
+        if not healthy:
+            return live
+        tier = min(m.tier for m in healthy)
+        return [m for m in live if m.tier == tier]
+
     def _best_tier(self, members: list[Member], now: float) -> list[Member]:
         if not members:
             return []
@@ -314,14 +332,12 @@ class Pool:
         epoch = self._epoch
         live = self._in_service()
         panic = self.in_panic(now)
-        if not panic:
-            live = [m for m in live if m.healthy(now)]
-        members = self._best_tier(live, now)
+        members = self._best_tier(self._panic_tier(live, now) if panic else self._healthy(live, now), now)
         slow_start = self.settings.slow_start
         ramping = [m for m in members if m.ramp_started is not None and slow_start > 0]
         ends = [m.ejected_until for m in self.members if m.ejected_until > now]
         choice = _Choice(members, ramping, now, min(ends, default=math.inf), panic=panic)
-        if self._zone is not None and members and not panic:  # in panic every member is used, as Envoy does
+        if self._zone is not None and members and not panic:  # in panic the whole tier is used, as Envoy does
             choice.zones = self._split(members)
         if self._epoch == epoch:  # nothing changed while it was worked out (a ramp may end in _ramp)
             self._choice = choice
@@ -341,7 +357,7 @@ class Pool:
         return routing(self._zone, self.settings.zone_routing, choice.members, choice.zones, choice.panic)
 
     def usable(self, now: float) -> list[Member]:
-        """Members that may be given new work: the best tier that has any, or everyone in panic."""
+        """Members that may be given new work: the best tier's healthy ones, or a whole tier in panic."""
         self._refresh(now)
         choice = self._current(now)
         self._ramp(choice.ramping, now)
