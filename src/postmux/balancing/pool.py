@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from postmux.attempt import AttemptOutcome
+from postmux.attempt import AttemptOutcome, Breakoff
 from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
@@ -131,11 +131,7 @@ class Pool:
         """
         member.attempts += 1
         failure = classify(outcome, member.settings.kind)
-        if failure is not FailureKind.LOCAL and not outcome.unfit:
-            # Only answered attempts say how fast a member works. A timeout or a refusal is the health
-            # rules' business; counted as latency it would keep a recovered member starved long after
-            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks). An unfit
-            # attempt sent nothing: its near-zero time would flatter the member.
+        if _times_the_member(outcome, failure):
             member.observe_latency(elapsed_s, now, self.settings.latency_decay)
         if failure is not None:
             member.last_error = str(next(iter(outcome.replies.values()), ""))
@@ -504,6 +500,21 @@ class Pool:
         if len(kept) != len(self.members):
             self.members = kept
             self._invalidate()
+
+
+def _times_the_member(outcome: AttemptOutcome, failure: FailureKind | None) -> bool:
+    """Whether an attempt's time is a latency sample (configuration.md, Latency average).
+
+    An answer is, whatever it said. So is a timeout, as an attempt at least that slow (Finagle times failed
+    requests too): left out, a member that hangs keeps the fast average it had and keeps winning pairs
+    until it is ejected (review2/balance.md, finding 3). A member that came back from an ejection starts
+    afresh (Pool._back), so one it timed out before is not held against it. A refused or dropped
+    connection, a failed TLS or login measure nothing of its work, and an unfit attempt sent nothing: their
+    near-zero times would flatter it.
+    """
+    if outcome.unfit:
+        return False
+    return failure is not FailureKind.LOCAL or outcome.breakoff is Breakoff.TIMEOUT
 
 
 def _diff(old: dict[str, object], new: dict[str, object]) -> str:
