@@ -4,16 +4,20 @@ real file. What the pool does must agree with the file, the events, `postmux mem
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from postmux.app import App
 from postmux.config import load_config
 from postmux.testing import accept, delay
 from tests.integration.test_control import TOKEN, admin
-from tests.support import StartUpstream, Upstream, send, send_many, wait_until
+from tests.support import StartUpstream, Upstream, read_events, send, send_many, wait_until
 
 
-def write_pool(cfg: Path, tmp_path: Path, members: list[Upstream], pool: str = "") -> None:
-    """A node whose one pool has `members` (round robin), with fast active checks; `pool`: more keys."""
+def write_pool(
+    cfg: Path, tmp_path: Path, members: list[Upstream], pool: str = "", *, checks: bool = True
+) -> None:
+    """A node whose one pool has `members` (round robin), with fast active checks unless not `checks`;
+    `pool`: more keys of the pool."""
     rows = ",\n".join(f'  {{ name = "{u.name}", address = "{u.address}" }}' for u in members)
     cfg.write_text(
         f"""
@@ -38,7 +42,7 @@ members = [
 {rows}
 ]
 [pool.check]
-enabled = true
+enabled = {"true" if checks else "false"}
 interval = "0.2s"
 rise = 1
 fall = 1
@@ -79,3 +83,37 @@ async def test_a_member_removed_and_put_back_while_in_flight_is_restored_and_che
             await send(app.smtp_port, f"s{i}")
         await wait_until(lambda: sum(len(u.received) for u in (a, b, c)) == 9)
         assert len(c.received) > 1
+
+
+async def test_an_ejection_that_ends_while_the_pool_is_idle_is_announced_when_it_ends(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("a"), await upstream("b")
+    b.close_listener()  # connections refused: local failures
+    cfg = tmp_path / "postmux.toml"
+    write_pool(
+        cfg,
+        tmp_path,
+        [a, b],
+        pool='slow_start = "10s"\nhealth = { consecutive_failures = 2, base_ejection_time = "2s" }',
+        checks=False,  # only the ejection takes it out and brings it back
+    )
+    events = tmp_path / "events.jsonl"
+
+    def member_events(kind: str) -> list[dict[str, Any]]:
+        return [e for e in read_events(events) if e["type"] == kind and e["member"] == "b"]
+
+    async with App(load_config(cfg), config_path=cfg) as app:
+        pool = app.pools["default"]
+        await send_many(app.smtp_port, [f"e{i}" for i in range(4)], concurrency=1)
+        await wait_until(lambda: len(member_events("MemberDown")) == 1 and len(a.received) == 4)
+        ends = pool.member("b").ejected_until
+        await b.reopen_listener()
+        # No mail from here on: nothing picks. The return is still noticed when the ejection ends.
+        await wait_until(lambda: len(member_events("MemberUp")) == 1, timeout=6)
+        [up] = member_events("MemberUp")
+        assert up["tags"]["reason"] == "ejection time over"
+        assert ends <= up["timestamp"] < ends + 1.5
+        assert (await states(app))["b"] == "ramping"  # the ramp started then too
+        ramp = pool.member("b").ramp_started
+        assert ramp is not None and ends <= ramp < ends + 1.5

@@ -166,3 +166,16 @@ def test_a_retired_pool_takes_nothing_new_and_forgotten_checks_hold_no_member_ou
     assert all(m.check_up and m.check_streak == 0 for m in pool.members)
     pool.retire()
     assert all(m.removed for m in pool.members) and pool.usable(NOW) == []
+
+
+def test_tick_brings_an_ejected_member_back_when_its_time_is_over_without_a_pick() -> None:
+    pool, changes = make_pool(consecutive_failures=1, base_ejection_time=5)
+    pool.settings = pool.settings.model_copy(update={"slow_start": 10.0})
+    a = pool.member("a")
+    pool.observe(a, broke_off(Breakoff.CONNECT), 0.001, NOW)
+    pool.tick(NOW + 4.9)
+    assert changes == [("a", False, "ejected: 1 local failures in a row")]
+    pool.tick(NOW + 5.2)  # the dispatcher's loop, with no work for this pool
+    assert changes[1:] == [("a", True, "ejection time over")] and a.ramp_started == NOW + 5.2
+    pool.tick(NOW + 6)
+    assert len(changes) == 2  # said once

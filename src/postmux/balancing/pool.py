@@ -100,6 +100,17 @@ class Pool:
         if self._ejected and now >= self._next_return:
             self._returns(now)
 
+    def tick(self, now: float) -> None:
+        """Let members whose ejection is over come back now, whether or not the pool has work.
+
+        pick() and usable() do it too, but a pool without work makes neither: the dispatcher's loop calls
+        this about twice a second, so MemberUp, the slow-start ramp and what `postmux members` shows agree
+        on when the member came back. Costs one comparison while no ejection is due. The success-rate sweep
+        stays with the picks (configuration.md: an idle pool has no attempts to rate).
+        """
+        if self._ejected and now >= self._next_return:
+            self._returns(now)
+
     def _returns(self, now: float) -> None:
         self._next_return = math.inf
         for m in self.members:
