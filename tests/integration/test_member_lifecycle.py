@@ -3,8 +3,12 @@ real file. What the pool does must agree with the file, the events, `postmux mem
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from postmux.app import App
 from postmux.config import load_config
@@ -117,3 +121,40 @@ async def test_an_ejection_that_ends_while_the_pool_is_idle_is_announced_when_it
         assert (await states(app))["b"] == "ramping"  # the ramp started then too
         ramp = pool.member("b").ramp_started
         assert ramp is not None and ends <= ramp < ends + 1.5
+
+
+async def test_members_says_up_once_the_ramp_is_over_though_no_mail_came(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, b = await upstream("a"), await upstream("b")
+    cfg = tmp_path / "postmux.toml"
+    write_pool(cfg, tmp_path, [a], pool='slow_start = "1s"')
+    async with App(load_config(cfg), config_path=cfg) as app:
+        write_pool(cfg, tmp_path, [a, b], pool='slow_start = "1s"')
+        assert app.control.reload().changes == ["default/b: added"]
+        assert (await states(app))["b"] == "ramping"
+        await asyncio.sleep(1.2)
+        assert (await states(app))["b"] == "up"  # the first look after the ramp, not the second
+
+
+async def test_a_removed_member_with_attempts_in_flight_is_not_up_in_the_metrics(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    a, c = await upstream("a"), await upstream("c", delay(1.5))
+    cfg = tmp_path / "postmux.toml"
+    write_pool(cfg, tmp_path, [a, c])
+    async with App(load_config(cfg), config_path=cfg) as app:
+        await send_many(app.smtp_port, ["r0", "r1"], concurrency=2)
+        await wait_until(lambda: app.pools["default"].member("c").in_flight > 0)
+        write_pool(cfg, tmp_path, [a])
+        assert app.control.reload().changes == ["default/c: removed"]
+        assert (await states(app))["c"] == "removed"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
+            text = (await client.get("/metrics")).text
+        up = {
+            s.labels["member"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "postmux_member_up"
+        }
+        assert up == {"a": 1, "c": 0}  # listed until its last attempt ends, but picked no more
