@@ -757,7 +757,9 @@ class App:
         for pool in self.pools.values():
             for m in pool.members:
                 labels = [pool.name, m.name]
-                up.add_metric([*labels, m.zone or ""], 0 if (m.draining or not m.healthy(now)) else 1)
+                # A removed member is listed only until its attempts in flight end: it takes nothing new.
+                picked = not (m.removed or m.draining) and m.healthy(now)
+                up.add_metric([*labels, m.zone or ""], 1 if picked else 0)
                 conns.add_metric(labels, self.transports[(pool.name, m.name)].connections)
                 in_flight.add_metric(labels, m.in_flight)
         commits = CounterMetricFamily(

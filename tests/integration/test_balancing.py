@@ -11,7 +11,9 @@ import pytest
 
 from postmux.app import App
 from postmux.passwords import hash_password
+from postmux.testing import delay
 from tests.support import (
+    StartUpstream,
     Upstream,
     always,
     free_port,
@@ -235,6 +237,59 @@ async def test_priority_pool_uses_backup_only_while_primaries_are_down(tmp_path:
     assert {r.test_id[:4] for r in backup.received} == {"down"}
     for u in (p1, p2, backup):
         await u.stop()
+
+
+async def test_in_panic_a_healthy_backup_tier_takes_the_mail_and_the_dead_primaries_none(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    ups = {n: await upstream(n) for n in ("a", "b", "c1", "c2", "c3")}
+    for name in ("a", "b", "c2", "c3"):
+        ups[name].greeting_refusal = "421 4.3.2 busy"
+    pool = {
+        "name": "default",
+        "policy": "round_robin",
+        "members": [member(n, u.address, backup=n.startswith("c")) for n, u in ups.items()],
+        "check": {"enabled": True, "interval": "0.2s", "rise": 1, "fall": 1},
+    }
+    async with App(make_settings(tmp_path, [pool])) as app:
+        p = app.pools["default"]
+        down = [p.member(n) for n in ("a", "b", "c2", "c3")]
+        await wait_until(lambda: not any(m.check_up for m in down))
+        assert p.in_panic(app.clock())  # 0/2 + 1/3 healthy, below the default 0.5
+        await send_many(app.smtp_port, [f"p{i}" for i in range(12)], concurrency=3)
+        await wait_until(lambda: len(ups["c1"].received) == 12, timeout=20)
+        # Envoy's model: no traffic to a tier without a healthy member while another has one; within the
+        # backup tier, panic spreads the load over all of it rather than piling it on c1 alone.
+        assert (p.member("a").attempts, p.member("b").attempts) == (0, 0)
+        assert p.member("c2").attempts + p.member("c3").attempts > 0
+
+
+async def test_least_latency_counts_a_data_timeout_as_a_slow_attempt_and_turns_to_the_other_member(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    slow, fast = await upstream("slow", delay(0.1)), await upstream("fast")
+    pool = {
+        "name": "default",
+        "policy": "least_latency",
+        "members": [member("slow", slow.address), member("fast", fast.address)],
+    }
+    delivery = {"data_timeout": "1s"}
+    async with App(make_settings(tmp_path, [pool], delivery=delivery)) as app:
+        p = app.pools["default"]
+        for i in range(4):  # both measured: "fast" answers at once, so it wins every pair from then on
+            await send(app.smtp_port, f"warm{i}")
+            await wait_until(lambda i=i: len(slow.received) + len(fast.received) == i + 1)
+        assert len(fast.received) >= 2 and p.member("fast").ewma_latency_s < 0.1
+        fast.behaviour = delay(3)  # now it hangs past data_timeout
+        await send(app.smtp_port, "hung")
+        await wait_until(lambda: p.member("fast").consecutive_failures == 1, timeout=5)
+        # configuration.md, Latency average: a timeout counts as a very slow attempt.
+        assert p.member("fast").ewma_latency_s >= 0.9
+        attempts = p.member("fast").attempts
+        for i in range(4):
+            await send(app.smtp_port, f"after{i}")
+            await wait_until(lambda i=i: f"after{i}" in {r.test_id for r in slow.received}, timeout=5)
+        assert p.member("fast").attempts == attempts  # the pairs go to the member that answers
 
 
 async def test_pool_header_routes_the_message_and_never_reaches_the_member(tmp_path: Path) -> None:

@@ -186,7 +186,7 @@ async def test_a_burst_of_undeliverable_input_is_refused_or_bounced_and_never_hu
         await wait_until(lambda: len(_bounces(tmp_path, queue_ids)) >= len(STORED), timeout=30)
         now = app.clock()
         members = app.pools["default"].members
-        states = {m.name: member_state(m, now) for m in members}
+        states = {m.name: member_state(m, now, app.pools["default"].settings.slow_start) for m in members}
         counters = {m.name: (m.ejections, m.consecutive_failures, m.consecutive_4xx) for m in members}
     # Each bad input was refused in the dialogue, with a reply that says why (docs/security.md).
     assert len(refusals) == 3 * (len(BAD_MAIL) + len(BAD_RCPT))

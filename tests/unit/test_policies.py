@@ -167,6 +167,32 @@ def test_backup_tier_is_used_only_when_no_primary_is_usable_and_keeps_the_pool_o
     assert {p.pick("", 1).name for _ in range(5)} == {"spare"}  # type: ignore[union-attr]
 
 
+def test_panic_takes_the_whole_best_tier_that_has_a_healthy_member_or_the_first_when_none_has() -> None:
+    p = Pool(
+        PoolSettings.model_validate(
+            {
+                "name": "p",
+                "members": [
+                    {"name": "a", "address": "127.0.0.1:1"},
+                    {"name": "b", "address": "127.0.0.1:2"},
+                    {"name": "c1", "address": "127.0.0.1:3", "backup": True},
+                    {"name": "c2", "address": "127.0.0.1:4", "backup": True},
+                    {"name": "c3", "address": "127.0.0.1:5", "backup": True},
+                ],
+                "health": {"consecutive_failures": 1, "max_ejection_percent": 100},
+            }
+        )
+    )
+    for name in ("a", "b", "c2", "c3"):
+        p.record_failure(p.member(name), 0)
+    assert p.in_panic(1)  # 0/2 + 1/3 healthy, below 0.5
+    # Not the dead primaries first (Envoy gives a level with no healthy host no traffic while another has
+    # some), and not only c1: within the tier, panic spreads the load over every member.
+    assert {m.name for m in p.usable(1)} == {"c1", "c2", "c3"}
+    p.record_failure(p.member("c1"), 1)
+    assert {m.name for m in p.usable(2)} == {"a", "b"}  # nobody healthy: the best tier, whole
+
+
 def test_pick_skips_full_members_and_tried_members() -> None:
     p = pool("round_robin")
     p.member("a").in_flight = p.member("a").max_connections

@@ -53,8 +53,11 @@ def expected(pool: Pool, now: float) -> View:
     for m in live:
         tiers.setdefault(m.tier, []).append(m)
     health = sum(sum(m.healthy(now) for m in ms) / len(ms) for ms in tiers.values())
+    healthy = [m for m in live if m.healthy(now)]
     if not tiers or min(1.0, health) >= pool.settings.health.panic_threshold:
-        live = [m for m in live if m.healthy(now)]
+        live = healthy
+    elif healthy:  # panic: the whole of the best tier that has a healthy member
+        live = [m for m in live if m.tier == min(h.tier for h in healthy)]
     if not live:
         return []
     best = min(m.tier for m in live)

@@ -92,19 +92,20 @@ def make_pool(n: int = 2, **health: Any) -> tuple[Pool, list[tuple[str, bool, st
     return Pool(settings, lambda m, up, reason: changes.append((m.name, up, reason))), changes
 
 
-def test_observe_ejects_a_relay_after_local_failures_in_a_row_and_keeps_their_time_out_of_its_latency() -> (
-    None
-):
-    pool, changes = make_pool(consecutive_failures=2)
+def test_observe_ejects_a_relay_after_local_failures_in_a_row_and_times_only_its_timeouts() -> None:
+    pool, changes = make_pool(consecutive_failures=3)
     a = pool.member("a")
     assert pool.observe(a, answered(OK, tls="TLSv1.3 X"), 0.010, NOW) is None
     assert (a.attempts, a.ewma_latency_s, a.tls) == (1, 0.010, "TLSv1.3 X")
-    assert pool.observe(a, broke_off(Breakoff.TIMEOUT), 30.0, NOW + 1) is LOCAL
-    assert not a.ejected(NOW + 1) and a.last_error == "451 4.4.2 timeout with relay"
-    pool.observe(a, broke_off(Breakoff.CONNECT), 0.001, NOW + 2)
-    assert a.ejected(NOW + 2) and changes == [("a", False, "ejected: 2 local failures in a row")]
-    assert a.ewma_latency_s == 0.010  # neither the 30 s timeout nor the instant refusal is a latency
-    assert a.attempts == 3 and a.tls == "TLSv1.3 X"  # no connection: the last TLS seen stands
+    # Neither the instant refusal nor the dropped connection measures the member's work.
+    assert pool.observe(a, broke_off(Breakoff.CONNECT), 0.001, NOW + 1) is LOCAL
+    assert pool.observe(a, broke_off(Breakoff.LOST), 0.002, NOW + 2) is LOCAL
+    assert a.ewma_latency_s == 0.010 and not a.ejected(NOW + 2)
+    # A timeout is a very slow attempt (configuration.md, Latency average): the peak takes it at once.
+    assert pool.observe(a, broke_off(Breakoff.TIMEOUT), 30.0, NOW + 3) is LOCAL
+    assert a.ewma_latency_s == 30.0 and a.last_error == "451 4.4.2 timeout with relay"
+    assert a.ejected(NOW + 3) and changes == [("a", False, "ejected: 3 local failures in a row")]
+    assert a.attempts == 4 and a.tls == "TLSv1.3 X"  # no connection: the last TLS seen stands
 
 
 def test_observe_counts_4xx_only_attempts_but_a_source_ips_deferrals_never_eject_it() -> None:
@@ -165,3 +166,16 @@ def test_a_retired_pool_takes_nothing_new_and_forgotten_checks_hold_no_member_ou
     assert all(m.check_up and m.check_streak == 0 for m in pool.members)
     pool.retire()
     assert all(m.removed for m in pool.members) and pool.usable(NOW) == []
+
+
+def test_tick_brings_an_ejected_member_back_when_its_time_is_over_without_a_pick() -> None:
+    pool, changes = make_pool(consecutive_failures=1, base_ejection_time=5)
+    pool.settings = pool.settings.model_copy(update={"slow_start": 10.0})
+    a = pool.member("a")
+    pool.observe(a, broke_off(Breakoff.CONNECT), 0.001, NOW)
+    pool.tick(NOW + 4.9)
+    assert changes == [("a", False, "ejected: 1 local failures in a row")]
+    pool.tick(NOW + 5.2)  # the dispatcher's loop, with no work for this pool
+    assert changes[1:] == [("a", True, "ejection time over")] and a.ramp_started == NOW + 5.2
+    pool.tick(NOW + 6)
+    assert len(changes) == 2  # said once

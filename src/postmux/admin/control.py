@@ -145,7 +145,7 @@ class Control:
             "member": m.name,
             "address": m.settings.target,
             "zone": m.zone or "",
-            "state": member_state(m, now),
+            "state": member_state(m, now, pool.settings.slow_start),
             "weight": m.weight,
             "effective_weight": round(pool.effective_weight(m, now), 2),
             "max_connections": m.max_connections,
@@ -377,7 +377,9 @@ class Control:
         return self.reloader.reload()
 
 
-def member_state(m: Any, now: float) -> str:
+def member_state(m: Any, now: float, slow_start: float) -> str:
+    """The word `postmux members` shows; `slow_start`: the pool's. Ramping is judged by the time: ramp_started
+    stays set until a pick reads the ramp, so in a pool without mail it outlives the ramp."""
     if m.removed:
         return "removed"
     if m.draining:
@@ -390,6 +392,6 @@ def member_state(m: Any, now: float) -> str:
         return "check-failed"
     if m.peers_down:  # its own checks pass, but most nodes' fail (balancing/quorum.py)
         return "down-by-majority"
-    if m.ramp_started is not None:
+    if m.ramping(now, slow_start):
         return "ramping"
     return "up"

@@ -177,6 +177,12 @@ class Member:
             return 1.0
         return max(0.1, progress)
 
+    def ramping(self, now: float, slow_start_s: float) -> bool:
+        """Whether slow start still holds it back, read without ending the ramp (ramp() ends it, and so
+        invalidates the pool's choice: a view must not change state)."""
+        started = self._ramp_started
+        return started is not None and slow_start_s > 0 and now - started < slow_start_s
+
     def observe_latency(self, seconds: float, now: float, decay_s: float) -> None:
         """Peak EWMA (Finagle): a slower sample counts at once, faster ones pull the average down slowly."""
         if self.ewma_at is None or seconds > self.ewma_latency_s:

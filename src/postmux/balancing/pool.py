@@ -7,13 +7,13 @@ import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from postmux.attempt import AttemptOutcome
+from postmux.attempt import AttemptOutcome, Breakoff
 from postmux.balancing.health import FailureKind, PassiveHealth, classify
 from postmux.balancing.member import Member
 from postmux.balancing.policies import LeastLatencyPolicy, Policy, make_policy
 from postmux.balancing.quorum import SharedVerdict
 from postmux.balancing.zones import ZoneRouting, ZoneSplit, routing, split
-from postmux.config import PoolSettings
+from postmux.config import MemberSettings, PoolSettings
 
 # Called with (member, up, reason) when a member goes out of service (up=False) or comes back (up=True).
 MemberChange = Callable[[Member, bool, str], None]
@@ -28,12 +28,12 @@ class _Choice:
     slow-start ramp move between state changes; the pick reads the first live and refreshes the second.
     """
 
-    members: list[Member]  # the best tier that has any, or everyone in panic; never mutated
+    members: list[Member]  # the best tier's healthy members, or in panic all of a tier's; never mutated
     ramping: list[Member]  # those of them in slow start: weight and connection cap move with time
     since: float
     until: float  # the first ejection to end: health, panic and tiers may change then
     zones: ZoneSplit | None = None  # the members by zone, when this node prefers its own (zones.py)
-    panic: bool = False  # every member is used, healthy or not (and whatever its zone)
+    panic: bool = False  # every member of the tier is used, healthy or not (and whatever its zone)
 
 
 class Pool:
@@ -100,6 +100,17 @@ class Pool:
         if self._ejected and now >= self._next_return:
             self._returns(now)
 
+    def tick(self, now: float) -> None:
+        """Let members whose ejection is over come back now, whether or not the pool has work.
+
+        pick() and usable() do it too, but a pool without work makes neither: the dispatcher's loop calls
+        this about twice a second, so MemberUp, the slow-start ramp and what `postmux members` shows agree
+        on when the member came back. Costs one comparison while no ejection is due. The success-rate sweep
+        stays with the picks (configuration.md: an idle pool has no attempts to rate).
+        """
+        if self._ejected and now >= self._next_return:
+            self._returns(now)
+
     def _returns(self, now: float) -> None:
         self._next_return = math.inf
         for m in self.members:
@@ -131,11 +142,7 @@ class Pool:
         """
         member.attempts += 1
         failure = classify(outcome, member.settings.kind)
-        if failure is not FailureKind.LOCAL and not outcome.unfit:
-            # Only answered attempts say how fast a member works. A timeout or a refusal is the health
-            # rules' business; counted as latency it would keep a recovered member starved long after
-            # (bench/balance: a 2 s DATA timeout handed the slow member a third of the picks). An unfit
-            # attempt sent nothing: its near-zero time would flatter the member.
+        if _times_the_member(outcome, failure):
             member.observe_latency(elapsed_s, now, self.settings.latency_decay)
         if failure is not None:
             member.last_error = str(next(iter(outcome.replies.values()), ""))
@@ -290,6 +297,24 @@ class Pool:
     def _in_service(self) -> list[Member]:
         return [m for m in self.members if not m.draining and not m.removed and m.weight > 0]
 
+    @staticmethod
+    def _healthy(members: list[Member], now: float) -> list[Member]:
+        return [m for m in members if m.healthy(now)]
+
+    def _panic_tier(self, live: list[Member], now: float) -> list[Member]:
+        """In panic, every member in service of the best tier that still has a healthy member, healthy or
+        not; of the best tier when no tier has one.
+
+        As Envoy's priority levels in panic: a level gets traffic by its health, so one with no healthy
+        host gets none while another has some, and within a level panic spreads over all its hosts rather
+        than piling onto the few healthy ones. Panic is no reason to try dead primaries before a backup.
+        """
+        healthy = self._healthy(live, now)
+        if not healthy:
+            return live
+        tier = min(m.tier for m in healthy)
+        return [m for m in live if m.tier == tier]
+
     def _best_tier(self, members: list[Member], now: float) -> list[Member]:
         if not members:
             return []
@@ -314,14 +339,12 @@ class Pool:
         epoch = self._epoch
         live = self._in_service()
         panic = self.in_panic(now)
-        if not panic:
-            live = [m for m in live if m.healthy(now)]
-        members = self._best_tier(live, now)
+        members = self._best_tier(self._panic_tier(live, now) if panic else self._healthy(live, now), now)
         slow_start = self.settings.slow_start
         ramping = [m for m in members if m.ramp_started is not None and slow_start > 0]
         ends = [m.ejected_until for m in self.members if m.ejected_until > now]
         choice = _Choice(members, ramping, now, min(ends, default=math.inf), panic=panic)
-        if self._zone is not None and members and not panic:  # in panic every member is used, as Envoy does
+        if self._zone is not None and members and not panic:  # in panic the whole tier is used, as Envoy does
             choice.zones = self._split(members)
         if self._epoch == epoch:  # nothing changed while it was worked out (a ramp may end in _ramp)
             self._choice = choice
@@ -341,7 +364,7 @@ class Pool:
         return routing(self._zone, self.settings.zone_routing, choice.members, choice.zones, choice.panic)
 
     def usable(self, now: float) -> list[Member]:
-        """Members that may be given new work: the best tier that has any, or everyone in panic."""
+        """Members that may be given new work: the best tier's healthy ones, or a whole tier in panic."""
         self._refresh(now)
         choice = self._current(now)
         self._ramp(choice.ramping, now)
@@ -443,6 +466,8 @@ class Pool:
                 if not m.removed:
                     m.removed = True
                     changes.append(f"{self.name}/{m.name}: removed")
+            elif m.removed:
+                changes.append(self._restore(m, new, settings.slow_start, now))
             elif new != m.settings:
                 changes.append(f"{self.name}/{m.name}: {_diff(m.settings.model_dump(), new.model_dump())}")
                 m.settings, m.removed = new, False
@@ -468,12 +493,39 @@ class Pool:
         self.prune()
         return changes
 
+    def _restore(self, m: Member, new: MemberSettings, slow_start: float, now: float) -> str:
+        """A member an earlier reload removed is in the file again while still listed (its attempts in
+        flight have not ended): it is back in service, ramping up as an added member does, instead of being
+        pruned with its last attempt (operations.md, Reload: the running pool follows the file)."""
+        what = "restored"
+        if new != m.settings:
+            what += f", {_diff(m.settings.model_dump(), new.model_dump())}"
+        m.settings, m.removed = new, False
+        if slow_start > 0:
+            m.ramp_started = now
+        return f"{self.name}/{m.name}: {what}"
+
     def prune(self) -> None:
         """Forget removed members once their last attempt has ended."""
         kept = [m for m in self.members if not (m.removed and m.in_flight == 0)]
         if len(kept) != len(self.members):
             self.members = kept
             self._invalidate()
+
+
+def _times_the_member(outcome: AttemptOutcome, failure: FailureKind | None) -> bool:
+    """Whether an attempt's time is a latency sample (configuration.md, Latency average).
+
+    An answer is, whatever it said. So is a timeout, as an attempt at least that slow (Finagle times failed
+    requests too): left out, a member that hangs keeps the fast average it had and keeps winning pairs
+    until it is ejected (review2/balance.md, finding 3). A member that came back from an ejection starts
+    afresh (Pool._back), so one it timed out before is not held against it. A refused or dropped
+    connection, a failed TLS or login measure nothing of its work, and an unfit attempt sent nothing: their
+    near-zero times would flatter it.
+    """
+    if outcome.unfit:
+        return False
+    return failure is not FailureKind.LOCAL or outcome.breakoff is Breakoff.TIMEOUT
 
 
 def _diff(old: dict[str, object], new: dict[str, object]) -> str:

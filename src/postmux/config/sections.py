@@ -549,8 +549,9 @@ class HealthSettings(_Frozen):
     max_ejection_percent: float = Field(default=50.0, ge=0.0, le=100.0)
     base_ejection_time: Duration = 30.0
     max_ejection_time: Duration = 300.0
-    # Below this share of usable members, every member is used: better some failed attempts than
-    # piling all mail on the last one standing because of a burst of false ejections.
+    # Below this pool health (the tiers' healthy shares, summed), the tier in use is used whole, healthy
+    # or not: better some failed attempts than piling all mail on the last one standing because of a
+    # burst of false ejections (Pool._panic_tier says which tier).
     panic_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
 

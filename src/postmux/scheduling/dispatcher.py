@@ -75,6 +75,9 @@ class DispatchLimits:
 
 
 RECORD_BACKOFF_MAX_S = 5.0
+# How often the dispatch loop lets the pools bring back members whose ejection is over (Pool.tick): the
+# loop wakes at least every 0.5 s, so MemberUp comes within about a second of an ejection's end.
+POOL_TICK_S = 0.5
 
 
 def transaction_of(item: WorkItem, sender: str | None = None) -> Transaction:
@@ -139,6 +142,7 @@ class Dispatcher:
         self._observe = observe_attempt or (lambda pool, member, seconds: None)
         self._wake = asyncio.Event()
         self._scan_now = asyncio.Event()
+        self._next_pool_tick = 0.0  # time.monotonic(): when the pools are told the time next (_tick_pools)
         # Running attempts (and the other tasks that end in a settlement), each with the work it holds:
         # with the ready and parked work, what `held_rids` gives the spool's lease renewal.
         self._attempts: dict[asyncio.Task[None], WorkItem] = {}
@@ -261,8 +265,9 @@ class Dispatcher:
         while True:
             self._wake.clear()
             next_turn = self._dispatch_ready()
+            self._tick_pools()
             # Wake on new work, a finished attempt or a rate-limited lane's next turn; the timeout also
-            # lets ejected members come back.
+            # lets ejected members come back on time, in a pool without work too (_tick_pools).
             timeout = min(0.5, max(0.001, next_turn - self.clock()))
             await _wait(self._wake, timeout)
 
@@ -295,6 +300,18 @@ class Dispatcher:
             if len(self._spf_judged) > 10_000:  # bounded: judged again at the next pick, cheaply
                 self._spf_judged.clear()
             self.warmup.flush()
+
+    def _tick_pools(self) -> None:
+        """Tell every pool the time, so an ejection that ends while its pool has no work ends then: its
+        MemberUp and slow-start ramp start on time, not at the pool's next pick (Pool.tick). At most every
+        POOL_TICK_S however often the loop wakes, so a busy node pays nothing per message for it."""
+        tick = time.monotonic()
+        if tick < self._next_pool_tick:
+            return
+        self._next_pool_tick = tick + POOL_TICK_S
+        now = self.clock()
+        for pool in self.pools.values():
+            pool.tick(now)
 
     def _dispatch_ready(self) -> float:
         """Start every attempt that may start now; returns when a rate-limited lane may go next."""
