@@ -375,6 +375,26 @@ async def test_a_421_after_mail_reaches_the_reactions_the_events_and_the_next_me
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_552_to_rcpt_is_temporary_and_a_552_to_the_text_is_not(
+    tmp_path: Path, scripted: MakeScripted, pipelining: bool
+) -> None:
+    """RFC 5321 4.5.3.1.10: a 552 to RCPT is RFC 821's "too many recipients", to be taken as the 452 it
+    should have been; its enhanced code's class follows (RFC 3463 2), the rest and the text are the server's.
+    A 552 after the end of data is the message's (its size): permanent, as said."""
+    script = answering(
+        rcpt={"b": b"552 5.5.3 Too many recipients\r\n", "c": b"552 recipient limit reached\r\n"},
+        **{".": b"552 5.3.4 message too big\r\n"},
+    )
+    server = scripted(script, pipelining=pipelining)
+    outcome = await attempt(tmp_path, await server.start())
+    assert outcome.replies == {
+        1: Reply(552, "5.3.4", "message too big"),
+        2: Reply(452, "4.5.3", "Too many recipients"),
+        3: Reply(452, "4.5.3", "recipient limit reached"),
+    }
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_a_farm_member_is_delivered_to_with_or_without_pipelining(
     tmp_path: Path, upstream: StartUpstream, pipelining: bool
 ) -> None:

@@ -321,6 +321,23 @@ class WirePaths:
         return replace(outcome, replies={**outcome.replies, **self.refused}, unsent=frozenset(self.refused))
 
 
+def rcpt_reply(code: int, message: str) -> Reply:
+    """The reply to a RCPT as the verdicts are to read it: as said, but a 552 is a 452.
+
+    RFC 5321 4.5.3.1.10: RFC 821 wrongly gave 552 for "too many recipients", the correct code is 452, and
+    clients SHOULD treat a 552 to RCPT as temporary: the recipient may well be taken in a transaction of
+    its own. Its enhanced code takes the class 4 to match (RFC 3463 2: the class digits agree), keeping the
+    server's subject and detail (552 5.5.3 becomes 452 4.5.3, a 552 5.2.2 "over quota" a 452 4.2.2); a
+    552 without one becomes 452 4.5.3, too many recipients. The server's text is kept. Only RCPT: a 552 to
+    DATA or to the end of data is the message's size or the mailbox's storage, permanent as said.
+    """
+    reply = Reply.parse(code, message)
+    if code != 552:
+        return reply
+    detail = reply.enhanced_code[2:] if reply.enhanced_code else "5.3"
+    return Reply(452, f"4.{detail}", reply.text)
+
+
 def _closed(
     client: aiosmtplib.SMTP, paths: WirePaths, refused: dict[int, Reply], closing: Reply
 ) -> dict[int, Reply]:
@@ -728,7 +745,7 @@ class SmtpTransport:
                 await send_rcpt(client, path)
                 accepted.append(r.rid)
             except aiosmtplib.SMTPRecipientRefused as e:
-                reply = Reply.parse(e.code, e.message)
+                reply = rcpt_reply(e.code, e.message)
                 if reply.code == 421:  # aiosmtplib has closed the client already; no RCPT may follow
                     return _closed(client, paths, replies, reply)
                 replies[r.rid] = reply
@@ -770,7 +787,7 @@ class SmtpTransport:
             if response.code in (250, 251):
                 accepted.append(r.rid)
                 continue
-            reply = Reply.parse(response.code, response.message)
+            reply = rcpt_reply(response.code, response.message)
             if reply.code == 421:
                 return _closed(client, paths, replies, reply)
             replies[r.rid] = reply
