@@ -395,6 +395,37 @@ async def test_a_552_to_rcpt_is_temporary_and_a_552_to_the_text_is_not(
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
+async def test_recipients_over_a_receivers_limit_go_at_once_in_the_next_transactions(
+    tmp_path: Path, scripted: MakeScripted, pipelining: bool
+) -> None:
+    """A receiver that takes 2 recipients a transaction (452 4.5.3 to the rest, RFC 5321 4.5.3.1.10): 5
+    recipients go in 3 transactions straight away, not one batch per retry interval (here an hour)."""
+    taken = 0
+
+    def script(command: bytes) -> bytes | None:
+        nonlocal taken
+        if command.startswith(b"MAIL"):
+            taken = 0
+        elif command.startswith(b"RCPT"):
+            taken += 1
+            if taken > 2:
+                return b"452 4.5.3 Too many recipients\r\n"
+        return standard(command)
+
+    server = scripted(script, pipelining=pipelining)
+    pool = {"name": "default", "members": [{"name": "a", "address": await server.start()}]}
+    settings = make_settings(tmp_path, [pool], retry={"intervals": ["1h"]})
+    recipients = [f"r{i}@dest.test" for i in range(5)]
+    async with App(settings) as app:
+        await send(app.smtp_port, "many", to=recipients)
+        await wait_until(lambda: len(server.texts) == 3, timeout=5)
+        await wait_until(lambda: app.dispatcher.in_flight == 0)
+    events = read_events(tmp_path / "events.jsonl")
+    assert sorted(e["recipient"] for e in events if e["type"] == "Delivery") == recipients
+    assert [e for e in events if e["type"] == "TransientFailure"] == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
 async def test_a_farm_member_is_delivered_to_with_or_without_pipelining(
     tmp_path: Path, upstream: StartUpstream, pipelining: bool
 ) -> None:
