@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from postmux.attempt import AttemptOutcome
 from postmux.config import MemberSettings, ShapingSettings, SpoolSettings, WarmupSettings
 from postmux.reply import Reply
+from postmux.scheduling.feedback import react, telling_reply
 from postmux.scheduling.providers import Providers
 from postmux.scheduling.shaping import LEASE_TTL_S, SPARE_LEASE_S, Admission, Lane, Shaper, describe_lane
 from postmux.scheduling.throttles import MemoryThrottles, Suspension
@@ -192,6 +194,51 @@ def test_aimd_adapts_source_lanes_by_default_and_relay_lanes_only_when_asked() -
     assert everything.react(everything.lane("p", relay, "d", 0.0), DEFER, 0.0, 1.0) is not None
     by_default.configure(shaping(aimd="all"))
     assert by_default.lanes[("p", "r", "d")].adaptive
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(452, "4.2.2", "mailbox full"),
+        Reply(450, "4.2.1", "mailbox temporarily disabled"),
+        Reply(450, "4.1.1", "recipient unknown for now"),
+    ],
+)
+def test_a_deferral_about_one_mailbox_does_not_cut_the_lane(reply: Reply) -> None:
+    """RFC 3463 X.1.x and X.2.x: the state of one address or mailbox, not the receiver asking to slow down;
+    a lane is a whole provider, and one full mailbox must not halve the mail to all of it."""
+    shaper = Shaper(shaping(rule=[{"rate": "120/min"}]))
+    lane = shaper.lane("p", MEMBER, "google", 0.0)
+    assert shaper.react(lane, reply, started_at=0.0, now=1.0) is None
+    assert (lane.allowed_connections, lane.rate, lane.deferred) == (10, pytest.approx(2.0), 1)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(421, "4.2.2", "closing"),  # a 421 closes the channel, whatever its enhanced code says
+        Reply(451, "4.7.1", "slow down"),
+        Reply(451, "4.3.0", "try later"),
+        Reply(451, "4.4.2", "timeout"),
+        Reply(451, "", "try later"),
+    ],
+)
+def test_a_deferral_that_pushes_back_still_cuts_the_lane(reply: Reply) -> None:
+    shaper = Shaper(shaping(rule=[{"rate": "120/min"}]))
+    lane = shaper.lane("p", MEMBER, "google", 0.0)
+    assert shaper.react(lane, reply, started_at=0.0, now=1.0) is not None
+    assert (lane.allowed_connections, lane.rate) == (5, pytest.approx(1.0))
+
+
+def test_of_an_attempts_deferrals_the_one_that_pushes_back_is_heard() -> None:
+    shaper = Shaper(shaping(rule=[{"rate": "120/min"}]))
+    lane = shaper.lane("p", MEMBER, "google", 0.0)
+    full, slow = Reply(452, "4.2.2", "mailbox full"), Reply(451, "4.7.1", "slow down")
+    assert telling_reply([full, full]) == full
+    assert telling_reply([full, slow]) == slow
+    outcome = AttemptOutcome({1: full, 2: slow}, "mx.google.test")
+    change = react(shaper, lane, outcome, started_at=0.0, now=1.0)
+    assert change is not None and change.response is not None and "4.7.1" in change.response.text
 
 
 def test_aimd_never_cuts_below_the_floors() -> None:

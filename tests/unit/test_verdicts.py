@@ -188,6 +188,43 @@ def test_a_deferral_goes_at_once_to_another_member_that_has_not_tried_it() -> No
     assert [r.attempts for r in item.recipients] == [0, 0]  # the work given is left as it was
 
 
+TOO_MANY = Reply(452, "4.5.3", "Too many recipients")
+
+
+def test_recipients_too_many_for_the_transaction_go_at_once_in_a_new_one_without_ending_a_round() -> None:
+    """RFC 5321 4.5.3.1.10, RFC 3463 X.5.3: the receiver took 1 and 2 and would take no more in this
+    transaction; 3 and 4 are a transaction of their own, now, on any member (this one too), as a shaping
+    split's remainder is: no settlement, no event, no failure counted, no round used up."""
+    pool, rules = setup("ab")
+    item = work(1, 2, 3, 4, 5, tried={"a"}, rounds=1, attempts=2)
+    v = verdicts.after_attempt(item, "a", answered(OK, OK, TOO_MANY, TOO_MANY, TRY_LATER), pool, rules, NOW)
+    assert v.split is not None
+    assert [(r.rid, r.attempts, r.rounds) for r in v.split.recipients] == [(3, 2, 1), (4, 2, 1)]
+    assert v.split.tried == set() and v.split.destination == "dest.example"
+    # The others as ever: 1 and 2 delivered, 5 deferred to member b.
+    assert [list(s.rids) for s in v.settlements] == [[1, 2]]
+    assert v.retry_now is not None and [r.rid for r in v.retry_now.recipients] == [5]
+    assert [e.recipient for e in v.events] == [f"user{i}@dest.example" for i in (1, 2, 5)]
+    assert v.tally == Tally(delivered=2, deferred=1)
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        pytest.param((TOO_MANY, TOO_MANY), id="none delivered"),
+        pytest.param((TRY_LATER, TOO_MANY), id="the one taken deferred at DATA"),
+    ],
+)
+def test_too_many_recipients_with_none_delivered_waits_as_any_deferral(replies: tuple[Reply, ...]) -> None:
+    """Bounded: only a transaction that delivered someone splits, so a receiver that says 4.5.3 to every
+    RCPT cannot keep the work going round at once."""
+    pool, rules = setup("a")
+    v = verdicts.after_attempt(work(1, 2, tried={"a"}), "a", answered(*replies), pool, rules, NOW)
+    assert v.split is None and v.retry_now is None
+    assert sorted(r for s in v.settlements for r in s.rids) == [1, 2]
+    assert {s.state for s in v.settlements} == {RecipientState.QUEUED}
+
+
 def test_a_deferral_once_every_member_tried_waits_for_the_next_round_on_the_retry_schedule() -> None:
     pool, rules = setup("ab")
     # The second round: both members tried, and the recipients have ended one round before.

@@ -76,10 +76,25 @@ class GroupReader(asyncio.Protocol):
             if reply is None:
                 return
             self.replies.append(reply)
+            if reply.code == 421:
+                self._closing(reply)
+                return
         if self._buffer and self.strict:
             # A reply to no command: the server and postmux no longer agree on which reply is whose.
             raise aiosmtplib.SMTPResponseException(-1, "Unsolicited reply after pipelined commands")
         self._buffer.clear()  # not strict: dropped, as aiosmtplib drops a reply that none awaits
+        self.done.set_result(None)
+
+    def _closing(self, reply: aiosmtplib.SMTPResponse) -> None:
+        """A 421: the server is closing the channel (RFC 5321 3.8), so nothing after it will be answered.
+
+        The group ends here with the replies read so far, and the commands not answered yet get that same
+        421: it is the receiver's reply to them, which must reach the verdict and shaping as it was said,
+        not be lost to the hang-up that follows (a "connection lost" made up here). What is left in the
+        buffer is dropped: the session is over, and the caller closes the connection.
+        """
+        self.replies += [reply] * (self.wanted - len(self.replies))
+        self._buffer.clear()
         self.done.set_result(None)
 
     def _fail(self, error: BaseException) -> None:
@@ -138,6 +153,9 @@ async def exchange(
     RCPTs may take as long as they would one by one, a server that stops answering is found as soon.
     Raises as aiosmtplib does: SMTPServerDisconnected, SMTPReadTimeoutError, SMTPResponseException for
     a reply that cannot be read. After an error the connection's state is unknown: close it.
+
+    A 421 ends the group (RFC 5321 3.8: the server is closing the channel): it is the reply to its own
+    command and to every command after it. The connection is then as good as closed: close it.
     """
     protocol = client.protocol
     transport = protocol.transport if protocol is not None else None

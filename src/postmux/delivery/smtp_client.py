@@ -321,6 +321,38 @@ class WirePaths:
         return replace(outcome, replies={**outcome.replies, **self.refused}, unsent=frozenset(self.refused))
 
 
+def rcpt_reply(code: int, message: str) -> Reply:
+    """The reply to a RCPT as the verdicts are to read it: as said, but a 552 is a 452.
+
+    RFC 5321 4.5.3.1.10: RFC 821 wrongly gave 552 for "too many recipients", the correct code is 452, and
+    clients SHOULD treat a 552 to RCPT as temporary: the recipient may well be taken in a transaction of
+    its own. Its enhanced code takes the class 4 to match (RFC 3463 2: the class digits agree), keeping the
+    server's subject and detail (552 5.5.3 becomes 452 4.5.3, a 552 5.2.2 "over quota" a 452 4.2.2); a
+    552 without one becomes 452 4.5.3, too many recipients. The server's text is kept. Only RCPT: a 552 to
+    DATA or to the end of data is the message's size or the mailbox's storage, permanent as said.
+    """
+    reply = Reply.parse(code, message)
+    if code != 552:
+        return reply
+    detail = reply.enhanced_code[2:] if reply.enhanced_code else "5.3"
+    return Reply(452, f"4.{detail}", reply.text)
+
+
+def _closed(
+    client: aiosmtplib.SMTP, paths: WirePaths, refused: dict[int, Reply], closing: Reply
+) -> dict[int, Reply]:
+    """The replies of a transaction the server ended with a 421 (RFC 5321 3.8: it is closing the channel).
+
+    Recipients it refused before keep their own reply; every other one gets the 421, those not answered
+    yet and those accepted alike (DATA will not come). It is the receiver's reply, said and not made up
+    here: the verdict, the event, a DSN and shaping's reactions and AIMD hear it as it was said (RFC 5321
+    4.2.2: 421 is "service not available, closing transmission channel"). The connection is closed, never
+    kept for reuse.
+    """
+    client.close()
+    return {r.rid: refused.get(r.rid, closing) for r, _ in paths.recipients}
+
+
 def _downgraded_dsn(work: Transaction) -> Transaction:
     """A global DSN of ours (RFC 6533 3) whose next hop lacks SMTPUTF8, downgraded as RFC 6533 6 asks:
     its envelope and header section are ASCII (else it would be unfit), but its report parts are not.
@@ -713,7 +745,10 @@ class SmtpTransport:
                 await send_rcpt(client, path)
                 accepted.append(r.rid)
             except aiosmtplib.SMTPRecipientRefused as e:
-                replies[r.rid] = Reply.parse(e.code, e.message)
+                reply = rcpt_reply(e.code, e.message)
+                if reply.code == 421:  # aiosmtplib has closed the client already; no RCPT may follow
+                    return _closed(client, paths, replies, reply)
+                replies[r.rid] = reply
             except _LOCAL_ERRORS as e:
                 raise _ConnectionLost(e, "at RCPT TO") from e
         if not accepted:
@@ -740,6 +775,8 @@ class SmtpTransport:
             # A reused connection the server had closed fails here, as at MAIL FROM one command at a time.
             raise _ConnectionLost(e, "at MAIL FROM") from e
         mail_reply, *rcpt_replies, data_reply = group
+        if mail_reply.code == 421:
+            return _closed(client, paths, {}, Reply.parse(mail_reply.code, mail_reply.message))
         if mail_reply.code != 250:
             await self._abandon(client, data_reply)
             reply = Reply.parse(mail_reply.code, mail_reply.message)
@@ -749,8 +786,13 @@ class SmtpTransport:
         for (r, _), response in zip(paths.recipients, rcpt_replies, strict=True):
             if response.code in (250, 251):
                 accepted.append(r.rid)
-            else:
-                replies[r.rid] = Reply.parse(response.code, response.message)
+                continue
+            reply = rcpt_reply(response.code, response.message)
+            if reply.code == 421:
+                return _closed(client, paths, replies, reply)
+            replies[r.rid] = reply
+        if data_reply.code == 421:
+            return _closed(client, paths, replies, Reply.parse(data_reply.code, data_reply.message))
         if not accepted or data_reply.code != 354:
             await self._abandon(client, data_reply)
             refused = Reply.parse(data_reply.code, data_reply.message)
@@ -766,7 +808,10 @@ class SmtpTransport:
                 client, work.data, timeout=self.delivery.data_timeout, tail=work.tail, clean=work.clean
             )
         except aiosmtplib.SMTPDataError as e:
-            await self._reset(client)
+            if e.code == 421:
+                client.close()  # RFC 5321 3.8: the server is closing the channel; no RSET, no reuse
+            else:
+                await self._reset(client)
             return Reply.parse(e.code, e.message)
         except _LOCAL_ERRORS as e:
             raise _ConnectionLost(e, "during DATA") from e

@@ -604,7 +604,8 @@ class Dispatcher:
         return Rules(self.retry, self.router, self.settings.smtp.hostname, self._refuses_member)
 
     async def _apply(self, verdict: Verdict, pool: Pool, member: Member | None, now: float) -> None:
-        """Do what `verdict` says, in its order: events, tally, work for another member, the record.
+        """Do what `verdict` says, in its order: events, tally, work for another member or a new
+        transaction, the record.
 
         The events' webhook rows are recorded with the settlements, in their transaction (events/outbox.py).
         """
@@ -625,6 +626,8 @@ class Dispatcher:
             log.warning("message held", message=s.message_id, reason="local_error", crashes=s.local_errors)
         if verdict.retry_now is not None:
             self.submit([verdict.retry_now], front=True)
+        if verdict.split is not None:  # as _start puts back what a transaction could not carry
+            self.submit([verdict.split], front=True)
         await self._record(verdict.settlements, now, rows)
 
     async def _suppress_hard_bounces(self, events: list[Event]) -> None:

@@ -12,7 +12,7 @@ from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.events.types import Event, EventType
 from postmux.reply import Reply
-from postmux.scheduling.shaping import Lane, Shaper
+from postmux.scheduling.shaping import Lane, Shaper, pushes_back
 
 
 def learn(
@@ -51,7 +51,8 @@ def react(shaper: Shaper, lane: Lane, outcome: AttemptOutcome, started_at: float
 
 
 def telling_reply(replies: list[Reply]) -> Reply | None:
-    """The reply that says most about the receiver's mood: a 421, else a deferral of everything, else a
+    """The reply that says most about the receiver's mood: a 421, else a deferral of everything (one that
+    pushes back first: "4.7.1 slow down" says more than another recipient's "4.2.2 mailbox full"), else a
     success, else a refusal (which reaction rules may still match, e.g. a blocklist listing)."""
     if not replies:
         return None
@@ -59,5 +60,5 @@ def telling_reply(replies: list[Reply]) -> Reply | None:
         if r.code == 421:
             return r
     if all(r.is_transient for r in replies):
-        return replies[0]
+        return next((r for r in replies if pushes_back(r)), replies[0])
     return next((r for r in replies if r.is_success), replies[0])

@@ -4,7 +4,8 @@ A *lane* is one member x one destination (a provider, else a domain). It has a c
 limits) and what is allowed now, which reactions and AIMD move between the floors and the ceiling:
 
 - a reaction rule that matches a reply suspends the lane or cuts it by a factor;
-- otherwise, with AIMD on, a deferral halves the allowed connections and rate and each delivery adds a
+- otherwise, with AIMD on, a deferral that pushes back (`pushes_back`: not one about a single address or
+  mailbox, such as "4.2.2 mailbox full") halves the allowed connections and rate and each delivery adds a
   little back (TCP's congestion control, applied to a receiver's patience). Only replies to attempts that
   started after the last cut count toward another cut, as TCP cuts once per window: a burst of 421s
   answering mail sent at the old rate says nothing about the new one.
@@ -34,6 +35,27 @@ DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
     ReactionRule(enhanced_code="4.7.28", action="suspend", duration=900.0),
     ReactionRule(text=r"too many (concurrent )?(connections|sessions)", action="throttle", factor=0.5),
 )
+
+# RFC 3463 3.2, 3.3: the subjects of one recipient's address (X.1.x: unknown, moved) and of its mailbox
+# (X.2.x: full, disabled, over its own rate): the state of one mailbox, the same at any sending rate.
+_MAILBOX_SUBJECTS = frozenset({"1", "2"})
+
+
+def pushes_back(reply: Reply) -> bool:
+    """Whether a deferral is the receiver asking to be sent less, so that AIMD cuts the lane for it.
+
+    A 421 always is (RFC 5321 3.8: the server closes the channel, "too many connections" comes so), and so
+    is any other 4xx but one whose enhanced code is about one address or mailbox: one full mailbox must
+    not halve the sending to every domain of its provider. A 4xx with no enhanced code says nothing either
+    way and counts, as it always did; 4.7.x (policy, rate), 4.3.x (system) and 4.4.x (network) count.
+    """
+    if reply.code == 421:
+        return True
+    if not reply.is_transient:
+        return False
+    subject = reply.enhanced_code.split(".")[1] if reply.enhanced_code else ""
+    return subject not in _MAILBOX_SUBJECTS
+
 
 _OBSERVE_WINDOW_S = 60.0
 # A connection lease outlives any attempt: the shaper renews the leases of attempts still running when less
@@ -462,7 +484,7 @@ class Shaper:
             return None
         if reply.is_transient:
             lane.deferred += 1
-            if lane.adaptive and started_at >= lane.cut_at:
+            if lane.adaptive and started_at >= lane.cut_at and pushes_back(reply):
                 return self._cut(lane, 0.5, f"deferred ({reply})", now)
         return None
 

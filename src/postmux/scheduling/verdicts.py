@@ -7,7 +7,9 @@ or writes to anything it is given; the dispatcher applies a verdict (emits, resu
 spool), and tests/unit/test_verdicts.py holds the rules without sockets or a spool.
 
 The rules, in brief:
-- a reply per recipient decides it: 2xx delivered, 5xx bounced with a DSN, 4xx deferred; but a 5xx about
+- a reply per recipient decides it: 2xx delivered, 5xx bounced with a DSN, 4xx deferred; but recipients
+  refused as too many for the transaction (452 4.5.3) while others were delivered go at once in a new
+  transaction (`split`), as shaping's max_recipients splits a message; and a 5xx about
   the member rather than the recipient (its IP is on a blocklist: `[bounces] try_other_members`) is
   deferred while another member of the pool has not tried the recipient, and bounces at the last one;
 - deferred work goes at once to another member of the pool that has not tried it this round (RFC 5321
@@ -74,12 +76,17 @@ NO_TALLY = Tally()
 @dataclass(slots=True)
 class Verdict:
     """What to do about one piece of work; the dispatcher does it in this order: emit the events, count
-    the tally, put `retry_now` at the front of its queue, then record the settlements durably."""
+    the tally, put `retry_now` and `split` at the front of their queue, then record the settlements
+    durably."""
 
     settlements: list[Settlement] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     # Work another member of the pool takes at once, at the front of its queue (not yet recorded).
     retry_now: WorkItem | None = None
+    # Recipients the receiver would not take in this transaction alone ("452 4.5.3 too many recipients"):
+    # a new transaction at once, at the front of the queue, as shaping's max_recipients splits a message
+    # (not yet recorded, no round ended, no failure counted).
+    split: WorkItem | None = None
     tally: Tally = NO_TALLY
     held: bool = False  # set aside after crashing our code too often (the settlements say HELD)
 
@@ -111,7 +118,12 @@ def settled(
     delivered: list[WorkRecipient] = []
     bounced: list[tuple[WorkRecipient, Reply]] = []
     deferred: list[tuple[WorkRecipient, Reply]] = []
+    too_many = _too_many(item, outcome)
+    if too_many:
+        v.split = _split(item, member, too_many)
     for r in item.recipients:
+        if r.rid in too_many:
+            continue
         reply = outcome.replies.get(r.rid) or Reply(451, "4.3.0", "no reply recorded")
         bumped = r.answered()
         if reply.is_success:
@@ -148,6 +160,41 @@ def settled(
     # a per-recipient group each), recorded in the same transaction as their settlements.
     v.settlements += finals(item, failures, rules, now)
     return v
+
+
+def _too_many_recipients(reply: Reply) -> bool:
+    """RFC 5321 4.5.3.1.10 and RFC 3463 X.5.3: the receiver takes no more recipients in this transaction
+    (a 552 to RCPT is read as this 452 already: delivery.smtp_client.rcpt_reply)."""
+    return reply.code == 452 and reply.enhanced_code == "4.5.3"
+
+
+def _too_many(item: WorkItem, outcome: AttemptOutcome) -> frozenset[int]:
+    """The recipients refused only for the transaction's size, to go at once in a transaction of their own.
+
+    Only when the receiver delivered another recipient of this one: each new transaction then takes at
+    least one recipient more, so a receiver that says 4.5.3 to every RCPT (or a first one) cannot keep
+    the work going round at once; its recipients wait for their retry as any deferral does.
+    """
+    replies = outcome.replies
+    if not any(reply.code == 452 for reply in replies.values()):
+        return frozenset()  # the usual attempt: nothing more to look at (the hot path)
+    said = outcome.said()
+    if not any(reply.is_success for reply in said) or not any(_too_many_recipients(r) for r in said):
+        return frozenset()
+    return frozenset(
+        r.rid for r in item.recipients if r.rid in replies and _too_many_recipients(replies[r.rid])
+    )
+
+
+def _split(item: WorkItem, member: str, rids: frozenset[int]) -> WorkItem:
+    """Those recipients as new work, as they were before this attempt: its member may take it again (the
+    limit was the transaction's, not the member's), and nothing about them was settled or counted."""
+    return replace(
+        item,
+        recipients=[r for r in item.recipients if r.rid in rids],
+        tried=item.tried - {member},
+        unfit=set(item.unfit),
+    )
 
 
 def said_by(outcome: AttemptOutcome | None, rid: int) -> str:
