@@ -202,6 +202,7 @@ def test_aimd_adapts_source_lanes_by_default_and_relay_lanes_only_when_asked() -
         Reply(452, "4.2.2", "mailbox full"),
         Reply(450, "4.2.1", "mailbox temporarily disabled"),
         Reply(450, "4.1.1", "recipient unknown for now"),
+        Reply(452, "4.5.3", "too many recipients"),  # a transaction's size, not a rate
     ],
 )
 def test_a_deferral_about_one_mailbox_does_not_cut_the_lane(reply: Reply) -> None:

@@ -39,6 +39,9 @@ DEFAULT_REACTIONS: tuple[ReactionRule, ...] = (
 # RFC 3463 3.2, 3.3: the subjects of one recipient's address (X.1.x: unknown, moved) and of its mailbox
 # (X.2.x: full, disabled, over its own rate): the state of one mailbox, the same at any sending rate.
 _MAILBOX_SUBJECTS = frozenset({"1", "2"})
+# RFC 3463 3.6 X.5.3: too many recipients for one transaction, the receiver's limit on a transaction's
+# size (the rest go in the next one: verdicts' split), not on how fast mail comes.
+_TRANSACTION_LIMIT = "5.3"
 
 
 def pushes_back(reply: Reply) -> bool:
@@ -53,8 +56,8 @@ def pushes_back(reply: Reply) -> bool:
         return True
     if not reply.is_transient:
         return False
-    subject = reply.enhanced_code.split(".")[1] if reply.enhanced_code else ""
-    return subject not in _MAILBOX_SUBJECTS
+    status = reply.enhanced_code.split(".", 1)[1] if "." in reply.enhanced_code else ""  # "2.2" of "4.2.2"
+    return status.split(".")[0] not in _MAILBOX_SUBJECTS and status != _TRANSACTION_LIMIT
 
 
 _OBSERVE_WINDOW_S = 60.0
