@@ -410,6 +410,20 @@ class _TlsFallback(Exception):
     """An opportunistic TLS handshake failed: the connection is unusable, a plaintext one may work."""
 
 
+def _refused_greeting(error: aiosmtplib.SMTPResponseException, where: str) -> Reply:
+    """The reply the recipients get when a server greets (or answers EHLO) with a refusal.
+
+    A 4xx stands as the server said it. A 5xx defers all the same: the session never began, so the next MX
+    host is tried, and the mail waits when none takes it (RFC 5321 3.1 and 5.1). Its reply is then ours,
+    a 451 4.4.0 that quotes the server's: its code and its enhanced code keep the same class (RFC 3463 2),
+    and the event and DSN still say what the server said.
+    """
+    said = Reply.parse(error.code, error.message)
+    if error.code < 500:
+        return said
+    return Reply(451, "4.4.0", f"{where} greeted with: {said}")
+
+
 def _cannot_bind(error: BaseException) -> bool:
     """The local source address is not on this host: the member itself is broken, not the receiver."""
     for e in (error, error.__cause__, error.__context__):
@@ -684,8 +698,7 @@ class SmtpTransport:
     def _unreachable(self, error: BaseException, where: str) -> _Unreachable:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
             # A 421 or 554 greeting: the server is up but will not take mail now.
-            reply = Reply.parse(error.code if error.code < 500 else 451, error.message)
-            return _Unreachable(reply, Breakoff.GREETING, said=True)
+            return _Unreachable(_refused_greeting(error, where), Breakoff.GREETING, said=True)
         if _cannot_bind(error):
             reply = Reply(451, "4.4.0", f"cannot send from {self.member.source_address}: {error}")
             return _Unreachable(reply, Breakoff.BIND)
