@@ -24,7 +24,7 @@ import aiosmtplib
 import structlog
 from aiosmtplib.protocol import SMTPProtocol
 
-from postmux.address import Malformed, Role, wire_path
+from postmux.address import Malformed, Role, literal_address, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
 from postmux.body import BodyFile, BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
@@ -677,10 +677,18 @@ class SmtpTransport:
         return describe_tls(client)
 
     def _server_name(self, name: str) -> str:
-        """The name the certificate must show: tls_server_name, else the relay's host or the MX's name."""
+        """The name the certificate must show: tls_server_name, else the relay's host or the MX's name.
+
+        An address literal's host is its bare IP (RFC 5321 4.1.3): given as server_hostname, Python checks
+        it against the certificate's IP addresses and sends no SNI (RFC 6066 3 allows host names only).
+        The bracketed form stays the Remote-MTA's name.
+        """
         if self.member.tls_server_name:
             return self.member.tls_server_name
-        return self.member.host if self.resolver is None else name
+        if self.resolver is None:
+            return self.member.host
+        literal = literal_address(name)
+        return name if literal is None else str(literal)
 
     async def _log_in(self, client: aiosmtplib.SMTP, where: str) -> None:
         """SMTP AUTH (RFC 4954) with the member's credentials; config makes sure TLS is on by now."""
