@@ -52,6 +52,9 @@ def local_failure(error: BaseException, where: str) -> tuple[Breakoff, Reply]:
 
 
 Target = tuple[str, int]  # (host, port) one connection goes to
+# Which idle connections a delivery may take: the target, and under tls = "verify" the name its certificate
+# was checked for ("" otherwise: any connection to the target will do).
+PoolKey = tuple[Target, str]
 
 # Any CR, LF or CRLF: a stored message should hold none but CRLF, but one that does is repaired here.
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -374,7 +377,7 @@ def _ends(client: aiosmtplib.SMTP) -> tuple[str, str]:
 @dataclass(slots=True)
 class _Connection:
     client: aiosmtplib.SMTP
-    target: Target
+    key: PoolKey
     tls: str = "none"  # protocol and cipher, or "none"
     peer: str = ""  # "ip:port" connected to
     source_ip: str = ""  # the local address the connection left from
@@ -449,7 +452,7 @@ class SmtpTransport:
         self.ehlo_hostname = member.ehlo_hostname or ehlo_hostname
         self.resolver = resolver
         self._tls_context = client_context(member)
-        self._idle: dict[Target, list[_Connection]] = {}
+        self._idle: dict[PoolKey, list[_Connection]] = {}
         self._busy = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._retired = False
@@ -508,7 +511,7 @@ class SmtpTransport:
     ) -> AttemptOutcome:
         unreachable: _Unreachable | None = None
         for name, target in targets:
-            idle = self._idle.get(target)
+            idle = self._idle.get(self._pool_key(name, target))
             if idle:
                 # A reused connection the server has dropped meanwhile fails at MAIL before anything was
                 # said about this message: not the member's fault, so try once more on a fresh one.
@@ -569,7 +572,7 @@ class SmtpTransport:
         limit = min(self.max_messages, per_connection or self.max_messages)
         if conn.client.is_connected and conn.messages < limit and not self._retired:
             conn.idle_since = time.monotonic()
-            self._idle.setdefault(conn.target, []).append(conn)
+            self._idle.setdefault(conn.key, []).append(conn)
         else:
             self._quit(conn)
 
@@ -627,7 +630,13 @@ class SmtpTransport:
             raise
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
             raise self._unreachable(e, where) from e
-        return _Connection(client, target, tls, *_ends(client))
+        return _Connection(client, self._pool_key(name, target), tls, *_ends(client))
+
+    def _pool_key(self, name: str, target: Target) -> PoolKey:
+        """Under tls = "verify" a connection is fit only for the name its certificate was checked for: two
+        MX names on one IP must not share it, or mail for the second would skip its check. Other modes
+        check no name, so any connection to the target will do."""
+        return (target, self._server_name(name) if self.member.tls_mode == "verify" else "")
 
     @staticmethod
     async def _greet(client: aiosmtplib.SMTP) -> None:
@@ -847,7 +856,7 @@ class SmtpTransport:
             conn.client.close()
 
     def reap_idle(self, now: float) -> None:
-        for target, idle in list(self._idle.items()):
+        for key, idle in list(self._idle.items()):
             keep = []
             for conn in idle:
                 if now - conn.idle_since >= self.delivery.idle_timeout or not conn.client.is_connected:
@@ -855,9 +864,9 @@ class SmtpTransport:
                 else:
                     keep.append(conn)
             if keep:
-                self._idle[target] = keep
+                self._idle[key] = keep
             else:
-                del self._idle[target]
+                del self._idle[key]
 
     def retire(self) -> None:
         self._retired = True
