@@ -8,6 +8,7 @@ import pytest
 
 from postmux.config import DnsSettings, ShapingSettings
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.myself import Myself
 from postmux.scheduling.providers import Providers
 from tests.dns_server import LoopbackDns
 
@@ -39,6 +40,15 @@ flaky.test.        3600 IN MX 10 primary.flaky.test.
 flaky.test.        3600 IN MX 20 backup.flaky.test.
 primary.flaky.test. 3600 IN A 127.0.0.70
 backup.flaky.test. 3600 IN A 127.0.0.71
+loop.test.         300 IN MX 10 self.loop.test.
+self.loop.test.    300 IN A 127.0.0.1
+partial.test.      300 IN MX 10 good.partial.test.
+partial.test.      300 IN MX 20 self.loop.test.
+partial.test.      300 IN MX 20 peer.partial.test.
+partial.test.      300 IN MX 30 worse.partial.test.
+good.partial.test. 300 IN A 127.0.0.81
+peer.partial.test. 300 IN A 127.0.0.82
+worse.partial.test. 300 IN A 127.0.0.83
 """
 
 
@@ -192,3 +202,21 @@ async def test_a_failed_address_lookup_keeps_the_plan_briefly_so_the_host_is_ask
     clock.now += 59  # a plan that no lookup failed for is kept for its TTL (here min_ttl) again
     await r.resolve("flaky.test")
     assert dns_server.queries[("flaky.test", "MX")] == 2
+
+
+async def test_an_mx_host_that_is_this_node_is_dropped_with_every_mx_not_better_than_it(
+    dns_server: LoopbackDns,
+) -> None:
+    # RFC 5321 5.1: the node listens on 127.0.0.1:2525, where self.loop.test's mail would go.
+    r = resolver(dns_server)
+    r.know_myself(Myself.of("127.0.0.1", 2525, "postmux.test"))
+    partial = await r.resolve("partial.test")
+    assert [h.name for h in partial.hosts] == ["good.partial.test"]
+    looping = await r.resolve("loop.test")
+    assert (
+        looping.error is not None
+        and str(looping.error) == "554 5.4.6 mail for loop.test loops back to myself"
+    )
+    assert (await r.resolve("[127.0.0.1]")).error is not None  # a literal naming the node loops as well
+    r.know_myself(Myself.of("127.0.0.1", 2626, "postmux.test"))  # listening elsewhere: no loop
+    assert [h.name for h in (await r.resolve("loop.test")).hosts] == ["self.loop.test"]

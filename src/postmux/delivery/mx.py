@@ -3,6 +3,8 @@
 - MX records, best (lowest) preference first, equal preferences in random order (RFC 5321 5.1);
 - no MX record: the domain's own address records are its implicit MX (RFC 5321 5.1);
 - a null MX, "0 .", means the domain takes no mail: bounce at once (RFC 7505 3);
+- an MX host that is this node itself is dropped with every MX of equal or worse preference; none left,
+  the mail loops back to myself: bounce at once (RFC 5321 5.1, postmux.delivery.myself);
 - a domain that does not exist bounces; a lookup that fails (timeout, SERVFAIL) defers;
 - an address literal, [192.0.2.1] or [IPv6:2001:db8::1], is the host itself: no lookup (RFC 5321 5.1);
 - [dns] overrides answer for listed domains without asking DNS (tests, private networks).
@@ -16,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import dns.asyncresolver
@@ -24,10 +26,14 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import structlog
 
 from postmux.address import literal_address
 from postmux.config import DnsSettings, split_hostport
+from postmux.delivery.myself import Myself
 from postmux.reply import Reply
+
+log = structlog.get_logger("postmux.delivery")
 
 Clock = Callable[[], float]
 
@@ -112,6 +118,15 @@ class MxResolver:
         self._cache: dict[str, MxPlan] = {}
         self._pending: dict[str, asyncio.Future[MxPlan]] = {}
         self._resolver: dns.asyncresolver.Resolver | None = None
+        # How mail would reach this node itself (RFC 5321 5.1's loop check); None: not known, no check.
+        self.myself: Myself | None = None
+
+    def know_myself(self, myself: Myself) -> None:
+        """Where this node listens and what it is called (at start, once the port is bound, and at each
+        reload): plans made without it may name the node itself, so they are forgotten."""
+        if myself != self.myself:
+            self.myself = myself
+            self._cache.clear()
 
     def reconfigure(self, settings: DnsSettings, providers: Destinations) -> None:
         """New settings (a reload): what was learnt under the old ones is forgotten."""
@@ -159,8 +174,29 @@ class MxResolver:
             plan = self._plan(domain, [host], self.settings.max_ttl, [])
         else:
             plan = await self._from_dns(domain)
+        plan = self._without_myself(plan)
         self._cache[domain] = plan
         return plan
+
+    def _without_myself(self, plan: MxPlan) -> MxPlan:
+        """RFC 5321 5.1: an MX host that is this node, and every MX of equal or worse preference, are
+        dropped; when none is left the mail loops back to myself, a permanent failure (RFC 3463 X.4.6),
+        rather than a message sent round through the node until its hop count bounces it."""
+        me = self.myself
+        if me is None or plan.error is not None:
+            return plan
+        mine = [h for h in plan.hosts if any(me.listens_at(ip, port) for ip, port in h.addresses)]
+        if not mine:
+            return plan
+        worst = min(h.preference for h in mine)
+        hosts = tuple(h for h in plan.hosts if h.preference < worst)
+        log.info(
+            "MX host is this node", domain=plan.domain, mx_host=mine[0].name, kept=[h.name for h in hosts]
+        )
+        if hosts:
+            return replace(plan, hosts=hosts)
+        reply = Reply(554, "5.4.6", f"mail for {plan.domain} loops back to myself")
+        return replace(plan, hosts=(), error=reply)
 
     def _ttl(self, ttl: float) -> float:
         return self.clock() + min(self.settings.max_ttl, max(self.settings.min_ttl, ttl))

@@ -409,6 +409,10 @@ class _Unreachable(Exception):
 _MEMBER_BROKEN = frozenset({Breakoff.BIND, Breakoff.AUTH})
 
 
+class _Loop(Exception):
+    """The server greeted, or answered EHLO, with this node's own hostname: it is this node."""
+
+
 class _TlsFallback(Exception):
     """An opportunistic TLS handshake failed: the connection is unusable, a plaintext one may work."""
 
@@ -522,6 +526,13 @@ class SmtpTransport:
                     return outcome
             try:
                 conn = await self._connect(name, target)
+            except _Loop:
+                # RFC 5321 5.1: this host is this node; it and every host after it (of equal or worse
+                # preference) are dropped. A better host passed over before may yet take the mail: wait.
+                if unreachable is not None:
+                    break
+                reply = Reply(554, "5.4.6", f"mail for {work.domain} loops back to myself")
+                return self._all(work, reply, Breakoff.GREETING, name)
             except _Unreachable as e:
                 unreachable = e
                 if e.breakoff in _MEMBER_BROKEN:
@@ -618,15 +629,15 @@ class SmtpTransport:
         )
         where = f"{host}:{port}"
         try:
-            await client.connect(timeout=self.delivery.connect_timeout)
+            greeting = await client.connect(timeout=self.delivery.connect_timeout)
             try:
-                await self._greet(client)
+                self._not_myself(name, where, greeting, await self._greet(client))
                 tls = await self._start_tls(client, name, where) if use_tls else "none"
                 await self._log_in(client, where)
             except BaseException:
                 client.close()
                 raise
-        except (_TlsFallback, _Unreachable):
+        except (_TlsFallback, _Unreachable, _Loop):
             raise
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
             raise self._unreachable(e, where) from e
@@ -639,11 +650,27 @@ class SmtpTransport:
         return (target, self._server_name(name) if self.member.tls_mode == "verify" else "")
 
     @staticmethod
-    async def _greet(client: aiosmtplib.SMTP) -> None:
+    async def _greet(client: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
         try:
-            await client.ehlo()
+            return await client.ehlo()
         except aiosmtplib.SMTPHeloError:
-            await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+            return await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+
+    def _not_myself(self, name: str, where: str, *replies: aiosmtplib.SMTPResponse) -> None:
+        """Raise _Loop when an MX host greets or answers EHLO with this node's own [smtp] hostname.
+
+        The MX plan drops hosts at this node's own listening addresses (delivery/myself.py); one reached
+        by another of its addresses, or through a NAT, is seen only here, by its name (Postfix: "host X
+        greeted me with my own hostname"). A relay is the operator's choice and is not checked.
+        """
+        me = self.resolver.myself if self.resolver is not None else None
+        if me is None:
+            return
+        for reply in replies:
+            words = reply.message.split(maxsplit=1)
+            if words and me.is_named(words[0]):
+                log.warning("MX host greets with this node's own hostname", mx_host=name, target=where)
+                raise _Loop(words[0])
 
     async def _start_tls(self, client: aiosmtplib.SMTP, name: str, where: str) -> str:
         """STARTTLS as the member's mode says; returns "protocol cipher" or "none".
