@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from postmux.app import App
 from tests.dns_server import LoopbackDns
 from tests.support import Upstream, free_port, make_settings, read_events, send, send_many, wait_until
@@ -43,6 +45,12 @@ loop.test.       300 IN MX 10 self.loop.test.
 self.loop.test.  300 IN A 127.0.0.1
 greet.test.      300 IN MX 10 mx.greet.test.
 mx.greet.test.   300 IN A 127.0.0.15
+skip.test.       300 IN MX 10 mx-a.skip.test.
+skip.test.       300 IN MX 20 mx-b.skip.test.
+skip.test.       300 IN MX 30 mx-c.skip.test.
+mx-a.skip.test.  300 IN A 127.0.0.16
+mx-b.skip.test.  300 IN A 127.0.0.17
+mx-c.skip.test.  300 IN A 127.0.0.18
 """
 
 
@@ -142,3 +150,33 @@ async def test_an_mx_that_greets_with_this_nodes_own_hostname_is_a_loop(tmp_path
     assert str(bounce["response"]["code"]) + " " + bounce["response"]["text"] == (
         "554 mail for greet.test loops back to myself"
     )
+
+
+async def test_mx_hosts_passed_over_are_logged_and_named_on_the_event(tmp_path: Path) -> None:
+    # MX 10 refuses the connection, MX 20 greets with 421, MX 30 takes the mail: the operator must be able
+    # to see that the primary is failing, not just that MX 30 delivered.
+    busy = await Upstream("mx-b", host="127.0.0.17").start()
+    busy.greeting_refusal = "421 4.3.2 busy"
+    taker = await Upstream("mx-c", host="127.0.0.18").start(port=busy.port)
+    try:
+        with LoopbackDns(ZONE) as dns, capture_logs() as logs:
+            settings = make_settings(
+                tmp_path, [direct_pool()], dns={"nameservers": [dns.address], "mx_port": busy.port}
+            )
+            async with App(settings) as app:
+                await send(app.smtp_port, "skip", to=["u@skip.test"])
+                await wait_until(lambda: bool(events_of(tmp_path, "Delivery")))
+    finally:
+        await busy.stop()
+        await taker.stop()
+    (delivery,) = events_of(tmp_path, "Delivery")
+    assert delivery["mx_host"] == "mx-c.skip.test"
+    a, b = delivery["tags"]["mx_skipped"].split("; ")
+    assert a.startswith(f"mx-a.skip.test 127.0.0.16:{busy.port} 451 4.4.1 connection refused")
+    assert b == f"mx-b.skip.test 127.0.0.17:{busy.port} 421 4.3.2 busy"
+    passed = [e for e in logs if e["event"] == "MX host passed over"]
+    assert [(e["mx_host"], e["log_level"]) for e in passed] == [
+        ("mx-a.skip.test", "info"),
+        ("mx-b.skip.test", "info"),
+    ]
+    assert passed[1]["reply"] == "421 4.3.2 busy" and passed[1]["address"] == f"127.0.0.17:{busy.port}"

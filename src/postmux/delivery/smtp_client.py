@@ -513,6 +513,19 @@ class SmtpTransport:
         paths: WirePaths,
         per_connection: int | None,
     ) -> AttemptOutcome:
+        """The attempt at the first target that takes it; the MX hosts passed over on the way go with it."""
+        passed: list[str] = []
+        outcome = await self._first_taker(targets, work, paths, per_connection, passed)
+        return replace(outcome, passed_over=tuple(passed)) if passed else outcome
+
+    async def _first_taker(
+        self,
+        targets: list[tuple[str, Target]],
+        work: Transaction,
+        paths: WirePaths,
+        per_connection: int | None,
+        passed: list[str],
+    ) -> AttemptOutcome:
         unreachable: _Unreachable | None = None
         for name, target in targets:
             idle = self._idle.get(self._pool_key(name, target))
@@ -529,14 +542,16 @@ class SmtpTransport:
             except _Loop:
                 # RFC 5321 5.1: this host is this node; it and every host after it (of equal or worse
                 # preference) are dropped. A better host passed over before may yet take the mail: wait.
-                if unreachable is not None:
-                    break
                 reply = Reply(554, "5.4.6", f"mail for {work.domain} loops back to myself")
+                if unreachable is not None:
+                    self._pass_over(work, name, target, reply, passed)
+                    break
                 return self._all(work, reply, Breakoff.GREETING, name)
             except _Unreachable as e:
                 unreachable = e
                 if e.breakoff in _MEMBER_BROKEN:
                     break  # this member's own setup failed: every other MX host would fail alike
+                self._pass_over(work, name, target, e.reply, passed)
                 continue  # RFC 5321 5.1: try the next MX host
             outcome = await self._attempt(conn, work, paths, name, per_connection, fresh_retry_allowed=False)
             assert outcome is not None
@@ -545,6 +560,26 @@ class SmtpTransport:
         return self._all(
             work, unreachable.reply, unreachable.breakoff, targets[-1][0], local=not unreachable.said
         )
+
+    def _pass_over(
+        self, work: Transaction, name: str, target: Target, reply: Reply, passed: list[str]
+    ) -> None:
+        """Note an MX host that could not take the mail (refused, silent, a refusing greeting, TLS), in the
+        log and on the attempt's events (tags.mx_skipped), so a failing primary MX shows (Postfix logs each
+        host it passes over). A relay member's one target is its own outcome, not a host passed over."""
+        if self.resolver is None:
+            return
+        ip, port = target
+        address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        log.info(
+            "MX host passed over",
+            member=self.member.name,
+            domain=work.domain,
+            mx_host=name,
+            address=address,
+            reply=str(reply),
+        )
+        passed.append(f"{name} {address} {reply}")
 
     async def _attempt(
         self,
