@@ -31,9 +31,10 @@ from postmux.admin.reload import Reloader, ReloadResult
 from postmux.balancing.member import Member
 from postmux.balancing.pool import Pool
 from postmux.balancing.probes import HealthChecker
-from postmux.config import Settings, http_notes
+from postmux.config import Settings, http_notes, split_hostport
 from postmux.delivery.factory import MemberTransports, TransportFactory, smtp_transport
 from postmux.delivery.mx import MxResolver
+from postmux.delivery.myself import Myself
 from postmux.delivery.transport import MemberTransport
 from postmux.dkim import DkimSigner
 from postmux.events.bus import EventBus
@@ -366,6 +367,16 @@ class App:
                     return_domains=self._return_domains(),
                     suppressions=self.suppressions,
                 )
+        self.resolver.know_myself(self._myself(settings))  # with the port bound ("host:0" picks one)
+
+    def _myself(self, settings: Settings) -> Myself:
+        """How mail would reach this node (delivery/myself.py): [smtp] listen, on the port bound once the
+        listener runs ("host:0" picks one at start), [smtp] hostname, and the source members' addresses."""
+        host, port = split_hostport(settings.smtp.listen)
+        if self._smtp is not None or self.workers is not None:
+            port = self.smtp_port
+        sources = (m.source_address for p in settings.pool for m in p.members if m.source_address)
+        return Myself.of(host, port, settings.smtp.hostname, sources)
 
     def _return_domains(self) -> tuple[str, ...]:
         domain = self.settings.verp.domain
@@ -628,6 +639,7 @@ class App:
         changes = self._configure_pools(settings, self.clock())
         providers = Providers(settings.shaping)
         self.resolver.reconfigure(settings.dns, providers)
+        self.resolver.know_myself(self._myself(settings))
         self.metrics.providers = providers.names
         self.suppressions.reconfigure(settings.suppression)
         self.sync_transports(settings)

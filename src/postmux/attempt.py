@@ -112,6 +112,9 @@ class AttemptOutcome:
     # from (a source member's IP; for a relay, whatever the kernel chose). For events, never decisions.
     peer: str = ""
     source_ip: str = ""
+    # The MX hosts passed over before this attempt's host, "name ip:port reply" each, best first: for events
+    # (tags.mx_skipped) and the operator, never decisions.
+    passed_over: tuple[str, ...] = ()
 
     def said(self) -> list[Reply]:
         """The replies the receiver itself gave to this transaction (none when it broke off or was local)."""

@@ -51,6 +51,20 @@ async def test_a_refusing_greeting_is_reported_as_said_by_the_server(
     assert outcome.replies[1] == Reply(421, "4.3.2", "busy")
 
 
+async def test_a_5xx_greeting_defers_with_a_reply_of_ours_that_quotes_the_servers(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    # The next MX host is tried, and the mail waits when none takes it; but the reply must not be a made-up
+    # "451 5.7.1": RFC 3463 2 has the enhanced code's class agree with the reply code's.
+    up = await upstream("unwelcoming")
+    up.greeting_refusal = "554 5.7.1 you are not welcome"
+    outcome = await attempt(tmp_path, up.address)
+    assert (outcome.breakoff, outcome.local) == (Breakoff.GREETING, False)
+    assert outcome.replies[1] == Reply(
+        451, "4.4.0", f"{up.address} greeted with: 554 5.7.1 you are not welcome"
+    )
+
+
 async def test_tls_required_but_not_offered_and_a_refused_login_are_reported_where_they_happened(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:

@@ -330,6 +330,64 @@ async def test_a_source_member_verifies_the_mx_host_name_dns_gave(
         assert response["enhanced_code"] == "4.7.5" and "Hostname mismatch" in response["text"]
 
 
+SHARED = """
+b1.test.        300 IN MX 10 mx.good.test.
+b2.test.        300 IN MX 10 mx.evil.test.
+mx.good.test.   300 IN A 127.0.0.23
+mx.evil.test.   300 IN A 127.0.0.23
+"""
+
+
+async def test_verify_never_reuses_a_connection_checked_for_another_mx_name_on_the_same_ip(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    # One IP, two MX names, a certificate for one of them. The connection verified for mx.good.test,
+    # idle after the first message, must not carry mail for mx.evil.test unchecked.
+    mx = await Upstream("mx", host="127.0.0.23", tls=server_tls(ca, "mx.good.test")).start()
+    try:
+        with LoopbackDns(SHARED) as dns:
+            member = {**SOURCES[0], "tls": "verify", "tls_ca_file": ca_file(ca, tmp_path)}
+            settings = make_settings(
+                tmp_path,
+                [{"name": "default", "members": [member]}],
+                dns={"nameservers": [dns.address], "mx_port": mx.port},
+            )
+            async with App(settings) as app:
+                await send(app.smtp_port, "good", to=["u@b1.test"])
+                await wait_until(lambda: bool(events(tmp_path, "Delivery")))
+                await send(app.smtp_port, "evil", to=["u@b2.test"])
+                await wait_until(lambda: bool(events(tmp_path, "TransientFailure")))
+    finally:
+        await mx.stop()
+    assert [r.test_id for r in mx.received] == ["good"]
+    response = events(tmp_path, "TransientFailure")[0]["response"]
+    assert response["enhanced_code"] == "4.7.5" and "mx.evil.test" in response["text"]
+
+
+async def test_verify_checks_an_address_literal_against_the_certificates_ip_address(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    # u@[127.0.0.22]: the host is the IP (RFC 5321 4.1.3), so the certificate must name that IP address,
+    # not the text "[127.0.0.22]" (which no certificate can hold).
+    mx = await Upstream("mx", host="127.0.0.22", tls=server_tls(ca, "127.0.0.22")).start()
+    try:
+        verify = {"tls": "verify", "tls_ca_file": ca_file(ca, tmp_path)}
+        members = [{**m, **verify} for m in SOURCES]
+        settings = make_settings(
+            tmp_path, [{"name": "default", "members": members}], dns={"mx_port": mx.port}
+        )
+        async with App(settings) as app:
+            await send(app.smtp_port, "lit", to=["u@[127.0.0.22]"])
+            await wait_until(
+                lambda: bool(events(tmp_path, "Delivery") or events(tmp_path, "TransientFailure"))
+            )
+    finally:
+        await mx.stop()
+    assert events(tmp_path, "TransientFailure") == []
+    (delivery,) = events(tmp_path, "Delivery")
+    assert delivery["mx_host"] == "[127.0.0.22]" and mx.received[0].tls
+
+
 # -- operators' view -------------------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 - MX records, best (lowest) preference first, equal preferences in random order (RFC 5321 5.1);
 - no MX record: the domain's own address records are its implicit MX (RFC 5321 5.1);
 - a null MX, "0 .", means the domain takes no mail: bounce at once (RFC 7505 3);
+- an MX host that is this node itself is dropped with every MX of equal or worse preference; none left,
+  the mail loops back to myself: bounce at once (RFC 5321 5.1, postmux.delivery.myself);
 - a domain that does not exist bounces; a lookup that fails (timeout, SERVFAIL) defers;
 - an address literal, [192.0.2.1] or [IPv6:2001:db8::1], is the host itself: no lookup (RFC 5321 5.1);
 - [dns] overrides answer for listed domains without asking DNS (tests, private networks).
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import dns.asyncresolver
@@ -23,12 +26,20 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import structlog
 
 from postmux.address import literal_address
 from postmux.config import DnsSettings, split_hostport
+from postmux.delivery.myself import Myself
 from postmux.reply import Reply
 
+log = structlog.get_logger("postmux.delivery")
+
 Clock = Callable[[], float]
+
+# How long an answer made of a failed lookup is kept: a short memory, so a sick resolver is not hammered
+# and a glitch is forgotten by the next delivery.
+_BRIEF = 5.0
 
 
 class Destinations(Protocol):
@@ -59,6 +70,15 @@ class MxPlan:
     hosts: tuple[MxHost, ...] = ()
     error: Reply | None = None
     expires: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """What the address lookups (A, AAAA) of one host gave."""
+
+    addresses: tuple[str, ...]
+    ttl: float  # the least TTL of the answers, CNAME chains included; inf when there were none
+    failed: bool  # a lookup failed (timeout, SERVFAIL) rather than found nothing (NXDOMAIN, NODATA)
 
 
 def _is_ip(host: str) -> bool:
@@ -98,6 +118,15 @@ class MxResolver:
         self._cache: dict[str, MxPlan] = {}
         self._pending: dict[str, asyncio.Future[MxPlan]] = {}
         self._resolver: dns.asyncresolver.Resolver | None = None
+        # How mail would reach this node itself (RFC 5321 5.1's loop check); None: not known, no check.
+        self.myself: Myself | None = None
+
+    def know_myself(self, myself: Myself) -> None:
+        """Where this node listens and what it is called (at start, once the port is bound, and at each
+        reload): plans made without it may name the node itself, so they are forgotten."""
+        if myself != self.myself:
+            self.myself = myself
+            self._cache.clear()
 
     def reconfigure(self, settings: DnsSettings, providers: Destinations) -> None:
         """New settings (a reload): what was learnt under the old ones is forgotten."""
@@ -142,23 +171,49 @@ class MxResolver:
             plan = await self._from_override(domain, override)
         elif literal is not None:
             host = MxHost(domain, 0, ((str(literal), self.settings.mx_port),))
-            plan = self._plan(domain, [host], self.settings.max_ttl)
+            plan = self._plan(domain, [host], self.settings.max_ttl, [])
         else:
             plan = await self._from_dns(domain)
+        plan = self._without_myself(plan)
         self._cache[domain] = plan
         return plan
+
+    def _without_myself(self, plan: MxPlan) -> MxPlan:
+        """RFC 5321 5.1: an MX host that is this node, and every MX of equal or worse preference, are
+        dropped; when none is left the mail loops back to myself, a permanent failure (RFC 3463 X.4.6),
+        rather than a message sent round through the node until its hop count bounces it."""
+        me = self.myself
+        if me is None or plan.error is not None:
+            return plan
+        mine = [h for h in plan.hosts if any(me.listens_at(ip, port) for ip, port in h.addresses)]
+        if not mine:
+            return plan
+        worst = min(h.preference for h in mine)
+        hosts = tuple(h for h in plan.hosts if h.preference < worst)
+        log.info(
+            "MX host is this node", domain=plan.domain, mx_host=mine[0].name, kept=[h.name for h in hosts]
+        )
+        if hosts:
+            return replace(plan, hosts=hosts)
+        reply = Reply(554, "5.4.6", f"mail for {plan.domain} loops back to myself")
+        return replace(plan, hosts=(), error=reply)
 
     def _ttl(self, ttl: float) -> float:
         return self.clock() + min(self.settings.max_ttl, max(self.settings.min_ttl, ttl))
 
     async def _from_override(self, domain: str, hosts: tuple[str, ...]) -> MxPlan:
         mx: list[MxHost] = []
+        found: list[_Found] = []
         for i, spec in enumerate(hosts):
             host, port = split_hostport(spec)
-            addresses = [host] if _is_ip(host) else await self._addresses(host)
-            mx.append(MxHost(host, i * 10, tuple((a, port) for a in addresses)))
+            if _is_ip(host):
+                mx.append(MxHost(host, i * 10, ((host, port),)))
+                continue
+            found.append(await self._lookup_addresses(host))
+            mx.append(MxHost(host, i * 10, tuple((a, port) for a in found[-1].addresses)))
         dest = self.providers.destination(domain, (h.name for h in mx if not _is_ip(h.name)))
-        return MxPlan(domain, dest, tuple(mx), expires=self._ttl(self.settings.max_ttl))
+        # The listed names' addresses still come from DNS: they are kept no longer than their TTLs.
+        return MxPlan(domain, dest, tuple(mx), expires=self._expires(self.settings.max_ttl, found))
 
     async def _from_dns(self, domain: str) -> MxPlan:
         try:
@@ -170,7 +225,7 @@ class MxResolver:
             return await self._implicit_mx(domain)
         except (dns.exception.DNSException, OSError) as e:
             reply = Reply(451, "4.4.3", f"MX lookup for {domain} failed: {type(e).__name__}")
-            return self._failed(domain, reply, 5.0)  # a short memory: do not hammer a sick resolver
+            return self._failed(domain, reply, _BRIEF)  # a short memory: do not hammer a sick resolver
         records = sorted(
             ((r.preference, random.random(), r.exchange.to_text(omit_final_dot=True)) for r in answer),
         )
@@ -178,44 +233,59 @@ class MxResolver:
             # RFC 7505 3: a null MX says the domain accepts no mail; bounce without trying.
             reply = Reply(556, "5.1.10", f"domain {domain} accepts no mail (null MX)")
             return self._failed(domain, reply, answer.rrset.ttl if answer.rrset else 0)
-        hosts = await asyncio.gather(*(self._host(name, pref) for pref, _, name in records))
-        ttl = answer.rrset.ttl if answer.rrset else 0
-        return self._plan(domain, [h for h in hosts if h.addresses], ttl)
+        found = await asyncio.gather(*(self._lookup_addresses(name) for _, _, name in records))
+        hosts = [
+            MxHost(name, pref, self._at_mx_port(f)) for (pref, _, name), f in zip(records, found, strict=True)
+        ]
+        return self._plan(domain, hosts, answer.chaining_result.minimum_ttl, found)
 
     async def _implicit_mx(self, domain: str) -> MxPlan:
-        addresses, failed = await self._lookup_addresses(domain)
-        if not addresses:
-            if failed:  # a lookup that failed says nothing about the domain: try again later
+        found = await self._lookup_addresses(domain)
+        if not found.addresses:
+            if found.failed:  # a lookup that failed says nothing about the domain: try again later
                 reply = Reply(451, "4.4.3", f"address lookup for {domain} failed")
-                return self._failed(domain, reply, 5.0)
+                return self._failed(domain, reply, _BRIEF)
             reply = Reply(550, "5.1.2", f"domain {domain} has no MX and no address records")
             return self._failed(domain, reply, self.settings.negative_ttl)
-        host = MxHost(domain, 0, tuple((a, self.settings.mx_port) for a in addresses))
-        return self._plan(domain, [host], self.settings.min_ttl)
+        # The implicit MX is the domain's own address records: the plan lives as long as they do.
+        return self._plan(domain, [MxHost(domain, 0, self._at_mx_port(found))], found.ttl, [found])
 
-    def _plan(self, domain: str, hosts: list[MxHost], ttl: float) -> MxPlan:
+    def _plan(self, domain: str, hosts: list[MxHost], ttl: float, found: list[_Found]) -> MxPlan:
+        """The plan of the hosts that have addresses, kept for the least of `ttl` and the addresses' TTLs."""
+        hosts = [h for h in hosts if h.addresses]
         if not hosts:
             reply = Reply(451, "4.4.4", f"no address for any MX host of {domain}")
-            return self._failed(domain, reply, 5.0)
+            return self._failed(domain, reply, _BRIEF)
         dest = self.providers.destination(domain, (h.name for h in hosts))
-        return MxPlan(domain, dest, tuple(hosts), expires=self._ttl(ttl))
+        return MxPlan(domain, dest, tuple(hosts), expires=self._expires(ttl, found))
+
+    def _expires(self, ttl: float, found: list[_Found]) -> float:
+        """When a plan made of an MX answer with `ttl` and the address answers `found` expires.
+
+        A resolver keeps each record for its own TTL (RFC 2181 5.2): the plan, which holds them all, goes
+        stale with the first of them. A host whose address lookup failed (SERVFAIL, timeout) is missing
+        from it for no reason of its own: the plan is then kept only briefly, so the next delivery asks
+        again rather than sending to a backup MX for the whole TTL (RFC 5321 5.1's order).
+        """
+        expires = self._ttl(min([ttl, *(f.ttl for f in found)]))
+        if any(f.failed for f in found):
+            return min(expires, self.clock() + _BRIEF)
+        return expires
 
     def _failed(self, domain: str, reply: Reply, ttl: float) -> MxPlan:
         expires = self.clock() + max(0.0, min(self.settings.max_ttl, ttl))
         return MxPlan(domain, self.providers.destination(domain), error=reply, expires=expires)
 
-    async def _host(self, name: str, preference: int) -> MxHost:
-        return MxHost(
-            name, preference, tuple((a, self.settings.mx_port) for a in await self._addresses(name))
-        )
+    def _at_mx_port(self, found: _Found) -> tuple[tuple[str, int], ...]:
+        return tuple((a, self.settings.mx_port) for a in found.addresses)
 
-    async def _addresses(self, name: str) -> list[str]:
-        """A and AAAA records of an MX host; a host whose lookups fail is skipped (the next MX is tried)."""
-        return (await self._lookup_addresses(name))[0]
+    async def _lookup_addresses(self, name: str) -> _Found:
+        """A and AAAA records of an MX host, their least TTL, and whether a lookup failed.
 
-    async def _lookup_addresses(self, name: str) -> tuple[list[str], bool]:
-        """(A and AAAA records, whether a lookup failed rather than found nothing)."""
+        A host none of whose lookups found an address is left out of the plan (the next MX is tried).
+        """
         out: list[str] = []
+        ttl = math.inf  # no answer, no bound: the MX answer's TTL (or max_ttl) rules
         failed = False
         for rdtype in ("A", "AAAA"):
             try:
@@ -226,4 +296,5 @@ class MxResolver:
                 failed = True
                 continue
             out.extend(r.to_text() for r in answer)
-        return out, failed
+            ttl = min(ttl, answer.chaining_result.minimum_ttl)  # the CNAME chain's TTLs count too
+        return _Found(tuple(out), ttl, failed)

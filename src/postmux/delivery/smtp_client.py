@@ -24,7 +24,7 @@ import aiosmtplib
 import structlog
 from aiosmtplib.protocol import SMTPProtocol
 
-from postmux.address import Malformed, Role, wire_path
+from postmux.address import Malformed, Role, literal_address, wire_path
 from postmux.attempt import AttemptOutcome, Breakoff, Recipient, Transaction
 from postmux.body import BodyFile, BodyUnreadable
 from postmux.config import DeliverySettings, MemberSettings
@@ -52,6 +52,9 @@ def local_failure(error: BaseException, where: str) -> tuple[Breakoff, Reply]:
 
 
 Target = tuple[str, int]  # (host, port) one connection goes to
+# Which idle connections a delivery may take: the target, and under tls = "verify" the name its certificate
+# was checked for ("" otherwise: any connection to the target will do).
+PoolKey = tuple[Target, str]
 
 # Any CR, LF or CRLF: a stored message should hold none but CRLF, but one that does is repaired here.
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -406,7 +409,7 @@ def _ends(client: aiosmtplib.SMTP) -> tuple[str, str]:
 @dataclass(slots=True)
 class _Connection:
     client: aiosmtplib.SMTP
-    target: Target
+    key: PoolKey
     tls: str = "none"  # protocol and cipher, or "none"
     peer: str = ""  # "ip:port" connected to
     source_ip: str = ""  # the local address the connection left from
@@ -438,8 +441,26 @@ class _Unreachable(Exception):
 _MEMBER_BROKEN = frozenset({Breakoff.BIND, Breakoff.AUTH})
 
 
+class _Loop(Exception):
+    """The server greeted, or answered EHLO, with this node's own hostname: it is this node."""
+
+
 class _TlsFallback(Exception):
     """An opportunistic TLS handshake failed: the connection is unusable, a plaintext one may work."""
+
+
+def _refused_greeting(error: aiosmtplib.SMTPResponseException, where: str) -> Reply:
+    """The reply the recipients get when a server greets (or answers EHLO) with a refusal.
+
+    A 4xx stands as the server said it. A 5xx defers all the same: the session never began, so the next MX
+    host is tried, and the mail waits when none takes it (RFC 5321 3.1 and 5.1). Its reply is then ours,
+    a 451 4.4.0 that quotes the server's: its code and its enhanced code keep the same class (RFC 3463 2),
+    and the event and DSN still say what the server said.
+    """
+    said = Reply.parse(error.code, error.message)
+    if error.code < 500:
+        return said
+    return Reply(451, "4.4.0", f"{where} greeted with: {said}")
 
 
 def _cannot_bind(error: BaseException) -> bool:
@@ -467,7 +488,7 @@ class SmtpTransport:
         self.ehlo_hostname = member.ehlo_hostname or ehlo_hostname
         self.resolver = resolver
         self._tls_context = client_context(member)
-        self._idle: dict[Target, list[_Connection]] = {}
+        self._idle: dict[PoolKey, list[_Connection]] = {}
         self._busy = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._retired = False
@@ -524,9 +545,22 @@ class SmtpTransport:
         paths: WirePaths,
         per_connection: int | None,
     ) -> AttemptOutcome:
+        """The attempt at the first target that takes it; the MX hosts passed over on the way go with it."""
+        passed: list[str] = []
+        outcome = await self._first_taker(targets, work, paths, per_connection, passed)
+        return replace(outcome, passed_over=tuple(passed)) if passed else outcome
+
+    async def _first_taker(
+        self,
+        targets: list[tuple[str, Target]],
+        work: Transaction,
+        paths: WirePaths,
+        per_connection: int | None,
+        passed: list[str],
+    ) -> AttemptOutcome:
         unreachable: _Unreachable | None = None
         for name, target in targets:
-            idle = self._idle.get(target)
+            idle = self._idle.get(self._pool_key(name, target))
             if idle:
                 # A reused connection the server has dropped meanwhile fails at MAIL before anything was
                 # said about this message: not the member's fault, so try once more on a fresh one.
@@ -537,10 +571,19 @@ class SmtpTransport:
                     return outcome
             try:
                 conn = await self._connect(name, target)
+            except _Loop:
+                # RFC 5321 5.1: this host is this node; it and every host after it (of equal or worse
+                # preference) are dropped. A better host passed over before may yet take the mail: wait.
+                reply = Reply(554, "5.4.6", f"mail for {work.domain} loops back to myself")
+                if unreachable is not None:
+                    self._pass_over(work, name, target, reply, passed)
+                    break
+                return self._all(work, reply, Breakoff.GREETING, name)
             except _Unreachable as e:
                 unreachable = e
                 if e.breakoff in _MEMBER_BROKEN:
                     break  # this member's own setup failed: every other MX host would fail alike
+                self._pass_over(work, name, target, e.reply, passed)
                 continue  # RFC 5321 5.1: try the next MX host
             outcome = await self._attempt(conn, work, paths, name, per_connection, fresh_retry_allowed=False)
             assert outcome is not None
@@ -549,6 +592,26 @@ class SmtpTransport:
         return self._all(
             work, unreachable.reply, unreachable.breakoff, targets[-1][0], local=not unreachable.said
         )
+
+    def _pass_over(
+        self, work: Transaction, name: str, target: Target, reply: Reply, passed: list[str]
+    ) -> None:
+        """Note an MX host that could not take the mail (refused, silent, a refusing greeting, TLS), in the
+        log and on the attempt's events (tags.mx_skipped), so a failing primary MX shows (Postfix logs each
+        host it passes over). A relay member's one target is its own outcome, not a host passed over."""
+        if self.resolver is None:
+            return
+        ip, port = target
+        address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        log.info(
+            "MX host passed over",
+            member=self.member.name,
+            domain=work.domain,
+            mx_host=name,
+            address=address,
+            reply=str(reply),
+        )
+        passed.append(f"{name} {address} {reply}")
 
     async def _attempt(
         self,
@@ -587,7 +650,7 @@ class SmtpTransport:
         limit = min(self.max_messages, per_connection or self.max_messages)
         if conn.client.is_connected and conn.messages < limit and not self._retired:
             conn.idle_since = time.monotonic()
-            self._idle.setdefault(conn.target, []).append(conn)
+            self._idle.setdefault(conn.key, []).append(conn)
         else:
             self._quit(conn)
 
@@ -633,26 +696,48 @@ class SmtpTransport:
         )
         where = f"{host}:{port}"
         try:
-            await client.connect(timeout=self.delivery.connect_timeout)
+            greeting = await client.connect(timeout=self.delivery.connect_timeout)
             try:
-                await self._greet(client)
+                self._not_myself(name, where, greeting, await self._greet(client))
                 tls = await self._start_tls(client, name, where) if use_tls else "none"
                 await self._log_in(client, where)
             except BaseException:
                 client.close()
                 raise
-        except (_TlsFallback, _Unreachable):
+        except (_TlsFallback, _Unreachable, _Loop):
             raise
         except (aiosmtplib.SMTPException, *_LOCAL_ERRORS) as e:
             raise self._unreachable(e, where) from e
-        return _Connection(client, target, tls, *_ends(client))
+        return _Connection(client, self._pool_key(name, target), tls, *_ends(client))
+
+    def _pool_key(self, name: str, target: Target) -> PoolKey:
+        """Under tls = "verify" a connection is fit only for the name its certificate was checked for: two
+        MX names on one IP must not share it, or mail for the second would skip its check. Other modes
+        check no name, so any connection to the target will do."""
+        return (target, self._server_name(name) if self.member.tls_mode == "verify" else "")
 
     @staticmethod
-    async def _greet(client: aiosmtplib.SMTP) -> None:
+    async def _greet(client: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
         try:
-            await client.ehlo()
+            return await client.ehlo()
         except aiosmtplib.SMTPHeloError:
-            await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+            return await client.helo()  # RFC 5321 3.2: a server that does not know EHLO still knows HELO
+
+    def _not_myself(self, name: str, where: str, *replies: aiosmtplib.SMTPResponse) -> None:
+        """Raise _Loop when an MX host greets or answers EHLO with this node's own [smtp] hostname.
+
+        The MX plan drops hosts at this node's own listening addresses (delivery/myself.py); one reached
+        by another of its addresses, or through a NAT, is seen only here, by its name (Postfix: "host X
+        greeted me with my own hostname"). A relay is the operator's choice and is not checked.
+        """
+        me = self.resolver.myself if self.resolver is not None else None
+        if me is None:
+            return
+        for reply in replies:
+            words = reply.message.split(maxsplit=1)
+            if words and me.is_named(words[0]):
+                log.warning("MX host greets with this node's own hostname", mx_host=name, target=where)
+                raise _Loop(words[0])
 
     async def _start_tls(self, client: aiosmtplib.SMTP, name: str, where: str) -> str:
         """STARTTLS as the member's mode says; returns "protocol cipher" or "none".
@@ -695,10 +780,18 @@ class SmtpTransport:
         return describe_tls(client)
 
     def _server_name(self, name: str) -> str:
-        """The name the certificate must show: tls_server_name, else the relay's host or the MX's name."""
+        """The name the certificate must show: tls_server_name, else the relay's host or the MX's name.
+
+        An address literal's host is its bare IP (RFC 5321 4.1.3): given as server_hostname, Python checks
+        it against the certificate's IP addresses and sends no SNI (RFC 6066 3 allows host names only).
+        The bracketed form stays the Remote-MTA's name.
+        """
         if self.member.tls_server_name:
             return self.member.tls_server_name
-        return self.member.host if self.resolver is None else name
+        if self.resolver is None:
+            return self.member.host
+        literal = literal_address(name)
+        return name if literal is None else str(literal)
 
     async def _log_in(self, client: aiosmtplib.SMTP, where: str) -> None:
         """SMTP AUTH (RFC 4954) with the member's credentials; config makes sure TLS is on by now."""
@@ -716,8 +809,7 @@ class SmtpTransport:
     def _unreachable(self, error: BaseException, where: str) -> _Unreachable:
         if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
             # A 421 or 554 greeting: the server is up but will not take mail now.
-            reply = Reply.parse(error.code if error.code < 500 else 451, error.message)
-            return _Unreachable(reply, Breakoff.GREETING, said=True)
+            return _Unreachable(_refused_greeting(error, where), Breakoff.GREETING, said=True)
         if _cannot_bind(error):
             reply = Reply(451, "4.4.0", f"cannot send from {self.member.source_address}: {error}")
             return _Unreachable(reply, Breakoff.BIND)
@@ -871,7 +963,7 @@ class SmtpTransport:
             conn.client.close()
 
     def reap_idle(self, now: float) -> None:
-        for target, idle in list(self._idle.items()):
+        for key, idle in list(self._idle.items()):
             keep = []
             for conn in idle:
                 if now - conn.idle_since >= self.delivery.idle_timeout or not conn.client.is_connected:
@@ -879,9 +971,9 @@ class SmtpTransport:
                 else:
                     keep.append(conn)
             if keep:
-                self._idle[target] = keep
+                self._idle[key] = keep
             else:
-                del self._idle[target]
+                del self._idle[key]
 
     def retire(self) -> None:
         self._retired = True

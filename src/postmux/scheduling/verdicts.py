@@ -615,6 +615,8 @@ def event(
     own = dict(tags or {})
     if outcome is not None and outcome.tls:
         own["tls"] = outcome.tls  # the attempt's TLS ("TLSv1.3 <cipher>" or "none"), when it connected
+    if outcome is not None and outcome.passed_over:
+        own["mx_skipped"] = "; ".join(outcome.passed_over)  # the MX hosts that could not take it first
     return Event(
         kind,
         id=item.message_id,
