@@ -67,6 +67,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def toml_head(
+    tmp_path: Path,
+    *,
+    token: str | None = None,
+    retry: str | None = "1s",
+    smtp: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
+) -> str:
+    """The sections a test node's TOML file starts with, for tests that reload or run `postmux serve`
+    from a file: listeners on loopback, the admin token if any, its own spool and event log, one retry
+    interval without jitter (none with `retry=None`). The test writes its pools after it."""
+    admin = f'admin_token = "{token}"\n' if token else ""
+    retries = f'[retry]\nintervals = ["{retry}"]\njitter = 0\n' if retry else ""
+    return (
+        f'\n[smtp]\nlisten = "{smtp}"\nhostname = "postmux.test"\n[http]\nlisten = "{http}"\n{admin}'
+        f'[spool]\npath = "{tmp_path / "spool.db"}"\n[events]\nlog = "{tmp_path / "events.jsonl"}"\n{retries}'
+    )
+
+
 def make_settings(tmp_path: Path, pools: list[dict[str, Any]], **sections: Any) -> Settings:
     data: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "hostname": "postmux.test"},

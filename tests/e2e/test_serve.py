@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import StartUpstream, send, wait_until
+from tests.support import StartUpstream, send, toml_head, wait_until
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 STARTED = "postmux: smtp on port"
@@ -23,20 +23,8 @@ STARTED = "postmux: smtp on port"
 def write_config(tmp_path: Path, member: str, smtp: str = "127.0.0.1:0", http: str = "127.0.0.1:0") -> Path:
     cfg = tmp_path / "postmux.toml"
     cfg.write_text(
-        f"""
-[smtp]
-listen = "{smtp}"
-hostname = "postmux.test"
-[http]
-listen = "{http}"
-[spool]
-path = "{tmp_path / "spool.db"}"
-[events]
-log = "{tmp_path / "events.jsonl"}"
-[retry]
-intervals = ["1s"]
-jitter = 0
-[[pool]]
+        toml_head(tmp_path, smtp=smtp, http=http)
+        + f"""[[pool]]
 name = "default"
 members = [{{ name = "a", address = "{member}" }}]
 """

@@ -15,7 +15,7 @@ from postmux.admin.client import shaping_table
 from postmux.app import App
 from postmux.cli import app as cli
 from postmux.config import load_config
-from tests.support import StartUpstream, delay, make_settings, send, send_many, wait_until
+from tests.support import StartUpstream, delay, make_settings, send, send_many, toml_head, wait_until
 
 TOKEN = "t0ken-for-the-tests-only"
 
@@ -28,21 +28,8 @@ def write_config(
         for name, address, weight in members
     )
     path.write_text(
-        f"""
-[smtp]
-listen = "127.0.0.1:0"
-hostname = "postmux.test"
-[http]
-listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-[spool]
-path = "{tmp_path / "spool.db"}"
-[events]
-log = "{tmp_path / "events.jsonl"}"
-[retry]
-intervals = ["1s"]
-jitter = 0
-[[pool]]
+        toml_head(tmp_path, token=TOKEN)
+        + f"""[[pool]]
 name = "default"
 policy = "{policy}"
 members = [

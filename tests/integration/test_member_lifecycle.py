@@ -14,7 +14,7 @@ from postmux.app import App
 from postmux.config import load_config
 from postmux.testing import accept, delay
 from tests.integration.test_control import TOKEN, admin
-from tests.support import StartUpstream, Upstream, read_events, send, send_many, wait_until
+from tests.support import StartUpstream, Upstream, read_events, send, send_many, toml_head, wait_until
 
 
 def write_pool(
@@ -24,21 +24,8 @@ def write_pool(
     `pool`: more keys of the pool."""
     rows = ",\n".join(f'  {{ name = "{u.name}", address = "{u.address}" }}' for u in members)
     cfg.write_text(
-        f"""
-[smtp]
-listen = "127.0.0.1:0"
-hostname = "postmux.test"
-[http]
-listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-[spool]
-path = "{tmp_path / "spool.db"}"
-[events]
-log = "{tmp_path / "events.jsonl"}"
-[retry]
-intervals = ["1s"]
-jitter = 0
-[[pool]]
+        toml_head(tmp_path, token=TOKEN)
+        + f"""[[pool]]
 name = "default"
 policy = "round_robin"
 {pool}

@@ -35,6 +35,7 @@ from tests.support import (
     free_port,
     read_events,
     send,
+    toml_head,
     wait_until,
 )
 
@@ -47,21 +48,8 @@ def write_config(cfg: Path, tmp_path: Path, a: str, b: str, also: str = "") -> N
     `also`: the address of a second member of pool default, a2."""
     second = f', {{ name = "a2", address = "{also}" }}' if also else ""
     cfg.write_text(
-        f"""
-[smtp]
-listen = "127.0.0.1:0"
-hostname = "postmux.test"
-[http]
-listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-[spool]
-path = "{tmp_path / "spool.db"}"
-[events]
-log = "{tmp_path / "events.jsonl"}"
-[retry]
-intervals = ["1h"]
-jitter = 0
-[shaping]
+        toml_head(tmp_path, token=TOKEN, retry="1h")
+        + f"""[shaping]
 provider = [{{ name = "desthost", domains = ["dest.test"] }}]
 [[pool]]
 name = "default"
