@@ -19,6 +19,28 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("retry", "intervals", [float("nan")]),
+        ("retry", "max_age", float("inf")),
+        ("pool", "hash_balance_factor", None),
+    ],
+)
+def test_nan_and_inf_are_no_duration_or_number(section: str, key: str, value: object) -> None:
+    """TOML has nan and inf: `retry.intervals = [nan]` left a deferred message leased for ever."""
+    if value is None:  # a plain float field, not a duration: a pool's hash_balance_factor (>= 1)
+        pool = {**MINIMAL["pool"][0], "hash_balance_factor": float("inf")}  # type: ignore[dict-item]
+        data: dict[str, object] = {"pool": [pool]}
+        where = "pool[0].hash_balance_factor"
+    else:
+        data = {**MINIMAL, section: {key: value}}
+        where = f"{section}.{key}"
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(data)
+    assert where in str(refused.value), str(refused.value)
+
+
 def test_retry_intervals_repeat_the_last_and_jitter_stays_in_bounds() -> None:
     schedule = RetrySchedule(
         RetrySettings(intervals=(60, 300, 900), max_age=86400, jitter=0.2), random.Random(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -39,6 +40,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration is a finite number of seconds, not nan or inf")
     return seconds
 
 
@@ -94,7 +97,9 @@ Hostname = Annotated[str, AfterValidator(_hostname)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # TOML has nan and inf: as a duration, a weight or a ratio either is no number of anything, and
+    # `retry.intervals = [nan]` left a deferred message leased for ever, never expired (review2/config.md).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]

@@ -43,7 +43,10 @@ class SpoolLock:
 
     def __init__(self, spool: str | Path) -> None:
         self.spool = Path(spool)
-        self.path = lock_path_of(self.spool)
+        # Beside the file itself, whatever path named it: a spool reached through a symlink (of the file or
+        # of a directory above it) took a lock of its own beside the link, and a second node on it started
+        # and delivered the first one's work in flight again.
+        self.path = lock_path_of(self.spool.resolve())
         self._fd: int | None = None
 
     def acquire(self) -> None:

@@ -30,3 +30,21 @@ async def test_a_second_open_of_a_held_spool_is_refused_naming_the_holder_and_re
     assert await second.open() == 1  # now the work the first left leased is recovered
     await second.close()
     assert work.recipients[0].address == "b@two.test"
+
+
+@pytest.mark.parametrize("link", ["file", "directory"])
+async def test_the_same_spool_through_a_symlink_is_refused_too(tmp_path: Path, link: str) -> None:
+    """The lock goes beside the file itself, not beside the path that named it: a second node on a
+    symlinked spool took a lock of its own and delivered the first one's work in flight again."""
+    (tmp_path / "real").mkdir()
+    first = SqliteSpool(tmp_path / "real" / "s.db")
+    await first.open()
+    if link == "file":
+        (tmp_path / "alias.db").symlink_to(tmp_path / "real" / "s.db")
+        aliased = tmp_path / "alias.db"
+    else:
+        (tmp_path / "alias").symlink_to(tmp_path / "real")
+        aliased = tmp_path / "alias" / "s.db"
+    with pytest.raises(SpoolLocked):
+        await SqliteSpool(aliased).open()
+    await first.close()
