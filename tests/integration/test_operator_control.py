@@ -65,6 +65,29 @@ async def test_reload_judges_restart_only_keys_against_what_runs_not_against_the
             assert (await client.get("/members")).status_code == 200
 
 
+async def test_the_node_name_and_the_verp_domain_wait_for_a_restart_and_say_so(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """The node's name is in its leases and events from the start; the [verp] domain is the one the SMTP
+    listener takes mail for, set at start. Reloaded live, return paths went out at a domain whose DSNs were
+    refused as relaying, and a new name was ignored without a word (review2/config.md)."""
+    a = await upstream("a")
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, [("a", a.address, 1)])
+    (tmp_path / "verp.key").write_text("a-secret-of-sixteen-octets-or-more")
+    async with App(load_config(cfg), config_path=cfg) as app:
+        name = app.node_name
+        with cfg.open("a") as f:
+            f.write('[node]\nname = "renamed"\n[verp]\ndomain = "bounces.postmux.test"\n')
+            f.write(f'secret_file = "{tmp_path / "verp.key"}"\n')
+        assert sorted(app.control.reload().needs_restart) == ["node.name", "verp.domain"]
+        assert app.settings.verp.domain is None and app.settings.node.name == ""  # as it runs
+        await send(app.smtp_port, "m1")
+        await wait_until(lambda: len(a.received) == 1)
+        assert a.received[0].sender == "app@example.com"  # no return path at a domain not taken
+        assert app.node_name == name
+
+
 async def test_a_drained_member_stays_drained_across_a_restart_until_it_is_enabled(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:

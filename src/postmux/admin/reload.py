@@ -24,6 +24,10 @@ log = structlog.get_logger("postmux.control")
 RESTART_ONLY = ("smtp", "http", "spool", "events", "shutdown", "throttles")
 # Lists of tables a running process keeps as they were at start: the webhook senders are started once.
 RESTART_ONLY_LISTS = ("webhook",)
+# Single keys of otherwise live sections: the node's name is in its leases, heartbeats and events from the
+# start; the [verp] domain is the one the SMTP listener (and its workers) take mail for from anyone, set at
+# start, so a return path at a new domain would be written while its DSNs were refused as relaying.
+RESTART_ONLY_KEYS = (("node", "name"), ("verp", "domain"))
 
 # Applies settings to the running node and returns what changed, in words for the operator.
 Configure = Callable[[Settings], list[str]]
@@ -70,8 +74,11 @@ class Reloader:
 
     def running(self, settings: Settings) -> Settings:
         """What runs on: the file's live sections, and the restart-only ones as they were at start."""
-        kept = (*RESTART_ONLY, *RESTART_ONLY_LISTS)
-        return settings.model_copy(update={s: getattr(self.started, s) for s in kept})
+        kept: dict[str, Any] = {s: getattr(self.started, s) for s in (*RESTART_ONLY, *RESTART_ONLY_LISTS)}
+        for section, key in RESTART_ONLY_KEYS:
+            table = kept.get(section, getattr(settings, section))
+            kept[section] = table.model_copy(update={key: getattr(getattr(self.started, section), key)})
+        return settings.model_copy(update=kept)
 
     def _restart_only(self, new: Settings) -> list[str]:
         """Restart-only keys whose value in the file differs from what is running.
@@ -79,13 +86,21 @@ class Reloader:
         Compared with the settings the process started with, never with the last file loaded: a key
         edited, reloaded and edited again still needs a restart until the running value and the file agree.
         """
-        return [
-            f"{section}.{key}"
-            for section in RESTART_ONLY
-            for key, value in getattr(new, section)
-            if value != getattr(getattr(self.started, section), key)
-        ] + [
-            section
-            for section in RESTART_ONLY_LISTS
-            if getattr(new, section) != getattr(self.started, section)
-        ]
+        return (
+            [
+                f"{section}.{key}"
+                for section in RESTART_ONLY
+                for key, value in getattr(new, section)
+                if value != getattr(getattr(self.started, section), key)
+            ]
+            + [
+                section
+                for section in RESTART_ONLY_LISTS
+                if getattr(new, section) != getattr(self.started, section)
+            ]
+            + [
+                f"{section}.{key}"
+                for section, key in RESTART_ONLY_KEYS
+                if getattr(getattr(new, section), key) != getattr(getattr(self.started, section), key)
+            ]
+        )
