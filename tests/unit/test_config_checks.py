@@ -63,6 +63,15 @@ def test_the_postmaster_is_an_address_with_a_domain(value: str) -> None:
     assert settings_from_dict({"pool": POOLS, "smtp": {"postmaster": "ops@example.net"}}).smtp.postmaster
 
 
+@pytest.mark.parametrize("token", ["tökentökentökentöken", "a token with spaces in it"])
+def test_an_admin_token_is_visible_ascii_as_an_http_header_carries_it(token: str) -> None:
+    """A non-ASCII token turned the admin API on with no way in: every CLI verb died encoding it."""
+    assert "visible ASCII" in problems({"http": {"admin_token": token}})["http.admin_token"]
+    assert settings_from_dict(
+        {"pool": POOLS, "http": {"admin_token": "t0ken/with+sym=bols~"}}
+    ).http.admin_token
+
+
 @pytest.mark.parametrize("value", ["yes", "no", "true", 1, 0])
 def test_a_boolean_is_true_or_false_and_nothing_that_looks_like_one(value: object) -> None:
     found = problems({"smtp": {"auth_require_tls": value}, "spool": {"group_commit": value}})

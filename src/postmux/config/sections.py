@@ -175,6 +175,16 @@ class HttpSettings(_Frozen):
     # Bearer token for the admin API (/api/v1/...); without one the admin API refuses every call.
     admin_token: str | None = Field(default=None, min_length=16)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _visible_ascii(cls, v: str | None) -> str | None:
+        # It travels in an Authorization header (RFC 6750 2.1): a space ends it, and a character outside
+        # ASCII no HTTP client sends; such a token turned the admin API on with no way in (every CLI
+        # verb died encoding it).
+        if v is not None and not all("!" <= c <= "~" for c in v):
+            raise ValueError("only visible ASCII characters (no spaces): it goes in an HTTP header")
+        return v
+
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
