@@ -111,6 +111,10 @@ def migrate(config: ConfigOption) -> None:
 @app.command()
 def serve(config: ConfigOption) -> None:
     """Accept mail over SMTP and deliver it through the configured pools until SIGTERM or SIGINT."""
+    # From the first moment: SIGHUP's default action ends the process, and a start takes a second or two
+    # (a logrotate's SIGHUP then killed the node). One that comes before the node has started is done
+    # once it has (_serve).
+    signal.signal(signal.SIGHUP, lambda signum, frame: _early_hangups.append(signum))
     settings = _load_or_exit(config)
     from postmux.app import StartupError
     from postmux.logs import configure_logging
@@ -126,6 +130,9 @@ def serve(config: ConfigOption) -> None:
         # Not 0: a service manager restarts the node, and whoever looks sees that it failed.
         typer.echo(f"postmux: stopped on a defect: {e}", err=True)
         raise typer.Exit(EXIT_SOFTWARE) from None
+
+
+_early_hangups: list[int] = []  # SIGHUPs that came while the node was starting
 
 
 class _NodeFailed(Exception):
@@ -152,6 +159,9 @@ async def _serve(settings: Settings, config_path: Path) -> None:
         # SIGHUP reopens the event log (log rotation) and reloads the configuration, as Unix daemons do;
         # a bad file changes nothing.
         loop.add_signal_handler(signal.SIGHUP, running.hangup)
+        if _early_hangups:  # asked for while starting: the file may have changed since it was read
+            _early_hangups.clear()
+            running.hangup()
         settle_heap()  # what start built is never collected again (postmux/heap.py)
         print(
             f"postmux: smtp on port {running.smtp_port}, http on port {running.http_port}",

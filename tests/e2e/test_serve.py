@@ -235,3 +235,28 @@ async def test_sighup_reopens_the_event_log_after_it_was_moved_away(
     assert proc.logged("signal received")[0]["signal"] == "SIGHUP"
     assert proc.proc is not None and proc.proc.returncode is None  # SIGHUP does not stop it
     await wait_until(lambda: bool(proc.logged("configuration reloaded")))  # and it still reloads
+
+
+@pytest.mark.slow
+async def test_a_sighup_while_the_node_starts_is_a_reload_once_started_not_the_end_of_it(
+    tmp_path: Path, upstream: StartUpstream, serve: Callable[..., Serve]
+) -> None:
+    """SIGHUP's default action ends a process, and the handler came only once the node had started: a
+    logrotate's SIGHUP during a start (the ingress workers take a while) killed the node (exit 129)."""
+    up = await upstream("a")
+    cfg = write_config(tmp_path, up.address)
+    cfg.write_text(cfg.read_text().replace("[smtp]\n", "[smtp]\nworkers = 2\n"))
+    proc = await serve(cfg).launch()
+
+    def children() -> str:  # the ingress workers, which the node starts (and waits for) while starting
+        tasks = Path(f"/proc/{proc.pid}/task")
+        return "".join(t.joinpath("children").read_text() for t in tasks.iterdir()) if tasks.exists() else ""
+
+    await wait_until(lambda: bool(children().strip()), timeout=30, interval=0.005)
+    assert not proc.logged("http listening")  # still starting
+    os.kill(proc.pid, signal.SIGHUP)
+    await proc.started()
+    await wait_until(lambda: bool(proc.logged("configuration reloaded")), timeout=10)
+    assert proc.proc is not None and proc.proc.returncode is None, proc.output
+    os.kill(proc.pid, signal.SIGTERM)
+    assert await proc.exit_code() == 0, proc.output
