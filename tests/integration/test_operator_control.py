@@ -166,11 +166,20 @@ async def test_resume_lifts_a_reactions_suspension_and_suspend_sets_one_by_hand(
             assert code == 1 and "404: no member named 'nobody'" in err
         code, _, err = await run("suspend", "a", "-d", "dest.test", "--for", "soon")  # type: ignore[operator]
         assert code == 1 and "400: duration: 'soon' is not a duration" in err
+        # A destination is the lane mail goes by: gmail.com's is google's; a misspelt provider is no lane.
+        code, _, err = await run("suspend", "a", "-d", "gogle")  # type: ignore[operator]
+        assert code == 1 and "400: destination: 'gogle' is no provider" in err, err
+        code, out, _ = await run("suspend", "a", "-d", "Gmail.com", "--for", "1m")  # type: ignore[operator]
+        assert code == 0 and [x["destination"] for x in body(out)["lanes"]] == ["google"], out
+        code, out, _ = await run("resume", "a", "-d", "gmail.com")  # type: ignore[operator]
+        assert code == 0 and [x["destination"] for x in body(out)["lanes"]] == ["google"], out
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     by_hand = [e["tags"]["change"] for e in events if e["type"] == "ShapingChanged" and e["tags"].get("by")]
     assert by_hand == [
         "suspension lifted by operator",
         "suspended for 600s by operator",
+        "suspension lifted by operator",
+        "suspended for 60s by operator",
         "suspension lifted by operator",
     ]
 

@@ -166,6 +166,8 @@ def _shaping_routes(app: FastAPI, control: Control) -> None:
             return {"lanes": control.suspend(name, destination, duration_s)}
         except UnknownMember:
             return json_error(404, f"no member named {name!r}")
+        except ValueError as e:
+            return json_error(400, f"destination: {e}")
 
     @app.post(f"{ADMIN_PREFIX}/members/{{name:path}}/resume")
     async def resume(name: str, destination: str | None = None) -> Any:
@@ -173,6 +175,8 @@ def _shaping_routes(app: FastAPI, control: Control) -> None:
             return {"lanes": control.resume(name, destination or None)}
         except UnknownMember:
             return json_error(404, f"no member named {name!r}")
+        except ValueError as e:
+            return json_error(400, f"destination: {e}")
 
 
 async def _answer(work: Callable[[], Awaitable[dict[str, Any]]]) -> Any:

@@ -276,8 +276,24 @@ class Control:
     # -- shaping by hand ------------------------------------------------------------------------------
 
     def suspend(self, name: str, destination: str, duration_s: float) -> list[dict[str, Any]]:
-        """Keep a member (in every pool that has it) from one destination for a while, as a reaction would."""
-        return self._suspend(self._named(name), destination, duration_s, "by operator", "operator")
+        """Keep a member (in every pool that has it) from one destination for a while, as a reaction would.
+        ValueError for a destination that is neither a provider nor a domain."""
+        lane = self.lane_destination(destination)
+        return self._suspend(self._named(name), lane, duration_s, "by operator", "operator")
+
+    def lane_destination(self, destination: str) -> str:
+        """What an operator names (a provider, or a domain) as the lane the mail goes by: gmail.com's mail
+        goes by the google lane, so suspending "gmail.com" suspended a lane no mail used (and a misspelt
+        provider one that nothing ever would), answered as done. A domain whose MX postmux has looked up
+        goes by its provider as delivery judges it (a Workspace domain: google)."""
+        name = destination.strip().lower().rstrip(".")
+        known = self.node.destinations
+        if name in known.names:
+            return name
+        if "." not in name:
+            providers = ", ".join(sorted(known.names)) or "none configured"
+            raise ValueError(f"{destination!r} is no provider ({providers}) and no domain")
+        return known.destination_of(name)
 
     def trip(self, trip: Trip) -> None:
         """The reputation breaker tripped: the lanes of the IP (every source member sending from it), or of
@@ -310,6 +326,8 @@ class Control:
         now = self.node.clock()
         shaper = self.node.shaper
         pools = {pool.name for pool, _ in self._named(name)}
+        if destination is not None:
+            destination = self.lane_destination(destination)
         lifted = []
         for lane in list(shaper.lanes.values()):
             if lane.member != name or lane.pool not in pools:
