@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,28 @@ def test_missing_certificate_file_is_a_config_error(tmp_path: Path, tls_files: d
     assert caught.value.problems == [
         ("smtp.tls.cert_file", f"'{tmp_path / 'nope.pem'}' is not a readable file")
     ]
+
+
+@pytest.mark.parametrize("fault", ["not PEM", "another key"])
+def test_a_certificate_and_key_that_do_not_load_are_a_config_error_naming_both(
+    tmp_path: Path, tls_files: dict[str, str], fault: str
+) -> None:
+    """Loaded at check-config as the listener loads them: garbage passed the check, then `serve` refused
+    with an OpenSSL code naming no file."""
+    bad = tmp_path / "bad.pem"
+    if fault == "not PEM":
+        bad.write_text("garbage\n")
+        files = {"cert_file": str(bad), "key_file": str(bad)}
+    else:  # a key that is not the certificate's
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(bad), "2048"], check=True, capture_output=True, timeout=60
+        )
+        files = {**tls_files, "key_file": str(bad)}
+    with pytest.raises(ConfigError) as caught:
+        make_settings(
+            tmp_path,
+            [{"name": "default", "members": [{"name": "a", "address": "127.0.0.1:1"}]}],
+            smtp={"tls": files},
+        )
+    [(key, reason)] = caught.value.problems
+    assert key == "smtp.tls" and files["cert_file"] in reason and files["key_file"] in reason, reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -71,6 +72,20 @@ class SmtpTlsSettings(_Frozen):
         if not Path(v).is_file():
             raise ValueError(f"{v!r} is not a readable file")
         return v
+
+    @model_validator(mode="after")
+    def _a_certificate_and_its_key(self) -> SmtpTlsSettings:
+        # Loaded here as the listener will load them: files that are not PEM, or a key that is not the
+        # certificate's, passed check-config, then `serve` refused to start with an OpenSSL code that
+        # named neither file ("[SSL] PEM lib").
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(
+                f"cert_file {self.cert_file!r} and key_file {self.key_file!r} are not a PEM certificate "
+                f"chain and its private key: {e}"
+            ) from None
+        return self
 
 
 class SmtpSettings(_Frozen):
