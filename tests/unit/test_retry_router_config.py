@@ -131,3 +131,16 @@ def test_settings_are_frozen() -> None:
     settings = settings_from_dict(MINIMAL)
     with pytest.raises(Exception, match="frozen"):
         settings.smtp.hostname = "x"  # type: ignore[misc]
+
+
+def test_a_byte_order_mark_is_read_past_and_nesting_too_deep_is_a_syntax_error(tmp_path: Path) -> None:
+    """An editor's BOM gave "invalid statement" at line 1; tables nested thousands deep, a traceback."""
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes(
+        b'\xef\xbb\xbf[[pool]]\nname = "default"\nmembers = [{ name = "a", address = "127.0.0.1:1" }]\n'
+    )
+    assert load_config(marked).pool[0].name == "default"
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.toml: \(syntax\): nested too deeply"):
+        load_config(deep)

@@ -243,11 +243,15 @@ def load_config(path: str | Path) -> Settings:
     except OSError as e:
         raise ConfigError(str(p), [("(file)", e.strerror or str(e))]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        # "utf-8-sig": an editor's byte-order mark is no character of the file (tomllib took it for one,
+        # and said only "invalid statement" at line 1).
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ConfigError(str(p), [("(file)", f"not UTF-8: {e}")]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), [("(syntax)", str(e))]) from None
+    except RecursionError:  # tables or arrays nested thousands deep: a traceback before
+        raise ConfigError(str(p), [("(syntax)", "nested too deeply to read")]) from None
     return settings_from_dict(data, str(p))
 
 
