@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import tomllib
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -13,7 +14,15 @@ from urllib.parse import quote, urlencode
 
 import typer
 
-from postmux.config import ConfigError, Settings, http_notes, load_config, split_hostport, zone_notes
+from postmux.config import (
+    ConfigError,
+    HttpSettings,
+    Settings,
+    http_notes,
+    load_config,
+    split_hostport,
+    zone_notes,
+)
 
 if TYPE_CHECKING:
     from postmux.admin.client import AdminClient
@@ -288,11 +297,29 @@ def _admin(config: Path | None, url: str | None, token: str | None) -> AdminClie
     from postmux.admin.client import AdminClient
 
     if config is not None:
-        settings = _load_or_exit(config)
-        host, port = split_hostport(settings.http.listen)
+        http = _http_of(config)
+        host, port = split_hostport(http.listen)
         url = url or f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        token = token or settings.http.admin_token
+        token = token or http.admin_token
     return AdminClient(url or "http://127.0.0.1:8025", token)
+
+
+def _http_of(config: Path) -> HttpSettings:
+    """The [http] table of -c: all an admin verb needs. A file with errors elsewhere (an edit under way)
+    still names the node to reach, with the errors said; every verb refused on it before, reload too."""
+    try:
+        return load_config(config).http
+    except ConfigError as e:
+        try:
+            http = HttpSettings.model_validate(
+                tomllib.loads(config.read_text(encoding="utf-8-sig")).get("http", {})
+            )
+        except (OSError, ValueError, RecursionError):  # not even [http] can be read: the whole file's errors
+            typer.echo(e.render(), err=True)
+            raise typer.Exit(EXIT_CONFIG) from None
+        typer.echo(e.render(), err=True)
+        typer.echo(f"(using {config}'s [http] table to reach the node)", err=True)
+        return http
 
 
 @app.command()

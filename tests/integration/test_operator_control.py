@@ -222,3 +222,25 @@ async def test_a_401_names_the_bearer_scheme_in_www_authenticate(
             assert response.headers["www-authenticate"] == 'Bearer realm="postmux", error="invalid_token"'
         async with admin(app) as client:
             assert "www-authenticate" not in (await client.get("/members")).headers
+
+
+async def test_an_admin_verb_reaches_the_node_named_by_a_file_with_errors_elsewhere(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """Only [http] is needed to reach the node: a file being edited (an error in another table) made
+    every verb given -c refuse, reload included; now the errors are said and the node is reached."""
+    a = await upstream("a")
+    cfg = tmp_path / "postmux.toml"
+    write_config(cfg, tmp_path, [("a", a.address, 1)])
+    async with App(load_config(cfg), config_path=cfg) as app:
+        editing = tmp_path / "editing.toml"
+        editing.write_text(
+            f'[http]\nlisten = "127.0.0.1:{app.http_port}"\nadmin_token = "{TOKEN}"\n[retry]\nbogus = 1\n'
+        )
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["members", "-c", str(editing), "--json"])
+        assert result.exit_code == 0, result.output
+        assert [m["member"] for m in json.loads(result.stdout)["members"]] == ["a"]
+        assert "retry.bogus" in result.stderr and "[http] table to reach the node" in result.stderr
+        editing.write_text("[http\n")  # not even [http] can be read: the file's errors, exit 2
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["members", "-c", str(editing)])
+        assert result.exit_code == 2 and "(syntax)" in result.stderr
