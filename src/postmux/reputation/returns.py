@@ -404,9 +404,12 @@ class ReturnedMail:
             )
         if report.kind == "delayed":
             return None  # the receiver is still trying: nothing to act on yet
+        # The Action decides, not the reply's code: `failed` means the message could not be delivered to
+        # this recipient and the reporter gave up (RFC 3464 2.3.3), even when the Status is 4.x.x, as
+        # Postfix reports mail that expired in its queue (`Action: failed`, `Status: 4.4.7` or 4.4.1 and the
+        # last temporary reply). The event keeps the reported reply and its class, so suppression still
+        # follows the class: a 4.4.x (MessageExpired, NoAnswerFromHost, ...) never suppresses.
         reply = report.reply()
-        if not reply.is_permanent:
-            return None
         tags = {"async": "true"}
         if report.reporting_mta:
             tags["reporting_mta"] = report.reporting_mta
