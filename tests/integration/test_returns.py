@@ -331,3 +331,38 @@ async def test_a_failed_action_is_a_bounce_whatever_its_status_class(
     assert (timedout["response"]["code"], timedout["response"]["enhanced_code"]) == (450, "4.4.1")
     assert timedout["bounce_class"] == "NoAnswerFromHost"
     assert all(b["tags"]["async"] == "true" for b in bounces.values())
+
+
+async def test_a_dsn_of_several_blocks_is_one_bounce_for_the_return_paths_recipient(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """RFC 3464 2.3: one outcome per recipient. A DSN with three failed blocks to one return path is one
+    Bounce, for the recipient the return path names, with its own block's reply; a DSN whose block for
+    that recipient says delivered (a list that expanded, one of whose members failed) is no Bounce."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "two", to=["user@dest.example", "list@dest.example"])
+        await wait_until(lambda: len([e for e in read_events(events) if e["type"] == "Delivery"]) == 2)
+        path = {r.recipients[0]: r.sender for r in up.received}
+        unknown = "smtp; 550 5.1.1 user unknown"
+        text = dsn(
+            path["user@dest.example"],
+            ("victim2@dest.example", "failed", "5.2.2", "smtp; 552 5.2.2 mailbox full"),
+            ("user@dest.example", "failed", "5.1.1", unknown),
+            ("victim3@other.example", "failed", "5.1.1", unknown),
+        )
+        await hand_back(app.smtp_port, path["user@dest.example"], text)
+        text = dsn(
+            path["list@dest.example"],
+            ("list@dest.example", "expanded", "2.0.0", "smtp; 250 2.0.0 ok"),
+            ("member@dest.example", "failed", "5.1.1", unknown),
+        )
+        await hand_back(app.smtp_port, path["list@dest.example"], text)
+        assert app.suppressions.find("list@dest.example") is None
+        assert [e.address for e in app.suppressions.entries()] == ["user@dest.example"]
+    bounces = [e for e in read_events(events) if e["type"] == "Bounce"]
+    assert [(e["recipient"], e["response"]["enhanced_code"]) for e in bounces] == [
+        ("user@dest.example", "5.1.1")
+    ]
