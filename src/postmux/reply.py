@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from postmux.text import readable
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b\s*")
+# A reply's text is kept whole, up to this many characters: enough for any receiver's words and help URL
+# (Gmail's longest are about 400), bounded for the events, the spool's rows and the DSNs that carry it.
+MAX_TEXT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,12 +22,26 @@ class Reply:
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
         """Split a server's reply text into its enhanced code and the rest (RFC 2034 3); octets that are not
-        UTF-8 read as U+FFFD (postmux.text.readable), so the reply can go wherever text goes."""
-        first = readable(message.strip().splitlines()[0]) if message.strip() else ""
-        m = _ENHANCED.match(first)
-        if m:
-            return cls(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", first[m.end() :])
-        return cls(code, "", first)
+        UTF-8 read as U+FFFD (postmux.text.readable), so the reply can go wherever text goes.
+
+        A multi-line reply (RFC 5321 4.2.1) comes as its lines' texts joined with newlines. Its words are
+        often on the later lines (Gmail's "likely unsolicited mail", "very low reputation", its help URL), so
+        the whole text is kept: the lines joined with single spaces, each later line without the reply code
+        and enhanced code it repeats, and cut at MAX_TEXT characters."""
+        lines = [line.strip() for line in readable(message).strip().splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            return cls(code, "", "")
+        m = _ENHANCED.match(lines[0])
+        enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else ""
+        words = [lines[0][m.end() :] if m else lines[0]]
+        # A later line may still carry the reply code ("550-", "550 ": aiosmtplib and delivery/pipelining.py
+        # strip it, a test's or a DSN's text may not), then the enhanced code again (RFC 2034 3: each line
+        # repeats it); both go, so the words read on.
+        again = rf"(?:{re.escape(enhanced)}\b)?" if enhanced else ""
+        repeated = re.compile(rf"\A(?:{code}(?:[ -]|\Z))?\s*{again}\s*")
+        words.extend(repeated.sub("", line, count=1) for line in lines[1:])
+        return cls(code, enhanced, bounded(" ".join(w for w in words if w)))
 
     @classmethod
     def local(cls, code: int, enhanced_code: str, text: str) -> Reply:
@@ -48,3 +65,8 @@ class Reply:
 
     def as_dict(self) -> dict[str, object]:
         return {"code": self.code, "enhanced_code": self.enhanced_code, "text": self.text}
+
+
+def bounded(text: str) -> str:
+    """`text` cut to MAX_TEXT characters, "..." saying it was."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3].rstrip() + "..."

@@ -101,3 +101,49 @@ async def test_an_operators_rules_file_overrides_the_shipped_rules_and_is_read_a
     ((key, reason),) = result.problems
     assert key == "bounces.rules_file"
     assert reason.startswith(f"{rules}: rule[0].text: not a regular expression")
+
+
+GMAIL_UNSOLICITED = (
+    "550-5.7.1 [127.0.0.1      12] Our system has detected that this message is\r\n"
+    "550-5.7.1 likely unsolicited mail. To reduce the amount of spam sent to Gmail,\r\n"
+    "550-5.7.1 this message has been blocked. Please visit\r\n"
+    "550-5.7.1  https://support.google.com/mail/?p=UnsolicitedMessageError\r\n"
+    "550 5.7.1  for more information. a1si1234567.89 - gsmtp"
+)
+GMAIL_REPUTATION = (
+    "550-5.7.1 [127.0.0.1] Our system has detected that this message is\r\n"
+    "550-5.7.1 likely suspicious due to the very low reputation of the sending\r\n"
+    "550-5.7.1 domain. To best protect our users from spam, the message has been\r\n"
+    "550 5.7.1 blocked. https://support.google.com/mail/answer/188131 - gsmtp"
+)
+
+
+async def test_a_multi_line_refusal_is_classed_and_told_whole(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """Gmail's words are on the later lines of its multi-line replies (RFC 5321 4.2.1): the Bounce event
+    carries the whole text, and the class is read from all of it (not PolicyRelated from line 1)."""
+    up = await upstream("a")
+    up.rcpt_refusals["spammy@dest.test"] = GMAIL_UNSOLICITED
+    up.rcpt_refusals["distrusted@dest.test"] = GMAIL_REPUTATION
+    pools = [{"name": "default", "members": [{"name": "a", "address": up.address}]}]
+    log = tmp_path / "events.jsonl"
+    async with App(make_settings(tmp_path, pools)) as app:
+        await send(app.smtp_port, "m1", to=["spammy@dest.test", "distrusted@dest.test"])
+        await wait_until(lambda: len([e for e in read_events(log) if e["type"] == "Bounce"]) == 2)
+    bounces = {e["recipient"]: e for e in read_events(log) if e["type"] == "Bounce"}
+    spammy, distrusted = bounces["spammy@dest.test"], bounces["distrusted@dest.test"]
+    assert spammy["bounce_class"] == "SpamContent"
+    assert spammy["response"] == {
+        "code": 550,
+        "enhanced_code": "5.7.1",
+        "text": "[127.0.0.1      12] Our system has detected that this message is likely unsolicited mail. "
+        "To reduce the amount of spam sent to Gmail, this message has been blocked. Please visit "
+        "https://support.google.com/mail/?p=UnsolicitedMessageError for more information. "
+        "a1si1234567.89 - gsmtp",
+    }
+    assert distrusted["bounce_class"] == "SpamBlock"
+    assert distrusted["response"]["text"].endswith(
+        "very low reputation of the sending domain. To best protect our users from spam, the message has "
+        "been blocked. https://support.google.com/mail/answer/188131 - gsmtp"
+    )

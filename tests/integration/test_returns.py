@@ -261,3 +261,108 @@ async def test_only_a_report_that_calls_the_message_abuse_suppresses_and_counts(
     assert auth["tags"]["auth_failure"] == "dkim" and auth["member"] == "relay-a"
     trip = next(e for e in read_events(events) if e["tags"].get("by") == "breaker")
     assert "complaints 1/2" in trip["tags"]["change"]
+
+
+def dsn(return_path: str, *blocks: tuple[str, str, str, str]) -> bytes:
+    """A DSN as Postfix writes it (RFC 3464), sent to `return_path`, with one per-recipient block per
+    (recipient, Action, Status, Diagnostic-Code)."""
+    per_recipient = "".join(
+        f"Final-Recipient: rfc822; {rcpt}\nOriginal-Recipient: rfc822;{rcpt}\nAction: {action}\n"
+        f"Status: {status}\nDiagnostic-Code: {diagnostic}\n\n"
+        for rcpt, action, status, diagnostic in blocks
+    )
+    text = f"""\
+From: MAILER-DAEMON@mx.dest.example (Mail Delivery System)
+Subject: Undelivered Mail Returned to Sender
+To: {return_path}
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B1"
+
+--B1
+Content-Type: text/plain; charset=us-ascii
+
+I'm sorry to have to inform you that your message could not be delivered.
+
+--B1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.dest.example
+
+{per_recipient}--B1
+Content-Type: text/rfc822-headers
+
+Return-Path: <{return_path}>
+From: news@example.com
+Subject: hello
+
+--B1--
+"""
+    return text.replace("\n", "\r\n").encode()
+
+
+async def test_a_failed_action_is_a_bounce_whatever_its_status_class(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """RFC 3464 2.3.3: `failed` means the message could not be delivered, and Postfix says so of mail that
+    expired in its queue with the last temporary Status (4.4.7, 4.4.1). Each is a Bounce with the reply as
+    reported; a 4.4.x class is no hard bounce, so nobody is suppressed."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "two", to=["expired@dest.example", "timedout@dest.example"])
+        await wait_until(lambda: len([e for e in read_events(events) if e["type"] == "Delivery"]) == 2)
+        path = {r.recipients[0]: r.sender for r in up.received}
+        expiry = "smtp; 451 4.4.7 message expired after 5 days: mailbox temporarily unavailable"
+        timeout = "X-Postfix; connect to mx.dest.example[192.0.2.7]:25: Connection timed out"
+        for rcpt, status, diagnostic in [
+            ("expired@dest.example", "4.4.7", expiry),
+            ("timedout@dest.example", "4.4.1", timeout),
+        ]:
+            text = dsn(path[rcpt], (rcpt, "failed", status, diagnostic))
+            assert (await hand_back(app.smtp_port, path[rcpt], text)).startswith("221")
+        assert app.suppressions.find("expired@dest.example") is None
+        assert app.suppressions.find("timedout@dest.example") is None
+    bounces = {e["recipient"]: e for e in read_events(events) if e["type"] == "Bounce"}
+    assert set(bounces) == {"expired@dest.example", "timedout@dest.example"}
+    expired, timedout = bounces["expired@dest.example"], bounces["timedout@dest.example"]
+    assert (expired["response"]["code"], expired["response"]["enhanced_code"]) == (451, "4.4.7")
+    assert "message expired after 5 days" in expired["response"]["text"]
+    assert (timedout["response"]["code"], timedout["response"]["enhanced_code"]) == (450, "4.4.1")
+    assert timedout["bounce_class"] == "NoAnswerFromHost"
+    assert all(b["tags"]["async"] == "true" for b in bounces.values())
+
+
+async def test_a_dsn_of_several_blocks_is_one_bounce_for_the_return_paths_recipient(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """RFC 3464 2.3: one outcome per recipient. A DSN with three failed blocks to one return path is one
+    Bounce, for the recipient the return path names, with its own block's reply; a DSN whose block for
+    that recipient says delivered (a list that expanded, one of whose members failed) is no Bounce."""
+    up = await upstream("relay-a")
+    settings = verp_settings(tmp_path, up.address)
+    events = tmp_path / "events.jsonl"
+    async with App(settings) as app:
+        await send(app.smtp_port, "two", to=["user@dest.example", "list@dest.example"])
+        await wait_until(lambda: len([e for e in read_events(events) if e["type"] == "Delivery"]) == 2)
+        path = {r.recipients[0]: r.sender for r in up.received}
+        unknown = "smtp; 550 5.1.1 user unknown"
+        text = dsn(
+            path["user@dest.example"],
+            ("victim2@dest.example", "failed", "5.2.2", "smtp; 552 5.2.2 mailbox full"),
+            ("user@dest.example", "failed", "5.1.1", unknown),
+            ("victim3@other.example", "failed", "5.1.1", unknown),
+        )
+        await hand_back(app.smtp_port, path["user@dest.example"], text)
+        text = dsn(
+            path["list@dest.example"],
+            ("list@dest.example", "expanded", "2.0.0", "smtp; 250 2.0.0 ok"),
+            ("member@dest.example", "failed", "5.1.1", unknown),
+        )
+        await hand_back(app.smtp_port, path["list@dest.example"], text)
+        assert app.suppressions.find("list@dest.example") is None
+        assert [e.address for e in app.suppressions.entries()] == ["user@dest.example"]
+    bounces = [e for e in read_events(events) if e["type"] == "Bounce"]
+    assert [(e["recipient"], e["response"]["enhanced_code"]) for e in bounces] == [
+        ("user@dest.example", "5.1.1")
+    ]

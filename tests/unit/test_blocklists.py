@@ -41,6 +41,49 @@ def test_listed_narrows_which_answers_count() -> None:
     assert judge(zone, ["127.0.0.4"]) == ((), ())  # a code this operator does not act on
 
 
+def test_an_error_answer_is_an_error_whatever_listed_says() -> None:
+    """Spamhaus's 127.255.255.254 (a refused query) and an answer outside 127.0.0.0/8 (RFC 5782 2.1) say
+    nothing about the listing, also for a zone whose `listed` names the codes it acts on."""
+    zone = BlocklistZone(zone="zen.example", listed=("127.0.0.2/31", "127.0.0.4/30", "127.0.0.10/31"))
+    assert judge(zone, ["127.255.255.254", "10.0.0.1"]) == ((), ("127.255.255.254", "10.0.0.1"))
+
+
+async def test_an_error_answer_keeps_a_listing_of_a_zone_with_listed() -> None:
+    """A listed IP stays listed (and its member out) while the zone answers with an error code: the round
+    keeps what the last one found, as for a lookup that failed."""
+    settings = settings_from_dict(
+        {
+            "pool": [
+                {
+                    "name": "p",
+                    "members": [
+                        {"name": "a", "address": "127.0.0.1:2501", "sending_ips": ["192.0.2.10"]},
+                        {"name": "b", "address": "127.0.0.1:2502", "sending_ips": ["192.0.2.11"]},
+                    ],
+                }
+            ],
+            "blocklists": {"zones": [{"zone": "bl.example", "listed": ["127.0.0.2/31", "127.0.0.4/30"]}]},
+        }
+    )
+    pool = Pool(settings.pool[0])
+    events: list[Event] = []
+    answers = ZoneAnswers({"10.2.0.192.bl.example": ["127.0.0.2"]})
+    watch = BlocklistWatch({"p": pool}, events.append, clock=lambda: 100.0, lookups=lambda _dns: answers)
+    watch.reconfigure(settings)
+    await watch.check()
+    assert [(e.tags["subject"], e.tags["listed"]) for e in events] == [("192.0.2.10", "true")]
+    assert pool.usable(100.0) == [pool.member("b")]
+    for error in ("127.255.255.254", "10.0.0.1"):
+        answers.answers["10.2.0.192.bl.example"] = [error]
+        await watch.check()
+        assert [e.tags["listed"] for e in events] == ["true"]  # no "delisted"
+        assert watch.findings[("192.0.2.10", "bl.example")].listed
+        assert pool.usable(100.0) == [pool.member("b")]
+    answers.answers["10.2.0.192.bl.example"] = []  # NXDOMAIN: delisted
+    await watch.check()
+    assert [e.tags["listed"] for e in events] == ["true", "false"]
+
+
 def test_zones_may_be_named_alone_and_bad_codes_are_refused() -> None:
     s = BlocklistSettings.model_validate({"zones": ["a.example", {"zone": "b.example"}], "interval": "5m"})
     assert [z.zone for z in s.zones] == ["a.example", "b.example"] and s.interval == 300

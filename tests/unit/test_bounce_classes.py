@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from postmux.reply import Reply
+from postmux.delivery.pipelining import take_reply
+from postmux.reply import MAX_TEXT, Reply
 from postmux.reputation.bounces import (
     KNOWN_CLASSES,
     UNCATEGORIZED,
@@ -142,3 +143,101 @@ def test_a_dsns_status_and_diagnostic_code_are_classed_as_a_reply(
     # RFC 3464 2.3.4 and 2.3.6: what a later DSN (asynchronous bounce) says about one recipient.
     assert reply_from_dsn(status, diagnostic) == reply
     assert shipped.classify(reply) == expected
+
+
+# Multi-line replies as receivers send them (RFC 5321 4.2.1), whose words are on the later lines.
+MULTI_LINE = [
+    (
+        "550-5.7.1 [192.0.2.1      12] Our system has detected that this message is\r\n"
+        "550-5.7.1 likely unsolicited mail. To reduce the amount of spam sent to Gmail,\r\n"
+        "550-5.7.1 this message has been blocked. Please visit\r\n"
+        "550-5.7.1  https://support.google.com/mail/?p=UnsolicitedMessageError\r\n"
+        "550 5.7.1  for more information. a1si1234567.89 - gsmtp\r\n",
+        "SpamContent",
+        "[192.0.2.1      12] Our system has detected that this message is likely unsolicited mail. To reduce "
+        "the amount of spam sent to Gmail, this message has been blocked. Please visit "
+        "https://support.google.com/mail/?p=UnsolicitedMessageError for more information. "
+        "a1si1234567.89 - gsmtp",
+    ),
+    (
+        "550-5.7.1 [192.0.2.1] Our system has detected that this message is\r\n"
+        "550-5.7.1 likely suspicious due to the very low reputation of the sending\r\n"
+        "550-5.7.1 domain. To best protect our users from spam, the message has been\r\n"
+        "550 5.7.1 blocked. https://support.google.com/mail/answer/188131 - gsmtp\r\n",
+        "SpamBlock",
+        "[192.0.2.1] Our system has detected that this message is likely suspicious due to the very low "
+        "reputation of the sending domain. To best protect our users from spam, the message has been "
+        "blocked. https://support.google.com/mail/answer/188131 - gsmtp",
+    ),
+    (
+        "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n"
+        "550-5.1.1 double-checking the recipient's email address for typos or\r\n"
+        "550 5.1.1 unnecessary spaces. https://support.google.com/mail/?p=NoSuchUser\r\n",
+        "InvalidRecipient",
+        "The email account that you tried to reach does not exist. Please try double-checking the "
+        "recipient's email address for typos or unnecessary spaces. https://support.google.com/mail/?p=NoSuchUser",
+    ),
+    (  # Exim's sender verification: the later lines quote the sender's address, not the recipient's
+        "550-Verification failed for <news@sender.test>\r\n550-Unrouteable address\r\n"
+        "550 Sender verify failed\r\n",
+        "InvalidSender",
+        "Verification failed for <news@sender.test> Unrouteable address Sender verify failed",
+    ),
+    (
+        "550-Verification failed for <news@sender.test>\r\n550-Called:   192.0.2.9\r\n"
+        "550-Sent:     RCPT TO:<news@sender.test>\r\n"
+        "550-Response: 550 5.1.1 <news@sender.test>: Recipient address rejected: User unknown\r\n"
+        "550 Sender verify failed\r\n",
+        "InvalidSender",
+        "Verification failed for <news@sender.test> Called:   192.0.2.9 Sent:     RCPT TO:<news@sender.test> "
+        "Response: 550 5.1.1 <news@sender.test>: Recipient address rejected: User unknown "
+        "Sender verify failed",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected", "text"),
+    MULTI_LINE,
+    ids=["gmail-unsolicited", "gmail-reputation", "gmail-no-such-user", "exim-sender-verify", "exim-callout"],
+)
+def test_a_multi_line_reply_is_read_and_classed_whole(
+    shipped: BounceClassifier, wire: str, expected: str, text: str
+) -> None:
+    """The reply as it comes off the wire (delivery/pipelining.py reads it as aiosmtplib does: each line's
+    code taken off, the lines joined with newlines): its lines joined with single spaces, the enhanced code
+    each line repeats taken off (the spaces within a line stay as the receiver wrote them), and classed on
+    all its words."""
+    response = take_reply(bytearray(wire.encode()))
+    assert response is not None
+    reply = Reply.parse(response.code, response.message)
+    assert reply == Reply(response.code, reply.enhanced_code, text)
+    assert shipped.classify(reply) == expected
+    # The same reply with each line's code still on it (as a DSN or a test may hand it over) reads alike.
+    assert Reply.parse(response.code, wire.partition(" ")[2] if wire[3] == " " else wire[4:]) == reply
+
+
+def test_a_dsns_diagnostic_of_a_multi_line_reply_loses_the_codes_its_lines_repeated(
+    shipped: BounceClassifier,
+) -> None:
+    """Postfix writes a multi-line reply into the Diagnostic-Code on one line, each line's code in it."""
+    diagnostic = (
+        "smtp; 550-5.7.1 [192.0.2.1] Our system has detected that this message is 550-5.7.1 likely "
+        "unsolicited mail. To reduce the amount of spam sent to Gmail, 550 5.7.1 this message has been "
+        "blocked."
+    )
+    reply = reply_from_dsn("5.7.1", diagnostic)
+    assert reply == Reply(
+        550,
+        "5.7.1",
+        "[192.0.2.1] Our system has detected that this message is likely unsolicited mail. To reduce the "
+        "amount of spam sent to Gmail, this message has been blocked.",
+    )
+    assert shipped.classify(reply) == "SpamContent"
+
+
+def test_a_reply_text_is_bounded() -> None:
+    lines = "\n".join(f"5.7.1 line {i} " + "x" * 70 for i in range(40))
+    reply = Reply.parse(550, lines)
+    assert reply.enhanced_code == "5.7.1" and reply.text.startswith("line 0 x")
+    assert len(reply.text) == MAX_TEXT and reply.text.endswith("...")

@@ -256,6 +256,28 @@ def test_reports_match_through_the_return_path_they_were_sent_to_or_carry(codec:
     assert match([bounce], ["fbl@bounces.example.com"], codec) == []
 
 
+def test_a_report_of_several_blocks_is_one_outcome_for_the_return_paths_recipient(codec: VerpCodec) -> None:
+    """RFC 3464 2.3: a block per recipient. With VERP the report is about the one recipient the return path
+    names: its own block if the report has one (Final-Recipient or Original-Recipient), else the worst."""
+    path = codec.return_path("0193a5f2c8b1deadbeef", "user@dest.example")
+    assert path is not None
+    own = Report("bounce", "forwarded@elsewhere.example", "5.2.2", original_recipient="User@dest.example")
+    others = [
+        Report("delayed", "v1@dest.example", "4.4.1"),
+        Report("bounce", "v2@dest.example", "4.4.7"),
+        Report("bounce", "v3@other.example", "5.1.1"),
+        Report("bounce", "v4@other.example", "5.7.1"),
+    ]
+    (m,) = match([*others, own], [path], codec)
+    assert m.report is own and m.sent.recipient == "user@dest.example"
+    (m,) = match(others, [path], codec)
+    assert m.report is others[2]  # failed before delayed, 5.x.x before 4.x.x, the first of equals
+    # The recipient's own block says delivered: that is its outcome, whatever the others say.
+    delivered = Report("delivered", "user@dest.example", "2.0.0")
+    (m,) = match([*others, delivered], [path], codec)
+    assert m.report is delivered
+
+
 # An auto-reply with no From: field, and one whose From: is raw UTF-8 (RFC 6532): flufl.bounce's detectors
 # raised on both (an IndexError in its Yale detector; `.lower()` on the Header compat32 made of 8-bit text).
 NO_FROM = b"Subject: Auto reply\r\nTo: b.x@bounces.example.com\r\n\r\nI am away.\r\n"

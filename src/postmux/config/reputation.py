@@ -98,7 +98,8 @@ _DNSBL_ANSWERS = ipaddress.ip_network("127.0.0.0/8")  # RFC 5782 2.1: a DNSxL an
 
 class BlocklistZone(_Frozen):
     """One DNS blocklist (RFC 5782): `zone` is asked `<reversed IP>.zone` (or `<domain>.zone` for a domain
-    list); an A answer in `listed` means listed. Empty `listed`: any 127.0.0.0/8 answer but 127.255.255.x."""
+    list); an A answer in `listed` means listed. Empty `listed`: any 127.0.0.0/8 answer. Either way an answer
+    in 127.255.255.0/24 or outside 127.0.0.0/8 is an error answer (RFC 5782 2.1), never a verdict."""
 
     zone: Hostname
     listed: tuple[str, ...] = ()
@@ -119,10 +120,12 @@ class BlocklistZone(_Frozen):
             address = ipaddress.ip_address(answer)
         except ValueError:
             return None
-        if self.listed:
-            return any(address in ipaddress.ip_network(n, strict=False) for n in self.listed)
+        # An error answer says nothing about the listing, whatever `listed` holds: checked first, or a zone
+        # with `listed` would read Spamhaus's 127.255.255.254 as "not listed" and delist a listed IP.
         if address not in _DNSBL_ANSWERS or address in _DNSBL_ERRORS:
             return None
+        if self.listed:
+            return any(address in ipaddress.ip_network(n, strict=False) for n in self.listed)
         return True
 
 

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from postmux.reply import Reply
+from postmux.reply import Reply, bounded
 
 UNCATEGORIZED = "Uncategorized"
 ADMIN_BOUNCE = "AdminBounce"  # bounced by an operator (`postmux bounce`), not by a receiver
@@ -126,11 +126,16 @@ def reply_from_dsn(status: str, diagnostic_code: str = "") -> Reply:
     m = _DIAGNOSTIC.match(" ".join(diagnostic_code.split()))
     if m:
         reply = Reply.parse(int(m.group(1)), m.group(2))
+        if reply.enhanced_code:
+            # A multi-line reply comes on one line, each of its lines' codes still in it (Postfix: "550-5.7.1
+            # ... is 550-5.7.1 likely unsolicited mail ..."): they go, as Reply.parse drops them.
+            repeats = re.compile(rf"\s{reply.code}[ -]{re.escape(reply.enhanced_code)}\b")
+            reply = Reply(reply.code, reply.enhanced_code, repeats.sub("", reply.text))
         if reply.enhanced_code or not status:
             return reply
         return Reply(reply.code, status, reply.text)
     code = 450 if status.startswith("4") else 550
-    return Reply(code, status, " ".join(diagnostic_code.split()))
+    return Reply(code, status, bounded(" ".join(diagnostic_code.split())))
 
 
 def _line(reply: Reply) -> str:

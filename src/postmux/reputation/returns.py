@@ -39,7 +39,9 @@ from postmux.reputation.verp import ReturnedFor, VerpCodec
 
 log = structlog.get_logger("postmux.returns")
 
-ReportKind = Literal["bounce", "delayed", "complaint"]
+# "delivered": a DSN block whose Action is delivered, relayed or expanded (nothing went wrong), kept only
+# so that a DSN about several recipients can be told apart for the one the return path names (`match`).
+ReportKind = Literal["bounce", "delayed", "complaint", "delivered"]
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 DSN_REPORT_TYPES = frozenset({"delivery-status", "global-delivery-status"})
 
@@ -57,6 +59,7 @@ class Report:
     feedback_type: str = ""  # ARF: abuse, fraud, virus, other, not-spam, auth-failure ("" when missing)
     auth_failure: str = ""  # RFC 6591 reports: the Auth-Failure field, "dkim", "spf", ...
     return_path: str = ""  # the original message's Return-Path, when the report carries it
+    original_recipient: str = ""  # a DSN block's Original-Recipient, when it has one
 
     def reply(self) -> Reply:
         """The receiver's reply as postmux's events carry it (bounces.reply_from_dsn)."""
@@ -211,16 +214,31 @@ def _dsn(msg: email.message.Message) -> list[Report]:
     for block in blocks[1:]:
         action = _field(block, "Action").lower()
         kind: ReportKind | None = (
-            "bounce" if action == "failed" else "delayed" if action == "delayed" else None
+            "bounce"
+            if action == "failed"
+            else "delayed"
+            if action == "delayed"
+            else "delivered"
+            if action in ("delivered", "relayed", "expanded")
+            else None
         )
-        if kind is None:  # delivered, relayed, expanded: nothing went wrong
+        if kind is None:
             continue
-        recipient = _typed(_field(block, "Final-Recipient") or _field(block, "Original-Recipient"))
+        original = _typed(_field(block, "Original-Recipient"))
+        recipient = _typed(_field(block, "Final-Recipient")) or original
         m = _STATUS.search(_field(block, "Status"))
         status = m.group(0) if m else ""
         diagnostic = _field(block, "Diagnostic-Code")
         reports.append(
-            Report(kind, recipient, status, diagnostic, reporting, return_path=_original_return_path(msg))
+            Report(
+                kind,
+                recipient,
+                status,
+                diagnostic,
+                reporting,
+                return_path=_original_return_path(msg),
+                original_recipient=original,
+            )
         )
     return reports
 
@@ -299,18 +317,36 @@ class Matched:
 def match(reports: Iterable[Report], envelope_recipients: Iterable[str], codec: VerpCodec) -> list[Matched]:
     """Each report tied to the message and recipient it is about, through a VERP return path: the one the
     report was sent to, else the one in the original's Return-Path. A report naming another recipient than
-    the return path does (a forwarded address) is still about the return path's recipient."""
+    the return path does (a forwarded address) is still about the return path's recipient.
+
+    One outcome per recipient (RFC 3464 2.3: a block per recipient): a DSN with several blocks (a forward,
+    a list's expansion) gives at most one per message and recipient, that of the block naming the return
+    path's recipient (Final-Recipient or Original-Recipient) if one does, whatever it says (`delivered`
+    too: nothing to act on), else the worst of the others (failed before delayed, 5.x.x before 4.x.x)."""
     sent_to = [s for s in (codec.read(r) for r in envelope_recipients) if s is not None]
-    matched = []
+    chosen: dict[tuple[str, str], Matched] = {}
     for report in reports:
         sent = codec.read(report.return_path) if report.return_path else None
         if sent is None and len(sent_to) == 1:
             sent = sent_to[0]
         if sent is None:
             sent = next((s for s in sent_to if s.recipient == report.recipient.lower()), None)
-        if sent is not None:
-            matched.append(Matched(report, sent))
-    return matched
+        if sent is None:
+            continue
+        found, key = Matched(report, sent), (sent.message_id, sent.recipient)
+        if key not in chosen or _rank(found) > _rank(chosen[key]):
+            chosen[key] = found
+    return list(chosen.values())
+
+
+_SEVERITY = {"delivered": 0, "delayed": 1, "bounce": 2, "complaint": 3}
+
+
+def _rank(m: Matched) -> tuple[bool, int, bool]:
+    """Which of the reports about one message and recipient tells its outcome: the higher the better."""
+    r = m.report
+    own = m.sent.recipient in {r.recipient.lower(), r.original_recipient.lower()}
+    return own, _SEVERITY[r.kind], r.status.startswith("5")
 
 
 Classify = Callable[[Reply], str]
@@ -404,9 +440,14 @@ class ReturnedMail:
             )
         if report.kind == "delayed":
             return None  # the receiver is still trying: nothing to act on yet
+        if report.kind == "delivered":
+            return None  # delivered, relayed or expanded: nothing went wrong
+        # The Action decides, not the reply's code: `failed` means the message could not be delivered to
+        # this recipient and the reporter gave up (RFC 3464 2.3.3), even when the Status is 4.x.x, as
+        # Postfix reports mail that expired in its queue (`Action: failed`, `Status: 4.4.7` or 4.4.1 and the
+        # last temporary reply). The event keeps the reported reply and its class, so suppression still
+        # follows the class: a 4.4.x (MessageExpired, NoAnswerFromHost, ...) never suppresses.
         reply = report.reply()
-        if not reply.is_permanent:
-            return None
         tags = {"async": "true"}
         if report.reporting_mta:
             tags["reporting_mta"] = report.reporting_mta
