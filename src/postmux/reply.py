@@ -28,13 +28,16 @@ class Reply:
         often on the later lines (Gmail's "likely unsolicited mail", "very low reputation", its help URL), so
         the whole text is kept: the lines joined with single spaces, each later line without the reply code
         and enhanced code it repeats, and cut at MAX_TEXT characters."""
-        lines = [line.strip() for line in readable(message).strip().splitlines()]
+        text = readable(message).strip()
+        lines = [line.strip() for line in text.splitlines()] if "\n" in text or "\r" in text else [text]
         lines = [line for line in lines if line]
         if not lines:
             return cls(code, "", "")
         m = _ENHANCED.match(lines[0])
         enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else ""
         words = [lines[0][m.end() :] if m else lines[0]]
+        if len(lines) == 1:  # nearly every reply (each 250 of a delivery): no pattern to build
+            return cls(code, enhanced, bounded(words[0]))
         # A later line may still carry the reply code ("550-", "550 ": aiosmtplib and delivery/pipelining.py
         # strip it, a test's or a DSN's text may not), then the enhanced code again (RFC 2034 3: each line
         # repeats it); both go, so the words read on.
