@@ -10,6 +10,7 @@ Mail::DKIM is held to "pass" for both.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -100,6 +101,10 @@ def assert_verified(text: bytes, dns: LoopbackDns, keys: Keys) -> None:
     if results["ed1"] != "pass":
         assert "unsupported algorithm" in results["ed1"], results
         records = {f"{s}._domainkey.{DOMAIN}.": r.encode() for s, r in keys.records.items()}
+        # dkimpy's parser drops a `From :` line (RFC 5322 4.5) as mbox "From "; relaxed canonicalization
+        # removes white space before a colon (RFC 6376 3.4.2), so closing it up changes no hash.
+        end = text.find(b"\r\n\r\n")
+        text = re.sub(rb"(?m)^([\x21-\x39\x3b-\x7e]+)[ \t]+:", rb"\1:", text[:end]) + text[end:]
         signatures = dkim.DKIM(text)
         at = [i for i, (n, _) in enumerate(signatures.headers) if n.lower() == b"dkim-signature"]
         ed = next(i for i in range(len(at)) if b"ed25519" in signatures.headers[at[i]][1])
@@ -138,6 +143,11 @@ CASES = {
         "",
         {"line_endings": "normalize"},
     ),
+    # RFC 5322 4.5 obs-optional `From :`: dkimpy's parser drops a line starting "From " as an mbox line,
+    # so such a field was neither in h= nor hashed, and Mail::DKIM failed the signature.
+    "obs_from_alone": (HEAD.replace(b"From: App", b"From :App") + b"\r\nhello\r\n", "", {}),
+    "obs_from_and_from": (HEAD + b"From :ceo@bank.example\r\n\tfolded\r\n\r\nhello\r\n", "", {}),
+    "obs_subject": (HEAD.replace(b"Subject:", b"Subject \t:") + b"\r\nhello\r\n", "", {}),
     "tail_in_a_file": (
         HEAD + b"\r\n" + (b"x" * 70 + b"  \r\n") * 3000 + b".last\r\n",
         "",

@@ -27,6 +27,7 @@ from postmux.dkim import (
     author_domain,
     body_hash,
     generate_key,
+    header_fields,
     header_list,
     signing_domain,
 )
@@ -134,10 +135,23 @@ def test_the_fallback_signs_what_no_entry_matches() -> None:
         (b"From: =?utf-8?q?J=C3=B6rg?= <j@example.com>,\r\n\tother@else.test\r\n\r\n", "example.com"),
         ("From: jörg@bücher.example\r\n\r\n".encode(), "xn--bcher-kva.example"),
         (b"Subject: no from\r\n\r\n", ""),
+        (b"Subject: x\r\nFrom \t:a@obs.example\r\n\r\n", "obs.example"),  # RFC 5322 4.5
+        (b"Fromage: a@x.example\r\nFrom: b@y.example\r\n\r\n", "y.example"),
     ],
 )
 def test_the_author_domain_is_the_from_fields_first_address(head: bytes, domain: str) -> None:
     assert author_domain(head) == domain
+
+
+def test_header_fields_reads_white_space_before_the_colon_as_verifiers_do() -> None:
+    head = b"From :ceo@bank.example\r\n\tfolded\r\nFrom: a@example.test\r\nSubject\t: s\r\n\r\n"
+    assert header_fields(head) == [
+        [b"From", b"ceo@bank.example\r\n\tfolded\r\n"],
+        [b"From", b" a@example.test\r\n"],
+        [b"Subject", b" s\r\n"],
+    ]
+    with pytest.raises(dkim.MessageFormatError):
+        header_fields(b"From mbox-line\r\nFrom: a@example.test\r\n\r\n")
 
 
 def test_oversigned_fields_are_listed_once_more_than_they_appear() -> None:
