@@ -145,6 +145,19 @@ CASES = [
     Case(
         "dmarc-no-policy", "dmarc", "fail", {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; rua=mailto:d@{d}"'}
     ),
+    # RFC 7489 6.4's values are ABNF quoted strings: case-insensitive (RFC 5234 2.3).
+    Case(
+        "dmarc-upper-case",
+        "dmarc",
+        "pass",
+        {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; p=Reject; adkim=S; aspf=R; rua=mailto:d@{d}"'},
+    ),
+    Case(
+        "dmarc-upper-none",
+        "dmarc",
+        "warn",
+        {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; p=NONE; rua=mailto:d@{d}"'},
+    ),
     Case("dmarc-two", "dmarc", "fail", extra=['_dmarc.{d}. 300 IN TXT "v=DMARC1; p=none"']),
     Case("dmarc-servfail", "dmarc", "fail", servfail=("_dmarc.{d}", "TXT")),
     Case(

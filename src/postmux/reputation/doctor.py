@@ -692,10 +692,13 @@ def check_dmarc(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
     inherited = where != f"_dmarc.{d}"
     found = f"{records[0]}" + (f" (at {where}, the parent's)" if inherited else "")
     policy_tag = "sp" if inherited and "sp" in tags else "p"
-    policy = tags.get(policy_tag)
+    published = tags.get(policy_tag)
+    # RFC 7489 6.4 writes p=, sp=, adkim= and aspf= values as ABNF quoted strings, which are
+    # case-insensitive (RFC 5234 2.3): p=Reject is p=reject to receivers. Shown as published.
+    policy = (published or "").lower()
     if policy not in ("none", "quarantine", "reject"):
         fix = f"set p= to none, quarantine or reject in the record at {where} (p= is required, RFC 7489 6.3)"
-        return [Finding("dmarc", "record", "fail", f"{found} -- {policy_tag}={policy or ''}", fix)]
+        return [Finding("dmarc", "record", "fail", f"{found} -- {policy_tag}={published or ''}", fix)]
     return [
         Finding("dmarc", "record", "pass", found),
         _dmarc_policy(policy_tag, policy, tags),
@@ -706,7 +709,7 @@ def check_dmarc(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
 
 def _dmarc_policy(tag: str, policy: str, tags: dict[str, str]) -> Finding:
     pct = tags.get("pct", "100")
-    found = f"{tag}={policy}" + (f", pct={pct}" if pct != "100" else "")
+    found = f"{tag}={tags.get(tag, policy)}" + (f", pct={pct}" if pct != "100" else "")
     if policy == "none":
         fix = "once aggregate reports show all mail aligned, move to p=quarantine, then p=reject"
         return Finding("dmarc", "policy", "warn", found + ": monitoring only, nothing is enforced", fix)
@@ -714,12 +717,13 @@ def _dmarc_policy(tag: str, policy: str, tags: dict[str, str]) -> Finding:
 
 
 def _dmarc_alignment(inputs: DoctorInputs, tags: dict[str, str], answers: Answers) -> Finding:
-    modes = {t: tags.get(t, "r") for t in ("adkim", "aspf")}
-    bad = [f"{t}={v}" for t, v in modes.items() if v not in ("r", "s")]
+    published = {t: tags.get(t, "r") for t in ("adkim", "aspf")}
+    bad = [f"{t}={v}" for t, v in published.items() if v.lower() not in ("r", "s")]  # case-insensitive
     if bad:
         fix = "set adkim and aspf to r (relaxed) or s (strict)"
         return Finding("dmarc", "alignment", "fail", f"{', '.join(bad)} is not r or s", fix)
-    found = f"adkim={modes['adkim']}, aspf={modes['aspf']}"
+    modes = {t: v.lower() for t, v in published.items()}
+    found = f"adkim={published['adkim']}, aspf={published['aspf']}"
     d = inputs.domain
     signer = inputs.signing_domain
     if signer is not None and aligned(signer, d, strict=modes["adkim"] == "s"):
