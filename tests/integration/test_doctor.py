@@ -124,6 +124,17 @@ CASES = [
     ),
     Case("spf-ip-not-listed", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.99 -all"'}),
     Case("spf-plus-all", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.10 +all"'}),
+    # RFC 7208 5.2: an include whose record passes every IP (+all, or a bare all) makes the domain's pass
+    # every IP; one that ends in ?all (neutral: no match) does not. Also through a nested include.
+    Case("spf-include-plus-all", "spf", "fail", {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 +all"'}),
+    Case(
+        "spf-include-bare-all",
+        "spf",
+        "fail",
+        {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 ip4:198.51.100.0/24 include:deep.{d} -all"'},
+        ['deep.{d}. 300 IN TXT "v=spf1 all"'],
+    ),
+    Case("spf-include-neutral", "spf", "pass", {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 ?all"'}),
     Case("dkim-unpublished", "dkim", "fail", {"dkim-rsa": None}),
     Case("dkim-other-key", "dkim", "fail", {"dkim-rsa": "rsa._domainkey.{d}. 300 IN TXT {other}"}),
     Case(

@@ -382,6 +382,7 @@ class SpfWalk:
     failed: list[str] = field(default_factory=list)  # lookups that failed
     notes: list[str] = field(default_factory=list)  # warnings: ptr, macros not followed
     all_qualifier: str | None = None  # of the record's all, or its redirect's
+    open_includes: list[str] = field(default_factory=list)  # include targets that pass every IP (+all)
     asked: set[Lookup] = field(default_factory=set)  # every lookup this walk needs
     missing: bool = False  # some of them are not answered yet
 
@@ -468,7 +469,14 @@ def _include(
     if target in seen:
         walk.problems.append(f"{name}: {term.name} {target} loops back")
         return None
-    return _visit(target, found[0], answers, walk, seen | {target})
+    qualifier = _visit(target, found[0], answers, walk, seen | {target})
+    if term.name == "include" and qualifier == "+":
+        # RFC 7208 5.2: include matches when the target's result is pass, and +all (or a bare all) makes
+        # it pass for every IP: the including record then passes the whole Internet, as its own +all
+        # would. ?all gives neutral, which does not match: harmless. The walk is bounded by _visit's
+        # 10 lookups (RFC 7208 4.6.4) and by `seen`.
+        walk.open_includes.append(f"{term.name}:{target}")
+    return qualifier
 
 
 def _void_check(target: str, types: tuple[str, ...], answers: Answers, walk: SpfWalk) -> None:
@@ -515,6 +523,10 @@ def _spf_record(domain: str, walk: SpfWalk) -> Finding:
     if walk.all_qualifier == "+":
         fix = "end the record with -all or ~all: +all lets any IP in the world pass"
         return Finding("spf", "record", "fail", f"{found} -- +all passes any sender", fix)
+    if walk.open_includes:
+        which = ", ".join(walk.open_includes)
+        fix = f"remove {which}, or have its record end in -all or ~all: through it any IP in the world passes"
+        return Finding("spf", "record", "fail", f"{found} -- {which} ends in +all: every IP passes", fix)
     if walk.all_qualifier in (None, "?"):
         fix = "end the record with -all (or ~all) so that other IPs do not pass as neutral"
         return Finding("spf", "record", "warn", f"{found} -- other IPs get neutral", fix)
