@@ -104,6 +104,7 @@ CASES = [
     Case("mx-none", "mx", "fail", {"mx": None, "mx-host": None}),
     Case("mx-host-unresolved", "mx", "fail", {"mx-host": None}),
     Case("mx-null", "mx", "warn", {"mx": "{d}. 300 IN MX 0 ."}),
+    Case("mx-null-and-real", "mx", "fail", extra=["{d}. 300 IN MX 0 ."]),  # RFC 7505 3 forbids the mix
     Case("spf-none", "spf", "fail", {"spf": None}),
     Case("spf-two", "spf", "fail", extra=['{d}. 300 IN TXT "v=spf1 -all"']),
     Case("spf-syntax", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.300 -all"'}),

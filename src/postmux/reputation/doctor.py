@@ -334,6 +334,16 @@ def check_mx(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
     if not mx.records:
         return [_implicit_mx(d, answers, note)]
     hosts = _mx_hosts(mx)
+    if any(h == "." for _, h in hosts) and len(hosts) > 1:
+        # RFC 7505 3: a domain with a null MX MUST NOT advertise any other MX. Senders and receivers then
+        # disagree whether it takes mail (bounces and DMARC reports to it): a broken setup, not a choice.
+        listed = ", ".join(f"{p} {h}" for p, h in hosts)
+        fix = "remove the null MX (0 .) if the domain takes mail, or the other MX records if it takes none"
+        return [
+            Finding(
+                "mx", "records", "fail", f"a null MX with other MX records (RFC 7505 3): {listed}{note}", fix
+            )
+        ]
     if any(h == "." for _, h in hosts):
         # RFC 7505 4.2: a domain that takes no mail; receivers may refuse mail whose sender is at it.
         fix = "give the domain real MX records if its mail is to be accepted: bounces and replies go there"
