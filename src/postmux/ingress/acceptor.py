@@ -36,7 +36,7 @@ from postmux.envelope import (
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
-from postmux.headers import head_field_value, header_section_end, take_fields
+from postmux.headers import head_field_value, header_section_end, take_fields, take_header
 from postmux.ingress.compose import sender_domain_allowed
 from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import Found, SuppressionList
@@ -311,7 +311,13 @@ class Acceptor:
             text = asked
             if stamped:
                 fields = self._unsubscribe_fields(envelope, asked, rcpts[0], message_id, now)
-                text = replace(asked, data=fields + asked.data)
+                data = asked.data
+                if fields:
+                    # A sender's own List-Unsubscribe-Post without a List-Unsubscribe (which would have
+                    # left the mail alone) means nothing (RFC 8058 3.1) and would make ours the second:
+                    # the message carries one, ours, next to our List-Unsubscribe.
+                    data, _ = take_header(data, "List-Unsubscribe-Post")
+                text = replace(asked, data=fields + data)
             signed = await self._signatures(copy, text)
             planned.append(Planned(copy, text, signed, {r: pools[r] for r in rcpts}, message_id, own))
         return planned
