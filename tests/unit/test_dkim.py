@@ -302,3 +302,16 @@ def test_genkey_writes_a_private_key_file_and_prints_its_record(tmp_path: Path) 
         cli, ["dkim", "genkey", "example.com", "s3", "--algorithm", "dsa", "--out", str(tmp_path)]
     )
     assert wrong.exit_code == 2 and "rsa or ed25519" in wrong.output
+
+
+def test_genkey_makes_the_out_directory_when_it_does_not_exist(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "keys"
+    result = CliRunner().invoke(cli, ["dkim", "genkey", "example.com", "s1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "example.com.s1.key").is_file()
+    assert stat.S_IMODE(out.stat().st_mode) & 0o077 == 0  # 0700, narrowed by the umask at most
+    (tmp_path / "file").write_text("")
+    blocked = CliRunner().invoke(
+        cli, ["dkim", "genkey", "example.com", "s1", "--out", str(tmp_path / "file")]
+    )
+    assert blocked.exit_code == 1 and "cannot make the directory" in blocked.output
