@@ -296,6 +296,7 @@ class Acceptor:
         envelope = submission.envelope
         asked = take_requests(envelope)
         try:
+            _refuse_obs_from(asked.data[: header_section_end(asked.data)])
             own = self._alignment(envelope, asked)
         except AcceptRefused:
             drop_tail(envelope)  # the tail is ours from the call on (Spool.store), and is stored nowhere
@@ -487,9 +488,28 @@ class Planned:
     own_tags: dict[str, str]
 
 
+_OBS_FROM = re.compile(rb"(?im)^from[ \t]+:")
+
+
+def _refuse_obs_from(head: bytes) -> None:
+    """Refuse a From field written with white space before its colon (`From :`, RFC 5322 4.5 obs-optional).
+
+    Receivers disagree about it: Mail::DKIM reads it as a From field, OpenDKIM does not (a message whose
+    only From is `From :` is a permerror there, however it is signed), dkimpy's parser and Python's email
+    package drop it, some mail readers show it. The author - the field DKIM and DMARC exist to protect -
+    would be one thing to postmux and another to the receiver, or a second From next to an aligned one.
+    RFC 5322 4 forbids generating obsolete syntax, so no sender needs it: 550 5.6.0 (RFC 3463 5.6.0,
+    other media error), naming the fix, rather than mail signed with a signature that fails.
+    """
+    if b"\n" + b"from" in b"\n" + head.lower() and _OBS_FROM.search(head):
+        reason = "a From field with white space before its colon (obsolete syntax, RFC 5322 4.5): write From:"
+        log.warning("message refused: obsolete From field", reason=reason)
+        raise AcceptRefused(f"550 5.6.0 {reason}", reason)
+
+
 class AcceptRefused(Exception):
-    """A message a policy refuses ([dmarc] alignment = "refuse"): nothing was stored. `reply` is the SMTP
-    reply (5yz and its enhanced code), `reason` the words an HTTP client is told (422)."""
+    """A message a policy refuses ([dmarc] alignment = "refuse", a `From :` field): nothing was stored.
+    `reply` is the SMTP reply (5yz and its enhanced code), `reason` the words an HTTP client is told (422)."""
 
     def __init__(self, reply: str, reason: str) -> None:
         super().__init__(reason)
