@@ -225,8 +225,9 @@ def dkim_genkey(
     ] = "rsa",
     out: Annotated[Path, typer.Option(help="The directory the key file is written to.")] = Path("."),
 ) -> None:
-    """Write a new private key to OUT/DOMAIN.SELECTOR.key (mode 0600; never over an existing file) and print
-    the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN, then the [[dkim]] lines for the config."""
+    """Write a new private key to OUT/DOMAIN.SELECTOR.key (mode 0600; never over an existing file; OUT made,
+    mode 0700, when it does not exist) and print the DNS TXT record to publish at
+    SELECTOR._domainkey.DOMAIN, then the [[dkim]] lines for the config."""
     import os
 
     from postmux.dkim import Algorithm, generate_key
@@ -237,6 +238,12 @@ def dkim_genkey(
     full: Algorithm = "rsa-sha256" if algorithm == "rsa" else "ed25519-sha256"
     pem, key = generate_key(full)
     path = out / f"{domain}.{selector}.key"
+    try:
+        # A directory that does not exist yet is made, as `mkdir -p`, for keys alone: 0700 (umask aside).
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        typer.echo(f"postmux dkim genkey: cannot make the directory {out}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
     try:
         # O_EXCL: a key in use is never overwritten; 0600 from the start, never readable by others.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from postmux.headers import has_field
+
 LIST_UNSUBSCRIBE = "List-Unsubscribe"
 LIST_UNSUBSCRIBE_POST = "List-Unsubscribe-Post"
 # RFC 8058 4: the DKIM signature must cover both, so a receiver knows the one-click link is the sender's.
@@ -132,5 +134,4 @@ def fields(url_base: str, mailto: str, token: str) -> bytes | None:
 
 def has_list_unsubscribe(head: bytes) -> bool:
     """Whether the header section carries a List-Unsubscribe field already (the sender's own)."""
-    lowered = head.lower()
-    return lowered.startswith(b"list-unsubscribe:") or b"\nlist-unsubscribe:" in lowered
+    return has_field(head, "List-Unsubscribe")  # `List-Unsubscribe :` too (RFC 5322 4.5)

@@ -104,6 +104,7 @@ CASES = [
     Case("mx-none", "mx", "fail", {"mx": None, "mx-host": None}),
     Case("mx-host-unresolved", "mx", "fail", {"mx-host": None}),
     Case("mx-null", "mx", "warn", {"mx": "{d}. 300 IN MX 0 ."}),
+    Case("mx-null-and-real", "mx", "fail", extra=["{d}. 300 IN MX 0 ."]),  # RFC 7505 3 forbids the mix
     Case("spf-none", "spf", "fail", {"spf": None}),
     Case("spf-two", "spf", "fail", extra=['{d}. 300 IN TXT "v=spf1 -all"']),
     Case("spf-syntax", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.300 -all"'}),
@@ -124,6 +125,17 @@ CASES = [
     ),
     Case("spf-ip-not-listed", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.99 -all"'}),
     Case("spf-plus-all", "spf", "fail", {"spf": '{d}. 300 IN TXT "v=spf1 ip4:192.0.2.10 +all"'}),
+    # RFC 7208 5.2: an include whose record passes every IP (+all, or a bare all) makes the domain's pass
+    # every IP; one that ends in ?all (neutral: no match) does not. Also through a nested include.
+    Case("spf-include-plus-all", "spf", "fail", {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 +all"'}),
+    Case(
+        "spf-include-bare-all",
+        "spf",
+        "fail",
+        {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 ip4:198.51.100.0/24 include:deep.{d} -all"'},
+        ['deep.{d}. 300 IN TXT "v=spf1 all"'],
+    ),
+    Case("spf-include-neutral", "spf", "pass", {"spf-include": '_spf.{d}. 300 IN TXT "v=spf1 ?all"'}),
     Case("dkim-unpublished", "dkim", "fail", {"dkim-rsa": None}),
     Case("dkim-other-key", "dkim", "fail", {"dkim-rsa": "rsa._domainkey.{d}. 300 IN TXT {other}"}),
     Case(
@@ -144,6 +156,19 @@ CASES = [
     Case("dmarc-no-rua", "dmarc", "warn", {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; p=quarantine"'}),
     Case(
         "dmarc-no-policy", "dmarc", "fail", {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; rua=mailto:d@{d}"'}
+    ),
+    # RFC 7489 6.4's values are ABNF quoted strings: case-insensitive (RFC 5234 2.3).
+    Case(
+        "dmarc-upper-case",
+        "dmarc",
+        "pass",
+        {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; p=Reject; adkim=S; aspf=R; rua=mailto:d@{d}"'},
+    ),
+    Case(
+        "dmarc-upper-none",
+        "dmarc",
+        "warn",
+        {"dmarc": '_dmarc.{d}. 300 IN TXT "v=DMARC1; p=NONE; rua=mailto:d@{d}"'},
     ),
     Case("dmarc-two", "dmarc", "fail", extra=['_dmarc.{d}. 300 IN TXT "v=DMARC1; p=none"']),
     Case("dmarc-servfail", "dmarc", "fail", servfail=("_dmarc.{d}", "TXT")),

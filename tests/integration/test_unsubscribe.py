@@ -192,6 +192,33 @@ async def test_mail_that_carries_its_own_list_unsubscribe_is_left_whole(
     assert b"List-Unsubscribe-Post" not in received.data
 
 
+async def test_a_senders_list_unsubscribe_post_alone_gives_way_to_ours_not_a_second_one(
+    tmp_path: Path, upstream: StartUpstream, dkim_keys: Keys, dkim_dns: LoopbackDns
+) -> None:
+    # RFC 8058 3.1: one List-Unsubscribe-Post, beside the List-Unsubscribe it refers to. The sender's,
+    # without a List-Unsubscribe, means nothing: ours replaces it. `List-Unsubscribe :` (RFC 5322 4.5)
+    # is the sender's own List-Unsubscribe, and the mail is left whole.
+    up = await upstream("up")
+    async with App(settings(tmp_path, up.address, dkim_keys)) as app:
+        await send(
+            app.smtp_port,
+            "post",
+            sender=f"news@{DOMAIN}",
+            to=["ann@list.test"],
+            headers="List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        )
+        own = "List-Unsubscribe : <mailto:leave@example.test>\r\n"
+        await send(app.smtp_port, "obs", sender=f"news@{DOMAIN}", to=["bob@list.test"], headers=own)
+        await wait_until(lambda: len(up.received) == 2)
+    by_rcpt = {r.recipients[0]: r for r in up.received}
+    stamped = by_rcpt["ann@list.test"].data
+    assert len(re.findall(rb"(?im)^List-Unsubscribe-Post[ \t]*:", stamped)) == 1
+    assert len(re.findall(rb"(?im)^List-Unsubscribe[ \t]*:", stamped)) == 1
+    assert mail_dkim(stamped, dkim_dns)["rsa1"] == "pass"
+    left = by_rcpt["bob@list.test"].data
+    assert own.encode() in left and b"List-Unsubscribe-Post" not in left and URL.encode() not in left
+
+
 async def test_the_http_api_answers_one_id_per_copy_each_with_its_recipient(
     tmp_path: Path, upstream: StartUpstream, dkim_keys: Keys
 ) -> None:

@@ -27,6 +27,7 @@ from postmux.dkim import (
     author_domain,
     body_hash,
     generate_key,
+    header_fields,
     header_list,
     signing_domain,
 )
@@ -134,10 +135,23 @@ def test_the_fallback_signs_what_no_entry_matches() -> None:
         (b"From: =?utf-8?q?J=C3=B6rg?= <j@example.com>,\r\n\tother@else.test\r\n\r\n", "example.com"),
         ("From: jörg@bücher.example\r\n\r\n".encode(), "xn--bcher-kva.example"),
         (b"Subject: no from\r\n\r\n", ""),
+        (b"Subject: x\r\nFrom \t:a@obs.example\r\n\r\n", "obs.example"),  # RFC 5322 4.5
+        (b"Fromage: a@x.example\r\nFrom: b@y.example\r\n\r\n", "y.example"),
     ],
 )
 def test_the_author_domain_is_the_from_fields_first_address(head: bytes, domain: str) -> None:
     assert author_domain(head) == domain
+
+
+def test_header_fields_reads_white_space_before_the_colon_as_verifiers_do() -> None:
+    head = b"From :ceo@bank.example\r\n\tfolded\r\nFrom: a@example.test\r\nSubject\t: s\r\n\r\n"
+    assert header_fields(head) == [
+        [b"From", b"ceo@bank.example\r\n\tfolded\r\n"],
+        [b"From", b" a@example.test\r\n"],
+        [b"Subject", b" s\r\n"],
+    ]
+    with pytest.raises(dkim.MessageFormatError):
+        header_fields(b"From mbox-line\r\nFrom: a@example.test\r\n\r\n")
 
 
 def test_oversigned_fields_are_listed_once_more_than_they_appear() -> None:
@@ -288,3 +302,16 @@ def test_genkey_writes_a_private_key_file_and_prints_its_record(tmp_path: Path) 
         cli, ["dkim", "genkey", "example.com", "s3", "--algorithm", "dsa", "--out", str(tmp_path)]
     )
     assert wrong.exit_code == 2 and "rsa or ed25519" in wrong.output
+
+
+def test_genkey_makes_the_out_directory_when_it_does_not_exist(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "keys"
+    result = CliRunner().invoke(cli, ["dkim", "genkey", "example.com", "s1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "example.com.s1.key").is_file()
+    assert stat.S_IMODE(out.stat().st_mode) & 0o077 == 0  # 0700, narrowed by the umask at most
+    (tmp_path / "file").write_text("")
+    blocked = CliRunner().invoke(
+        cli, ["dkim", "genkey", "example.com", "s1", "--out", str(tmp_path / "file")]
+    )
+    assert blocked.exit_code == 1 and "cannot make the directory" in blocked.output

@@ -95,3 +95,16 @@ def test_every_author_domain_must_align() -> None:
 def test_no_from_field_never_aligns() -> None:
     verdict = judge(b"Subject: x\r\n\r\n", "example.com", "example.com")
     assert not verdict.aligned and "RFC 5322 3.6" in verdict.reason
+
+
+def test_a_from_field_with_white_space_before_its_colon_counts() -> None:
+    # RFC 5322 4.5 obs-optional: `From :` is a From field to readers and DKIM verifiers alike; missing it
+    # let a second, unaligned author through `refuse` next to an aligned `From:`.
+    for head in (
+        b"From :ceo@bank.example\r\nFrom: app@example.test\r\n\r\n",
+        b"From: app@example.test\r\nFrom\t :ceo@bank.example\r\n\r\n",
+    ):
+        verdict = judge(head, "example.test", "example.test")
+        assert not verdict.aligned and "2 From: fields" in verdict.reason
+    assert author_domains(b"From :a@x.test\r\n\r\n") == (["x.test"], "")
+    assert judge(b"Fromage: a@x.test\r\nFrom: b@y.test\r\n\r\n", "y.test", "").aligned

@@ -36,7 +36,7 @@ from postmux.envelope import (
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
-from postmux.headers import head_field_value, header_section_end, take_fields
+from postmux.headers import head_field_value, header_section_end, take_fields, take_header
 from postmux.ingress.compose import sender_domain_allowed
 from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import Found, SuppressionList
@@ -296,6 +296,7 @@ class Acceptor:
         envelope = submission.envelope
         asked = take_requests(envelope)
         try:
+            _refuse_obs_from(asked.data[: header_section_end(asked.data)])
             own = self._alignment(envelope, asked)
         except AcceptRefused:
             drop_tail(envelope)  # the tail is ours from the call on (Spool.store), and is stored nowhere
@@ -311,7 +312,13 @@ class Acceptor:
             text = asked
             if stamped:
                 fields = self._unsubscribe_fields(envelope, asked, rcpts[0], message_id, now)
-                text = replace(asked, data=fields + asked.data)
+                data = asked.data
+                if fields:
+                    # A sender's own List-Unsubscribe-Post without a List-Unsubscribe (which would have
+                    # left the mail alone) means nothing (RFC 8058 3.1) and would make ours the second:
+                    # the message carries one, ours, next to our List-Unsubscribe.
+                    data, _ = take_header(data, "List-Unsubscribe-Post")
+                text = replace(asked, data=fields + data)
             signed = await self._signatures(copy, text)
             planned.append(Planned(copy, text, signed, {r: pools[r] for r in rcpts}, message_id, own))
         return planned
@@ -481,9 +488,28 @@ class Planned:
     own_tags: dict[str, str]
 
 
+_OBS_FROM = re.compile(rb"(?im)^from[ \t]+:")
+
+
+def _refuse_obs_from(head: bytes) -> None:
+    """Refuse a From field written with white space before its colon (`From :`, RFC 5322 4.5 obs-optional).
+
+    Receivers disagree about it: Mail::DKIM reads it as a From field, OpenDKIM does not (a message whose
+    only From is `From :` is a permerror there, however it is signed), dkimpy's parser and Python's email
+    package drop it, some mail readers show it. The author - the field DKIM and DMARC exist to protect -
+    would be one thing to postmux and another to the receiver, or a second From next to an aligned one.
+    RFC 5322 4 forbids generating obsolete syntax, so no sender needs it: 550 5.6.0 (RFC 3463 5.6.0,
+    other media error), naming the fix, rather than mail signed with a signature that fails.
+    """
+    if b"\n" + b"from" in b"\n" + head.lower() and _OBS_FROM.search(head):
+        reason = "a From field with white space before its colon (obsolete syntax, RFC 5322 4.5): write From:"
+        log.warning("message refused: obsolete From field", reason=reason)
+        raise AcceptRefused(f"550 5.6.0 {reason}", reason)
+
+
 class AcceptRefused(Exception):
-    """A message a policy refuses ([dmarc] alignment = "refuse"): nothing was stored. `reply` is the SMTP
-    reply (5yz and its enhanced code), `reason` the words an HTTP client is told (422)."""
+    """A message a policy refuses ([dmarc] alignment = "refuse", a `From :` field): nothing was stored.
+    `reply` is the SMTP reply (5yz and its enhanced code), `reason` the words an HTTP client is told (422)."""
 
     def __init__(self, reply: str, reason: str) -> None:
         super().__init__(reason)

@@ -334,6 +334,16 @@ def check_mx(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
     if not mx.records:
         return [_implicit_mx(d, answers, note)]
     hosts = _mx_hosts(mx)
+    if any(h == "." for _, h in hosts) and len(hosts) > 1:
+        # RFC 7505 3: a domain with a null MX MUST NOT advertise any other MX. Senders and receivers then
+        # disagree whether it takes mail (bounces and DMARC reports to it): a broken setup, not a choice.
+        listed = ", ".join(f"{p} {h}" for p, h in hosts)
+        fix = "remove the null MX (0 .) if the domain takes mail, or the other MX records if it takes none"
+        return [
+            Finding(
+                "mx", "records", "fail", f"a null MX with other MX records (RFC 7505 3): {listed}{note}", fix
+            )
+        ]
     if any(h == "." for _, h in hosts):
         # RFC 7505 4.2: a domain that takes no mail; receivers may refuse mail whose sender is at it.
         fix = "give the domain real MX records if its mail is to be accepted: bounces and replies go there"
@@ -382,6 +392,7 @@ class SpfWalk:
     failed: list[str] = field(default_factory=list)  # lookups that failed
     notes: list[str] = field(default_factory=list)  # warnings: ptr, macros not followed
     all_qualifier: str | None = None  # of the record's all, or its redirect's
+    open_includes: list[str] = field(default_factory=list)  # include targets that pass every IP (+all)
     asked: set[Lookup] = field(default_factory=set)  # every lookup this walk needs
     missing: bool = False  # some of them are not answered yet
 
@@ -468,7 +479,14 @@ def _include(
     if target in seen:
         walk.problems.append(f"{name}: {term.name} {target} loops back")
         return None
-    return _visit(target, found[0], answers, walk, seen | {target})
+    qualifier = _visit(target, found[0], answers, walk, seen | {target})
+    if term.name == "include" and qualifier == "+":
+        # RFC 7208 5.2: include matches when the target's result is pass, and +all (or a bare all) makes
+        # it pass for every IP: the including record then passes the whole Internet, as its own +all
+        # would. ?all gives neutral, which does not match: harmless. The walk is bounded by _visit's
+        # 10 lookups (RFC 7208 4.6.4) and by `seen`.
+        walk.open_includes.append(f"{term.name}:{target}")
+    return qualifier
 
 
 def _void_check(target: str, types: tuple[str, ...], answers: Answers, walk: SpfWalk) -> None:
@@ -515,6 +533,10 @@ def _spf_record(domain: str, walk: SpfWalk) -> Finding:
     if walk.all_qualifier == "+":
         fix = "end the record with -all or ~all: +all lets any IP in the world pass"
         return Finding("spf", "record", "fail", f"{found} -- +all passes any sender", fix)
+    if walk.open_includes:
+        which = ", ".join(walk.open_includes)
+        fix = f"remove {which}, or have its record end in -all or ~all: through it any IP in the world passes"
+        return Finding("spf", "record", "fail", f"{found} -- {which} ends in +all: every IP passes", fix)
     if walk.all_qualifier in (None, "?"):
         fix = "end the record with -all (or ~all) so that other IPs do not pass as neutral"
         return Finding("spf", "record", "warn", f"{found} -- other IPs get neutral", fix)
@@ -692,10 +714,13 @@ def check_dmarc(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
     inherited = where != f"_dmarc.{d}"
     found = f"{records[0]}" + (f" (at {where}, the parent's)" if inherited else "")
     policy_tag = "sp" if inherited and "sp" in tags else "p"
-    policy = tags.get(policy_tag)
+    published = tags.get(policy_tag)
+    # RFC 7489 6.4 writes p=, sp=, adkim= and aspf= values as ABNF quoted strings, which are
+    # case-insensitive (RFC 5234 2.3): p=Reject is p=reject to receivers. Shown as published.
+    policy = (published or "").lower()
     if policy not in ("none", "quarantine", "reject"):
         fix = f"set p= to none, quarantine or reject in the record at {where} (p= is required, RFC 7489 6.3)"
-        return [Finding("dmarc", "record", "fail", f"{found} -- {policy_tag}={policy or ''}", fix)]
+        return [Finding("dmarc", "record", "fail", f"{found} -- {policy_tag}={published or ''}", fix)]
     return [
         Finding("dmarc", "record", "pass", found),
         _dmarc_policy(policy_tag, policy, tags),
@@ -706,7 +731,7 @@ def check_dmarc(inputs: DoctorInputs, answers: Answers) -> list[Finding]:
 
 def _dmarc_policy(tag: str, policy: str, tags: dict[str, str]) -> Finding:
     pct = tags.get("pct", "100")
-    found = f"{tag}={policy}" + (f", pct={pct}" if pct != "100" else "")
+    found = f"{tag}={tags.get(tag, policy)}" + (f", pct={pct}" if pct != "100" else "")
     if policy == "none":
         fix = "once aggregate reports show all mail aligned, move to p=quarantine, then p=reject"
         return Finding("dmarc", "policy", "warn", found + ": monitoring only, nothing is enforced", fix)
@@ -714,12 +739,13 @@ def _dmarc_policy(tag: str, policy: str, tags: dict[str, str]) -> Finding:
 
 
 def _dmarc_alignment(inputs: DoctorInputs, tags: dict[str, str], answers: Answers) -> Finding:
-    modes = {t: tags.get(t, "r") for t in ("adkim", "aspf")}
-    bad = [f"{t}={v}" for t, v in modes.items() if v not in ("r", "s")]
+    published = {t: tags.get(t, "r") for t in ("adkim", "aspf")}
+    bad = [f"{t}={v}" for t, v in published.items() if v.lower() not in ("r", "s")]  # case-insensitive
     if bad:
         fix = "set adkim and aspf to r (relaxed) or s (strict)"
         return Finding("dmarc", "alignment", "fail", f"{', '.join(bad)} is not r or s", fix)
-    found = f"adkim={modes['adkim']}, aspf={modes['aspf']}"
+    modes = {t: v.lower() for t, v in published.items()}
+    found = f"adkim={published['adkim']}, aspf={published['aspf']}"
     d = inputs.domain
     signer = inputs.signing_domain
     if signer is not None and aligned(signer, d, strict=modes["adkim"] == "s"):
