@@ -115,6 +115,18 @@ def has_field(head: bytes, name: str) -> bool:
     return any(_field_start(wanted).match(lowered, at) for at in _line_starts(lowered, wanted))
 
 
+def has_obsolete_field(head: bytes, name: str) -> bool:
+    """Whether `head` has a field `name` written with white space before its colon (`Name :`, RFC 5322 4.5
+    obs-optional): what a check may refuse that has_field takes as the field."""
+    lowered = head.lower()
+    wanted = name.lower().encode()
+    after = len(wanted)
+    return any(
+        lowered[at + after : at + after + 1] in (b" ", b"\t") and _field_start(wanted).match(lowered, at)
+        for at in _line_starts(lowered, wanted)
+    )
+
+
 def _line_starts(lowered: bytes, name: bytes) -> list[int]:
     """Where the lines that start with `name` start."""
     starts = [0] if lowered.startswith(name) else []

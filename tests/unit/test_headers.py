@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postmux.envelope import LABEL_NAME_MAX, LABEL_VALUE_MAX, LABELS_MAX
-from postmux.headers import field_value, header_section_end, take_fields, take_header
+from postmux.headers import field_value, has_obsolete_field, header_section_end, take_fields, take_header
 from postmux.ingress.acceptor import labels
 
 
@@ -86,3 +88,30 @@ def test_labels_are_bounded_as_the_api_bounds_them() -> None:
     assert len(found) == LABELS_MAX and found["n0"] == "again" and "bare" not in found
     assert labels(["x" * 100 + "=" + "y" * 2000]) == {"x" * LABEL_NAME_MAX: "y" * LABEL_VALUE_MAX}
     assert labels(["bare", " spaced = out "]) == {"bare": "", "spaced": "out"}
+
+
+# Lines of a header section with the neighbours that matter: `From :`, `From:`, `from\t:`, `Fromage :`,
+# a Received line that holds "from ", folding.
+_HEAD_LINES = st.lists(
+    st.sampled_from(
+        [
+            b"From : a@x",
+            b"From: a@x",
+            b"from\t: a@x",
+            b"FROM  :a",
+            b"Fromage : x",
+            b"Received: from x",
+            b" from : folded",
+            b"X-From : y",
+            b"Subject: hi",
+        ]
+    ),
+    max_size=6,
+)
+
+
+@given(_HEAD_LINES)
+def test_an_obsolete_from_is_found_as_a_multiline_pattern_finds_it(lines: list[bytes]) -> None:
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    expected = re.search(rb"(?im)^from[ \t]+:", head) is not None
+    assert has_obsolete_field(head, "From") == expected

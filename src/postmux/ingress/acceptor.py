@@ -36,7 +36,13 @@ from postmux.envelope import (
 from postmux.events.bus import EventBus
 from postmux.events.outbox import NO_OUTBOX, EventOutbox
 from postmux.events.types import Event, EventType
-from postmux.headers import head_field_value, header_section_end, take_fields, take_header
+from postmux.headers import (
+    has_obsolete_field,
+    head_field_value,
+    header_section_end,
+    take_fields,
+    take_header,
+)
 from postmux.ingress.compose import sender_domain_allowed
 from postmux.reputation.returns import ReturnedMail
 from postmux.reputation.suppression import Found, SuppressionList
@@ -488,9 +494,6 @@ class Planned:
     own_tags: dict[str, str]
 
 
-_OBS_FROM = re.compile(rb"(?im)^from[ \t]+:")
-
-
 def _refuse_obs_from(head: bytes) -> None:
     """Refuse a From field written with white space before its colon (`From :`, RFC 5322 4.5 obs-optional).
 
@@ -501,7 +504,7 @@ def _refuse_obs_from(head: bytes) -> None:
     RFC 5322 4 forbids generating obsolete syntax, so no sender needs it: 550 5.6.0 (RFC 3463 5.6.0,
     other media error), naming the fix, rather than mail signed with a signature that fails.
     """
-    if b"\n" + b"from" in b"\n" + head.lower() and _OBS_FROM.search(head):
+    if has_obsolete_field(head, "From"):
         reason = "a From field with white space before its colon (obsolete syntax, RFC 5322 4.5): write From:"
         log.warning("message refused: obsolete From field", reason=reason)
         raise AcceptRefused(f"550 5.6.0 {reason}", reason)
